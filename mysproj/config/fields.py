@@ -1,0 +1,212 @@
+"""Typed stage configs: one dataclass per stage is the single source for YAML keys, CLI flags,
+`MYSPROJ_<FIELD>` environment variables and (later) Helm values.
+
+Precedence, lowest to highest: dataclass default < YAML file < environment < command line. Every value is
+coerced to the field's type and range-checked; a bad one raises `ConfigError` naming the field, the value
+and what is allowed (exit code `EXIT_BAD_INPUT`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from typing import Any
+
+from mysproj.errors import BadInput
+
+ENV_PREFIX = "MYSPROJ_"
+
+
+class ConfigError(BadInput):
+    pass
+
+
+def opt(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
+        min: float | None = None, max: float | None = None, hashed: bool = True,
+        default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field. `hashed=False` marks operational knobs (log interval, workers) that do not change
+    the stage's result and so must not invalidate a finished output."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "hashed": hashed}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp, value: Any) -> Any:
+    base, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"config field '{name}' is required (got no value)")
+    origin = typing.get_origin(base)
+    try:
+        if origin in (list, tuple):
+            (item_tp, *_) = typing.get_args(base) or (str,)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce(name, item_tp, v) for v in value]
+        if origin is dict:
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip() else {}
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise ConfigError(f"config field '{name}' = {value!r}: expected {_type_name(tp)}") from None
+    return value
+
+
+def _type_name(tp) -> str:
+    base, optional = _unwrap_optional(tp)
+    name = getattr(base, "__name__", str(base))
+    if typing.get_origin(base) in (list, tuple):
+        name = f"a comma-separated list of {getattr(typing.get_args(base)[0], '__name__', 'str')}"
+    elif typing.get_origin(base) is dict:
+        name = "a mapping (JSON object)"
+    return f"{name} or none" if optional else name
+
+
+def validate(cfg) -> None:
+    """Range/choice checks from field metadata; the dataclass may add cross-field checks in `check()`."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        m = f.metadata
+        items = v if isinstance(v, list) else [v]
+        for item in items:
+            if item is None:
+                continue
+            if m.get("choices") and item not in m["choices"]:
+                allowed = ", ".join(map(str, m["choices"]))
+                raise ConfigError(f"config field '{f.name}' = {item!r}: must be one of {allowed}")
+            if m.get("min") is not None and isinstance(item, (int, float)) and item < m["min"]:
+                raise ConfigError(f"config field '{f.name}' = {item!r}: must be >= {m['min']}")
+            if m.get("max") is not None and isinstance(item, (int, float)) and item > m["max"]:
+                raise ConfigError(f"config field '{f.name}' = {item!r}: must be <= {m['max']}")
+    check = getattr(cfg, "check", None)
+    if check:
+        check()
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One CLI flag per field; values stay strings here and are coerced by `load_config`."""
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        base, _ = _unwrap_optional(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += f" (one of: {', '.join(map(str, f.metadata['choices']))})"
+        if base is bool:
+            parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=f.name.upper(),
+                                help=help_text + f" [env {env_name(f.name)}]")
+
+
+def load_config(cls, *, yaml_file: str | None = None, cli: dict[str, Any] | None = None,
+                env: typing.Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None):
+    """Build and validate `cls` from default < YAML < env < overrides < CLI."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    raw: dict[str, Any] = {}
+    if yaml_file:
+        raw.update(_read_yaml(yaml_file, names, cls.__name__))
+    env = os.environ if env is None else env
+    for name in names:
+        if env_name(name) in env:
+            raw[name] = env[env_name(name)]
+    for source in (overrides or {}), (cli or {}):
+        for k, v in source.items():
+            if v is None:
+                continue
+            if k not in names:
+                raise ConfigError(f"unknown config field '{k}' for {cls.__name__}; known: {', '.join(sorted(names))}")
+            raw[k] = v
+    kwargs = {k: _coerce(k, hints[k], v) for k, v in raw.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config field '{missing[0]}' is required: pass {flag_name(missing[0])} "
+                          f"or set {env_name(missing[0])}")
+    cfg = cls(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: str, names: set[str], cls_name: str) -> dict[str, Any]:
+    import yaml
+
+    from mysproj.storage import read_text
+
+    try:
+        data = yaml.safe_load(read_text(path)) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({e.__class__.__name__}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of field: value at the top level")
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown field '{unknown[0]}' for {cls_name}")
+    return data
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg) -> str:
+    """Hash of the fields that change a stage's result (output locations and operational knobs excluded)."""
+    hashed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.metadata.get("hashed", True) and f.name != "out"}
+    blob = json.dumps(hashed, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,158 @@
+"""One config dataclass per stage. CLI flags (`--field-name`), env vars (`MYSPROJ_FIELD_NAME`), YAML keys and the
+Helm chart's per-stage values all map onto these fields. No ML imports here: the controller reads them too.
+
+Defaults are the paper's (../shared/spec/paper.md §6); every ambiguity upstream left open is an option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mysproj.config.fields import ConfigError, opt
+
+DATASETS = ("dtd", "plantdoc", "dermnet", "crisismmd", "imagefolder", "textures-mini")
+CRISISMMD_DEFAULT_CLASSES = ["affected_individuals", "infrastructure_and_utility_damage",
+                             "rescue_volunteering_or_donation_effort", "vehicle_damage"]
+# Spec §6.6: the task phrase in "...relating to <task>:"; only agriculture's comes from upstream code.
+TASK_PHRASES = {
+    "plantdoc": "plant leaf diseases",
+    "dtd": "textures",
+    "textures-mini": "textures",
+    "dermnet": "skin diseases",
+    "crisismmd": "humanitarian categories of disaster images",
+    "imagefolder": "the image's category",
+}
+STRATEGIES = ("projector", "full", "lora")
+
+
+@dataclass(kw_only=True)
+class PrepConfig:
+    dataset: str = opt(help="dataset layout to read", choices=DATASETS)
+    out: str = opt(help="output folder URI")
+    source: str | None = opt(None, help="dataset root URI (not needed for textures-mini)")
+    seed: int = opt(0, help="seed for the per-example class-order shuffle in the prompt", min=0)
+    label_underscores: str = opt("space", help="label rule: underscores to spaces (paper) or deleted (seed "
+                                 "format script)", choices=("space", "delete"))
+    task: str | None = opt(None, help="task phrase in the prompt; default per dataset (spec §6.6)")
+    dtd_split: int = opt(1, help="DTD split number (labels/train<N>.txt, test<N>.txt)", min=1, max=10)
+    crisismmd_label_column: str = opt("label_image", help="CrisisMMD TSV label column",
+                                      choices=("label", "label_text", "label_image", "label_text_image"))
+    crisismmd_classes: list[str] = opt(help="CrisisMMD classes kept (after merging); empty keeps all",
+                                       default_factory=lambda: list(CRISISMMD_DEFAULT_CLASSES))
+    crisismmd_merge: dict = opt(help="CrisisMMD label merge map, JSON {from: to}", default_factory=dict)
+    train_split: str = opt("train", help="imagefolder: train split folder name")
+    test_split: str = opt("test", help="imagefolder: test split folder name")
+    max_per_class: int | None = opt(None, help="keep at most N images per class and split (smoke runs)", min=1)
+    patch_size: int = opt(128, help="textures-mini: patch side in pixels", min=16, max=512)
+    workers: int = opt(0, help="decode/hash worker processes; 0 = all cores", min=0, hashed=False)
+
+    def check(self) -> None:
+        if self.dataset != "textures-mini" and not self.source:
+            raise ConfigError(f"config field 'source' is required for dataset '{self.dataset}': pass --source URI")
+
+
+@dataclass(kw_only=True)
+class ModelInitConfig:
+    preset: str = opt("tiny", help="architecture preset: LLaVA (tiny, llava-1.5-7b) or open_clip CLIP (clip-tiny, "
+                      "clip-vit-l-14-336)", choices=("tiny", "llava-1.5-7b", "clip-tiny", "clip-vit-l-14-336"))
+    out: str = opt(help="output folder URI")
+    seed: int = opt(0, help="seed for the random weights", min=0)
+    dtype: str = opt("float32", help="weight dtype written", choices=("float32", "bfloat16", "float16"))
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output)")
+    data: str = opt(help="prep output URI")
+    out: str = opt(help="output folder URI")
+    strategy: str = opt("projector", help="what trains", choices=STRATEGIES)
+    conv: str = opt("v1", help="conversation format: llava_v1 with the prompt (paper) or plain (seed "
+                    "pretrain.sh, prompt dropped)", choices=("v1", "plain"))
+    global_batch: int | None = opt(None, help="global batch; default 64 projector, 32 full/lora", min=1)
+    per_device_batch: int | None = opt(None, help="micro-batch per device; default min(global, 16)", min=1)
+    lr: float | None = opt(None, help="learning rate; default 1e-3 projector, 2e-5 full, 2e-4 lora",
+                           min=0.0, max=1.0)
+    projector_lr: float | None = opt(None, help="projector lr for lora (default 2e-5)", min=0.0, max=1.0)
+    weight_decay: float = opt(0.0, help="AdamW weight decay", min=0.0, max=1.0)
+    warmup_ratio: float = opt(0.03, help="linear warmup fraction of steps", min=0.0, max=1.0)
+    epochs: float = opt(1.0, help="epochs over the train split", min=0.0)
+    max_steps: int | None = opt(None, help="stop after N optimizer steps (smoke runs, benchmarks)", min=1)
+    seed: int = opt(0, help="seed (data order, init of new weights)", min=0)
+    precision: str = opt("auto", help="auto = bf16 on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32"))
+    deepspeed: str = opt("auto", help="auto = ZeRO-2 projector, ZeRO-3 full/lora when distributed on GPU",
+                         choices=("auto", "none", "zero2", "zero3"))
+    gradient_checkpointing: bool = opt(True, help="activation checkpointing in the LLM (full/lora)")
+    model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
+    image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
+                                  choices=("pad", "square"))
+    lora_r: int = opt(128, help="LoRA rank", min=1)
+    lora_alpha: int = opt(256, help="LoRA alpha", min=1)
+    lora_dropout: float = opt(0.05, help="LoRA dropout", min=0.0, max=1.0)
+    checkpoint_every: int = opt(200, help="checkpoint every N optimizer steps (and at the end)", min=1,
+                                hashed=False)
+    keep_checkpoints: int = opt(2, help="checkpoints kept", min=1, hashed=False)
+    log_every: int = opt(10, help="log a progress line every N steps", min=1, hashed=False)
+    workers: int = opt(2, help="dataloader workers", min=0, hashed=False)
+
+
+@dataclass(kw_only=True)
+class MergeConfig:
+    base: str = opt(help="base model URI")
+    projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI")
+    out: str = opt(help="output folder URI")
+
+
+@dataclass(kw_only=True)
+class EvalClipConfig:
+    model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout) or a model-init output")
+    data: str = opt(help="prep output URI")
+    out: str = opt(help="output folder URI")
+    protocol: str = opt("paper", help="paper = 'This is a photo of {}.' on lower-cased labels; openclip = "
+                        "open_clip's template ensemble", choices=("paper", "openclip"))
+    arch: str = opt("ViT-L-14-336", help="open_clip architecture name when the URI holds bare weights")
+    split: str = opt("test", help="split evaluated", choices=("train", "test"))
+    batch_size: int = opt(128, help="images per batch", min=1, hashed=False)
+    workers: int = opt(4, help="decode workers", min=0, hashed=False)
+
+
+@dataclass(kw_only=True)
+class EvalLlavaConfig:
+    model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)")
+    data: str = opt(help="prep output URI")
+    out: str = opt(help="output folder URI")
+    mode: str = opt("generate", help="generate = greedy answer + parser (paper); scoring = rank classes by "
+                    "log-likelihood", choices=("generate", "scoring"))
+    split: str = opt("test", help="split evaluated", choices=("train", "test"))
+    max_new_tokens: int = opt(32, help="generation budget", min=1, max=512)
+    close_match: float = opt(0.8, help="difflib ratio for the parser's close match", min=0.0, max=1.0)
+    limit: int | None = opt(None, help="evaluate the first N examples only (smoke runs)", min=1)
+    batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
+    workers: int = opt(4, help="decode workers", min=0, hashed=False)
+
+
+@dataclass(kw_only=True)
+class ProbeConfig:
+    model: str = opt(help="LLaVA model URI whose vision tower and projector give the features")
+    data: str = opt(help="prep output URI")
+    out: str = opt(help="output folder URI")
+    protocol: str = opt("paper", help="paper = Adam 1e-4, batch 128, early stopping; code = released script "
+                        "(Adam 1e-3, batch 32, 100 epochs)", choices=("paper", "code"))
+    pre_pooling: str = opt("mean", help="pre-projection vector: mean of layer -2 patches, or CLIP CLS pooler",
+                           choices=("mean", "cls"))
+    seed: int = opt(0, help="seed for the MLP init and the validation split", min=0)
+    val_fraction: float = opt(0.1, help="paper protocol: train share held out for early stopping",
+                              min=0.0, max=0.5)
+    patience: int = opt(5, help="paper protocol: early-stopping patience (epochs)", min=1)
+    max_epochs: int = opt(100, help="epoch cap (code protocol: exactly this many)", min=1)
+    batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
+    workers: int = opt(4, help="decode workers", min=0, hashed=False)
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list)
+    out: str = opt(help="output folder URI")
+
+    def check(self) -> None:
+        if not self.runs:
+            raise ConfigError("config field 'runs' is empty: pass --runs URI[,URI...]")

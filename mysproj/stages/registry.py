@@ -1,0 +1,30 @@
+"""Stage name -> (config class, implementation). Implementations are imported lazily so that the CLI, the
+job entrypoints and the controller can parse configs without importing torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from mysproj.config import stages as C
+
+STAGES: dict[str, tuple[type, str]] = {
+    "prep": (C.PrepConfig, "mysproj.stages.prep:run"),
+    "model-init": (C.ModelInitConfig, "mysproj.models.init:run"),
+    "finetune": (C.FinetuneConfig, "mysproj.stages.finetune:run"),
+    "merge": (C.MergeConfig, "mysproj.stages.merge:run"),
+    "eval-clip": (C.EvalClipConfig, "mysproj.stages.eval_clip:run"),
+    "eval-llava": (C.EvalLlavaConfig, "mysproj.stages.eval_llava:run"),
+    "probe": (C.ProbeConfig, "mysproj.stages.probe:run"),
+    "report": (C.ReportConfig, "mysproj.stages.report:run"),
+}
+
+
+def implementation(stage: str) -> Callable[[Any], dict]:
+    module, func = STAGES[stage][1].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run(stage: str, cfg: Any) -> dict:
+    """Run one stage in-process; returns its manifest."""
+    return implementation(stage)(cfg)

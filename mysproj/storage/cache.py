@@ -1,0 +1,48 @@
+"""Local staging of remote inputs: each object is downloaded once, verified, and kept by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from mysproj.errors import IncompleteOutput
+from mysproj.storage import uri as U
+
+
+def cache_dir() -> str:
+    d = os.environ.get("MYSPROJ_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mysproj")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(uri: str, sha256: str | None = None) -> str:
+    """A local path holding `uri`'s bytes. Local files are used in place (verified when a hash is given);
+    remote ones are downloaded once into the cache, keyed by content hash when known."""
+    if U.is_local(uri):
+        path = U.local_path(uri)
+        if not os.path.exists(path):
+            raise IncompleteOutput(f"{uri}: file is missing; re-run the stage that writes it")
+        if sha256 and _sha256(path) != sha256:
+            raise IncompleteOutput(f"{uri}: sha256 does not match its manifest; the file is corrupt or was "
+                                   f"changed after the stage finished; re-run the stage")
+        return path
+    key = sha256 or hashlib.sha256(uri.encode()).hexdigest()
+    target = os.path.join(cache_dir(), "blobs", key[:2], key)
+    if os.path.exists(target):
+        return target
+    tmp = target + ".part"
+    U.get_file(uri, tmp)
+    if sha256 and _sha256(tmp) != sha256:
+        os.remove(tmp)
+        raise IncompleteOutput(f"{uri}: sha256 does not match its manifest; the object is corrupt or was "
+                               f"changed after the stage finished; re-run the stage")
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,217 @@
+"""Stage outputs become visible as complete only when `_SUCCESS.json` is written, last.
+
+The manifest lists every file with its size and sha256, the stage config and its hash, the code version and
+start/end times. Readers (`StageInput`) refuse a folder without one and verify each file's hash as they fetch
+it; a writer whose manifest already exists with the same config hash skips the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from mysproj import __version__
+from mysproj.config import config_hash, config_to_dict
+from mysproj.errors import IncompleteOutput
+from mysproj.storage import cache, uri as U
+
+log = logging.getLogger(__name__)
+MANIFEST = "_SUCCESS.json"
+
+
+def code_version() -> str:
+    sha = os.environ.get("MYSPROJ_GIT_SHA", "")
+    return f"{__version__}+{sha[:12]}" if sha else __version__
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(out_uri: str) -> dict | None:
+    target = U.join(out_uri, MANIFEST)
+    if not U.exists(target):
+        return None
+    try:
+        return json.loads(U.read_text(target))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IncompleteOutput(f"{target}: manifest is not valid JSON; delete the folder and re-run its stage") from None
+
+
+class StageOutput:
+    """Collects a stage's files under `out_uri`, recording size and sha256, and commits the manifest last."""
+
+    def __init__(self, out_uri: str, stage: str, cfg: Any):
+        self.uri = str(out_uri).rstrip("/")
+        self.stage = stage
+        self.cfg = cfg
+        self.hash = config_hash(cfg)
+        self.files: dict[str, dict] = {}
+        self.started = _now()
+
+    def existing(self) -> dict | None:
+        """The manifest of a finished run with this same config, if any."""
+        m = read_manifest(self.uri)
+        if m and m.get("config_hash") == self.hash and m.get("stage") == self.stage:
+            return m
+        return None
+
+    def begin(self) -> None:
+        # A re-run with a new config rewrites files in place: drop the old manifest first so that no reader
+        # can take the half-rewritten folder for a complete one.
+        U.remove(U.join(self.uri, MANIFEST))
+        self.started = _now()
+
+    def path(self, name: str) -> str:
+        return U.join(self.uri, name)
+
+    def _record(self, name: str, size: int, sha: str) -> None:
+        self.files[name] = {"size": size, "sha256": sha}
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        U.write_bytes(self.path(name), data)
+        self._record(name, len(data), hashlib.sha256(data).hexdigest())
+        return self.path(name)
+
+    def write_text(self, name: str, text: str) -> str:
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, obj: Any) -> str:
+        return self.write_text(name, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+    def put_file(self, local: str, name: str) -> str:
+        U.put_file(local, self.path(name))
+        self._record(name, os.path.getsize(local), sha256_file(local))
+        return self.path(name)
+
+    def put_dir(self, local_dir: str, prefix: str = "") -> None:
+        for root, _, names in os.walk(local_dir):
+            for n in sorted(names):
+                full = os.path.join(root, n)
+                rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
+                self.put_file(full, f"{prefix}/{rel}" if prefix else rel)
+
+    def commit(self, summary: dict | None = None) -> dict:
+        manifest = {
+            "stage": self.stage,
+            "config": config_to_dict(self.cfg),
+            "config_hash": self.hash,
+            "code_version": code_version(),
+            "host": socket.gethostname(),
+            "started": self.started,
+            "finished": _now(),
+            "files": dict(sorted(self.files.items())),
+            "summary": summary or {},
+        }
+        U.write_text(U.join(self.uri, MANIFEST), json.dumps(manifest, indent=2, default=str) + "\n")
+        return manifest
+
+
+def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], *, force: bool = False) -> dict:
+    """Run `body` unless a manifest with the same config hash exists; commit the manifest last."""
+    out = StageOutput(cfg.out, stage, cfg)
+    done = None if force else out.existing()
+    if done:
+        log.info("%s: %s already complete (config %s); skipping", stage, out.uri, out.hash)
+        done["skipped"] = True
+        return done
+    out.begin()
+    t0 = time.monotonic()
+    summary = body(out) or {}
+    summary.setdefault("seconds", round(time.monotonic() - t0, 3))
+    manifest = out.commit(summary)
+    log.info("%s: wrote %s (%d files)", stage, out.uri, len(out.files))
+    return manifest
+
+
+class StageInput:
+    """A complete stage output, read with its files verified against the manifest."""
+
+    def __init__(self, uri: str, expect_stage: str | tuple[str, ...] | None = None):
+        self.uri = str(uri).rstrip("/")
+        m = read_manifest(self.uri)
+        if m is None:
+            raise IncompleteOutput(
+                f"{self.uri} is not a complete stage output (no {MANIFEST}); run the stage that writes it first")
+        stages = (expect_stage,) if isinstance(expect_stage, str) else expect_stage
+        if stages and m.get("stage") not in stages:
+            raise IncompleteOutput(f"{self.uri} holds a '{m.get('stage')}' output; expected {' or '.join(stages)}")
+        self.manifest = m
+        self.files: dict[str, dict] = m.get("files", {})
+
+    def path(self, name: str) -> str:
+        return U.join(self.uri, name)
+
+    def _entry(self, name: str) -> dict:
+        if name not in self.files:
+            raise IncompleteOutput(f"{self.uri}: '{name}' is not listed in its {MANIFEST}; re-run its stage")
+        return self.files[name]
+
+    def read_bytes(self, name: str) -> bytes:
+        entry = self._entry(name)
+        data = U.read_bytes(self.path(name))
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise IncompleteOutput(f"{self.path(name)}: sha256 does not match {MANIFEST}; the file is corrupt or "
+                                   f"was changed after the stage finished; re-run the stage")
+        return data
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_text(name))
+
+    def local_path(self, name: str) -> str:
+        """A verified local copy (cached by content hash; local outputs are verified in place)."""
+        entry = self._entry(name)
+        return cache.fetch(self.path(name), entry["sha256"])
+
+    def local_dir(self, prefix: str = "") -> str:
+        """Materialise every manifest file under `prefix` into one local folder (e.g. a model directory)."""
+        names = [n for n in self.files if not prefix or n.startswith(prefix.rstrip("/") + "/")]
+        if not names:
+            raise IncompleteOutput(f"{self.uri}: no files under '{prefix}' in its {MANIFEST}")
+        if U.is_local(self.uri):
+            for n in names:
+                self.local_path(n)
+            return U.local_path(U.join(self.uri, prefix) if prefix else self.uri)
+        key = hashlib.sha256(json.dumps({n: self.files[n]["sha256"] for n in sorted(names)}).encode()).hexdigest()
+        target = os.path.join(cache.cache_dir(), "dirs", key[:32])
+        if not os.path.exists(os.path.join(target, ".complete")):
+            tmp = tempfile.mkdtemp(dir=cache.cache_dir())
+            for n in names:
+                rel = n[len(prefix.rstrip("/")) + 1:] if prefix else n
+                dest = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                _link_or_copy(self.local_path(n), dest)
+            open(os.path.join(tmp, ".complete"), "w").close()
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process finished the same folder first
+                pass
+        return target
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, dst)

@@ -1,0 +1,185 @@
+"""Every input and output is a URI: a plain path or file:// (the embedded default), s3:// through s3fs, or any
+other fsspec scheme installed. URI schemes are handled here and nowhere else.
+
+Transient failures (an object store restarting, a dropped connection) are retried with exponential backoff;
+wrong credentials and missing objects are not transient and surface as one clear `BadInput` line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Callable, TypeVar
+
+import fsspec
+
+from mysproj.errors import BadInput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_SECONDS = float(os.environ.get("MYSPROJ_STORAGE_RETRY_SECONDS", "120"))
+
+
+def _storage_options(protocol: str) -> dict:
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("MYSPROJ_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") \
+            or os.environ.get("AWS_ENDPOINT_URL")
+        # Listings are cached per filesystem instance; other processes (the next stage, the controller)
+        # write here too, so a stale listing would hide their manifests.
+        opts: dict = {"use_listings_cache": False, "skip_instance_cache": True,
+                      "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"},
+                                        "connect_timeout": 5, "read_timeout": 60}}
+        if endpoint:
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
+    return {}
+
+
+def split(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it). Plain paths become absolute local paths."""
+    uri = str(uri)
+    if "://" not in uri:
+        return fsspec.filesystem("file"), os.path.abspath(uri)
+    protocol = uri.split("://", 1)[0]
+    fs, path = fsspec.core.url_to_fs(uri, **_storage_options(protocol))
+    return fs, path
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in str(uri) or str(uri).startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return split(uri)[1]
+
+
+def join(uri: str, *parts: str) -> str:
+    out = str(uri).rstrip("/")
+    for p in parts:
+        out = out + "/" + str(p).strip("/")
+    return out
+
+
+def _is_transient(e: BaseException) -> bool:
+    if isinstance(e, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, BadInput)):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError, OSError)):
+        return True
+    name = type(e).__name__
+    return any(k in name for k in ("Endpoint", "Connect", "Timeout", "ServerDisconnected", "ClientOSError"))
+
+
+def with_retry(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
+    """Run `fn`, retrying transient storage errors with backoff for up to `budget` seconds."""
+    budget = RETRY_SECONDS if budget is None else budget
+    deadline = time.monotonic() + budget
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except PermissionError as e:
+            raise BadInput(f"{what}: access denied ({e}); check the storage credentials "
+                           f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the credentials Secret)") from None
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not _is_transient(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: %s: %s; retrying in %.1fs", what, type(e).__name__, e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def exists(uri: str) -> bool:
+    fs, path = split(uri)
+    return with_retry(f"checking {uri}", lambda: fs.exists(path))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = split(uri)
+    try:
+        return with_retry(f"reading {uri}", lambda: fs.cat_file(path))
+    except FileNotFoundError:
+        raise BadInput(f"{uri}: no such file") from None
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one object whole. Local files go through a temporary name and an atomic rename, so a reader
+    never sees half a file; object stores give that per object already."""
+    fs, path = split(uri)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with_retry(f"writing {uri}", lambda: fs.pipe_file(path, data))
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def put_file(local: str, uri: str) -> None:
+    fs, path = split(uri)
+    if is_local(uri):
+        import shutil
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, path)
+        return
+    with_retry(f"uploading {local} to {uri}", lambda: fs.put_file(local, path))
+
+
+def get_file(uri: str, local: str) -> None:
+    fs, path = split(uri)
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with_retry(f"downloading {uri}", lambda: fs.get_file(path, tmp))
+    except FileNotFoundError:
+        raise BadInput(f"{uri}: no such file") from None
+    os.replace(tmp, local)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    fs, path = split(uri)
+
+    def _rm():
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+    with_retry(f"removing {uri}", _rm)
+
+
+def list_files(uri: str) -> list[str]:
+    """All files below `uri`, as paths relative to it (sorted)."""
+    fs, path = split(uri)
+    if not with_retry(f"listing {uri}", lambda: fs.exists(path)):
+        return []
+    found = with_retry(f"listing {uri}", lambda: fs.find(path))
+    base = path.rstrip("/") + "/"
+    return sorted(p[len(base):] if p.startswith(base) else p for p in found)
+
+
+def list_dirs(uri: str) -> list[str]:
+    fs, path = split(uri)
+    if not with_retry(f"listing {uri}", lambda: fs.exists(path)):
+        return []
+    entries = with_retry(f"listing {uri}", lambda: fs.ls(path, detail=True))
+    return sorted(os.path.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+
+def size(uri: str) -> int:
+    fs, path = split(uri)
+    return int(with_retry(f"stat {uri}", lambda: fs.info(path))["size"])
