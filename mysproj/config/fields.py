@@ -65,7 +65,7 @@ def _coerce(name: str, tp, value: Any) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise TypeError
             return [_coerce(name, item_tp, v) for v in value]
-        if origin is dict:
+        if origin is dict or base is dict:
             if isinstance(value, str):
                 value = json.loads(value) if value.strip() else {}
             if not isinstance(value, dict):
@@ -102,7 +102,7 @@ def _type_name(tp) -> str:
     name = getattr(base, "__name__", str(base))
     if typing.get_origin(base) in (list, tuple):
         name = f"a comma-separated list of {getattr(typing.get_args(base)[0], '__name__', 'str')}"
-    elif typing.get_origin(base) is dict:
+    elif base is dict or typing.get_origin(base) is dict:
         name = "a mapping (JSON object)"
     return f"{name} or none" if optional else name
 
