@@ -20,7 +20,8 @@ import re
 from mysproj.storage import join
 
 ZERO_SHOT = "zero-shot"
-_PATTERN = re.compile(r"^(?P<dataset>[^/]+)/(?P<setting>zero-shot|ft-[a-z]+)(?:/seed(?P<seed>\d+))?/(?P<stage>[a-z-]+)$")
+_PATTERN = re.compile(r"^(?P<dataset>[^/]+)/(?P<setting>zero-shot|ft-[a-z]+)"
+                      r"(?:/seed(?P<seed>\d+))?/(?P<stage>[a-z-]+)$")
 
 
 def setting_for(strategy: str | None) -> str:

@@ -27,6 +27,8 @@ STRATEGIES = ("projector", "full", "lora")
 
 @dataclass(kw_only=True)
 class PrepConfig:
+    """Prepare a dataset: samples, seed-format CSVs, LLaVA JSONs with the paper's prompt, classes, report."""
+
     dataset: str = opt(help="dataset layout to read", choices=DATASETS)
     out: str = opt(help="output folder URI")
     source: str | None = opt(None, help="dataset root URI (not needed for textures-mini)")
@@ -34,6 +36,8 @@ class PrepConfig:
     label_underscores: str = opt("space", help="label rule: underscores to spaces (paper) or deleted (seed "
                                  "format script)", choices=("space", "delete"))
     task: str | None = opt(None, help="task phrase in the prompt; default per dataset (spec §6.6)")
+    prompt_style: str = opt("paper", help="prompt ending: paper (Sec. 2 text) or code (seed script, adds "
+                            "'\\n\\nOutput:')", choices=("paper", "code"))
     dtd_split: int = opt(1, help="DTD split number (labels/train<N>.txt, test<N>.txt)", min=1, max=10)
     crisismmd_label_column: str = opt("label_image", help="CrisisMMD TSV label column",
                                       choices=("label", "label_text", "label_image", "label_text_image"))
@@ -42,8 +46,10 @@ class PrepConfig:
     crisismmd_merge: dict = opt(help="CrisisMMD label merge map, JSON {from: to}", default_factory=dict)
     train_split: str = opt("train", help="imagefolder: train split folder name")
     test_split: str = opt("test", help="imagefolder: test split folder name")
-    max_per_class: int | None = opt(None, help="keep at most N images per class and split (smoke runs)", min=1)
-    patch_size: int = opt(128, help="textures-mini: patch side in pixels", min=16, max=512)
+    max_per_class: int | None = opt(None, help="keep at most N images per class and split, a seeded sample "
+                                    "(smoke runs)", min=1)
+    patch_size: int = opt(128, help="textures-mini: tile side in pixels (non-overlapping tiles of each photo)",
+                          min=16, max=256)
     workers: int = opt(0, help="decode/hash worker processes; 0 = all cores", min=0, hashed=False)
 
     def check(self) -> None:
@@ -79,8 +85,11 @@ class FinetuneConfig:
     max_steps: int | None = opt(None, help="stop after N optimizer steps (smoke runs, benchmarks)", min=1)
     seed: int = opt(0, help="seed (data order, init of new weights)", min=0)
     precision: str = opt("auto", help="auto = bf16 on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32"))
-    deepspeed: str = opt("auto", help="auto = ZeRO-2 projector, ZeRO-3 full/lora when distributed on GPU",
-                         choices=("auto", "none", "zero2", "zero3"))
+    deepspeed: str = opt("auto", help="auto = ZeRO-2 projector, ZeRO-3 full/lora when distributed on GPU; "
+                         "full on one GPU: ZeRO-3 with the optimizer offloaded to the CPU",
+                         choices=("auto", "none", "zero2", "zero3", "zero3-offload"))
+    max_grad_norm: float = opt(1.0, help="gradient clipping (HF Trainer default, which the seed scripts keep); "
+                               "0 = off", min=0.0)
     gradient_checkpointing: bool = opt(True, help="activation checkpointing in the LLM (full/lora)")
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
@@ -126,6 +135,10 @@ class EvalLlavaConfig:
     max_new_tokens: int = opt(32, help="generation budget", min=1, max=512)
     close_match: float = opt(0.8, help="difflib ratio for the parser's close match", min=0.0, max=1.0)
     limit: int | None = opt(None, help="evaluate the first N examples only (smoke runs)", min=1)
+    image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
+                                  choices=("pad", "square"))
+    precision: str = opt("auto", help="auto = fp16 on GPU (LLaVA's own inference), fp32 on CPU",
+                         choices=("auto", "bf16", "fp16", "fp32"))
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
@@ -144,6 +157,10 @@ class ProbeConfig:
                               min=0.0, max=0.5)
     patience: int = opt(5, help="paper protocol: early-stopping patience (epochs)", min=1)
     max_epochs: int = opt(100, help="epoch cap (code protocol: exactly this many)", min=1)
+    image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
+                                  choices=("pad", "square"))
+    precision: str = opt("auto", help="feature extraction: auto = fp16 on GPU, fp32 on CPU",
+                         choices=("auto", "bf16", "fp16", "fp32"))
     batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 

@@ -14,13 +14,15 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 from mysproj import __version__
 from mysproj.config import config_hash, config_to_dict
 from mysproj.errors import IncompleteOutput
-from mysproj.storage import cache, uri as U
+from mysproj.storage import cache
+from mysproj.storage import uri as U
 
 log = logging.getLogger(__name__)
 MANIFEST = "_SUCCESS.json"
@@ -50,7 +52,8 @@ def read_manifest(out_uri: str) -> dict | None:
     try:
         return json.loads(U.read_text(target))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IncompleteOutput(f"{target}: manifest is not valid JSON; delete the folder and re-run its stage") from None
+        raise IncompleteOutput(f"{target}: manifest is not valid JSON; delete the folder and re-run its stage") \
+            from None
 
 
 class StageOutput:

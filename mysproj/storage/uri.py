@@ -11,7 +11,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import fsspec
 
@@ -38,14 +39,28 @@ def _storage_options(protocol: str) -> dict:
     return {}
 
 
+# Environment that decides which endpoint/credentials a client uses; a change gives a new client.
+_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION",
+               "AWS_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "MYSPROJ_S3_ENDPOINT",
+               "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_CLIENTS: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
 def split(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it). Plain paths become absolute local paths."""
     uri = str(uri)
     if "://" not in uri:
         return fsspec.filesystem("file"), os.path.abspath(uri)
     protocol = uri.split("://", 1)[0]
-    fs, path = fsspec.core.url_to_fs(uri, **_storage_options(protocol))
-    return fs, path
+    if "::" in uri:  # chained URLs (simplecache::s3://...) are rare: build them each time
+        return fsspec.core.url_to_fs(uri, **_storage_options(protocol))
+    # One client per process and credential set: creating an S3 client costs ~0.2 s, which would dominate
+    # per-object reads (images). Listings are never cached (see _storage_options), so sharing it is safe.
+    key = (os.getpid(), protocol, tuple(os.environ.get(k) for k in _CLIENT_ENV))
+    fs = _CLIENTS.get(key)
+    if fs is None:
+        fs = _CLIENTS[key] = fsspec.filesystem(protocol, **_storage_options(protocol))
+    return fs, fs._strip_protocol(uri)
 
 
 def is_local(uri: str) -> bool:

@@ -1,0 +1,68 @@
+"""One small reader per on-disk layout (spec §0). Each `scan(cfg, out)` lists candidate images with their
+normalised labels -- no decoding yet -- and reports what it skipped; `mysproj.stages.prep` checks every image
+and writes the outputs. Readers raise `BadInput` for problems that make the dataset itself wrong (a missing split
+file, an empty class folder, a path escaping the root); single bad files are skipped and reported instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+from mysproj.errors import BadInput
+
+READERS = {
+    "dtd": "mysproj.data.datasets.dtd",
+    "plantdoc": "mysproj.data.datasets.plantdoc",
+    "dermnet": "mysproj.data.datasets.dermnet",
+    "crisismmd": "mysproj.data.datasets.crisismmd",
+    "imagefolder": "mysproj.data.datasets.imagefolder",
+    "textures-mini": "mysproj.data.datasets.textures_mini",
+}
+
+
+@dataclass
+class Candidate:
+    split: str       # "train" or "test"
+    image: str       # URI of the image object
+    label: str       # normalised label
+    relpath: str     # path below the dataset root, for the report
+
+
+@dataclass
+class Listing:
+    candidates: list[Candidate] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)       # {"split", "image", "reason"}
+    # Classes the layout declares (label -> where it was declared); each must end up with a usable image.
+    declared: dict[str, str] = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)               # layout-specific facts for prep_report.json
+
+    def skip(self, split: str, image: str, reason: str) -> None:
+        self.skipped.append({"split": split, "image": image, "reason": reason})
+
+
+def scan(cfg, out) -> Listing:
+    if cfg.source:
+        # Sample URIs must work from any working directory (and on another pod): make local roots absolute.
+        cfg = dataclasses.replace(cfg, source=absolute_uri(cfg.source))
+    return importlib.import_module(READERS[cfg.dataset]).scan(cfg, out)
+
+
+def absolute_uri(uri: str) -> str:
+    return os.path.abspath(uri) if "://" not in str(uri) else str(uri)
+
+
+_DRIVE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def safe_relpath(rel: str, where: str) -> str:
+    """`rel` normalised, or `BadInput` if it is absolute or climbs out of the dataset root."""
+    norm = posixpath.normpath(rel.strip().replace("\\", "/"))
+    if norm.startswith("/") or norm == ".." or norm.startswith("../") or _DRIVE.match(norm) or norm == ".":
+        raise BadInput(f"{where}: path {rel.strip()!r} escapes the dataset root; split files must hold paths "
+                       f"relative to the dataset root")
+    return norm

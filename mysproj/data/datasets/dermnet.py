@@ -1,0 +1,11 @@
+"""DermNet (Kaggle shubhamgoel27/dermnet): `train/<Class Name>/<file>.jpg`, `test/<Class Name>/<file>.jpg`,
+23 classes whose folder names become the labels as they are (e.g. "Eczema Photos", suffix kept as upstream)."""
+
+from __future__ import annotations
+
+from mysproj.data.datasets import Listing
+from mysproj.data.datasets.imagefolder import scan_folders
+
+
+def scan(cfg, out) -> Listing:
+    return scan_folders(cfg.source, {"train": "train", "test": "test"}, cfg.label_underscores)

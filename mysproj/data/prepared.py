@@ -1,0 +1,61 @@
+"""Reader of a `prep` output, for every stage that consumes one (eval, finetune, probe).
+
+    data = PreparedData("s3://runs/r1/dtd/prep")
+    for s in data.samples("test"):
+        img = open_rgb(data.local_image(s))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mysproj.storage import cache
+from mysproj.storage.manifest import StageInput
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: str        # URI of the image object (source dataset, or inside the prep output for textures-mini)
+    label: str        # normalised label, an entry of `PreparedData.classes`
+    label_id: int     # index into `PreparedData.classes`
+    sha256: str
+    split: str = ""
+    width: int = 0
+    height: int = 0
+
+
+class PreparedData:
+    def __init__(self, uri: str):
+        self.input = StageInput(uri, expect_stage="prep")
+        self.uri = self.input.uri
+        meta = self.input.read_json("classes.json")
+        self.classes: list[str] = list(meta["classes"])
+        self.task: str = meta["task"]
+        self.dataset: str = meta.get("dataset", "")
+        self._table = None
+
+    def _samples_table(self):
+        if self._table is None:
+            import pyarrow.parquet as pq
+
+            self._table = pq.read_table(self.input.local_path("samples.parquet")).to_pylist()
+        return self._table
+
+    def samples(self, split: str) -> list[Sample]:
+        return [Sample(r["image"], r["label"], int(r["label_id"]), r["sha256"], r["split"], int(r["width"]),
+                       int(r["height"])) for r in self._samples_table() if r["split"] == split]
+
+    def llava_records(self, split: str) -> list[dict]:
+        return self.input.read_json(f"llava_{split}.json")
+
+    def report(self) -> dict:
+        return self.input.read_json("prep_report.json")
+
+    def local_image(self, sample: Sample) -> str:
+        """A local path with the image's bytes, verified against the sha256 prep recorded."""
+        return cache.fetch(sample.image, sample.sha256)
+
+    def open_image(self, sample: Sample):
+        from mysproj.data.images import open_rgb
+
+        return open_rgb(self.local_image(sample))

