@@ -1,0 +1,135 @@
+"""`mysproj bench eval-llava`: zero-shot classification with LLaVA, one batch of images per timed step.
+
+ours: the eval-llava stage's batch functions on a random-weight model in the stage's dtype: `generate` (greedy,
+`--new-tokens`, then answer decoding) or `scoring` (the prompt prefix once, all class continuations after it,
+`mysproj.evaluation.scoring.score_continuations`). Inputs are what the stage's loader hands them: left-padded
+prompt ids (`--prompt-tokens` text tokens around the 576 image tokens) and preprocessed pixels; decode is measured
+by eval-clip / probe-features. baseline: plain `model.generate(max_new_tokens=--new-tokens)` in bf16 at batch 1
+(how the seed's cli.py is used) and at `--batch-size`.
+
+The random model's `</s>` row of lm_head is zeroed (logit exactly 0, below the maximum of the other random
+logits) so every answer is exactly `--new-tokens` long, as the measured shape requires, in ours and baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mysproj.bench import flops as F
+from mysproj.bench import synthetic
+from mysproj.bench.eval_clip import class_names
+from mysproj.bench.results import BenchReport, Measurement, card_name
+from mysproj.bench.timing import free_memory, time_steps
+
+log = logging.getLogger("mysproj.bench")
+
+
+def build_model(args, dtype):
+    """(model, tokenizer): the preset with random weights on the card, `</s>` never the greedy choice."""
+    import torch
+
+    from mysproj.models.init import build_random_llava
+
+    model, tokenizer, _ = build_random_llava(args.preset, seed=args.seed, dtype=str(dtype).split(".")[-1],
+                                             device=args.device)
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 0
+    return model.eval(), tokenizer
+
+
+def prompt_batch(config, layout, batch: int, seed: int, device: str, pad_id: int):
+    """The stage's left-padded `Batch` over synthetic prompt ids laid out like llava_v1 prompts."""
+    from mysproj.evaluation.scoring import left_pad
+
+    ids = synthetic.token_batch(config, layout, batch, seed=seed)["input_ids"]
+    return left_pad(ids.tolist(), pad_id, device)
+
+
+def stage_dtype(device: str):
+    from mysproj.stages.eval_llava import dtype_for
+
+    return dtype_for("auto", device)
+
+
+def run(args) -> BenchReport:
+    layout = synthetic.TokenLayout.with_text(args.prompt_tokens)
+    dtype = stage_dtype(args.device)
+    model, tok = build_model(args, dtype)
+    dims = F.LlavaDims.from_config(model.config)
+    conts = _continuations(tok, args.classes)
+    if args.mode == "generate":
+        flops = F.llava_generate(dims, prompt_text_tokens=layout.text, new_tokens=args.new_tokens)
+    else:
+        mean_len = sum(len(c) for c in conts) / len(conts)
+        flops = F.llava_scoring(dims, prompt_text_tokens=layout.text, n_classes=len(conts), label_tokens=mean_len)
+    settings = {"mode": args.mode, "prompt_text_tokens": layout.text, "image_tokens": dims.image_tokens,
+                "new_tokens": args.new_tokens, "classes": len(conts), "dtype": str(dtype).split(".")[-1],
+                "continuation_tokens": sum(len(c) for c in conts)}
+    ours = _ours(args, model, tok, layout, conts, dtype)
+    measurements = [ours]
+    del model
+    free_memory(args.device)
+    if args.baseline:
+        measurements += _baseline(args, layout)
+        free_memory(args.device)
+    for m in measurements:
+        m.flops_per_item = (flops if m.variant == "ours" else F.llava_generate(
+            dims, prompt_text_tokens=layout.text, new_tokens=args.new_tokens))["total"]
+    return BenchReport("eval-llava", args.preset, args.device, card_name(args.device), args.peak_tflops, settings,
+                       flops, measurements)
+
+
+def _continuations(tokenizer, n: int) -> list[list[int]]:
+    from mysproj.evaluation.scoring import continuation_ids
+
+    return [continuation_ids(tokenizer, name) for name in class_names(n)]
+
+
+def _ours(args, model, tok, layout, conts, dtype) -> Measurement:
+    from mysproj.evaluation.scoring import score_continuations
+    from mysproj.stages.eval_llava import generate
+
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batch = prompt_batch(model.config, layout, args.batch_size, args.seed, args.device, pad_id)
+    pixels = synthetic.pixel_batch(model.config, args.batch_size, seed=args.seed).to(args.device, dtype)
+    answers = []
+
+    def step(_):
+        if args.mode == "generate":
+            answers.append(generate(model, batch, pixels, args.new_tokens, pad_id, tok))
+        else:
+            scores, _ = score_continuations(model, batch, pixels, conts)
+            answers.append(scores.argmax(-1).tolist())
+
+    timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps)
+    what = ("stage eval_llava.generate (greedy, answers decoded)" if args.mode == "generate"
+            else "evaluation.scoring.score_continuations (shared prefix, all classes in one pass)")
+    return Measurement("ours", what, args.batch_size, args.batch_size, timing, 0.0, unit="images",
+                       extra={"answers_per_step": len(answers[-1])})
+
+
+def _baseline(args, layout) -> list[Measurement]:
+    import torch
+
+    model, tok = build_model(args, torch.bfloat16 if args.device == "cuda" else torch.float32)
+    return [_plain_generate(args, model, tok.pad_token_id, layout, variant, b)
+            for variant, b in (("baseline-b1", 1), ("baseline", args.batch_size))]
+
+
+def _plain_generate(args, model, pad_id: int, layout, variant: str, b: int) -> Measurement:
+    import torch
+
+    batch = prompt_batch(model.config, layout, b, args.seed, args.device, pad_id)
+    pixels = synthetic.pixel_batch(model.config, b, seed=args.seed).to(args.device, model.dtype)
+    lengths = []
+
+    def step(_):
+        with torch.no_grad():
+            ids = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 pixel_values=pixels, max_new_tokens=args.new_tokens, do_sample=False,
+                                 pad_token_id=pad_id)
+        lengths.append(ids.shape[1] - batch.input_ids.shape[1])
+
+    timing = time_steps(step, device=args.device, warmup=min(args.warmup, 2), steps=args.steps)
+    return Measurement(variant, f"transformers model.generate, batch {b}, {str(model.dtype).split('.')[-1]}",
+                       b, b, timing, 0.0, unit="images", extra={"generated_tokens": lengths[-1]})

@@ -1,0 +1,85 @@
+"""Timing one unit of work (a training step, one evaluation batch) the same way for ours and the baseline.
+
+On CUDA every step is bracketed by CUDA events on the current stream, so the time is the GPU's, not the Python
+launch loop's; on CPU a monotonic clock is read around each step. Warm-up steps (compilation, allocator growth,
+cuDNN/cuBLAS heuristics) are run first and not recorded; the median of the recorded steps is the result, with
+min/max kept so a noisy run is visible. Peak memory is `torch.cuda.max_memory_allocated` over the timed steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Timing:
+    step_s: list[float] = field(default_factory=list)   # recorded steps, seconds each
+    peak_mem_gib: float | None = None                   # CUDA only
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.step_s)
+
+    def as_dict(self) -> dict:
+        return {"median_step_s": self.median_s, "min_step_s": min(self.step_s), "max_step_s": max(self.step_s),
+                "steps": len(self.step_s), "peak_mem_gib": self.peak_mem_gib}
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps: int,
+               clock: str = "auto") -> Timing:
+    """Run `step(i)` `warmup` times untimed, then `steps` times timed; returns per-step seconds and peak memory.
+
+    `step` gets the step index so it can pick its batch. `clock`: "events" (CUDA events on the current stream),
+    "wall" (a wall clock with the device drained before and after each step: for steps whose host work, such as
+    JPEG decode in worker processes, is part of what is measured) or "auto" (events on CUDA, wall on CPU)."""
+    import torch
+
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    cuda = device.startswith("cuda")
+    events = cuda and clock in ("auto", "events")
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    timing = Timing()
+    for i in range(warmup, warmup + steps):
+        if events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(i)
+            end.record()
+            end.synchronize()
+            timing.step_s.append(start.elapsed_time(end) / 1e3)
+        else:
+            synchronize(device)
+            t0 = time.perf_counter()
+            step(i)
+            synchronize(device)
+            timing.step_s.append(time.perf_counter() - t0)
+    if cuda:
+        timing.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    return timing
+
+
+def free_memory(device: str) -> None:
+    """Drop cached blocks between ours and the baseline so one's peak does not hide in the other's numbers."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()

@@ -1,0 +1,182 @@
+"""The `kube` fixture: a real Kubernetes v1.20.2 control plane (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler on 127.0.0.1) plus the node stand-in `tests/infra/node_agent.py`, shared by the whole session; each
+test module gets a fresh namespace. See k8s/README.md for what is real and what the stand-in emulates.
+
+    def test_x(kube):
+        kube.batch.create_namespaced_job(kube.namespace, body)
+        subprocess.run(["helm", "install", ...], env=kube.env)   # KUBECONFIG + .tools/bin and the venv on PATH
+        kube.pod_log(pod_name); kube.kill(pod_name)              # stand-in extras: output file, fault injection
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = REPO / ".tools" / "bin"
+AGENT = REPO / "tests" / "infra" / "node_agent.py"
+NODE = "gpu-node-0"
+GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
+# What the images' ENV sets; the stand-in cannot read images, so the fixture passes it to every pod.
+IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1",
+             "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cluster_mod = _load("mysproj_test_controlplane", REPO / "k8s" / "controlplane" / "cluster.py")
+agent_mod = _load("mysproj_test_pod_runner", AGENT.parent / "pod_runner.py")  # pod_dir, kill_container
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "condition", interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy (returned); fail with `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclasses.dataclass
+class Kube:
+    """Handles on the test cluster. `namespace` is this module's fresh namespace."""
+
+    kubeconfig: Path
+    server: str
+    env: dict[str, str]
+    agent_dir: Path           # the stand-in's state: pods/<ns>/<pod>/<container>.log, agent.log
+    controlplane_dir: Path    # component logs, PKI, kubeconfig
+    node: str
+    api_client: object
+    core: object              # kubernetes.client.CoreV1Api
+    batch: object             # BatchV1Api
+    rbac: object              # RbacAuthorizationV1Api
+    namespace: str = "default"
+    gpu_product: str = GPU_PRODUCT  # the node's nvidia.com/gpu.product label
+    wait_for = staticmethod(wait_for)
+
+    def new_namespace(self, prefix: str = "t") -> str:
+        """Create a fresh namespace and wait for its `default` ServiceAccount and its token Secret (on 1.20, pod
+        creation is refused until both exist)."""
+        name = f"{prefix}-{next(_counter)}-{os.getpid() % 10000}"
+        self.core.create_namespace({"metadata": {"name": name, "labels": {"mysproj.io/test": "true"}}})
+
+        def default_sa_has_token():
+            sas = self.core.list_namespaced_service_account(name, field_selector="metadata.name=default").items
+            return sas and sas[0].secrets
+
+        wait_for(default_sa_has_token, 30, f"the default ServiceAccount token of {name}")
+        return name
+
+    def log_path(self, pod: str, container: str | None = None, namespace: str | None = None) -> Path:
+        d = agent_mod.pod_dir(self.agent_dir, namespace or self.namespace, pod)
+        if container:
+            return d / f"{container}.log"
+        logs = sorted(d.glob("*.log"))
+        return logs[0] if logs else d / "missing.log"
+
+    def pod_log(self, pod: str, container: str | None = None, namespace: str | None = None) -> str:
+        """All output the pod's container printed (every restart, appended), as the stand-in recorded it."""
+        path = self.log_path(pod, container, namespace)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def kill(self, pod: str, container: str | None = None, namespace: str | None = None,
+             sig: int = signal.SIGKILL) -> int:
+        """Kill a running pod's process (fault injection); the pod then fails with exit code 128+sig."""
+        return agent_mod.kill_container(self.agent_dir, namespace or self.namespace, pod, container, sig)
+
+    def is_running(self, pod: str, namespace: str | None = None) -> bool:
+        """True once the stand-in has the pod's process running (its PID file exists)."""
+        return any(agent_mod.pod_dir(self.agent_dir, namespace or self.namespace, pod).glob("*.pid"))
+
+    def pods(self, selector: str = "", namespace: str | None = None):
+        return self.core.list_namespaced_pod(namespace or self.namespace, label_selector=selector).items
+
+
+_counter = itertools.count()
+
+
+def _ensure_tools() -> None:
+    needed = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "helm", "kubectl"]
+    if all(os.access(TOOLS / b, os.X_OK) for b in needed):
+        return
+    result = subprocess.run(["bash", str(REPO / "k8s" / "tools" / "install.sh")], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"k8s/tools/install.sh failed (run `make tools`):\n{result.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory):
+    """The session's control plane + node stand-in; use the module-scoped `kube` in tests."""
+    from kubernetes import client, config
+
+    _ensure_tools()
+    root = tmp_path_factory.mktemp("kube")
+    started = time.monotonic()
+    cp = cluster_mod.ControlPlane(root / "controlplane", TOOLS).start()
+    agent_dir = root / "agent"
+    agent_dir.mkdir()
+    venv_bin = str(Path(sys.executable).parent)
+    cmd = [sys.executable, str(AGENT), "--kubeconfig", str(cp.kubeconfig), "--state-dir", str(agent_dir),
+           "--node", NODE, "--gpus", "8", "--gpu-product", GPU_PRODUCT, "--path-prepend", venv_bin,
+           "--tls-cert", str(cp.workdir / "pki" / "serving.crt"), "--tls-key", str(cp.workdir / "pki" / "serving.key"),
+           *itertools.chain.from_iterable(("--env", f"{k}={v}") for k, v in IMAGE_ENV.items())]
+    with open(agent_dir / "agent.log", "ab") as out:
+        agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+    try:
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=cfg)
+        api = client.ApiClient(cfg)
+        core = client.CoreV1Api(api)
+
+        def node_ready():
+            if agent.poll() is not None:
+                raise RuntimeError(f"node agent exited: {(agent_dir / 'agent.log').read_text()[-3000:]}")
+            nodes = core.list_node(field_selector=f"metadata.name={NODE}").items
+            conds = nodes[0].status.conditions or [] if nodes else []
+            ready = any(c.type == "Ready" and c.status == "True" for c in conds)
+            return ready and not any(t.key.startswith("node.kubernetes.io/") for t in nodes[0].spec.taints or [])
+
+        wait_for(node_ready, 60, f"node {NODE} Ready and untainted")
+        print(f"\n[kube] control plane + node stand-in up in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig),
+               "PATH": f"{TOOLS}:{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        yield Kube(kubeconfig=cp.kubeconfig, server=cp.server, env=env, agent_dir=agent_dir,
+                   controlplane_dir=cp.workdir, node=NODE, api_client=api, core=core,
+                   batch=client.BatchV1Api(api), rbac=client.RbacAuthorizationV1Api(api))
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(15)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        cp.stop()
+
+
+@pytest.fixture(scope="module")
+def kube(kube_cluster, request):
+    """`kube_cluster` with a fresh namespace for this test module (deleted afterwards; the real namespace
+    controller and the stand-in clean its pods up)."""
+    ns = kube_cluster.new_namespace(request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:40].lower())
+    yield dataclasses.replace(kube_cluster, namespace=ns)
+    kube_cluster.core.delete_namespace(ns)

@@ -1,0 +1,239 @@
+"""The test cluster itself: real Job controller, scheduler, RBAC and Secrets, with pods run by the node stand-in."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import textwrap
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+pytestmark = pytest.mark.kube
+
+HARDENED = {"runAsNonRoot": True, "runAsUser": 1000, "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def job(name: str, script: str, *, env=None, backoff: int = 0, service_account: str | None = None, gpu: bool = False,
+        volumes: tuple = ()) -> dict:
+    container = {"name": "main", "image": "mysproj-cpu:test", "command": ["python", "-c", textwrap.dedent(script)],
+                 "env": env or [], "securityContext": HARDENED,
+                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
+                 "volumeMounts": [{"name": v, "mountPath": f"/{v}"} for v in volumes]}
+    pod = {"restartPolicy": "Never", "containers": [container], "terminationGracePeriodSeconds": 2,
+           "volumes": [{"name": v, "emptyDir": {}} for v in volumes]}
+    if service_account:
+        pod["serviceAccountName"] = service_account
+    if gpu:
+        container["resources"]["limits"]["nvidia.com/gpu"] = "1"
+        pod["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+            "spec": {"backoffLimit": backoff, "template": {"metadata": {"labels": {"test": name}}, "spec": pod}}}
+
+
+def finished(kube, name: str):
+    """The Job once the real Job controller marks it Complete or Failed."""
+    j = kube.batch.read_namespaced_job_status(name, kube.namespace)
+    return j if any(c.type in ("Complete", "Failed") and c.status == "True" for c in j.status.conditions or []) \
+        else None
+
+
+def only_pod(kube, name: str):
+    pods = kube.pods(f"job-name={name}")
+    assert len(pods) == 1, [p.metadata.name for p in pods]
+    return pods[0]
+
+
+def explain(kube, name: str) -> str:
+    """The Job's pods with their states and output, for assertion messages."""
+    return "\n".join(f"{p.metadata.name} {p.status.phase} {p.status.container_statuses}\n"
+                     f"{kube.pod_log(p.metadata.name)}" for p in kube.pods(f"job-name={name}"))
+
+
+def test_job_pod_runs_through_scheduler_and_node(kube):
+    script = """
+        import os, pathlib
+        scratch = pathlib.Path(os.environ["SCRATCH"])
+        scratch.mkdir(parents=True, exist_ok=True)
+        (scratch / "out.txt").write_text("written")
+        print("pod", os.environ["POD_NAME"], "in", os.environ["POD_NAMESPACE"], "scratch", scratch)
+        print("home", os.environ["HOME"], "tmp", os.environ["TMPDIR"])
+    """
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+           {"name": "SCRATCH", "value": "/scratch/work"}]
+    kube.batch.create_namespaced_job(kube.namespace, job("hello", script, env=env, gpu=True, volumes=("scratch",)))
+    j = kube.wait_for(lambda: finished(kube, "hello"), 60, "job hello to finish")
+    assert j.status.succeeded == 1 and not j.status.failed, explain(kube, "hello")
+    pod = only_pod(kube, "hello")
+    assert pod.spec.node_name == kube.node  # bound by the real scheduler to the GPU node
+    assert pod.status.phase == "Succeeded"
+    term = pod.status.container_statuses[0].state.terminated
+    assert term.exit_code == 0 and term.reason == "Completed"
+    out = kube.pod_log(pod.metadata.name)
+    assert f"pod {pod.metadata.name} in {kube.namespace}" in out
+    scratch = out.split("scratch ")[1].split()[0]
+    assert scratch != "/scratch/work" and scratch.endswith("/volumes/scratch/work")  # emptyDir -> local dir
+    home = out.split("home ")[1].split()[0]
+    assert home != os.environ.get("HOME") and os.path.isdir(home)
+    # The API server proxies pod logs to the stand-in, so `kubectl logs` works too. (This client returns str(bytes)
+    # for logs unless the body is read raw.)
+    raw = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, _preload_content=False)
+    assert raw.data.decode() == out
+
+
+def test_failing_command_fails_job_with_exit_code(kube):
+    script = "import sys\nprint('error: bad input x')\nsys.exit(64)"
+    kube.batch.create_namespaced_job(kube.namespace, job("bad", script))
+    j = kube.wait_for(lambda: finished(kube, "bad"), 60, "job bad to finish")
+    assert j.status.failed == 1 and not j.status.succeeded
+    assert [c.reason for c in j.status.conditions if c.type == "Failed"] == ["BackoffLimitExceeded"]
+    pod = only_pod(kube, "bad")
+    term = pod.status.container_statuses[0].state.terminated
+    assert pod.status.phase == "Failed"
+    assert (term.exit_code, term.reason) == (64, "Error")
+    assert "error: bad input x" in term.message
+
+
+def test_secret_env_reaches_process(kube):
+    value = "s3cr3t-" + os.urandom(4).hex()
+    env = [{"name": "ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "key"}}}]
+    script = "import hashlib, os\nprint(hashlib.sha256(os.environ['ACCESS_KEY'].encode()).hexdigest())"
+    kube.batch.create_namespaced_job(kube.namespace, job("secret", script, env=env))
+
+    def waiting_for_secret():  # as with a kubelet, the pod waits for a missing Secret instead of running without it
+        pods = kube.pods("job-name=secret")
+        states = [s.state.waiting for p in pods for s in p.status.container_statuses or []]
+        return any(w and w.reason == "CreateContainerConfigError" and "creds" in w.message for w in states)
+
+    kube.wait_for(waiting_for_secret, 60, "the pod to wait for Secret creds")
+    kube.core.create_namespaced_secret(kube.namespace, {"metadata": {"name": "creds"}, "stringData": {"key": value}})
+    assert kube.wait_for(lambda: finished(kube, "secret"), 60, "job secret").status.succeeded == 1, \
+        explain(kube, "secret")
+    assert hashlib.sha256(value.encode()).hexdigest() in kube.pod_log(only_pod(kube, "secret").metadata.name)
+
+
+def test_rbac_is_enforced_for_pod_service_accounts(kube):
+    ns = kube.namespace
+    for sa in ("nobody", "reader"):
+        kube.core.create_namespaced_service_account(ns, {"metadata": {"name": sa}})
+    kube.rbac.create_namespaced_role(ns, {"metadata": {"name": "job-reader"}, "rules": [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list"]}]})
+    kube.rbac.create_namespaced_role_binding(ns, {
+        "metadata": {"name": "reader-jobs"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "job-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}]})
+    script = """
+        import os, sys
+        from kubernetes import client, config
+        from kubernetes.client.rest import ApiException
+        config.load_config()  # the stand-in exports KUBECONFIG with the pod's ServiceAccount token
+        try:
+            client.BatchV1Api().list_namespaced_job(os.environ["POD_NAMESPACE"])
+        except ApiException as e:
+            print("status", e.status)
+            sys.exit(3)
+        print("status 200")
+    """
+    env = [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
+    for sa in ("nobody", "reader"):
+        kube.batch.create_namespaced_job(ns, job(f"as-{sa}", script, env=env, service_account=sa))
+    denied = kube.wait_for(lambda: finished(kube, "as-nobody"), 60, "job as-nobody")
+    allowed = kube.wait_for(lambda: finished(kube, "as-reader"), 60, "job as-reader")
+    assert denied.status.failed == 1 and allowed.status.succeeded == 1, explain(kube, "as-nobody") + \
+        explain(kube, "as-reader")
+    assert "status 403" in kube.pod_log(only_pod(kube, "as-nobody").metadata.name)
+    assert "status 200" in kube.pod_log(only_pod(kube, "as-reader").metadata.name)
+    token = kube.core.create_namespaced_service_account_token("nobody", ns, {"spec": {"audiences": []}})
+    with pytest.raises(ApiException) as err:  # and the rights-less account is refused from outside too
+        cfg = client.Configuration()
+        cfg.host, cfg.ssl_ca_cert = kube.server, str(kube.controlplane_dir / "pki" / "ca.crt")
+        cfg.api_key = {"authorization": "Bearer " + token.status.token}
+        client.BatchV1Api(client.ApiClient(cfg)).list_namespaced_job(ns)
+    assert err.value.status == 403
+
+
+def test_killed_process_is_retried_and_deleted_pod_is_stopped(kube, tmp_path):
+    marker = tmp_path / "first-attempt"
+    script = f"""
+        import pathlib, time
+        marker = pathlib.Path({str(marker)!r})
+        if not marker.exists():
+            marker.write_text("started")
+            print("first attempt waits to be killed", flush=True)
+            time.sleep(120)
+        print("second attempt done")
+    """
+    kube.batch.create_namespaced_job(kube.namespace, job("flaky", script, backoff=2))
+    first = kube.wait_for(lambda: [p for p in kube.pods("job-name=flaky") if kube.is_running(p.metadata.name)
+                              and "waits" in kube.pod_log(p.metadata.name)], 60, "first attempt running")[0]
+    kube.kill(first.metadata.name)
+    j = kube.wait_for(lambda: finished(kube, "flaky"), 90, "job flaky to finish after the kill")
+    assert (j.status.succeeded, j.status.failed) == (1, 1), explain(kube, "flaky")
+    killed = kube.core.read_namespaced_pod(first.metadata.name, kube.namespace)
+    assert killed.status.container_statuses[0].state.terminated.exit_code == 137  # 128 + SIGKILL
+
+    # Deleting a running pod kills its process and the deletion completes (the stand-in finalizes it).
+    kube.core.create_namespaced_pod(kube.namespace, {"metadata": {"name": "sleeper"}, "spec": {
+        "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+        "containers": [{"name": "main", "image": "x", "command": ["python", "-c", "import time; time.sleep(300)"]}]}})
+    kube.wait_for(lambda: kube.is_running("sleeper"), 60, "sleeper running")
+    pid = int(next(kube.log_path("sleeper").parent.glob("*.pid")).read_text())
+    kube.core.delete_namespaced_pod("sleeper", kube.namespace)
+
+    def gone():
+        try:
+            kube.core.read_namespaced_pod("sleeper", kube.namespace)
+            return False
+        except ApiException as e:
+            return e.status == 404
+
+    kube.wait_for(gone, 30, "pod sleeper deleted")
+    kube.wait_for(lambda: not _alive(pid), 10, f"process {pid} to end")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_pod_features_the_chart_uses(kube):
+    """configMap volume, envFrom with prefix, $(VAR) in args, emptyDir surviving an OnFailure restart."""
+    ns = kube.namespace
+    kube.core.create_namespaced_config_map(ns, {"metadata": {"name": "tpl"},
+                                                "data": {"stage.yaml": "kind: Job\n", "MODE": "fast"}})
+    script = """
+        import os, pathlib, sys
+        marker = pathlib.Path(os.environ["STATE"]) / "tried"
+        print("args", sys.argv[1:], "template", open(sys.argv[2]).read().strip(), flush=True)
+        if not marker.exists():
+            marker.write_text("1")
+            sys.exit(5)
+    """
+    kube.core.create_namespaced_pod(ns, {"metadata": {"name": "features"}, "spec": {
+        "restartPolicy": "OnFailure", "volumes": [{"name": "tpl", "configMap": {"name": "tpl"}},
+                                                  {"name": "state", "emptyDir": {}}],
+        "containers": [{"name": "main", "image": "x", "command": ["python", "-c", textwrap.dedent(script)],
+                        "args": ["$(CFG_MODE)", "/etc/tpl/stage.yaml"],
+                        "envFrom": [{"configMapRef": {"name": "tpl"}, "prefix": "CFG_"}],
+                        "env": [{"name": "STATE", "value": "/state"}],
+                        "volumeMounts": [{"name": "tpl", "mountPath": "/etc/tpl", "readOnly": True},
+                                         {"name": "state", "mountPath": "/state"}]}]}})
+
+    def done():
+        pod = kube.core.read_namespaced_pod("features", ns)
+        return pod if pod.status.phase in ("Succeeded", "Failed") else None
+
+    pod = kube.wait_for(done, 60, "pod features to finish")
+    status = pod.status.container_statuses[0]
+    assert pod.status.phase == "Succeeded", kube.pod_log("features")
+    assert status.restart_count == 1 and status.last_state.terminated.exit_code == 5
+    out = kube.pod_log("features")
+    assert out.count("args ['fast', '") == 2 and "template kind: Job" in out

@@ -1,0 +1,132 @@
+"""`mysproj bench` on the tiny presets (CPU): each sub-benchmark runs the real stage code, its JSON is
+well-formed and, with --baseline, carries the plain-transformers measurement and the ratio. No timing is asserted;
+the FLOP model is checked against the issue's 7B anchors, which need only configs, not weights."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mysproj import cli
+from mysproj.bench import flops as F
+
+TINY = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+
+
+def _bench(tmp_path, name: str, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    assert cli.main(["bench", name, *TINY, "--json-out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def _check(report: dict, bench: str, variants: list[str]) -> None:
+    assert report["bench"] == bench and report["preset"] == "tiny" and report["device"] == "cpu"
+    assert [r["variant"] for r in report["results"]] == variants
+    for r in report["results"]:
+        assert r["items_per_s"] > 0 and math.isfinite(r["items_per_s"])
+        assert r["steps"] >= 2 and r["median_step_s"] > 0
+        assert r["model_tflops_per_item"] > 0 and r["mfu"] > 0
+    assert report["model_tflops_per_item"]["total"] == pytest.approx(report["results"][0]["model_tflops_per_item"])
+    ratios = report["ratios"]
+    assert set(ratios) == {f"ours/{v}" for v in variants[1:]}
+    ours = report["results"][0]["items_per_s"]
+    for r in report["results"][1:]:
+        assert ratios[f"ours/{r['variant']}"] == pytest.approx(ours / r["items_per_s"])
+
+
+def test_finetune_projector_with_baseline(tmp_path, capsys):
+    report = _bench(tmp_path, "finetune", "--batch-size", "2", "--baseline")
+    _check(report, "finetune", ["ours", "baseline"])
+    ours, base = report["results"]
+    assert len(ours["losses"]) == len(base["losses"]) == 3  # warm-up + timed steps
+    # Same weights, same batch: the first loss (before any update) agrees between the stage step and plain HF.
+    assert ours["losses"][0] == pytest.approx(base["losses"][0], rel=1e-4)
+    assert report["settings"]["strategy"] == "projector"
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[-2].startswith("ours") and table[-1].startswith("baseline")  # the table is printed last
+
+
+def test_finetune_full_without_baseline(tmp_path):
+    report = _bench(tmp_path, "finetune", "--batch-size", "2", "--strategy", "full",
+                    "--set", "gradient-checkpointing=false")
+    _check(report, "finetune", ["ours"])
+    assert "checkpointing off" in report["results"][0]["what"]
+    assert report["settings"]["overrides"] == {"gradient_checkpointing": "false"}
+
+
+@pytest.mark.parametrize("mode", ["generate", "scoring"])
+def test_eval_llava(tmp_path, mode):
+    report = _bench(tmp_path, "eval-llava", "--batch-size", "2", "--mode", mode, "--classes", "3", "--baseline")
+    _check(report, "eval-llava", ["ours", "baseline-b1", "baseline"])
+    assert report["results"][1]["batch_size"] == 1
+    assert all(r["generated_tokens"] == 16 for r in report["results"][1:])  # </s> suppressed: full length
+
+
+def test_eval_clip(tmp_path):
+    report = _bench(tmp_path, "eval-clip", "--batch-size", "4", "--classes", "3", "--image-px", "80x60",
+                    "--workers", "0", "--baseline", "--baseline-images", "3")
+    _check(report, "eval-clip", ["ours", "baseline"])
+    assert report["settings"]["clip_preset"] == "clip-tiny"
+
+
+def test_probe_features(tmp_path):
+    report = _bench(tmp_path, "probe-features", "--batch-size", "2", "--image-px", "80x60", "--baseline")
+    _check(report, "probe-features", ["ours", "baseline"])
+    ours = report["results"][0]
+    assert ours["pre_shape"] == [2, 32] and ours["post_shape"] == [2, 64]  # tiny: vision 32, text 64 wide
+
+
+def test_bad_arguments_exit_64(tmp_path):
+    assert cli.main(["bench", "finetune", *TINY, "--set", "no-such-field=1"]) == 64
+    assert cli.main(["bench", "eval-clip", *TINY, "--image-px", "big"]) == 64
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "finetune", "--strategy", "lora"])
+    assert e.value.code == 64
+
+
+def test_run_from_env(tmp_path):
+    from mysproj.bench.command import run_from_env
+
+    assert run_from_env({"MYSPROJ_BENCH": "nope"}) == 64
+    out = tmp_path / "probe.json"
+    args = " ".join(TINY) + f" --batch-size 2 --image-px 40x30 --json-out {out}"
+    assert run_from_env({"MYSPROJ_BENCH": "probe-features", "MYSPROJ_BENCH_ARGS": args}) == 0
+    assert json.loads(out.read_text())["bench"] == "probe-features"
+
+
+def _dims_7b() -> F.LlavaDims:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from mysproj.models.presets import PRESETS
+
+    p = PRESETS["llava-1.5-7b"]
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**p.vision),
+                         text_config=LlamaConfig(vocab_size=32064, **p.text), vision_feature_layer=-2)
+    return F.LlavaDims.from_config(config)
+
+
+def test_flops_match_the_issue_anchors():
+    dims = _dims_7b()
+    assert dims.vision_layers_used == 23 and dims.image_tokens == 576
+    # "A prefill of one image costs ~9.5 TFLOP" (576 image + 120 prompt tokens, first token's logits).
+    prefill = F.llava_generate(dims, prompt_text_tokens=120, new_tokens=1)["total"]
+    assert 9.3e12 < prefill < 9.7e12
+    # Training: the anchors' MFU at their measured rates lands near 54% / 46% under this stricter count.
+    proj = F.llava_train_step(dims, strategy="projector", text_before_image=35, text_after_image=29,
+                              label_tokens=5)["total"]
+    full = F.llava_train_step(dims, strategy="full", text_before_image=35, text_after_image=29,
+                              label_tokens=5)["total"]
+    assert 0.48 < F.mfu(proj, 24.1, 790) < 0.56
+    assert 0.42 < F.mfu(full, 13.7, 790) < 0.48
+    # Projector-only: no weight grads in the LLM (4 instead of 6 matmul passes), less for the prefix.
+    assert 0.6 < proj / full < 0.68
+
+
+def test_causal_attention_counts_keys():
+    dims = F.LlavaDims(vision_width=8, vision_mlp=8, vision_layers_used=1, patch=2, image_size=4, text_width=4,
+                       text_mlp=4, text_layers=1, q_width=1, kv_width=1, vocab=10)
+    assert F.causal_attention(dims, 3) == 4 * (1 + 2 + 3)
+    assert F.causal_attention(dims, 2, n_past=3) == 4 * (4 + 5)
+    assert F.causal_attention(dims, 3, from_position=1) == 4 * (2 + 3)
