@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from mysproj.config.fields import add_arguments, load_config
 from mysproj.errors import EXIT_BAD_INPUT, BadInput

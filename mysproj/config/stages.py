@@ -63,7 +63,8 @@ class ModelInitConfig:
                       "clip-vit-l-14-336)", choices=("tiny", "llava-1.5-7b", "clip-tiny", "clip-vit-l-14-336"))
     out: str = opt(help="output folder URI")
     seed: int = opt(0, help="seed for the random weights", min=0)
-    dtype: str = opt("float32", help="weight dtype written", choices=("float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", help="weight dtype written; auto = bfloat16 for llava-1.5-7b (as released), float32 "
+                     "otherwise", choices=("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass(kw_only=True)
@@ -75,7 +76,8 @@ class FinetuneConfig:
     conv: str = opt("v1", help="conversation format: llava_v1 with the prompt (paper) or plain (seed "
                     "pretrain.sh, prompt dropped)", choices=("v1", "plain"))
     global_batch: int | None = opt(None, help="global batch; default 64 projector, 32 full/lora", min=1)
-    per_device_batch: int | None = opt(None, help="micro-batch per device; default min(global, 16)", min=1)
+    per_device_batch: int | None = opt(None, help="micro-batch per device; default: the largest divisor of "
+                                       "global_batch / processes up to 16", min=1)
     lr: float | None = opt(None, help="learning rate; default 1e-3 projector, 2e-5 full, 2e-4 lora",
                            min=0.0, max=1.0)
     projector_lr: float | None = opt(None, help="projector lr for lora (default 2e-5)", min=0.0, max=1.0)
@@ -90,7 +92,7 @@ class FinetuneConfig:
                          choices=("auto", "none", "zero2", "zero3", "zero3-offload"))
     max_grad_norm: float = opt(1.0, help="gradient clipping (HF Trainer default, which the seed scripts keep); "
                                "0 = off", min=0.0)
-    gradient_checkpointing: bool = opt(True, help="activation checkpointing in the LLM (full/lora)")
+    gradient_checkpointing: bool = opt(True, help="activation checkpointing in the LLM (as the seed scripts)")
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
@@ -100,6 +102,8 @@ class FinetuneConfig:
     checkpoint_every: int = opt(200, help="checkpoint every N optimizer steps (and at the end)", min=1,
                                 hashed=False)
     keep_checkpoints: int = opt(2, help="checkpoints kept", min=1, hashed=False)
+    save_checkpoints: bool = opt(True, help="write resumable checkpoints; off for benchmarks (a 7B full-model "
+                                 "checkpoint holds ~100 GB of fp32 weights and optimizer state)", hashed=False)
     log_every: int = opt(10, help="log a progress line every N steps", min=1, hashed=False)
     workers: int = opt(2, help="dataloader workers", min=0, hashed=False)
 
@@ -113,6 +117,8 @@ class MergeConfig:
 
 @dataclass(kw_only=True)
 class EvalClipConfig:
+    """CLIP zero-shot classification of a prepared split (Table 1's CLIP row)."""
+
     model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout) or a model-init output")
     data: str = opt(help="prep output URI")
     out: str = opt(help="output folder URI")
@@ -126,6 +132,8 @@ class EvalClipConfig:
 
 @dataclass(kw_only=True)
 class EvalLlavaConfig:
+    """LLaVA-1.5 classification of a prepared split with the training prompt (generate + parse, or scoring)."""
+
     model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)")
     data: str = opt(help="prep output URI")
     out: str = opt(help="output folder URI")
@@ -145,6 +153,8 @@ class EvalLlavaConfig:
 
 @dataclass(kw_only=True)
 class ProbeConfig:
+    """Pre/post-projection feature probes: the paper's MLPs on vision-tower and projector features."""
+
     model: str = opt(help="LLaVA model URI whose vision tower and projector give the features")
     data: str = opt(help="prep output URI")
     out: str = opt(help="output folder URI")
@@ -167,6 +177,8 @@ class ProbeConfig:
 
 @dataclass(kw_only=True)
 class ReportConfig:
+    """report.md (the paper's Tables 1-3 beside ours), results.parquet and plots from finished runs."""
+
     runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list)
     out: str = opt(help="output folder URI")
 

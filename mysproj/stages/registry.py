@@ -4,7 +4,8 @@ job entrypoints and the controller can parse configs without importing torch."""
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mysproj.config import stages as C
 

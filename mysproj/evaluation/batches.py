@@ -1,0 +1,81 @@
+"""Image batches for the evals and the probe: decoding (and a per-image transform) in DataLoader workers,
+the model step in the main process; never one image at a time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+
+def device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        return "cuda"
+    return "cpu"
+
+
+class SampleImages:
+    """Dataset of (transform(image), index) for `samples` of a PreparedData."""
+
+    def __init__(self, data, samples, transform: Callable | None = None):
+        self.data, self.samples, self.transform = data, samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img = self.data.open_image(self.samples[i])
+        return (self.transform(img) if self.transform else img), i
+
+
+def _collate(batch):
+    return [x for x, _ in batch], [i for _, i in batch]
+
+
+def image_batches(data, samples, transform: Callable | None, batch_size: int, workers: int):
+    """Yield (list of transformed images, list of sample indices) in sample order."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    workers = min(workers, os.cpu_count() or 1)
+    loader = DataLoader(SampleImages(data, samples, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate, persistent_workers=False,
+                        prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available())
+    yield from loader
+
+
+def write_predictions(out, rows: list[dict], name: str = "predictions.parquet") -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    out.write_bytes(name, buf.getvalue())
+
+
+class Throughput:
+    """images/s over the whole loop and after the first batch (worker start-up and CUDA warm-up excluded)."""
+
+    def __init__(self):
+        import time
+
+        self._clock = time.monotonic
+        self.t0 = self._clock()
+        self.t_first = None
+        self.n = self.n_first = 0
+
+    def batch_done(self, n: int) -> None:
+        self.n += n
+        if self.t_first is None:
+            self.t_first, self.n_first = self._clock(), self.n
+
+    def summary(self) -> dict:
+        now = self._clock()
+        out = {"images_per_s": round(self.n / max(now - self.t0, 1e-9), 3)}
+        if self.t_first is not None and self.n > self.n_first:
+            out["steady_images_per_s"] = round((self.n - self.n_first) / max(now - self.t_first, 1e-9), 3)
+        return out

@@ -1,0 +1,126 @@
+"""`mysproj eval-llava`: LLaVA-1.5 (zero-shot or fine-tuned) on a prepared split, with the training prompt.
+
+Each test record's human turn (the same prompt as training, class order shuffled per example) is wrapped in the
+`llava_v1` template; images are padded to square with the CLIP mean (LLaVA-1.5 `pad`). Batches are left-padded.
+
+mode `generate` (the paper's protocol): greedy decoding of at most `max_new_tokens`, then the answer parser
+(exact / contained / close match / unparsed, spec §6.5). mode `scoring`: the class whose answer " <label></s>"
+has the highest log-likelihood after the prompt (never unparsed; see `mysproj.evaluation.scoring`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg) -> dict:
+    from mysproj.storage.manifest import run_stage
+
+    return run_stage("eval-llava", cfg, lambda out: _body(cfg, out))
+
+
+def _pixels(img, processor, aspect):
+    from mysproj.models.conversation import pixel_values
+
+    return pixel_values([img], processor, aspect)[0]
+
+
+def dtype_for(precision: str, dev: str):
+    import torch
+
+    if precision == "auto":
+        return torch.float16 if dev == "cuda" else torch.float32  # fp16 as LLaVA's own inference
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def examples(data, split: str, limit: int | None):
+    """(samples, human prompts) in the order of `llava_<split>.json`."""
+    from mysproj.errors import BadInput
+
+    by_image = {s.image: s for s in data.samples(split)}
+    records = data.llava_records(split)[: limit or None]
+    samples, humans = [], []
+    for r in records:
+        s = by_image.get(r["image"])
+        if s is None:
+            raise BadInput(f"{data.uri}: llava_{split}.json names {r['image']}, which samples.parquet does not list; "
+                           f"re-run prep")
+        samples.append(s)
+        humans.append(next(t["value"] for t in r["conversations"] if t["from"] == "human"))
+    if not samples:
+        raise BadInput(f"{data.uri}: split '{split}' has no examples")
+    return samples, humans
+
+
+def _body(cfg, out) -> dict:
+    import torch
+
+    from mysproj.data.prepared import PreparedData
+    from mysproj.evaluation import scoring
+    from mysproj.evaluation.answers import AnswerParser
+    from mysproj.evaluation.batches import Throughput, image_batches, write_predictions
+    from mysproj.evaluation.batches import device as pick_device
+    from mysproj.evaluation.metrics import classification_metrics, short
+    from mysproj.models.conversation import llava_v1_prompt
+    from mysproj.models.loading import load_llava
+    from mysproj.progress import Progress
+
+    data = PreparedData(cfg.data)
+    samples, humans = examples(data, cfg.split, cfg.limit)
+    dev = pick_device()
+    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev))
+    model, tok = loaded.model, loaded.tokenizer
+    image_token, n_image = model.config.image_token_id, model.config.image_seq_length
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    conts = [scoring.continuation_ids(tok, c) for c in data.classes]
+    parser = AnswerParser(data.classes, cfg.close_match)
+    log.info("eval-llava: %d examples, %d classes, mode %s, %s weights on %s", len(samples), len(data.classes),
+             cfg.mode, "random" if loaded.random_weights else "loaded", dev)
+
+    transform = functools.partial(_pixels, processor=loaded.image_processor, aspect=cfg.image_aspect_ratio)
+    rows: list[dict] = []
+    progress = Progress(f"eval-llava {cfg.mode}", len(samples), "images")
+    speed = Throughput()
+    for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
+        pix = torch.stack(pixels).to(dev, model.dtype)
+        batch = scoring.left_pad([scoring.prompt_ids(tok, llava_v1_prompt(humans[i]), image_token, n_image)
+                                  for i in idx], pad_id, dev)
+        if cfg.mode == "generate":
+            answers = generate(model, batch, pix, cfg.max_new_tokens, pad_id, tok)
+            for i, answer in zip(idx, answers):
+                parsed = parser(answer)
+                rows.append(_row(samples[i], parsed.label, answer=answer, how=parsed.how))
+        else:
+            scores, _ = scoring.score_continuations(model, batch, pix, conts)
+            for i, sc in zip(idx, scores.cpu()):
+                rows.append(_row(samples[i], data.classes[int(sc.argmax())], scores=[float(v) for v in sc]))
+        progress.update(len(idx))
+        speed.batch_done(len(idx))
+    metrics = classification_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], data.classes)
+    metrics.update(mode=cfg.mode, model=cfg.model, split=cfg.split, random_weights=loaded.random_weights)
+    out.write_json("metrics.json", metrics)
+    write_predictions(out, rows)
+    log.info("eval-llava: %s", short(metrics))
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "unparsed": metrics["unparsed"],
+            "n": metrics["n"], **speed.summary(), "device": dev}
+
+
+def _row(sample, prediction, **extra) -> dict:
+    return {"image": sample.image, "label": sample.label, "prediction": prediction,
+            "correct": prediction == sample.label, **extra}
+
+
+def generate(model, batch, pixel_values, max_new_tokens: int, pad_id: int, tokenizer) -> list[str]:
+    """Greedy answers (text after the prompt, special tokens dropped) for a left-padded batch."""
+    import torch
+    from transformers import GenerationConfig
+
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        ids = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             pixel_values=pixel_values, generation_config=gen_cfg)
+    return tokenizer.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)

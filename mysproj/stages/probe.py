@@ -1,0 +1,137 @@
+"""`mysproj probe`: how much class information the image features carry before and after the projector
+(the paper's Tables 2 and 3), measured by an independent MLP per feature kind.
+
+Features per image (train and test split), from one pass of LLaVA's vision tower + projector:
+    pre  = mean of the layer `vision_feature_layer` (-2) patch features, i.e. of the tokens the projector consumes
+           (`pre_pooling=cls`: CLIP's pooler output, the post-LayerNorm CLS of the last layer);
+    post = the projector output mean-pooled over all image tokens (the seed's `torch.mean(dim=1)`).
+They are stored in the output (`features/<split>.safetensors` + `features/<split>.parquet`), then
+`mysproj.evaluation.probe_mlp` trains the paper's MLPs and `metrics.json` gets a `pre` and a `post` block.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg) -> dict:
+    from mysproj.storage.manifest import run_stage
+
+    return run_stage("probe", cfg, lambda out: _body(cfg, out))
+
+
+def _pixels(img, processor, aspect):
+    from mysproj.models.conversation import pixel_values
+
+    return pixel_values([img], processor, aspect)[0]
+
+
+def image_features(model, pixel_values, pre_pooling: str = "mean"):
+    """(pre [B, D_vision], post [B, D_text]) float32 features for a batch of images."""
+    import torch
+
+    cfg = model.config
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                       vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        post = torch.stack([f.float().mean(dim=0) for f in out.pooler_output])
+        if pre_pooling == "cls":
+            tower = model.model.vision_tower
+            norm = tower.post_layernorm if hasattr(tower, "post_layernorm") else tower.vision_model.post_layernorm
+            pre = norm(out.hidden_states[-1][:, 0]).float()
+        else:
+            layer = cfg.vision_feature_layer
+            if not isinstance(layer, int):
+                raise ValueError(f"vision_feature_layer {layer!r}: the probe supports a single layer")
+            hidden = out.hidden_states[layer]
+            patches = hidden[:, 1:] if cfg.vision_feature_select_strategy == "default" else hidden
+            pre = patches.float().mean(dim=1)
+    return pre, post
+
+
+def extract(loaded, data, samples, cfg, dev):
+    """{'pre': [N, Dv], 'post': [N, Dt]} float32 CPU tensors in sample order."""
+    import torch
+
+    from mysproj.evaluation.batches import image_batches
+    from mysproj.progress import Progress
+
+    model = loaded.model
+    transform = functools.partial(_pixels, processor=loaded.image_processor, aspect=cfg.image_aspect_ratio)
+    pre, post = [None] * len(samples), [None] * len(samples)
+    progress = Progress("probe features", len(samples), "images")
+    for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
+        p, q = image_features(model, torch.stack(pixels).to(dev, model.dtype), cfg.pre_pooling)
+        for j, i in enumerate(idx):
+            pre[i], post[i] = p[j].cpu(), q[j].cpu()
+        progress.update(len(idx))
+    return {"pre": torch.stack(pre), "post": torch.stack(post)}
+
+
+def _save_features(out, split: str, samples, feats: dict) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import save_file
+
+    labels = torch.tensor([s.label_id for s in samples], dtype=torch.long)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{split}.safetensors")
+        save_file({"pre": feats["pre"].contiguous(), "post": feats["post"].contiguous(), "label_id": labels}, path)
+        out.put_file(path, f"features/{split}.safetensors")
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"row": i, "image": s.image, "label": s.label, "label_id": s.label_id}
+                                         for i, s in enumerate(samples)]), buf)
+    out.write_bytes(f"features/{split}.parquet", buf.getvalue())
+
+
+def _body(cfg, out) -> dict:
+    from mysproj.data.prepared import PreparedData
+    from mysproj.errors import BadInput
+    from mysproj.evaluation import probe_mlp
+    from mysproj.evaluation.batches import device as pick_device
+    from mysproj.evaluation.batches import write_predictions
+    from mysproj.evaluation.metrics import classification_metrics, short
+    from mysproj.models.loading import load_llava
+    from mysproj.stages.eval_llava import dtype_for
+
+    data = PreparedData(cfg.data)
+    splits = {"train": data.samples("train"), "test": data.samples("test")}
+    for name, samples in splits.items():
+        if not samples:
+            raise BadInput(f"{cfg.data}: split '{name}' has no samples; the probe needs both train and test")
+    dev = pick_device()
+    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev))
+    feats = {}
+    for name, samples in splits.items():
+        feats[name] = extract(loaded, data, samples, cfg, dev)
+        _save_features(out, name, samples, feats[name])
+    del loaded
+
+    y_train = [s.label_id for s in splits["train"]]
+    test = splits["test"]
+    metrics: dict = {"protocol": cfg.protocol, "pre_pooling": cfg.pre_pooling, "seed": cfg.seed, "model": cfg.model}
+    preds: dict[str, list] = {}
+    for kind in ("pre", "post"):
+        x_train = feats["train"][kind].numpy()
+        mlp, history = probe_mlp.train_probe(kind, x_train, y_train, len(data.classes), protocol=cfg.protocol,
+                                             seed=cfg.seed, max_epochs=cfg.max_epochs, patience=cfg.patience,
+                                             val_fraction=cfg.val_fraction, device=dev)
+        pred_ids = probe_mlp.predict(mlp, feats["test"][kind].numpy(), device=dev)
+        preds[kind] = [data.classes[int(i)] for i in pred_ids]
+        m = classification_metrics([s.label for s in test], preds[kind], data.classes)
+        m.update(feature_dim=int(x_train.shape[1]), training=history)
+        metrics[kind] = m
+        log.info("probe %s: %s", kind, short(m))
+    out.write_json("metrics.json", metrics)
+    write_predictions(out, [{"image": s.image, "label": s.label, "pre_prediction": preds["pre"][i],
+                             "post_prediction": preds["post"][i]} for i, s in enumerate(test)])
+    return {"pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
+            "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"]}

@@ -1,0 +1,41 @@
+"""`mysproj report --runs URI... --out URI`: report.md, results.parquet and plots from finished evals/probes."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg) -> dict:
+    from mysproj.storage.manifest import run_stage
+
+    return run_stage("report", cfg, lambda out: _body(cfg, out))
+
+
+def _body(cfg, out) -> dict:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mysproj.errors import BadInput
+    from mysproj.report import plots, tables
+    from mysproj.report.gather import gather
+
+    runs = gather(cfg.runs)
+    if not runs:
+        raise BadInput(f"report: no finished eval-clip/eval-llava/probe outputs under {', '.join(cfg.runs)}; "
+                       f"run those stages first")
+    text, table1_rows = tables.render(runs)
+    out.write_text("report.md", text)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(tables.results_rows(runs)), buf)
+    out.write_bytes("results.parquet", buf.getvalue())
+    with tempfile.TemporaryDirectory() as tmp:
+        names = plots.write_all(runs, tmp)
+        out.put_dir(tmp, "plots")
+    log.info("report: %d runs, %d plots -> %s", len(runs), len(names), out.path("report.md"))
+    return {"runs": len(runs), "report": out.path("report.md"), "table1_rows": table1_rows,
+            "random_weights": any(r.provenance.get("random_weights") for r in runs)}

@@ -1,0 +1,151 @@
+"""The report rendered from fixture stage outputs (hand-written metrics files) matches the expected text."""
+
+import json
+import os
+
+import pytest
+
+from mysproj.config.stages import EvalClipConfig, EvalLlavaConfig, ModelInitConfig, PrepConfig, ProbeConfig
+from mysproj.storage.manifest import run_stage
+
+
+def _metrics(acc: float, f1: float, unparsed: int = 0, n: int = 10) -> dict:
+    return {"n": n, "accuracy": acc, "macro_f1": f1, "macro_precision": f1, "macro_recall": acc,
+            "unparsed": unparsed, "labels": ["a", "b"], "per_class": {},
+            "confusion_matrix": [[3, 2, 0], [1, 4, 0]], "confusion_columns": ["a", "b", "<unparsed>"]}
+
+
+def _write(cfg, stage: str, files: dict, summary: dict | None = None) -> None:
+    def body(out):
+        for name, obj in files.items():
+            out.write_json(name, obj)
+        return summary or {}
+    run_stage(stage, cfg, body)
+
+
+@pytest.fixture
+def run_root(tmp_path) -> str:
+    root = str(tmp_path / "runs")
+    j = os.path.join
+    _write(ModelInitConfig(preset="tiny", out=j(root, "models/tiny")), "model-init", {"config.json": {}},
+           {"random_weights": True})
+    _write(ModelInitConfig(preset="clip-tiny", out=j(root, "models/clip-tiny")), "model-init", {"c.json": {}},
+           {"random_weights": True})
+    prep = j(root, "dtd/prep")
+    _write(PrepConfig(dataset="dtd", source="/data/dtd", out=prep), "prep", {"classes.json": {}})
+    base = j(root, "models/tiny")
+    _write(EvalClipConfig(model="/weights/clip-vit-l-14-336", data=prep, out=j(root, "dtd/zero-shot/eval-clip")),
+           "eval-clip", {"metrics.json": _metrics(0.50, 0.46)})
+    _write(EvalLlavaConfig(model=base, data=prep, out=j(root, "dtd/zero-shot/eval-llava")), "eval-llava",
+           {"metrics.json": _metrics(0.20, 0.10, unparsed=3)})
+    for seed, (post, pre, llm) in enumerate([(0.60, 0.70, 0.40), (0.50, 0.72, 0.44)]):
+        _write(ProbeConfig(model=base, data=prep, seed=seed, out=j(root, f"dtd/zero-shot/seed{seed}/probe")),
+               "probe", {"metrics.json": {"pre": _metrics(pre + 0.05, pre), "post": _metrics(0.8, 0.8)}})
+        _write(ProbeConfig(model=base, data=prep, seed=seed, out=j(root, f"dtd/ft-projector/seed{seed}/probe")),
+               "probe", {"metrics.json": {"pre": _metrics(0.7, 0.7), "post": _metrics(post, post)}})
+        _write(EvalLlavaConfig(model=base, data=prep, out=j(root, f"dtd/ft-projector/seed{seed}/eval-llava")),
+               "eval-llava", {"metrics.json": _metrics(llm + 0.01, llm)})
+    return root
+
+
+EXPECTED_TABLE1 = """\
+| Model | dtd F1 | dtd Acc |
+| --- | --- | --- |
+| Random (Uniform) | — (0.0214) | — (0.0218) |
+| CLIP zero-shot | 0.4600 (0.4582) | 0.5000 (0.4984) |
+| LLaVA-1.5 zero-shot | 0.1000 (0.1882) | 0.2000 (0.2138) |
+| LLaVA-1.5 FT-Proj | 0.4200 ± 0.0283 (0.4505) | 0.4300 ± 0.0283 (0.4654) |"""
+
+EXPECTED_TABLE2 = """\
+| Dataset | Setting | Post-proj MLP F1 | Δ vs Original | MLLM F1 | Δ vs Original |
+| --- | --- | --- | --- | --- | --- |
+| dtd | Original | 0.8000 ± 0.0000 (0.6401) | — | 0.1000 (0.1882) | — |
+|  | FT-Proj | 0.5500 ± 0.0707 (0.4736) | -31.25% (-26.01%) | 0.4200 ± 0.0283 (0.4505) | +320.00% (+139.37%) |"""
+
+EXPECTED_TABLE3 = """\
+| Dataset | Pre-proj MLP F1 | Pre-proj MLP Acc |
+| --- | --- | --- |
+| dtd | 0.7100 ± 0.0141 (0.7644) | 0.7600 ± 0.0141 (0.7638) |"""
+
+
+def test_report_tables_match_expected_text(run_root, tmp_path):
+    from mysproj.config.stages import ReportConfig
+    from mysproj.stages import report
+
+    out = str(tmp_path / "report")
+    manifest = report.run(ReportConfig(runs=[run_root], out=out))
+    text = open(os.path.join(out, "report.md")).read()
+    assert EXPECTED_TABLE1 in text
+    assert EXPECTED_TABLE2 in text
+    assert EXPECTED_TABLE3 in text
+    assert manifest["summary"]["table1_rows"] == EXPECTED_TABLE1
+    assert "Random weights" in text  # the LLaVA runs come from a model-init output
+    assert "- `dtd/zero-shot/eval-llava`: 3 of 10 answers unparsed (counted wrong)" in text
+    prov = [ln for ln in text.splitlines() if ln.startswith("- `dtd/ft-projector/seed1/eval-llava`: model")]
+    assert len(prov) == 1 and "random weights preset tiny" in prov[0] and "mode generate" in prov[0]
+    clip_prov = [ln for ln in text.splitlines() if ln.startswith("- `dtd/zero-shot/eval-clip`: model")][0]
+    assert "weights as given" in clip_prov and "dataset dtd" in clip_prov
+
+
+def test_report_outputs_parquet_and_plots(run_root, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("matplotlib")
+    from mysproj.config.stages import ReportConfig
+    from mysproj.stages import report
+
+    out = str(tmp_path / "report")
+    manifest = report.run(ReportConfig(runs=[run_root], out=out))
+    rows = pq.read_table(os.path.join(out, "results.parquet")).to_pylist()
+    # 1 clip + 1 zero-shot llava + 2 ft llava + 4 probes x (pre, post)
+    assert len(rows) == 1 + 1 + 2 + 4 * 2
+    probe_post = [r for r in rows if r["stage"] == "probe" and r["block"] == "post" and r["setting"] == "ft-projector"]
+    assert sorted(r["macro_f1"] for r in probe_post) == [0.5, 0.6]
+    plots = [n for n in manifest["files"] if n.startswith("plots/")]
+    assert {"plots/f1_per_setting.png", "plots/richness.png"} <= set(plots)
+    assert any(n.startswith("plots/confusion_dtd_zero-shot_eval-llava") for n in plots)
+    with open(os.path.join(out, "plots/richness.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_accepts_a_single_stage_output(run_root, tmp_path):
+    from mysproj.config.stages import ReportConfig
+    from mysproj.stages import report
+
+    out = str(tmp_path / "report")
+    report.run(ReportConfig(runs=[os.path.join(run_root, "dtd/zero-shot/eval-clip")], out=out))
+    text = open(os.path.join(out, "report.md")).read()
+    assert "| CLIP zero-shot | 0.4600 (0.4582) | 0.5000 (0.4984) |" in text
+    assert "LLaVA-1.5 zero-shot" not in text
+
+
+def test_report_without_runs_is_bad_input(tmp_path):
+    from mysproj.config.stages import ReportConfig
+    from mysproj.errors import BadInput
+    from mysproj.stages import report
+
+    with pytest.raises(BadInput, match="no finished"):
+        report.run(ReportConfig(runs=[str(tmp_path / "empty")], out=str(tmp_path / "r")))
+
+
+def test_paper_deltas_reproduce_published_columns():
+    from mysproj.report import paper
+    from mysproj.report.tables import delta
+
+    t2 = paper.TABLE2["Agriculture"]
+    assert delta(t2["FT-Proj"][0], t2["Original"][0]) == "-27.49%"
+    assert delta(t2["FT-E2E"][1], t2["Original"][1]) == "+462.41%"
+    assert json.dumps(paper.TABLE3["Textures"]) == "[0.7644, 0.7638]"
+
+
+def test_uniform_random_row_is_chance_level():
+    from mysproj.report.gather import Run
+    from mysproj.report.tables import uniform_random
+
+    labels = [f"c{i}" for i in range(5)]
+    metrics = {"labels": labels, "per_class": {c: {"support": 40} for c in labels}}
+    run = Run(dataset="dtd", setting="zero-shot", seed=None, stage="eval-clip", uri="x", manifest={},
+              metrics=metrics)
+    f1, acc = uniform_random([run], "dtd")
+    assert acc[0] == pytest.approx(0.2, abs=0.02)
+    assert f1[0] == pytest.approx(0.2, abs=0.03)
+    assert uniform_random([run], "plantdoc") == ([], [])
