@@ -1,0 +1,76 @@
+"""Stage `model-init`: a random-weight model of a preset architecture, with a working tokenizer and processor.
+
+LLaVA presets (`tiny`, `llava-1.5-7b`) are built here; CLIP presets are the eval area's `write_random_clip`.
+The 7B model is built directly on the GPU when there is one (CPU init of 7B parameters takes minutes) and
+written as ~5 GB safetensors shards. Nothing is fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+
+from mysproj.storage.manifest import StageOutput, run_stage
+
+log = logging.getLogger(__name__)
+CLIP_PRESETS = ("clip-tiny", "clip-vit-l-14-336")
+
+
+def build_random_llava(preset_name: str, seed: int = 0, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer, image_processor) with random weights; `device=None` picks CUDA when available."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from mysproj.models.presets import PRESETS, image_processor, llava_config
+    from mysproj.models.tokenizer import build_tokenizer
+
+    preset = PRESETS[preset_name]
+    tokenizer = build_tokenizer(preset.tokenizer_vocab)
+    config = llava_config(preset, tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    if device.startswith("cuda"):
+        torch.cuda.manual_seed_all(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    return model.eval(), tokenizer, image_processor(preset.image_size)
+
+
+def run(cfg) -> dict:
+    if cfg.preset in CLIP_PRESETS:
+        from mysproj.models.clip import write_random_clip
+
+        def clip_body(out: StageOutput) -> dict:
+            # write_random_clip reads out.cfg.dtype as a torch dtype name. Resolve "auto" here, not before
+            # run_stage: the manifest's config hash must be that of the requested config, or a re-run never skips.
+            if cfg.dtype == "auto":
+                out.cfg = dataclasses.replace(cfg, dtype="float32")
+            summary = dict(write_random_clip(cfg.preset, out) or {})
+            summary.update(preset=cfg.preset, random_weights=True)
+            return summary
+
+        return run_stage("model-init", cfg, clip_body)
+
+    def body(out: StageOutput) -> dict:
+        from mysproj.models.saving import save_hf_model
+
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cfg.preset == "llava-1.5-7b" else "float32")
+        model, tokenizer, processor = build_random_llava(cfg.preset, cfg.seed, dtype)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model-init: %s, %.1fM parameters (random), writing %s", cfg.preset, n_params / 1e6, out.uri)
+        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        del model
+        with tempfile.TemporaryDirectory(prefix="mysproj-init-") as tmp:
+            save_hf_model(state, _config_of(cfg.preset, tokenizer), tokenizer, processor, tmp)
+            out.put_dir(tmp)
+        return {"preset": cfg.preset, "random_weights": True, "parameters": n_params, "dtype": dtype,
+                "layout": "hf"}
+
+    return run_stage("model-init", cfg, body)
+
+
+def _config_of(preset_name: str, tokenizer):
+    from mysproj.models.presets import PRESETS, llava_config
+
+    return llava_config(PRESETS[preset_name], tokenizer)

@@ -1,0 +1,302 @@
+"""Load a LLaVA-1.5 model from a path or URI, in either layout, as `LlavaForConditionalGeneration`.
+
+Accepted: an HF-layout folder (llava-hf/llava-1.5-7b-hf), an original LLaVA folder (liuhaotian/llava-v1.5-7b:
+`LlavaLlamaForCausalLM` config with `mm_*` keys; the CLIP tower in a separate folder given by `vision_tower=`,
+or by the config's `mm_vision_tower` when that names an existing path, absolute or relative to the model folder),
+and stage outputs (`model-init`, `merge`, `finetune` full/lora) whose model files sit next to `_SUCCESS.json`.
+Weights are read only from safetensors or with `torch.load(weights_only=True)`; no remote code, no hub.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mysproj.errors import BadInput
+from mysproj.storage import cache
+from mysproj.storage import uri as U
+from mysproj.storage.manifest import MANIFEST, StageInput, read_manifest
+
+log = logging.getLogger(__name__)
+MODEL_STAGES = ("model-init", "merge", "finetune")
+
+
+@dataclass
+class LoadedLlava:
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    random_weights: bool
+    source: str
+    layout: str = "hf"
+
+
+def materialize(uri: str) -> tuple[str, dict]:
+    """(local folder with the model files, manifest summary or {}). Stage outputs: only root-level files,
+    each verified against the manifest; plain folders: everything under them."""
+    uri = str(uri).rstrip("/")
+    manifest = read_manifest(uri)
+    if manifest is not None:
+        inp = StageInput(uri, expect_stage=MODEL_STAGES)
+        summary = inp.manifest.get("summary", {})
+        if inp.manifest["stage"] == "finetune" and summary.get("strategy") == "projector":
+            raise BadInput(f"{uri} is a projector-only fine-tune (no full model): merge it into its base first "
+                           f"with `mysproj merge --base BASE --projector {uri} --out URI`")
+        names = sorted(n for n in inp.files if "/" not in n and n != MANIFEST)
+        if "config.json" not in names:
+            raise BadInput(f"{uri}: its {inp.manifest['stage']} output holds no model (no config.json); "
+                           f"a CLIP preset? LLaVA stages need a LLaVA model")
+        if U.is_local(uri):
+            for n in names:
+                inp.local_path(n)
+            return U.local_path(uri), summary
+        return _link_dir({n: inp.local_path(n) for n in names}, inp.files), summary
+    if U.is_local(uri):
+        path = U.local_path(uri)
+        if not os.path.isdir(path):
+            raise BadInput(f"{uri}: no such model folder")
+        return path, {}
+    files = U.list_files(uri)
+    if not files:
+        raise BadInput(f"{uri}: no such model folder (nothing stored under it)")
+    return _link_dir({n: cache.fetch(U.join(uri, n)) for n in files}, None), {}
+
+
+def _link_dir(local_files: dict[str, str], entries: dict | None) -> str:
+    key = hashlib.sha256(json.dumps(sorted(local_files.items())).encode()).hexdigest()[:32]
+    target = os.path.join(cache.cache_dir(), "models", key)
+    for name, src in local_files.items():
+        dest = os.path.join(target, name)
+        if not os.path.exists(dest):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                os.link(src, dest)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(src, dest)
+    return target
+
+
+def _read_config(folder: str, what: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise BadInput(f"{what}: no config.json; expected an HF-layout or original LLaVA model folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_original_layout(config: dict) -> bool:
+    archs = config.get("architectures") or []
+    return "mm_projector_type" in config or "mm_vision_tower" in config or any("LlavaLlama" in a for a in archs) \
+        or config.get("model_type") in ("llava_llama", "llava_mistral")
+
+
+def read_weights(folder: str, what: str) -> dict:
+    """Every tensor in a folder's safetensors files, else its `pytorch_model*.bin` (weights_only)."""
+    import torch
+    from safetensors.torch import load_file
+
+    st = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if st:
+        out = {}
+        for f in st:
+            out.update(load_file(f))
+        return out
+    bins = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")) + glob.glob(os.path.join(folder, "model*.bin")))
+    if not bins:
+        raise BadInput(f"{what}: no model weights (*.safetensors or pytorch_model*.bin)")
+    out = {}
+    for f in bins:
+        out.update(torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+def _has_weights(folder: str) -> bool:
+    return bool(glob.glob(os.path.join(folder, "*.safetensors")) or glob.glob(os.path.join(folder, "*.bin")))
+
+
+def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str | None = None) -> LoadedLlava:
+    """The model (eval mode, on `device`, in `dtype` or the stored dtype), tokenizer and image processor."""
+    import torch
+
+    folder, summary = materialize(uri)
+    config = _read_config(folder, uri)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if is_original_layout(config):
+        model, tokenizer, processor = load_original(folder, config, vision_tower, uri)
+        if dtype is not None and dtype != "auto":
+            model = model.to(dtype)
+        layout = "original"
+    else:
+        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+        if not _has_weights(folder):
+            raise BadInput(f"{uri}: no model weights (*.safetensors or pytorch_model*.bin) next to config.json")
+        if config.get("model_type") != "llava":
+            raise BadInput(f"{uri}: config.json model_type is '{config.get('model_type')}', not a LLaVA model")
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or "auto", local_files_only=True,
+                                                              trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        layout = "hf"
+    model = model.to(device).eval()
+    return LoadedLlava(model, tokenizer, processor, bool(summary.get("random_weights", False)), str(uri), layout)
+
+
+def _find_vision_tower(folder: str, config: dict, vision_tower: str | None, what: str) -> str:
+    if vision_tower:
+        local, _ = materialize(vision_tower)
+        return local
+    name = config.get("mm_vision_tower") or config.get("vision_tower") or ""
+    for cand in (name, os.path.join(folder, name), os.path.join(folder, "vision_tower")):
+        if cand and os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
+            return cand
+    raise BadInput(f"{what}: original LLaVA layout needs its CLIP vision tower ('{name}'): pass its folder "
+                   f"(e.g. a local copy of openai/clip-vit-large-patch14-336) as the vision tower")
+
+
+def _vision_config(tower_dir: str):
+    from transformers import CLIPVisionConfig
+
+    cfg = _read_config(tower_dir, tower_dir)
+    cfg = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
+    keep = {k: v for k, v in cfg.items() if k in CLIPVisionConfig().to_dict() and k not in ("model_type",)}
+    return CLIPVisionConfig(**keep)
+
+
+def _text_config(config: dict):
+    from transformers import LlamaConfig
+
+    known = LlamaConfig().to_dict()
+    skip = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
+    keep = {k: v for k, v in config.items() if k in known and k not in skip}
+    keep["tie_word_embeddings"] = False
+    return LlamaConfig(**keep)
+
+
+def load_original(folder: str, config: dict, vision_tower: str | None, what: str):
+    """Convert an original LLaVA folder exactly as transformers' `convert_llava_weights_to_hf.py` does."""
+    import torch
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    from mysproj.models import conversion
+    from mysproj.models.presets import image_processor as default_processor
+    from mysproj.models.presets import pad_vocab
+    from mysproj.models.tokenizer import IMAGE_TOKEN, ensure_llava_tokens
+
+    if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+        raise BadInput(f"{what}: mm_projector_type '{config['mm_projector_type']}' is not LLaVA-1.5's mlp2x_gelu")
+    tower_dir = _find_vision_tower(folder, config, vision_tower, what)
+    state = read_weights(folder, what)
+    if not any(k.startswith("model.vision_tower.vision_tower.") for k in state):
+        state.update(conversion.clip_vision_to_original(read_weights(tower_dir, tower_dir)))
+    state = conversion.original_to_hf(state)
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    ensure_llava_tokens(tokenizer)
+    text = _text_config(config)
+    old_rows = state["model.language_model.embed_tokens.weight"].shape[0]
+    text.vocab_size = old_rows
+    if text.pad_token_id is not None and text.pad_token_id >= old_rows:
+        text.pad_token_id = None  # the stored ids refer to the vocabulary after the <image>/<pad> extension
+    vision = _vision_config(tower_dir)
+    llava_cfg = LlavaConfig(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2, projector_hidden_act="gelu",
+        vision_feature_layer=config.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default" if config.get("mm_vision_select_feature", "patch") == "patch"
+        else "full",
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava_cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise BadInput(f"{what}: weights do not match the LLaVA-1.5 architecture in its config: "
+                       f"{str(e).splitlines()[0]}") from None
+    _tie_buffers(model)
+    if len(tokenizer) > old_rows:
+        _add_token_rows(model, pad_vocab(len(tokenizer)))
+    proc_file = os.path.join(tower_dir, "preprocessor_config.json")
+    processor = CLIPImageProcessor.from_pretrained(tower_dir) if os.path.exists(proc_file) \
+        else default_processor(vision.image_size)
+    return model, tokenizer, processor
+
+
+def _tie_buffers(model) -> None:
+    """Non-persistent buffers (rotary inv_freq, CLIP position ids) are not in checkpoints: take them from a fresh
+    instance of the owning module (built from its config on the CPU)."""
+    for module in model.modules():
+        meta = [b for b, buf in module.named_buffers(recurse=False) if buf.device.type == "meta"]
+        if not meta:
+            continue
+        fresh = type(module)(module.config)
+        for bname in meta:
+            module.register_buffer(bname, getattr(fresh, bname), persistent=False)
+
+
+def _add_token_rows(model, rows: int) -> None:
+    """Resize to `rows` and sample the new rows from N(mean, 1e-5 * cov) of the old embeddings, as transformers'
+    LLaVA conversion does (seeded, so a conversion is reproducible)."""
+    import torch
+
+    emb = model.get_input_embeddings().weight.data
+    n = emb.shape[0]
+    mu = emb.float().mean(0)
+    centred = emb.float() - mu
+    sigma = centred.T @ centred / n
+    dist = torch.distributions.multivariate_normal.MultivariateNormal(mu, covariance_matrix=1e-5 * sigma)
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        new_in = torch.stack([dist.sample() for _ in range(rows - n)])
+        new_out = torch.stack([dist.sample() for _ in range(rows - n)])
+    model.get_input_embeddings().weight.data[n:] = new_in.to(emb.dtype)
+    model.get_output_embeddings().weight.data[n:] = new_out.to(emb.dtype)
+
+
+def original_config(hf_config) -> dict:
+    """An original-layout `config.json` (LlavaLlamaForCausalLM) for an HF LlavaConfig."""
+    text = hf_config.text_config.to_dict()
+    for k in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type", "_name_or_path"):
+        text.pop(k, None)
+    return {**text, "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+            "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": hf_config.vision_config.hidden_size,
+            "mm_vision_select_layer": hf_config.vision_feature_layer,
+            "mm_vision_select_feature":
+                "patch" if hf_config.vision_feature_select_strategy == "default" else "cls_patch",
+            "mm_vision_tower": "vision_tower", "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False, "mm_patch_merge_type": "flat", "freeze_mm_mlp_adapter": False,
+            "tune_mm_mlp_adapter": False, "use_mm_proj": True}
+
+
+def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_dir: str) -> None:
+    """Write an HF-layout state dict in the original LLaVA layout: the LLaVA folder (config, tokenizer,
+    `model.safetensors`, `mm_projector.bin`) and its CLIP tower in `vision_tower/`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mysproj.models import conversion
+
+    main, tower = conversion.split_original(conversion.hf_to_original(state_dict))
+    os.makedirs(os.path.join(out_dir, "vision_tower"), exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(original_config(hf_config), f, indent=2)
+    save_file({k: v.contiguous() for k, v in main.items()}, os.path.join(out_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    torch.save({k: v for k, v in main.items() if "mm_projector" in k}, os.path.join(out_dir, "mm_projector.bin"))
+    tokenizer.save_pretrained(out_dir)
+    vision = hf_config.vision_config.to_dict()
+    vision["architectures"] = ["CLIPVisionModel"]
+    with open(os.path.join(out_dir, "vision_tower", "config.json"), "w") as f:
+        json.dump(vision, f, indent=2)
+    save_file({k: v.contiguous() for k, v in tower.items()},
+              os.path.join(out_dir, "vision_tower", "model.safetensors"), metadata={"format": "pt"})
+    image_processor.save_pretrained(os.path.join(out_dir, "vision_tower"))

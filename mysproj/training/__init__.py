@@ -1,0 +1,1 @@
+"""Fine-tuning: data order and batches, what trains per strategy, the accelerate/DeepSpeed loop, checkpoints."""

@@ -1,0 +1,49 @@
+"""Fine-tune and merge with every input and output in S3 (SeaweedFS): checkpoints, resume and the model files."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from _models_fixtures import stage  # noqa: E402
+
+pytestmark = pytest.mark.s3
+
+
+def _steps(uri):
+    from mysproj.storage import list_files
+
+    return {p.split("/")[0] for p in list_files(uri)}
+
+
+def test_finetune_resume_and_merge_on_s3(s3_env, tmp_path, monkeypatch):
+    from mysproj.storage import read_text
+    from mysproj.training import checkpoint
+
+    root = f"{s3_env.create_bucket('ftruns')}/{tmp_path.name}"
+    prep, base = f"{root}/textures-mini/prep", f"{root}/models/tiny"
+    stage("prep", dataset="textures-mini", out=prep, max_per_class=2, workers=1)
+    stage("model-init", preset="tiny", out=base)
+    ft = f"{root}/textures-mini/ft-projector/seed0/finetune"
+    fields = dict(model=base, data=prep, out=ft, strategy="projector", global_batch=2, max_steps=3,
+                  checkpoint_every=1, keep_checkpoints=1, workers=0, log_every=1)
+    real_save = checkpoint.save
+
+    def save_then_die(ctx, step, state):
+        real_save(ctx, step, state)
+        if step == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stage("finetune", **fields)
+    assert _steps(f"{ft}/checkpoints") == {"step-1", "step-2"}  # killed before pruning step-1
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    m = stage("finetune", **fields)
+    assert m["summary"]["resumed_from"] == 2
+    assert _steps(f"{ft}/checkpoints") == {"step-3"}  # keep_checkpoints=1, pruned in the bucket
+    assert [json.loads(x)["step"] for x in read_text(f"{ft}/metrics.jsonl").splitlines()] == [1, 2, 3]
+    merged = stage("merge", base=base, projector=ft, out=f"{root}/textures-mini/ft-projector/seed0/merge")
+    assert merged["summary"]["random_weights"] is True and "model.safetensors" in merged["files"]
