@@ -10,7 +10,7 @@ export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 K8S_CACHE ?= /var/cache/mysproj-k8s
 export K8S_CACHE
 
-.PHONY: venv tools demo test test-unit lint images clean
+.PHONY: venv tools scan-tools demo test test-unit lint images reproduce clean
 
 $(BIN)/.stamp: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,15 @@ venv: $(BIN)/.stamp
 tools: venv
 	bash k8s/tools/install.sh
 
+# checkov in its own venv: its pins (boto3 1.35, networkx < 2.7, packaging < 24) conflict with the runtime stack.
+$(TOOLS)/checkov: requirements-scan.txt
+	test -x .tools/checkov/bin/python || $(PY) -m venv .tools/checkov
+	.tools/checkov/bin/pip install -q -r requirements-scan.txt
+	mkdir -p $(TOOLS) && ln -sf $(CURDIR)/.tools/checkov/bin/checkov $(TOOLS)/checkov
+	touch $@
+
+scan-tools: $(TOOLS)/checkov
+
 lint: venv
 	$(BIN)/ruff check mysproj jobs tests
 
@@ -35,11 +44,22 @@ demo: venv
 test-unit: venv
 	$(BIN)/python -m pytest -q -m "not s3 and not kube"
 
-test: venv tools lint
+test: venv tools scan-tools lint
 	$(BIN)/python -m pytest -q -rs
 
 images:
 	bash images/build.sh
+
+# One reproduction against the current kube context (KUBECONFIG): a fresh release of the chart with the dataset's
+# values, wait, fetch the report, compare Table 1 with the paper; the exit code says whether it matched.
+#   make reproduce DATASET=dtd [SEEDS=0,1] [VALUES=file] [SET="key=value ..."] [NAMESPACE=ns] [RELEASE=name]
+#                  [OUT=dir] [TIMEOUT=seconds] [INTERVAL=seconds between status polls]
+reproduce: venv tools
+	@test -n "$(DATASET)" || { echo "make reproduce: set DATASET (e.g. DATASET=dtd)" >&2; exit 64; }
+	$(BIN)/mysproj reproduce --dataset "$(DATASET)" $(if $(SEEDS),--seeds "$(SEEDS)") \
+		$(if $(VALUES),--values "$(VALUES)") $(foreach s,$(SET),--set "$(s)") \
+		$(if $(NAMESPACE),--namespace "$(NAMESPACE)") $(if $(RELEASE),--release "$(RELEASE)") \
+		$(if $(OUT),--out "$(OUT)") $(if $(TIMEOUT),--timeout "$(TIMEOUT)") $(if $(INTERVAL),--interval "$(INTERVAL)")
 
 clean:
 	rm -rf $(VENV) .tools runs .pytest_cache

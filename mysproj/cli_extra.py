@@ -7,7 +7,8 @@ import importlib
 
 COMMAND_MODULES = (
     "mysproj.pipeline.command",   # mysproj run
-    "mysproj.kube.command",       # mysproj status / logs / reproduce
+    "mysproj.kube.command",       # mysproj status / logs
+    "mysproj.kube.reproduce",     # mysproj reproduce
     "mysproj.bench.command",      # mysproj bench
     "mysproj.stages.ask",         # mysproj ask
 )

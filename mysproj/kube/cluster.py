@@ -1,0 +1,102 @@
+"""The few Kubernetes API calls the controller and `mysproj status` make, as plain dicts.
+
+Everything above this module sees JSON-shaped dicts (what `kubectl get -o json` prints), so the controller logic
+is tested against an in-memory fake with the same methods, and against the real API server end to end.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mysproj.errors import BadInput
+
+
+class Cluster:
+    """Namespace-scoped access through the official client: in-cluster credentials inside a pod, else
+    $KUBECONFIG / ~/.kube/config (for `mysproj status` on a laptop)."""
+
+    def __init__(self, namespace: str | None = None, context: str | None = None):
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+            in_cluster_ns = _read(_SA_NAMESPACE)
+        except config.ConfigException:
+            try:
+                config.load_kube_config(context=context)
+            except (config.ConfigException, FileNotFoundError, TypeError) as e:
+                raise BadInput(f"no Kubernetes credentials: not in a pod and no kubeconfig ({e}); "
+                               "set KUBECONFIG") from None
+            in_cluster_ns = None
+            if namespace is None:
+                try:
+                    _, active = config.list_kube_config_contexts()
+                    namespace = (active or {}).get("context", {}).get("namespace")
+                except (config.ConfigException, FileNotFoundError):
+                    pass
+        self.namespace = namespace or in_cluster_ns or "default"
+        self._client = client
+        self.api = client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+
+    def _plain(self, obj) -> dict:
+        return self.api.sanitize_for_serialization(obj)
+
+    def read_configmap(self, name: str) -> dict:
+        return self._plain(self.core.read_namespaced_config_map(name, self.namespace))
+
+    def list_configmaps(self, selector: str) -> list[dict]:
+        return self._plain(self.core.list_namespaced_config_map(self.namespace, label_selector=selector))["items"]
+
+    def read_job(self, name: str) -> dict:
+        return self._plain(self.batch.read_namespaced_job(name, self.namespace))
+
+    def list_jobs(self, selector: str) -> list[dict]:
+        return self._plain(self.batch.list_namespaced_job(self.namespace, label_selector=selector))["items"]
+
+    def list_pods(self, selector: str) -> list[dict]:
+        return self._plain(self.core.list_namespaced_pod(self.namespace, label_selector=selector))["items"]
+
+    def create_job(self, body: dict) -> bool:
+        """Create the Job; False if one of that name exists already (a restarted controller re-creating it)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.batch.create_namespaced_job(self.namespace, body)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            if e.status == 422:
+                raise BadInput(f"the API server rejected Job {body['metadata']['name']}: {e.body}") from None
+            raise
+
+    def stop_job(self, name: str, annotations: dict[str, str]) -> None:
+        """Stop a Job from starting more pods (parallelism 0) and record why, without deleting its history."""
+        body = {"metadata": {"annotations": annotations}, "spec": {"parallelism": 0}}
+        self.batch.patch_namespaced_job(name, self.namespace, body)
+
+    def end_job(self, name: str, annotations: dict[str, str]) -> None:
+        """Fail a Job now, whatever its backoffLimit: a deadline already past makes the Job controller mark it Failed
+        (servers without podFailurePolicy would otherwise restart a controller that exits 64, with backoff)."""
+        body = {"metadata": {"annotations": annotations}, "spec": {"activeDeadlineSeconds": 1}}
+        self.batch.patch_namespaced_job(name, self.namespace, body)
+
+    def pod_log(self, pod: str, tail_lines: int | None = None) -> str:
+        return self.core.read_namespaced_pod_log(pod, self.namespace, tail_lines=tail_lines)
+
+
+_SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def env_namespace() -> str | None:
+    return os.environ.get("MYSPROJ_NAMESPACE") or None

@@ -1,0 +1,214 @@
+"""From a DAG node to a stage Job, and from a Job (and its pods) back to a stage state.
+
+The chart renders one Job template per pod kind (cpu, gpu, finetune) into the release's ConfigMap; this module
+fills in what only the DAG knows: a deterministic name, the owner, the stage labels, the entry point and the
+stage config as `MYSPROJ_<FIELD>` env vars (the stage dataclass's field names: the single source).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Any
+
+from mysproj.config.fields import config_hash, env_name
+from mysproj.errors import EXIT_BAD_INPUT
+from mysproj.pipeline.dag import Node
+
+MAX_JOB_NAME = 52  # pods get "<job>-<5 chars>"; hostnames and the `job-name` label stay within 63
+LABEL_RUN = "mysproj.io/run"
+LABEL_STAGE = "mysproj.io/stage"
+LABEL_GPU = "mysproj.io/gpu"
+LABEL_RANK = "mysproj.io/rank"
+ANN_NODE = "mysproj.io/node"
+ANN_HASH = "mysproj.io/config-hash"
+ANN_FAILURE = "mysproj.io/failure"
+FAILURE_RECORD = "_FAILURE.json"  # written by jobs/ next to the stage output when a stage fails
+
+
+def entry_point(stage: str) -> str:
+    return f"jobs/{stage.replace('-', '_')}.py"
+
+
+def template_kind(node: Node) -> str:
+    """finetune (torchrun layout), gpu (the GPU image and pool) or cpu (the slim image: prep, report). model-init
+    needs torch, which only the GPU image has, so it runs there even for the small presets."""
+    if node.stage == "finetune":
+        return "finetune"
+    return "gpu" if node.gpu or node.stage == "model-init" else "cpu"
+
+
+def job_names(fullname: str, node: Node, cfg: Any, nodes_per_finetune: int = 1) -> list[str]:
+    """One name per pod group: `<prefix>-<node slug>-<hash>[-r<rank>]`. The hash covers the run, the node and its
+    config, so a changed config gets a new Job rather than the finished one of an older install."""
+    # The full release name is hashed too: the visible prefix is cut short, and runs share a namespace.
+    digest = hashlib.sha256(f"{fullname}\0{node.name}\0{config_hash(cfg)}".encode()).hexdigest()[:8]
+    ranks = range(nodes_per_finetune) if node.stage == "finetune" and nodes_per_finetune > 1 else [None]
+    names = []
+    for rank in ranks:
+        suffix = f"-{digest}" + (f"-r{rank}" if rank is not None else "")
+        prefix = _dns(fullname)[:16].rstrip("-")
+        room = MAX_JOB_NAME - len(prefix) - len(suffix) - 1
+        slug = node.name
+        for long, short in _SHORT:
+            slug = slug.replace(long, short)
+        slug = _dns(slug)
+        # Keep the end of the slug (".../seed0/finetune") where it is most telling.
+        slug = slug[-room:].lstrip("-") if len(slug) > room else slug
+        names.append(f"{prefix}-{slug}{suffix}")
+    return names
+
+
+_SHORT = (("zero-shot", "zs"), ("ft-projector", "proj"), ("ft-full", "full"), ("ft-lora", "lora"),
+          ("textures-mini", "texmini"), ("/seed", "/s"))
+
+
+def _dns(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+def env_value(value: Any) -> str:
+    """Encode a config value the way `load_config` decodes `MYSPROJ_<FIELD>`."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(env_value(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def config_env(cfg: Any) -> list[dict]:
+    return [{"name": env_name(f.name), "value": env_value(getattr(cfg, f.name))} for f in dataclasses.fields(cfg)]
+
+
+def stage_job(template: dict, *, name: str, node: Node, cfg: Any, owner: dict | None, gpu: bool,
+              rank: int | None = None, nnodes: int = 1, master: str | None = None) -> dict:
+    job = copy.deepcopy(template)
+    meta = job.setdefault("metadata", {})
+    meta["name"] = name
+    stage_labels = {LABEL_STAGE: node.stage, LABEL_GPU: str(gpu).lower()}
+    if rank is not None:
+        stage_labels[LABEL_RANK] = str(rank)
+    meta.setdefault("labels", {}).update(stage_labels)
+    meta.setdefault("annotations", {}).update({ANN_NODE: node.name, ANN_HASH: config_hash(cfg)})
+    if owner:
+        meta["ownerReferences"] = [owner]
+    pod = job["spec"]["template"]
+    pod.setdefault("metadata", {}).setdefault("labels", {}).update(stage_labels)
+    pod["metadata"].setdefault("annotations", {})[ANN_NODE] = node.name
+    container = pod["spec"]["containers"][0]
+    container["args"] = [entry_point(node.stage)]
+    env = container.setdefault("env", [])
+    env.extend(config_env(cfg))
+    env.extend([{"name": "MYSPROJ_JOB_NAME", "value": name}, {"name": "MYSPROJ_NODE", "value": node.name}])
+    if rank is not None:
+        # Rank 0's pod is reachable as <hostname>.<headless service>; the others wait for that name to resolve.
+        pod["spec"]["hostname"] = name
+        if master:
+            pod["spec"]["subdomain"] = master.split(".", 1)[1].split(".", 1)[0]
+        env.extend([{"name": "NNODES", "value": str(nnodes)}, {"name": "NODE_RANK", "value": str(rank)},
+                    {"name": "MASTER_ADDR", "value": master or "localhost"}])
+    return job
+
+
+def owner_reference(job: dict) -> dict:
+    """Every stage Job is owned by the controller Job, so deleting the release deletes them (garbage collector)."""
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+            "uid": job["metadata"]["uid"], "blockOwnerDeletion": True}
+
+
+# -- state ------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class JobState:
+    state: str                 # waiting | pending | running | complete | reused | failed
+    reason: str = ""           # why it failed (or the last retryable failure while it is still retrying)
+    final: bool = False        # a failure retrying cannot fix
+    start: str | None = None
+    end: str | None = None
+    attempts: int = 0
+
+
+def _condition(job: dict, kind: str) -> dict | None:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return c
+    return None
+
+
+def terminated_exit_codes(pod: dict) -> list[int]:
+    codes = []
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if term and term.get("exitCode") is not None:
+            codes.append(int(term["exitCode"]))
+    return codes
+
+
+def _termination_message(pod: dict) -> str:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or {}
+        msg = (term.get("message") or "").strip()
+        if msg:
+            return msg.splitlines()[-1]
+    return ""
+
+
+def classify(job: dict, pods: list[dict], failure_record: dict | None = None) -> JobState:
+    """State of one stage Job. Exit code 64 (bad input) is final even where the server ignores podFailurePolicy
+    (1.20): the controller reads it from the pods or, where the node reports no exit code, from the failure record
+    the stage's entry point wrote for this very Job."""
+    status = job.get("status") or {}
+    st = JobState("pending", start=status.get("startTime"), end=status.get("completionTime"),
+                  attempts=int(status.get("failed") or 0) + int(status.get("succeeded") or 0)
+                  + int(status.get("active") or 0))
+    name = job["metadata"]["name"]
+    record = failure_record if failure_record and failure_record.get("job") == name else None
+    annotated = ((job.get("metadata") or {}).get("annotations") or {}).get(ANN_FAILURE)
+    if _condition(job, "Complete") or int(status.get("succeeded") or 0) > 0:
+        st.state = "complete"
+        return st
+    failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    bad_input = any(EXIT_BAD_INPUT in terminated_exit_codes(p) for p in failed_pods)
+    if not bad_input and record and record.get("exit_code") == EXIT_BAD_INPUT and failed_pods:
+        bad_input = True
+    reason = (record or {}).get("error") or next((m for m in map(_termination_message, failed_pods) if m), "")
+    failed_cond = _condition(job, "Failed")
+    if annotated or bad_input or failed_cond:
+        st.state, st.final = "failed", True
+        st.end = st.end or (failed_cond or {}).get("lastTransitionTime")
+        if annotated:
+            st.reason = annotated
+        elif bad_input:
+            st.reason = f"bad input (exit {EXIT_BAD_INPUT})" + (f": {reason}" if reason else "")
+        else:
+            why = failed_cond.get("message") or failed_cond.get("reason") or "failed"
+            st.reason = f"{why}: {reason}" if reason else why
+        return st
+    if int(status.get("active") or 0) > 0:
+        st.state = "running"
+    if failed_pods:
+        codes = [c for p in failed_pods for c in terminated_exit_codes(p)]
+        st.reason = f"retrying after {len(failed_pods)} failed attempt(s)" + (f" (exit {codes[-1]})" if codes else "")
+    return st
+
+
+def combine(states: list[JobState]) -> JobState:
+    """One node's state from its Jobs (several for multi-node fine-tuning: all ranks must finish)."""
+    if len(states) == 1:
+        return states[0]
+    for s in states:
+        if s.state == "failed":
+            return s
+    if all(s.state == "complete" for s in states):
+        return JobState("complete", start=min(s.start or "~" for s in states),
+                        end=max(s.end or "" for s in states) or None)
+    state = "running" if any(s.state == "running" for s in states) else "pending"
+    return JobState(state, start=min((s.start for s in states if s.start), default=None),
+                    reason="; ".join(s.reason for s in states if s.reason))

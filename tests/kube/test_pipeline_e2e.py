@@ -1,0 +1,153 @@
+"""End to end on the real control plane and the real S3 server: `helm install` of values-tiny.yaml runs every stage
+of the DAG as a real Job (the node stand-in runs each pod's `python -u jobs/<stage>.py`), a killed stage is retried
+by its Job, `mysproj status` shows the run, the report lands in the bucket, a re-install reuses every output, and
+`helm uninstall` leaves nothing behind. A bad-input stage fails the run with its reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.kube, pytest.mark.s3]
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "mysproj"
+BUCKET = "mysproj-e2e"
+RUN_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def run_env(kube, s3_server):
+    """The namespace with the credentials Secret, and the environment for helm / `mysproj` on the user's side."""
+    s3_server.create_bucket(BUCKET)
+    kube.core.create_namespaced_secret(kube.namespace, {
+        "metadata": {"name": "mysproj-s3"}, "type": "Opaque",
+        "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
+    env = {**kube.env, **s3_server.env(), "MYSPROJ_S3_ENDPOINT": s3_server.endpoint}
+    return kube, s3_server, env
+
+
+def helm(env, *args, check=True):
+    result = subprocess.run(["helm", *args], env=env, capture_output=True, text=True, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def install(kube, s3, env, release, *extra):
+    return helm(env, "install", release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
+                "--namespace", kube.namespace, "--set", f"storage.endpoint={s3.endpoint}",
+                "--set", f"storage.bucket={BUCKET}", *extra)
+
+
+def mysproj(env, *args):
+    return subprocess.run([sys.executable, "-m", "mysproj.cli", *args], env=env, capture_output=True, text=True,
+                          cwd=REPO)
+
+
+def controller_job(kube, release):
+    return kube.batch.read_namespaced_job_status(f"{release}-mysproj-controller", kube.namespace)
+
+
+def finished(kube, release):
+    job = controller_job(kube, release)
+    for c in job.status.conditions or []:
+        if c.type in ("Complete", "Failed") and c.status == "True":
+            return c.type
+    return None
+
+
+def debug(kube, release) -> str:
+    """What to look at when a run does not finish: the controller's output and every Job's state."""
+    pods = kube.pods(f"mysproj.io/run={release}")
+    lines = [f"{p.metadata.name}: {p.status.phase}" for p in pods]
+    ctl = [p for p in pods if p.metadata.labels.get("mysproj.io/stage") == "controller"]
+    return "\n".join(lines) + "\n" + "".join(kube.pod_log(p.metadata.name)[-4000:] for p in ctl)
+
+
+def leftovers(kube, release):
+    sel = f"app.kubernetes.io/instance={release}"
+    return ([j.metadata.name for j in kube.batch.list_namespaced_job(kube.namespace, label_selector=sel).items]
+            + [p.metadata.name for p in kube.core.list_namespaced_pod(kube.namespace, label_selector=sel).items]
+            + [c.metadata.name for c in kube.core.list_namespaced_config_map(kube.namespace, label_selector=sel).items])
+
+
+def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_env):
+    kube, s3, env = run_env
+    notes = install(kube, s3, env, "tiny").stdout
+    assert "mysproj status tiny" in notes and "kubectl get jobs" in notes
+
+    # Fault injection: kill the fine-tuning process mid-run; its Job must retry it and the run still complete.
+    def finetune_pod_running():
+        pods = [p for p in kube.pods("mysproj.io/stage=finetune") if kube.is_running(p.metadata.name)]
+        return pods[0].metadata.name if pods else None
+
+    victim = kube.wait_for(finetune_pod_running, RUN_TIMEOUT, "the finetune pod to run", interval=0.1)
+    kube.kill(victim)
+    assert kube.wait_for(lambda: finished(kube, "tiny"), RUN_TIMEOUT, "the run to finish") == "Complete", \
+        debug(kube, "tiny")
+
+    jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
+    stages = {j.metadata.labels["mysproj.io/stage"] for j in jobs}
+    assert stages == {"controller", "model-init", "prep", "finetune", "merge", "eval-clip", "eval-llava", "probe",
+                      "report"}
+    assert len(jobs) == 12  # the controller and the 11 stages of values-tiny.yaml
+    ft = next(j for j in jobs if j.metadata.labels["mysproj.io/stage"] == "finetune")
+    assert ft.status.succeeded == 1 and ft.status.failed >= 1  # the killed attempt, then the retry
+    owner = controller_job(kube, "tiny").metadata.uid
+    assert all(j.metadata.owner_references[0].uid == owner for j in jobs
+               if j.metadata.labels["mysproj.io/stage"] != "controller")
+
+    status = mysproj(env, "status", "tiny", "--namespace", kube.namespace)
+    assert status.returncode == 0, status.stdout + status.stderr
+    rows = [line.split() for line in status.stdout.splitlines()[1:] if line.strip() and "/" in line.split()[0]
+            or line.startswith(("report", "controller"))]
+    assert len(rows) == 12 and all(r[2] == "complete" for r in rows), status.stdout
+    assert {r[1] for r in rows} == {j.metadata.name for j in jobs}  # the same Jobs `kubectl get jobs` lists
+
+    fs = s3.filesystem()
+    manifest = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/report/_SUCCESS.json"))
+    assert manifest["stage"] == "report" and "report.md" in manifest["files"]
+
+    logs = mysproj(env, "logs", "tiny", "textures-mini/prep", "--namespace", kube.namespace)
+    assert logs.returncode == 0 and "prep" in logs.stdout
+
+    helm(env, "uninstall", "tiny", "--namespace", kube.namespace)
+    kube.wait_for(lambda: not leftovers(kube, "tiny"), 120, "the garbage collector to remove every object")
+
+    # A re-install of the same values reuses every complete output: only the controller runs.
+    install(kube, s3, env, "tiny")
+    assert kube.wait_for(lambda: finished(kube, "tiny"), 180, "the resumed run") == "Complete", debug(kube, "tiny")
+    jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
+    assert [j.metadata.labels["mysproj.io/stage"] for j in jobs] == ["controller"]
+    resumed = mysproj(env, "status", "tiny", "--namespace", kube.namespace).stdout
+    assert "11 reused" in resumed, resumed
+    helm(env, "uninstall", "tiny", "--namespace", kube.namespace)
+    kube.wait_for(lambda: not leftovers(kube, "tiny"), 120, "the garbage collector to remove every object")
+
+
+def test_bad_input_fails_the_run_with_its_reason(run_env):
+    kube, s3, env = run_env
+    missing = f"s3://{BUCKET}/no-such-dtd"
+    install(kube, s3, env, "bad", "--set", "pipeline.datasets={dtd}", "--set", f"pipeline.sources.dtd={missing}",
+            "--set", "pipeline.zero_shot=false", "--set", "pipeline.probe=false")
+    # The controller ends its own Job at once (no podFailurePolicy on 1.20 to stop its retries), with the reason.
+    assert kube.wait_for(lambda: finished(kube, "bad"), RUN_TIMEOUT, "the run to fail") == "Failed", \
+        debug(kube, "bad")
+    reason = controller_job(kube, "bad").metadata.annotations["mysproj.io/failure"]
+    assert reason.startswith("stage dtd/prep: bad input (exit 64)") and "no-such-dtd" in reason
+    prep = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=bad,mysproj.io/stage=prep")
+    assert "mysproj.io/failure" in prep.items[0].metadata.annotations  # stopped: bad input is never retried
+    assert not kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/stage=finetune,"
+                                              "mysproj.io/run=bad").items  # nothing downstream ever started
+
+    status = mysproj(env, "status", "bad", "--namespace", kube.namespace)
+    assert status.returncode == 1
+    prep_row = next(line for line in status.stdout.splitlines() if line.startswith("dtd/prep"))
+    assert "failed" in prep_row and "exit 64" in prep_row and "no-such-dtd" in prep_row, status.stdout
+    helm(env, "uninstall", "bad", "--namespace", kube.namespace)
+    kube.wait_for(lambda: not leftovers(kube, "bad"), 120, "the garbage collector to remove every object")

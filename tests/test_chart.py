@@ -1,0 +1,232 @@
+"""The Helm chart: lint, schema, offline validation against a current Kubernetes version, and the security and RBAC
+properties of what it renders (including the stage Job templates the controller instantiates from its ConfigMap)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mysproj.config.fields import load_config
+from mysproj.kube import controller as C
+from mysproj.kube import jobspec
+from mysproj.kube.values_schema import stage_overrides_schema
+from mysproj.pipeline import dag
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "mysproj"
+EXAMPLES = sorted(p.name for p in CHART.glob("values-*.yaml"))
+K8S_VERSION = "1.30.0"
+
+
+def _helm() -> str:
+    found = REPO / ".tools" / "bin" / "helm"
+    path = str(found) if os.access(found, os.X_OK) else shutil.which("helm")
+    if not path:
+        pytest.skip("helm is not installed: run `make tools`")
+    return path
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([_helm(), *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def render(*args: str, release: str = "run-a") -> list[dict]:
+    out = helm("template", release, str(CHART), "--namespace", "exp", *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def validate(docs: list[dict]) -> None:
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    text = yaml.safe_dump_all(docs)
+    result = subprocess.run([str(tool), "--strict", "-k", K8S_VERSION, "-"], input=text, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def stage_jobs(docs: list[dict]) -> dict[str, dict]:
+    """The ConfigMap's stage Job templates, instantiated by the controller's own code for a node of each kind."""
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    pipeline = load_config(dag.PipelineConfig, overrides=yaml.safe_load(cm["data"]["pipeline.yaml"]), env={})
+    jobs = {}
+    for node in dag.build(pipeline):
+        kind = jobspec.template_kind(node)
+        if kind in jobs:
+            continue
+        cfg = C.stage_config(node)
+        name = jobspec.job_names("run-a-mysproj", node, cfg)[0]
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "run-a-mysproj-controller", "uid": "u-1",
+                 "blockOwnerDeletion": True}
+        jobs[kind] = jobspec.stage_job(yaml.safe_load(cm["data"][f"job-{kind}.yaml"]), name=name, node=node, cfg=cfg,
+                                       owner=owner, gpu=kind != "cpu")
+    return jobs
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    jobs = [d for d in docs if d["kind"] == "Job"] + list(stage_jobs(docs).values())
+    return [(j["metadata"]["name"], j["spec"]["template"]["spec"]) for j in jobs]
+
+
+def test_lint_strict_default_and_examples():
+    helm("lint", "--strict", str(CHART))
+    for values in EXAMPLES:
+        helm("lint", "--strict", str(CHART), "-f", str(CHART / values))
+
+
+@pytest.mark.parametrize("values", EXAMPLES)
+def test_examples_validate_against_a_current_kubernetes(values):
+    docs = render("-f", str(CHART / values), "--set", "bench.enabled=true")
+    kinds = {d["kind"] for d in docs}
+    assert {"Job", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"} <= kinds
+    validate(docs + list(stage_jobs(docs).values()))
+
+
+def test_the_example_set_is_complete():
+    assert set(EXAMPLES) >= {"values-dtd.yaml", "values-plantdoc.yaml", "values-dermnet.yaml",
+                             "values-crisismmd.yaml", "values-paper.yaml", "values-tiny.yaml"}
+    paper = yaml.safe_load((CHART / "values-paper.yaml").read_text())["pipeline"]
+    assert set(paper["datasets"]) == {"dtd", "plantdoc", "dermnet", "crisismmd"} and paper["seeds"] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "storage.bukket=x"], "bukket"),
+    (["--set", "controller.maxParallelGpuJobs=many"], "maxParallelGpuJobs"),
+    (["--set", "pipeline.overrides.finetune.max_stepz=3"], "max_stepz"),
+    (["--set", "pipeline.datasets={imagenet}"], "datasets"),
+    (["--set", "podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
+])
+def test_schema_rejects_typos_and_wrong_types(args, message):
+    result = helm("template", "r", str(CHART), *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_schema_is_strict_at_every_level_and_follows_the_dataclasses():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node, path):
+        if node.get("type") == "object" and "properties" in node:
+            assert node.get("additionalProperties") is False, path
+        for key, child in (node.get("properties") or {}).items():
+            walk(child, f"{path}.{key}")
+
+    walk(schema, "$")
+    pipeline = schema["properties"]["pipeline"]["properties"]
+    assert set(pipeline) == {f.name for f in dataclasses.fields(dag.PipelineConfig)}
+    assert pipeline["overrides"] == stage_overrides_schema(), (
+        "a stage config changed: run `python -m mysproj.kube.values_schema charts/mysproj/values.schema.json`")
+
+
+def test_pipeline_config_is_the_dataclass_with_the_run_root():
+    docs = render("--set", "storage.bucket=b", "--set", "storage.prefix=p")
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    pipeline = yaml.safe_load(cm["data"]["pipeline.yaml"])
+    assert pipeline["root"] == "s3://b/p/run-a"
+    cfg = load_config(dag.PipelineConfig, overrides=pipeline, env={})
+    assert cfg.datasets == ["textures-mini"]
+
+
+def test_pods_are_hardened():
+    docs = render("-f", str(CHART / "values-paper.yaml"), "--set", "bench.enabled=true")
+    specs = pod_specs(docs)
+    assert len(specs) >= 5  # controller, bench, and the cpu/gpu/finetune stage templates
+    for name, spec in specs:
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]], name
+            env = {e["name"]: e for e in c["env"]}
+            for var in ("HOME", "XDG_CACHE_HOME", "MYSPROJ_CACHE_DIR"):
+                scratch = next(p for p in mounts if env[var]["value"].startswith(p + "/"))
+                assert "emptyDir" in volumes[mounts[scratch]], (name, var)
+            for secret_var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                assert set(env[secret_var]) == {"name", "valueFrom"}
+                assert env[secret_var]["valueFrom"]["secretKeyRef"]["name"] == "mysproj-s3"
+            if c["resources"].get("limits", {}).get("nvidia.com/gpu"):
+                assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", name
+        if "controller" not in name:
+            assert spec["automountServiceAccountToken"] is False, name
+    stage = stage_jobs(docs)
+    assert stage["finetune"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert stage["gpu"]["spec"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    rules = stage["cpu"]["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [64]
+
+
+def test_no_credentials_in_values_or_configmaps():
+    docs = render("--set", "storage.endpoint=http://s3.local:8333")
+    text = yaml.safe_dump_all([d for d in docs if d["kind"] == "ConfigMap"])
+    assert "AWS_SECRET_ACCESS_KEY\n" not in text.replace("key: AWS_SECRET_ACCESS_KEY", "")
+    for d in docs:
+        assert d["kind"] != "Secret"
+
+
+def test_rbac_is_namespace_scoped_and_minimal():
+    docs = render()
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    role = next(d for d in docs if d["kind"] == "Role")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
+    assert set(rules) == {(("batch",), ("jobs",)), (("",), ("pods",)), (("",), ("pods/log",)),
+                          (("",), ("configmaps",))}
+    assert set(rules[("batch",), ("jobs",)]["verbs"]) <= {"create", "get", "list", "watch", "delete", "patch"}
+    assert set(rules[("",), ("pods",)]["verbs"]) == {"get", "list", "watch"}
+    assert rules[("",), ("configmaps",)]["verbs"] == ["get"]
+    assert rules[("",), ("configmaps",)]["resourceNames"] == ["run-a-mysproj-pipeline"]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "exp"}]
+    controller = next(d for d in docs if d["kind"] == "Job")
+    assert controller["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_labels_and_release_scoped_names():
+    a, b = render(release="run-a"), render(release="run-b")
+    names_a = {(d["kind"], d["metadata"]["name"]) for d in a}
+    names_b = {(d["kind"], d["metadata"]["name"]) for d in b}
+    assert not names_a & names_b
+    for d in a:
+        labels = d["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "run-a" and labels["mysproj.io/run"] == "run-a"
+        assert labels["app.kubernetes.io/name"] == "mysproj" and labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert d["metadata"]["name"].startswith("run-a")
+    long = render(release="a" * 50)
+    assert all(len(d["metadata"]["name"]) <= 63 for d in long)
+
+
+def test_multi_node_finetune_has_a_headless_service():
+    assert not [d for d in render() if d["kind"] == "Service"]
+    docs = render("--set", "finetune.nodes=2")
+    svc = next(d for d in docs if d["kind"] == "Service")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"]["mysproj.io/rank"] == "0"
+    controller = next(d for d in docs if d["kind"] == "Job")
+    env = {e["name"]: e.get("value") for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MYSPROJ_FINETUNE_NODES"] == "2" and env["MYSPROJ_FINETUNE_SERVICE"] == svc["metadata"]["name"]
+
+
+
+def test_newer_job_fields_only_where_the_server_has_them():
+    """Helm validates against the server's schema: a 1.20 server would refuse podFailurePolicy (the controller
+    handles exit 64 itself there)."""
+    old = render("--kube-version", "1.20.2")
+    assert "podFailurePolicy" not in yaml.safe_dump_all(old)
+    assert "podFailurePolicy" not in yaml.safe_dump_all(list(stage_jobs(old).values()))
+    current = render("--kube-version", "1.30.0")
+    assert all("podFailurePolicy" in j["spec"] for j in [d for d in current if d["kind"] == "Job"]
+               + list(stage_jobs(current).values()))

@@ -1,0 +1,286 @@
+"""The pipeline controller and `mysproj status` against an in-memory API (same dict shapes as the real one; the real
+API server runs them in tests/kube/test_pipeline_e2e.py). Stage outputs live in a local run root."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mysproj.config.fields import config_hash, load_config
+from mysproj.errors import EXIT_BAD_INPUT
+from mysproj.kube import controller as C
+from mysproj.kube import jobspec, status
+from mysproj.pipeline import dag
+from mysproj.storage import join, write_text
+
+TEMPLATE = {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"labels": {"mysproj.io/run": "r1", "app.kubernetes.io/component": "stage"}},
+            "spec": {"backoffLimit": 2, "template": {
+                "metadata": {"labels": {"mysproj.io/run": "r1", "app.kubernetes.io/component": "stage"}},
+                "spec": {"restartPolicy": "Never",
+                         "containers": [{"name": "stage", "image": "x", "command": ["python", "-u"], "env": []}]}}}}
+
+
+class FakeCluster:
+    """The `mysproj.kube.cluster.Cluster` methods over dicts; label selectors are `k=v,k=v`."""
+
+    namespace = "ns"
+
+    def __init__(self, pipeline: dict):
+        data = {"pipeline.yaml": yaml.safe_dump(pipeline)}
+        for kind in ("cpu", "gpu", "finetune"):
+            data[f"job-{kind}.yaml"] = yaml.safe_dump(TEMPLATE)
+        self.configmaps = {"r1-pipeline": {"metadata": {"name": "r1-pipeline", "labels": {
+            "mysproj.io/run": "r1", "app.kubernetes.io/component": "pipeline"}}, "data": data}}
+        self.jobs: dict[str, dict] = {"r1-controller": {"metadata": {
+            "name": "r1-controller", "uid": "uid-ctl", "labels": {"mysproj.io/run": "r1", "mysproj.io/stage":
+                                                                  "controller", "app.kubernetes.io/component":
+                                                                  "controller"}}, "status": {"active": 1}}}
+        self.pods: dict[str, dict] = {}
+        self.stopped: dict[str, dict] = {}
+
+    @staticmethod
+    def _match(obj, selector):
+        labels = obj["metadata"].get("labels") or {}
+        return all(labels.get(k) == v for k, v in (kv.split("=") for kv in selector.split(",") if kv))
+
+    def read_configmap(self, name):
+        return self.configmaps[name]
+
+    def list_configmaps(self, selector):
+        return [c for c in self.configmaps.values() if self._match(c, selector)]
+
+    def read_job(self, name):
+        return self.jobs[name]
+
+    def list_jobs(self, selector):
+        return [copy.deepcopy(j) for j in self.jobs.values() if self._match(j, selector)]
+
+    def list_pods(self, selector):
+        return [copy.deepcopy(p) for p in self.pods.values() if self._match(p, selector)]
+
+    def create_job(self, body):
+        name = body["metadata"]["name"]
+        if name in self.jobs:
+            return False
+        self.jobs[name] = {**copy.deepcopy(body), "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}
+        return True
+
+    def stop_job(self, name, annotations):
+        self.stopped[name] = annotations
+        self.jobs[name]["metadata"].setdefault("annotations", {}).update(annotations)
+
+    def end_job(self, name, annotations):
+        self.stop_job(name, annotations)
+        self.jobs[name]["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]
+
+    # -- what the Job controller and the kubelet would do -------------------------------------------------------
+    def finish(self, name, exit_code=0):
+        job = self.jobs[name]
+        labels = {**job["spec"]["template"]["metadata"]["labels"], "job-name": name}
+        pod = {"metadata": {"name": f"{name}-{len(self.pods)}", "labels": labels},
+               "status": {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [
+                   {"name": "stage", "state": {"terminated": {"exitCode": exit_code, "message": "boom"}}}]}}
+        self.pods[pod["metadata"]["name"]] = pod
+        if exit_code == 0:
+            job["status"] = {"succeeded": 1, "startTime": "2026-01-01T00:00:00Z",
+                             "completionTime": "2026-01-01T00:01:00Z",
+                             "conditions": [{"type": "Complete", "status": "True"}]}
+        else:
+            job["status"] = {"failed": 1, "active": 1, "startTime": "2026-01-01T00:00:00Z"}
+
+    def stage_jobs(self):
+        return {j["metadata"]["annotations"][jobspec.ANN_NODE]: n for n, j in self.jobs.items()
+                if "annotations" in j["metadata"]}
+
+
+def _controller(tmp_path, cluster=None, **kw):
+    pipeline = {"root": str(tmp_path / "run"), "strategies": ["projector"], "overrides": {"finetune": {"max_steps": 2}}}
+    cluster = cluster or FakeCluster(pipeline)
+    cfg = C.ControllerConfig(release="r1", namespace="ns", fullname="r1-mysproj", configmap="r1-pipeline",
+                             controller_job="r1-controller", poll_seconds=0, **kw)
+    return C.Controller(cfg, cluster), cluster
+
+
+def _complete_output(ctl, node_name):
+    """Write the manifest the stage would have written (what `run_stage` checks before skipping)."""
+    node = next(n for n in ctl.nodes if n.name == node_name)
+    cfg = ctl.configs[node_name]
+    write_text(join(cfg.out, "_SUCCESS.json"), json.dumps({"stage": node.stage, "config_hash": config_hash(cfg)}))
+
+
+def test_stage_config_round_trips_through_job_env():
+    nodes = dag.build(load_config(dag.PipelineConfig, env={}, overrides={
+        "root": "s3://b/r", "datasets": ["dtd", "crisismmd"], "sources": {"dtd": "s3://d/dtd", "crisismmd": "s3://c"},
+        "strategies": ["projector", "full", "lora"], "overrides": {"prep": {"crisismmd_merge": {"a": "b"}}}}))
+    for node in nodes:
+        cfg = C.stage_config(node)
+        env = {e["name"]: e["value"] for e in jobspec.config_env(cfg)}
+        again = load_config(type(cfg), env=env)
+        assert dataclasses.asdict(again) == dataclasses.asdict(cfg), node.name
+        assert config_hash(again) == config_hash(cfg)
+
+
+def test_job_names_are_short_unique_and_follow_the_config():
+    pipe = load_config(dag.PipelineConfig, env={}, overrides={
+        "root": "s3://b/r", "datasets": ["dtd", "plantdoc", "dermnet", "crisismmd"],
+        "sources": {d: f"s3://d/{d}" for d in ("dtd", "plantdoc", "dermnet", "crisismmd")},
+        "seeds": [0, 1, 2, 3, 4], "strategies": ["projector", "full", "lora"]})
+    nodes = dag.build(pipe)
+    names = [n for node in nodes for n in jobspec.job_names("a-very-long-release-name-mysproj", node,
+                                                            C.stage_config(node), nodes_per_finetune=2)]
+    assert len(names) == len(set(names))
+    assert all(len(n) <= jobspec.MAX_JOB_NAME and n[0].isalnum() and n[-1].isalnum() for n in names)
+    ft = next(n for n in nodes if n.stage == "finetune")
+    changed = dataclasses.replace(C.stage_config(ft), lr=0.5)
+    assert jobspec.job_names("r", ft, changed) != jobspec.job_names("r", ft, C.stage_config(ft))
+    twins = [jobspec.job_names(f"experiment-dtd-seed-{x}-mysproj", ft, C.stage_config(ft)) for x in "ab"]
+    assert twins[0] != twins[1]  # same visible prefix, different runs
+
+
+def test_controller_runs_the_dag_in_order_with_owners(tmp_path):
+    ctl, cluster = _controller(tmp_path)
+    first = ctl.step()
+    created = cluster.stage_jobs()
+    # No dependencies: the two model inits and prep. Nothing that needs them exists yet.
+    assert set(created) == {"models/tiny", "models/clip-tiny", "textures-mini/prep"}
+    assert set(first.created) == set(created.values())
+    job = cluster.jobs[created["textures-mini/prep"]]
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-ctl"
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MYSPROJ_DATASET"] == "textures-mini" and env["MYSPROJ_OUT"].endswith("run/textures-mini/prep")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["jobs/prep.py"]
+    assert job["metadata"]["labels"]["mysproj.io/stage"] == "prep"
+    for name in list(created.values()):
+        cluster.finish(name)
+    ctl.step()
+    assert "textures-mini/ft-projector/seed0/finetune" in cluster.stage_jobs()
+    assert "textures-mini/ft-projector/seed0/merge" not in cluster.stage_jobs()
+    for _ in range(10):
+        for name in cluster.stage_jobs().values():
+            if "succeeded" not in cluster.jobs[name]["status"]:
+                cluster.finish(name)
+        result = ctl.step()
+        if result.done:
+            break
+    assert result.done and not result.failed
+    assert set(cluster.stage_jobs()) == {n.name for n in ctl.nodes}
+    assert ctl.run() == 0
+
+
+def test_complete_outputs_are_reused_and_a_restart_creates_nothing_twice(tmp_path):
+    ctl, cluster = _controller(tmp_path)
+    _complete_output(ctl, "textures-mini/prep")
+    _complete_output(ctl, "models/tiny")
+    ctl.step()
+    assert set(cluster.stage_jobs()) == {"models/clip-tiny", "textures-mini/ft-projector/seed0/finetune",
+                                         "textures-mini/zero-shot/seed0/probe", "textures-mini/zero-shot/eval-llava"}
+    before = dict(cluster.jobs)
+    restarted, _ = _controller(tmp_path, cluster)  # a new process: state only from the cluster and the bucket
+    result = restarted.step()
+    assert result.created == [] and cluster.jobs.keys() == before.keys()
+    assert result.states["textures-mini/prep"].state == "reused"
+
+
+def test_gpu_jobs_are_capped(tmp_path):
+    ctl, cluster = _controller(tmp_path, max_parallel_gpu_jobs=2)
+    for node in ("textures-mini/prep", "models/tiny", "models/clip-tiny"):
+        _complete_output(ctl, node)
+    result = ctl.step()  # four GPU stages are ready: finetune, zero-shot eval-clip, eval-llava, probe
+    gpu_jobs = [n for n, j in cluster.jobs.items() if j["metadata"]["labels"].get(jobspec.LABEL_GPU) == "true"]
+    assert len(gpu_jobs) == 2
+    assert sum(s.reason == "GPU job cap reached" for s in result.states.values()) == 2
+    cluster.finish(gpu_jobs[0])
+    ctl.step()
+    assert sum(j["metadata"]["labels"].get(jobspec.LABEL_GPU) == "true" for j in cluster.jobs.values()) == 3
+
+
+def test_bad_input_exit_fails_the_run_even_without_pod_failure_policy(tmp_path):
+    ctl, cluster = _controller(tmp_path)
+    ctl.step()
+    prep = cluster.stage_jobs()["textures-mini/prep"]
+    out = ctl.configs["textures-mini/prep"].out
+    write_text(join(out, jobspec.FAILURE_RECORD), json.dumps(
+        {"exit_code": EXIT_BAD_INPUT, "error": "source s3://x/dtd: no such folder", "job": prep}))
+    cluster.finish(prep, exit_code=EXIT_BAD_INPUT)  # the Job is still active: 1.20 would retry it
+    result = ctl.step()
+    assert list(result.failed) == ["textures-mini/prep"]
+    reason = result.failed["textures-mini/prep"].reason
+    assert "exit 64" in reason and "no such folder" in reason
+    assert cluster.stopped[prep][jobspec.ANN_FAILURE] == reason  # no more retries, reason kept on the Job
+    rows = {r.node: r for r in status.collect(cluster, "r1")}
+    assert rows["textures-mini/prep"].state == "failed" and "no such folder" in rows["textures-mini/prep"].reason
+    assert rows["report"].state == "waiting"
+    assert C.main(ctl.cfg, cluster) == EXIT_BAD_INPUT
+    # The controller Job itself ends now, with the reason, rather than being retried by a 1.20 server.
+    assert "no such folder" in cluster.jobs["r1-controller"]["metadata"]["annotations"][jobspec.ANN_FAILURE]
+    rows = {r.node: r for r in status.collect(cluster, "r1")}
+    assert rows["controller"].state == "failed" and "textures-mini/prep" in rows["controller"].reason
+
+
+def test_a_retryable_failure_is_not_final(tmp_path):
+    ctl, cluster = _controller(tmp_path)
+    ctl.step()
+    prep = cluster.stage_jobs()["textures-mini/prep"]
+    cluster.finish(prep, exit_code=137)
+    result = ctl.step()
+    assert not result.failed
+    assert "retrying" in result.states["textures-mini/prep"].reason
+    cluster.jobs[prep]["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                                   "message": "Job has reached the specified backoff limit"}]
+    assert "backoff limit" in ctl.step().failed["textures-mini/prep"].reason
+
+
+def test_multi_node_finetune_gets_one_job_per_rank(tmp_path):
+    ctl, cluster = _controller(tmp_path, finetune_nodes=2, finetune_service="r1-mysproj-ft")
+    for node in ("textures-mini/prep", "models/tiny", "models/clip-tiny"):
+        _complete_output(ctl, node)
+    ctl.step()
+    ranks = [j for j in cluster.jobs.values() if j["metadata"]["labels"].get("mysproj.io/stage") == "finetune"]
+    assert len(ranks) == 2
+    envs = [{e["name"]: e["value"] for e in j["spec"]["template"]["spec"]["containers"][0]["env"]} for j in ranks]
+    rank0 = next(j for j, e in zip(ranks, envs) if e["NODE_RANK"] == "0")
+    assert {e["NODE_RANK"] for e in envs} == {"0", "1"} and all(e["NNODES"] == "2" for e in envs)
+    assert all(e["MASTER_ADDR"] == f"{rank0['metadata']['name']}.r1-mysproj-ft" for e in envs)
+    assert rank0["spec"]["template"]["spec"]["subdomain"] == "r1-mysproj-ft"
+    assert rank0["spec"]["template"]["metadata"]["labels"]["mysproj.io/rank"] == "0"
+
+
+def test_status_table_and_progress(tmp_path):
+    ctl, cluster = _controller(tmp_path)
+    _complete_output(ctl, "textures-mini/prep")
+    _complete_output(ctl, "models/tiny")
+    ctl.step()
+    ft_out = ctl.configs["textures-mini/ft-projector/seed0/finetune"].out
+    write_text(join(ft_out, "metrics.jsonl"), '{"step": 1, "total": 2, "loss": 3.5}\n'
+               '{"step": 2, "total": 2, "loss": 2.25, "samples_per_s": 4.0, "eta_s": 75}\n')
+    rows = {r.node: r for r in status.collect(cluster, "r1")}
+    assert rows["textures-mini/prep"].state == "reused"
+    ft = rows["textures-mini/ft-projector/seed0/finetune"]
+    assert ft.state == "running" and ft.progress == "step 2/2 loss 2.25 4 samples/s eta 1m15s"
+    text = status.render(list(rows.values()))
+    assert text.splitlines()[0].split() == ["STAGE", "JOB", "STATE", "START", "DURATION", "PROGRESS",
+                                             "REASON"]
+    assert status.show(cluster, "r1", out=lambda s: None) == 0
+
+
+def test_controller_and_status_never_import_torch():
+    code = ("import sys; import mysproj.kube.controller, mysproj.kube.status, mysproj.kube.command; "
+            "bad = [m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("stage", ["prep", "model-init", "finetune", "merge", "eval-clip", "eval-llava", "probe",
+                                   "report"])
+def test_every_stage_has_an_entry_point(stage):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / jobspec.entry_point(stage)
+    assert path.exists(), path
