@@ -106,6 +106,7 @@ class Controller:
         self.names = {n.name: jobspec.job_names(cfg.fullname, n, self.configs[n.name], cfg.finetune_nodes)
                       for n in self.nodes}
         self._reused: set[str] = set()  # positive manifest checks only: a cache, never the source of truth
+        self.ended = False  # this controller's own Job was ended with a failure reason
 
     def _selector(self) -> str:
         return f"{jobspec.LABEL_RUN}={self.cfg.release},app.kubernetes.io/component=stage"
@@ -198,6 +199,7 @@ class Controller:
                 reason = f"stage {name}: {st.reason}"
                 if self.cfg.controller_job:
                     self.cluster.end_job(self.cfg.controller_job, {jobspec.ANN_FAILURE: reason[:1000]})
+                    self.ended = True
                 raise BadInput(f"run {self.cfg.release} failed: {reason}")
             if result.done:
                 log.info("run %s complete: %d stages", self.cfg.release, len(result.states))
@@ -221,9 +223,19 @@ def main(cfg: ControllerConfig, cluster=None) -> int:
         from mysproj.kube.cluster import Cluster
 
         cluster = Cluster(namespace=cfg.namespace)
+    controller = None
     try:
-        return Controller(cfg, cluster).run()
+        controller = Controller(cfg, cluster)
+        return controller.run()
     except BadInput as e:
         log.error("%s", e)
         print(f"error: {e}", flush=True)
+        if cfg.controller_job and not getattr(controller, "ended", False):
+            # Bad values or config (found before any stage ran): end our own Job now, with the reason, as a stage
+            # failure does; servers without podFailurePolicy (1.20) would otherwise restart us with backoff.
+            try:
+                cluster.end_job(cfg.controller_job, {jobspec.ANN_FAILURE: f"bad input (exit {EXIT_BAD_INPUT}): {e}"
+                                                     [:1000]})
+            except Exception as end_error:  # noqa: BLE001 - the exit code still says it; the Job retries at worst
+                log.warning("could not end Job %s: %s", cfg.controller_job, end_error)
         return EXIT_BAD_INPUT

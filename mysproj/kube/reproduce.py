@@ -234,6 +234,8 @@ def fetch_report(root: str, dest: Path) -> tuple[dict, list[dict]]:
     report = StageInput(join(root, "report"), expect_stage="report")  # refuses a report without its manifest
     dest.mkdir(parents=True, exist_ok=True)
     for name in sorted(report.manifest.get("files") or {}):
+        if name.startswith("/") or ".." in name.split("/"):
+            raise BadInput(f"{report.uri}: manifest entry {name!r} points outside the report folder")
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(report.local_path(name), target)  # sha256-verified against the manifest
@@ -288,7 +290,12 @@ def run(ns, out=print) -> int:
         values = yaml.safe_load(vfile.read_text()) or {}
     except yaml.YAMLError as e:
         raise BadInput(f"{vfile}: not valid YAML ({e})") from None
-    tolerance = tolerance_of(values, ns.tolerance)
+    if not isinstance(values, dict):
+        raise BadInput(f"{vfile}: a values file must be a YAML mapping")
+    defaults = yaml.safe_load((chart / "values.yaml").read_text()) if (chart / "values.yaml").is_file() else {}
+    block = {**((defaults or {}).get("reproduce") or {}), **(values.get("reproduce") or {})} \
+        if isinstance(values.get("reproduce", {}), dict) else values["reproduce"]
+    tolerance = tolerance_of({"reproduce": block}, ns.tolerance)
     seeds = parse_seeds(ns.seeds)
     release = ns.release or default_release(ns.dataset)
     if not _RELEASE.match(release):

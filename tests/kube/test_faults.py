@@ -158,6 +158,7 @@ def test_make_reproduce_beside_a_twin_release_with_faults(run_env, tmp_path):
             make.kill()
             make.wait()
 
+    (tmp_path / "make-reproduce.log").write_text(log or "")  # kept with pytest's temp dirs for inspection
     # A: `make reproduce` printed Table 1 and the comparison, saved the report, and (random weights) did not
     # enforce it; then it uninstalled its release.
     assert make.returncode == 0, log[-5000:]
@@ -238,3 +239,19 @@ def test_invalid_values_are_refused_before_anything_exists(run_env, tmp_path, ba
     assert not jobs_of(kube, release)
     assert not kube.core.list_namespaced_config_map(kube.namespace, label_selector=f"mysproj.io/run={release}").items
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(240)
+def test_values_the_schema_accepts_but_the_pipeline_refuses_fail_the_controller_at_once(run_env):
+    """A dataset without a source passes the chart's schema but not the pipeline config: the controller exits 64
+    with the reason and ends its own Job (1.20 servers have no podFailurePolicy to stop the retries)."""
+    kube, s3, env, sets = run_env
+    helm(env, "install", "nosource", str(CHART), "-f", str(VALUES), "--namespace", kube.namespace,
+         *[a for s in sets for a in ("--set", s)], "--set-json", 'pipeline.datasets=["dtd"]')
+    state = kube.wait_for(lambda: controller_state(kube, "nosource")[0], 180, "the controller to fail")
+    _, ctl = controller_state(kube, "nosource")
+    assert state == "Failed" and (ctl.status.failed or 0) <= 1, debug(kube, "nosource")
+    reason = (ctl.metadata.annotations or {}).get("mysproj.io/failure", "")
+    assert "'sources' has no entry for dataset 'dtd'" in reason, reason
+    assert [j.metadata.labels["mysproj.io/stage"] for j in jobs_of(kube, "nosource")] == ["controller"]
+    helm(env, "uninstall", "nosource", "--namespace", kube.namespace)
