@@ -3,6 +3,7 @@ original layout), a textures-mini prep output, and helpers to read weights."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -65,3 +66,25 @@ def finetune(tiny_model: str, prep: str, out: str, **fields) -> dict:
                 log_every=1, checkpoint_every=100, lora_r=4, lora_alpha=8)
     base.update(fields)
     return stage("finetune", **base)
+
+
+@contextlib.contextmanager
+def kill_after_checkpoint(monkeypatch, step: int, before_kill=None):
+    """While active, a fine-tuning run raises KeyboardInterrupt (a kill) right after checkpoint `step` is saved;
+    `before_kill(folder_of_step)` may first damage what was written. Saving is restored on exit."""
+    from mysproj.training import checkpoint
+
+    real_save = checkpoint.save
+
+    def save_then_die(ctx, s, state):
+        real_save(ctx, s, state)
+        if s == step:
+            if before_kill:
+                before_kill(s)
+            raise KeyboardInterrupt(f"simulated kill after checkpoint step {step}")
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(checkpoint, "save", real_save)

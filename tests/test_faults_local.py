@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from _models_fixtures import prep, tiny_model  # noqa: F401 - fixtures
+from _models_fixtures import kill_after_checkpoint, prep, tiny_model  # noqa: F401 - fixtures
 from dataset_layouts import make_dtd
 
 from mysproj.errors import EXIT_BAD_INPUT
@@ -112,28 +112,21 @@ def test_truncated_checkpoints(tiny_model, prep, tmp_path, monkeypatch, capsys):
     truncated afterwards: one clear line, exit 64 (retrying cannot help), no final manifest."""
     import torch
 
-    from mysproj.training import checkpoint
-
     straight = str(tmp_path / "straight")
     rc, errors, err = _cli(_finetune_argv(tiny_model, prep, straight), capsys)
     assert rc == 0, err
 
     killed = str(tmp_path / "killed")
-    real_save = checkpoint.save
 
-    def die_while_writing_step_2(ctx, step, state):
-        real_save(ctx, step, state)
-        if step == 2:
-            folder = Path(killed, "checkpoints", "step-2")
-            (folder / MANIFEST).unlink()  # the manifest is written last: a kill before it leaves none
-            blob = folder / "trainable.safetensors"
-            blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 3])
-            raise KeyboardInterrupt("simulated kill while writing checkpoint step 2")
+    def truncate_while_writing(step):
+        folder = Path(killed, "checkpoints", f"step-{step}")
+        (folder / MANIFEST).unlink()  # the manifest is written last: a kill before it leaves none
+        blob = folder / "trainable.safetensors"
+        blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 3])
 
-    monkeypatch.setattr(checkpoint, "save", die_while_writing_step_2)
-    rc, _, _ = _cli(_finetune_argv(tiny_model, prep, killed), capsys)
+    with kill_after_checkpoint(monkeypatch, 2, before_kill=truncate_while_writing):
+        rc, _, _ = _cli(_finetune_argv(tiny_model, prep, killed), capsys)
     assert rc == 130 and read_manifest(killed) is None
-    monkeypatch.setattr(checkpoint, "save", real_save)
     rc, errors, err = _cli(_finetune_argv(tiny_model, prep, killed), capsys)
     assert rc == 0, err
     assert read_manifest(killed)["summary"]["resumed_from"] == 1
@@ -142,14 +135,8 @@ def test_truncated_checkpoints(tiny_model, prep, tmp_path, monkeypatch, capsys):
 
     corrupt = str(tmp_path / "corrupt")
 
-    def die_after_step_2(ctx, step, state):
-        real_save(ctx, step, state)
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill after checkpoint step 2")
-
-    monkeypatch.setattr(checkpoint, "save", die_after_step_2)
-    assert _cli(_finetune_argv(tiny_model, prep, corrupt), capsys)[0] == 130
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    with kill_after_checkpoint(monkeypatch, 2):
+        assert _cli(_finetune_argv(tiny_model, prep, corrupt), capsys)[0] == 130
     blob = Path(corrupt, "checkpoints", "step-2", "trainable.safetensors")
     blob.write_bytes(blob.read_bytes()[:100])
     rc, errors, err = _cli(_finetune_argv(tiny_model, prep, corrupt), capsys)

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import finetune, prep, stage, tiny_model, weights  # noqa: E402,F401
+from _models_fixtures import finetune, kill_after_checkpoint, prep, stage, tiny_model, weights  # noqa: E402,F401
 
 VISION = "model.vision_tower."
 PROJECTOR = "model.multi_modal_projector."
@@ -91,25 +91,14 @@ def test_lora_writes_merged_model_and_adapter(tiny_model, prep, tmp_path):  # no
 
 
 def test_killed_run_resumes_to_identical_weights(tiny_model, prep, tmp_path, monkeypatch):  # noqa: F811
-    from mysproj.training import checkpoint
-
     fields = dict(strategy="full", epochs=2, max_steps=5, checkpoint_every=2, lr=1e-3)
     straight = str(tmp_path / "straight")
     finetune(tiny_model, prep, straight, **fields)
 
     resumed = str(tmp_path / "resumed")
-    real_save = checkpoint.save
-
-    def save_then_die(ctx, step, state):
-        real_save(ctx, step, state)
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill after checkpoint step 2")
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_after_checkpoint(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         finetune(tiny_model, prep, resumed, **fields)
     assert not os.path.exists(os.path.join(resumed, "_SUCCESS.json"))
-    monkeypatch.setattr(checkpoint, "save", real_save)
     m = finetune(tiny_model, prep, resumed, **fields)
     assert m["summary"]["resumed_from"] == 2 and m["summary"]["steps"] == 5  # crosses into the second epoch
     a, b = weights(straight), weights(resumed)
@@ -230,7 +219,6 @@ def test_deepspeed_zero3_path_matches_and_resumes(tiny_model, prep, tmp_path, mo
     """The GPU code path (accelerate + DeepSpeed ZeRO-3: engine backward/step, sharded checkpoints with frozen
     weights excluded, the 16-bit gather at export) run on DeepSpeed's CPU accelerator, in fp32."""
     pytest.importorskip("deepspeed")
-    from mysproj.training import checkpoint
 
     # DeepSpeed needs a (1-process) process group; keep its variables and group out of later tests.
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
@@ -241,18 +229,9 @@ def test_deepspeed_zero3_path_matches_and_resumes(tiny_model, prep, tmp_path, mo
     plain = str(tmp_path / "plain")
     finetune(tiny_model, prep, plain, **fields)
     ds = str(tmp_path / "zero3")
-    real_save = checkpoint.save
-
-    def save_then_die(ctx, step, state):
-        real_save(ctx, step, state)
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_after_checkpoint(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         finetune(tiny_model, prep, ds, deepspeed="zero3", **fields)
     assert os.path.isdir(os.path.join(ds, "checkpoints", "step-2", "ds"))
-    monkeypatch.setattr(checkpoint, "save", real_save)
     m = finetune(tiny_model, prep, ds, deepspeed="zero3", **fields)
     assert m["summary"]["deepspeed"] == "zero3" and m["summary"]["resumed_from"] == 2
     a, b = weights(plain), weights(ds)

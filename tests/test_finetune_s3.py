@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import stage  # noqa: E402
+from _models_fixtures import kill_after_checkpoint, stage  # noqa: E402
 
 pytestmark = pytest.mark.s3
 
@@ -20,7 +20,6 @@ def _steps(uri):
 
 def test_finetune_resume_and_merge_on_s3(s3_env, tmp_path, monkeypatch):
     from mysproj.storage import read_text
-    from mysproj.training import checkpoint
 
     root = f"{s3_env.create_bucket('ftruns')}/{tmp_path.name}"
     prep, base = f"{root}/textures-mini/prep", f"{root}/models/tiny"
@@ -29,18 +28,9 @@ def test_finetune_resume_and_merge_on_s3(s3_env, tmp_path, monkeypatch):
     ft = f"{root}/textures-mini/ft-projector/seed0/finetune"
     fields = dict(model=base, data=prep, out=ft, strategy="projector", global_batch=2, max_steps=3,
                   checkpoint_every=1, keep_checkpoints=1, workers=0, log_every=1)
-    real_save = checkpoint.save
-
-    def save_then_die(ctx, step, state):
-        real_save(ctx, step, state)
-        if step == 2:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(checkpoint, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_after_checkpoint(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         stage("finetune", **fields)
     assert _steps(f"{ft}/checkpoints") == {"step-1", "step-2"}  # killed before pruning step-1
-    monkeypatch.setattr(checkpoint, "save", real_save)
     m = stage("finetune", **fields)
     assert m["summary"]["resumed_from"] == 2
     assert _steps(f"{ft}/checkpoints") == {"step-3"}  # keep_checkpoints=1, pruned in the bucket
