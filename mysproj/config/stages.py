@@ -59,6 +59,8 @@ class PrepConfig:
 
 @dataclass(kw_only=True)
 class ModelInitConfig:
+    """Write a random-weight model of a preset architecture, with a working tokenizer and image processor."""
+
     preset: str = opt("tiny", help="architecture preset: LLaVA (tiny, llava-1.5-7b) or open_clip CLIP (clip-tiny, "
                       "clip-vit-l-14-336)", choices=("tiny", "llava-1.5-7b", "clip-tiny", "clip-vit-l-14-336"))
     out: str = opt(help="output folder URI")
@@ -69,6 +71,8 @@ class ModelInitConfig:
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
+    """Fine-tune LLaVA-1.5 on a prep output: projector only, full LLM + projector, or LoRA + projector."""
+
     model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output)")
     data: str = opt(help="prep output URI")
     out: str = opt(help="output folder URI")
@@ -110,6 +114,8 @@ class FinetuneConfig:
 
 @dataclass(kw_only=True)
 class MergeConfig:
+    """Write an HF-layout model: the base with a tuned projector (the seed's update_model.sh, done right)."""
+
     base: str = opt(help="base model URI")
     projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI")
     out: str = opt(help="output folder URI")
