@@ -83,7 +83,7 @@ def write_random_clip(preset: str, out) -> dict:
 
 def _materialise(uri: str) -> str:
     """A local file or folder with the model's bytes (stage outputs verified; remote folders cached)."""
-    from mysproj.storage import cache, is_local, list_files, local_path, split
+    from mysproj.storage import cache, is_local, local_path, split
     from mysproj.storage.manifest import StageInput, read_manifest
 
     if read_manifest(uri) is not None:
@@ -96,25 +96,10 @@ def _materialise(uri: str) -> str:
     fs, path = split(uri)
     if fs.isfile(path):
         return cache.fetch(uri)
-    files = list_files(uri)
-    if not files:
+    folder = cache.fetch_folder(uri)
+    if folder is None:
         raise BadInput(f"CLIP model {uri}: nothing there")
-    import hashlib
-
-    target = os.path.join(cache.cache_dir(), "clip", hashlib.sha256(uri.encode()).hexdigest()[:32])
-    for rel in files:
-        dest = os.path.join(target, rel)
-        if not os.path.exists(dest):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            _copy(cache.fetch(f"{uri.rstrip('/')}/{rel}"), dest)
-    return target
-
-
-def _copy(src: str, dst: str) -> None:
-    import shutil
-
-    shutil.copyfile(src, dst + ".part")
-    os.replace(dst + ".part", dst)
+    return folder
 
 
 def _is_torchscript(path: str) -> bool:

@@ -10,7 +10,6 @@ Weights are read only from safetensors or with `torch.load(weights_only=True)`; 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -55,32 +54,16 @@ def materialize(uri: str) -> tuple[str, dict]:
             for n in names:
                 inp.local_path(n)
             return U.local_path(uri), summary
-        return _link_dir({n: inp.local_path(n) for n in names}, inp.files), summary
+        return cache.assemble({n: inp.local_path(n) for n in names}), summary
     if U.is_local(uri):
         path = U.local_path(uri)
         if not os.path.isdir(path):
             raise BadInput(f"{uri}: no such model folder")
         return path, {}
-    files = U.list_files(uri)
-    if not files:
+    folder = cache.fetch_folder(uri)
+    if folder is None:
         raise BadInput(f"{uri}: no such model folder (nothing stored under it)")
-    return _link_dir({n: cache.fetch(U.join(uri, n)) for n in files}, None), {}
-
-
-def _link_dir(local_files: dict[str, str], entries: dict | None) -> str:
-    key = hashlib.sha256(json.dumps(sorted(local_files.items())).encode()).hexdigest()[:32]
-    target = os.path.join(cache.cache_dir(), "models", key)
-    for name, src in local_files.items():
-        dest = os.path.join(target, name)
-        if not os.path.exists(dest):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            try:
-                os.link(src, dest)
-            except OSError:
-                import shutil
-
-                shutil.copyfile(src, dest)
-    return target
+    return folder, {}
 
 
 def _read_config(folder: str, what: str) -> dict:

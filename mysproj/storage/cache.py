@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import tempfile
 
 from mysproj.errors import IncompleteOutput
 from mysproj.storage import uri as U
@@ -46,3 +49,36 @@ def fetch(uri: str, sha256: str | None = None) -> str:
                                f"changed after the stage finished; re-run the stage")
     os.replace(tmp, target)
     return target
+
+
+def assemble(local_files: dict[str, str]) -> str:
+    """One local folder holding `{relative name: cached local file}` (hard links, copies across file systems).
+    Keyed by its sources, built under a temporary name and renamed into place, so a concurrent reader never
+    sees half a folder."""
+    key = hashlib.sha256(json.dumps(sorted(local_files.items())).encode()).hexdigest()[:32]
+    target = os.path.join(cache_dir(), "dirs", key)
+    if os.path.exists(os.path.join(target, ".complete")):
+        return target
+    tmp = tempfile.mkdtemp(dir=cache_dir())
+    for rel, src in local_files.items():
+        dest = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+    open(os.path.join(tmp, ".complete"), "w").close()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished the same folder first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def fetch_folder(uri: str) -> str | None:
+    """A local folder with every object under a remote folder `uri` (None when nothing is stored there)."""
+    files = U.list_files(uri)
+    if not files:
+        return None
+    return assemble({rel: fetch(U.join(uri, rel)) for rel in files})

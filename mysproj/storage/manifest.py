@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -193,28 +192,5 @@ class StageInput:
             for n in names:
                 self.local_path(n)
             return U.local_path(U.join(self.uri, prefix) if prefix else self.uri)
-        key = hashlib.sha256(json.dumps({n: self.files[n]["sha256"] for n in sorted(names)}).encode()).hexdigest()
-        target = os.path.join(cache.cache_dir(), "dirs", key[:32])
-        if not os.path.exists(os.path.join(target, ".complete")):
-            tmp = tempfile.mkdtemp(dir=cache.cache_dir())
-            for n in names:
-                rel = n[len(prefix.rstrip("/")) + 1:] if prefix else n
-                dest = os.path.join(tmp, rel)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                _link_or_copy(self.local_path(n), dest)
-            open(os.path.join(tmp, ".complete"), "w").close()
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process finished the same folder first
-                pass
-        return target
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, dst)
+        strip = len(prefix.rstrip("/")) + 1 if prefix else 0
+        return cache.assemble({n[strip:]: self.local_path(n) for n in names})
