@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from _models_fixtures import stage
 
 _BUILT: dict[str, str] = {}
 
@@ -16,11 +17,8 @@ def _root(tmp_path_factory) -> str:
     return _BUILT["root"]
 
 
-def run_stage_cfg(stage: str, **fields):
-    from mysproj.config.fields import load_config
-    from mysproj.stages.registry import STAGES, run
-
-    return run(stage, load_config(STAGES[stage][0], overrides=fields))
+# One way to run a stage in-process from tests: the models fixtures' helper.
+run_stage_cfg = stage
 
 
 @pytest.fixture
