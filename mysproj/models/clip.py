@@ -84,10 +84,11 @@ def write_random_clip(preset: str, out) -> dict:
 def _materialise(uri: str) -> str:
     """A local file or folder with the model's bytes (stage outputs verified; remote folders cached)."""
     from mysproj.storage import cache, is_local, local_path, split
-    from mysproj.storage.manifest import StageInput, read_manifest
+    from mysproj.storage.manifest import StageInput
 
-    if read_manifest(uri) is not None:
-        return StageInput(uri).local_dir()
+    inp = StageInput.if_complete(uri)
+    if inp is not None:
+        return inp.local_dir()
     if is_local(uri):
         path = local_path(uri)
         if not os.path.exists(path):

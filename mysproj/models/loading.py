@@ -19,7 +19,7 @@ from typing import Any
 from mysproj.errors import BadInput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
-from mysproj.storage.manifest import MANIFEST, StageInput, read_manifest
+from mysproj.storage.manifest import MANIFEST, StageInput
 
 log = logging.getLogger(__name__)
 MODEL_STAGES = ("model-init", "merge", "finetune")
@@ -39,9 +39,8 @@ def materialize(uri: str) -> tuple[str, dict]:
     """(local folder with the model files, manifest summary or {}). Stage outputs: only root-level files,
     each verified against the manifest; plain folders: everything under them."""
     uri = str(uri).rstrip("/")
-    manifest = read_manifest(uri)
-    if manifest is not None:
-        inp = StageInput(uri, expect_stage=MODEL_STAGES)
+    inp = StageInput.if_complete(uri, expect_stage=MODEL_STAGES)
+    if inp is not None:
         summary = inp.manifest.get("summary", {})
         if inp.manifest["stage"] == "finetune" and summary.get("strategy") == "projector":
             raise BadInput(f"{uri} is a projector-only fine-tune (no full model): merge it into its base first "

@@ -14,7 +14,7 @@ import tempfile
 from mysproj.errors import BadInput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
-from mysproj.storage.manifest import StageInput, StageOutput, read_manifest, run_stage
+from mysproj.storage.manifest import StageInput, StageOutput, run_stage
 
 
 def read_projector(uri: str) -> dict:
@@ -25,8 +25,8 @@ def read_projector(uri: str) -> dict:
     from mysproj.models.conversion import projector_to_hf
 
     uri = str(uri).rstrip("/")
-    if read_manifest(uri) is not None:
-        inp = StageInput(uri, expect_stage="finetune")
+    inp = StageInput.if_complete(uri, expect_stage="finetune")
+    if inp is not None:
         if "projector.safetensors" not in inp.files:
             raise BadInput(f"{uri}: finetune output has no projector.safetensors (strategy "
                            f"{inp.manifest.get('summary', {}).get('strategy')}); merge needs a projector fine-tune")

@@ -144,9 +144,9 @@ def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], 
 class StageInput:
     """A complete stage output, read with its files verified against the manifest."""
 
-    def __init__(self, uri: str, expect_stage: str | tuple[str, ...] | None = None):
+    def __init__(self, uri: str, expect_stage: str | tuple[str, ...] | None = None, *, manifest: dict | None = None):
         self.uri = str(uri).rstrip("/")
-        m = read_manifest(self.uri)
+        m = manifest if manifest is not None else read_manifest(self.uri)
         if m is None:
             raise IncompleteOutput(
                 f"{self.uri} is not a complete stage output (no {MANIFEST}); run the stage that writes it first")
@@ -155,6 +155,12 @@ class StageInput:
             raise IncompleteOutput(f"{self.uri} holds a '{m.get('stage')}' output; expected {' or '.join(stages)}")
         self.manifest = m
         self.files: dict[str, dict] = m.get("files", {})
+
+    @classmethod
+    def if_complete(cls, uri: str, expect_stage: str | tuple[str, ...] | None = None) -> StageInput | None:
+        """The stage output at `uri`, or None where `uri` has no manifest (a plain folder); one manifest read."""
+        m = read_manifest(str(uri).rstrip("/"))
+        return None if m is None else cls(uri, expect_stage, manifest=m)
 
     def path(self, name: str) -> str:
         return U.join(self.uri, name)
