@@ -57,13 +57,13 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help="per-card dense bf16 peak for MFU (measured H100-SXM/H200 matmul ceiling)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", type=_field_value, metavar="FIELD=VALUE",
+                   help="a config field of the stage measured, for ours, e.g. --set deepspeed=none "
+                        "--set gradient-checkpointing=false (finetune), --set fp8=true (eval-llava); repeatable")
     if name == "finetune":
         p.add_argument("--strategy", choices=("projector", "full"), default="projector")
         p.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample beside the image")
         p.add_argument("--answer-tokens", type=int, default=5, help="supervised tokens (label + </s>)")
-        p.add_argument("--set", action="append", type=_field_value, metavar="FIELD=VALUE",
-                       help="a finetune stage config field for ours, e.g. --set deepspeed=none "
-                            "--set gradient-checkpointing=false (repeatable)")
     if name == "eval-llava":
         p.add_argument("--mode", choices=("generate", "scoring"), default="generate")
         p.add_argument("--prompt-tokens", type=int, default=120, help="text tokens of the prompt")

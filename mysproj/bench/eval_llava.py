@@ -18,6 +18,7 @@ import logging
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.eval_clip import class_names
+from mysproj.bench.overrides import stage_config
 from mysproj.bench.results import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 
@@ -45,15 +46,19 @@ def prompt_batch(config, layout, batch: int, seed: int, device: str, pad_id: int
     return left_pad(ids.tolist(), pad_id, device)
 
 
-def stage_dtype(device: str):
-    from mysproj.stages.eval_llava import dtype_for
+def eval_config(args):
+    from mysproj.config.stages import EvalLlavaConfig
 
-    return dtype_for("auto", device)
+    return stage_config(EvalLlavaConfig, args, model="bench:random", data="bench:synthetic", out="bench:none",
+                        mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.new_tokens)
 
 
 def run(args) -> BenchReport:
+    from mysproj.stages.eval_llava import compiles, dtype_for
+
+    cfg = eval_config(args)
     layout = synthetic.TokenLayout.with_text(args.prompt_tokens)
-    dtype = stage_dtype(args.device)
+    dtype = dtype_for(cfg.precision, args.device)
     model, tok = build_model(args, dtype)
     dims = F.LlavaDims.from_config(model.config)
     conts = _continuations(tok, args.classes)
@@ -64,8 +69,9 @@ def run(args) -> BenchReport:
         flops = F.llava_scoring(dims, prompt_text_tokens=layout.text, n_classes=len(conts), label_tokens=mean_len)
     settings = {"mode": args.mode, "prompt_text_tokens": layout.text, "image_tokens": dims.image_tokens,
                 "new_tokens": args.new_tokens, "classes": len(conts), "dtype": str(dtype).split(".")[-1],
-                "continuation_tokens": sum(len(c) for c in conts)}
-    ours = _ours(args, model, tok, layout, conts, dtype)
+                "continuation_tokens": sum(len(c) for c in conts), "fp8": cfg.fp8,
+                "compile": compiles(cfg, args.device)}
+    ours = _ours(args, cfg, model, tok, layout, conts, dtype)
     measurements = [ours]
     del model
     free_memory(args.device)
@@ -85,27 +91,36 @@ def _continuations(tokenizer, n: int) -> list[list[int]]:
     return [continuation_ids(tokenizer, name) for name in class_names(n)]
 
 
-def _ours(args, model, tok, layout, conts, dtype) -> Measurement:
+def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
+    """The stage's batch step; with fp8/compile on, the same batch's answers are first taken from the model as
+    loaded, and the share of answers the faster model reproduces is reported (`same_answers`)."""
     from mysproj.evaluation.scoring import score_continuations
-    from mysproj.stages.eval_llava import generate
+    from mysproj.models import speedups
+    from mysproj.stages.eval_llava import compiles, generate
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = prompt_batch(model.config, layout, args.batch_size, args.seed, args.device, pad_id)
     pixels = synthetic.pixel_batch(model.config, args.batch_size, seed=args.seed).to(args.device, dtype)
-    answers = []
 
-    def step(_):
+    def answer():
         if args.mode == "generate":
-            answers.append(generate(model, batch, pixels, args.new_tokens, pad_id, tok))
-        else:
-            scores, _ = score_continuations(model, batch, pixels, conts)
-            answers.append(scores.argmax(-1).tolist())
+            return generate(model, batch, pixels, args.new_tokens, pad_id, tok)
+        scores, _ = score_continuations(model, batch, pixels, conts)
+        return scores.argmax(-1).tolist()
 
-    timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps)
+    compile = compiles(cfg, args.device)
+    reference = answer() if (cfg.fp8 or compile) else None
+    done = speedups.apply(model, fp8=cfg.fp8, compile=compile)
+    answers = []
+    timing = time_steps(lambda _: answers.append(answer()), device=args.device, warmup=args.warmup,
+                        steps=args.steps)
     what = ("stage eval_llava.generate (greedy, answers decoded)" if args.mode == "generate"
             else "evaluation.scoring.score_continuations (shared prefix, all classes in one pass)")
-    return Measurement("ours", what, args.batch_size, args.batch_size, timing, 0.0, unit="images",
-                       extra={"answers_per_step": len(answers[-1])})
+    what += "".join(f", {k}" for k, on in (("fp8 LLM", cfg.fp8), ("compiled layers", compile)) if on)
+    extra = {"answers_per_step": len(answers[-1]), **done}
+    if reference is not None:
+        extra["same_answers"] = round(sum(a == b for a, b in zip(reference, answers[-1])) / len(reference), 4)
+    return Measurement("ours", what, args.batch_size, args.batch_size, timing, 0.0, unit="images", extra=extra)
 
 
 def _baseline(args, layout) -> list[Measurement]:

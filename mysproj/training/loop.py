@@ -10,57 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any
 
 from mysproj.storage import uri as U
-from mysproj.training import checkpoint, strategies
+from mysproj.training import checkpoint, session, strategies
 from mysproj.training.data import MicroBatches, Schedule, TrainSet, collate, load_examples
 
 log = logging.getLogger("mysproj.finetune")
-
-
-@dataclass
-class Context:
-    cfg: Any
-    accelerator: Any
-    model: Any          # prepared (DDP / DeepSpeed engine / plain module)
-    unwrapped: Any
-    optimizer: Any
-    deepspeed: str | None
-
-
-def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int) -> str | None:
-    """The DeepSpeed config to use, or None. `auto` uses DeepSpeed on GPUs only; naming a stage also works on
-    CPUs (DeepSpeed's CPU accelerator), which is how the tests run this code path."""
-    if choice != "auto":
-        return None if choice == "none" else choice
-    if not cuda:
-        return None
-    if strategy == "projector":
-        return "zero2" if world > 1 else None
-    if world > 1:
-        return "zero3"
-    # 7B full fine-tuning with fp32 Adam states does not fit one 80 GB GPU: offload the optimizer to the CPU.
-    return "zero3-offload" if strategy == "full" else None
-
-
-def cosine_with_warmup(optimizer, warmup: int, total: int):
-    """transformers' get_cosine_schedule_with_warmup (linear warmup, half-cosine to 0), without importing the
-    Trainer stack it lives in."""
-    import torch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def default_micro_batch(global_batch: int, world: int, requested: int | None) -> int:
@@ -73,62 +31,17 @@ def default_micro_batch(global_batch: int, world: int, requested: int | None) ->
     return b
 
 
-def _forget_deepspeed() -> None:
-    """accelerate registers the DeepSpeed config with transformers globally; with ZeRO-3 every model built later in
-    this process would be partitioned. Drop it once a run is over (merge or eval may follow in-process)."""
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-
-
-def _accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    if world == 1:  # accelerate keeps its state per process: a second run in-process may differ (tests, DS on/off)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        _forget_deepspeed()
-    plugin = None
-    if ds_name:
-        from accelerate.utils import DeepSpeedPlugin
-
-        from mysproj.training.deepspeed_configs import filled
-
-        # A single GPU without a launcher still needs a (1-process) process group for DeepSpeed.
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                     ("MASTER_PORT", "29511")):
-            os.environ.setdefault(k, v)
-        ds_cfg = filled(ds_name, micro_batch=micro, accumulation=accumulation, world=world, hidden_size=hidden,
-                        bf16=bf16, max_grad_norm=max_grad_norm)
-        if ds_name == "zero3-offload":
-            ds_cfg["zero_force_ds_cpu_optimizer"] = False
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=accumulation,
-                      deepspeed_plugin=plugin, cpu=not cuda and not ds_name)
-    if acc.num_processes != world:
-        raise RuntimeError(f"accelerate sees {acc.num_processes} processes but WORLD_SIZE is {world}")
-    return acc
-
-
 def train(cfg, out) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from mysproj.data.prepared import PreparedData
     from mysproj.models.loading import load_llava
 
     cuda = torch.cuda.is_available()
-    if cuda:  # the seed scripts' --tf32 True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    ds_name = resolve_deepspeed(cfg.deepspeed, cfg.strategy, cuda, world)
-    lr = cfg.lr if cfg.lr is not None else strategies.DEFAULT_LR[cfg.strategy]
-    projector_lr = cfg.projector_lr if cfg.projector_lr is not None else 2e-5
     global_batch = cfg.global_batch or strategies.DEFAULT_GLOBAL_BATCH[cfg.strategy]
     micro = default_micro_batch(global_batch, world, cfg.per_device_batch)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
 
     data = PreparedData(cfg.data)
     loaded = load_llava(cfg.model, device="cpu", dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -137,29 +50,12 @@ def train(cfg, out) -> dict:
     examples = load_examples(data, tokenizer, model.config, conv=cfg.conv, max_length=cfg.model_max_length)
     schedule = Schedule(len(examples), global_batch, micro, world, cfg.epochs, cfg.max_steps)
     schedule.check()
-    hidden = model.config.text_config.hidden_size
-    acc = _accelerator(ds_name, bf16, schedule.accumulation, world, micro, hidden, cfg.max_grad_norm, cuda)
-    torch.manual_seed(cfg.seed)
-
-    model = strategies.apply(model, cfg.strategy, cfg)
-    if not ds_name:
-        for p in model.parameters():  # fp32 master weights for what trains; frozen weights stay in bf16
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-        llava.model.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    groups = strategies.param_groups(model, cfg.strategy, lr, projector_lr, cfg.weight_decay)
-    # Offloaded to the CPU (7B full on one GPU), foreach's temporaries would cost another copy of the weights.
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                                  foreach=False if ds_name == "zero3-offload" else None)
     total = schedule.total_steps
-    scheduler = cosine_with_warmup(optimizer, math.ceil(total * cfg.warmup_ratio), total)
-    prepared, optimizer = acc.prepare(model, optimizer)
-    ctx = Context(cfg, acc, prepared, acc.unwrap_model(prepared), optimizer, ds_name)
+    ctx = session.build(cfg, model, world=world, micro=micro, accumulation=schedule.accumulation,
+                        total_steps=total)
+    acc, scheduler, ds_name = ctx.accelerator, ctx.scheduler, ctx.deepspeed
+    lr, projector_lr = strategies.learning_rates(cfg)
+    n_trainable = ctx.n_trainable
 
     start, metrics, resumed_from = 0, [], None
     done = checkpoint.complete_steps(cfg.out, cfg)
@@ -182,32 +78,13 @@ def train(cfg, out) -> dict:
         collate_fn=collate(tokenizer.pad_token_id), num_workers=cfg.workers, pin_memory=cuda,
         generator=torch.Generator())  # its own generator: the global RNG (dropout) is left untouched
     batches = iter(loader)
-    pixel_dtype = next(ctx.unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
-    trainable = [p for p in prepared.parameters() if p.requires_grad]
     t0, seen = time.monotonic(), 0
     for step in range(start, total):
         samples = schedule.step_samples(cfg.seed, step)
         targets = sum(examples[i].n_targets for i, counts in samples if counts)
-        step_loss = torch.zeros((), device=acc.device)
-        for _ in range(schedule.accumulation):
-            batch = next(batches)
-            with acc.accumulate(prepared):
-                out_ = prepared(input_ids=batch["input_ids"].to(acc.device),
-                                attention_mask=batch["attention_mask"].to(acc.device),
-                                pixel_values=batch["pixel_values"].to(acc.device, pixel_dtype), use_cache=False)
-                logits = out_.logits[:, :-1].float()
-                labels = batch["labels"][:, 1:].to(acc.device)
-                loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                           ignore_index=-100, reduction="sum")
-                acc.backward(loss_sum * (world * schedule.accumulation / targets))
-                if acc.sync_gradients:
-                    if not ds_name and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += loss_sum.detach()
+        micro_batches = [next(batches) for _ in range(schedule.accumulation)]
         current_lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        step_loss = ctx.step(micro_batches, targets)
         loss = (acc.reduce(step_loss, reduction="sum") / targets).item()
         seen += sum(1 for _, counts in samples if counts)
         n = step + 1
@@ -230,7 +107,7 @@ def train(cfg, out) -> dict:
     from mysproj.training.export import export
 
     summary = export(ctx, out, tokenizer, processor, base_dtype, metrics)
-    _forget_deepspeed()
+    session.forget_deepspeed()
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
     summary.update(strategy=cfg.strategy, steps=total, resumed_from=resumed_from, base_model=cfg.model,

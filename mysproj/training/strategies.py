@@ -45,6 +45,12 @@ def apply(model, strategy: str, cfg):
     return model
 
 
+def learning_rates(cfg) -> tuple[float, float]:
+    """(lr, projector lr for lora): the config's, else the strategy's default and the seed's mm_projector_lr."""
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.strategy]
+    return lr, cfg.projector_lr if cfg.projector_lr is not None else 2e-5
+
+
 def param_groups(model, strategy: str, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
     """AdamW groups; for lora the projector gets `projector_lr` (the seed's mm_projector_lr)."""
     proj, rest = [], []

@@ -1,0 +1,55 @@
+"""Opt-in speed paths for a loaded LlavaForConditionalGeneration (fine-tuning and evaluation), one switch each:
+
+- `fp8`: the language model's frozen Linear layers compute in FP8 (e4m3, rowwise scales; `mysproj.models.fp8`),
+  about twice the bf16 tensor-core rate on Hopper. Results change at FP8's precision (see the README's numbers),
+  so it is off by default. The LM head, projector and vision tower stay as they are: the head decides every
+  prediction and the other two are a few % of the work.
+- `compile`: `torch.compile` of each decoder layer (and vision encoder layer), compiled once and reused by all 32
+  identical layers; fuses the norms, rotary embedding and SwiGLU elementwise work around the matmuls.
+
+Neither applies under ZeRO-3, whose parameter gathering hooks expect the original modules (a warning says so).
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+FP8_EXCLUDE = ("lm_head", "multi_modal_projector", "vision_tower")
+FP8_MIN_FEATURES = 1024  # below this the per-call quantization passes cost more than the FP8 GEMM saves
+
+
+def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: bool = False) -> dict:
+    """Apply the requested paths to `llava` in place; returns what was done (for logs and metrics). For inference
+    (`training=False`) the whole model is frozen first: nothing trains, and FP8 converts frozen layers only."""
+    done = {"fp8_layers": 0, "compiled_layers": 0}
+    if not (fp8 or compile):
+        return done
+    if not training:
+        llava.requires_grad_(False)
+    if sharded:
+        log.warning("fp8/compile requested under ZeRO-3: not applied (parameters are gathered per layer)")
+        return done
+    if fp8:
+        from mysproj.models.fp8 import convert_frozen_linears
+
+        trained = [n for n, p in llava.model.language_model.named_parameters() if p.requires_grad]
+        if trained:
+            log.warning("fp8: %d language-model tensors train (strategy full/lora); only frozen Linear layers "
+                        "are converted", len(trained))
+        # Inference needs no input gradient, so no transposed copy (1 byte a weight instead of 2).
+        done["fp8_layers"] = len(convert_frozen_linears(llava.model.language_model, exclude=FP8_EXCLUDE,
+                                                        min_features=FP8_MIN_FEATURES,
+                                                        keep_transposed=training))
+        log.info("fp8: %d frozen language-model Linear layers compute in float8_e4m3", done["fp8_layers"])
+    if compile:
+        layers = list(llava.model.language_model.layers)
+        tower = llava.model.vision_tower
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        layers += list(getattr(encoder, "layers", []))
+        for layer in layers:
+            layer.compile()
+        done["compiled_layers"] = len(layers)
+        log.info("compile: %d decoder/encoder layers wrapped in torch.compile (%s)", len(layers),
+                 "training" if training else "inference")
+    return done

@@ -1,0 +1,185 @@
+"""One fine-tuning run's trainable state, built the same way for the stage (`loop.train`) and for
+`mysproj bench finetune`: strategy freezing, fp32 master weights for what trains, activation checkpointing,
+FP8 and compiled layers where asked, AdamW + cosine schedule, accelerate / DeepSpeed; and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mysproj.training import strategies
+from mysproj.training.loss import answer_loss_sum
+
+log = logging.getLogger("mysproj.finetune")
+FULL_BYTES_PER_PARAM = 16
+FULL_HEADROOM = 20 * 2**30  # frozen tower, activations at micro-batch 16 with checkpointing, allocator slack
+
+
+@dataclass
+class Session:
+    cfg: Any
+    accelerator: Any
+    model: Any          # prepared (DDP / DeepSpeed engine / plain module)
+    unwrapped: Any
+    optimizer: Any
+    scheduler: Any
+    deepspeed: str | None
+    precision: str      # bf16 | fp32
+    pixel_dtype: Any
+    trainable: list
+    world: int
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable)
+
+    def step(self, micro_batches, targets: int):
+        """One optimizer step over this rank's micro-batches; `targets` = supervised tokens of the global batch.
+        Returns this rank's summed loss (a 0-dim tensor, not synchronised)."""
+        import torch
+
+        acc, accumulation = self.accelerator, len(micro_batches)
+        total = torch.zeros((), device=acc.device)
+        for batch in micro_batches:
+            with acc.accumulate(self.model):
+                loss_sum = answer_loss_sum(self.model, batch, self.pixel_dtype, acc.device)
+                acc.backward(loss_sum * (self.world * accumulation / targets))
+                if acc.sync_gradients:
+                    if not self.deepspeed and self.cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                total += loss_sum.detach()
+        self.scheduler.step()
+        return total
+
+
+def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_bytes: int = 0,
+                      llm_params: int = 0) -> str | None:
+    """The DeepSpeed config to use, or None. `auto` uses DeepSpeed on GPUs only; naming a stage also works on
+    CPUs (DeepSpeed's CPU accelerator), which is how the tests run this code path."""
+    if choice != "auto":
+        return None if choice == "none" else choice
+    if not cuda:
+        return None
+    if strategy == "projector":
+        return "zero2" if world > 1 else None
+    if world > 1:
+        return "zero3"
+    if strategy != "full":
+        return None
+    # Full fine-tuning keeps fp32 master weights, fp32 grads and two fp32 Adam states (16 bytes a parameter) plus
+    # checkpointed activations: 7B fits one 141 GB H200 but not an 80 GB H100, which offloads the optimizer.
+    return None if FULL_BYTES_PER_PARAM * llm_params + FULL_HEADROOM <= gpu_bytes else "zero3-offload"
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int):
+    """transformers' get_cosine_schedule_with_warmup (linear warmup, half-cosine to 0), without importing the
+    Trainer stack it lives in."""
+    import torch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def forget_deepspeed() -> None:
+    """accelerate registers the DeepSpeed config with transformers globally; with ZeRO-3 every model built later in
+    this process would be partitioned. Drop it once a run is over (merge or eval may follow in-process)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if world == 1:  # accelerate keeps its state per process: a second run in-process may differ (tests, DS on/off)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        forget_deepspeed()
+    plugin = None
+    if ds_name:
+        from accelerate.utils import DeepSpeedPlugin
+
+        from mysproj.training.deepspeed_configs import filled
+
+        # A single GPU without a launcher still needs a (1-process) process group for DeepSpeed.
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                     ("MASTER_PORT", "29511")):
+            os.environ.setdefault(k, v)
+        ds_cfg = filled(ds_name, micro_batch=micro, accumulation=accumulation, world=world, hidden_size=hidden,
+                        bf16=bf16, max_grad_norm=max_grad_norm)
+        if ds_name == "zero3-offload":
+            ds_cfg["zero_force_ds_cpu_optimizer"] = False
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=accumulation,
+                      deepspeed_plugin=plugin, cpu=not cuda and not ds_name)
+    if acc.num_processes != world:
+        raise RuntimeError(f"accelerate sees {acc.num_processes} processes but WORLD_SIZE is {world}")
+    return acc
+
+
+def checkpointing(cfg) -> bool:
+    """Activation checkpointing only where memory needs it: projector-only training keeps no optimizer state
+    for the 7B LLM and its activations fit (43 GiB at micro-batch 16 of 640 tokens, compiled)."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    return cfg.strategy != "projector"
+
+
+def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps: int) -> Session:
+    """`model` (LlavaForConditionalGeneration, on the CPU or already on the card) -> a ready Session."""
+    import torch
+
+    from mysproj.models import speedups
+    cuda = torch.cuda.is_available()
+    if cuda:  # the seed scripts' --tf32 True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    ds_name = resolve_deepspeed(cfg.deepspeed, cfg.strategy, cuda, world,
+                                     gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
+                                     llm_params=sum(p.numel() for p in model.model.language_model.parameters()))
+    lr, projector_lr = strategies.learning_rates(cfg)
+    acc = accelerator(ds_name, bf16, accumulation, world, micro, model.config.text_config.hidden_size,
+                           cfg.max_grad_norm, cuda)
+    torch.manual_seed(cfg.seed)
+
+    model = strategies.apply(model, cfg.strategy, cfg)
+    if not ds_name:
+        for p in model.parameters():  # fp32 master weights for what trains; frozen weights stay in bf16
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    if checkpointing(cfg):
+        llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+        llm = llava.model.language_model
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.checkpoint_layers is not None:  # the rest keep their activations: no recomputation there
+            for i, layer in enumerate(llm.layers):
+                layer.gradient_checkpointing = i < cfg.checkpoint_layers
+    model.train()
+    groups = strategies.param_groups(model, cfg.strategy, lr, projector_lr, cfg.weight_decay)
+    # foreach's temporaries would cost another copy of the weights (7B full: 27 GB on the card, or in CPU memory
+    # when offloaded); the fused kernel has none.
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                                  foreach=False, fused=cuda and ds_name != "zero3-offload")
+    scheduler = cosine_with_warmup(optimizer, math.ceil(total_steps * cfg.warmup_ratio), total_steps)
+    prepared, optimizer = acc.prepare(model, optimizer)
+    unwrapped = acc.unwrap_model(prepared)
+    # After prepare: the weights are on the card, and the swapped/compiled modules hold no trained parameter.
+    llava = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+    speedups.apply(llava, fp8=cfg.fp8, compile=cfg.compile and cuda, sharded=ds_name in ("zero3", "zero3-offload"),
+                   training=True)
+    pixel_dtype = next(unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
+    return Session(cfg, acc, prepared, unwrapped, optimizer, scheduler, ds_name, "bf16" if bf16 else "fp32",
+                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world)
