@@ -69,6 +69,19 @@ def test_eval_clip(tmp_path):
                     "--workers", "0", "--baseline", "--baseline-images", "3")
     _check(report, "eval-clip", ["ours", "baseline"])
     assert report["settings"]["clip_preset"] == "clip-tiny"
+    assert report["settings"]["decode"] == "cpu" and report["results"][0]["device_decoded_images"] == 0
+
+
+def test_eval_clip_device_decode_bf16(tmp_path):
+    report = _bench(tmp_path, "eval-clip", "--batch-size", "4", "--classes", "3", "--image-px", "80x60",
+                    "--workers", "1", "--set", "decode=device", "--set", "precision=bf16")
+    _check(report, "eval-clip", ["ours"])
+    settings, ours = report["settings"], report["results"][0]
+    assert (settings["decode"], settings["precision"], settings["dtype"]) == ("device", "bf16", "bfloat16")
+    assert settings["overrides"] == {"decode": "device", "precision": "bf16"}
+    assert "decode device, bf16" in ours["what"]
+    # warm-up + timed batches + the one decoded ahead: every synthetic JPEG went to the device decoder
+    assert ours["device_decoded_images"] == 4 * (1 + 2 + 1)
 
 
 def test_probe_features(tmp_path):

@@ -104,3 +104,186 @@ def test_unrecognised_clip_folder_is_bad_input(tmp_path):
     (tmp_path / "notes.txt").write_text("no weights here")
     with pytest.raises(BadInput, match="expected open_clip_config.json"):
         load_clip(str(tmp_path))
+
+
+# ------------------------------------------------------------------ decode=device, precision=bf16, compile
+
+def _photos() -> dict:
+    """scikit-image's photos as RGB arrays (the textures are greyscale: repeated into three channels)."""
+    import numpy as np
+    from skimage import data as sk
+
+    grey = {n: getattr(sk, n)() for n in ("brick", "grass", "gravel")}
+    return {**{n: np.stack([a] * 3, axis=-1) for n, a in grey.items()}, "astronaut": sk.astronaut(),
+            "coffee": sk.coffee()}
+
+
+def _jpeg(array, size: tuple[int, int], mode: str = "RGB", **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).resize(size, Image.BILINEAR).convert(mode).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def _pil_vs_tensor(raw: bytes, preprocess, spec):
+    """(PIL path pixels, tensor path pixels) of one file, both [3, S, S] normalised."""
+    from mysproj.data.images import open_rgb
+    from mysproj.evaluation.device_decode import decode_jpegs, preprocess_decoded
+
+    (decoded,) = decode_jpegs([torch.frombuffer(bytearray(raw), dtype=torch.uint8)], "cpu")
+    return preprocess(open_rgb(raw)), preprocess_decoded([decoded], spec)[0]
+
+
+@pytest.mark.parametrize("size", [336, 64])  # ViT-L-14-336's input and the tiny preset's (a 5-10x reduction)
+def test_tensor_preprocessing_matches_pil_on_photos(size):
+    """Real photos as JPEGs of several sizes and aspects: the tensor path's pixels equal open_clip's PIL
+    transform's to within rounding. Measured: mean |diff| <= 0.004 and max 1 on the 0-255 scale (one 2-D float
+    resample instead of PIL's two rounded passes gives ~0.15 mean, up to 6)."""
+    from open_clip.transform import image_transform
+
+    from mysproj.evaluation.device_decode import pixel_spec
+
+    preprocess = image_transform(size, is_train=False)
+    spec = pixel_spec(preprocess)
+    assert (spec.resize, spec.crop, spec.mode) == (size, (size, size), "bicubic")
+    scale = torch.tensor(spec.std)[:, None, None] * 255  # normalised units -> 0-255 levels
+    sizes = [(500, 375), (375, 500), (640, 480), (300, 300), (1024, 700), (200, 150)]
+    worst_mean = worst_max = 0.0
+    for photo in _photos().values():
+        for wh in sizes:
+            want, got = _pil_vs_tensor(_jpeg(photo, wh), preprocess, spec)
+            diff = ((got - want) * scale).abs()
+            worst_mean, worst_max = max(worst_mean, float(diff.mean())), max(worst_max, float(diff.max()))
+    assert worst_mean < 0.01, worst_mean
+    assert worst_max < 1.01, worst_max
+
+
+def test_only_complete_ycbcr_jpegs_go_to_the_device_decoder():
+    from mysproj.evaluation.device_decode import is_device_jpeg
+
+    photo = _photos()["coffee"]
+    assert is_device_jpeg(_jpeg(photo, (120, 90)))
+    assert is_device_jpeg(_jpeg(photo, (120, 90), progressive=True))
+    assert is_device_jpeg(_jpeg(photo, (120, 90), subsampling=0))         # 4:4:4
+    assert not is_device_jpeg(_jpeg(photo, (120, 90), mode="L"))          # greyscale
+    assert not is_device_jpeg(_jpeg(photo, (120, 90), mode="CMYK"))
+    assert not is_device_jpeg(_jpeg(photo, (120, 90))[:-300])             # truncated: PIL must see it
+    assert not is_device_jpeg(b"\x89PNG\r\n\x1a\n" + bytes(40))
+
+
+def test_a_file_the_device_decoder_refuses_goes_to_pil(tmp_path):
+    """A JPEG whose Huffman table is zeroed passes the header check but fails decoding: it does not fail its
+    batch-mates, and then fails in PIL with the same error, naming the file, that decode=cpu raises."""
+    from open_clip.transform import image_transform
+
+    from mysproj.data.images import BadImage
+    from mysproj.evaluation.device_decode import DeviceBatches, collate_encoded, decode_jpegs, is_device_jpeg
+
+    good = _jpeg(_photos()["coffee"], (120, 90))
+    at = good.index(b"\xff\xc4") + 5  # inside the first Huffman table
+    bad = good[:at] + bytes(16) + good[at + 16:]
+    assert is_device_jpeg(bad)
+    decoded = decode_jpegs([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in (good, bad, good)], "cpu")
+    assert [d is None for d in decoded] == [False, True, False]
+
+    (tmp_path / "bad.jpg").write_bytes(bad)
+    batches = DeviceBatches(None, [], image_transform(64, is_train=False), batch_size=2, workers=0, device="cpu")
+    batch = collate_encoded([(0, str(tmp_path / "good.jpg"), good, None), (1, str(tmp_path / "bad.jpg"), bad, None)])
+    with pytest.raises(BadImage, match="bad.jpg: corrupt image"):
+        batches.decode(batch)
+
+
+def test_pixel_spec_of_an_hf_processor():
+    from transformers import CLIPImageProcessor
+
+    from mysproj.evaluation.device_decode import pixel_spec
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+
+    def preprocess(img):  # the shape of load_clip's HF wrapper
+        return processor(images=img, return_tensors="pt")["pixel_values"][0]
+
+    spec = pixel_spec(preprocess)
+    assert (spec.resize, spec.crop, spec.mode, spec.crop_floor) == (40, (32, 32), "bicubic", True)
+    assert spec.mean == tuple(processor.image_mean)
+    want, got = _pil_vs_tensor(_jpeg(_photos()["astronaut"], (97, 75)), preprocess, spec)
+    assert float((got - want).abs().max()) < 0.02  # HF resizes uint8 tensors the PIL way too
+
+
+@pytest.fixture
+def jpeg_prep(tmp_path_factory):
+    """An imagefolder prep output of photos: RGB JPEGs (baseline, progressive, 4:4:4, several sizes) and, in
+    the test split, a greyscale JPEG, a CMYK JPEG and a PNG, which decode=device hands to PIL."""
+    from _eval_fixtures import run_stage_cfg
+
+    root = tmp_path_factory.mktemp("jpeg-folder")
+    photos = _photos()
+    files = {
+        "test/brick": [("a.jpg", _jpeg(photos["brick"], (500, 375))), ("b.jpg", _jpeg(photos["brick"], (90, 130))),
+                       ("grey.jpg", _jpeg(photos["brick"], (100, 100), mode="L"))],
+        "test/coffee": [("a.jpg", _jpeg(photos["coffee"], (400, 300), progressive=True)),
+                        ("cmyk.jpg", _jpeg(photos["coffee"], (160, 120), mode="CMYK")),
+                        ("c.png", None)],
+        "test/astronaut": [("a.jpg", _jpeg(photos["astronaut"], (256, 256), subsampling=0)),
+                           ("b.jpg", _jpeg(photos["astronaut"], (300, 170)))],
+        "train/brick": [("t.jpg", _jpeg(photos["brick"], (64, 64)))],
+        "train/coffee": [("t.jpg", _jpeg(photos["coffee"], (64, 64)))],
+        "train/astronaut": [("t.jpg", _jpeg(photos["astronaut"], (64, 64)))],
+    }
+    for folder, items in files.items():
+        os.makedirs(root / "src" / folder)
+        for name, raw in items:
+            if raw is None:
+                from PIL import Image
+
+                Image.fromarray(photos["coffee"]).resize((130, 170)).save(root / "src" / folder / name)
+            else:
+                (root / "src" / folder / name).write_bytes(raw)
+    out = str(root / "prep")
+    run_stage_cfg("prep", dataset="imagefolder", source=str(root / "src"), out=out, workers=1)
+    return out
+
+
+def _eval(tmp_path, name: str, prep: str, model: str, **fields):
+    out = str(tmp_path / name)
+    summary = run_stage_cfg("eval-clip", model=model, data=prep, out=out, **fields)["summary"]
+    rows = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
+    return summary, json.load(open(os.path.join(out, "metrics.json"))), rows
+
+
+def test_decode_device_agrees_with_cpu(tmp_path, jpeg_prep, clip_tiny_uri):  # noqa: F811
+    """The stage end to end on photos: same predictions and scores with decode=device (a worker process sends
+    the bytes; 5 JPEGs decoded as tensors, 3 files through PIL) as with the seed's PIL path."""
+    _, cpu_metrics, cpu_rows = _eval(tmp_path, "cpu", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3)
+    summary, metrics, rows = _eval(tmp_path, "device", jpeg_prep, clip_tiny_uri, workers=1, batch_size=3,
+                                   decode="device")
+    assert (cpu_metrics["decode"], metrics["decode"], metrics["precision"]) == ("cpu", "device", "fp32")
+    assert metrics["device_decoded_images"] == summary["device_decoded_images"] == 5
+    assert cpu_metrics["device_decoded_images"] == 0
+    assert [r["image"] for r in rows] == [r["image"] for r in cpu_rows]
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in cpu_rows]
+    worst = max(abs(a - b) for r, c in zip(rows, cpu_rows) for a, b in zip(r["scores"], c["scores"]))
+    assert worst < 1e-5, worst  # measured 1e-6 (scores are stored to 6 decimals); one 2-D resample: 1.1e-4
+
+
+def test_bf16_compiled_tower_compiles_once(tmp_path, monkeypatch, jpeg_prep, clip_tiny_uri):  # noqa: F811
+    """precision=bf16 + compile=true: 8 images in batches of 3 (the last one partial, padded) compile the two
+    blocks once, and the scores stay near fp32's. Graph capture as on a GPU, but the aot_eager backend: a cold
+    inductor C++ build of the kernels costs ~10 s on CPU (the GPU run exercises inductor)."""
+    from torch._dynamo.utils import counters
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="aot_eager"))
+
+    _, _, fp32_rows = _eval(tmp_path, "fp32", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3, decode="device")
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    summary, metrics, rows = _eval(tmp_path, "bf16", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3,
+                                   decode="device", precision="bf16", compile=True)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert metrics["precision"] == "bf16" and summary["compile"] is True and len(rows) == 8
+    worst = max(abs(a - b) for r, c in zip(rows, fp32_rows) for a, b in zip(r["scores"], c["scores"]))
+    assert 0 < worst < 0.005, worst  # measured 2.4e-4: bf16 changes the numbers, a little

@@ -1,11 +1,15 @@
 """`mysproj bench eval-clip`: CLIP zero-shot classification including JPEG decode.
 
 ours: the eval-clip stage's path: random weights written by the `model-init` stage, `load_clip`, the stage's
-class embeddings, `image_batches` (decode in DataLoader workers through `PreparedData.open_image`, sha256 check
-included) and the stage's batch step. One timed step = one batch, wall clock with the GPU drained, so decode
-waits count. baseline: the seed's `zero_shot_inference.py`: transformers' `zero-shot-image-classification`
-pipeline on a `CLIPModel` of the same architecture, called once per image file with the class names (class
-prompts re-encoded every call), fp32 as the pipeline defaults; one timed step = one image.
+class embeddings, image tower preparation (`--set precision=bf16`, `--set compile=true`), batches by the stage's
+`decode` field (`cpu`: PIL in DataLoader workers through `PreparedData.open_image`; `--set decode=device`: the
+workers read sha256-verified bytes and the batch is decoded and preprocessed on the device) and the stage's
+pipelined loop (`zero_shot_probs`: batch k encodes while batch k+1 decodes). One timed step = one batch: the
+wall-clock interval between consecutive results, the GPU drained before the first timed step and after the last
+(`time_pipelined`), so decode waits count and the overlap the stage gets is kept.
+baseline: the seed's `zero_shot_inference.py`: transformers' `zero-shot-image-classification` pipeline on a
+`CLIPModel` of the same architecture, called once per image file with the class names (class prompts re-encoded
+every call), fp32 as the pipeline defaults; one timed step = one image.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import tempfile
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.results import BenchReport, Measurement, card_name
-from mysproj.bench.timing import free_memory, time_steps
+from mysproj.bench.timing import Timing, free_memory, synchronize, time_steps
 
 log = logging.getLogger("mysproj.bench")
 CLIP_PRESET = {"tiny": "clip-tiny", "llava-1.5-7b": "clip-vit-l-14-336"}
@@ -47,15 +51,17 @@ def run(args) -> BenchReport:
         n_files = min(UNIQUE_IMAGES, args.batch_size * (args.warmup + args.steps))
         paths = synthetic.write_jpegs(os.path.join(tmp, "images"), n_files, *args.image_wh, seed=args.seed)
         model_dir = _random_clip(preset, os.path.join(tmp, "model"), args.seed)
-        clip, ours = _ours(args, model_dir, paths, names, workers)
+        clip, cfg, ours = _ours(args, model_dir, paths, names, workers)
         arch = open_clip_dims(clip.model)
         hf_config = hf_clip_config(arch, clip.model)
         flops = F.clip_zero_shot_image(**arch, n_classes=len(names))
         ours.flops_per_item = flops["total"]
-        dtype = str(next(clip.model.parameters()).dtype).split(".")[-1]
+        dtype = str(next(clip.model.visual.parameters()).dtype).split(".")[-1]
         report = BenchReport("eval-clip", args.preset, args.device, card_name(args.device), args.peak_tflops,
                              {"clip_preset": preset, "classes": len(names), "image_px": args.image_px,
-                              "decode_workers": workers, "dtype": dtype}, flops, [ours])
+                              "decode_workers": cfg.workers, "dtype": dtype, "decode": cfg.decode,
+                              "precision": cfg.precision, "compile": cfg.compile,
+                              "overrides": dict(args.set or [])}, flops, [ours])
         del clip
         free_memory(args.device)
         if args.baseline:
@@ -90,44 +96,64 @@ def synthetic_prepared(paths: list[str], n: int):
     return data, samples
 
 
-def classify_batch(clip, images: list, text, device: str):
-    """Bench hook for the stage's per-batch step (stack, encode, similarity, softmax), as in eval_clip._body;
-    replaced by the stage's own function once it factors one out."""
-    import torch
-
+def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int):
+    from mysproj.bench.overrides import stage_config
+    from mysproj.config.stages import EvalClipConfig
+    from mysproj.models.clip import load_clip
     from mysproj.stages import eval_clip
 
-    stage_fn = getattr(eval_clip, "classify_batch", None)
-    if stage_fn is not None:
-        return stage_fn(clip, images, text, device)
-    with torch.no_grad():
-        pixels = torch.stack(images).to(device)
-        img = clip.model.encode_image(pixels, normalize=True).float()
-        return (100.0 * img @ text.T).softmax(dim=-1).cpu()
-
-
-def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int):
-    from mysproj.evaluation.batches import image_batches
-    from mysproj.models.clip import load_clip
-    from mysproj.stages.eval_clip import class_embeddings
-
-    clip = load_clip(model_dir, device=args.device)
-    text = class_embeddings(clip, names, "paper", args.device)
     n = args.batch_size * (args.warmup + args.steps)
-    data, samples = synthetic_prepared(paths, n)
-    batches = iter(image_batches(data, samples, clip.preprocess, args.batch_size, workers))
+    cfg = stage_config(EvalClipConfig, args, model=model_dir, data="bench:synthetic", out="bench:none",
+                       batch_size=args.batch_size, workers=workers)
+    clip = load_clip(model_dir, device=args.device)
+    text = eval_clip.class_embeddings(clip, names, "paper", args.device)
+    tower = eval_clip.prepare_image_tower(clip, cfg.precision, cfg.compile, cfg.batch_size)
+    # One batch more than is timed: the loop's last result needs no decode, which would flatter the last step.
+    data, samples = synthetic_prepared(paths, n + args.batch_size)
+    batches = eval_clip.pixel_batches(clip, data, samples, cfg, args.device)
+    results = eval_clip.zero_shot_probs(clip, text, batches, tower)
     seen = []
 
-    def step(_):
-        images, idx = next(batches)
-        seen.append(classify_batch(clip, images, text, args.device).shape[0])
+    def step():
+        probs, _idx = next(results)
+        seen.append(probs.shape[0])
 
-    timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps, clock="wall")
+    timing = time_pipelined(step, device=args.device, warmup=args.warmup, steps=args.steps)
+    results.close()
     if sum(seen) != n:
         raise RuntimeError(f"eval-clip bench: {sum(seen)} images classified, expected {n}")
-    m = Measurement("ours", f"stage eval-clip ({clip.kind}), {workers} decode workers", args.batch_size,
-                    args.batch_size, timing, 0.0, unit="images")
-    return clip, m
+    compiled = f", {tower.compiled_blocks} blocks compiled" if cfg.compile else ""
+    m = Measurement("ours", f"stage eval-clip ({clip.kind}), decode {cfg.decode}, {cfg.precision}{compiled}, "
+                    f"{cfg.workers} decode workers", args.batch_size, args.batch_size, timing, 0.0, unit="images",
+                    extra={"device_decoded_images": getattr(batches, "device_images", 0)})
+    return clip, cfg, m
+
+
+def time_pipelined(step, *, device: str, warmup: int, steps: int) -> Timing:
+    """`time_steps(clock="wall")` for a loop that keeps one batch in flight: the device is drained only before the
+    first timed step and after the last, since draining it every step would serialise the decode/encode overlap
+    being measured. A step's time is the interval between consecutive results, so the steps add up to the run."""
+    import time
+
+    import torch
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    timing = Timing()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+        now = time.perf_counter()
+        timing.step_s.append(now - t)
+        t = now
+    synchronize(device)
+    timing.step_s[-1] += time.perf_counter() - t
+    if device.startswith("cuda"):
+        timing.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    return timing
 
 
 def open_clip_dims(model) -> dict:
