@@ -27,8 +27,9 @@ def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: b
         return done
     if not training:
         llava.requires_grad_(False)
-    if sharded:
-        log.warning("fp8/compile requested under ZeRO-3: not applied (parameters are gathered per layer)")
+    if sharded:  # compile is on by default, so only an explicit fp8 request is worth a warning
+        (log.warning if fp8 else log.info)("fp8/compile not applied under ZeRO-3 (parameters are gathered per "
+                                           "layer)")
         return done
     if fp8:
         from mysproj.models.fp8 import convert_frozen_linears

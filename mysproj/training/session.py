@@ -142,17 +142,18 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
     import torch
 
     from mysproj.models import speedups
+
     cuda = torch.cuda.is_available()
     if cuda:  # the seed scripts' --tf32 True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     ds_name = resolve_deepspeed(cfg.deepspeed, cfg.strategy, cuda, world,
-                                     gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
-                                     llm_params=sum(p.numel() for p in model.model.language_model.parameters()))
+                                gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
+                                llm_params=sum(p.numel() for p in model.model.language_model.parameters()))
     lr, projector_lr = strategies.learning_rates(cfg)
     acc = accelerator(ds_name, bf16, accumulation, world, micro, model.config.text_config.hidden_size,
-                           cfg.max_grad_norm, cuda)
+                      cfg.max_grad_norm, cuda)
     torch.manual_seed(cfg.seed)
 
     model = strategies.apply(model, cfg.strategy, cfg)
