@@ -154,3 +154,14 @@ def test_checkpoint_layers_limits_recomputation():
     assert [layer.gradient_checkpointing for layer in s.unwrapped.model.language_model.layers] == [True, False]
     loss = s.step([_batch(model, [20, 24])], targets=6)
     assert loss.item() > 0
+
+
+def test_fp8_is_skipped_with_a_warning_where_the_card_has_no_fp8(monkeypatch, caplog, fp8_on_tiny_layers):
+    from mysproj.models import speedups
+
+    model, _ = _llava()
+    with monkeypatch.context() as m, caplog.at_level("WARNING"):
+        m.setattr(speedups, "fp8_supported", lambda llava: False)  # e.g. an A100 (sm80)
+        done = speedups.apply(model, fp8=True, compile=False)
+    assert done["fp8_layers"] == 0 and "no FP8 tensor cores" in caplog.text
+    assert speedups.apply(model, fp8=True, compile=False)["fp8_layers"] == 14

@@ -19,6 +19,22 @@ FP8_EXCLUDE = ("lm_head", "multi_modal_projector", "vision_tower")
 FP8_MIN_FEATURES = 1024  # below this the per-call quantization passes cost more than the FP8 GEMM saves
 
 
+def device_name(llava) -> str:
+    import torch
+
+    device = next(llava.parameters()).device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def fp8_supported(llava) -> bool:
+    """FP8 GEMMs exist on Ada/Hopper and later; an A100 would keep an FP8 copy of the weights for nothing.
+    CPUs run `_scaled_mm` too (slowly), which is how the tests exercise the path."""
+    import torch
+
+    device = next(llava.parameters()).device
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
 def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: bool = False) -> dict:
     """Apply the requested paths to `llava` in place; returns what was done (for logs and metrics). For inference
     (`training=False`) the whole model is frozen first: nothing trains, and FP8 converts frozen layers only."""
@@ -31,6 +47,10 @@ def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: b
         (log.warning if fp8 else log.info)("fp8/compile not applied under ZeRO-3 (parameters are gathered per "
                                            "layer)")
         return done
+    if fp8 and not fp8_supported(llava):
+        log.warning("fp8 requested, but %s has no FP8 tensor cores (compute capability 8.9+, e.g. H100/L4): "
+                    "running the model's own precision", device_name(llava))
+        fp8 = False
     if fp8:
         from mysproj.models.fp8 import convert_frozen_linears
 
