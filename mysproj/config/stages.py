@@ -98,7 +98,8 @@ class FinetuneConfig:
                                "0 = off", min=0.0)
     gradient_checkpointing: bool | None = opt(None, help="activation checkpointing in the LLM; default: on for "
                                               "full/lora (as the seed scripts), off for projector, whose "
-                                              "activations fit (issue 6: 1.3x faster)")
+                                              "activations fit (issue 6: 1.3x faster); the same result either "
+                                              "way", hashed=False)
     checkpoint_layers: int | None = opt(None, help="with checkpointing on, checkpoint only the first N decoder "
                                         "layers (default: all); fewer recomputations where memory allows", min=0,
                                         hashed=False)
