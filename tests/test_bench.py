@@ -64,6 +64,20 @@ def test_eval_llava(tmp_path, mode):
     assert all(r["generated_tokens"] == 16 for r in report["results"][1:])  # </s> suppressed: full length
 
 
+def test_eval_llava_fp8_reports_agreement(tmp_path, capsys, monkeypatch):
+    from mysproj.models import speedups
+
+    monkeypatch.setattr(speedups, "FP8_MIN_FEATURES", 16)  # the tiny LLM's layers are 64-128 wide
+    report = _bench(tmp_path, "eval-llava", "--batch-size", "4", "--mode", "scoring", "--classes", "5",
+                    "--set", "fp8=true")
+    _check(report, "eval-llava", ["ours"])
+    ours = report["results"][0]
+    assert ours["fp8_layers"] == 14 and report["settings"]["fp8"] is True
+    assert 0.0 <= ours["same_answers"] <= 1.0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"same answers as the model without fp8/compile: ours: {100 * ours['same_answers']:.1f}%")
+
+
 def test_eval_clip(tmp_path):
     report = _bench(tmp_path, "eval-clip", "--batch-size", "4", "--classes", "3", "--image-px", "80x60",
                     "--workers", "0", "--baseline", "--baseline-images", "3")

@@ -81,6 +81,10 @@ class BenchReport:
                  f"{self.flops_breakdown.get('total', 0) / 1e12:.3g} model TFLOP/item | "
                  f"MFU against {self.peak_tflops:g} TFLOP/s"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
+        agreement = [f"{m.variant}: {100 * m.extra['same_answers']:.1f}%" for m in self.measurements
+                     if "same_answers" in m.extra]
+        if agreement:  # a faster path (fp8, compile) beside the model as loaded, on the same batch
+            lines.append("same answers as the model without fp8/compile: " + ", ".join(agreement))
         return "\n".join(lines)
 
 
