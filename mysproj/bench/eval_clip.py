@@ -6,7 +6,7 @@ class embeddings, image tower preparation (`--set precision=bf16`, `--set compil
 workers read sha256-verified bytes and the batch is decoded and preprocessed on the device) and the stage's
 pipelined loop (`zero_shot_probs`: batch k encodes while batch k+1 decodes). One timed step = one batch: the
 wall-clock interval between consecutive results, the GPU drained before the first timed step and after the last
-(`time_pipelined`), so decode waits count and the overlap the stage gets is kept.
+(`time_steps(clock="pipelined")`), so decode waits count and the overlap the stage gets is kept.
 baseline: the seed's `zero_shot_inference.py`: transformers' `zero-shot-image-classification` pipeline on a
 `CLIPModel` of the same architecture, called once per image file with the class names (class prompts re-encoded
 every call), fp32 as the pipeline defaults; one timed step = one image.
@@ -22,7 +22,7 @@ import tempfile
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.results import BenchReport, Measurement, card_name
-from mysproj.bench.timing import Timing, free_memory, synchronize, time_steps
+from mysproj.bench.timing import free_memory, time_steps
 
 log = logging.getLogger("mysproj.bench")
 CLIP_PRESET = {"tiny": "clip-tiny", "llava-1.5-7b": "clip-vit-l-14-336"}
@@ -114,11 +114,11 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
     results = eval_clip.zero_shot_probs(clip, text, batches, tower)
     seen = []
 
-    def step():
+    def step(_):
         probs, _idx = next(results)
         seen.append(probs.shape[0])
 
-    timing = time_pipelined(step, device=args.device, warmup=args.warmup, steps=args.steps)
+    timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps, clock="pipelined")
     results.close()
     if sum(seen) != n:
         raise RuntimeError(f"eval-clip bench: {sum(seen)} images classified, expected {n}")
@@ -127,33 +127,6 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
                     f"{cfg.workers} decode workers", args.batch_size, args.batch_size, timing, 0.0, unit="images",
                     extra={"device_decoded_images": getattr(batches, "device_images", 0)})
     return clip, cfg, m
-
-
-def time_pipelined(step, *, device: str, warmup: int, steps: int) -> Timing:
-    """`time_steps(clock="wall")` for a loop that keeps one batch in flight: the device is drained only before the
-    first timed step and after the last, since draining it every step would serialise the decode/encode overlap
-    being measured. A step's time is the interval between consecutive results, so the steps add up to the run."""
-    import time
-
-    import torch
-
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    timing = Timing()
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-        now = time.perf_counter()
-        timing.step_s.append(now - t)
-        t = now
-    synchronize(device)
-    timing.step_s[-1] += time.perf_counter() - t
-    if device.startswith("cuda"):
-        timing.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
-    return timing
 
 
 def open_clip_dims(model) -> dict:

@@ -41,7 +41,10 @@ def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps
 
     `step` gets the step index so it can pick its batch. `clock`: "events" (CUDA events on the current stream),
     "wall" (a wall clock with the device drained before and after each step: for steps whose host work, such as
-    JPEG decode in worker processes, is part of what is measured) or "auto" (events on CUDA, wall on CPU)."""
+    JPEG decode in worker processes, is part of what is measured), "pipelined" (a wall clock for a loop that
+    keeps one batch in flight: the device is drained only before the first timed step and after the last, since
+    draining it every step would serialise the overlap being measured; a step's time is the interval between
+    consecutive results, so the steps add up to the run) or "auto" (events on CUDA, wall on CPU)."""
     import torch
 
     if steps < 1:
@@ -54,8 +57,14 @@ def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     timing = Timing()
+    t = time.perf_counter()
     for i in range(warmup, warmup + steps):
-        if events:
+        if clock == "pipelined":
+            step(i)
+            now = time.perf_counter()
+            timing.step_s.append(now - t)
+            t = now
+        elif events:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             step(i)
@@ -68,6 +77,9 @@ def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps
             step(i)
             synchronize(device)
             timing.step_s.append(time.perf_counter() - t0)
+    if clock == "pipelined":  # the work still queued belongs to the last step
+        synchronize(device)
+        timing.step_s[-1] += time.perf_counter() - t
     if cuda:
         timing.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
     return timing

@@ -83,7 +83,8 @@ class _Float8Matmul(torch.autograd.Function):
 
 
 @functools.cache
-def _fp8_capable(device_type: str, index: int | None) -> bool:
+def fp8_capable(device_type: str, index: int | None) -> bool:
+    """FP8 GEMMs exist on Ada/Hopper (compute capability 8.9) and later; CPUs run `_scaled_mm` too (slowly)."""
     if device_type == "cpu":
         return True
     return device_type == "cuda" and torch.cuda.get_device_capability(index) >= (8, 9)
@@ -124,7 +125,7 @@ class Float8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if not (frozen and x.dtype in GEMM_DTYPES and _fp8_capable(x.device.type, x.device.index)):
+        if not (frozen and x.dtype in GEMM_DTYPES and fp8_capable(x.device.type, x.device.index)):
             return F.linear(x, self.weight, self.bias)
         if self.w8.dtype != FP8 or self.w8.device != self.weight.device:  # after module.to(dtype) / .half()
             self.refresh()

@@ -41,7 +41,7 @@ def train(cfg, out) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = cfg.global_batch or strategies.DEFAULT_GLOBAL_BATCH[cfg.strategy]
     micro = default_micro_batch(global_batch, world, cfg.per_device_batch)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    bf16 = session.uses_bf16(cfg, cuda)
 
     data = PreparedData(cfg.data)
     loaded = load_llava(cfg.model, device="cpu", dtype=torch.bfloat16 if bf16 else torch.float32)

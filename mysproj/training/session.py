@@ -129,6 +129,10 @@ def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm
     return acc
 
 
+def uses_bf16(cfg, cuda: bool) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+
+
 def checkpointing(cfg) -> bool:
     """Activation checkpointing only where memory needs it: projector-only training keeps no optimizer state
     for the 7B LLM and its activations fit (43 GiB at micro-batch 16 of 640 tokens, compiled)."""
@@ -147,7 +151,7 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
     if cuda:  # the seed scripts' --tf32 True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    bf16 = uses_bf16(cfg, cuda)
     ds_name = resolve_deepspeed(cfg.deepspeed, cfg.strategy, cuda, world,
                                 gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
                                 llm_params=sum(p.numel() for p in model.model.language_model.parameters()))
