@@ -105,6 +105,41 @@ def test_probe_features(tmp_path):
     assert ours["pre_shape"] == [2, 32] and ours["post_shape"] == [2, 64]  # tiny: vision 32, text 64 wide
 
 
+@pytest.mark.parametrize("name,extra", [
+    ("finetune", ["--batch-size", "2"]),
+    ("eval-llava", ["--batch-size", "2", "--mode", "scoring", "--classes", "3"]),
+    ("eval-clip", ["--batch-size", "4", "--classes", "3", "--image-px", "80x60", "--workers", "0"]),
+    ("probe-features", ["--batch-size", "2", "--image-px", "80x60"]),
+])
+def test_profile_groups_one_extra_step(tmp_path, capsys, name, extra):
+    report = _bench(tmp_path, name, "--profile", *extra)
+    _check(report, name, ["ours"])
+    ours = report["results"][0]
+    assert ours["steps"] == 2  # the profiled step is not one of the timed ones
+    prof = ours["profile"]
+    assert prof["kinds"]["gemm"] > 0 and prof["top"]
+    assert sum(prof["kinds"].values()) == pytest.approx(prof["ms"])
+    assert list(prof["kinds"].values()) == sorted(prof["kinds"].values(), reverse=True)
+    out = capsys.readouterr().out
+    assert "profile of one ours step" in out and "gemm" in out
+
+
+@pytest.mark.parametrize("kernel,kind", [
+    ("nvjet_sm90_hsh_320x128_64x3_1x2_h_bz_coopB_TNT", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "attention"),
+    ("triton_poi_fused__unsafe_view_mul_silu_3", "fused (triton)"),
+    ("triton_poi_fused__scaled_dot_product_cudnn_attention__unsafe_view_add_cat", "fused (triton)"),
+    ("aten::addmm", "gemm"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("Memset (Device)", "copy/memset"),
+    ("aten::gelu", "other"),
+])
+def test_kernel_kinds(kernel, kind):
+    from mysproj.bench.profile import kernel_kind
+
+    assert kernel_kind(kernel) == kind
+
+
 def test_bad_arguments_exit_64(tmp_path):
     assert cli.main(["bench", "finetune", *TINY, "--set", "no-such-field=1"]) == 64
     assert cli.main(["bench", "eval-clip", *TINY, "--image-px", "big"]) == 64

@@ -171,3 +171,20 @@ def test_convert_skips_trainable_excluded_small_and_odd_linears():
         assert type(getattr(net, name)) is nn.Linear
     with pytest.raises(ValueError, match="divisible by 16"):
         Float8Linear(nn.Linear(100, 64))
+
+
+def test_backward_only_keeps_the_forward_and_quantizes_the_input_gradient():
+    linear = _frozen_linear(128, 64, torch.float32)
+    layer = Float8Linear(linear, forward_fp8=False)
+    assert layer.w8 is None and layer.w8_t.dtype == FP8
+    x = torch.randn(6, 128, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, F.linear(x, linear.weight, linear.bias))
+    g = torch.randn(6, 64)
+    y.backward(g)
+    g8, g_inv = quantize_rowwise(g)
+    expected = _dequant(g8, g_inv) @ _dequant(layer.w8_t, layer.w8_t_inv_scale).t()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-4)
+    assert 2e-3 < _rel_err(x.grad, g @ linear.weight) < 0.05
+    with pytest.raises(ValueError, match="does nothing"):
+        Float8Linear(linear, forward_fp8=False, keep_transposed=False)

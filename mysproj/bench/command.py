@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--json-out", default=None, help="write the results as JSON to this path/URI")
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                    help="per-card dense bf16 peak for MFU (measured H100-SXM/H200 matmul ceiling)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more step of ours: device time by kind (gemm, attention, fused, ...) and the "
+                        "top kernels, printed and in the JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", type=_field_value, metavar="FIELD=VALUE",
                    help="a config field of the stage measured, for ours, e.g. --set deepspeed=none "

@@ -102,7 +102,7 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
     from mysproj.models.clip import load_clip
     from mysproj.stages import eval_clip
 
-    n = args.batch_size * (args.warmup + args.steps)
+    n = args.batch_size * (args.warmup + args.steps + (1 if args.profile else 0))
     cfg = stage_config(EvalClipConfig, args, model=model_dir, data="bench:synthetic", out="bench:none",
                        batch_size=args.batch_size, workers=workers)
     clip = load_clip(model_dir, device=args.device)
@@ -118,7 +118,8 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
         probs, _idx = next(results)
         seen.append(probs.shape[0])
 
-    timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps, clock="pipelined")
+    timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps, clock="pipelined",
+                        profile=args.profile)
     results.close()
     if sum(seen) != n:
         raise RuntimeError(f"eval-clip bench: {sum(seen)} images classified, expected {n}")

@@ -113,7 +113,7 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     done = speedups.apply(model, fp8=cfg.fp8, compile=compile)
     answers = []
     timing = time_steps(lambda _: answers.append(answer()), device=args.device, warmup=args.warmup,
-                        steps=args.steps)
+                        steps=args.steps, profile=args.profile)
     what = ("stage eval_llava.generate (greedy, answers decoded)" if args.mode == "generate"
             else "evaluation.scoring.score_continuations (shared prefix, all classes in one pass)")
     what += "".join(f", {k}" for k, on in (("fp8 LLM", cfg.fp8), ("compiled layers", compile)) if on)

@@ -116,11 +116,12 @@ def _ours(args, device: str, layout, n_world: int, rank: int):
         micro_batches = [data[(i * accumulation + j) % len(data)] for j in range(accumulation)]
         losses.append(float(session.step(micro_batches, targets)) / targets * n_world)
 
-    timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps)
+    timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps, profile=args.profile)
     what = (f"mysproj.training ({cfg.strategy}, deepspeed {session.deepspeed or 'off'}, "
             f"micro-batch {micro} x {accumulation}, checkpointing {checkpointed(cfg, model.config)}, "
             f"{session.precision}"
-            f"{', fp8 frozen LLM' if cfg.fp8 else ''}{', compiled layers' if cfg.compile else ''})")
+            f"{', fp8 frozen LLM' if cfg.fp8 else ', fp8 input gradients' if cfg.fp8_backward else ''}"
+            f"{', compiled layers' if cfg.compile else ''})")
     m = Measurement("ours", what, args.batch_size, args.batch_size * n_world, timing, 0.0, n_devices=n_world,
                     extra={"losses": [round(x, 5) for x in losses]})
     return m, dims

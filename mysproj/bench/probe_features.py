@@ -38,7 +38,7 @@ def run(args) -> BenchReport:
     workers = os.cpu_count() or 1
     dtype = dtype_for("auto", args.device)
     with tempfile.TemporaryDirectory(prefix="mysproj-bench-probe-") as tmp:
-        n = args.batch_size * (args.warmup + args.steps)
+        n = args.batch_size * (args.warmup + args.steps + (1 if args.profile else 0))
         paths = synthetic.write_jpegs(tmp, min(UNIQUE_IMAGES, n), *args.image_wh, seed=args.seed)
         model, processor = build_model(args, dtype)
         dims = F.LlavaDims.from_config(model.config)
@@ -72,7 +72,8 @@ def _ours(args, model, processor, paths, n: int, workers: int) -> Measurement:
         pre, post = probe.image_features(model, torch.stack(pixels).to(args.device, model.dtype))
         shapes.append((tuple(pre.shape), tuple(post.shape)))
 
-    timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps, clock="wall")
+    timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps, clock="wall",
+                        profile=args.profile)
     return Measurement("ours", f"stage probe.image_features, {workers} decode workers", args.batch_size,
                        args.batch_size, timing, 0.0, unit="images",
                        extra={"pre_shape": list(shapes[-1][0]), "post_shape": list(shapes[-1][1])})

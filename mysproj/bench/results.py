@@ -85,6 +85,11 @@ class BenchReport:
                      if "same_answers" in m.extra]
         if agreement:  # a faster path (fp8, compile) beside the model as loaded, on the same batch
             lines.append("same answers as the model without fp8/compile: " + ", ".join(agreement))
+        for m in self.measurements:
+            if m.timing.profile is not None:
+                from mysproj.bench.profile import summary
+
+                lines.append(summary(m.variant, m.timing.profile))
         return "\n".join(lines)
 
 

@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 class Timing:
     step_s: list[float] = field(default_factory=list)   # recorded steps, seconds each
     peak_mem_gib: float | None = None                   # CUDA only
+    profile: dict | None = None                         # `mysproj.bench.profile.profile_step` of one more step
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.step_s)
 
     def as_dict(self) -> dict:
-        return {"median_step_s": self.median_s, "min_step_s": min(self.step_s), "max_step_s": max(self.step_s),
-                "steps": len(self.step_s), "peak_mem_gib": self.peak_mem_gib}
+        out = {"median_step_s": self.median_s, "min_step_s": min(self.step_s), "max_step_s": max(self.step_s),
+               "steps": len(self.step_s), "peak_mem_gib": self.peak_mem_gib}
+        return out if self.profile is None else {**out, "profile": self.profile}
 
 
 def synchronize(device: str) -> None:
@@ -36,7 +38,7 @@ def synchronize(device: str) -> None:
 
 
 def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps: int,
-               clock: str = "auto") -> Timing:
+               clock: str = "auto", profile: bool = False) -> Timing:
     """Run `step(i)` `warmup` times untimed, then `steps` times timed; returns per-step seconds and peak memory.
 
     `step` gets the step index so it can pick its batch. `clock`: "events" (CUDA events on the current stream),
@@ -44,7 +46,8 @@ def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps
     JPEG decode in worker processes, is part of what is measured), "pipelined" (a wall clock for a loop that
     keeps one batch in flight: the device is drained only before the first timed step and after the last, since
     draining it every step would serialise the overlap being measured; a step's time is the interval between
-    consecutive results, so the steps add up to the run) or "auto" (events on CUDA, wall on CPU)."""
+    consecutive results, so the steps add up to the run) or "auto" (events on CUDA, wall on CPU). `profile`: one
+    more step afterwards, untimed, under the profiler (`Timing.profile`)."""
     import torch
 
     if steps < 1:
@@ -82,6 +85,10 @@ def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps
         timing.step_s[-1] += time.perf_counter() - t
     if cuda:
         timing.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        from mysproj.bench.profile import profile_step
+
+        timing.profile = profile_step(lambda: step(warmup + steps), device)
     return timing
 
 

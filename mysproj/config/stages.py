@@ -105,6 +105,9 @@ class FinetuneConfig:
                                         hashed=False)
     fp8: bool = opt(False, help="FP8 matmuls for the frozen LLM (projector strategy): faster on H100/H200, "
                     "results at FP8 precision")
+    fp8_backward: bool = opt(False, help="FP8 only for the input-gradient matmuls through the frozen LLM "
+                             "(projector strategy): the forward and every loss stay bf16, the gradients carry "
+                             "FP8 rounding; implied by fp8")
     compile: bool = opt(True, help="torch.compile each decoder/encoder layer on GPUs (same results at bf16 "
                         "precision, faster steps after a minute of compiling; CPU runs stay eager)", hashed=False)
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)

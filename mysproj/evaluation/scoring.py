@@ -1,7 +1,8 @@
 """Batched LLaVA inputs and class scoring by log-likelihood, sharing the image+prompt prefix.
 
 Scoring runs one forward pass per batch over the left-padded prefix (image tokens + prompt) followed by all class
-continuations (" <label></s>", tokenized as in training) laid end to end, with a 4-D attention mask: the prefix
+continuations (" <label></s>", tokenized as in training; the final `</s>` is scored but not fed, since nothing
+after it is) laid end to end, with a 4-D attention mask: the prefix
 is causal, each continuation sees the prefix and its own earlier tokens only, and its position ids restart after
 the prefix. Logits are computed only at the positions that predict a continuation token. The prefix is computed
 once whatever the number of classes, and no KV cache is built (a prefix pass + a cached continuation pass spent
@@ -46,17 +47,18 @@ def continuation_ids(tokenizer, label: str) -> list[int]:
 
 
 def _scoring_block(conts: list[list[int]], prefix_mask, dtype):
-    """For the prefix (2-D mask [B, L]) followed by all continuations end to end (S tokens): continuation ids
-    [S], segment [S], offset in segment [S], and the additive 4-D mask [B, 1, L + S, L + S]."""
+    """The input block after the prefix (2-D mask [B, L]): every continuation but its last token (`</s>`, which
+    predicts nothing scored), end to end (S tokens). Returns input ids [S], segment [S], offset in segment [S],
+    and the additive 4-D mask [B, 1, L + S, L + S]."""
     import torch
 
     device = prefix_mask.device
     ids, seg, off = [], [], []
     for k, c in enumerate(conts):
-        ids += c
-        seg += [k] * len(c)
-        off += list(range(len(c)))
-    ids_t, seg_t, off_t = (torch.tensor(v, device=device) for v in (ids, seg, off))
+        ids += c[:-1]
+        seg += [k] * (len(c) - 1)
+        off += list(range(len(c) - 1))
+    ids_t, seg_t, off_t = (torch.tensor(v, dtype=torch.long, device=device) for v in (ids, seg, off))
     b, n_pre, n_cont = prefix_mask.shape[0], prefix_mask.shape[1], len(ids)
     real = prefix_mask.bool()
     causal = torch.ones((n_pre, n_pre), dtype=torch.bool, device=device).tril()
@@ -72,27 +74,41 @@ def _scoring_block(conts: list[list[int]], prefix_mask, dtype):
     return ids_t, seg_t, off_t, mask[:, None]
 
 
+def _targets(conts: list[list[int]], device):
+    """For every scored token (all of every continuation, end to end): its id, its segment, and the kept logits
+    row that predicts it: row 0 (the last prefix position) for a first token, else row 1 + the block index of
+    the same segment's previous token."""
+    import torch
+
+    tok, seg, rows, start = [], [], [], 0
+    for k, c in enumerate(conts):
+        tok += c
+        seg += [k] * len(c)
+        rows += [0] + [1 + start + t for t in range(len(c) - 1)]
+        start += len(c) - 1
+    return (torch.tensor(v, dtype=torch.long, device=device) for v in (tok, seg, rows))
+
+
 def score_continuations(model, batch: Batch, pixel_values, conts: list[list[int]]):
     """(scores [B, K] = sum of log p(continuation k | prefix), prefix next-token logits [B, V])."""
     import torch
 
+    if any(len(c) < 2 for c in conts):
+        raise ValueError("each continuation ends with </s> after at least one label token")
     with torch.no_grad():
         dtype = next(model.parameters()).dtype
-        ids, seg, off, mask = _scoring_block(conts, batch.attention_mask, dtype)
+        ids, _, off, mask = _scoring_block(conts, batch.attention_mask, dtype)
         b, n_pre = batch.input_ids.shape
         real_len = batch.attention_mask.sum(-1, keepdim=True)                               # [B, 1]
-        # logits at the last prefix position (predicts each continuation's first token) and at every
-        # continuation token but each segment's last (predicts the next token of the same segment)
-        keep = torch.cat([torch.tensor([n_pre - 1], device=ids.device), n_pre + torch.arange(len(ids) - 1,
+        # logits at the last prefix position and at every block token: each predicts a scored token
+        keep = torch.cat([torch.tensor([n_pre - 1], device=ids.device), n_pre + torch.arange(len(ids),
                                                                                              device=ids.device)])
         out = model(input_ids=torch.cat([batch.input_ids, ids[None].expand(b, -1)], dim=1), attention_mask=mask,
                     position_ids=torch.cat([batch.position_ids, real_len + off[None]], dim=1),
                     pixel_values=pixel_values, use_cache=False, logits_to_keep=keep)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)                                # [B, S, V]
+        logp = torch.log_softmax(out.logits.float(), dim=-1)                                # [B, 1+S, V]
         first_logits = out.logits[:, 0].float()
-        # token t of segment k is predicted by the prefix (offset 0) or by token t-1 of the same segment,
-        # which sits at kept row 1 + (its index in the block)
-        rows = torch.where(off == 0, torch.zeros_like(off), torch.arange(len(ids), device=ids.device))
-        tok_lp = logp[:, rows, ids]                                                          # [B, S]
+        tok, seg, rows = _targets(conts, ids.device)
+        tok_lp = logp[:, rows, tok]                                                          # [B, T]
         scores = torch.zeros((b, len(conts)), device=ids.device).index_add_(1, seg, tok_lp)
     return scores, first_logits

@@ -70,6 +70,8 @@ class _Float8Matmul(torch.autograd.Function):
         ctx.x_dtype = x2d.dtype
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(*((weight,) if w8_t is None else (w8_t, w8_t_inv_scale)))
+        if w8 is None:  # backward-only FP8: the forward (and so the loss) is the plain matmul's
+            return F.linear(x2d.to(out_dtype), weight.to(out_dtype), None if bias is None else bias.to(out_dtype))
         return _scaled_matmul(x2d, w8, w8_inv_scale, bias, out_dtype)
 
     @staticmethod
@@ -93,15 +95,21 @@ def fp8_capable(device_type: str, index: int | None) -> bool:
 class Float8Linear(nn.Module):
     """A frozen `nn.Linear` whose matmuls (forward and input gradient) run in FP8 with rowwise scales.
 
+    `forward_fp8=False` keeps the forward in the input's precision and runs only the input gradient in FP8:
+    the loss is exactly the plain layer's, the gradients carry FP8's rounding (as FP8 training recipes do for
+    gradients), and half of a frozen layer's matmul work still runs at the FP8 rate.
+
     `weight`/`bias` are the original Parameters, so `state_dict()` is unchanged. Call `refresh()` after
     changing the weight in place (`load_state_dict` does it through a hook)."""
 
-    def __init__(self, linear: nn.Linear, *, keep_transposed: bool = True):
+    def __init__(self, linear: nn.Linear, *, keep_transposed: bool = True, forward_fp8: bool = True):
         super().__init__()
         if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(f"FP8 GEMMs need in/out features divisible by 16, got {linear.weight.shape[::-1]}")
+        if not (forward_fp8 or keep_transposed):
+            raise ValueError("Float8Linear with neither an FP8 forward nor an FP8 input gradient does nothing")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.keep_transposed = keep_transposed
+        self.keep_transposed, self.forward_fp8 = keep_transposed, forward_fp8
         self.weight = linear.weight
         self.register_parameter("bias", linear.bias)
         for name in ("w8", "w8_inv_scale", "w8_t", "w8_t_inv_scale"):
@@ -113,8 +121,9 @@ class Float8Linear(nn.Module):
     def refresh(self) -> None:
         """Rebuild the e4m3 copies from the current weight."""
         w = self.weight.detach()
-        self.w8, inv = quantize_rowwise(w)  # [N, K]: one scale per output feature
-        self.w8_inv_scale = inv.reshape(1, -1)
+        if self.forward_fp8:
+            self.w8, inv = quantize_rowwise(w)  # [N, K]: one scale per output feature
+            self.w8_inv_scale = inv.reshape(1, -1)
         if self.keep_transposed:
             self.w8_t, inv_t = quantize_rowwise(w.t())  # [K, N]: one scale per input feature
             self.w8_t_inv_scale = inv_t.reshape(1, -1)
@@ -127,7 +136,8 @@ class Float8Linear(nn.Module):
         frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
         if not (frozen and x.dtype in GEMM_DTYPES and fp8_capable(x.device.type, x.device.index)):
             return F.linear(x, self.weight, self.bias)
-        if self.w8.dtype != FP8 or self.w8.device != self.weight.device:  # after module.to(dtype) / .half()
+        quantized = self.w8 if self.forward_fp8 else self.w8_t
+        if quantized.dtype != FP8 or quantized.device != self.weight.device:  # after module.to(dtype) / .half()
             self.refresh()
         device_type = x.device.type
         out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
@@ -136,11 +146,12 @@ class Float8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fp8={'forward+backward' if self.forward_fp8 else 'backward'}")
 
 
 def convert_frozen_linears(module: nn.Module, *, exclude: tuple[str, ...] = (), min_features: int = 1024,
-                           keep_transposed: bool = True) -> list[str]:
+                           keep_transposed: bool = True, forward_fp8: bool = True) -> list[str]:
     """Replace, in place, every plain `nn.Linear` under `module` that is frozen (no parameter requires grad),
     has in/out features divisible by 16 and at least `min_features`, and whose qualified name contains none of
     `exclude`. Returns the qualified names converted.
@@ -148,7 +159,7 @@ def convert_frozen_linears(module: nn.Module, *, exclude: tuple[str, ...] = (), 
     `min_features` (smaller of in/out) keeps small layers, where the per-call activation quantization costs
     more than the GEMM saves, in bf16; 1024 is a guess to be set from measurements. Subclasses of `nn.Linear`
     are left alone (their forward may differ). `keep_transposed=False` saves one byte per weight when no
-    gradient flows (evaluation)."""
+    gradient flows (evaluation); `forward_fp8=False` converts the input gradients only (see `Float8Linear`)."""
     targets = []
     for parent_name, parent in module.named_modules():
         for child_name, child in parent.named_children():
@@ -159,5 +170,5 @@ def convert_frozen_linears(module: nn.Module, *, exclude: tuple[str, ...] = (), 
                     and child.weight.dtype in GEMM_DTYPES and not any(s in name for s in exclude)):
                 targets.append((parent, child_name, name, child))
     for parent, child_name, _name, child in targets:
-        setattr(parent, child_name, Float8Linear(child, keep_transposed=keep_transposed))
+        setattr(parent, child_name, Float8Linear(child, keep_transposed=keep_transposed, forward_fp8=forward_fp8))
     return [name for _parent, _child_name, name, _child in targets]

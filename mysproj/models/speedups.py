@@ -4,6 +4,8 @@
   about twice the bf16 tensor-core rate on Hopper. Results change at FP8's precision (see the README's numbers),
   so it is off by default. The LM head, projector and vision tower stay as they are: the head decides every
   prediction and the other two are a few % of the work.
+- `fp8_backward` (training): only the input-gradient matmuls through the frozen layers run in FP8; the forward,
+  and so every loss, is the model's own precision.
 - `compile`: `torch.compile` of each decoder layer (and vision encoder layer), compiled once and reused by all 32
   identical layers; fuses the norms, rotary embedding and SwiGLU elementwise work around the matmuls.
 
@@ -34,23 +36,25 @@ def fp8_supported(llava) -> bool:
     return fp8_capable(device.type, device.index)
 
 
-def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: bool = False) -> dict:
+def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: bool = False,
+          fp8_backward: bool = False) -> dict:
     """Apply the requested paths to `llava` in place; returns what was done (for logs and metrics). For inference
     (`training=False`) the whole model is frozen first: nothing trains, and FP8 converts frozen layers only."""
     done = {"fp8_layers": 0, "compiled_layers": 0}
-    if not (fp8 or compile):
+    fp8_backward = fp8_backward and training and not fp8
+    if not (fp8 or fp8_backward or compile):
         return done
     if not training:
         llava.requires_grad_(False)
     if sharded:  # compile is on by default, so only an explicit fp8 request is worth a warning
-        (log.warning if fp8 else log.info)("fp8/compile not applied under ZeRO-3 (parameters are gathered per "
-                                           "layer)")
+        (log.warning if fp8 or fp8_backward else log.info)(
+            "fp8/compile not applied under ZeRO-3 (parameters are gathered per layer)")
         return done
-    if fp8 and not fp8_supported(llava):
+    if (fp8 or fp8_backward) and not fp8_supported(llava):
         log.warning("fp8 requested, but %s has no FP8 tensor cores (compute capability 8.9+, e.g. H100/L4): "
                     "running the model's own precision", device_name(llava))
-        fp8 = False
-    if fp8:
+        fp8 = fp8_backward = False
+    if fp8 or fp8_backward:
         from mysproj.models.fp8 import convert_frozen_linears
 
         trained = [n for n, p in llava.model.language_model.named_parameters() if p.requires_grad]
@@ -60,8 +64,9 @@ def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: b
         # Inference needs no input gradient, so no transposed copy (1 byte a weight instead of 2).
         done["fp8_layers"] = len(convert_frozen_linears(llava.model.language_model, exclude=FP8_EXCLUDE,
                                                         min_features=FP8_MIN_FEATURES,
-                                                        keep_transposed=training))
-        log.info("fp8: %d frozen language-model Linear layers compute in float8_e4m3", done["fp8_layers"])
+                                                        keep_transposed=training, forward_fp8=fp8))
+        log.info("fp8: %d frozen language-model Linear layers compute %s in float8_e4m3", done["fp8_layers"],
+                 "forward and input gradient" if fp8 else "the input gradient")
     if compile:
         layers = list(llava.model.language_model.layers)
         tower = llava.model.vision_tower

@@ -184,7 +184,7 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
     # After prepare: the weights are on the card, and the swapped/compiled modules hold no trained parameter.
     llava = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
     speedups.apply(llava, fp8=cfg.fp8, compile=cfg.compile and cuda, sharded=ds_name in ("zero3", "zero3-offload"),
-                   training=True)
+                   training=True, fp8_backward=cfg.fp8_backward)
     pixel_dtype = next(unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
     return Session(cfg, acc, prepared, unwrapped, optimizer, scheduler, ds_name, "bf16" if bf16 else "fp32",
                    pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world)
