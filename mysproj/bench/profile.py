@@ -8,6 +8,7 @@ precision help), by attention, or by the elementwise work that fusion removes.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 KINDS = (  # first match wins; names are lower-cased kernel or operator names. Inductor names its kernels after
@@ -46,11 +47,11 @@ def profile_step(step: Callable[[], object], device: str) -> dict:
         us = ev.device_time_total if cuda else ev.self_cpu_time_total
         if us > 0:
             rows.append((us / 1e3, ev.count, ev.key))
-    kinds: dict[str, float] = {}
+    kinds = Counter()
     for ms, _, name in rows:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kinds[kernel_kind(name)] += ms
     rows.sort(reverse=True)
-    return {"ms": sum(r[0] for r in rows), "kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+    return {"ms": sum(r[0] for r in rows), "kinds": dict(kinds.most_common()),
             "top": [[round(ms, 3), n, name[:120]] for ms, n, name in rows[:TOP]]}
 
 

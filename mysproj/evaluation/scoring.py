@@ -48,8 +48,8 @@ def continuation_ids(tokenizer, label: str) -> list[int]:
 
 def _scoring_block(conts: list[list[int]], prefix_mask, dtype):
     """The input block after the prefix (2-D mask [B, L]): every continuation but its last token (`</s>`, which
-    predicts nothing scored), end to end (S tokens). Returns input ids [S], segment [S], offset in segment [S],
-    and the additive 4-D mask [B, 1, L + S, L + S]."""
+    predicts nothing scored), end to end (S tokens). Returns input ids [S], offset in segment [S] and the
+    additive 4-D mask [B, 1, L + S, L + S]."""
     import torch
 
     device = prefix_mask.device
@@ -71,7 +71,7 @@ def _scoring_block(conts: list[list[int]], prefix_mask, dtype):
     allowed |= torch.eye(n_pre + n_cont, dtype=torch.bool, device=device)[None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return ids_t, seg_t, off_t, mask[:, None]
+    return ids_t, off_t, mask[:, None]
 
 
 def _targets(conts: list[list[int]], device):
@@ -97,7 +97,7 @@ def score_continuations(model, batch: Batch, pixel_values, conts: list[list[int]
         raise ValueError("each continuation ends with </s> after at least one label token")
     with torch.no_grad():
         dtype = next(model.parameters()).dtype
-        ids, _, off, mask = _scoring_block(conts, batch.attention_mask, dtype)
+        ids, off, mask = _scoring_block(conts, batch.attention_mask, dtype)
         b, n_pre = batch.input_ids.shape
         real_len = batch.attention_mask.sum(-1, keepdim=True)                               # [B, 1]
         # logits at the last prefix position and at every block token: each predicts a scored token
