@@ -61,6 +61,23 @@ def prep(tmp_path_factory) -> str:
     return _BUILT["prep"]
 
 
+@pytest.fixture
+def deepspeed_one_process(monkeypatch):
+    """DeepSpeed's CPU accelerator in this process: it needs a (1-process) process group. Afterwards the group and
+    DeepSpeed's cached clone of it are gone, so a later test starts cleanly."""
+    pytest.importorskip("deepspeed")
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", "29513")):
+        monkeypatch.setenv(k, v)
+    yield
+    import torch
+    from deepspeed.utils import groups
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    groups._WORLD_GROUP = None
+
+
 def finetune(tiny_model: str, prep: str, out: str, **fields) -> dict:
     base = dict(model=tiny_model, data=prep, out=out, global_batch=8, per_device_batch=4, workers=0,
                 log_every=1, checkpoint_every=100, lora_r=4, lora_alpha=8)

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import finetune, kill_after_checkpoint, prep, stage, tiny_model, weights  # noqa: E402,F401
+from _models_fixtures import deepspeed_one_process, finetune, kill_after_checkpoint, prep, stage, tiny_model, weights  # noqa: E402,F401
 
 VISION = "model.vision_tower."
 PROJECTOR = "model.multi_modal_projector."
@@ -215,16 +215,10 @@ def test_two_processes_train_like_one(tiny_model, prep, tmp_path):  # noqa: F811
     assert [r["loss"] for r in _metrics(single)] == pytest.approx([r["loss"] for r in _metrics(multi)], rel=1e-5)
 
 
-def test_deepspeed_zero3_path_matches_and_resumes(tiny_model, prep, tmp_path, monkeypatch, request):  # noqa: F811
+def test_deepspeed_zero3_path_matches_and_resumes(tiny_model, prep, tmp_path, monkeypatch,  # noqa: F811
+                                                  deepspeed_one_process):  # noqa: F811
     """The GPU code path (accelerate + DeepSpeed ZeRO-3: engine backward/step, sharded checkpoints with frozen
     weights excluded, the 16-bit gather at export) run on DeepSpeed's CPU accelerator, in fp32."""
-    pytest.importorskip("deepspeed")
-
-    # DeepSpeed needs a (1-process) process group; keep its variables and group out of later tests.
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", "29513")):
-        monkeypatch.setenv(k, v)
-    request.addfinalizer(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     fields = dict(strategy="full", max_steps=3, checkpoint_every=2, lr=1e-3, precision="fp32")
     plain = str(tmp_path / "plain")
     finetune(tiny_model, prep, plain, **fields)

@@ -16,17 +16,27 @@ def supervised_positions(labels):
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
 
 
-def answer_loss_sum(model, batch: dict, pixel_dtype, device):
+def answer_loss_sum(model, batch: dict, pixel_dtype, device, shared=None):
     """Sum over the micro-batch of the token cross-entropy of supervised tokens (a 0-dim tensor on `device`).
-    `batch` holds input_ids, attention_mask, pixel_values and labels (right-padded, -100 where unsupervised)."""
+    `batch` holds input_ids, attention_mask, pixel_values and labels (right-padded, -100 where unsupervised).
+    `shared` (a `SharedPrefixForward`, projector strategy) computes the same logits without the shared prefix's
+    and the last layer's unread work, wherever the batch allows it."""
     import torch.nn.functional as F
 
-    labels = batch["labels"]
+    from mysproj.models.shared_prefix import prefix_length
+
+    labels, ids = batch["labels"], batch["input_ids"]
     keep = supervised_positions(labels)
     targets = labels[:, 1:][:, keep].to(device, non_blocking=True)
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                pixel_values=batch["pixel_values"].to(device, pixel_dtype), use_cache=False,
-                logits_to_keep=keep.to(device))
-    logits = out.logits.float()
+    pixels = batch["pixel_values"].to(device, pixel_dtype)
+    prefix = 0
+    if shared is not None and len(keep):
+        prefix = prefix_length(ids, batch["attention_mask"], shared.llava.config.image_token_id)
+    if prefix and int(keep[0]) >= prefix:
+        logits = shared.logits(ids, pixels, keep.to(device), prefix).float()
+    else:
+        out = model(input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device),
+                    pixel_values=pixels, use_cache=False, logits_to_keep=keep.to(device))
+        logits = out.logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="sum")

@@ -32,6 +32,7 @@ class Session:
     pixel_dtype: Any
     trainable: list
     world: int
+    shared: Any = None  # SharedPrefixForward where it applies (projector strategy)
 
     @property
     def n_trainable(self) -> int:
@@ -46,7 +47,7 @@ class Session:
         total = torch.zeros((), device=acc.device)
         for batch in micro_batches:
             with acc.accumulate(self.model):
-                loss_sum = answer_loss_sum(self.model, batch, self.pixel_dtype, acc.device)
+                loss_sum = answer_loss_sum(self.model, batch, self.pixel_dtype, acc.device, self.shared)
                 acc.backward(loss_sum * (self.world * accumulation / targets))
                 if acc.sync_gradients:
                     if not self.deepspeed and self.cfg.max_grad_norm > 0:
@@ -187,4 +188,25 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
                    training=True, fp8_backward=cfg.fp8_backward)
     pixel_dtype = next(unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
     return Session(cfg, acc, prepared, unwrapped, optimizer, scheduler, ds_name, "bf16" if bf16 else "fp32",
-                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world)
+                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world,
+                   shared_prefix(cfg, acc, prepared, llava, ds_name, cuda))
+
+
+def shared_prefix(cfg, acc, prepared, llava, ds_name, cuda):
+    """The projector strategy's SharedPrefixForward, where it applies. Not under DDP, whose gradient all-reduce is
+    armed by its own forward (DeepSpeed's hooks sit on the parameters), nor ZeRO-3 (parameters gathered per
+    module call), nor with checkpointing (the layer functions keep their activations)."""
+    import torch
+
+    from mysproj.models.shared_prefix import SharedPrefixForward
+
+    if cfg.strategy != "projector" or not cfg.shared_prefix:
+        return None
+    reason = ("checkpointing is on" if checkpointing(cfg) else
+              "DDP" if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) else
+              "ZeRO-3" if ds_name in ("zero3", "zero3-offload") else
+              "the language model is not Llama-family" if not SharedPrefixForward.supports(llava) else None)
+    if reason:
+        log.info("shared_prefix: off (%s); the model's own forward runs", reason)
+        return None
+    return SharedPrefixForward(llava, compile=cfg.compile and cuda, autocast=acc.autocast)
