@@ -79,6 +79,30 @@ def test_scoring_equals_full_sequence_loglikelihood(prep_uri, loaded):  # noqa: 
     assert fast.argmax(-1).tolist() == slow.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_scoring_with_the_shared_prefix_equals_without(prep_uri, loaded, padded):  # noqa: F811
+    """The system prompt's keys and values kept, the last layer at the read rows only: the same scores. Only an
+    unpadded batch (every image with the same prompt, as a dataset's are) takes that path."""
+    from mysproj.evaluation import scoring
+    from mysproj.models.shared_prefix import SharedPrefixForward
+
+    data, prompts, pix, conts = _inputs(prep_uri, loaded)
+    if not padded:
+        prompts = [prompts[0]] * len(prompts)
+    model = loaded.model
+    batch = scoring.left_pad(prompts, loaded.tokenizer.pad_token_id, "cpu")
+    ref, ref_first = scoring.score_continuations(model, batch, pix, conts)
+    fast = SharedPrefixForward(model)
+    calls, real = [], fast._logits
+    fast._logits = lambda *a: calls.append(a[3]) or real(*a)
+    for _ in range(2):  # the second batch reuses the system prompt's keys and values
+        got, first = scoring.score_continuations(model, batch, pix, conts, fast)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(first, ref_first, atol=1e-4, rtol=1e-5)
+    assert calls == ([] if padded else [prompts[0].index(model.config.image_token_id)] * 2)
+    assert len(fast._past) == (0 if padded else 1)
+
+
 def test_scoring_does_not_depend_on_batching(prep_uri, loaded):  # noqa: F811
     from mysproj.evaluation import scoring
 

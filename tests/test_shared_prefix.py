@@ -90,7 +90,7 @@ def test_same_loss_and_projector_gradient_as_the_model_forward(lengths):
     assert _loss_and_grads(model, batch, None)[0] == pytest.approx(ref_loss, rel=1e-6)  # the model's own forward
     calls = []
     real = shared._logits
-    shared._logits = lambda *a: calls.append(a[-1]) or real(*a)
+    shared._logits = lambda *a: calls.append(a[3]) or real(*a)
     loss, grads = _loss_and_grads(model, batch, shared)
     assert calls == [5]                                  # the shortcut ran, with the 5-token prefix
     assert loss == pytest.approx(ref_loss, rel=1e-5)
@@ -155,7 +155,7 @@ def test_projector_stage_uses_it_and_trains_the_same_weights(tiny_model, prep, t
 
     calls = []
     real = SharedPrefixForward._logits
-    monkeypatch.setattr(SharedPrefixForward, "_logits", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    monkeypatch.setattr(SharedPrefixForward, "_logits", lambda self, *a: calls.append(a[3]) or real(self, *a))
     fields = dict(strategy="projector", max_steps=2, lr=1e-3, precision="fp32")
     plain, fast = str(tmp_path / "plain"), str(tmp_path / "fast")
     finetune(tiny_model, prep, plain, shared_prefix=False, **fields)
@@ -178,7 +178,7 @@ def test_under_deepspeed_zero2_it_trains_the_same_weights(tiny_model, prep, tmp_
 
     calls = []
     real = SharedPrefixForward._logits
-    monkeypatch.setattr(SharedPrefixForward, "_logits", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    monkeypatch.setattr(SharedPrefixForward, "_logits", lambda self, *a: calls.append(a[3]) or real(self, *a))
     fields = dict(strategy="projector", max_steps=2, lr=1e-3, precision="fp32")
     plain, ds = str(tmp_path / "plain"), str(tmp_path / "zero2")
     finetune(tiny_model, prep, plain, shared_prefix=False, **fields)

@@ -96,7 +96,7 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     loaded, and the share of answers the faster model reproduces is reported (`same_answers`)."""
     from mysproj.evaluation.scoring import score_continuations
     from mysproj.models import speedups
-    from mysproj.stages.eval_llava import compiles, generate
+    from mysproj.stages.eval_llava import compiles, generate, scoring_forward
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = prompt_batch(model.config, layout, args.batch_size, args.seed, args.device, pad_id)
@@ -105,18 +105,21 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     def answer():
         if args.mode == "generate":
             return generate(model, batch, pixels, args.new_tokens, pad_id, tok)
-        scores, _ = score_continuations(model, batch, pixels, conts)
+        scores, _ = score_continuations(model, batch, pixels, conts, fast)
         return scores.argmax(-1).tolist()
 
     compile = compiles(cfg, args.device)
-    reference = answer() if (cfg.fp8 or compile) else None
+    fast = None  # the reference answers come from the model as loaded
+    reference = answer() if (cfg.fp8 or compile or (args.mode == "scoring" and cfg.shared_prefix)) else None
     done = speedups.apply(model, fp8=cfg.fp8, compile=compile)
+    fast = scoring_forward(cfg, model, args.device)
     answers = []
     timing = time_steps(lambda _: answers.append(answer()), device=args.device, warmup=args.warmup,
                         steps=args.steps, profile=args.profile)
     what = ("stage eval_llava.generate (greedy, answers decoded)" if args.mode == "generate"
             else "evaluation.scoring.score_continuations (shared prefix, all classes in one pass)")
-    what += "".join(f", {k}" for k, on in (("fp8 LLM", cfg.fp8), ("compiled layers", compile)) if on)
+    what += "".join(f", {k}" for k, on in (("fp8 LLM", cfg.fp8), ("compiled layers", compile),
+                                           ("shared prefix", fast is not None)) if on)
     extra = {"answers_per_step": len(answers[-1]), **done}
     if reference is not None:
         extra["same_answers"] = round(sum(a == b for a, b in zip(reference, answers[-1])) / len(reference), 4)

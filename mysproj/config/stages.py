@@ -182,6 +182,9 @@ class EvalLlavaConfig:
     compile: bool = opt(True, help="torch.compile each decoder/encoder layer on GPUs, scoring mode (same "
                         "predictions, 1.3x faster after a minute of compiling; CPU runs and generate stay eager)",
                         hashed=False)
+    shared_prefix: bool = opt(True, help="scoring mode: the system prompt's keys and values once per run, the "
+                              "last LLM layer only where scores are read (the same scores, less work)",
+                              hashed=False)
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 

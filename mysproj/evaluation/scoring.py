@@ -89,9 +89,13 @@ def _targets(conts: list[list[int]], device):
     return (torch.tensor(v, dtype=torch.long, device=device) for v in (tok, seg, rows))
 
 
-def score_continuations(model, batch: Batch, pixel_values, conts: list[list[int]]):
-    """(scores [B, K] = sum of log p(continuation k | prefix), prefix next-token logits [B, V])."""
+def score_continuations(model, batch: Batch, pixel_values, conts: list[list[int]], fast=None):
+    """(scores [B, K] = sum of log p(continuation k | prefix), prefix next-token logits [B, V]). `fast` (a
+    `SharedPrefixForward` of `model`) computes the same logits without the system prompt's rows (their keys and
+    values are kept across batches) and with the last layer at the read rows only, where the batch allows."""
     import torch
+
+    from mysproj.models.shared_prefix import prefix_length
 
     if any(len(c) < 2 for c in conts):
         raise ValueError("each continuation ends with </s> after at least one label token")
@@ -103,11 +107,17 @@ def score_continuations(model, batch: Batch, pixel_values, conts: list[list[int]
         # logits at the last prefix position and at every block token: each predicts a scored token
         keep = torch.cat([torch.tensor([n_pre - 1], device=ids.device), n_pre + torch.arange(len(ids),
                                                                                              device=ids.device)])
-        out = model(input_ids=torch.cat([batch.input_ids, ids[None].expand(b, -1)], dim=1), attention_mask=mask,
-                    position_ids=torch.cat([batch.position_ids, real_len + off[None]], dim=1),
-                    pixel_values=pixel_values, use_cache=False, logits_to_keep=keep)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)                                # [B, 1+S, V]
-        first_logits = out.logits[:, 0].float()
+        input_ids = torch.cat([batch.input_ids, ids[None].expand(b, -1)], dim=1)
+        position_ids = torch.cat([batch.position_ids, real_len + off[None]], dim=1)
+        prefix = 0 if fast is None else prefix_length(batch.input_ids, batch.attention_mask,
+                                                      model.config.image_token_id)
+        if prefix:
+            logits = fast.logits(input_ids, pixel_values, keep, prefix, mask=mask, position_ids=position_ids)
+        else:
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                           pixel_values=pixel_values, use_cache=False, logits_to_keep=keep).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)                                    # [B, 1+S, V]
+        first_logits = logits[:, 0].float()
         tok, seg, rows = _targets(conts, ids.device)
         tok_lp = logp[:, rows, tok]                                                          # [B, T]
         scores = torch.zeros((b, len(conts)), device=ids.device).index_add_(1, seg, tok_lp)

@@ -1,22 +1,22 @@
-"""Projector-only training without the LLM work whose result nothing reads.
-
-With the LLM frozen (the projector strategy), two parts of the model's own forward and backward are wasted:
+"""LLaVA logits through a frozen LLM without the work whose result nothing reads: projector-only training
+(`training/loss.py`) and class scoring (`evaluation/scoring.py`).
 
 - **The shared prefix.** Every llava_v1 example starts with the same tokens before its image (the system prompt
-  and "USER:", 35 of 640). Nothing in them depends on the projector, yet the model computes them for every row
-  of every micro-batch and back-propagates through them. Here they run once per run (the LLM is frozen, so their
-  keys and values never change), at batch 1, without gradient, and the rows from the image on attend to them.
-- **The last layer.** Its output is read only at the positions that predict a supervised token (the answer, ~5
-  of 640). It still needs keys and values everywhere (those queries attend to them), but its queries, attention
-  output and MLP run at the kept positions only.
+  and "USER:", 35 of 640). With the LLM frozen nothing in them changes, yet the model computes them for every row
+  of every batch (and training back-propagates through them). Here their keys and values are computed once per
+  run, at batch 1, without gradient, and the rows from the image on attend to them.
+- **The last layer.** Its output is read only at the positions whose logits are used (the answer, ~5 of 640 in
+  training; the scored rows in scoring). It still needs keys and values everywhere (those queries attend to
+  them), but its queries, attention output and MLP run at the kept positions only.
 - **Fused projections**: q, k, v share one weight, and gate and up another (`fuse_frozen_projections`).
 - **The vision tower** runs up to the layer LLaVA reads (-2: 23 of 24), as one function, with no hooks collecting
   every layer's output.
 
-The mathematics is the model's own, so losses and gradients equal the plain forward's within rounding (the CPU
-tests check it in fp32). It applies when the micro-batch allows: every row shares the tokens before one common
-first image position, and rows are right-padded (a causal row never sees the padding after it, so no mask is
-needed); otherwise `prefix_length` returns 0 and the caller runs the model as usual.
+The mathematics is the model's own, so losses, gradients and scores equal the plain forward's within rounding
+(the CPU tests check it in fp32). It applies when the batch allows: every row shares the tokens before one
+common first image position, unpadded there, and rows are right-padded (a causal row never sees the padding
+after it, so training needs no mask; scoring passes its own); otherwise `prefix_length` returns 0 and the
+caller runs the model as usual.
 """
 
 from __future__ import annotations
@@ -113,36 +113,41 @@ def _repeat_kv(t, groups: int):
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
-def layer_step(layer, h, cos, sin, past_k=None, past_v=None):
+def layer_step(layer, h, cos, sin, past_k=None, past_v=None, mask=None):
     """One LlamaDecoderLayer over rows `h` [B, N, d] that follow a cached prefix (past_k/v [1, H, P, D] or None);
-    returns (h out, this layer's k, v for these rows). cos/sin: [1, N, D] at the rows' positions.
+    returns (h out, this layer's k, v for these rows). cos/sin: [1 or B, N, D] at the rows' positions. `mask`:
+    None (causal) or an additive [B, 1, N, P + N] mask (scoring's).
 
-    The queries are prepended with P zero rows so the attention is the plain top-left causal kernel (the fastest
-    SDPA path; a prefix needs bottom-right alignment otherwise), and those rows' outputs are dropped."""
+    Causal without a mask, the queries are prepended with P zero rows so the attention is the plain top-left
+    causal kernel (the fastest SDPA path; a prefix needs bottom-right alignment otherwise), and those rows'
+    outputs are dropped."""
     attn = layer.self_attn
     q, k, v = _qkv(attn, layer.input_layernorm(h))
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    p = 0 if past_k is None else past_k.shape[2]
+    p = 0 if past_k is None or mask is not None else past_k.shape[2]
     if p:
         q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], p, q.shape[3]), q], dim=2)
     groups = attn.num_key_value_groups
     o = F.scaled_dot_product_attention(q, _repeat_kv(_with_past(past_k, k), groups),
-                                       _repeat_kv(_with_past(past_v, v), groups), is_causal=True,
-                                       scale=attn.scaling)[:, :, p:]
+                                       _repeat_kv(_with_past(past_v, v), groups), attn_mask=mask,
+                                       is_causal=mask is None, scale=attn.scaling)[:, :, p:]
     h = h + attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
     return h + _mlp(layer.mlp, layer.post_attention_layernorm(h)), k, v
 
 
-def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows):
+def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows, mask=None):
     """The last decoder layer's output at `rows` only ([B, R, d]; indices into h's N rows, sorted): keys and values
-    for every row, queries, attention output and MLP at `rows`."""
+    for every row, queries, attention output and MLP at `rows`. `mask` as in `layer_step`."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     k, v = _qkv(attn, x, "kv")
     k, v = _with_past(past_k, _rope(k, cos, sin)), _with_past(past_v, v)
     q = _rope(_qkv(attn, x[:, rows], "q")[0], cos[:, rows], sin[:, rows])
     p = 0 if past_k is None else past_k.shape[2]
-    visible = torch.arange(k.shape[2], device=h.device)[None, :] <= (rows + p)[:, None]   # causal, [R, P + N]
+    if mask is None:
+        visible = torch.arange(k.shape[2], device=h.device)[None, :] <= (rows + p)[:, None]   # causal, [R, P + N]
+    else:
+        visible = mask[:, :, rows]
     groups = attn.num_key_value_groups
     o = F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=visible,
                                        scale=attn.scaling)
@@ -203,11 +208,12 @@ class SharedPrefixForward:
         layers = getattr(llava.model.language_model, "layers", [])
         return len(layers) > 0 and all(type(la).__name__ == "LlamaDecoderLayer" for la in layers)
 
-    def logits(self, input_ids, pixel_values, keep, prefix: int):
-        """input_ids [B, T] (the CPU copy), `keep` (positions on the device, all >= prefix) -> logits
-        [B, len(keep), V]."""
+    def logits(self, input_ids, pixel_values, keep, prefix: int, mask=None, position_ids=None):
+        """input_ids [B, T], `keep` (positions on the device, all >= prefix) -> logits [B, len(keep), V].
+        Causal with positions 0..T-1 by default; `mask` (additive [B, 1, T, T]) and `position_ids` ([B, T]) as
+        scoring passes them (the prefix rows must be unpadded: `prefix_length` checks)."""
         with self.autocast():
-            return self._logits(input_ids, pixel_values, keep, prefix)
+            return self._logits(input_ids, pixel_values, keep, prefix, mask, position_ids)
 
     def _prefix_kv(self, prefix_ids):
         """Each layer's (k, v) of the prefix [1, P]. The LLM is frozen, so they are computed once per distinct
@@ -229,7 +235,7 @@ class SharedPrefixForward:
             self._past = {key: past}  # one entry: a run has one prefix, so nothing older is worth its memory
         return self._past[key]
 
-    def _logits(self, input_ids, pixel_values, keep, prefix: int):
+    def _logits(self, input_ids, pixel_values, keep, prefix: int, mask=None, position_ids=None):
         lm = self.llava.model.language_model
         layers = list(lm.layers)
         past = self._prefix_kv(input_ids[:1, :prefix])
@@ -237,8 +243,12 @@ class SharedPrefixForward:
         rest = input_ids[:, prefix:].to(pixel_values.device)
         h = lm.embed_tokens(rest)
         h = h.masked_scatter((rest == self.llava.config.image_token_id)[..., None], image.to(h.dtype))
-        cos, sin = lm.rotary_emb(h, torch.arange(prefix, input_ids.shape[1], device=h.device)[None])
+        positions = (torch.arange(prefix, input_ids.shape[1], device=h.device)[None] if position_ids is None
+                     else position_ids[:, prefix:])
+        cos, sin = lm.rotary_emb(h, positions)
+        if mask is not None:
+            mask = mask[:, :, prefix:]
         for layer, (k, v) in zip(layers[:-1], past[:-1]):
-            h, _, _ = self.layer_step(layer, h, cos, sin, k, v)
-        h = self.last_layer_rows(layers[-1], h, cos, sin, *past[-1], keep - prefix)
+            h, _, _ = self.layer_step(layer, h, cos, sin, k, v, mask)
+        h = self.last_layer_rows(layers[-1], h, cos, sin, *past[-1], keep - prefix, mask)
         return self.llava.lm_head(lm.norm(h))

@@ -43,6 +43,15 @@ def compiles(cfg, dev: str) -> bool:
     return cfg.compile and dev == "cuda" and cfg.mode == "scoring"
 
 
+def scoring_forward(cfg, model, dev: str):
+    """The scoring mode's SharedPrefixForward (`score_continuations(..., fast=)`), or None."""
+    from mysproj.models.shared_prefix import SharedPrefixForward
+
+    if cfg.mode != "scoring" or not cfg.shared_prefix or not SharedPrefixForward.supports(model):
+        return None
+    return SharedPrefixForward(model, compile=compiles(cfg, dev))
+
+
 def examples(data, split: str, limit: int | None):
     """(samples, human prompts) in the order of `llava_<split>.json`."""
     from mysproj.errors import BadInput
@@ -82,6 +91,7 @@ def _body(cfg, out) -> dict:
     loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev))
     model, tok = loaded.model, loaded.tokenizer
     speedups.apply(model, fp8=cfg.fp8, compile=compiles(cfg, dev))
+    fast = scoring_forward(cfg, model, dev)
     image_token, n_image = model.config.image_token_id, model.config.image_seq_length
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     conts = [scoring.continuation_ids(tok, c) for c in data.classes]
@@ -103,7 +113,7 @@ def _body(cfg, out) -> dict:
                 parsed = parser(answer)
                 rows.append(_row(samples[i], parsed.label, answer=answer, how=parsed.how))
         else:
-            scores, _ = scoring.score_continuations(model, batch, pix, conts)
+            scores, _ = scoring.score_continuations(model, batch, pix, conts, fast)
             for i, sc in zip(idx, scores.cpu()):
                 rows.append(_row(samples[i], data.classes[int(sc.argmax())], scores=[float(v) for v in sc]))
         progress.update(len(idx))
