@@ -150,40 +150,26 @@ def test_compiled_once_for_all_layers(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_projector_stage_uses_it_and_trains_the_same_weights(tiny_model, prep, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("deepspeed", ["none", "zero2"])
+def test_projector_stage_uses_it_and_trains_the_same_weights(tiny_model, prep, tmp_path, monkeypatch,  # noqa: F811
+                                                             request, deepspeed):
+    """The stage takes the shortcut and reaches the same weights. zero2: two GPUs train the projector under ZeRO-2
+    by default, whose gradient hooks sit on the parameters, so the shortcut (which calls the modules, not the
+    engine) must work there too (DeepSpeed's CPU accelerator)."""
     from mysproj.models.shared_prefix import SharedPrefixForward
 
-    calls = []
-    real = SharedPrefixForward._logits
+    if deepspeed != "none":
+        request.getfixturevalue("deepspeed_one_process")
+    calls, real = [], SharedPrefixForward._logits
     monkeypatch.setattr(SharedPrefixForward, "_logits", lambda self, *a: calls.append(a[3]) or real(self, *a))
     fields = dict(strategy="projector", max_steps=2, lr=1e-3, precision="fp32")
     plain, fast = str(tmp_path / "plain"), str(tmp_path / "fast")
     finetune(tiny_model, prep, plain, shared_prefix=False, **fields)
     assert calls == []
-    finetune(tiny_model, prep, fast, **fields)
+    finetune(tiny_model, prep, fast, deepspeed=deepspeed, **fields)
     assert len(calls) == 4 and all(p > 0 for p in calls)          # 2 steps x 2 micro-batches
     assert [r["loss"] for r in _metrics(fast)] == pytest.approx([r["loss"] for r in _metrics(plain)], rel=1e-5)
     a, b = weights(plain), weights(fast)
     assert any(k.startswith("model.multi_modal_projector.") for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
-
-
-def test_under_deepspeed_zero2_it_trains_the_same_weights(tiny_model, prep, tmp_path, monkeypatch,  # noqa: F811
-                                                          deepspeed_one_process):  # noqa: F811
-    """Two GPUs train the projector under ZeRO-2 by default; its gradient hooks sit on the parameters, so the
-    shortcut (which calls the modules, not the engine) must still reach the same weights. DeepSpeed's CPU
-    accelerator, fp32."""
-    from mysproj.models.shared_prefix import SharedPrefixForward
-
-    calls = []
-    real = SharedPrefixForward._logits
-    monkeypatch.setattr(SharedPrefixForward, "_logits", lambda self, *a: calls.append(a[3]) or real(self, *a))
-    fields = dict(strategy="projector", max_steps=2, lr=1e-3, precision="fp32")
-    plain, ds = str(tmp_path / "plain"), str(tmp_path / "zero2")
-    finetune(tiny_model, prep, plain, shared_prefix=False, **fields)
-    finetune(tiny_model, prep, ds, deepspeed="zero2", **fields)
-    assert len(calls) == 4
-    a, b = weights(plain), weights(ds)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
