@@ -33,6 +33,7 @@ def test_eval_llava_end_to_end(tmp_path, prep_uri, llava_tiny_uri, mode):  # noq
             assert len(r["scores"]) == len(classes)
             assert r["prediction"] == classes[max(range(len(classes)), key=r["scores"].__getitem__)]
     assert m["summary"]["images_per_s"] > 0
+    assert m["summary"]["shared_prefix"] == (mode == "scoring")
 
 
 @pytest.fixture

@@ -119,7 +119,7 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     what = ("stage eval_llava.generate (greedy, answers decoded)" if args.mode == "generate"
             else "evaluation.scoring.score_continuations (shared prefix, all classes in one pass)")
     what += "".join(f", {k}" for k, on in (("fp8 LLM", cfg.fp8), ("compiled layers", compile),
-                                           ("shared prefix", fast is not None)) if on)
+                                           ("shared_prefix", fast is not None)) if on)
     extra = {"answers_per_step": len(answers[-1]), **done}
     if reference is not None:
         extra["same_answers"] = round(sum(a == b for a, b in zip(reference, answers[-1])) / len(reference), 4)

@@ -111,8 +111,8 @@ class FinetuneConfig:
     compile: bool = opt(True, help="torch.compile each decoder/encoder layer on GPUs (same results at bf16 "
                         "precision, faster steps after a minute of compiling; CPU runs stay eager)", hashed=False)
     shared_prefix: bool = opt(True, help="projector strategy: the tokens before the image (the same in every "
-                              "example) run once per micro-batch without gradient, and the last LLM layer only "
-                              "where the loss reads it; the same result, less work", hashed=False)
+                              "example) run once per run without gradient, and the last LLM layer only where the "
+                              "loss reads it; the same result, less work", hashed=False)
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
+FUSED_QKV, FUSED_GATE_UP = "mysproj_qkv", "mysproj_gate_up"  # buffer names on the attention and MLP modules
+
 
 def prefix_length(input_ids, attention_mask, image_token_id: int) -> int:
-    """Tokens before the first image position when every row shares them and rows are right-padded, else 0.
-    Called on the CPU copy of the batch, so it costs no device synchronisation."""
+    """Tokens before the first image position when every row shares them and rows are right-padded (or not padded),
+    else 0. On the CPU copy of a training batch it costs no device synchronisation."""
     is_image = input_ids == image_token_id
     if input_ids.shape[1] < 2 or not bool(is_image.any(-1).all()):
         return 0
@@ -101,9 +103,6 @@ def fuse_frozen_projections(layer) -> int:
     return done
 
 
-FUSED_QKV, FUSED_GATE_UP = "mysproj_qkv", "mysproj_gate_up"
-
-
 def _with_past(past, new):
     """[1, H, P, D] cached prefix + [B, H, N, D] -> [B, H, P + N, D]."""
     return new if past is None else torch.cat([past.expand(new.shape[0], -1, -1, -1), new], dim=2)
@@ -157,8 +156,8 @@ def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows, mask=None):
 
 def tower_features(tower, pixel_values, n_layers: int, drop_cls: bool):
     """LLaVA's image features from a frozen CLIPVisionModel: embeddings, pre-norm and the first `n_layers` encoder
-    layers, in one function (compiled as one graph: the tower is launch-bound at batch 16 when 24 layer calls
-    each pay their own dispatch and the hooks that collect every layer's output)."""
+    layers, in one function (compiled, one graph instead of 24 layer calls with their own dispatch), without the
+    hooks that collect every layer's output."""
     with torch.no_grad():
         h = tower.pre_layrnorm(tower.embeddings(pixel_values))
         for layer in tower.encoder.layers[:n_layers]:
@@ -204,9 +203,12 @@ class SharedPrefixForward:
 
     @staticmethod
     def supports(llava) -> bool:
-        """Llama-family language models only: the layer functions above are LlamaDecoderLayer's forward."""
-        layers = getattr(llava.model.language_model, "layers", [])
-        return len(layers) > 0 and all(type(la).__name__ == "LlamaDecoderLayer" for la in layers)
+        """A frozen Llama-family language model only: the layer functions above are LlamaDecoderLayer's forward,
+        and the kept prefix keys and values are valid only while the weights do not change."""
+        lm = llava.model.language_model
+        layers = getattr(lm, "layers", [])
+        return (len(layers) > 0 and all(type(la).__name__ == "LlamaDecoderLayer" for la in layers)
+                and not any(p.requires_grad for p in lm.parameters()))
 
     def logits(self, input_ids, pixel_values, keep, prefix: int, mask=None, position_ids=None):
         """input_ids [B, T], `keep` (positions on the device, all >= prefix) -> logits [B, len(keep), V].

@@ -47,7 +47,10 @@ def scoring_forward(cfg, model, dev: str):
     """The scoring mode's SharedPrefixForward (`score_continuations(..., fast=)`), or None."""
     from mysproj.models.shared_prefix import SharedPrefixForward
 
-    if cfg.mode != "scoring" or not cfg.shared_prefix or not SharedPrefixForward.supports(model):
+    if cfg.mode != "scoring" or not cfg.shared_prefix:
+        return None
+    model.requires_grad_(False)  # evaluation trains nothing; the kept prefix keys and values rely on it
+    if not SharedPrefixForward.supports(model):
         return None
     return SharedPrefixForward(model, compile=compiles(cfg, dev))
 
@@ -125,7 +128,7 @@ def _body(cfg, out) -> dict:
     write_predictions(out, rows)
     log.info("eval-llava: %s", short(metrics))
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "unparsed": metrics["unparsed"],
-            "n": metrics["n"], **speed.summary(), "device": dev}
+            "n": metrics["n"], **speed.summary(), "device": dev, "shared_prefix": fast is not None}
 
 
 def _row(sample, prediction, **extra) -> dict:

@@ -205,7 +205,7 @@ def shared_prefix(cfg, acc, prepared, llava, ds_name, cuda):
     reason = ("checkpointing is on" if checkpointing(cfg) else
               "DDP" if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) else
               "ZeRO-3" if ds_name in ("zero3", "zero3-offload") else
-              "the language model is not Llama-family" if not SharedPrefixForward.supports(llava) else None)
+              "the language model is not a frozen Llama" if not SharedPrefixForward.supports(llava) else None)
     if reason:
         log.info("shared_prefix: off (%s); the model's own forward runs", reason)
         return None
