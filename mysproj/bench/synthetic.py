@@ -78,9 +78,9 @@ def write_jpegs(folder: str, n: int, width: int, height: int, seed: int = 0) -> 
 
 def token_batch(config, layout: TokenLayout, batch: int, seed: int = 0, *, labels: bool = False):
     """`input_ids` [batch, T] (T = text + image tokens) with the image placeholder repeated `image_seq_length`
-    times after `layout.before_image` text tokens (the same in every row, as the system prompt is), an all-ones
-    `attention_mask` and, with `labels`, labels that supervise only the last `layout.answer` tokens (-100
-    elsewhere, as the training collator masks the prompt)."""
+    times after `layout.before_image` text tokens (the same in every row and every batch: one system prompt), an
+    all-ones `attention_mask` and, with `labels`, labels that supervise only the last `layout.answer` tokens
+    (-100 elsewhere, as the training collator masks the prompt)."""
     import torch
 
     text_cfg = config.text_config
@@ -91,8 +91,10 @@ def token_batch(config, layout: TokenLayout, batch: int, seed: int = 0, *, label
     # Draw from ordinary tokens only: below the first special id above the reserved <unk>/<s>/</s>.
     high = min(i for i in specials if i is not None and i > 2)
     text = torch.randint(3, high, (batch, layout.text), generator=g)
+    # one system prompt for every example of every batch, whatever the seed, as in real llava_v1 data
+    text[:, :layout.before_image] = torch.randint(3, high, (layout.before_image,),
+                                                  generator=torch.Generator().manual_seed(0))
     text[:, 0] = text_cfg.bos_token_id
-    text[:, :layout.before_image] = text[:1, :layout.before_image]  # one system prompt for every example
     image = torch.full((batch, n_image), image_id)
     ids = torch.cat([text[:, :layout.before_image], image, text[:, layout.before_image:]], dim=1)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

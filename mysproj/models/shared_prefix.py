@@ -8,7 +8,6 @@
 - **The last layer.** Its output is read only at the positions whose logits are used (the answer, ~5 of 640 in
   training; the scored rows in scoring). It still needs keys and values everywhere (those queries attend to
   them), but its queries, attention output and MLP run at the kept positions only.
-- **Fused projections**: q, k, v share one weight, and gate and up another (`fuse_frozen_projections`).
 - **The vision tower** runs up to the layer LLaVA reads (-2: 23 of 24), as one function, with no hooks collecting
   every layer's output.
 
@@ -26,8 +25,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
-
-FUSED_QKV, FUSED_GATE_UP = "mysproj_qkv", "mysproj_gate_up"  # buffer names on the attention and MLP modules
 
 
 def prefix_length(input_ids, attention_mask, image_token_id: int) -> int:
@@ -55,52 +52,8 @@ def _heads(y, head_dim: int):
 
 
 def _qkv(attn, x, parts: str = "qkv"):
-    """The requested projections of `x` as [B, H, N, D] each, from the fused weight where there is one."""
-    fused = getattr(attn, FUSED_QKV, None)
-    if fused is None:
-        return [_heads(getattr(attn, f"{p}_proj")(x), attn.head_dim) for p in parts]
-    nq = attn.q_proj.weight.shape[0]
-    sizes = {"q": nq, "k": (fused.shape[0] - nq) // 2, "v": (fused.shape[0] - nq) // 2}
-    start = {"q": 0, "k": nq, "v": nq + sizes["k"]}
-    lo, hi = start[parts[0]], start[parts[-1]] + sizes[parts[-1]]
-    y = F.linear(x, fused[lo:hi]).split([sizes[p] for p in parts], dim=-1)
-    return [_heads(t, attn.head_dim) for t in y]
-
-
-def _mlp(mlp, x):
-    fused = getattr(mlp, FUSED_GATE_UP, None)
-    if fused is None:
-        return mlp(x)
-    gate, up = F.linear(x, fused).chunk(2, dim=-1)
-    return mlp.down_proj(mlp.act_fn(gate) * up)
-
-
-def fuse_frozen_projections(layer) -> int:
-    """Give a LlamaDecoderLayer one [q; k; v] and one [gate; up] weight (non-persistent buffers) whose slices become
-    the original parameters' storage: the same values in the same memory, and one GEMM where there were three or
-    two (on an H100, 7% faster forward and 3% faster input gradient at 9,680 x 4096 tokens, and no sums of
-    partial input gradients). Only plain, bias-free, frozen Linear layers (not FP8 ones); returns groups fused."""
-    from torch import nn
-
-    attn, mlp = layer.self_attn, layer.mlp
-    done = 0
-    for owner, name, linears in ((attn, FUSED_QKV, (attn.q_proj, attn.k_proj, attn.v_proj)),
-                                 (mlp, FUSED_GATE_UP, (mlp.gate_proj, mlp.up_proj))):
-        if getattr(owner, name, None) is not None:
-            done += 1
-            continue
-        weights = [m.weight for m in linears]
-        plain = all(type(m) is nn.Linear and m.bias is None and not m.weight.requires_grad for m in linears)
-        if not plain or len({(w.dtype, w.device) for w in weights}) != 1:
-            continue
-        fused = torch.cat([w.detach() for w in weights])
-        start = 0
-        for w in weights:
-            w.data = fused[start:start + w.shape[0]]
-            start += w.shape[0]
-        owner.register_buffer(name, fused, persistent=False)
-        done += 1
-    return done
+    """The requested projections of `x` as [B, H, N, D] each."""
+    return [_heads(getattr(attn, f"{p}_proj")(x), attn.head_dim) for p in parts]
 
 
 def _with_past(past, new):
@@ -131,7 +84,7 @@ def layer_step(layer, h, cos, sin, past_k=None, past_v=None, mask=None):
                                        _repeat_kv(_with_past(past_v, v), groups), attn_mask=mask,
                                        is_causal=mask is None, scale=attn.scaling)[:, :, p:]
     h = h + attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
-    return h + _mlp(layer.mlp, layer.post_attention_layernorm(h)), k, v
+    return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
 
 
 def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows, mask=None):
@@ -151,7 +104,7 @@ def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows, mask=None):
     o = F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=visible,
                                        scale=attn.scaling)
     out = h[:, rows] + attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], len(rows), -1))
-    return out + _mlp(layer.mlp, layer.post_attention_layernorm(out))
+    return out + layer.mlp(layer.post_attention_layernorm(out))
 
 
 def tower_features(tower, pixel_values, n_layers: int, drop_cls: bool):
@@ -188,7 +141,6 @@ class SharedPrefixForward:
         self.last_layer_rows = torch.compile(last_layer_rows) if compile else last_layer_rows
         self.tower_features = torch.compile(tower_features) if compile else tower_features
         self.tower_layers = tower_layers_used(llava)
-        self.fused = sum(fuse_frozen_projections(layer) for layer in llava.model.language_model.layers)
 
     def _image_features(self, pixel_values):
         model, cfg = self.llava.model, self.llava.config
