@@ -25,7 +25,7 @@ def grad(b, autocast, shared=None):
 plain = [grad(b, True) for b in batches]
 plain2 = [grad(b, True) for b in batches]
 shared = SharedPrefixForward(model, autocast=lambda: torch.autocast("cuda", torch.bfloat16))
-print("fused groups", shared.fused)
+
 fast = [grad(b, True, shared) for b in batches]
 model.float()
 ref = [grad(b, False) for b in batches]
