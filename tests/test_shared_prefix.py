@@ -161,7 +161,8 @@ def test_projector_stage_uses_it_and_trains_the_same_weights(tiny_model, prep, t
     plain, fast = str(tmp_path / "plain"), str(tmp_path / "fast")
     finetune(tiny_model, prep, plain, shared_prefix=False, **fields)
     assert calls == []
-    finetune(tiny_model, prep, fast, deepspeed=deepspeed, **fields)
+    summary = finetune(tiny_model, prep, fast, deepspeed=deepspeed, **fields)["summary"]
+    assert summary["shared_prefix"] is True
     assert len(calls) == 4 and all(p > 0 for p in calls)          # 2 steps x 2 micro-batches
     assert [r["loss"] for r in _metrics(fast)] == pytest.approx([r["loss"] for r in _metrics(plain)], rel=1e-5)
     a, b = weights(plain), weights(fast)

@@ -69,8 +69,9 @@ def train(cfg, out) -> dict:
         log.info("finetune: resumed from checkpoint step %d of %d", start, total)
     if acc.is_main_process:
         log.info("finetune: %s on %d examples, %d steps of %d (%d per device x %d processes x %d accumulation), lr %g, "
-                 "%s, deepspeed %s, %.1fM trainable", cfg.strategy, len(examples), total, global_batch, micro, world,
-                 schedule.accumulation, lr, "bf16" if bf16 else "fp32", ds_name or "off", n_trainable / 1e6)
+                 "%s, deepspeed %s, shared prefix %s, %.1fM trainable", cfg.strategy, len(examples), total,
+                 global_batch, micro, world, schedule.accumulation, lr, "bf16" if bf16 else "fp32", ds_name or "off",
+                 "on" if ctx.shared is not None else "off", n_trainable / 1e6)
 
     loader = torch.utils.data.DataLoader(
         TrainSet(examples, processor, cfg.image_aspect_ratio),
@@ -114,7 +115,8 @@ def train(cfg, out) -> dict:
                    data=cfg.data, random_weights=loaded.random_weights, global_batch=global_batch,
                    per_device_batch=micro, accumulation=schedule.accumulation, world_size=world, lr=lr,
                    projector_lr=projector_lr if cfg.strategy == "lora" else None, precision="bf16" if bf16 else "fp32",
-                   deepspeed=ds_name, conv=cfg.conv, examples=len(examples), trainable_parameters=n_trainable,
+                   deepspeed=ds_name, shared_prefix=ctx.shared is not None, conv=cfg.conv, examples=len(examples),
+                   trainable_parameters=n_trainable,
                    final_loss=metrics[-1]["loss"] if metrics else None,
                    samples_per_s=metrics[-1]["samples_per_s"] if metrics else None)
     return summary
