@@ -130,8 +130,8 @@ def tower_layers_used(llava) -> int | None:
 
 class SharedPrefixForward:
     """`logits(...)` = the LlavaForConditionalGeneration's logits at `keep` (what `model(..., logits_to_keep=keep)`
-    returns), computed as the module docstring says. `compile=True` compiles the two layer functions once: every
-    layer passes through the same compiled code (the layer is an argument, not a constant)."""
+    returns), computed as the module docstring says. `compile=True` compiles the two layer functions and the tower
+    function once: every layer passes through the same compiled code (the layer is an argument, not a constant)."""
 
     def __init__(self, llava, *, compile: bool = False, autocast=contextlib.nullcontext):
         self.llava = llava
