@@ -95,8 +95,6 @@ def score_continuations(model, batch: Batch, pixel_values, conts: list[list[int]
     values are kept across batches) and with the last layer at the read rows only, where the batch allows."""
     import torch
 
-    from mysproj.models.shared_prefix import prefix_length
-
     if any(len(c) < 2 for c in conts):
         raise ValueError("each continuation ends with </s> after at least one label token")
     with torch.no_grad():
@@ -109,8 +107,7 @@ def score_continuations(model, batch: Batch, pixel_values, conts: list[list[int]
                                                                                              device=ids.device)])
         input_ids = torch.cat([batch.input_ids, ids[None].expand(b, -1)], dim=1)
         position_ids = torch.cat([batch.position_ids, real_len + off[None]], dim=1)
-        prefix = 0 if fast is None else prefix_length(batch.input_ids, batch.attention_mask,
-                                                      model.config.image_token_id)
+        prefix = 0 if fast is None else fast.prefix(batch.input_ids, batch.attention_mask, keep)
         if prefix:
             logits = fast.logits(input_ids, pixel_values, keep, prefix, mask=mask, position_ids=position_ids)
         else:

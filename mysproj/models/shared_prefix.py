@@ -14,8 +14,8 @@
 The mathematics is the model's own, so losses, gradients and scores equal the plain forward's within rounding
 (the CPU tests check it in fp32). It applies when the batch allows: every row shares the tokens before one
 common first image position, unpadded there, and rows are right-padded (a causal row never sees the padding
-after it, so training needs no mask; scoring passes its own); otherwise `prefix_length` returns 0 and the
-caller runs the model as usual.
+after it, so training needs no mask; scoring passes its own); otherwise `SharedPrefixForward.prefix` returns 0
+and the caller runs the model as usual.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import rotate_half
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 
 def prefix_length(input_ids, attention_mask, image_token_id: int) -> int:
@@ -61,10 +61,6 @@ def _with_past(past, new):
     return new if past is None else torch.cat([past.expand(new.shape[0], -1, -1, -1), new], dim=2)
 
 
-def _repeat_kv(t, groups: int):
-    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
-
-
 def layer_step(layer, h, cos, sin, past_k=None, past_v=None, mask=None):
     """One LlamaDecoderLayer over rows `h` [B, N, d] that follow a cached prefix (past_k/v [1, H, P, D] or None);
     returns (h out, this layer's k, v for these rows). cos/sin: [1 or B, N, D] at the rows' positions. `mask`:
@@ -80,8 +76,8 @@ def layer_step(layer, h, cos, sin, past_k=None, past_v=None, mask=None):
     if p:
         q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], p, q.shape[3]), q], dim=2)
     groups = attn.num_key_value_groups
-    o = F.scaled_dot_product_attention(q, _repeat_kv(_with_past(past_k, k), groups),
-                                       _repeat_kv(_with_past(past_v, v), groups), attn_mask=mask,
+    o = F.scaled_dot_product_attention(q, repeat_kv(_with_past(past_k, k), groups),
+                                       repeat_kv(_with_past(past_v, v), groups), attn_mask=mask,
                                        is_causal=mask is None, scale=attn.scaling)[:, :, p:]
     h = h + attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
     return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
@@ -101,7 +97,7 @@ def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows, mask=None):
     else:
         visible = mask[:, :, rows]
     groups = attn.num_key_value_groups
-    o = F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), attn_mask=visible,
+    o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=visible,
                                        scale=attn.scaling)
     out = h[:, rows] + attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], len(rows), -1))
     return out + layer.mlp(layer.post_attention_layernorm(out))
@@ -161,6 +157,12 @@ class SharedPrefixForward:
         layers = getattr(lm, "layers", [])
         return (len(layers) > 0 and all(type(la).__name__ == "LlamaDecoderLayer" for la in layers)
                 and not any(p.requires_grad for p in lm.parameters()))
+
+    def prefix(self, input_ids, attention_mask, keep) -> int:
+        """The prefix this batch can share (`prefix_length`), or 0 where a position whose logits are kept lies
+        inside it (its row would not be computed)."""
+        p = prefix_length(input_ids, attention_mask, self.llava.config.image_token_id)
+        return p if p and len(keep) and int(keep.min()) >= p else 0
 
     def logits(self, input_ids, pixel_values, keep, prefix: int, mask=None, position_ids=None):
         """input_ids [B, T], `keep` (positions on the device, all >= prefix) -> logits [B, len(keep), V].

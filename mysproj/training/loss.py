@@ -23,16 +23,12 @@ def answer_loss_sum(model, batch: dict, pixel_dtype, device, shared=None):
     and the last layer's unread work, wherever the batch allows it."""
     import torch.nn.functional as F
 
-    from mysproj.models.shared_prefix import prefix_length
-
     labels, ids = batch["labels"], batch["input_ids"]
     keep = supervised_positions(labels)
     targets = labels[:, 1:][:, keep].to(device, non_blocking=True)
     pixels = batch["pixel_values"].to(device, pixel_dtype)
-    prefix = 0
-    if shared is not None and len(keep):
-        prefix = prefix_length(ids, batch["attention_mask"], shared.llava.config.image_token_id)
-    if prefix and int(keep[0]) >= prefix:
+    prefix = 0 if shared is None else shared.prefix(ids, batch["attention_mask"], keep)
+    if prefix:
         logits = shared.logits(ids, pixels, keep.to(device), prefix).float()
     else:
         out = model(input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device),
