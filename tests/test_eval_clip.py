@@ -269,21 +269,39 @@ def test_decode_device_agrees_with_cpu(tmp_path, jpeg_prep, clip_tiny_uri):  # n
     assert worst < 1e-5, worst  # measured 1e-6 (scores are stored to 6 decimals); one 2-D resample: 1.1e-4
 
 
-def test_bf16_compiled_tower_compiles_once(tmp_path, monkeypatch, jpeg_prep, clip_tiny_uri):  # noqa: F811
-    """precision=bf16 + compile=true: 8 images in batches of 3 (the last one partial, padded) compile the two
-    blocks once, and the scores stay near fp32's. Graph capture as on a GPU, but the aot_eager backend: a cold
+@pytest.mark.parametrize("fast_tower, graphs", [(False, 1), (True, 3)])
+def test_bf16_compiled_tower_compiles_once(tmp_path, monkeypatch, jpeg_prep, clip_tiny_uri,  # noqa: F811
+                                           fast_tower, graphs):
+    """precision=bf16 + compile=true: 8 images in batches of 3 (the last one partial, padded) compile once (the
+    model's two blocks share a graph; the fast tower has one for the patch embedding, the first block and the
+    last), and the scores stay near fp32's. Graph capture as on a GPU, but the aot_eager backend: a cold
     inductor C++ build of the kernels costs ~10 s on CPU (the GPU run exercises inductor)."""
+    import functools
+
     from torch._dynamo.utils import counters
 
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="aot_eager"))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
 
     _, _, fp32_rows = _eval(tmp_path, "fp32", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3, decode="device")
     torch._dynamo.reset()
-    graphs = counters["stats"]["unique_graphs"]
+    before = counters["stats"]["unique_graphs"]
     summary, metrics, rows = _eval(tmp_path, "bf16", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3,
-                                   decode="device", precision="bf16", compile=True)
-    assert counters["stats"]["unique_graphs"] - graphs == 1
+                                   decode="device", precision="bf16", compile=True, fast_tower=fast_tower)
+    assert counters["stats"]["unique_graphs"] - before == graphs
     assert metrics["precision"] == "bf16" and summary["compile"] is True and len(rows) == 8
+    assert summary["fast_tower"] is metrics["fast_tower"] is fast_tower
     worst = max(abs(a - b) for r, c in zip(rows, fp32_rows) for a, b in zip(r["scores"], c["scores"]))
     assert 0 < worst < 0.005, worst  # measured 2.4e-4: bf16 changes the numbers, a little
+    torch._dynamo.reset()
+
+
+def test_fast_tower_agrees_with_the_model_forward(tmp_path, jpeg_prep, clip_tiny_uri):  # noqa: F811
+    """The default (fast_tower) and the model's own encode_image give the same predictions and scores (fp32)."""
+    fast, _, fast_rows = _eval(tmp_path, "fast", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3)
+    plain, _, rows = _eval(tmp_path, "plain", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3, fast_tower=False)
+    assert (fast["fast_tower"], plain["fast_tower"]) == (True, False)
+    assert [r["prediction"] for r in fast_rows] == [r["prediction"] for r in rows]
+    worst = max(abs(a - b) for r, c in zip(rows, fast_rows) for a, b in zip(r["scores"], c["scores"]))
+    assert worst < 1e-5, worst

@@ -60,7 +60,7 @@ def run(args) -> BenchReport:
         report = BenchReport("eval-clip", args.preset, args.device, card_name(args.device), args.peak_tflops,
                              {"clip_preset": preset, "classes": len(names), "image_px": args.image_px,
                               "decode_workers": cfg.workers, "dtype": dtype, "decode": cfg.decode,
-                              "precision": cfg.precision, "compile": cfg.compile,
+                              "precision": cfg.precision, "compile": cfg.compile, "fast_tower": cfg.fast_tower,
                               "overrides": dict(args.set or [])}, flops, [ours])
         del clip
         free_memory(args.device)
@@ -107,7 +107,7 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
                        batch_size=args.batch_size, workers=workers)
     clip = load_clip(model_dir, device=args.device)
     text = eval_clip.class_embeddings(clip, names, "paper", args.device)
-    tower = eval_clip.prepare_image_tower(clip, cfg.precision, cfg.compile, cfg.batch_size)
+    tower = eval_clip.prepare_image_tower(clip, cfg.precision, cfg.compile, cfg.batch_size, cfg.fast_tower)
     # One batch more than is timed: the loop's last result needs no decode, which would flatter the last step.
     data, samples = synthetic_prepared(paths, n + args.batch_size)
     batches = eval_clip.pixel_batches(clip, data, samples, cfg, args.device)
@@ -124,8 +124,10 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
     if sum(seen) != n:
         raise RuntimeError(f"eval-clip bench: {sum(seen)} images classified, expected {n}")
     compiled = f", {tower.compiled_blocks} blocks compiled" if cfg.compile else ""
-    m = Measurement("ours", f"stage eval-clip ({clip.kind}), decode {cfg.decode}, {cfg.precision}{compiled}, "
-                    f"{cfg.workers} decode workers", args.batch_size, args.batch_size, timing, 0.0, unit="images",
+    forward = "fast tower" if tower.fast else "model forward"
+    m = Measurement("ours", f"stage eval-clip ({clip.kind}), {forward}, decode {cfg.decode}, "
+                    f"{cfg.precision}{compiled}, {cfg.workers} decode workers", args.batch_size, args.batch_size,
+                    timing, 0.0, unit="images",
                     extra={"device_decoded_images": getattr(batches, "device_images", 0)})
     return clip, cfg, m
 

@@ -154,6 +154,9 @@ class EvalClipConfig:
                       "PIL", choices=("cpu", "device"))
     precision: str = opt("fp32", help="image tower weights and activations: fp32 (the seed's) or bf16 (text "
                          "embeddings stay fp32)", choices=("fp32", "bf16"))
+    fast_tower: bool = opt(True, help="the image tower as mysproj's own functions over the model's weights (same "
+                           "arithmetic, no attention layout copies, the last block at the class token only); "
+                           "false = the model's encode_image", hashed=False)
     compile: bool = opt(False, help="torch.compile each image-tower transformer block, compiled once (a last "
                         "partial batch is padded to batch_size)", hashed=False)
     batch_size: int = opt(128, help="images per batch", min=1, hashed=False)

@@ -6,9 +6,10 @@ resize + centre crop, argmax of the image-text similarity. protocol `openclip` a
 ImageNet templates per class instead. Metrics are computed on the prepared labels (same classes, original case).
 
 Speed options (issue 6): `decode=device` decodes JPEG batches on the model's device
-(`mysproj.evaluation.device_decode`), `precision=bf16` casts the image tower, `compile` compiles each of its
-transformer blocks. One batch is in flight: batch k's encode is queued before batch k-1's results are read and
-batch k+1 is decoded, so decoding overlaps the device's work.
+(`mysproj.evaluation.device_decode`), `precision=bf16` casts the image tower, `fast_tower` (default) runs it as
+`mysproj.models.clip_tower` (the model's arithmetic without its layout copies; the last block at the class
+token), `compile` compiles its blocks. One batch is in flight: batch k's encode is queued before batch k-1's
+results are read and batch k+1 is decoded, so decoding overlaps the device's work.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def class_embeddings(clip, names: list[str], protocol: str, device: str, batch: 
 @dataclass
 class ImageTower:
     dtype: object                 # torch dtype the image tower's weights (and so its input pixels) have
+    encode: object                # pixels -> [n, D] unit image embeddings
     pad_to: int | None = None     # compiled: every batch is padded to this size, so the blocks compile once
     compiled_blocks: int = 0
+    fast: bool = False            # `ClipTower` rather than the model's own encode_image
 
 
 def _tower_modules(clip) -> tuple[list, list]:
@@ -66,23 +69,36 @@ def _tower_modules(clip) -> tuple[list, list]:
     return [visual], list(blocks or [])
 
 
-def prepare_image_tower(clip, precision: str, compile: bool, batch_size: int) -> ImageTower:
-    """Cast the image tower to `precision` and optionally torch.compile its blocks, in place. Call after the
+def prepare_image_tower(clip, precision: str, compile: bool, batch_size: int, fast: bool = True) -> ImageTower:
+    """Cast the image tower to `precision`, in place, and pick its forward: `ClipTower` where `fast` and it
+    covers the model, else the model's `encode_image`; `compile` compiles the blocks of either. Call after the
     class embeddings are computed: the text tower is left as loaded."""
     import torch
+
+    from mysproj.models.clip_tower import ClipTower
 
     modules, blocks = _tower_modules(clip)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for m in modules:
         m.to(dtype)
+    pad_to = batch_size if compile else None
+    tower = ClipTower.of(clip, compile=compile) if fast else None
+    if tower is not None:
+        return ImageTower(dtype, tower.encode, pad_to, len(tower.blocks) if compile else 0, fast=True)
+    if fast:
+        log.info("eval-clip: fast_tower does not cover this image tower; using the model's own forward")
+
+    def encode(pixels):
+        return clip.model.encode_image(pixels, normalize=True)
+
     if not compile:
-        return ImageTower(dtype)
+        return ImageTower(dtype, encode)
     # Identical blocks share one compiled graph (parameters are graph inputs); a trunk without blocks is
     # compiled whole.
     targets = blocks or modules
     for m in targets:
         m.compile()
-    return ImageTower(dtype, pad_to=batch_size, compiled_blocks=len(targets))
+    return ImageTower(dtype, encode, pad_to, len(targets))
 
 
 def classify_batch(clip, pixels, text, tower: ImageTower):
@@ -94,7 +110,7 @@ def classify_batch(clip, pixels, text, tower: ImageTower):
     if tower.pad_to and n < tower.pad_to:
         pixels = torch.cat([pixels, pixels.new_zeros((tower.pad_to - n, *pixels.shape[1:]))])
     with torch.no_grad():
-        img = clip.model.encode_image(pixels, normalize=True)[:n].float()
+        img = tower.encode(pixels)[:n].float()
         return (100.0 * img @ text.T).softmax(dim=-1)
 
 
@@ -148,10 +164,11 @@ def _body(cfg, out) -> dict:
     labels = [c for c in data.classes if c in present]  # the seed's candidates: labels of the evaluated split
     names = [c.lower() for c in labels]
     text = class_embeddings(clip, names, cfg.protocol, dev)
-    tower = prepare_image_tower(clip, cfg.precision, cfg.compile, cfg.batch_size)
+    tower = prepare_image_tower(clip, cfg.precision, cfg.compile, cfg.batch_size, cfg.fast_tower)
     batches = pixel_batches(clip, data, samples, cfg, dev)
-    log.info("eval-clip: %d images, %d candidate labels, protocol %s, %s on %s, decode %s, %s%s", len(samples),
+    log.info("eval-clip: %d images, %d candidate labels, protocol %s, %s on %s, decode %s, %s, %s%s", len(samples),
              len(names), cfg.protocol, clip.kind, dev, cfg.decode, cfg.precision,
+             "fast tower" if tower.fast else "the model's forward",
              f", {tower.compiled_blocks} blocks compiled" if cfg.compile else "")
 
     rows: list[dict] = []
@@ -169,10 +186,10 @@ def _body(cfg, out) -> dict:
     device_decoded = getattr(batches, "device_images", 0)
     metrics = classification_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], data.classes)
     metrics.update(candidates=labels, protocol=cfg.protocol, model=cfg.model, split=cfg.split, decode=cfg.decode,
-                   precision=cfg.precision, device_decoded_images=device_decoded)
+                   precision=cfg.precision, fast_tower=tower.fast, device_decoded_images=device_decoded)
     out.write_json("metrics.json", metrics)
     write_predictions(out, rows)
     log.info("eval-clip: %s", short(metrics))
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n": metrics["n"],
             **speed.summary(), "device": dev, "decode": cfg.decode, "precision": cfg.precision,
-            "compile": cfg.compile, "device_decoded_images": device_decoded}
+            "compile": cfg.compile, "fast_tower": tower.fast, "device_decoded_images": device_decoded}
