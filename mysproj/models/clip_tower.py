@@ -8,7 +8,11 @@ model's own weights: the zero-shot classifier's fast path (eval-clip, `fast_towe
 - **The last block at the class token only.** The embedding is read from the CLS row alone. The last block still
   needs keys and values for every token (the CLS query attends to them), but its query, attention output and MLP
   run at one row: ~3.5% of a 24-block tower.
-- **One compiled graph for every block** (the weights are arguments, not constants), and one for the last.
+- **Fewer passes over memory.** The patch convolution is one matmul over the image's tiles (cuDNN's kernel for
+  it ran at ~30 TFLOP/s), and each block's last residual add is left to the next block, whose first kernel adds
+  and normalises in one pass.
+- **One compiled graph for all middle blocks** (the weights are arguments, not constants), plus one each for the
+  patch embedding, the first block and the last.
 
 The arithmetic is the model's own (the CPU tests check it against open_clip's and transformers' forward in fp32).
 `ClipTower.of(clip)` returns None for a tower it does not cover (attentional pooling, layer scale, a patch
@@ -42,8 +46,8 @@ def _act(x, act: str):
 
 
 def embed(pixels, patch, cls, pos, pre: Norm | None):
-    """Patch embedding as one matmul (a stride-p convolution is one; cuDNN's kernel for it ran at ~30 TFLOP/s on
-    an H100), the class token, positions and the pre-norm: [B, 3, S, S] -> [B, 1 + (S/p)², E]."""
+    """Patch embedding as one matmul (a stride-p convolution is one), the class token, positions and the
+    pre-norm: [B, 3, S, S] -> [B, 1 + (S/p)², E]."""
     b, c, s, _ = pixels.shape
     e, p = patch.shape[0], patch.shape[-1]
     g = s // p
