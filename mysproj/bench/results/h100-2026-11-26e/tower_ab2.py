@@ -1,6 +1,7 @@
 """A/B (model only, bf16, batch 256): open_clip compiled blocks vs ClipTower (v2: patch GEMM + add fused into the
 next norm) vs v2 with FA2 first. The session also ran v1 (before the patch GEMM and the add fusion) from a copy of
-the module that is not kept; its numbers are in tower-ab.txt."""
+the module that is not kept; its numbers are in tower-ab.txt. `--fp8` adds the FP8 tower (apply
+fp8-tried/clip_tower_fp8.patch first)."""
 import sys, tempfile, torch
 from torch.nn.attention import sdpa_kernel, SDPBackend
 from mysproj.bench.eval_clip import _random_clip, class_names
@@ -39,6 +40,10 @@ with tempfile.TemporaryDirectory() as tmp:
     torch._dynamo.reset()
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
         c = v2.ClipTower.of(clip, compile=True); report("v2, FA2 first", c.encode)
+    if "--fp8" in sys.argv:
+        torch._dynamo.reset()
+        f8 = v2.ClipTower.of(clip, compile=True, fp8=True); report("v2, FP8 block matmuls", f8.encode)
+        prof(f8.encode, "v2 fp8")
     torch._dynamo.reset()
     for m in clip.model.visual.transformer.resblocks: m.compile()
     report("open_clip compiled blocks (before)", lambda v: clip.model.encode_image(v, normalize=True))
