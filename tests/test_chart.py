@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from mysproj.config.fields import load_config
-from mysproj.kube import controller as C
 from mysproj.kube import jobspec
 from mysproj.kube.values_schema import stage_overrides_schema
 from mysproj.pipeline import dag
+from mysproj.stages.registry import stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "mysproj"
@@ -63,7 +63,7 @@ def stage_jobs(docs: list[dict]) -> dict[str, dict]:
         kind = jobspec.template_kind(node)
         if kind in jobs:
             continue
-        cfg = C.stage_config(node)
+        cfg = stage_config(node.stage, node.config)
         name = jobspec.job_names("run-a-mysproj", node, cfg)[0]
         owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "run-a-mysproj-controller", "uid": "u-1",
                  "blockOwnerDeletion": True}
