@@ -74,7 +74,7 @@ def complete_output(node: dag.Node, cfg: Any) -> dict | None:
         return None
 
 
-def revision(job: dict) -> tuple[int, str]:
+def _revision(job: dict) -> tuple[int, str]:
     meta = job.get("metadata") or {}
     rev = (meta.get("labels") or {}).get(LABEL_REVISION, "")
     return (int(rev) if rev.isdigit() else 0, meta.get("creationTimestamp") or "")
@@ -90,7 +90,7 @@ def read(cluster, release: str, nodes: list[dag.Node], configs: dict[str, Any], 
     pods: dict[str, list[dict]] = {}
     for p in cluster.list_pods(f"{jobspec.LABEL_RUN}={release}"):
         pods.setdefault(_labels(p).get("job-name", ""), []).append(p)
-    controllers = sorted((j for j in jobs if _labels(j).get(jobspec.LABEL_STAGE) == "controller"), key=revision)
+    controllers = sorted((j for j in jobs if _labels(j).get(jobspec.LABEL_STAGE) == "controller"), key=_revision)
     controller = next((j for j in controllers if j["metadata"]["name"] == controller_job), None) \
         if controller_job else None
     controller = controller or (controllers[-1] if controllers else None)
@@ -119,7 +119,7 @@ def read(cluster, release: str, nodes: list[dag.Node], configs: dict[str, Any], 
         deps = [stages[d].state.state for d in node.deps]
         if not all(s in FINISHED or s == "unknown" for s in deps):
             stages[node.name] = StageState(node, cfg, jobspec.JobState("waiting"))
-        elif not bucket or "unknown" in deps:
+        elif not bucket:
             stages[node.name] = StageState(node, cfg, jobspec.JobState("unknown"))
         elif reused is not None and node.name in reused:
             stages[node.name] = StageState(node, cfg, jobspec.JobState("reused"))
@@ -142,7 +142,7 @@ def _with_jobs(node: dag.Node, cfg: Any, present: list[dict], pods: dict[str, li
     job_states = [jobspec.classify(j, pods.get(j["metadata"]["name"], []), record) for j in present]
     st = StageState(node, cfg, jobspec.combine(job_states), present, job_states)
     for j, js in zip(present, job_states):
-        count, last = replaced_pods(j, pods.get(j["metadata"]["name"], []), js)
+        count, last = _replaced_pods(j, pods.get(j["metadata"]["name"], []), js)
         st.replaced += count
         st.last_replaced = last or st.last_replaced
     if manifests and bucket and st.state.state == "complete":
@@ -176,7 +176,7 @@ def being_replaced(job: dict, pods: list[dict], state: jobspec.JobState) -> list
     return found
 
 
-def replaced_pods(job: dict, pods: list[dict], state: jobspec.JobState) -> tuple[int, str]:
+def _replaced_pods(job: dict, pods: list[dict], state: jobspec.JobState) -> tuple[int, str]:
     """(count, last) of a Job's pods deleted before they finished: those the controller recorded on the Job plus
     those being deleted now that it has not recorded yet."""
     ann = job["metadata"].get("annotations") or {}
