@@ -13,9 +13,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from mysproj.config.fields import add_arguments, load_config
+from mysproj.config.fields import add_arguments
 from mysproj.errors import EXIT_BAD_INPUT, BadInput
-from mysproj.stages.registry import STAGES
+from mysproj.stages.registry import STAGES, stage_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,17 +33,12 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def stage_config(stage: str, ns: argparse.Namespace):
-    cls = STAGES[stage][0]
-    values = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "force", "sub")}
-    return load_config(cls, yaml_file=ns.config, cli=values)
-
-
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def run(ns: argparse.Namespace) -> int:
         from mysproj.stages import registry
 
-        cfg = stage_config(stage, ns)
+        values = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "force", "sub")}
+        cfg = stage_config(stage, yaml_file=ns.config, cli=values, env=os.environ)
         manifest = registry.run(stage, cfg)
         state = "skipped (already complete)" if manifest.get("skipped") else "done"
         print(f"{stage}: {state} -> {cfg.out}")

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from mysproj.config.fields import load_config
-from mysproj.kube import controller as C
 from mysproj.kube import jobspec
 from mysproj.kube.values_schema import stage_overrides_schema
 from mysproj.pipeline import dag
+from mysproj.stages.registry import stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "mysproj"
@@ -63,7 +63,7 @@ def stage_jobs(docs: list[dict]) -> dict[str, dict]:
         kind = jobspec.template_kind(node)
         if kind in jobs:
             continue
-        cfg = C.stage_config(node)
+        cfg = stage_config(node.stage, node.config)
         name = jobspec.job_names("run-a-mysproj", node, cfg)[0]
         owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "run-a-mysproj-controller", "uid": "u-1",
                  "blockOwnerDeletion": True}
@@ -104,6 +104,11 @@ def test_the_example_set_is_complete():
     (["--set", "pipeline.overrides.finetune.max_stepz=3"], "max_stepz"),
     (["--set", "pipeline.datasets={imagenet}"], "datasets"),
     (["--set", "podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
+    # The pipeline would refuse these only once its controller runs: refused at install time instead.
+    (["--set-json", 'pipeline.datasets=["dtd"]'], "pipeline.sources has no entry for dataset 'dtd'"),
+    (["-f", str(CHART / "values-plantdoc.yaml"), "--set", "pipeline.sources=null"],
+     "pipeline.sources has no entry for dataset 'plantdoc'"),
+    (["--set-json", 'pipeline.datasets=["dtd"]', "--set", "pipeline.sources.dtd="], "no entry for dataset 'dtd'"),
 ])
 def test_schema_rejects_typos_and_wrong_types(args, message):
     result = helm("template", "r", str(CHART), *args, check=False)
@@ -193,6 +198,18 @@ def test_rbac_is_namespace_scoped_and_minimal():
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "exp"}]
     controller = next(d for d in docs if d["kind"] == "Job")
     assert controller["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_each_revision_has_its_own_controller_job():
+    """`helm upgrade` renders a new controller Job (Helm deletes the previous revision's), so changed values run;
+    the controller owns its stage Jobs by this name."""
+    job = next(d for d in render() if d["kind"] == "Job")
+    assert job["metadata"]["name"] == "run-a-mysproj-controller-1"
+    assert job["metadata"]["labels"]["mysproj.io/revision"] == "1"
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MYSPROJ_CONTROLLER_JOB"] == job["metadata"]["name"]
+    long = next(d for d in render(release="a" * 53) if d["kind"] == "Job")["metadata"]["name"]
+    assert len(long) <= 63 and long.endswith("-1")
 
 
 def test_labels_and_release_scoped_names():

@@ -3,116 +3,22 @@ API server runs them in tests/kube/test_pipeline_e2e.py). Stage outputs live in 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
 import pytest
-import yaml
+from fake_cluster import complete_output, make_controller
 
 from mysproj.config.fields import config_hash, load_config
 from mysproj.errors import EXIT_BAD_INPUT
 from mysproj.kube import controller as C
 from mysproj.kube import jobspec, status
 from mysproj.pipeline import dag
+from mysproj.stages.registry import stage_config
 from mysproj.storage import join, write_text
-
-TEMPLATE = {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"labels": {"mysproj.io/run": "r1", "app.kubernetes.io/component": "stage"}},
-            "spec": {"backoffLimit": 2, "template": {
-                "metadata": {"labels": {"mysproj.io/run": "r1", "app.kubernetes.io/component": "stage"}},
-                "spec": {"restartPolicy": "Never",
-                         "containers": [{"name": "stage", "image": "x", "command": ["python", "-u"], "env": []}]}}}}
-
-
-class FakeCluster:
-    """The `mysproj.kube.cluster.Cluster` methods over dicts; label selectors are `k=v,k=v`."""
-
-    namespace = "ns"
-
-    def __init__(self, pipeline: dict):
-        data = {"pipeline.yaml": yaml.safe_dump(pipeline)}
-        for kind in ("cpu", "gpu", "finetune"):
-            data[f"job-{kind}.yaml"] = yaml.safe_dump(TEMPLATE)
-        self.configmaps = {"r1-pipeline": {"metadata": {"name": "r1-pipeline", "labels": {
-            "mysproj.io/run": "r1", "app.kubernetes.io/component": "pipeline"}}, "data": data}}
-        self.jobs: dict[str, dict] = {"r1-controller": {"metadata": {
-            "name": "r1-controller", "uid": "uid-ctl", "labels": {"mysproj.io/run": "r1", "mysproj.io/stage":
-                                                                  "controller", "app.kubernetes.io/component":
-                                                                  "controller"}}, "status": {"active": 1}}}
-        self.pods: dict[str, dict] = {}
-        self.stopped: dict[str, dict] = {}
-
-    @staticmethod
-    def _match(obj, selector):
-        labels = obj["metadata"].get("labels") or {}
-        return all(labels.get(k) == v for k, v in (kv.split("=") for kv in selector.split(",") if kv))
-
-    def read_configmap(self, name):
-        return self.configmaps[name]
-
-    def list_configmaps(self, selector):
-        return [c for c in self.configmaps.values() if self._match(c, selector)]
-
-    def read_job(self, name):
-        return self.jobs[name]
-
-    def list_jobs(self, selector):
-        return [copy.deepcopy(j) for j in self.jobs.values() if self._match(j, selector)]
-
-    def list_pods(self, selector):
-        return [copy.deepcopy(p) for p in self.pods.values() if self._match(p, selector)]
-
-    def create_job(self, body):
-        name = body["metadata"]["name"]
-        if name in self.jobs:
-            return False
-        self.jobs[name] = {**copy.deepcopy(body), "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}
-        return True
-
-    def stop_job(self, name, annotations):
-        self.stopped[name] = annotations
-        self.jobs[name]["metadata"].setdefault("annotations", {}).update(annotations)
-
-    def end_job(self, name, annotations):
-        self.stop_job(name, annotations)
-        self.jobs[name]["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]
-
-    # -- what the Job controller and the kubelet would do -------------------------------------------------------
-    def finish(self, name, exit_code=0):
-        job = self.jobs[name]
-        labels = {**job["spec"]["template"]["metadata"]["labels"], "job-name": name}
-        pod = {"metadata": {"name": f"{name}-{len(self.pods)}", "labels": labels},
-               "status": {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [
-                   {"name": "stage", "state": {"terminated": {"exitCode": exit_code, "message": "boom"}}}]}}
-        self.pods[pod["metadata"]["name"]] = pod
-        if exit_code == 0:
-            job["status"] = {"succeeded": 1, "startTime": "2026-01-01T00:00:00Z",
-                             "completionTime": "2026-01-01T00:01:00Z",
-                             "conditions": [{"type": "Complete", "status": "True"}]}
-        else:
-            job["status"] = {"failed": 1, "active": 1, "startTime": "2026-01-01T00:00:00Z"}
-
-    def stage_jobs(self):
-        return {j["metadata"]["annotations"][jobspec.ANN_NODE]: n for n, j in self.jobs.items()
-                if "annotations" in j["metadata"]}
-
-
-def _controller(tmp_path, cluster=None, **kw):
-    pipeline = {"root": str(tmp_path / "run"), "strategies": ["projector"], "overrides": {"finetune": {"max_steps": 2}}}
-    cluster = cluster or FakeCluster(pipeline)
-    cfg = C.ControllerConfig(release="r1", namespace="ns", fullname="r1-mysproj", configmap="r1-pipeline",
-                             controller_job="r1-controller", poll_seconds=0, **kw)
-    return C.Controller(cfg, cluster), cluster
-
-
-def _complete_output(ctl, node_name):
-    """Write the manifest the stage would have written (what `run_stage` checks before skipping)."""
-    node = next(n for n in ctl.nodes if n.name == node_name)
-    cfg = ctl.configs[node_name]
-    write_text(join(cfg.out, "_SUCCESS.json"), json.dumps({"stage": node.stage, "config_hash": config_hash(cfg)}))
 
 
 def test_stage_config_round_trips_through_job_env():
@@ -120,32 +26,44 @@ def test_stage_config_round_trips_through_job_env():
         "root": "s3://b/r", "datasets": ["dtd", "crisismmd"], "sources": {"dtd": "s3://d/dtd", "crisismmd": "s3://c"},
         "strategies": ["projector", "full", "lora"], "overrides": {"prep": {"crisismmd_merge": {"a": "b"}}}}))
     for node in nodes:
-        cfg = C.stage_config(node)
+        cfg = stage_config(node.stage, node.config)
         env = {e["name"]: e["value"] for e in jobspec.config_env(cfg)}
         again = load_config(type(cfg), env=env)
         assert dataclasses.asdict(again) == dataclasses.asdict(cfg), node.name
         assert config_hash(again) == config_hash(cfg)
 
 
-def test_job_names_are_short_unique_and_follow_the_config():
+def test_job_names_are_short_unique_readable_and_follow_the_config():
     pipe = load_config(dag.PipelineConfig, env={}, overrides={
         "root": "s3://b/r", "datasets": ["dtd", "plantdoc", "dermnet", "crisismmd"],
         "sources": {d: f"s3://d/{d}" for d in ("dtd", "plantdoc", "dermnet", "crisismmd")},
         "seeds": [0, 1, 2, 3, 4], "strategies": ["projector", "full", "lora"]})
     nodes = dag.build(pipe)
-    names = [n for node in nodes for n in jobspec.job_names("a-very-long-release-name-mysproj", node,
-                                                            C.stage_config(node), nodes_per_finetune=2)]
-    assert len(names) == len(set(names))
-    assert all(len(n) <= jobspec.MAX_JOB_NAME and n[0].isalnum() and n[-1].isalnum() for n in names)
+    for release in ("a-very-long-release-name-mysproj", "run-plantdoc-mysproj", "x" * 63):
+        names = [n for node in nodes for n in jobspec.job_names(release, node, stage_config(node.stage, node.config),
+                                                                nodes_per_finetune=2)]
+        assert len(names) == len(set(names))
+        assert all(len(n) <= jobspec.MAX_JOB_NAME and n[0].isalnum() and n[-1].isalnum() for n in names)
+        # Words are only ever shortened from their end: each is the start of a word of the release or the node name.
+        for node in nodes:
+            source = set(release.split("-")) | set(re.split(r"[^a-z0-9]+", node.name)) | {"zs", "proj", "s0", "s1",
+                                                                                       "s2", "s3", "s4"}
+            name = jobspec.job_names(release, node, stage_config(node.stage, node.config))[0]
+            assert all(any(w.startswith(part) for w in source) for part in name.split("-")[:-1]), name
+        # One run, one prefix: every Job name of the run starts with the same words.
+        assert len({n.split("-" + n.split("-")[-1])[0][:8] for n in names}) == 1
+    ft = next(n for n in nodes if n.name == "plantdoc/ft-projector/seed0/finetune")
+    name = jobspec.job_names("run-plantdoc-mysproj", ft, stage_config(ft.stage, ft.config))[0]
+    assert name.startswith("run-plantdoc-plantdoc-proj-s0-finetune-")  # not run-plant-myspro-lantdoc-...
     ft = next(n for n in nodes if n.stage == "finetune")
-    changed = dataclasses.replace(C.stage_config(ft), lr=0.5)
-    assert jobspec.job_names("r", ft, changed) != jobspec.job_names("r", ft, C.stage_config(ft))
-    twins = [jobspec.job_names(f"experiment-dtd-seed-{x}-mysproj", ft, C.stage_config(ft)) for x in "ab"]
+    changed = dataclasses.replace(stage_config(ft.stage, ft.config), lr=0.5)
+    assert jobspec.job_names("r", ft, changed) != jobspec.job_names("r", ft, stage_config(ft.stage, ft.config))
+    twins = [jobspec.job_names(f"experiment-dtd-seed-{x}-mysproj", ft, stage_config(ft.stage, ft.config)) for x in "ab"]
     assert twins[0] != twins[1]  # same visible prefix, different runs
 
 
 def test_controller_runs_the_dag_in_order_with_owners(tmp_path):
-    ctl, cluster = _controller(tmp_path)
+    ctl, cluster = make_controller(tmp_path)
     first = ctl.step()
     created = cluster.stage_jobs()
     # No dependencies: the two model inits and prep. Nothing that needs them exists yet.
@@ -175,23 +93,23 @@ def test_controller_runs_the_dag_in_order_with_owners(tmp_path):
 
 
 def test_complete_outputs_are_reused_and_a_restart_creates_nothing_twice(tmp_path):
-    ctl, cluster = _controller(tmp_path)
-    _complete_output(ctl, "textures-mini/prep")
-    _complete_output(ctl, "models/tiny")
+    ctl, cluster = make_controller(tmp_path)
+    complete_output(ctl, "textures-mini/prep")
+    complete_output(ctl, "models/tiny")
     ctl.step()
     assert set(cluster.stage_jobs()) == {"models/clip-tiny", "textures-mini/ft-projector/seed0/finetune",
                                          "textures-mini/zero-shot/seed0/probe", "textures-mini/zero-shot/eval-llava"}
     before = dict(cluster.jobs)
-    restarted, _ = _controller(tmp_path, cluster)  # a new process: state only from the cluster and the bucket
+    restarted, _ = make_controller(tmp_path, cluster)  # a new process: state only from the cluster and the bucket
     result = restarted.step()
     assert result.created == [] and cluster.jobs.keys() == before.keys()
     assert result.states["textures-mini/prep"].state == "reused"
 
 
 def test_gpu_jobs_are_capped(tmp_path):
-    ctl, cluster = _controller(tmp_path, max_parallel_gpu_jobs=2)
+    ctl, cluster = make_controller(tmp_path, max_parallel_gpu_jobs=2)
     for node in ("textures-mini/prep", "models/tiny", "models/clip-tiny"):
-        _complete_output(ctl, node)
+        complete_output(ctl, node)
     result = ctl.step()  # four GPU stages are ready: finetune, zero-shot eval-clip, eval-llava, probe
     gpu_jobs = [n for n, j in cluster.jobs.items() if j["metadata"]["labels"].get(jobspec.LABEL_GPU) == "true"]
     assert len(gpu_jobs) == 2
@@ -202,7 +120,7 @@ def test_gpu_jobs_are_capped(tmp_path):
 
 
 def test_bad_input_exit_fails_the_run_even_without_pod_failure_policy(tmp_path):
-    ctl, cluster = _controller(tmp_path)
+    ctl, cluster = make_controller(tmp_path)
     ctl.step()
     prep = cluster.stage_jobs()["textures-mini/prep"]
     out = ctl.configs["textures-mini/prep"].out
@@ -225,7 +143,7 @@ def test_bad_input_exit_fails_the_run_even_without_pod_failure_policy(tmp_path):
 
 
 def test_a_retryable_failure_is_not_final(tmp_path):
-    ctl, cluster = _controller(tmp_path)
+    ctl, cluster = make_controller(tmp_path)
     ctl.step()
     prep = cluster.stage_jobs()["textures-mini/prep"]
     cluster.finish(prep, exit_code=137)
@@ -238,9 +156,9 @@ def test_a_retryable_failure_is_not_final(tmp_path):
 
 
 def test_multi_node_finetune_gets_one_job_per_rank(tmp_path):
-    ctl, cluster = _controller(tmp_path, finetune_nodes=2, finetune_service="r1-mysproj-ft")
+    ctl, cluster = make_controller(tmp_path, finetune_nodes=2, finetune_service="r1-mysproj-ft")
     for node in ("textures-mini/prep", "models/tiny", "models/clip-tiny"):
-        _complete_output(ctl, node)
+        complete_output(ctl, node)
     ctl.step()
     ranks = [j for j in cluster.jobs.values() if j["metadata"]["labels"].get("mysproj.io/stage") == "finetune"]
     assert len(ranks) == 2
@@ -253,9 +171,9 @@ def test_multi_node_finetune_gets_one_job_per_rank(tmp_path):
 
 
 def test_status_table_and_progress(tmp_path):
-    ctl, cluster = _controller(tmp_path)
-    _complete_output(ctl, "textures-mini/prep")
-    _complete_output(ctl, "models/tiny")
+    ctl, cluster = make_controller(tmp_path)
+    complete_output(ctl, "textures-mini/prep")
+    complete_output(ctl, "models/tiny")
     ctl.step()
     ft_out = ctl.configs["textures-mini/ft-projector/seed0/finetune"].out
     write_text(join(ft_out, "metrics.jsonl"), '{"step": 1, "total": 2, "loss": 3.5}\n'
@@ -265,7 +183,7 @@ def test_status_table_and_progress(tmp_path):
     ft = rows["textures-mini/ft-projector/seed0/finetune"]
     assert ft.state == "running" and ft.progress == "step 2/2 loss 2.25 4 samples/s eta 1m15s"
     text = status.render(list(rows.values()))
-    assert text.splitlines()[0].split() == ["STAGE", "JOB", "STATE", "START", "DURATION", "PROGRESS",
+    assert text.splitlines()[0].split() == ["STAGE", "JOB", "STATE", "START", "DURATION", "THROUGHPUT", "PROGRESS",
                                              "REASON"]
     assert status.show(cluster, "r1", out=lambda s: None) == 0
 

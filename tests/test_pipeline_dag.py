@@ -2,7 +2,7 @@ import pytest
 
 from mysproj.config.fields import ConfigError, load_config
 from mysproj.pipeline import dag
-from mysproj.pipeline.local import stage_config
+from mysproj.stages.registry import stage_config
 
 
 def _cfg(**kw):
@@ -38,7 +38,7 @@ def test_outputs_follow_the_layout_and_overrides_apply():
         assert n.config["out"] == f"s3://b/p/{n.name}"
         if n.stage == "finetune":
             assert n.config["max_steps"] == 3
-        stage_config(n)  # every node's config validates
+        stage_config(n.stage, n.config)  # every node's config validates
 
 
 def test_random_weight_presets_become_model_init_nodes():

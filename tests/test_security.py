@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from mysproj.config.fields import load_config
-from mysproj.kube import controller as C
 from mysproj.kube import jobspec
 from mysproj.pipeline import dag
+from mysproj.stages.registry import stage_config
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "mysproj"
@@ -84,7 +84,7 @@ def _stage_jobs(docs: list[dict]) -> list[dict]:
         kind = jobspec.template_kind(node)
         if kind in jobs:
             continue
-        cfg = C.stage_config(node)
+        cfg = stage_config(node.stage, node.config)
         owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "scan-mysproj-controller", "uid": "u-1",
                  "blockOwnerDeletion": True}
         jobs[kind] = jobspec.stage_job(yaml.safe_load(cm["data"][f"job-{kind}.yaml"]),

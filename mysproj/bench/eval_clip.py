@@ -97,14 +97,13 @@ def synthetic_prepared(paths: list[str], n: int):
 
 
 def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int):
-    from mysproj.bench.overrides import stage_config
-    from mysproj.config.stages import EvalClipConfig
     from mysproj.models.clip import load_clip
     from mysproj.stages import eval_clip
+    from mysproj.stages.registry import stage_config
 
     n = args.batch_size * (args.warmup + args.steps + (1 if args.profile else 0))
-    cfg = stage_config(EvalClipConfig, args, model=model_dir, data="bench:synthetic", out="bench:none",
-                       batch_size=args.batch_size, workers=workers)
+    cfg = stage_config("eval-clip", {"model": model_dir, "data": "bench:synthetic", "out": "bench:none",
+                                     "batch_size": args.batch_size, "workers": workers, **dict(args.set or [])})
     clip = load_clip(model_dir, device=args.device)
     text = eval_clip.class_embeddings(clip, names, "paper", args.device)
     tower = eval_clip.prepare_image_tower(clip, cfg.precision, cfg.compile, cfg.batch_size, cfg.fast_tower)

@@ -18,9 +18,9 @@ import logging
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.eval_clip import class_names
-from mysproj.bench.overrides import stage_config
 from mysproj.bench.results import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
+from mysproj.stages.registry import stage_config
 
 log = logging.getLogger("mysproj.bench")
 
@@ -47,10 +47,9 @@ def prompt_batch(config, layout, batch: int, seed: int, device: str, pad_id: int
 
 
 def eval_config(args):
-    from mysproj.config.stages import EvalLlavaConfig
-
-    return stage_config(EvalLlavaConfig, args, model="bench:random", data="bench:synthetic", out="bench:none",
-                        mode=args.mode, batch_size=args.batch_size, max_new_tokens=args.new_tokens)
+    return stage_config("eval-llava", {"model": "bench:random", "data": "bench:synthetic", "out": "bench:none",
+                                       "mode": args.mode, "batch_size": args.batch_size,
+                                       "max_new_tokens": args.new_tokens, **dict(args.set or [])})
 
 
 def run(args) -> BenchReport:

@@ -18,10 +18,10 @@ import os
 
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
-from mysproj.bench.overrides import stage_config
 from mysproj.bench.results import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 from mysproj.errors import BadInput
+from mysproj.stages.registry import stage_config
 from mysproj.training.session import build as build_session
 from mysproj.training.session import checkpointing
 
@@ -83,12 +83,10 @@ def run(args) -> BenchReport:
 
 
 def finetune_config(args, n_world: int):
-    from mysproj.config.stages import FinetuneConfig
-
-    return stage_config(FinetuneConfig, args, model="bench:random", data="bench:synthetic", out="bench:none",
-                        strategy=args.strategy, per_device_batch=args.batch_size,
-                        global_batch=args.batch_size * n_world, seed=args.seed,
-                        max_steps=args.warmup + args.steps, workers=0)
+    return stage_config("finetune", {"model": "bench:random", "data": "bench:synthetic", "out": "bench:none",
+                                     "strategy": args.strategy, "per_device_batch": args.batch_size,
+                                     "global_batch": args.batch_size * n_world, "seed": args.seed,
+                                     "max_steps": args.warmup + args.steps, "workers": 0, **dict(args.set or [])})
 
 
 def checkpointed(cfg, config) -> str:

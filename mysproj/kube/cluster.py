@@ -83,8 +83,18 @@ class Cluster:
         body = {"metadata": {"annotations": annotations}, "spec": {"activeDeadlineSeconds": 1}}
         self.batch.patch_namespaced_job(name, self.namespace, body)
 
+    def annotate_job(self, name: str, annotations: dict[str, str]) -> None:
+        self.batch.patch_namespaced_job(name, self.namespace, {"metadata": {"annotations": annotations}})
+
     def pod_log(self, pod: str, tail_lines: int | None = None) -> str:
-        return self.core.read_namespaced_pod_log(pod, self.namespace, tail_lines=tail_lines)
+        # The raw response: the client would turn the log's bytes into their Python literal (b'...'), and a log that
+        # happens to be valid JSON into an object.
+        response = self.core.read_namespaced_pod_log(pod, self.namespace, tail_lines=tail_lines,
+                                                     _preload_content=False)
+        try:
+            return response.data.decode("utf-8", errors="replace")
+        finally:
+            response.release_conn()
 
 
 _SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"

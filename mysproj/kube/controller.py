@@ -1,8 +1,9 @@
 """The pipeline controller: runs the DAG of `mysproj.pipeline.dag` as one Kubernetes Job per stage.
 
-It runs as a Job itself (jobs/controller.py, slim CPU image) and keeps no state of its own: every pass re-reads
-the stage Jobs (by label) and, for nodes without a Job, the stage output's manifest in object storage. So a
-killed and restarted controller, or a re-install of the same values, picks up where the run stopped, and a stage
+It runs as a Job itself (jobs/controller.py, slim CPU image), one per Helm revision, and keeps no state of its own:
+every pass reads the run's state with `mysproj.kube.runstate` (the stage Jobs, and for nodes without one the stage
+output's manifest in object storage), the same reader `mysproj status` uses. So a killed and restarted controller,
+a re-install of the same values or a `helm upgrade` with changed ones picks up where the run stopped, and a stage
 whose output is already complete with the same config is not run again.
 
 Each pass: a node whose dependencies are complete gets its Job(s) created from the chart's template (owned by the
@@ -12,7 +13,6 @@ good (bad-input exit 64, or its backoffLimit spent) fails the run with its reaso
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,16 +20,13 @@ from typing import Any
 
 import yaml
 
-from mysproj.config.fields import config_hash, load_config, opt
+from mysproj.config.fields import load_config, opt
 from mysproj.errors import EXIT_BAD_INPUT, BadInput
-from mysproj.kube import jobspec
+from mysproj.kube import jobspec, runstate
 from mysproj.pipeline import dag
-from mysproj.stages.registry import STAGES
-from mysproj.storage import join, read_text
-from mysproj.storage.manifest import read_manifest
+from mysproj.stages.registry import stage_config
 
 log = logging.getLogger(__name__)
-FINISHED = ("complete", "reused")
 MAX_CONSECUTIVE_ERRORS = 30
 
 
@@ -46,10 +43,6 @@ class ControllerConfig:
     finetune_service: str = opt("", help="headless Service giving node rank 0 a DNS name (multi-node)")
 
 
-def stage_config(node: dag.Node) -> Any:
-    return load_config(STAGES[node.stage][0], overrides=node.config, env={})
-
-
 def read_pipeline(cluster, configmap: str) -> tuple[dag.PipelineConfig, dict[str, dict]]:
     data = cluster.read_configmap(configmap).get("data") or {}
     if "pipeline.yaml" not in data:
@@ -61,26 +54,15 @@ def read_pipeline(cluster, configmap: str) -> tuple[dag.PipelineConfig, dict[str
     return pipeline, templates
 
 
-def read_failure_record(out: str) -> dict | None:
-    try:
-        return json.loads(read_text(join(out, jobspec.FAILURE_RECORD)))
-    except (FileNotFoundError, json.JSONDecodeError, BadInput):
-        return None
-
-
-def output_complete(node: dag.Node, cfg: Any) -> bool:
-    """The same test `run_stage` makes before skipping: a manifest of this stage with this config hash."""
-    try:
-        m = read_manifest(cfg.out)
-    except BadInput:
-        return False
-    return bool(m) and m.get("stage") == node.stage and m.get("config_hash") == config_hash(cfg)
+def node_configs(nodes: list[dag.Node]) -> dict[str, Any]:
+    return {n.name: stage_config(n.stage, n.config) for n in nodes}
 
 
 @dataclass
 class PassResult:
     states: dict[str, jobspec.JobState]
     created: list[str]
+    superseded: bool = False  # a newer revision's controller runs this release now
 
     @property
     def failed(self) -> dict[str, jobspec.JobState]:
@@ -88,7 +70,7 @@ class PassResult:
 
     @property
     def done(self) -> bool:
-        return all(s.state in FINISHED for s in self.states.values())
+        return all(s.state in runstate.FINISHED for s in self.states.values())
 
 
 class Controller:
@@ -98,7 +80,7 @@ class Controller:
         pipeline, self.templates = read_pipeline(cluster, cfg.configmap)
         self.nodes = dag.build(pipeline)
         # Every stage config is validated before any Job exists: a typo fails in seconds, not after training.
-        self.configs = {n.name: stage_config(n) for n in self.nodes}
+        self.configs = node_configs(self.nodes)
         missing = {jobspec.template_kind(n) for n in self.nodes} - set(self.templates)
         if missing:
             raise BadInput(f"ConfigMap {cfg.configmap} lacks the job template(s) {sorted(missing)}")
@@ -106,56 +88,67 @@ class Controller:
         self.names = {n.name: jobspec.job_names(cfg.fullname, n, self.configs[n.name], cfg.finetune_nodes)
                       for n in self.nodes}
         self._reused: set[str] = set()  # positive manifest checks only: a cache, never the source of truth
+        self._live_pods: dict[str, tuple[str, str]] = {}  # pod -> (Job, phase) of unfinished pods seen last pass
+        self._recorded: set[str] = set()  # pods already recorded as replaced
         self.ended = False  # this controller's own Job was ended with a failure reason
 
-    def _selector(self) -> str:
-        return f"{jobspec.LABEL_RUN}={self.cfg.release},app.kubernetes.io/component=stage"
-
     def step(self) -> PassResult:
-        jobs = {j["metadata"]["name"]: j for j in self.cluster.list_jobs(self._selector())}
-        pods_by_job: dict[str, list[dict]] = {}
-        for p in self.cluster.list_pods(self._selector()):
-            pods_by_job.setdefault(((p.get("metadata") or {}).get("labels") or {}).get("job-name", ""), []).append(p)
-        gpu_running = sum(1 for j in jobs.values() if _labels(j).get(jobspec.LABEL_GPU) == "true"
-                          and jobspec.classify(j, pods_by_job.get(j["metadata"]["name"], [])).state
-                          in ("pending", "running"))
+        run = runstate.read(self.cluster, self.cfg.release, self.nodes, self.configs,
+                            controller_job=self.cfg.controller_job, reused=self._reused)
+        if run.superseded:
+            return PassResult({n: s.state for n, s in run.stages.items()}, [], superseded=True)
+        self._record_replaced_pods(run)
+        gpu_running = sum(1 for s in run.stages.values() for j, js in zip(s.jobs, s.job_states)
+                          if _labels(j).get(jobspec.LABEL_GPU) == "true" and js.state in ("pending", "running"))
         states: dict[str, jobspec.JobState] = {}
         created: list[str] = []
-        for node in self.nodes:
-            cfg = self.configs[node.name]
-            present = [jobs[n] for n in self.names[node.name] if n in jobs]
-            if present:
-                record = None
-                job_states = [jobspec.classify(j, pods_by_job.get(j["metadata"]["name"], [])) for j in present]
-                if any(s.state != "complete" and (s.reason or pods_by_job.get(j["metadata"]["name"]))
-                       for s, j in zip(job_states, present)):
-                    record = read_failure_record(cfg.out)
-                    job_states = [jobspec.classify(j, pods_by_job.get(j["metadata"]["name"], []), record)
-                                  for j in present]
-                states[node.name] = jobspec.combine(job_states)
+        for name, st in run.stages.items():
+            states[name] = st.state
+            if not st.ready:
                 continue
-            if not all(states[d].state in FINISHED for d in node.deps):
-                states[node.name] = jobspec.JobState("waiting")
-                continue
-            if node.name in self._reused or output_complete(node, cfg):
-                self._reused.add(node.name)
-                states[node.name] = jobspec.JobState("reused")
-                continue
-            gpu = jobspec.template_kind(node) != "cpu"
+            gpu = jobspec.template_kind(st.node) != "cpu"
             if gpu and self.cfg.max_parallel_gpu_jobs and gpu_running >= self.cfg.max_parallel_gpu_jobs:
-                states[node.name] = jobspec.JobState("waiting", reason="GPU job cap reached")
+                states[name] = jobspec.JobState("waiting", reason="GPU job cap reached")
                 continue
-            created.extend(self._create(node, cfg))
-            gpu_running += len(self.names[node.name]) if gpu else 0
-            states[node.name] = jobspec.JobState("pending")
-        failed = {n: s for n, s in states.items() if s.state == "failed" and s.final}
-        for name, st in failed.items():
-            for job_name in self.names[name]:
-                job = jobs.get(job_name)
-                if job and jobspec.ANN_FAILURE not in ((job["metadata"].get("annotations")) or {}):
+            made = self._create(st.node, st.cfg)
+            created.extend(made)
+            gpu_running += len(self.names[name]) if gpu else 0
+            # Not created while an earlier revision's Job holds the name: a later pass creates it.
+            states[name] = jobspec.JobState("pending") if made else st.state
+        for st in run.failed().values():
+            for job in st.jobs:
+                if jobspec.ANN_FAILURE not in (job["metadata"].get("annotations") or {}):
                     # Stops 1.20 servers (no podFailurePolicy) from retrying a bad input; keeps the reason.
-                    self.cluster.stop_job(job_name, {jobspec.ANN_FAILURE: st.reason[:1000]})
+                    self.cluster.stop_job(job["metadata"]["name"], {jobspec.ANN_FAILURE: st.state.reason[:1000]})
         return PassResult(states, created)
+
+    def _record_replaced_pods(self, run: runstate.RunState) -> None:
+        """Note on its Job each pod deleted before it finished (seen being deleted, or gone since the last pass while
+        it ran): the Job replaces it and keeps no count of it, so `mysproj status` shows this one."""
+        live: dict[str, tuple[str, str]] = {}
+        for st in run.stages.values():
+            for job, js in zip(st.jobs, st.job_states):
+                name = job["metadata"]["name"]
+                pods = run.pods.get(name, [])
+                new = runstate.being_replaced(job, pods, js)
+                present = {p["metadata"]["name"] for p in pods}
+                if js.state in ("pending", "running"):
+                    new += [(pod, f"pod {pod} disappeared while {phase}") for pod, (owner, phase)
+                            in self._live_pods.items() if owner == name and pod not in present]
+                ann = job["metadata"].get("annotations") or {}
+                last = ann.get(runstate.ANN_LAST_REPLACED, "")
+                new = [(pod, what) for pod, what in new if pod not in self._recorded and f"pod {pod} " not in last]
+                if new:
+                    count = int(ann.get(runstate.ANN_REPLACED, "0") or 0) + len(new)
+                    log.warning("stage %s: %s; the Job replaces it", st.node.name, new[-1][1])
+                    self.cluster.annotate_job(name, {runstate.ANN_REPLACED: str(count),
+                                                     runstate.ANN_LAST_REPLACED: new[-1][1][:500]})
+                    self._recorded.update(pod for pod, _ in new)
+                for p in pods:
+                    phase = (p.get("status") or {}).get("phase") or "Pending"
+                    if phase not in ("Succeeded", "Failed") and not p["metadata"].get("deletionTimestamp"):
+                        live[p["metadata"]["name"]] = (name, phase)
+        self._live_pods = live
 
     def _create(self, node: dag.Node, cfg: Any) -> list[str]:
         names = self.names[node.name]
@@ -188,6 +181,9 @@ class Controller:
                 log.warning("reconcile pass failed (%s: %s); retrying", type(e).__name__, e)
                 time.sleep(self.cfg.poll_seconds)
                 continue
+            if result.superseded:
+                log.info("run %s: a newer revision's controller took over; stopping", self.cfg.release)
+                return 0
             summary = _summary(result.states)
             if summary != last:
                 log.info("stages: %s", summary)

@@ -42,28 +42,37 @@ def template_kind(node: Node) -> str:
 
 
 def job_names(fullname: str, node: Node, cfg: Any, nodes_per_finetune: int = 1) -> list[str]:
-    """One name per pod group: `<prefix>-<node slug>-<hash>[-r<rank>]`. The hash covers the run, the node and its
-    config, so a changed config gets a new Job rather than the finished one of an older install."""
-    # The full release name is hashed too: the visible prefix is cut short, and runs share a namespace.
+    """One name per pod group: `<run words>-<node words>-<hash>[-r<rank>]`, whole words that are at most shortened
+    from their ends, never cut elsewhere. The hash covers the run, the node and its config, so a changed config gets
+    a new Job rather than the finished one of an older install, and names stay unique however short the words."""
     digest = hashlib.sha256(f"{fullname}\0{node.name}\0{config_hash(cfg)}".encode()).hexdigest()[:8]
     ranks = range(nodes_per_finetune) if node.stage == "finetune" and nodes_per_finetune > 1 else [None]
-    names = []
-    for rank in ranks:
-        suffix = f"-{digest}" + (f"-r{rank}" if rank is not None else "")
-        prefix = _dns(fullname)[:16].rstrip("-")
-        room = MAX_JOB_NAME - len(prefix) - len(suffix) - 1
-        slug = node.name
-        for long, short in _SHORT:
-            slug = slug.replace(long, short)
-        slug = _dns(slug)
-        # Keep the end of the slug (".../seed0/finetune") where it is most telling.
-        slug = slug[-room:].lstrip("-") if len(slug) > room else slug
-        names.append(f"{prefix}-{slug}{suffix}")
-    return names
+    suffixes = [f"-{digest}" + (f"-r{rank}" if rank is not None else "") for rank in ranks]
+    # The chart's own name says nothing in a listing of one run's Jobs (its labels carry it).
+    run = _fit([w for w in _dns(fullname).split("-") if w != "mysproj"] or [_dns(fullname)], MAX_RUN_WORDS)
+    slug = node.name
+    for long, short in _SHORT:
+        slug = slug.replace(long, short)
+    room = MAX_JOB_NAME - len(run) - 1 - max(len(s) for s in suffixes)
+    return [f"{run}-{_fit(_dns(slug).split('-'), room, keep_end=True)}{s}" for s in suffixes]
 
 
+MAX_RUN_WORDS = 20  # the run's part of a stage Job name: the same in all of the run's Job names
 _SHORT = (("zero-shot", "zs"), ("ft-projector", "proj"), ("ft-full", "full"), ("ft-lora", "lora"),
           ("textures-mini", "texmini"), ("/seed", "/s"))
+
+
+def _fit(words: list[str], room: int, keep_end: bool = False) -> str:
+    """`words` joined by '-' in at most `room` characters: each word shortened from its end as far as needed (8, 6,
+    4, then 3 letters), then whole words dropped (from the start with `keep_end`: the end of a node name, such as
+    `s0-finetune`, tells the most)."""
+    for limit in (None, 8, 6, 4, 3):
+        short = [w[:limit] for w in words]
+        if len("-".join(short)) <= room:
+            return "-".join(short)
+    while len(short) > 1 and len("-".join(short)) > room:
+        short = short[1:] if keep_end else short[:-1]
+    return "-".join(short)[:room].strip("-")
 
 
 def _dns(s: str) -> str:

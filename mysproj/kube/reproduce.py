@@ -310,6 +310,11 @@ def run(ns, out=print) -> int:
         # Helm refuses bad values (schema), an existing release name, an unreachable cluster: nothing was started.
         why = "; ".join(ln.strip() for ln in (result.stderr or result.stdout).splitlines() if ln.strip())
         raise BadInput(f"helm install {release} failed: {why.removeprefix('Error: ')}")
+    pipeline, templates = read_pipeline(cluster, status.find_configmap(cluster, release))
+    problem = status.bucket_access(pipeline.root, templates.get("cpu"))
+    if problem:  # the report could not be fetched: say so now, not after the run
+        raise BadInput(f"bucket {pipeline.root} not read: {problem}; the release {release} keeps running "
+                       f"(mysproj status {release} -n {namespace})")
     out(f"reproduce: release {release} installed in namespace {namespace}; waiting "
         f"(also: mysproj status {release} -n {namespace} --watch)")
 
@@ -322,7 +327,6 @@ def run(ns, out=print) -> int:
             f"{namespace}, mysproj logs {release} STAGE -n {namespace}")
         return EXIT_RUN_FAILED
 
-    pipeline, _ = read_pipeline(cluster, status.find_configmap(cluster, release))
     dest = Path(ns.out or f"reproduce-{release}")
     manifest, result_rows = fetch_report(pipeline.root, dest)
     out(f"reproduce: report fetched to {dest}/ (report.md, results.parquet, plots/)")

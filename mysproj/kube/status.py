@@ -1,22 +1,27 @@
-"""`mysproj status RELEASE [--watch]` and `mysproj logs RELEASE STAGE`: what a run is doing, from the cluster and the
-bucket only (the same sources the controller derives its state from).
+"""`mysproj status RELEASE [--watch]` and `mysproj logs RELEASE STAGE`: what a run is doing, read by
+`mysproj.kube.runstate` from the cluster and the bucket, as the controller reads it.
 
-One row per stage of the DAG: its Job's state, start, duration, progress (the latest line of the stage's
-`metrics.jsonl` in object storage) and, for a failed stage, the reason.
+One row per stage of the DAG: its Job's state, start, duration (for a finished stage its own wall time from the
+output's manifest), throughput, progress (the latest line of the stage's `metrics.jsonl` in object storage) and the
+reason of a failure or of a replaced pod. The bucket is reached the way the run's pods reach it (the release's
+endpoint and region) with this shell's credentials; without them the table shows what the cluster knows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from mysproj.errors import BadInput
-from mysproj.kube import jobspec
-from mysproj.kube.controller import FINISHED, output_complete, read_failure_record, read_pipeline, stage_config
+from mysproj.kube import jobspec, runstate
+from mysproj.kube.controller import node_configs, read_pipeline
 from mysproj.pipeline import dag
 from mysproj.storage import join, read_text
+from mysproj.storage.uri import is_local, split
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Row:
     duration: str
     progress: str
     reason: str
+    throughput: str = ""
 
 
 def find_configmap(cluster, release: str) -> str:
@@ -76,53 +82,95 @@ def progress(out: str) -> str:
     return " ".join(parts)
 
 
-def collect(cluster, release: str) -> list[Row]:
+def stage_time(manifest: dict | None) -> tuple[float | None, str]:
+    """(wall seconds, "<throughput> <unit>") of a finished stage from its manifest's summary; older manifests have
+    no `time` entry (only `seconds`), and a stage without a natural unit has no throughput."""
+    summary = (manifest or {}).get("summary") or {}
+    timing = summary.get("time") if isinstance(summary.get("time"), dict) else {}
+    wall = timing.get("wall_s", summary.get("seconds"))
+    rate, unit = timing.get("throughput"), timing.get("unit")
+    wall = float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and unit:
+        return wall, f"{rate:.3g} {unit}"
+    return wall, ""
+
+
+def collect(cluster, release: str, bucket: bool = True) -> list[Row]:
+    """The status table's rows: the current controller Job, then every node of the DAG. `bucket=False`: from the
+    cluster only."""
     pipeline, _ = read_pipeline(cluster, find_configmap(cluster, release))
     nodes = dag.build(pipeline)
-    selector = f"{jobspec.LABEL_RUN}={release}"
-    jobs = cluster.list_jobs(selector)
-    pods: dict[str, list[dict]] = {}
-    for p in cluster.list_pods(selector):
-        pods.setdefault(((p.get("metadata") or {}).get("labels") or {}).get("job-name", ""), []).append(p)
-    by_node: dict[str, list[dict]] = {}
-    for j in jobs:
-        node = ((j["metadata"].get("annotations")) or {}).get(jobspec.ANN_NODE)
-        by_node.setdefault(node or j["metadata"]["name"], []).append(j)
+    run = runstate.read(cluster, release, nodes, node_configs(nodes), bucket=bucket, manifests=bucket)
     now = datetime.now(timezone.utc)
     rows: list[Row] = []
-    controller = [j for j in jobs if (j["metadata"].get("labels") or {}).get(jobspec.LABEL_STAGE) == "controller"]
-    for j in controller:
-        st = jobspec.classify(j, pods.get(j["metadata"]["name"], []))
+    if run.controller is not None:
+        j = run.controller
+        st = jobspec.classify(j, run.pods.get(j["metadata"]["name"], []))
         rows.append(Row("controller", "controller", j["metadata"]["name"], st.state, st.start or "",
                         _duration(st.start, st.end, now), "", st.reason))
-    states: dict[str, str] = {}
-    for node in nodes:
-        cfg = stage_config(node)
-        present = sorted(by_node.get(node.name, []), key=lambda j: j["metadata"].get("creationTimestamp") or "")
-        if present:
-            job_states = []
-            for j in present:
-                st = jobspec.classify(j, pods.get(j["metadata"]["name"], []))
-                if st.state not in FINISHED and pods.get(j["metadata"]["name"]):
-                    st = jobspec.classify(j, pods.get(j["metadata"]["name"], []), read_failure_record(cfg.out))
-                job_states.append(st)
-            st = jobspec.combine(job_states)
-            job_name = ",".join(j["metadata"]["name"] for j in present)
-        elif all(states.get(d) in FINISHED for d in node.deps) and output_complete(node, cfg):
-            st, job_name = jobspec.JobState("reused"), ""
-        else:
-            st, job_name = jobspec.JobState("waiting"), ""
-        states[node.name] = st.state
-        prog = progress(cfg.out) if st.state in ("running", "pending", "failed") else ""
-        rows.append(Row(node.name, node.stage, job_name, st.state, st.start or "",
-                        _duration(st.start, st.end, now), prog, st.reason))
+    for name, stage in run.stages.items():
+        st = stage.state
+        busy = st.state in ("running", "pending", "failed") and bucket
+        wall, rate = stage_time(stage.manifest)
+        duration = _seconds(wall) if wall is not None else _duration(st.start, st.end, now)
+        reason = st.reason
+        if stage.replaced:
+            replaced = f"{stage.replaced} pod(s) replaced (last: {stage.last_replaced})"
+            reason = f"{reason}; {replaced}" if reason else replaced
+        rows.append(Row(name, stage.node.stage, ",".join(j["metadata"]["name"] for j in stage.jobs), st.state,
+                        st.start or "", duration, progress(stage.cfg.out) if busy else "", reason, rate))
     return rows
 
 
+def _template_env(template: dict | None) -> tuple[dict[str, str], str]:
+    """(plain env values, credentials Secret name) of the release's stage Job template."""
+    try:
+        env = template["spec"]["template"]["spec"]["containers"][0].get("env") or []
+    except (KeyError, IndexError, TypeError):
+        return {}, ""
+    values = {e["name"]: str(e["value"]) for e in env if e.get("value") is not None}
+    secret = next((((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name", "") for e in env
+                   if e.get("name") == "AWS_ACCESS_KEY_ID"), "")
+    return values, secret
+
+
+def bucket_access(root: str, template: dict | None, env: MutableMapping[str, str] = os.environ) -> str:
+    """Point this process at the run's bucket the way the run's pods reach it (the endpoint and region of the
+    release's Job template, where this shell sets none) and try one read: '' when it works, else what is
+    missing, in a few words. One attempt: a bucket that does not answer is reported, not waited for."""
+    if is_local(root):
+        return ""
+    release_env, secret = _template_env(template)
+    if not any(env.get(v) for v in ("MYSPROJ_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")) \
+            and release_env.get("MYSPROJ_S3_ENDPOINT"):
+        env["MYSPROJ_S3_ENDPOINT"] = release_env["MYSPROJ_S3_ENDPOINT"]
+    if not (env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION")) and release_env.get("AWS_DEFAULT_REGION"):
+        env["AWS_DEFAULT_REGION"] = release_env["AWS_DEFAULT_REGION"]
+    endpoint = env.get("MYSPROJ_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") \
+        or "AWS S3"
+    try:
+        fs, path = split(root)
+        fs.exists(path)
+        return ""
+    except Exception as e:  # noqa: BLE001 - whatever stops the read, the table still shows the cluster's view
+        kind = type(e).__name__
+        if kind == "NoCredentialsError":
+            where = f" (the run's pods read them from Secret {secret})" if secret else ""
+            why = f"no S3 credentials in this shell: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY{where}"
+        elif isinstance(e, PermissionError):
+            why = f"{endpoint} refused this shell's S3 credentials (access denied)"
+        elif any(k in kind for k in ("Endpoint", "Connect", "Timeout")) or isinstance(e, (ConnectionError,
+                                                                                           TimeoutError)):
+            why = f"{endpoint} is not reachable from here ({kind}); set MYSPROJ_S3_ENDPOINT to an address that is"
+        else:
+            why = f"{kind}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return why
+
+
 def render(rows: list[Row]) -> str:
-    header = ("STAGE", "JOB", "STATE", "START", "DURATION", "PROGRESS", "REASON")
+    header = ("STAGE", "JOB", "STATE", "START", "DURATION", "THROUGHPUT", "PROGRESS", "REASON")
     table = [header] + [(r.node, r.job or "-", r.state, r.start.replace("T", " ").rstrip("Z"), r.duration,
-                         r.progress, r.reason) for r in rows]
+                         r.throughput, r.progress, r.reason) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths)) + "  " + str(row[-1]) for row in table]
     counts: dict[str, int] = {}
@@ -136,8 +184,12 @@ def render(rows: list[Row]) -> str:
 def show(cluster, release: str, watch: bool = False, interval: float = 10.0, out=print) -> int:
     """Print the table (again every `interval` s with --watch until no stage is pending or running); the exit code
     is 1 when a stage failed, so scripts can gate on it."""
+    pipeline, templates = read_pipeline(cluster, find_configmap(cluster, release))
+    problem = bucket_access(pipeline.root, templates.get("cpu"))
     while True:
-        rows = collect(cluster, release)
+        rows = collect(cluster, release, bucket=not problem)
+        if problem:
+            out(f"bucket {pipeline.root} not read: {problem}; the table shows what the cluster knows")
         out(render(rows))
         busy = any(r.state in ("pending", "running") for r in rows)
         if not watch or not busy:
@@ -164,7 +216,7 @@ def logs(cluster, release: str, stage: str, tail: int | None = None, out=print) 
         pod = max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
         out(f"== {j['metadata']['name']} / {pod['metadata']['name']}")
         try:
-            out(cluster.pod_log(pod["metadata"]["name"], tail_lines=tail))
+            out(cluster.pod_log(pod["metadata"]["name"], tail_lines=tail).removesuffix("\n"))
         except Exception as e:  # noqa: BLE001 - a node without a log endpoint must not hide the other Jobs' logs
             out(f"(no log: {getattr(e, 'reason', None) or e})")
     return 0

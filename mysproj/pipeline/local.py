@@ -6,22 +6,16 @@ from __future__ import annotations
 import logging
 import time
 
-from mysproj.config.fields import load_config
 from mysproj.pipeline import dag
 from mysproj.stages import registry
 
 log = logging.getLogger(__name__)
 
 
-def stage_config(node: dag.Node):
-    cls = registry.STAGES[node.stage][0]
-    return load_config(cls, overrides=node.config, env={})
-
-
 def run(cfg: dag.PipelineConfig, only: list[str] | None = None) -> dict[str, dict]:
     nodes = dag.build(cfg)
     # Validate every stage's config before running any, so a typo fails in seconds, not after training.
-    configs = {n.name: stage_config(n) for n in nodes}
+    configs = {n.name: registry.stage_config(n.stage, n.config) for n in nodes}
     results: dict[str, dict] = {}
     for i, node in enumerate(nodes, 1):
         if only and not any(node.name.startswith(o) for o in only):

@@ -4,10 +4,11 @@ job entrypoints and the controller can parse configs without importing torch."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mysproj.config import stages as C
+from mysproj.config.fields import load_config
 
 STAGES: dict[str, tuple[type, str]] = {
     "prep": (C.PrepConfig, "mysproj.stages.prep:run"),
@@ -19,6 +20,15 @@ STAGES: dict[str, tuple[type, str]] = {
     "probe": (C.ProbeConfig, "mysproj.stages.probe:run"),
     "report": (C.ReportConfig, "mysproj.stages.report:run"),
 }
+
+
+def stage_config(stage: str, overrides: dict[str, Any] | None = None, *, yaml_file: str | None = None,
+                 cli: dict[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Any:
+    """The validated config of `stage`: defaults < YAML file < `env` (`MYSPROJ_<FIELD>`) < overrides < CLI values.
+    `env` defaults to none at all: a DAG node's or a benchmark's config is exactly what it is given, whatever the
+    process environment holds; the command line passes `os.environ`."""
+    return load_config(STAGES[stage][0], yaml_file=yaml_file, cli=cli, env={} if env is None else env,
+                       overrides=overrides)
 
 
 def implementation(stage: str) -> Callable[[Any], dict]:

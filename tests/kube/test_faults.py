@@ -68,7 +68,7 @@ def mysproj(env, *args):
 
 
 def controller_state(kube, release):
-    job = kube.batch.read_namespaced_job_status(f"{release}-mysproj-controller", kube.namespace)
+    job = kube.batch.read_namespaced_job_status(f"{release}-mysproj-controller-1", kube.namespace)
     for c in job.status.conditions or []:
         if c.type in ("Complete", "Failed") and c.status == "True":
             return c.type, job
@@ -244,19 +244,25 @@ def test_invalid_values_are_refused_before_anything_exists(run_env, tmp_path, ba
 
 
 @pytest.mark.timeout(240)
-def test_values_the_schema_accepts_but_the_pipeline_refuses_fail_the_controller_at_once(run_env):
-    """A dataset without a source passes the chart's schema but not the pipeline config: the controller exits 64
-    with the reason and ends its own Job (1.20 servers have no podFailurePolicy to stop the retries)."""
+def test_values_the_schema_accepts_but_a_stage_config_refuses_fail_the_controller_at_once(run_env):
+    """A dataset without a source is refused by `helm install` itself. A stage override out of its range
+    (max_steps 0) passes the chart's schema but not the stage config: the controller exits 64 with the reason and
+    ends its own Job (1.20 servers have no podFailurePolicy to stop the retries)."""
     kube, s3, env, sets = run_env
-    helm(env, "install", "nosource", str(CHART), "-f", str(VALUES), "--namespace", kube.namespace,
-         *[a for s in sets for a in ("--set", s)], "--set-json", 'pipeline.datasets=["dtd"]')
-    state = kube.wait_for(lambda: controller_state(kube, "nosource")[0], 180, "the controller to fail")
-    _, ctl = controller_state(kube, "nosource")
+    refused = helm(env, "install", "nosource", str(CHART), "-f", str(VALUES), "--namespace", kube.namespace,
+                   *[a for s in sets for a in ("--set", s)], "--set-json", 'pipeline.datasets=["dtd"]', check=False)
+    assert refused.returncode != 0 and "pipeline.sources has no entry for dataset 'dtd'" in refused.stderr
+    assert helm(env, "status", "nosource", "--namespace", kube.namespace, check=False).returncode != 0
+    assert not jobs_of(kube, "nosource")
+    helm(env, "install", "badstep", str(CHART), "-f", str(VALUES), "--namespace", kube.namespace,
+         *[a for s in sets for a in ("--set", s)], "--set", "pipeline.overrides.finetune.max_steps=0")
+    state = kube.wait_for(lambda: controller_state(kube, "badstep")[0], 180, "the controller to fail")
+    _, ctl = controller_state(kube, "badstep")
     # Without end_job the Job would need 7 failed pods (backoffLimit 6, exponential backoff: many minutes). The Job
     # controller may already have started the replacement pod when it processes the deadline, so one more may count.
-    assert state == "Failed" and (ctl.status.failed or 0) <= 2, debug(kube, "nosource")
-    assert "bad input" in (ctl.metadata.annotations or {}).get(ANN_FAILURE, ""), debug(kube, "nosource")
+    assert state == "Failed" and (ctl.status.failed or 0) <= 2, debug(kube, "badstep")
+    assert "bad input" in (ctl.metadata.annotations or {}).get(ANN_FAILURE, ""), debug(kube, "badstep")
     reason = (ctl.metadata.annotations or {}).get("mysproj.io/failure", "")
-    assert "'sources' has no entry for dataset 'dtd'" in reason, reason
-    assert [j.metadata.labels["mysproj.io/stage"] for j in jobs_of(kube, "nosource")] == ["controller"]
-    helm(env, "uninstall", "nosource", "--namespace", kube.namespace)
+    assert "'max_steps' = 0: must be >= 1" in reason, reason
+    assert [j.metadata.labels["mysproj.io/stage"] for j in jobs_of(kube, "badstep")] == ["controller"]
+    helm(env, "uninstall", "badstep", "--namespace", kube.namespace)

@@ -1,11 +1,14 @@
 """End to end on the real control plane and the real S3 server: `helm install` of values-tiny.yaml runs every stage
 of the DAG as a real Job (the node stand-in runs each pod's `python -u jobs/<stage>.py`), a killed stage is retried
-by its Job, `mysproj status` shows the run, the report lands in the bucket, a re-install reuses every output, and
-`helm uninstall` leaves nothing behind. A bad-input stage fails the run with its reason."""
+by its Job, a deleted pod is replaced and leaves a trace, `mysproj status` shows the run (with or without the
+bucket's credentials in the user's shell), the report lands in the bucket, a re-install reuses every output, a
+`helm upgrade` with changed values runs the changed stages, and `helm uninstall` leaves nothing behind. A bad-input
+stage fails the run with its reason."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +53,16 @@ def mysproj(env, *args):
 
 
 def controller_job(kube, release):
-    return kube.batch.read_namespaced_job_status(f"{release}-mysproj-controller", kube.namespace)
+    """The release's newest controller Job (one per Helm revision)."""
+    jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector=f"mysproj.io/run={release},"
+                                                                         "mysproj.io/stage=controller").items
+    return max(jobs, key=lambda j: int(j.metadata.labels["mysproj.io/revision"]), default=None)
 
 
-def finished(kube, release):
+def finished(kube, release, revision=1):
     job = controller_job(kube, release)
+    if job is None or int(job.metadata.labels["mysproj.io/revision"]) < revision:
+        return None
     for c in job.status.conditions or []:
         if c.type in ("Complete", "Failed") and c.status == "True":
             return c.type
@@ -76,10 +84,28 @@ def leftovers(kube, release):
             + [c.metadata.name for c in kube.core.list_namespaced_config_map(kube.namespace, label_selector=sel).items])
 
 
+def without_bucket_access(env):
+    """The user's shell without any S3 credentials or endpoint."""
+    keep = {k: v for k, v in env.items() if not k.startswith("AWS_") and k != "MYSPROJ_S3_ENDPOINT"}
+    return {**keep, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_env):
     kube, s3, env = run_env
     notes = install(kube, s3, env, "tiny").stdout
     assert "mysproj status tiny" in notes and "kubectl get jobs" in notes
+    assert f"mysproj logs tiny textures-mini/prep --namespace {kube.namespace}" in notes
+
+    # A pod deleted while it runs (a drain, an eviction) is replaced by its Job; `mysproj status` keeps a trace.
+    def model_init_pod_running():
+        pods = [p for p in kube.pods("mysproj.io/stage=model-init")
+                if p.metadata.annotations["mysproj.io/node"] == "models/tiny" and kube.is_running(p.metadata.name)
+                and kube.pod_log(p.metadata.name)]
+        return pods[0].metadata.name if pods else None
+
+    deleted = kube.wait_for(model_init_pod_running, RUN_TIMEOUT, "the models/tiny pod to run", interval=0.1)
+    kube.core.delete_namespaced_pod(deleted, kube.namespace)
 
     # Fault injection: kill the fine-tuning process mid-run; its Job must retry it and the run still complete.
     def finetune_pod_running():
@@ -102,19 +128,33 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert all(j.metadata.owner_references[0].uid == owner for j in jobs
                if j.metadata.labels["mysproj.io/stage"] != "controller")
 
-    status = mysproj(env, "status", "tiny", "--namespace", kube.namespace)
+    # The user's shell has the credentials but not the endpoint: the release's endpoint is used, never AWS.
+    status = mysproj({k: v for k, v in env.items() if k not in ("MYSPROJ_S3_ENDPOINT", "AWS_ENDPOINT_URL")},
+                     "status", "tiny", "--namespace", kube.namespace)
     assert status.returncode == 0, status.stdout + status.stderr
     rows = [line.split() for line in status.stdout.splitlines()[1:] if line.strip() and "/" in line.split()[0]
             or line.startswith(("report", "controller"))]
     assert len(rows) == 12 and all(r[2] == "complete" for r in rows), status.stdout
     assert {r[1] for r in rows} == {j.metadata.name for j in jobs}  # the same Jobs `kubectl get jobs` lists
+    model_init = next(line for line in status.stdout.splitlines() if line.startswith("models/tiny "))
+    assert f"1 pod(s) replaced (last: pod {deleted} " in model_init, status.stdout
+    # Without credentials: one line says what is missing; the cluster's view is still shown.
+    blind = mysproj(without_bucket_access(env), "status", "tiny", "--namespace", kube.namespace)
+    assert blind.returncode == 0 and "Traceback" not in blind.stderr, blind.stdout + blind.stderr
+    assert blind.stdout.splitlines()[0] == (
+        f"bucket s3://{BUCKET}/runs/tiny not read: no S3 credentials in this shell: set AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (the run's pods read them from Secret mysproj-s3); the table shows what the cluster "
+        "knows")
+    assert blind.stdout.splitlines()[-1] == "12 complete", blind.stdout
 
     fs = s3.filesystem()
     manifest = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/report/_SUCCESS.json"))
     assert manifest["stage"] == "report" and "report.md" in manifest["files"]
 
     logs = mysproj(env, "logs", "tiny", "textures-mini/prep", "--namespace", kube.namespace)
-    assert logs.returncode == 0 and "prep" in logs.stdout
+    prep = next(j.metadata.name for j in jobs if j.metadata.labels["mysproj.io/stage"] == "prep")
+    pod = kube.pods(f"job-name={prep}")[0].metadata.name
+    assert logs.returncode == 0 and logs.stdout == f"== {prep} / {pod}\n{kube.pod_log(pod)}", logs.stdout
 
     helm(env, "uninstall", "tiny", "--namespace", kube.namespace)
     kube.wait_for(lambda: not leftovers(kube, "tiny"), 120, "the garbage collector to remove every object")
@@ -126,6 +166,25 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert [j.metadata.labels["mysproj.io/stage"] for j in jobs] == ["controller"]
     resumed = mysproj(env, "status", "tiny", "--namespace", kube.namespace).stdout
     assert "11 reused" in resumed, resumed
+
+    # `helm upgrade` with a changed value: the next revision's controller runs the changed stage.
+    helm(env, "upgrade", "tiny", str(CHART), "-f", str(CHART / "values-tiny.yaml"), "--namespace", kube.namespace,
+         "--set", f"storage.endpoint={s3.endpoint}", "--set", f"storage.bucket={BUCKET}",
+         "--set", "pipeline.overrides.finetune.max_steps=3")
+    assert kube.wait_for(lambda: finished(kube, "tiny", revision=2), 300, "the upgraded run") == "Complete", \
+        debug(kube, "tiny")
+    jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
+    assert [j.metadata.name for j in jobs if j.metadata.labels["mysproj.io/stage"] == "controller"] == \
+        ["tiny-mysproj-controller-2"]  # Helm removed revision 1's
+    ft = [j for j in jobs if j.metadata.labels["mysproj.io/stage"] == "finetune"]
+    assert len(ft) == 1 and ft[0].status.succeeded == 1
+    ft_env = {e.name: e.value for e in ft[0].spec.template.spec.containers[0].env}
+    assert ft_env["MYSPROJ_MAX_STEPS"] == "3"
+    manifest = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/textures-mini/ft-projector/seed0/finetune/_SUCCESS.json"))
+    assert manifest["config"]["max_steps"] == 3
+    upgraded = mysproj(env, "status", "tiny", "--namespace", kube.namespace).stdout
+    ft_row = next(ln for ln in upgraded.splitlines() if ln.startswith("textures-mini/ft-projector/seed0/finetune"))
+    assert ft_row.split()[1:3] == [ft[0].metadata.name, "complete"], upgraded
     helm(env, "uninstall", "tiny", "--namespace", kube.namespace)
     kube.wait_for(lambda: not leftovers(kube, "tiny"), 120, "the garbage collector to remove every object")
 
@@ -133,8 +192,10 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
 def test_bad_input_fails_the_run_with_its_reason(run_env):
     kube, s3, env = run_env
     missing = f"s3://{BUCKET}/no-such-dtd"
-    install(kube, s3, env, "bad", "--set", "pipeline.datasets={dtd}", "--set", f"pipeline.sources.dtd={missing}",
-            "--set", "pipeline.zero_shot=false", "--set", "pipeline.probe=false")
+    notes = install(kube, s3, env, "bad", "--set", "pipeline.datasets={dtd}", "--set",
+                    f"pipeline.sources.dtd={missing}", "--set", "pipeline.zero_shot=false", "--set",
+                    "pipeline.probe=false").stdout
+    assert f"mysproj logs bad dtd/prep --namespace {kube.namespace}" in notes  # the release's own first dataset
     # The controller ends its own Job at once (no podFailurePolicy on 1.20 to stop its retries), with the reason.
     assert kube.wait_for(lambda: finished(kube, "bad"), RUN_TIMEOUT, "the run to fail") == "Failed", \
         debug(kube, "bad")

@@ -55,6 +55,23 @@ app.kubernetes.io/part-of: mysproj
 {{- printf "%s-controller" (include "mysproj.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The controller Job of this revision: an upgrade starts a new one on the new values (Helm deletes the previous
+revision's, and the garbage collector its stage Jobs), so a finished run's Job never hides changed values. */}}
+{{- define "mysproj.controllerJobName" -}}
+{{- $rev := printf "-%d" (int .Release.Revision) }}
+{{- printf "%s%s" (include "mysproj.controllerName" . | trunc (int (sub 63 (len $rev))) | trimSuffix "-") $rev }}
+{{- end }}
+
+{{/* Values the schema cannot check and the pipeline would refuse only once the controller runs. */}}
+{{- define "mysproj.validate" -}}
+{{- $sources := default dict .Values.pipeline.sources }}
+{{- range .Values.pipeline.datasets }}
+{{- if and (ne . "textures-mini") (not (get $sources .)) }}
+{{- fail (printf "pipeline.sources has no entry for dataset '%s': set pipeline.sources.%s to the URI of its files (s3://... or a path the pods can read)" . .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "mysproj.configMapName" -}}
 {{- printf "%s-pipeline" (include "mysproj.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
