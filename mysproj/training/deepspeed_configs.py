@@ -1,6 +1,7 @@
 """The seed's DeepSpeed configs (LLaVA `scripts/zero2.json`, `zero3.json`, `zero3_offload.json`), values as shipped,
 with their "auto" entries filled the way the HF Trainer fills them (batch sizes from the run, bucket sizes from
-the model's hidden size, gradient clipping = max_grad_norm)."""
+the model's hidden size). The seed's configs have no `gradient_clipping` key, which the HF Trainer fills only where
+it says "auto", so DeepSpeed kept its default 0 (no clipping); the key is written only for `max_grad_norm` > 0."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def filled(name: str, *, micro_batch: int, accumulation: int, world: int, hidden
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = accumulation
     cfg["train_batch_size"] = micro_batch * accumulation * world
-    cfg["gradient_clipping"] = max_grad_norm
+    if max_grad_norm > 0:
+        cfg["gradient_clipping"] = max_grad_norm
     cfg["steps_per_print"] = 10**9
     zero = cfg["zero_optimization"]
     zero["reduce_bucket_size"] = hidden_size * hidden_size
