@@ -98,8 +98,8 @@ class FinetuneConfig:
     deepspeed: str = opt("auto", help="auto = ZeRO-2 projector, ZeRO-3 full/lora when distributed on GPU; "
                          "full on one GPU: ZeRO-3 with the optimizer offloaded to the CPU",
                          choices=("auto", "none", "zero2", "zero3", "zero3-offload"))
-    max_grad_norm: float = opt(0.0, help="clip gradients to this global norm; 0 = off, as the seed scripts run "
-                               "(their DeepSpeed configs set no gradient_clipping, and DeepSpeed's default is 0)",
+    max_grad_norm: float = opt(0.0, help="clip gradients to this global norm; 0 = off, as the seed scripts ran "
+                               "(their DeepSpeed configs set no gradient_clipping, which their DeepSpeed read as 0)",
                                min=0.0)
     loss_normalization: str = opt("micro-batch", help="micro-batch = the mean over micro-batches (all devices and "
                                   "accumulation steps) of each micro-batch's mean token loss, as the HF Trainer of "

@@ -1,7 +1,8 @@
 """The seed's DeepSpeed configs (LLaVA `scripts/zero2.json`, `zero3.json`, `zero3_offload.json`), values as shipped,
 with their "auto" entries filled the way the HF Trainer fills them (batch sizes from the run, bucket sizes from
 the model's hidden size). The seed's configs have no `gradient_clipping` key, which the HF Trainer fills only where
-it says "auto", so DeepSpeed kept its default 0 (no clipping); the key is written only for `max_grad_norm` > 0."""
+it says "auto", so the DeepSpeed they pinned (0.12.6) kept its default 0: no clipping. DeepSpeed 0.19.3 made the
+default 1.0, so the key is always written: `max_grad_norm`, 0 = off."""
 
 from __future__ import annotations
 
@@ -42,8 +43,7 @@ def filled(name: str, *, micro_batch: int, accumulation: int, world: int, hidden
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = accumulation
     cfg["train_batch_size"] = micro_batch * accumulation * world
-    if max_grad_norm > 0:
-        cfg["gradient_clipping"] = max_grad_norm
+    cfg["gradient_clipping"] = max_grad_norm
     cfg["steps_per_print"] = 10**9
     zero = cfg["zero_optimization"]
     zero["reduce_bucket_size"] = hidden_size * hidden_size
