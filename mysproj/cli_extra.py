@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "mysproj.kube.reproduce",     # mysproj reproduce
     "mysproj.bench.command",      # mysproj bench
     "mysproj.stages.ask",         # mysproj ask
+    "mysproj.stages.show_example",  # mysproj show-example
 )
 
 

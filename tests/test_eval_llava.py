@@ -47,13 +47,14 @@ def _inputs(prep_uri, loaded, n=LIMIT):  # noqa: F811
     from mysproj.data.prepared import PreparedData
     from mysproj.evaluation import scoring
     from mysproj.models.conversation import llava_v1_prompt, pixel_values
+    from mysproj.models.prompt_ids import prompt_ids
     from mysproj.stages.eval_llava import examples
 
     data = PreparedData(prep_uri)
     samples, humans = examples(data, "test", n)
     humans[1] += " Answer in one word."  # prompts of different lengths, so left padding is exercised
     cfg = loaded.model.config
-    prompts = [scoring.prompt_ids(loaded.tokenizer, llava_v1_prompt(h), cfg.image_token_id, cfg.image_seq_length)
+    prompts = [prompt_ids(loaded.tokenizer, llava_v1_prompt(h), cfg.image_token_id, cfg.image_seq_length)
                for h in humans]
     pix = pixel_values([data.open_image(s) for s in samples], loaded.image_processor)
     conts = [scoring.continuation_ids(loaded.tokenizer, c) for c in data.classes]
@@ -144,6 +145,5 @@ def test_continuations_match_training_targets(loaded):
     from mysproj.models.conversation import training_example
 
     tok, cfg = loaded.tokenizer, loaded.model.config
-    ids, labels = training_example(tok, "<image>\nWhich texture?", "star field", cfg.image_token_id,
-                                   cfg.image_seq_length)
-    assert [t for t in labels if t != -100] == scoring.continuation_ids(tok, "star field")
+    ex = training_example(tok, "<image>\nWhich texture?", "star field", cfg.image_token_id)
+    assert [t for t in ex.labels if t != -100] == scoring.continuation_ids(tok, "star field")

@@ -126,18 +126,19 @@ def test_data_order_and_last_step_filling():
 def test_conversation_masks_all_but_the_answer(tiny_model):  # noqa: F811
     from transformers import AutoTokenizer
 
-    from mysproj.models.conversation import IGNORE_INDEX, SYSTEM_LLAVA_V1, llava_v1_prompt, training_example
+    from mysproj.models.conversation import IGNORE_INDEX, SYSTEM_VICUNA_V1, training_example
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     image = tok.convert_tokens_to_ids("<image>")
-    ids, labels = training_example(tok, "<image>\nWhich texture?", "star field", image, 4)
+    ex = training_example(tok, "<image>\nWhich texture?", "star field", image)
+    assert ex.text == f"{SYSTEM_VICUNA_V1} USER: <image>\nWhich texture? ASSISTANT: star field</s>"
+    ids, labels = ex.expanded(image, 4)
     answer = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
     assert answer == tok(" star field", add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert ids.count(image) == 4 and ids[0] == tok.bos_token_id
-    assert tok.decode(ids[:len(ids) - len(answer)], skip_special_tokens=False).replace("<image>" * 4, "<image>") \
-        == "<s>" + llava_v1_prompt("<image>\nWhich texture?")
-    assert llava_v1_prompt("x").startswith(SYSTEM_LLAVA_V1 + " USER: x ASSISTANT:")
-    ids, labels = training_example(tok, "<image>\nWhich texture?", "brick", image, 4, conv="plain")
+    assert tok.decode(ids, skip_special_tokens=False).replace("<image>" * 4, "<image>") == "<s>" + ex.text
+    ex = training_example(tok, "<image>\nWhich texture?", "brick", image, conv="plain")
+    ids, labels = ex.expanded(image, 4)
     answer = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
     assert answer == tok("brick\n", add_special_tokens=False).input_ids
     assert ids[:5] == [tok.bos_token_id] + [image] * 4
@@ -192,17 +193,18 @@ def test_bad_inputs_exit_64_with_one_line(case, tiny_model, prep, tmp_path, caps
 
 def test_two_processes_train_like_one(tiny_model, prep, tmp_path):  # noqa: F811
     """torchrun with 2 CPU processes (gloo) and a different micro-batch split reaches the weights of a single
-    process: the global batch, data order and loss normalisation do not depend on the launch."""
+    process: the global batch, data order and the global-batch loss normalisation do not depend on the launch."""
     import subprocess
     import sys
 
     single = str(tmp_path / "single")
-    finetune(tiny_model, prep, single, strategy="full", max_steps=3, lr=1e-3, per_device_batch=4)
+    finetune(tiny_model, prep, single, strategy="full", max_steps=3, lr=1e-3, per_device_batch=4,
+             loss_normalization="global-batch")
     multi = str(tmp_path / "multi")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "mysproj.cli", "finetune", "--strategy", "full", "--model", tiny_model, "--data", prep, "--out", multi,
            "--global-batch", "8", "--per-device-batch", "2", "--max-steps", "3", "--lr", "1e-3", "--workers", "0",
-           "--log-every", "1", "--checkpoint-every", "100"]
+           "--log-every", "1", "--checkpoint-every", "100", "--loss-normalization", "global-batch"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(os.path.join(multi, "_SUCCESS.json")))["summary"]

@@ -54,3 +54,44 @@ def test_a_dataset_without_source_is_rejected():
         _cfg(datasets=["dtd"])
     with pytest.raises(ConfigError, match="strategies"):
         _cfg(strategies=["everything"])
+
+
+def _configs(nodes, stage, strategy=None):
+    return [stage_config(n) for n in nodes if n.stage == stage and n.config.get("strategy", strategy) == strategy]
+
+
+def test_the_released_recipe_sets_every_choice_at_once():
+    from mysproj.config.recipes import CHOICES
+
+    strategies = ["projector", "full"]
+    paper = dag.build(_cfg(root="/r", strategies=strategies))
+    released = dag.build(_cfg(root="/r", strategies=strategies, recipe="released", eval_mode="scoring"))
+    for choice in CHOICES:
+        strategy = choice.strategy or ("projector" if choice.stage == "finetune" else None)
+        for nodes, recipe in ((paper, "paper"), (released, "released")):
+            configs = _configs(nodes, choice.stage, strategy)
+            assert configs, (choice.stage, strategy)
+            want = choice.value(recipe)
+            if choice.field == "mode":
+                want = "generate" if recipe == "paper" else "scoring"  # the pipeline's eval_mode decides
+            assert {getattr(c, choice.field) for c in configs} == {want}, (choice.label, recipe)
+    full = _configs(released, "finetune", "full")
+    assert {(c.conv, c.image_aspect_ratio) for c in full} == {("v1", "pad")}  # finetune_task.sh's, as in paper
+
+
+def test_the_paper_recipe_is_the_defaults_and_overrides_beat_the_recipe():
+    from mysproj.config.fields import config_hash
+    from mysproj.stages.registry import STAGES
+
+    for n in dag.build(_cfg(root="/r")):
+        cls = STAGES[n.stage][0]
+        structural = {k: v for k, v in n.config.items() if k not in dag.recipes.stage_fields(
+            "paper", n.stage, n.config.get("strategy"))}
+        assert config_hash(stage_config(n)) == config_hash(load_config(cls, overrides=structural, env={}))
+    nodes = dag.build(_cfg(root="/r", recipe="released", overrides={"prep": {"label_underscores": "space"},
+                                                                   "finetune": {"conv": "v1"}}))
+    assert {c.label_underscores for c in _configs(nodes, "prep")} == {"space"}
+    assert {c.conv for c in _configs(nodes, "finetune", "projector")} == {"v1"}
+    assert {c.image_aspect_ratio for c in _configs(nodes, "finetune", "projector")} == {"square"}
+    with pytest.raises(ConfigError, match="recipe"):
+        _cfg(recipe="whatever")

@@ -112,7 +112,7 @@ def _ours(args, device: str, layout, n_world: int, rank: int):
 
     def step(i):
         micro_batches = [data[(i * accumulation + j) % len(data)] for j in range(accumulation)]
-        losses.append(float(session.step(micro_batches, targets)) / targets * n_world)
+        losses.append(float(session.step(micro_batches, targets)) * n_world)
 
     timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps, profile=args.profile)
     what = (f"mysproj.training ({cfg.strategy}, deepspeed {session.deepspeed or 'off'}, "

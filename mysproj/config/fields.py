@@ -205,8 +205,12 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 
 def config_hash(cfg) -> str:
-    """Hash of the fields that change a stage's result (output locations and operational knobs excluded)."""
+    """Hash of the fields that change a stage's result (output locations and operational knobs excluded), and of
+    the config class's RESULT_VERSION where it sets one (raised when the same fields come to give other results)."""
     hashed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
               if f.metadata.get("hashed", True) and f.name != "out"}
+    version = getattr(type(cfg), "RESULT_VERSION", None)
+    if version is not None:
+        hashed["_result_version"] = version
     blob = json.dumps(hashed, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -7,6 +7,7 @@ Defaults are the paper's (../shared/spec/paper.md §6); every ambiguity upstream
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from mysproj.config.fields import ConfigError, opt
 
@@ -73,12 +74,15 @@ class ModelInitConfig:
 class FinetuneConfig:
     """Fine-tune LLaVA-1.5 on a prep output: projector only, full LLM + projector, or LoRA + projector."""
 
+    # Raised when the code changes what the same fields produce, so config_hash changes and old outputs re-run.
+    RESULT_VERSION: ClassVar[int] = 2
+
     model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output)")
     data: str = opt(help="prep output URI")
     out: str = opt(help="output folder URI")
     strategy: str = opt("projector", help="what trains", choices=STRATEGIES)
-    conv: str = opt("v1", help="conversation format: llava_v1 with the prompt (paper) or plain (seed "
-                    "pretrain.sh, prompt dropped)", choices=("v1", "plain"))
+    conv: str = opt("v1", help="conversation format: v1 = LLaVA's vicuna_v1 with the prompt (paper; the seed's "
+                    "finetune_task.sh) or plain (the seed's pretrain.sh: prompt dropped)", choices=("v1", "plain"))
     global_batch: int | None = opt(None, help="global batch; default 64 projector, 32 full/lora", min=1)
     per_device_batch: int | None = opt(None, help="micro-batch per device; default: the largest divisor of "
                                        "global_batch / processes up to 16", min=1)
@@ -94,8 +98,14 @@ class FinetuneConfig:
     deepspeed: str = opt("auto", help="auto = ZeRO-2 projector, ZeRO-3 full/lora when distributed on GPU; "
                          "full on one GPU: ZeRO-3 with the optimizer offloaded to the CPU",
                          choices=("auto", "none", "zero2", "zero3", "zero3-offload"))
-    max_grad_norm: float = opt(1.0, help="gradient clipping (HF Trainer default, which the seed scripts keep); "
-                               "0 = off", min=0.0)
+    max_grad_norm: float = opt(0.0, help="clip gradients to this global norm; 0 = off, as the seed scripts ran "
+                               "(their DeepSpeed configs set no gradient_clipping, which their DeepSpeed read as 0)",
+                               min=0.0)
+    loss_normalization: str = opt("micro-batch", help="micro-batch = the mean over micro-batches (all devices and "
+                                  "accumulation steps) of each micro-batch's mean token loss, as the HF Trainer of "
+                                  "the seed scripts; global-batch = the mean over every answer token of the global "
+                                  "batch (the same result for any micro-batch size and GPU count)",
+                                  choices=("micro-batch", "global-batch"))
     gradient_checkpointing: bool | None = opt(None, help="activation checkpointing in the LLM; default: on for "
                                               "full/lora (as the seed scripts), off for projector, whose "
                                               "activations fit (issue 6: 1.3x faster); the same result either "
@@ -132,6 +142,8 @@ class FinetuneConfig:
 class MergeConfig:
     """Write an HF-layout model: the base with a tuned projector (the seed's update_model.sh, done right)."""
 
+    RESULT_VERSION: ClassVar[int] = 2  # raised with finetune's (the models it reads came out differently)
+
     base: str = opt(help="base model URI")
     projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI")
     out: str = opt(help="output folder URI")
@@ -167,6 +179,8 @@ class EvalClipConfig:
 class EvalLlavaConfig:
     """LLaVA-1.5 classification of a prepared split with the training prompt (generate + parse, or scoring)."""
 
+    RESULT_VERSION: ClassVar[int] = 2  # prompt ids as tokenizer_image_token builds them; fine-tuned models
+
     model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)")
     data: str = opt(help="prep output URI")
     out: str = opt(help="output folder URI")
@@ -195,6 +209,8 @@ class EvalLlavaConfig:
 @dataclass(kw_only=True)
 class ProbeConfig:
     """Pre/post-projection feature probes: the paper's MLPs on vision-tower and projector features."""
+
+    RESULT_VERSION: ClassVar[int] = 2  # raised with finetune's (the models it reads came out differently)
 
     model: str = opt(help="LLaVA model URI whose vision tower and projector give the features")
     data: str = opt(help="prep output URI")

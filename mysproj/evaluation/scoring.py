@@ -34,16 +34,19 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> Batch:
     return Batch(ids.to(device), mask.to(device), pos.to(device))
 
 
-def prompt_ids(tokenizer, prompt: str, image_token_id: int, image_seq_length: int) -> list[int]:
-    from mysproj.models.conversation import expand_image_tokens
-
-    return expand_image_tokens(tokenizer(prompt, add_special_tokens=True)["input_ids"], image_token_id,
-                               image_seq_length)
-
-
 def continuation_ids(tokenizer, label: str) -> list[int]:
-    """The answer tokens exactly as training supervises them: " <label>" then `</s>`."""
-    return tokenizer(f" {label}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """The answer tokens as training supervises them: the ids that " <label></s>" adds after "ASSISTANT:" in a
+    llava_v1 conversation (so a sentencepiece tokenizer's word-initial `▁` is there, and no extra one)."""
+    from mysproj.models.conversation import SYSTEM_LLAVA_V1, v1_text
+    from mysproj.models.prompt_ids import prompt_ids
+
+    question = "Which class?"
+    head = prompt_ids(tokenizer, v1_text(SYSTEM_LLAVA_V1, [(question, None)]))
+    full = prompt_ids(tokenizer, v1_text(SYSTEM_LLAVA_V1, [(question, label)]))
+    if full[:len(head)] != head:
+        raise ValueError(f"the tokenizer merges 'ASSISTANT:' with the answer {label!r}: its tokens cannot be scored "
+                         f"after the prompt")
+    return full[len(head):]
 
 
 def _scoring_block(conts: list[list[int]], prefix_mask, dtype):

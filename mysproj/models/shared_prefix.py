@@ -1,10 +1,11 @@
 """LLaVA logits through a frozen LLM without the work whose result nothing reads: projector-only training
 (`training/loss.py`) and class scoring (`evaluation/scoring.py`).
 
-- **The shared prefix.** Every llava_v1 example starts with the same tokens before its image (the system prompt
-  and "USER:", 35 of 640). With the LLM frozen nothing in them changes, yet the model computes them for every row
-  of every batch (and training back-propagates through them). Here their keys and values are computed once per
-  run, at batch 1, without gradient, and the rows from the image on attend to them.
+- **The shared prefix.** Every v1 example (vicuna_v1 in training, llava_v1 in evaluation) starts with the same
+  tokens before its image (the system prompt and "USER:", 35 of 640). With the LLM frozen nothing in them
+  changes, yet the model computes them for every row of every batch (and training back-propagates through them).
+  Here their keys and values are computed once per run, at batch 1, without gradient, and the rows from the image
+  on attend to them.
 - **The last layer.** Its output is read only at the positions whose logits are used (the answer, ~5 of 640 in
   training; the scored rows in scoring). It still needs keys and values everywhere (those queries attend to
   them), but its queries, attention output and MLP run at the kept positions only.

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mysproj import layout
+from mysproj.config import recipes
 from mysproj.config.fields import ConfigError, opt
 from mysproj.config.stages import DATASETS, STRATEGIES
 from mysproj.storage import join
@@ -36,6 +37,11 @@ class PipelineConfig:
     zero_shot: bool = opt(True, help="run the zero-shot evaluations (CLIP and LLaVA)")
     probe: bool = opt(True, help="run the pre/post-projection probes")
     eval_mode: str = opt("generate", help="eval-llava mode", choices=("generate", "scoring"))
+    recipe: str = opt("paper", help="where the paper's text and the released scripts disagree, follow: paper (the "
+                      "text) or released (FT-Proj trained as pretrain.sh: conversation plain, square images; prompt "
+                      "ending '\n\nOutput:'; underscores deleted from labels; the released probe script's protocol; "
+                      "CLS pooling before the projector); overrides still set any one field",
+                      choices=recipes.RECIPES)
     overrides: dict = opt(help="per-stage config overrides, JSON {stage: {field: value}}", default_factory=dict)
 
     def check(self) -> None:
@@ -72,7 +78,9 @@ def build(cfg: PipelineConfig) -> list[Node]:
     nodes: list[Node] = []
 
     def add(name: str, stage: str, config: dict, deps: list[str]) -> str:
-        merged = {**config, **cfg.overrides.get(stage, {})}
+        # the recipe's choices, then what this node is (models, data, seed, the eval mode), then the overrides
+        merged = {**recipes.stage_fields(cfg.recipe, stage, config.get("strategy")), **config,
+                  **cfg.overrides.get(stage, {})}
         merged["out"] = join(root, name)
         nodes.append(Node(name, stage, merged, deps))
         return name

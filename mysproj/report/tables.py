@@ -1,7 +1,7 @@
 """report.md in the paper's layout: Table 1 (F1/Acc per dataset), Table 2 (post-projection probe vs MLLM F1
-with Δ%), Table 3 (pre-projection probe), the paper's value in parentheses beside each of ours, mean ± std
-over seeds, then the options used and one provenance line per run. Pure text: no timestamps, so the same
-inputs render the same file."""
+with Δ%), Table 3 (pre-projection probe), the paper's value in parentheses beside each of ours (its Δ% as
+printed), mean ± std over seeds, then the protocol each run followed and one provenance line per run. Pure text:
+no timestamps, so the same inputs render the same file."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def table2(runs: list[Run]) -> list[str]:
         ref = P.TABLE2.get(_task(d), {}) if _task(d) else {}
         base_post = mean(values(runs, d, "probe", "zero-shot", "macro_f1", "post"))
         base_llm = mean(values(runs, d, "eval-llava", "zero-shot", "macro_f1"))
-        ref0 = ref.get("Original")
+        ref_delta = P.TABLE2_DELTA.get(_task(d), {}) if _task(d) else {}
         first = True
         for setting in TABLE2_SETTINGS:
             post = values(runs, d, "probe", setting, "macro_f1", "post")
@@ -129,9 +129,9 @@ def table2(runs: list[Run]) -> list[str]:
                 d_post = d_llm = "—"
             else:
                 d_post, d_llm = delta(mean(post), base_post), delta(mean(llm), base_llm)
-                if pr and ref0:
-                    d_post += f" ({delta(pr[0], ref0[0])})"
-                    d_llm += f" ({delta(pr[1], ref0[1])})"
+                if name in ref_delta:
+                    d_post += f" ({ref_delta[name][0]})"
+                    d_llm += f" ({ref_delta[name][1]})"
             lines.append(_row([d if first else "", name, cell(post, pr[0] if pr else None), d_post,
                                cell(llm, pr[1] if pr else None), d_llm]))
             first = False
@@ -206,6 +206,9 @@ def render(runs: list[Run]) -> tuple[str, str]:
     unparsed = unparsed_lines(runs)
     if unparsed:
         out += ["## Unparsed LLaVA answers", "", *unparsed, ""]
+    from mysproj.report.protocol import protocol_lines
+
+    out += ["## Protocol", "", *protocol_lines(runs), ""]
     out += ["## Provenance", "", *provenance_lines(runs), ""]
     return "\n".join(out), "\n".join(t1)
 

@@ -39,14 +39,10 @@ class Session:
 
     def prompt(self, question: str) -> str:
         """The llava_v1 conversation with the image in the first user turn (SeparatorStyle.TWO)."""
-        from mysproj.models.conversation import SYSTEM_LLAVA_V1
+        from mysproj.models.conversation import SYSTEM_LLAVA_V1, v1_text
 
         turns = [*self.history, (question, None)]
-        text = SYSTEM_LLAVA_V1 + " "
-        for i, (q, a) in enumerate(turns):
-            q = f"<image>\n{q}" if i == 0 else q
-            text += f"USER: {q} ASSISTANT:" + (f" {a}</s>" if a is not None else "")
-        return text
+        return v1_text(SYSTEM_LLAVA_V1, [(f"<image>\n{q}" if i == 0 else q, a) for i, (q, a) in enumerate(turns)])
 
 
 def quantization(load_4bit: bool, load_8bit: bool):
@@ -117,7 +113,7 @@ def answer(session: Session, question: str, *, temperature: float = 0.2, max_new
     import torch
     from transformers import GenerationConfig
 
-    from mysproj.evaluation.scoring import prompt_ids
+    from mysproj.models.prompt_ids import prompt_ids
 
     tok, cfg = session.tokenizer, session.model.config
     ids = torch.tensor([prompt_ids(tok, session.prompt(question), cfg.image_token_id, cfg.image_seq_length)],

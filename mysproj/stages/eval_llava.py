@@ -86,6 +86,7 @@ def _body(cfg, out) -> dict:
     from mysproj.models import speedups
     from mysproj.models.conversation import llava_v1_prompt
     from mysproj.models.loading import load_llava
+    from mysproj.models.prompt_ids import prompt_ids
     from mysproj.progress import Progress
 
     data = PreparedData(cfg.data)
@@ -108,7 +109,7 @@ def _body(cfg, out) -> dict:
     speed = Throughput()
     for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
         pix = torch.stack(pixels).to(dev, model.dtype)
-        batch = scoring.left_pad([scoring.prompt_ids(tok, llava_v1_prompt(humans[i]), image_token, n_image)
+        batch = scoring.left_pad([prompt_ids(tok, llava_v1_prompt(humans[i]), image_token, n_image)
                                   for i in idx], pad_id, dev)
         if cfg.mode == "generate":
             answers = generate(model, batch, pix, cfg.max_new_tokens, pad_id, tok)

@@ -8,11 +8,14 @@ order whose labels are masked (they add no loss and no gradient, and keep every 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from mysproj.errors import BadInput
 from mysproj.models.conversation import IGNORE_INDEX, training_example
+
+log = logging.getLogger("mysproj.finetune")
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     image_path: str
+    mismatch: tuple[int, int] | None = None  # preprocess_v1's tokenization mismatch: labels all masked
 
     @property
     def n_targets(self) -> int:
@@ -27,7 +31,9 @@ class Example:
 
 
 def load_examples(data, tokenizer, model_config, *, conv: str, max_length: int, split: str = "train") -> list[Example]:
-    """Tokenised examples from a `PreparedData`; every answer must be one of its classes."""
+    """Tokenised examples from a `PreparedData`; every answer must be one of its classes. Examples whose labels
+    LLaVA's `preprocess_v1` would mis-count stay in the data with no supervised token (as upstream keeps them),
+    and one warning says how many."""
     records = data.llava_records(split)
     if not records:
         raise BadInput(f"{data.uri}: llava_{split}.json holds no examples")
@@ -51,12 +57,26 @@ def load_examples(data, tokenizer, model_config, *, conv: str, max_length: int, 
         sample = by_uri.get(rec["image"])
         if sample is None:
             raise BadInput(f"{data.uri}: image {rec['image']} of record {rec.get('id')!r} is not in samples.parquet")
-        ids, labels = training_example(tokenizer, human, label, image_id, seq, conv)
+        example = training_example(tokenizer, human, label, image_id, conv, max_length)
+        ids, labels = example.expanded(image_id, seq)
         if len(ids) > max_length:
             raise BadInput(f"model_max_length={max_length} is shorter than example {rec.get('id')!r} "
                            f"({len(ids)} tokens with {seq} image tokens); raise --model-max-length")
-        out.append(Example(ids, labels, data.local_image(sample)))
+        out.append(Example(ids, labels, data.local_image(sample), example.mismatch))
+    _warn_mismatches(out, records, data.uri, split)
     return out
+
+
+def _warn_mismatches(examples: list[Example], records: list[dict], uri: str, split: str) -> None:
+    bad = [(rec.get("id"), ex.mismatch) for rec, ex in zip(records, examples) if ex.mismatch]
+    if not bad:
+        return
+    if len(bad) == len(examples):
+        raise BadInput(f"{uri}: every llava_{split}.json example hits LLaVA's tokenization mismatch with this "
+                       f"tokenizer (e.g. record {bad[0][0]!r}: {bad[0][1][0]} vs. {bad[0][1][1]} tokens), so none "
+                       f"would be supervised; use a Llama-style tokenizer or conv=plain")
+    log.warning("tokenization mismatch in %d of %d examples (e.g. record %r: %d vs. %d tokens): their labels are "
+                "ignored, as LLaVA's preprocess_v1 does", len(bad), len(examples), bad[0][0], *bad[0][1])
 
 
 @dataclass(frozen=True)

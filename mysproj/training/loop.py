@@ -1,9 +1,10 @@
 """The fine-tuning loop: one code path for a CPU process, one GPU, and torchrun on many GPUs/nodes (accelerate, with
 DeepSpeed ZeRO on GPUs when distributed).
 
-Loss: the mean token cross-entropy over the answer tokens of the whole global batch (summed per micro-batch and
-divided by the step's target-token count, which every rank computes from the data order, so gradient accumulation
-and the number of GPUs do not change the result).
+Loss (`loss_normalization`): by default the HF Trainer's, as the seed scripts trained: each micro-batch's mean token
+cross-entropy over its answer tokens, averaged over the micro-batches of every process and accumulation step; or
+the mean over the answer tokens of the whole global batch (every rank computes the step's target-token count from
+the data order, so gradient accumulation and the number of GPUs do not change the result).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def train(cfg, out) -> dict:
         micro_batches = [next(batches) for _ in range(schedule.accumulation)]
         current_lr = scheduler.get_last_lr()[0]
         step_loss = ctx.step(micro_batches, targets)
-        loss = (acc.reduce(step_loss, reduction="sum") / targets).item()
+        loss = acc.reduce(step_loss, reduction="sum").item()
         seen += sum(1 for _, counts in samples if counts)
         n = step + 1
         if n % cfg.log_every == 0 or n == total:
@@ -116,6 +117,7 @@ def train(cfg, out) -> dict:
                    per_device_batch=micro, accumulation=schedule.accumulation, world_size=world, lr=lr,
                    projector_lr=projector_lr if cfg.strategy == "lora" else None, precision="bf16" if bf16 else "fp32",
                    deepspeed=ds_name, shared_prefix=ctx.shared is not None, conv=cfg.conv, examples=len(examples),
+                   tokenization_mismatches=sum(1 for e in examples if e.mismatch),
                    trainable_parameters=n_trainable,
                    final_loss=metrics[-1]["loss"] if metrics else None,
                    samples_per_s=metrics[-1]["samples_per_s"] if metrics else None)

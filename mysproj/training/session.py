@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mysproj.models.conversation import IGNORE_INDEX
 from mysproj.training import strategies
 from mysproj.training.loss import answer_loss_sum
 
@@ -40,7 +41,8 @@ class Session:
 
     def step(self, micro_batches, targets: int):
         """One optimizer step over this rank's micro-batches; `targets` = supervised tokens of the global batch.
-        Returns this rank's summed loss (a 0-dim tensor, not synchronised)."""
+        Returns this rank's share of the step's loss (a 0-dim tensor, not synchronised): summed over the ranks,
+        the loss whose gradient the step took."""
         import torch
 
         acc, accumulation = self.accelerator, len(micro_batches)
@@ -48,15 +50,27 @@ class Session:
         for batch in micro_batches:
             with acc.accumulate(self.model):
                 loss_sum = answer_loss_sum(self.model, batch, self.pixel_dtype, acc.device, self.shared)
-                acc.backward(loss_sum * (self.world * accumulation / targets))
+                scale = self.loss_scale(batch, targets, accumulation)
+                acc.backward(loss_sum * scale)
                 if acc.sync_gradients:
                     if not self.deepspeed and self.cfg.max_grad_norm > 0:
                         acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                total += loss_sum.detach()
+                total += loss_sum.detach() * (scale / (self.world * accumulation))
         self.scheduler.step()
         return total
+
+    def loss_scale(self, batch, targets: int, accumulation: int) -> float:
+        """The factor on a micro-batch's summed token loss before backward. accelerate (or DeepSpeed) divides by
+        the accumulation steps and DDP (or ZeRO) averages over the processes, so `micro-batch` (the HF Trainer's
+        loss: the micro-batch's mean token loss) gives the mean of the micro-batch means, and `global-batch`
+        gives the sum over the global batch divided by its supervised tokens. A micro-batch without supervised
+        tokens (filler, mismatched examples) adds nothing."""
+        if self.cfg.loss_normalization == "global-batch":
+            return self.world * accumulation / max(targets, 1)
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return 1.0 / n if n else 0.0
 
 
 def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_bytes: int = 0,

@@ -1,0 +1,54 @@
+"""The pipeline's `recipe`: where the paper's text and the released code disagree, which one the stages follow.
+
+`paper` (the default) follows the paper's text (spec §6); `released` follows the seed's scripts as shipped
+(spec §1, §7). Each choice is an ordinary stage field: the recipe only sets its value in the DAG, and
+`pipeline.overrides` still override any one of them. Where the source shows what the paper's own runs did (no
+gradient clipping, the HF Trainer's loss, the vicuna_v1 training prompt, tokenizer_image_token) both recipes do
+it, and the fields say so, so a report can name every departure. No ML imports: the controller reads this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECIPES = ("paper", "released")
+
+
+@dataclass(frozen=True)
+class Choice:
+    label: str               # what the report calls it
+    stage: str
+    field: str
+    paper: object
+    released: object
+    strategy: str | None = None  # finetune fields that differ for one strategy only
+
+    def value(self, recipe: str):
+        return self.paper if recipe == "paper" else self.released
+
+
+CHOICES = (
+    Choice("conversation", "finetune", "conv", "v1", "plain", strategy="projector"),
+    Choice("training images", "finetune", "image_aspect_ratio", "pad", "square", strategy="projector"),
+    Choice("prompt ending", "prep", "prompt_style", "paper", "code"),
+    Choice("label rule", "prep", "label_underscores", "space", "delete"),
+    Choice("probe protocol", "probe", "protocol", "paper", "code"),
+    Choice("pre-projection pooling", "probe", "pre_pooling", "mean", "cls"),
+    # The same in both: what the released scripts did, which the paper's "default hyper-parameters" were.
+    Choice("gradient clipping", "finetune", "max_grad_norm", 0.0, 0.0),
+    Choice("loss normalisation", "finetune", "loss_normalization", "micro-batch", "micro-batch"),
+    Choice("eval mode", "eval-llava", "mode", "generate", "generate"),
+)
+
+
+def stage_fields(recipe: str, stage: str, strategy: str | None = None) -> dict:
+    """The field values `recipe` sets in one stage's config (a finetune node also by its strategy)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+    return {c.field: c.value(recipe) for c in CHOICES
+            if c.stage == stage and (c.strategy is None or c.strategy == strategy)}
+
+
+def applicable(stage: str, strategy: str | None = None) -> list[Choice]:
+    """The choices that apply to one stage run (finetune choices of another strategy keep their default)."""
+    return [c for c in CHOICES if c.stage == stage and (c.strategy is None or c.strategy == strategy)]
