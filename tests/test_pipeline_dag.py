@@ -57,7 +57,8 @@ def test_a_dataset_without_source_is_rejected():
 
 
 def _configs(nodes, stage, strategy=None):
-    return [stage_config(n) for n in nodes if n.stage == stage and n.config.get("strategy", strategy) == strategy]
+    return [stage_config(n.stage, n.config) for n in nodes
+            if n.stage == stage and n.config.get("strategy", strategy) == strategy]
 
 
 def test_the_released_recipe_sets_every_choice_at_once():
@@ -87,7 +88,8 @@ def test_the_paper_recipe_is_the_defaults_and_overrides_beat_the_recipe():
         cls = STAGES[n.stage][0]
         structural = {k: v for k, v in n.config.items() if k not in dag.recipes.stage_fields(
             "paper", n.stage, n.config.get("strategy"))}
-        assert config_hash(stage_config(n)) == config_hash(load_config(cls, overrides=structural, env={}))
+        assert config_hash(stage_config(n.stage, n.config)) == config_hash(
+            load_config(cls, overrides=structural, env={}))
     nodes = dag.build(_cfg(root="/r", recipe="released", overrides={"prep": {"label_underscores": "space"},
                                                                    "finetune": {"conv": "v1"}}))
     assert {c.label_underscores for c in _configs(nodes, "prep")} == {"space"}
