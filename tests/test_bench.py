@@ -62,6 +62,10 @@ def test_eval_llava(tmp_path, mode):
     _check(report, "eval-llava", ["ours", "baseline-b1", "baseline"])
     assert report["results"][1]["batch_size"] == 1
     assert all(r["generated_tokens"] == 16 for r in report["results"][1:])  # </s> suppressed: full length
+    if mode == "generate":  # the stage's own greedy loop, checked against transformers' generate on the same batch
+        ours = report["results"][0]
+        assert "static_decode" in ours["what"] and ours["same_answers"] == 1.0
+        assert ours["decoder"]["steps"] == 15 * 3  # warm-up + 2 timed steps, 15 decode steps after the prefill
 
 
 def test_eval_llava_fp8_reports_agreement(tmp_path, capsys, monkeypatch):

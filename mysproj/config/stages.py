@@ -188,6 +188,15 @@ class EvalLlavaConfig:
     shared_prefix: bool = opt(True, help="scoring mode: the system prompt's keys and values once per run, the "
                               "last LLM layer only where scores are read (the same scores, less work)",
                               hashed=False)
+    static_decode: bool = opt(True, help="generate mode: mysproj's own greedy loop (the system prompt's keys and "
+                              "values once per run, a KV cache of fixed size written in place, finished rows "
+                              "dropped) instead of transformers' generate; the same tokens", hashed=False)
+    cuda_graphs: bool = opt(True, help="generate mode with static_decode, on GPUs: each decode step recorded once "
+                            "as a CUDA graph and replayed (the same kernels as eager, so the same tokens)",
+                            hashed=False)
+    compile_prefill: bool = opt(False, help="generate mode with static_decode, on GPUs: torch.compile the prefill's "
+                                "layer functions (faster prefill; compiled kernels round differently in the last "
+                                "bit, which can change greedy answers)", hashed=False)
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
