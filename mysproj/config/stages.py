@@ -135,6 +135,10 @@ class MergeConfig:
     base: str = opt(help="base model URI")
     projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI")
     out: str = opt(help="output folder URI")
+    reuse_base: bool = opt(True, help="base is an HF-layout stage output: rewrite only the weights file holding the "
+                           "projector and reuse every other file of the base (hard links locally, server-side "
+                           "copies in an object store, the base's recorded hashes); the same model folder",
+                           hashed=False)
 
 
 @dataclass(kw_only=True)

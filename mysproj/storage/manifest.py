@@ -101,6 +101,14 @@ class StageOutput:
         self._record(name, os.path.getsize(local), sha256_file(local))
         return self.path(name)
 
+    def copy_file(self, src_uri: str, name: str, entry: dict) -> str:
+        """`name` as a copy of another stage output's file, recorded with that file's manifest `entry` (size,
+        sha256) instead of being re-read and re-hashed; readers verify it as any other file. Returns how it was
+        copied (`uri.copy`)."""
+        how = U.copy(src_uri, self.path(name))
+        self._record(name, int(entry["size"]), entry["sha256"])
+        return how
+
     def put_dir(self, local_dir: str, prefix: str = "") -> None:
         for root, _, names in os.walk(local_dir):
             for n in sorted(names):
