@@ -16,14 +16,22 @@ SHARD_BYTES = 5 * 1024**3
 OWN_SHARD_PREFIX = "model.multi_modal_projector."
 
 
-def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None = None) -> list[str]:
+def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None = None, dtype=None) -> list[str]:
     """Safetensors shards named like transformers' (`model.safetensors` or `model-0000i-of-0000n.safetensors`).
-    Tensors move to the CPU one shard at a time, so a model on the GPU never needs a whole CPU copy."""
+    Tensors move to the CPU one shard at a time, so a model on the GPU never needs a whole CPU copy; `dtype`:
+    floating-point tensors are cast to it on their own device first (half the bytes to move for fp32 weights)."""
     from safetensors.torch import save_file
 
     max_shard_bytes = max_shard_bytes or SHARD_BYTES
     os.makedirs(out_dir, exist_ok=True)
-    nbytes = {k: t.numel() * t.element_size() for k, t in state_dict.items()}
+
+    def stored(t):
+        return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+
+    def size_of(t) -> int:
+        return t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+
+    nbytes = {k: size_of(t) for k, t in state_dict.items()}
     sharded = sum(nbytes.values()) > max_shard_bytes
     shards: list[list[str]] = [[]]
     size, previous = 0, None
@@ -38,7 +46,7 @@ def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None 
         previous = own
 
     def write(names: list[str], fname: str) -> None:
-        save_file({k: state_dict[k].detach().to("cpu").contiguous() for k in names}, os.path.join(out_dir, fname),
+        save_file({k: stored(state_dict[k]).to("cpu").contiguous() for k in names}, os.path.join(out_dir, fname),
                   metadata={"format": "pt"})
 
     if len(shards) == 1:
@@ -80,16 +88,16 @@ def save_processing(tokenizer, image_processor, config, out_dir: str) -> None:
 
 
 def save_hf_model(state_dict: dict, config, tokenizer, image_processor, out_dir: str,
-                  extra_config: dict | None = None) -> None:
-    """A complete HF-layout model folder."""
+                  extra_config: dict | None = None, dtype=None) -> None:
+    """A complete HF-layout model folder (`dtype`: as in `save_state_dict`)."""
     os.makedirs(out_dir, exist_ok=True)
     config = config.__class__.from_dict(config.to_dict())
-    dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+    dtypes = {dtype or t.dtype for t in state_dict.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         config.dtype = str(next(iter(dtypes))).replace("torch.", "")
     for k, v in (extra_config or {}).items():
         setattr(config, k, v)
     config.architectures = ["LlavaForConditionalGeneration"]
     config.save_pretrained(out_dir)
-    save_state_dict(state_dict, out_dir)
+    save_state_dict(state_dict, out_dir, dtype=dtype)
     save_processing(tokenizer, image_processor, config, out_dir)

@@ -32,7 +32,7 @@ class _RankOutput(StageOutput):
     def write_bytes(self, name, data):
         return self.path(name)
 
-    def put_file(self, local, name):
+    def put_file(self, local, name, *args, **kwargs):
         return self.path(name)
 
 

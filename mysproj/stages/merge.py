@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 
 from mysproj.errors import BadInput
 from mysproj.storage import cache
@@ -89,10 +88,10 @@ def merge(cfg, out: StageOutput) -> dict:
     for name, tensor in projector.items():
         _check_shape(cfg, name, tensor, state[name].shape)
         state[name] = tensor.to(state[name].dtype)
-    with tempfile.TemporaryDirectory(prefix="mysproj-merge-") as tmp:
+    with out.staging() as tmp:
         save_hf_model(state, base.model.config, base.tokenizer, base.image_processor, tmp)
         _save_mm_projector(projector, {k: state[k].dtype for k in projector}, tmp)
-        out.put_dir(tmp)
+        out.put_dir(tmp, move=True)
     return {"base": cfg.base, "projector": cfg.projector, "base_layout": base.layout,
             "random_weights": base.random_weights, "replaced": sorted(projector), "layout": "hf"}
 
@@ -143,7 +142,7 @@ def merge_reusing(cfg, out: StageOutput, projector: dict, inp: StageInput) -> di
 
     rewrite = _projector_files(inp, projector)
     dtypes = {}
-    with tempfile.TemporaryDirectory(prefix="mysproj-merge-") as tmp:
+    with out.staging() as tmp:
         for fname, names in rewrite.items():
             src = inp.local_path(fname)
             with safe_open(src, "pt") as f:
@@ -153,7 +152,7 @@ def merge_reusing(cfg, out: StageOutput, projector: dict, inp: StageInput) -> di
                     dtypes[name] = f.get_tensor(stored).dtype
             replace_tensors(src, os.path.join(tmp, fname), {s: projector[n] for s, n in names.items()})
         _save_mm_projector(projector, dtypes, tmp)
-        out.put_dir(tmp)
+        out.put_dir(tmp, move=True)
     carried = sorted(n for n in inp.files if "/" not in n and n not in NOT_CARRIED and n not in rewrite)
     how = [out.copy_file(inp.path(n), n, inp.files[n]) for n in carried]
     log.info("merge: rewrote %s, reused %d files of %s (%s)", ", ".join(sorted(rewrite)), len(carried), inp.uri,

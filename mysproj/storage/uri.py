@@ -143,12 +143,20 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def put_file(local: str, uri: str) -> None:
+def put_file(local: str, uri: str, move: bool = False) -> None:
+    """Store local file `local` at `uri`. `move`: the local file may be taken (a rename where both are on one
+    local file system, so nothing is copied)."""
     fs, path = split(uri)
     if is_local(uri):
         import shutil
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if move:
+            try:
+                os.replace(local, path)
+                return
+            except OSError:  # another file system
+                pass
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         shutil.copyfile(local, tmp)
         os.replace(tmp, path)
