@@ -113,6 +113,9 @@ class FinetuneConfig:
     shared_prefix: bool = opt(True, help="projector strategy: the tokens before the image (the same in every "
                               "example) run once per run without gradient, and the last LLM layer only where the "
                               "loss reads it; the same result, less work", hashed=False)
+    compile_cache: str | None = opt(None, help="folder URI where torch.compile's caches are kept and shared "
+                                    "(loaded before compiling, new artifacts added after; the pipeline uses "
+                                    "<root>/compile-cache); unset = compile afresh", hashed=False)
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
@@ -163,6 +166,9 @@ class EvalClipConfig:
                            "false = the model's encode_image", hashed=False)
     compile: bool = opt(False, help="torch.compile each image-tower transformer block, compiled once (a last "
                         "partial batch is padded to batch_size)", hashed=False)
+    compile_cache: str | None = opt(None, help="folder URI where torch.compile's caches are kept and shared "
+                                    "(loaded before compiling, new artifacts added after; the pipeline uses "
+                                    "<root>/compile-cache); unset = compile afresh", hashed=False)
     batch_size: int = opt(128, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
@@ -201,6 +207,9 @@ class EvalLlavaConfig:
     compile_prefill: bool = opt(False, help="generate mode with static_decode, on GPUs: torch.compile the prefill's "
                                 "layer functions (faster prefill; compiled kernels round differently in the last "
                                 "bit, which can change greedy answers)", hashed=False)
+    compile_cache: str | None = opt(None, help="folder URI where torch.compile's caches are kept and shared "
+                                    "(loaded before compiling, new artifacts added after; the pipeline uses "
+                                    "<root>/compile-cache); unset = compile afresh", hashed=False)
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 

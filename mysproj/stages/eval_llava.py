@@ -18,9 +18,20 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg) -> dict:
+    from mysproj.models import compile_cache
     from mysproj.storage.manifest import run_stage
 
-    return run_stage("eval-llava", cfg, lambda out: _body(cfg, out))
+    return run_stage("eval-llava", cfg,
+                     lambda out: compile_cache.run_with(compile_cache_uri(cfg), lambda: _body(cfg, out)))
+
+
+def compile_cache_uri(cfg) -> str | None:
+    """`cfg.compile_cache` where this run compiles anything (GPUs: scoring's layers, generate's prefill)."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prefill = cfg.mode == "generate" and cfg.static_decode and cfg.compile_prefill and dev == "cuda"
+    return cfg.compile_cache if compiles(cfg, dev) or prefill else None
 
 
 def _pixels(img, processor, aspect):
