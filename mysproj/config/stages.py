@@ -210,6 +210,8 @@ class EvalLlavaConfig:
     compile_cache: str | None = opt(None, help="folder URI where torch.compile's caches are kept and shared "
                                     "(loaded before compiling, new artifacts added after; the pipeline uses "
                                     "<root>/compile-cache); unset = compile afresh", hashed=False)
+    direct_load: bool = opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, "
+                            "without a CPU copy of the whole model first (the same weights)", hashed=False)
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
@@ -234,6 +236,8 @@ class ProbeConfig:
                                   choices=("pad", "square"))
     precision: str = opt("auto", help="feature extraction: auto = fp16 on GPU, fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
+    direct_load: bool = opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, "
+                            "without a CPU copy of the whole model first (the same weights)", hashed=False)
     batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 

@@ -130,7 +130,7 @@ def _body(cfg, out) -> dict:
     data = PreparedData(cfg.data)
     samples, humans = examples(data, cfg.split, cfg.limit)
     dev = pick_device()
-    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev))
+    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev), direct=cfg.direct_load)
     model, tok = loaded.model, loaded.tokenizer
     speedups.apply(model, fp8=cfg.fp8, compile=compiles(cfg, dev))
     fast = scoring_forward(cfg, model, dev)

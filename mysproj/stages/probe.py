@@ -108,7 +108,7 @@ def _body(cfg, out) -> dict:
         if not samples:
             raise BadInput(f"{cfg.data}: split '{name}' has no samples; the probe needs both train and test")
     dev = pick_device()
-    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev))
+    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev), direct=cfg.direct_load)
     feats = {}
     for name, samples in splits.items():
         feats[name] = extract(loaded, data, samples, cfg, dev)
