@@ -116,6 +116,9 @@ class FinetuneConfig:
     compile_cache: str | None = opt(None, help="folder URI where torch.compile's caches are kept and shared "
                                     "(loaded before compiling, new artifacts added after; the pipeline uses "
                                     "<root>/compile-cache); unset = compile afresh", hashed=False)
+    cast_on_gpu: bool = opt(True, help="GPU runs without DeepSpeed: the model moves to the GPU in its stored "
+                            "dtype and the trained weights become fp32 there, not on the CPU first (the same "
+                            "weights, half the bytes to move)", hashed=False)
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
