@@ -130,3 +130,48 @@ def test_stage_predictions_equal_with_and_without_static_decode(tmp_path, prep_u
     assert rows[True] == rows[False]
     assert "static_decode" not in summaries[False]
     assert summaries[True]["static_decode"]["prefills"] == 2 and summaries[True]["cuda_graphs"] is False
+
+
+def test_cuda_graph_orchestration_gives_the_same_tokens(stopping, monkeypatch):
+    """The CUDA graph path on CPU with stand-ins that behave as capture does: recording a step executes nothing
+    and a replay runs what was recorded. One graph per workspace size, each captured after an eager warm-up step,
+    then replayed: the tokens stay transformers'."""
+    import contextlib
+    import types
+
+    from mysproj.evaluation import greedy
+
+    real_step, capturing = greedy.decode_step, []
+
+    class Graph:
+        def replay(self):
+            real_step(*self.recorded)
+
+    def step(llava, ws):
+        if capturing:
+            capturing[-1].recorded = (llava, ws)  # recorded, not run
+        else:
+            real_step(llava, ws)
+
+    @contextlib.contextmanager
+    def graph(g, capture_error_mode):
+        assert capture_error_mode == "thread_local"
+        capturing.append(g)
+        yield
+        capturing.pop()
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(greedy, "decode_step", step)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    loaded, prompts, pix, ref = stopping
+    decoder = _decoder(loaded)
+    decoder.cuda_graphs = True
+    assert decoder(prompts, pix, NEW_TOKENS) == ref
+    assert decoder(prompts, pix, NEW_TOKENS) == ref  # the second batch only replays
+    assert decoder.stats["graphs"] == len(decoder.spaces) >= 2
+    assert all(ws.graph is not None for ws in decoder.spaces.values())

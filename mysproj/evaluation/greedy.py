@@ -84,8 +84,6 @@ class GreedyDecoder:
 
     def __init__(self, llava, *, eos_id: int, pad_id: int, max_rows: int, cuda_graphs: bool = False,
                  compile_prefill: bool = False):
-        import torch
-
         from mysproj.models.shared_prefix import SharedPrefixForward
 
         self.llava, self.eos_id, self.pad_id, self.max_rows = llava, eos_id, pad_id, max_rows
@@ -95,7 +93,6 @@ class GreedyDecoder:
         self.slots = 0
         self.spaces: dict[int, Workspace] = {}
         self.stats = {"prefills": 0, "steps": 0, "moves": 0, "graphs": 0}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def __call__(self, prompts: list[list[int]], pixel_values, max_new_tokens: int) -> list[list[int]]:
         import torch
@@ -216,7 +213,7 @@ class GreedyDecoder:
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the DataLoader's pin-memory thread keeps making CUDA calls during the capture
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 decode_step(self.llava, ws)
         except RuntimeError as e:
             log.warning("generate: decode steps could not be recorded as a CUDA graph (%s); running them eagerly",
