@@ -25,6 +25,18 @@ TASK_PHRASES = {
 STRATEGIES = ("projector", "full", "lora")
 
 
+def compile_cache_opt():
+    """The `compile_cache` field of every stage that compiles."""
+    return opt(None, help="folder URI where torch.compile's caches are kept and shared (loaded before compiling, new "
+               "artifacts added after; the pipeline uses <root>/compile-cache); unset = compile afresh", hashed=False)
+
+
+def direct_load_opt():
+    """The `direct_load` field of the stages that load a model onto a GPU."""
+    return opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, without a CPU copy "
+               "of the whole model first (the same weights)", hashed=False)
+
+
 @dataclass(kw_only=True)
 class PrepConfig:
     """Prepare a dataset: samples, seed-format CSVs, LLaVA JSONs with the paper's prompt, classes, report."""
@@ -113,9 +125,7 @@ class FinetuneConfig:
     shared_prefix: bool = opt(True, help="projector strategy: the tokens before the image (the same in every "
                               "example) run once per run without gradient, and the last LLM layer only where the "
                               "loss reads it; the same result, less work", hashed=False)
-    compile_cache: str | None = opt(None, help="folder URI where torch.compile's caches are kept and shared "
-                                    "(loaded before compiling, new artifacts added after; the pipeline uses "
-                                    "<root>/compile-cache); unset = compile afresh", hashed=False)
+    compile_cache: str | None = compile_cache_opt()
     cast_on_gpu: bool = opt(True, help="GPU runs without DeepSpeed: the model moves to the GPU in its stored "
                             "dtype and the trained weights become fp32 there, not on the CPU first (the same "
                             "weights, half the bytes to move)", hashed=False)
@@ -169,9 +179,7 @@ class EvalClipConfig:
                            "false = the model's encode_image", hashed=False)
     compile: bool = opt(False, help="torch.compile each image-tower transformer block, compiled once (a last "
                         "partial batch is padded to batch_size)", hashed=False)
-    compile_cache: str | None = opt(None, help="folder URI where torch.compile's caches are kept and shared "
-                                    "(loaded before compiling, new artifacts added after; the pipeline uses "
-                                    "<root>/compile-cache); unset = compile afresh", hashed=False)
+    compile_cache: str | None = compile_cache_opt()
     batch_size: int = opt(128, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
@@ -210,11 +218,8 @@ class EvalLlavaConfig:
     compile_prefill: bool = opt(False, help="generate mode with static_decode, on GPUs: torch.compile the prefill's "
                                 "layer functions (faster prefill; compiled kernels round differently in the last "
                                 "bit, which can change greedy answers)", hashed=False)
-    compile_cache: str | None = opt(None, help="folder URI where torch.compile's caches are kept and shared "
-                                    "(loaded before compiling, new artifacts added after; the pipeline uses "
-                                    "<root>/compile-cache); unset = compile afresh", hashed=False)
-    direct_load: bool = opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, "
-                            "without a CPU copy of the whole model first (the same weights)", hashed=False)
+    compile_cache: str | None = compile_cache_opt()
+    direct_load: bool = direct_load_opt()
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
@@ -239,8 +244,7 @@ class ProbeConfig:
                                   choices=("pad", "square"))
     precision: str = opt("auto", help="feature extraction: auto = fp16 on GPU, fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
-    direct_load: bool = opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, "
-                            "without a CPU copy of the whole model first (the same weights)", hashed=False)
+    direct_load: bool = direct_load_opt()
     batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
