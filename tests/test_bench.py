@@ -54,6 +54,12 @@ def test_finetune_full_without_baseline(tmp_path):
     _check(report, "finetune", ["ours"])
     assert "checkpointing off" in report["results"][0]["what"]
     assert report["settings"]["overrides"] == {"gradient_checkpointing": "false"}
+    assert report["results"][0]["warmup_s"] > 0 and "compile_cache" not in report["results"][0]
+
+
+def test_finetune_with_a_compile_cache_reports_it(tmp_path):
+    report = _bench(tmp_path, "finetune", "--batch-size", "2", "--set", f"compile-cache={tmp_path / 'cc'}")
+    assert report["results"][0]["compile_cache"] == {"uri": str(tmp_path / "cc"), "loaded": 0, "stored": None}
 
 
 @pytest.mark.parametrize("mode", ["generate", "scoring"])
