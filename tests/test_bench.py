@@ -202,3 +202,14 @@ def test_causal_attention_counts_keys():
     assert F.causal_attention(dims, 3) == 4 * (1 + 2 + 3)
     assert F.causal_attention(dims, 2, n_past=3) == 4 * (4 + 5)
     assert F.causal_attention(dims, 3, from_position=1) == 4 * (2 + 3)
+
+
+def test_stage_io_measures_init_merge_both_ways_and_cleans_up(tmp_path, capsys):
+    from mysproj.bench import stage_io
+
+    stage_io.main(["--preset", "tiny", "--root", str(tmp_path / "io")])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["stage"], r.get("reuse_base")) for r in rows] == [("model-init", None), ("merge", True),
+                                                                 ("merge", False)]
+    assert rows[1]["reused"]["by"] == ["link"] and rows[2]["reused"] is None
+    assert all(r["seconds"] > 0 for r in rows) and not (tmp_path / "io").exists()
