@@ -1,5 +1,6 @@
 """The whole job's model I/O on one machine, stage by stage: `model init` of a preset, `merge` with and without
-`reuse_base`, and loading the merged model onto the GPU with and without `direct_load`. Prints one JSON line per
+`reuse_base`, and loading the merged model onto the GPU with and without `direct_load`, and as the probe
+does (`vision_only`). Prints one JSON line per
 measurement (stage seconds as the manifest records them) and removes what it wrote.
 
     python -m mysproj.bench.stage_io --preset llava-1.5-7b --root /tmp/stage-io
@@ -62,6 +63,14 @@ def main(argv: list[str] | None = None) -> None:
                                   "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
                 del model
                 torch.cuda.empty_cache()
+            from mysproj.models.vision_only import load_vision
+
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model = load_vision(f"{root}/merge-True", device="cuda", dtype=torch.float16).model
+            torch.cuda.synchronize()
+            print(json.dumps({"load": "probe's", "vision_only": True, "seconds": round(time.perf_counter() - t0, 2)}),
+                  flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -245,6 +245,9 @@ class ProbeConfig:
     precision: str = opt("auto", help="feature extraction: auto = fp16 on GPU, fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
     direct_load: bool = direct_load_opt()
+    vision_only: bool = opt(True, help="load only the vision tower and projector (from a model stage output in HF "
+                            "layout): the language model's weights are never fetched, verified or read; the same "
+                            "features", hashed=False)
     batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
