@@ -1,7 +1,7 @@
 """The whole job's model I/O on one machine, stage by stage: `model init` of a preset, `merge` with and without
-`reuse_base`, and loading the merged model onto the GPU with and without `direct_load`, and as the probe
-does (`vision_only`). Prints one JSON line per
-measurement (stage seconds as the manifest records them) and removes what it wrote.
+`reuse_base`, and loading the merged model onto the GPU with and without `direct_load` and as the probe does
+(`vision_only`). Prints one JSON line per measurement (stage seconds as the manifest records them) and removes
+what it wrote.
 
     python -m mysproj.bench.stage_io --preset llava-1.5-7b --root /tmp/stage-io
 """
