@@ -19,10 +19,9 @@ def _projector_file(base: str, path: str) -> None:
     import torch
 
     from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL
-    from mysproj.models.loading import materialize, read_weights
+    from mysproj.models.vision_only import load_vision
 
-    folder, _ = materialize(base)
-    state = read_weights(folder, base)
+    state = load_vision(base).model.state_dict()  # the projector's shapes and dtype, without reading the LLM
     g = torch.Generator().manual_seed(0)
     torch.save({PROJECTOR_HF_TO_ORIGINAL[k]: (0.02 * torch.randn(state[k].shape, generator=g)).to(state[k].dtype)
                 for k in PROJECTOR_HF_TO_ORIGINAL}, path)
