@@ -10,6 +10,7 @@ all use this one convention:
     <root>/<dataset>/ft-<strategy>/seed<N>/eval-llava
     <root>/<dataset>/ft-<strategy>/seed<N>/probe
     <root>/models/<name>                             model-init outputs (random-weight presets)
+    <root>/compile-cache                             torch.compile artifacts shared by stages, pods and re-runs
     <root>/report
 """
 

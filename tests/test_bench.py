@@ -54,6 +54,12 @@ def test_finetune_full_without_baseline(tmp_path):
     _check(report, "finetune", ["ours"])
     assert "checkpointing off" in report["results"][0]["what"]
     assert report["settings"]["overrides"] == {"gradient_checkpointing": "false"}
+    assert report["results"][0]["warmup_s"] > 0 and "compile_cache" not in report["results"][0]
+
+
+def test_finetune_with_a_compile_cache_reports_it(tmp_path):
+    report = _bench(tmp_path, "finetune", "--batch-size", "2", "--set", f"compile-cache={tmp_path / 'cc'}")
+    assert report["results"][0]["compile_cache"] == {"uri": str(tmp_path / "cc"), "loaded": 0, "stored": None}
 
 
 @pytest.mark.parametrize("mode", ["generate", "scoring"])
@@ -62,6 +68,10 @@ def test_eval_llava(tmp_path, mode):
     _check(report, "eval-llava", ["ours", "baseline-b1", "baseline"])
     assert report["results"][1]["batch_size"] == 1
     assert all(r["generated_tokens"] == 16 for r in report["results"][1:])  # </s> suppressed: full length
+    if mode == "generate":  # the stage's own greedy loop, checked against transformers' generate on the same batch
+        ours = report["results"][0]
+        assert "static_decode" in ours["what"] and ours["same_answers"] == 1.0
+        assert ours["decoder"]["steps"] == 15 * 3  # warm-up + 2 timed steps, 15 decode steps after the prefill
 
 
 def test_eval_llava_fp8_reports_agreement(tmp_path, capsys, monkeypatch):
@@ -192,3 +202,14 @@ def test_causal_attention_counts_keys():
     assert F.causal_attention(dims, 3) == 4 * (1 + 2 + 3)
     assert F.causal_attention(dims, 2, n_past=3) == 4 * (4 + 5)
     assert F.causal_attention(dims, 3, from_position=1) == 4 * (2 + 3)
+
+
+def test_stage_io_measures_init_merge_both_ways_and_cleans_up(tmp_path, capsys):
+    from mysproj.bench import stage_io
+
+    stage_io.main(["--preset", "tiny", "--root", str(tmp_path / "io")])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["stage"], r.get("reuse_base")) for r in rows] == [("model-init", None), ("merge", True),
+                                                                 ("merge", False)]
+    assert rows[1]["reused"]["by"] == ["link"] and rows[2]["reused"] is None
+    assert all(r["seconds"] > 0 for r in rows) and not (tmp_path / "io").exists()

@@ -84,3 +84,93 @@ def test_merge_rejects_mismatched_or_missing_projector(tiny_model, tmp_path, cap
         rc = main(["merge", "--base", tiny_model, "--projector", projector, "--out", str(tmp_path / "o")])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
         assert rc == 64 and len(err) == 1 and want in err[0], err
+
+
+def _sharded_base(out: str) -> str:
+    """The tiny model written in several shards (as a 7B model is), the projector in one of its own."""
+    from mysproj.models import saving
+    from mysproj.storage import read_text
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(saving, "SHARD_BYTES", 200_000)
+        stage("model-init", preset="tiny", out=out)
+    index = json.loads(read_text(f"{out}/model.safetensors.index.json"))["weight_map"]
+    projector_file = {index[k] for k in PROJ}
+    assert len(set(index.values())) > 3 and len(projector_file) == 1
+    assert sorted(k for k, f in index.items() if f in projector_file) == sorted(PROJ)
+    return out
+
+
+def _bare_projector(base: str, path) -> str:
+    from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL
+
+    torch.save({PROJECTOR_HF_TO_ORIGINAL[k]: v for k, v in _tuned_projector(weights(base)).items()}, str(path))
+    return str(path)
+
+
+def _same_model(a: str, b: str) -> None:
+    """Two merge outputs hold the same tensors, load into equal models and both manifests hold true hashes."""
+    from mysproj.models.loading import load_llava
+    from mysproj.storage.manifest import StageInput
+
+    sa, sb = load_llava(a).model.state_dict(), load_llava(b).model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for uri in (a, b):
+        inp = StageInput(uri)
+        for name in inp.files:
+            inp.read_bytes(name)  # raises on a hash that does not match
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_merge_reusing_the_base_equals_the_full_write(tiny_model, tmp_path, sharded):  # noqa: F811
+    from safetensors.torch import load_file
+
+    base = _sharded_base(str(tmp_path / "base")) if sharded else tiny_model
+    bin_path = _bare_projector(base, tmp_path / "mm_projector.bin")
+    full, reused = str(tmp_path / "full"), str(tmp_path / "reused")
+    stage("merge", base=base, projector=bin_path, out=full, reuse_base=False)
+    m = stage("merge", base=base, projector=bin_path, out=reused)
+    summary = m["summary"]
+    assert summary["reused"]["by"] == ["link"] and summary["replaced"] == sorted(PROJ)
+    merged, whole = weights(reused), weights(full)
+    assert merged.keys() == whole.keys() and all(torch.equal(merged[k], whole[k]) for k in merged)
+    _same_model(reused, full)
+    assert torch.equal(torch.load(os.path.join(reused, "mm_projector.bin"), weights_only=True)[
+        "model.mm_projector.2.bias"], torch.load(os.path.join(full, "mm_projector.bin"), weights_only=True)[
+        "model.mm_projector.2.bias"])
+    (rewritten,) = summary["rewritten"]
+    assert set(load_file(os.path.join(reused, rewritten))) == (set(PROJ) if sharded else set(merged))
+    base_files = json.load(open(os.path.join(base, "_SUCCESS.json")))["files"]
+    for name, entry in m["files"].items():
+        if name in (rewritten, "mm_projector.bin"):
+            continue
+        assert os.path.samefile(os.path.join(reused, name), os.path.join(base, name)), name  # a hard link
+        assert entry == base_files[name]
+    assert set(m["files"]) == set(base_files) | {"mm_projector.bin"}
+    if not sharded:  # the same files as the full write (which writes one file for the small model)
+        assert set(m["files"]) == set(json.load(open(os.path.join(full, "_SUCCESS.json")))["files"])
+
+
+def test_merge_reusing_rejects_a_projector_of_another_shape(tiny_model, tmp_path):  # noqa: F811
+    from mysproj.errors import BadInput
+
+    bad = str(tmp_path / "bad.bin")
+    torch.save({"model.mm_projector.0.weight": torch.zeros(3, 3), "model.mm_projector.0.bias": torch.zeros(3),
+                "model.mm_projector.2.weight": torch.zeros(3, 3), "model.mm_projector.2.bias": torch.zeros(3)}, bad)
+    with pytest.raises(BadInput, match="has shape"):
+        stage("merge", base=tiny_model, projector=bad, out=str(tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o" / "_SUCCESS.json")
+
+
+@pytest.mark.s3
+def test_merge_reusing_copies_inside_the_object_store(s3_env, tmp_path):
+    root = f"{s3_env.create_bucket('mergereuse')}/{tmp_path.name}"
+    local_base = _sharded_base(str(tmp_path / "base"))
+    base = f"{root}/models/tiny"
+    _sharded_base(base)
+    bin_path = _bare_projector(local_base, tmp_path / "mm_projector.bin")
+    m = stage("merge", base=base, projector=bin_path, out=f"{root}/merge")
+    assert m["summary"]["reused"]["by"] == ["server"] and m["summary"]["reused"]["files"] > 3
+    full = str(tmp_path / "full")
+    stage("merge", base=local_base, projector=bin_path, out=full, reuse_base=False)
+    _same_model(f"{root}/merge", full)

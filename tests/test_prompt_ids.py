@@ -184,10 +184,18 @@ def test_eval_llava_feeds_the_upstream_ids(sp_llava, prep_uri, tmp_path, monkeyp
     from mysproj.data.prepared import PreparedData
     from mysproj.evaluation import scoring
     from mysproj.models.conversation import llava_v1_prompt
+    from mysproj.stages import eval_llava
 
     uri, sp, image = sp_llava
-    rows, left_pad = [], scoring.left_pad
-    monkeypatch.setattr(scoring, "left_pad", lambda r, *a: rows.extend(r) or left_pad(r, *a))
+    rows = []
+    if mode == "generate":  # the ids the greedy decoder is given
+        answers = eval_llava.generate_answers
+        monkeypatch.setattr(eval_llava, "generate_answers",
+                            lambda model, tok, prompts, *a, **kw: rows.extend(prompts) or answers(model, tok, prompts,
+                                                                                                  *a, **kw))
+    else:
+        left_pad = scoring.left_pad
+        monkeypatch.setattr(scoring, "left_pad", lambda r, *a: rows.extend(r) or left_pad(r, *a))
     run_stage_cfg("eval-llava", model=uri, data=prep_uri, out=str(tmp_path / mode), mode=mode, workers=0,
                   batch_size=2, limit=3, max_new_tokens=2)
     humans = [r["conversations"][0]["value"] for r in PreparedData(prep_uri).llava_records("test")[:3]]

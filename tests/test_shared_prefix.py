@@ -104,7 +104,7 @@ def test_image_features_equal_the_models():
     assert shared.tower_layers == len(model.model.vision_tower.encoder.layers) - 1    # feature layer -2
     expected = torch.cat(list(model.model.get_image_features(
         pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default").pooler_output))
-    torch.testing.assert_close(shared._image_features(pixels), expected)
+    torch.testing.assert_close(shared.image_features(pixels), expected)
 
 
 def test_falls_back_to_the_model_forward_when_rows_differ_before_the_image():

@@ -1,7 +1,8 @@
 """`mysproj bench eval-llava`: zero-shot classification with LLaVA, one batch of images per timed step.
 
 ours: the eval-llava stage's batch functions on a random-weight model in the stage's dtype: `generate` (greedy,
-`--new-tokens`, then answer decoding) or `scoring` (the prompt prefix once, all class continuations after it,
+`--new-tokens`, then answer decoding; the stage's `static_decode` loop unless `--set static-decode=false`) or
+`scoring` (the prompt prefix once, all class continuations after it,
 `mysproj.evaluation.scoring.score_continuations`). Inputs are what the stage's loader hands them: left-padded
 prompt ids (`--prompt-tokens` text tokens around the 576 image tokens) and preprocessed pixels; decode is measured
 by eval-clip / probe-features. baseline: plain `model.generate(max_new_tokens=--new-tokens)` in bf16 at batch 1
@@ -13,6 +14,8 @@ logits) so every answer is exactly `--new-tokens` long, as the measured shape re
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 from mysproj.bench import flops as F
@@ -95,31 +98,41 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     loaded, and the share of answers the faster model reproduces is reported (`same_answers`)."""
     from mysproj.evaluation.scoring import score_continuations
     from mysproj.models import speedups
-    from mysproj.stages.eval_llava import compiles, generate, scoring_forward
+    from mysproj.stages.eval_llava import compiles, generate_answers, greedy_decoder, scoring_forward
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = prompt_batch(model.config, layout, args.batch_size, args.seed, args.device, pad_id)
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids.cpu(), batch.attention_mask.cpu())]
     pixels = synthetic.pixel_batch(model.config, args.batch_size, seed=args.seed).to(args.device, dtype)
 
     def answer():
         if args.mode == "generate":
-            return generate(model, batch, pixels, args.new_tokens, pad_id, tok)
+            return generate_answers(model, tok, prompts, pixels, args.new_tokens, pad_id, decoder)
         scores, _ = score_continuations(model, batch, pixels, conts, fast)
         return scores.argmax(-1).tolist()
 
     compile = compiles(cfg, args.device)
-    fast = None  # the reference answers come from the model as loaded
-    reference = answer() if (cfg.fp8 or compile or (args.mode == "scoring" and cfg.shared_prefix)) else None
+    fast = decoder = None  # the reference answers come from the model as loaded, through transformers' generate
+    faster = cfg.fp8 or compile or (cfg.shared_prefix if args.mode == "scoring" else cfg.static_decode)
+    reference = answer() if faster else None
     done = speedups.apply(model, fp8=cfg.fp8, compile=compile)
     fast = scoring_forward(cfg, model, args.device)
+    decoder = greedy_decoder(cfg, model, args.device, tok)
     answers = []
     timing = time_steps(lambda _: answers.append(answer()), device=args.device, warmup=args.warmup,
                         steps=args.steps, profile=args.profile)
     what = ("stage eval_llava.generate (greedy, answers decoded)" if args.mode == "generate"
             else "evaluation.scoring.score_continuations (shared prefix, all classes in one pass)")
+    static = decoder is not None
     what += "".join(f", {k}" for k, on in (("fp8 LLM", cfg.fp8), ("compiled layers", compile),
-                                           ("shared_prefix", fast is not None)) if on)
-    extra = {"answers_per_step": len(answers[-1]), **done}
+                                           ("shared_prefix", fast is not None), ("static_decode", static),
+                                           ("CUDA graphs", static and decoder.cuda_graphs),
+                                           ("compiled prefill", static and cfg.compile_prefill
+                                            and args.device == "cuda")) if on)
+    # equal digests in two runs = the same answers (e.g. with and without CUDA graphs)
+    digest = hashlib.sha256(json.dumps(answers[-1]).encode()).hexdigest()[:16]
+    extra = {"answers_per_step": len(answers[-1]), **done, **({"decoder": decoder.stats} if decoder else {}),
+             "answers_sha256": digest}
     if reference is not None:
         extra["same_answers"] = round(sum(a == b for a, b in zip(reference, answers[-1])) / len(reference), 4)
     return Measurement("ours", what, args.batch_size, args.batch_size, timing, 0.0, unit="images", extra=extra)

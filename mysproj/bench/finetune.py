@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.results import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 from mysproj.errors import BadInput
+from mysproj.models import compile_cache
 from mysproj.stages.registry import stage_config
 from mysproj.training.session import build as build_session
 from mysproj.training.session import checkpointing
@@ -114,14 +116,19 @@ def _ours(args, device: str, layout, n_world: int, rank: int):
         micro_batches = [data[(i * accumulation + j) % len(data)] for j in range(accumulation)]
         losses.append(float(session.step(micro_batches, targets)) * n_world)
 
-    timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps, profile=args.profile)
+    t0 = time.perf_counter()
+    with compile_cache.persistent(cfg.compile_cache, store=rank == 0) as cache:  # as the stage does
+        timing = time_steps(step, device=device, warmup=args.warmup, steps=args.steps, profile=args.profile)
+    # the warm-up steps (compilation included) and the cache traffic: what a stage pays before its steady state
+    warmup_s = time.perf_counter() - t0 - sum(timing.step_s)
     what = (f"mysproj.training ({cfg.strategy}, deepspeed {session.deepspeed or 'off'}, "
             f"micro-batch {micro} x {accumulation}, checkpointing {checkpointed(cfg, model.config)}, "
             f"{session.precision}"
             f"{', fp8 frozen LLM' if cfg.fp8 else ', fp8 input gradients' if cfg.fp8_backward else ''}"
             f"{', compiled layers' if cfg.compile else ''})")
     m = Measurement("ours", what, args.batch_size, args.batch_size * n_world, timing, 0.0, n_devices=n_world,
-                    extra={"losses": [round(x, 5) for x in losses]})
+                    extra={"losses": [round(x, 5) for x in losses], "warmup_s": round(warmup_s, 2),
+                           **({"compile_cache": cache} if cache else {})})
     return m, dims
 
 

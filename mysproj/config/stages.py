@@ -26,6 +26,18 @@ TASK_PHRASES = {
 STRATEGIES = ("projector", "full", "lora")
 
 
+def compile_cache_opt():
+    """The `compile_cache` field of every stage that compiles."""
+    return opt(None, help="folder URI where torch.compile's caches are kept and shared (loaded before compiling, new "
+               "artifacts added after; the pipeline uses <root>/compile-cache); unset = compile afresh", hashed=False)
+
+
+def direct_load_opt():
+    """The `direct_load` field of the stages that load a model onto a GPU."""
+    return opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, without a CPU copy "
+               "of the whole model first (the same weights)", hashed=False)
+
+
 @dataclass(kw_only=True)
 class PrepConfig:
     """Prepare a dataset: samples, seed-format CSVs, LLaVA JSONs with the paper's prompt, classes, report."""
@@ -123,6 +135,10 @@ class FinetuneConfig:
     shared_prefix: bool = opt(True, help="projector strategy: the tokens before the image (the same in every "
                               "example) run once per run without gradient, and the last LLM layer only where the "
                               "loss reads it; the same result, less work", hashed=False)
+    compile_cache: str | None = compile_cache_opt()
+    cast_on_gpu: bool = opt(True, help="GPU runs without DeepSpeed: the model moves to the GPU in its stored "
+                            "dtype and the trained weights become fp32 there, not on the CPU first (the same "
+                            "weights, half the bytes to move)", hashed=False)
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
@@ -147,6 +163,10 @@ class MergeConfig:
     base: str = opt(help="base model URI")
     projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI")
     out: str = opt(help="output folder URI")
+    reuse_base: bool = opt(True, help="base is an HF-layout stage output: rewrite only the weights file holding the "
+                           "projector and reuse every other file of the base (hard links locally, server-side "
+                           "copies in an object store, the base's recorded hashes); the same model folder",
+                           hashed=False)
 
 
 @dataclass(kw_only=True)
@@ -171,6 +191,7 @@ class EvalClipConfig:
                            "false = the model's encode_image", hashed=False)
     compile: bool = opt(False, help="torch.compile each image-tower transformer block, compiled once (a last "
                         "partial batch is padded to batch_size)", hashed=False)
+    compile_cache: str | None = compile_cache_opt()
     batch_size: int = opt(128, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
@@ -202,6 +223,17 @@ class EvalLlavaConfig:
     shared_prefix: bool = opt(True, help="scoring mode: the system prompt's keys and values once per run, the "
                               "last LLM layer only where scores are read (the same scores, less work)",
                               hashed=False)
+    static_decode: bool = opt(True, help="generate mode: mysproj's own greedy loop (the system prompt's keys and "
+                              "values once per run, a KV cache of fixed size written in place, finished rows "
+                              "dropped) instead of transformers' generate; the same tokens", hashed=False)
+    cuda_graphs: bool = opt(True, help="generate mode with static_decode, on GPUs: each decode step recorded once "
+                            "as a CUDA graph and replayed (the same kernels as eager, so the same tokens)",
+                            hashed=False)
+    compile_prefill: bool = opt(False, help="generate mode with static_decode, on GPUs: torch.compile the prefill's "
+                                "layer functions (faster prefill; compiled kernels round differently in the last "
+                                "bit, which can change greedy answers)", hashed=False)
+    compile_cache: str | None = compile_cache_opt()
+    direct_load: bool = direct_load_opt()
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 
@@ -228,6 +260,10 @@ class ProbeConfig:
                                   choices=("pad", "square"))
     precision: str = opt("auto", help="feature extraction: auto = fp16 on GPU, fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
+    direct_load: bool = direct_load_opt()
+    vision_only: bool = opt(True, help="load only the vision tower and projector (from a model stage output in HF "
+                            "layout): the language model's weights are never fetched, verified or read; the same "
+                            "features", hashed=False)
     batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
     workers: int = opt(4, help="decode workers", min=0, hashed=False)
 

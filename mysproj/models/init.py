@@ -2,14 +2,14 @@
 
 LLaVA presets (`tiny`, `llava-1.5-7b`) are built here; CLIP presets are the eval area's `write_random_clip`.
 The 7B model is built directly on the GPU when there is one (CPU init of 7B parameters takes minutes) and
-written as ~5 GB safetensors shards. Nothing is fetched from a model hub.
+written from there as ~5 GB safetensors shards, straight into the output folder when it is local. Nothing is
+fetched from a model hub.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 
 from mysproj.storage.manifest import StageOutput, run_stage
 
@@ -59,11 +59,10 @@ def run(cfg) -> dict:
         model, tokenizer, processor = build_random_llava(cfg.preset, cfg.seed, dtype)
         n_params = sum(p.numel() for p in model.parameters())
         log.info("model-init: %s, %.1fM parameters (random), writing %s", cfg.preset, n_params / 1e6, out.uri)
-        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-        del model
-        with tempfile.TemporaryDirectory(prefix="mysproj-init-") as tmp:
-            save_hf_model(state, _config_of(cfg.preset, tokenizer), tokenizer, processor, tmp)
-            out.put_dir(tmp)
+        with out.staging() as tmp:  # the weights go to the CPU a shard at a time, straight from the model
+            save_hf_model(model.state_dict(), _config_of(cfg.preset, tokenizer), tokenizer, processor, tmp)
+            del model
+            out.put_dir(tmp, move=True)
         return {"preset": cfg.preset, "random_weights": True, "parameters": n_params, "dtype": dtype,
                 "layout": "hf"}
 

@@ -13,6 +13,7 @@ import glob
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,12 @@ def materialize(uri: str) -> tuple[str, dict]:
         if "config.json" not in names:
             raise BadInput(f"{uri}: its {inp.manifest['stage']} output holds no model (no config.json); "
                            f"a CLIP preset? LLaVA stages need a LLaVA model")
+        # verified (and fetched) in parallel: a 7B model is ~14 GB in a few shards, hashing one is seconds
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+            local = dict(zip(names, pool.map(inp.local_path, names)))
         if U.is_local(uri):
-            for n in names:
-                inp.local_path(n)
             return U.local_path(uri), summary
-        return cache.assemble({n: inp.local_path(n) for n in names}), summary
+        return cache.assemble(local), summary
     if U.is_local(uri):
         path = U.local_path(uri)
         if not os.path.isdir(path):
@@ -103,8 +105,11 @@ def _has_weights(folder: str) -> bool:
     return bool(glob.glob(os.path.join(folder, "*.safetensors")) or glob.glob(os.path.join(folder, "*.bin")))
 
 
-def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str | None = None) -> LoadedLlava:
-    """The model (eval mode, on `device`, in `dtype` or the stored dtype), tokenizer and image processor."""
+def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str | None = None,
+               direct: bool = False) -> LoadedLlava:
+    """The model (eval mode, on `device`, in `dtype` or the stored dtype), tokenizer and image processor.
+    `direct` (HF layout): the weights are read from safetensors straight onto `device`, without a CPU copy of the
+    whole model first."""
     import torch
 
     folder, summary = materialize(uri)
@@ -123,8 +128,9 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
             raise BadInput(f"{uri}: no model weights (*.safetensors or pytorch_model*.bin) next to config.json")
         if config.get("model_type") != "llava":
             raise BadInput(f"{uri}: config.json model_type is '{config.get('model_type')}', not a LLaVA model")
+        placement = {"device_map": device} if direct else {}
         model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or "auto", local_files_only=True,
-                                                              trust_remote_code=False)
+                                                              trust_remote_code=False, **placement)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         layout = "hf"

@@ -11,38 +11,69 @@ import json
 import os
 
 SHARD_BYTES = 5 * 1024**3
+# Tensors that a later stage replaces on their own (merge: the tuned projector) get a shard of their own in a sharded
+# model, so that replacing them rewrites a few MB and the other shards can be reused as they are.
+OWN_SHARD_PREFIX = "model.multi_modal_projector."
 
 
-def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int = SHARD_BYTES) -> list[str]:
-    """Safetensors shards named like transformers' (`model.safetensors` or `model-0000i-of-0000n.safetensors`)."""
+def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None = None, dtype=None) -> list[str]:
+    """Safetensors shards named like transformers' (`model.safetensors` or `model-0000i-of-0000n.safetensors`).
+    Tensors move to the CPU one shard at a time, so a model on the GPU never needs a whole CPU copy; `dtype`:
+    floating-point tensors are cast to it on their own device first (half the bytes to move for fp32 weights)."""
     from safetensors.torch import save_file
 
+    max_shard_bytes = max_shard_bytes or SHARD_BYTES
     os.makedirs(out_dir, exist_ok=True)
-    shards: list[dict] = [{}]
-    size = 0
+
+    def stored(t):
+        return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+
+    def size_of(t) -> int:
+        return t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+
+    nbytes = {k: size_of(t) for k, t in state_dict.items()}
+    sharded = sum(nbytes.values()) > max_shard_bytes
+    shards: list[list[str]] = [[]]
+    size, previous = 0, None
     for name in sorted(state_dict):
-        t = state_dict[name].detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        own = name.startswith(OWN_SHARD_PREFIX)
+        boundary = sharded and previous is not None and own != previous
+        if shards[-1] and (size + nbytes[name] > max_shard_bytes or boundary):
+            shards.append([])
             size = 0
-        shards[-1][name] = t
-        size += nbytes
+        shards[-1].append(name)
+        size += nbytes[name]
+        previous = own
+
+    def write(names: list[str], fname: str) -> None:
+        save_file({k: stored(state_dict[k]).to("cpu").contiguous() for k in names}, os.path.join(out_dir, fname),
+                  metadata={"format": "pt"})
+
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        write(shards[0], "model.safetensors")
         return ["model.safetensors"]
-    names, weight_map, total = [], {}, 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        names.append(fname)
-        for k, t in shard.items():
-            weight_map[k] = fname
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    files = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for names, fname in zip(shards, files):
+        write(names, fname)
+    index = {"metadata": {"total_size": sum(nbytes.values())},
+             "weight_map": {k: fname for names, fname in zip(shards, files) for k in names}}
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
-    return names
+    return files
+
+
+def replace_tensors(src: str, dst: str, replacements: dict) -> None:
+    """Safetensors file `dst` = `src` with the tensors named in `replacements` replaced (cast to `src`'s dtypes);
+    every other tensor and the header metadata as stored."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, t in replacements.items():
+        tensors[name] = t.detach().to("cpu", tensors[name].dtype).contiguous()
+    save_file(tensors, dst, metadata=metadata)
 
 
 def save_processing(tokenizer, image_processor, config, out_dir: str) -> None:
@@ -57,16 +88,16 @@ def save_processing(tokenizer, image_processor, config, out_dir: str) -> None:
 
 
 def save_hf_model(state_dict: dict, config, tokenizer, image_processor, out_dir: str,
-                  extra_config: dict | None = None) -> None:
-    """A complete HF-layout model folder."""
+                  extra_config: dict | None = None, dtype=None) -> None:
+    """A complete HF-layout model folder (`dtype`: as in `save_state_dict`)."""
     os.makedirs(out_dir, exist_ok=True)
     config = config.__class__.from_dict(config.to_dict())
-    dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+    dtypes = {dtype or t.dtype for t in state_dict.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         config.dtype = str(next(iter(dtypes))).replace("torch.", "")
     for k, v in (extra_config or {}).items():
         setattr(config, k, v)
     config.architectures = ["LlavaForConditionalGeneration"]
     config.save_pretrained(out_dir)
-    save_state_dict(state_dict, out_dir)
+    save_state_dict(state_dict, out_dir, dtype=dtype)
     save_processing(tokenizer, image_processor, config, out_dir)

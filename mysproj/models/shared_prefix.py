@@ -84,9 +84,10 @@ def layer_step(layer, h, cos, sin, past_k=None, past_v=None, mask=None):
     return h + layer.mlp(layer.post_attention_layernorm(h)), k, v
 
 
-def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows, mask=None):
+def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows, mask=None, return_kv: bool = False):
     """The last decoder layer's output at `rows` only ([B, R, d]; indices into h's N rows, sorted): keys and values
-    for every row, queries, attention output and MLP at `rows`. `mask` as in `layer_step`."""
+    for every row, queries, attention output and MLP at `rows`. `mask` as in `layer_step`. `return_kv`: also the
+    keys and values ([B, H, P + N, D], the prefix's included), for a cache."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
     k, v = _qkv(attn, x, "kv")
@@ -101,7 +102,24 @@ def last_layer_rows(layer, h, cos, sin, past_k, past_v, rows, mask=None):
     o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=visible,
                                        scale=attn.scaling)
     out = h[:, rows] + attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], len(rows), -1))
-    return out + layer.mlp(layer.post_attention_layernorm(out))
+    out = out + layer.mlp(layer.post_attention_layernorm(out))
+    return (out, k, v) if return_kv else out
+
+
+def cached_layer_step(layer, h, cos, sin, cache_k, cache_v, slot, visible):
+    """One LlamaDecoderLayer over one new token a row (`h` [B, 1, d]) against a cache of fixed size: its key and
+    value are written in place at cache slot `slot` ([1] long, the same for every row), and it attends to the slots
+    `visible` marks ([B, 1, 1, S] bool). Nothing is concatenated and no shape depends on the step, so a decode step
+    made of these can be recorded once as a CUDA graph."""
+    attn = layer.self_attn
+    q, k, v = _qkv(attn, layer.input_layernorm(h))
+    cache_k.index_copy_(2, slot, _rope(k, cos, sin))
+    cache_v.index_copy_(2, slot, v)
+    groups = attn.num_key_value_groups
+    o = F.scaled_dot_product_attention(_rope(q, cos, sin), repeat_kv(cache_k, groups), repeat_kv(cache_v, groups),
+                                       attn_mask=visible, scale=attn.scaling)
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def tower_features(tower, pixel_values, n_layers: int, drop_cls: bool):
@@ -139,7 +157,8 @@ class SharedPrefixForward:
         self.tower_features = torch.compile(tower_features) if compile else tower_features
         self.tower_layers = tower_layers_used(llava)
 
-    def _image_features(self, pixel_values):
+    def image_features(self, pixel_values):
+        """The projected image features of every image, concatenated ([B * image tokens, d])."""
         model, cfg = self.llava.model, self.llava.config
         if self.tower_layers is not None:
             feats = self.tower_features(model.vision_tower, pixel_values, self.tower_layers,
@@ -172,7 +191,7 @@ class SharedPrefixForward:
         with self.autocast():
             return self._logits(input_ids, pixel_values, keep, prefix, mask, position_ids)
 
-    def _prefix_kv(self, prefix_ids):
+    def prefix_kv(self, prefix_ids):
         """Each layer's (k, v) of the prefix [1, P]. The LLM is frozen, so they are computed once per distinct
         prefix (a run has one: the system prompt) and kept; batch 1, no gradient."""
         key = tuple(prefix_ids[0].tolist())
@@ -195,8 +214,8 @@ class SharedPrefixForward:
     def _logits(self, input_ids, pixel_values, keep, prefix: int, mask=None, position_ids=None):
         lm = self.llava.model.language_model
         layers = list(lm.layers)
-        past = self._prefix_kv(input_ids[:1, :prefix])
-        image = self._image_features(pixel_values)
+        past = self.prefix_kv(input_ids[:1, :prefix])
+        image = self.image_features(pixel_values)
         rest = input_ids[:, prefix:].to(pixel_values.device)
         h = lm.embed_tokens(rest)
         h = h.masked_scatter((rest == self.llava.config.image_token_id)[..., None], image.to(h.dtype))

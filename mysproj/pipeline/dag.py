@@ -18,6 +18,7 @@ from mysproj.config.stages import DATASETS, STRATEGIES
 from mysproj.storage import join
 
 GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
+COMPILING_STAGES = ("finetune", "eval-clip", "eval-llava")  # share `<root>/compile-cache` (their compile_cache)
 
 
 @dataclass(kw_only=True)
@@ -78,6 +79,8 @@ def build(cfg: PipelineConfig) -> list[Node]:
     nodes: list[Node] = []
 
     def add(name: str, stage: str, config: dict, deps: list[str]) -> str:
+        if stage in COMPILING_STAGES:
+            config = {**config, "compile_cache": join(root, "compile-cache")}
         # the recipe's choices, then what this node is (models, data, seed, the eval mode), then the overrides
         merged = {**recipes.stage_fields(cfg.recipe, stage, config.get("strategy")), **config,
                   **cfg.overrides.get(stage, {})}

@@ -22,9 +22,11 @@ PAPER_TEMPLATE = "This is a photo of {}."
 
 
 def run(cfg) -> dict:
+    from mysproj.models import compile_cache
     from mysproj.storage.manifest import run_stage
 
-    return run_stage("eval-clip", cfg, lambda out: _body(cfg, out))
+    cache = cfg.compile_cache if cfg.compile else None
+    return run_stage("eval-clip", cfg, lambda out: compile_cache.run_with(cache, lambda: _body(cfg, out)))
 
 
 def templates(protocol: str) -> list:

@@ -3,7 +3,8 @@
 Each test record's human turn (the same prompt as training, class order shuffled per example) is wrapped in the
 `llava_v1` template; images are padded to square with the CLIP mean (LLaVA-1.5 `pad`). Batches are left-padded.
 
-mode `generate` (the paper's protocol): greedy decoding of at most `max_new_tokens`, then the answer parser
+mode `generate` (the paper's protocol): greedy decoding of at most `max_new_tokens` (`static_decode`: mysproj's
+own loop, `mysproj.evaluation.greedy`, the same tokens as transformers' `generate`), then the answer parser
 (exact / contained / close match / unparsed, spec §6.5). mode `scoring`: the class whose answer " <label></s>"
 has the highest log-likelihood after the prompt (never unparsed; see `mysproj.evaluation.scoring`).
 """
@@ -17,9 +18,20 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg) -> dict:
+    from mysproj.models import compile_cache
     from mysproj.storage.manifest import run_stage
 
-    return run_stage("eval-llava", cfg, lambda out: _body(cfg, out))
+    return run_stage("eval-llava", cfg,
+                     lambda out: compile_cache.run_with(compile_cache_uri(cfg), lambda: _body(cfg, out)))
+
+
+def compile_cache_uri(cfg) -> str | None:
+    """`cfg.compile_cache` where this run compiles anything (GPUs: scoring's layers, generate's prefill)."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prefill = cfg.mode == "generate" and cfg.static_decode and cfg.compile_prefill and dev == "cuda"
+    return cfg.compile_cache if compiles(cfg, dev) or prefill else None
 
 
 def _pixels(img, processor, aspect):
@@ -53,6 +65,33 @@ def scoring_forward(cfg, model, dev: str):
     if not SharedPrefixForward.supports(model):
         return None
     return SharedPrefixForward(model, compile=compiles(cfg, dev))
+
+
+def greedy_decoder(cfg, model, dev: str, tokenizer):
+    """The generate mode's GreedyDecoder (`static_decode`), or None where transformers' generate runs."""
+    from mysproj.evaluation.greedy import GreedyDecoder, unsupported
+
+    if cfg.mode != "generate" or not cfg.static_decode:
+        return None
+    model.requires_grad_(False)  # evaluation trains nothing; the kept prefix keys and values rely on it
+    why = unsupported(model)
+    if why:
+        log.info("eval-llava: transformers' generate decodes (%s)", why)
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GreedyDecoder(model, eos_id=tokenizer.eos_token_id, pad_id=pad_id, max_rows=cfg.batch_size,
+                         cuda_graphs=cfg.cuda_graphs, compile_prefill=cfg.compile_prefill and dev == "cuda")
+
+
+def generate_answers(model, tokenizer, prompts: list[list[int]], pixel_values, max_new_tokens: int, pad_id: int,
+                     decoder=None) -> list[str]:
+    """Greedy answers for prompt ids: from `decoder` (a GreedyDecoder) or transformers' generate."""
+    from mysproj.evaluation.scoring import left_pad
+
+    if decoder is not None:
+        return tokenizer.batch_decode(decoder(prompts, pixel_values, max_new_tokens), skip_special_tokens=True)
+    return generate(model, left_pad(prompts, pad_id, pixel_values.device), pixel_values, max_new_tokens, pad_id,
+                    tokenizer)
 
 
 def examples(data, split: str, limit: int | None):
@@ -92,10 +131,11 @@ def _body(cfg, out) -> dict:
     data = PreparedData(cfg.data)
     samples, humans = examples(data, cfg.split, cfg.limit)
     dev = pick_device()
-    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev))
+    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev), direct=cfg.direct_load)
     model, tok = loaded.model, loaded.tokenizer
     speedups.apply(model, fp8=cfg.fp8, compile=compiles(cfg, dev))
     fast = scoring_forward(cfg, model, dev)
+    decoder = greedy_decoder(cfg, model, dev, tok)
     image_token, n_image = model.config.image_token_id, model.config.image_seq_length
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     conts = [scoring.continuation_ids(tok, c) for c in data.classes]
@@ -109,15 +149,14 @@ def _body(cfg, out) -> dict:
     speed = Throughput()
     for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
         pix = torch.stack(pixels).to(dev, model.dtype)
-        batch = scoring.left_pad([prompt_ids(tok, llava_v1_prompt(humans[i]), image_token, n_image)
-                                  for i in idx], pad_id, dev)
+        prompts = [prompt_ids(tok, llava_v1_prompt(humans[i]), image_token, n_image) for i in idx]
         if cfg.mode == "generate":
-            answers = generate(model, batch, pix, cfg.max_new_tokens, pad_id, tok)
+            answers = generate_answers(model, tok, prompts, pix, cfg.max_new_tokens, pad_id, decoder)
             for i, answer in zip(idx, answers):
                 parsed = parser(answer)
                 rows.append(_row(samples[i], parsed.label, answer=answer, how=parsed.how))
         else:
-            scores, _ = scoring.score_continuations(model, batch, pix, conts, fast)
+            scores, _ = scoring.score_continuations(model, scoring.left_pad(prompts, pad_id, dev), pix, conts, fast)
             for i, sc in zip(idx, scores.cpu()):
                 rows.append(_row(samples[i], data.classes[int(sc.argmax())], scores=[float(v) for v in sc]))
         progress.update(len(idx))
@@ -129,7 +168,8 @@ def _body(cfg, out) -> dict:
     write_predictions(out, rows)
     log.info("eval-llava: %s", short(metrics))
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "unparsed": metrics["unparsed"],
-            "n": metrics["n"], **speed.summary(), "device": dev, "shared_prefix": fast is not None}
+            "n": metrics["n"], **speed.summary(), "device": dev, "shared_prefix": fast is not None,
+            **({"static_decode": decoder.stats, "cuda_graphs": decoder.cuda_graphs} if decoder else {})}
 
 
 def _row(sample, prediction, **extra) -> dict:

@@ -32,17 +32,26 @@ class _RankOutput(StageOutput):
     def write_bytes(self, name, data):
         return self.path(name)
 
-    def put_file(self, local, name):
+    def put_file(self, local, name, *args, **kwargs):
         return self.path(name)
 
 
 def run(cfg) -> dict:
-    from mysproj.training.loop import train
-
     if int(os.environ.get("RANK", "0")) == 0:
-        return run_stage(STAGE, cfg, lambda out: train(cfg, out))
+        return run_stage(STAGE, cfg, lambda out: _train(cfg, out, rank0=True))
     out = _RankOutput(cfg.out, STAGE, cfg)
     done = out.existing()
     if done:
         return done
-    return {"summary": train(cfg, out)}
+    return {"summary": _train(cfg, out, rank0=False)}
+
+
+def _train(cfg, out, rank0: bool) -> dict:
+    """Training with the compile cache where layers compile (GPUs); every rank loads it, rank 0 stores."""
+    import torch
+
+    from mysproj.models import compile_cache
+    from mysproj.training.loop import train
+
+    uri = cfg.compile_cache if cfg.compile and torch.cuda.is_available() else None
+    return compile_cache.run_with(uri, lambda: train(cfg, out), store=rank0)

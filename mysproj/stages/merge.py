@@ -4,17 +4,27 @@ Writes an HF-layout model (safetensors, config, tokenizer, processor) that `Llav
 .from_pretrained` loads, plus `mm_projector.bin` in the original key names. The projector is the tuned one (cast
 to the base's dtype); every other tensor is the base's, bit for bit. The base may be in either layout; the
 projector may be a `finetune --strategy projector` output or a bare `mm_projector.bin` / `projector.safetensors`.
+
+`reuse_base` (an HF-layout base that is a stage output): only the safetensors file holding the projector is
+rewritten (mysproj's own shards keep the projector alone in one); every other file is the base's, hard-linked
+locally or copied inside the object store, and recorded with the hash the base's manifest gives it. The folder is
+as complete as a fully written one; without `reuse_base` (or for other bases) the model is loaded and written
+whole.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import tempfile
 
 from mysproj.errors import BadInput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
-from mysproj.storage.manifest import StageInput, StageOutput, run_stage
+from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput, run_stage
+
+log = logging.getLogger(__name__)
+INDEX = "model.safetensors.index.json"
+NOT_CARRIED = (MANIFEST, "mm_projector.bin", "metrics.jsonl")  # written anew, or the base stage's own record
 
 
 def read_projector(uri: str) -> dict:
@@ -50,28 +60,108 @@ def read_projector(uri: str) -> dict:
         raise BadInput(f"{uri}: {e.args[0]}") from None
 
 
-def merge(cfg, out: StageOutput) -> dict:
+def _check_shape(cfg, name: str, tensor, base_shape) -> None:
+    if tuple(tensor.shape) != tuple(base_shape):
+        raise BadInput(f"{cfg.projector}: projector {name} has shape {tuple(tensor.shape)}, the base model's is "
+                       f"{tuple(base_shape)}; was it trained on another base?")
+
+
+def _save_mm_projector(projector: dict, dtypes: dict, folder: str) -> None:
     import torch
 
     from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL
+
+    torch.save({PROJECTOR_HF_TO_ORIGINAL[k]: v.to(dtypes[k]) for k, v in projector.items()},
+               os.path.join(folder, "mm_projector.bin"))
+
+
+def merge(cfg, out: StageOutput) -> dict:
     from mysproj.models.loading import load_llava
     from mysproj.models.saving import save_hf_model
 
     projector = read_projector(cfg.projector)
+    base_output = reusable_base(cfg.base) if cfg.reuse_base else None
+    if base_output is not None:
+        return merge_reusing(cfg, out, projector, base_output)
     base = load_llava(cfg.base, dtype="auto")
     state = base.model.state_dict()
     for name, tensor in projector.items():
-        if tuple(tensor.shape) != tuple(state[name].shape):
-            raise BadInput(f"{cfg.projector}: projector {name} has shape {tuple(tensor.shape)}, the base model's is "
-                           f"{tuple(state[name].shape)}; was it trained on another base?")
+        _check_shape(cfg, name, tensor, state[name].shape)
         state[name] = tensor.to(state[name].dtype)
-    with tempfile.TemporaryDirectory(prefix="mysproj-merge-") as tmp:
+    with out.staging() as tmp:
         save_hf_model(state, base.model.config, base.tokenizer, base.image_processor, tmp)
-        torch.save({PROJECTOR_HF_TO_ORIGINAL[k]: v.to(state[k].dtype) for k, v in projector.items()},
-                   os.path.join(tmp, "mm_projector.bin"))
-        out.put_dir(tmp)
+        _save_mm_projector(projector, {k: state[k].dtype for k in projector}, tmp)
+        out.put_dir(tmp, move=True)
     return {"base": cfg.base, "projector": cfg.projector, "base_layout": base.layout,
             "random_weights": base.random_weights, "replaced": sorted(projector), "layout": "hf"}
+
+
+def reusable_base(uri: str) -> StageInput | None:
+    """The base as a stage output whose files merge can reuse (HF layout, safetensors weights), else None."""
+    from mysproj.models.loading import MODEL_STAGES
+
+    inp = StageInput.if_complete(str(uri).rstrip("/"), expect_stage=MODEL_STAGES)
+    if inp is None or "config.json" not in inp.files:
+        return None
+    if inp.manifest.get("summary", {}).get("layout") != "hf" or inp.read_json("config.json").get("model_type") \
+            != "llava":
+        return None
+    if INDEX not in inp.files and "model.safetensors" not in inp.files:
+        return None
+    return inp
+
+
+def _projector_files(inp: StageInput, projector: dict) -> dict[str, dict[str, str]]:
+    """{weights file: {name stored in it: projector name}} for the files that hold a projector tensor."""
+    from safetensors import safe_open
+
+    from mysproj.models.conversion import legacy_to_current
+
+    if INDEX in inp.files:
+        stored = inp.read_json(INDEX)["weight_map"]
+    else:
+        with safe_open(inp.local_path("model.safetensors"), "pt") as f:
+            stored = {k: "model.safetensors" for k in f.keys()}
+    files: dict[str, dict[str, str]] = {}
+    for name, fname in stored.items():
+        current = next(iter(legacy_to_current({name: None})))
+        if current in projector:
+            files.setdefault(fname, {})[name] = current
+    found = {p for names in files.values() for p in names.values()}
+    if found != set(projector):
+        raise BadInput(f"{inp.uri}: its weights hold no {', '.join(sorted(set(projector) - found))}; "
+                       f"is it a LLaVA model?")
+    return files
+
+
+def merge_reusing(cfg, out: StageOutput, projector: dict, inp: StageInput) -> dict:
+    """The `reuse_base` path (module docstring)."""
+    from safetensors import safe_open
+
+    from mysproj.models.saving import replace_tensors
+
+    rewrite = _projector_files(inp, projector)
+    dtypes = {}
+    with out.staging() as tmp:
+        for fname, names in rewrite.items():
+            src = inp.local_path(fname)
+            with safe_open(src, "pt") as f:
+                for stored, name in names.items():
+                    part = f.get_slice(stored)
+                    _check_shape(cfg, name, projector[name], part.get_shape())
+                    dtypes[name] = f.get_tensor(stored).dtype
+            replace_tensors(src, os.path.join(tmp, fname), {s: projector[n] for s, n in names.items()})
+        _save_mm_projector(projector, dtypes, tmp)
+        out.put_dir(tmp, move=True)
+    carried = sorted(n for n in inp.files if "/" not in n and n not in NOT_CARRIED and n not in rewrite)
+    how = [out.copy_file(inp.path(n), n, inp.files[n]) for n in carried]
+    log.info("merge: rewrote %s, reused %d files of %s (%s)", ", ".join(sorted(rewrite)), len(carried), inp.uri,
+             ", ".join(f"{how.count(h)} by {h}" for h in sorted(set(how))))
+    return {"base": cfg.base, "projector": cfg.projector, "base_layout": "hf",
+            "random_weights": bool(inp.manifest.get("summary", {}).get("random_weights", False)),
+            "replaced": sorted(projector), "layout": "hf", "rewritten": sorted(rewrite),
+            "reused": {"files": len(carried), "bytes": sum(int(inp.files[n]["size"]) for n in carried),
+                       "by": sorted(set(how))}}
 
 
 def run(cfg) -> dict:

@@ -100,6 +100,7 @@ def _body(cfg, out) -> dict:
     from mysproj.evaluation.batches import write_predictions
     from mysproj.evaluation.metrics import classification_metrics, short
     from mysproj.models.loading import load_llava
+    from mysproj.models.vision_only import load_vision
     from mysproj.stages.eval_llava import dtype_for
 
     data = PreparedData(cfg.data)
@@ -108,7 +109,10 @@ def _body(cfg, out) -> dict:
         if not samples:
             raise BadInput(f"{cfg.data}: split '{name}' has no samples; the probe needs both train and test")
     dev = pick_device()
-    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev))
+    dtype = dtype_for(cfg.precision, dev)
+    loaded = (load_vision(cfg.model, device=dev, dtype=dtype) if cfg.vision_only else None) \
+        or load_llava(cfg.model, device=dev, dtype=dtype, direct=cfg.direct_load)
+    vision_only = all(p.is_meta for p in loaded.model.model.language_model.parameters())
     feats = {}
     for name, samples in splits.items():
         feats[name] = extract(loaded, data, samples, cfg, dev)
@@ -134,4 +138,5 @@ def _body(cfg, out) -> dict:
     write_predictions(out, [{"image": s.image, "label": s.label, "pre_prediction": preds["pre"][i],
                              "post_prediction": preds["post"][i]} for i, s in enumerate(test)])
     return {"pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
-            "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"]}
+            "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"],
+            "vision_only": vision_only}

@@ -7,6 +7,8 @@ it; a writer whose manifest already exists with the same config hash skips the w
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -96,17 +98,56 @@ class StageOutput:
     def write_json(self, name: str, obj: Any) -> str:
         return self.write_text(name, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
-    def put_file(self, local: str, name: str) -> str:
-        U.put_file(local, self.path(name))
-        self._record(name, os.path.getsize(local), sha256_file(local))
+    def put_file(self, local: str, name: str, sha256: str | None = None, move: bool = False) -> str:
+        """Store `local` as `name`; `sha256` if already known; `move`: the local file may be taken (`uri.put_file`)."""
+        size, sha = os.path.getsize(local), sha256 or sha256_file(local)
+        U.put_file(local, self.path(name), move=move)
+        self._record(name, size, sha)
         return self.path(name)
 
-    def put_dir(self, local_dir: str, prefix: str = "") -> None:
+    def copy_file(self, src_uri: str, name: str, entry: dict) -> str:
+        """`name` as a copy of another stage output's file, recorded with that file's manifest `entry` (size,
+        sha256) instead of being re-read and re-hashed; readers verify it as any other file. Returns how it was
+        copied (`uri.copy`)."""
+        how = U.copy(src_uri, self.path(name))
+        self._record(name, int(entry["size"]), entry["sha256"])
+        return how
+
+    def put_dir(self, local_dir: str, prefix: str = "", move: bool = False) -> None:
+        """Store every file under `local_dir` (hashed in parallel: a model's shards are GBs each)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        files = []
         for root, _, names in os.walk(local_dir):
             for n in sorted(names):
                 full = os.path.join(root, n)
                 rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
-                self.put_file(full, f"{prefix}/{rel}" if prefix else rel)
+                files.append((full, f"{prefix}/{rel}" if prefix else rel))
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
+            hashes = list(pool.map(sha256_file, [full for full, _ in files]))
+        for (full, name), sha in zip(files, hashes):
+            self.put_file(full, name, sha, move=move)
+
+    @contextlib.contextmanager
+    def staging(self):
+        """A local folder to write files into before `put_dir(folder, move=True)`: inside the output folder when
+        that is local (handing a file over is then a rename, not a copy of GBs; leftovers of a killed writer are
+        removed here), else a temporary folder."""
+        import shutil
+        import tempfile
+
+        if U.is_local(self.uri):
+            root = U.local_path(self.uri)
+            os.makedirs(root, exist_ok=True)
+            for stale in glob.glob(os.path.join(root, ".staging-*")):
+                shutil.rmtree(stale, ignore_errors=True)
+            folder = tempfile.mkdtemp(prefix=".staging-", dir=root)
+        else:
+            folder = tempfile.mkdtemp(prefix="mysproj-staging-")
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def commit(self, summary: dict | None = None) -> dict:
         manifest = {

@@ -143,12 +143,20 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def put_file(local: str, uri: str) -> None:
+def put_file(local: str, uri: str, move: bool = False) -> None:
+    """Store local file `local` at `uri`. `move`: the local file may be taken (a rename where both are on one
+    local file system, so nothing is copied)."""
     fs, path = split(uri)
     if is_local(uri):
         import shutil
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if move:
+            try:
+                os.replace(local, path)
+                return
+            except OSError:  # another file system
+                pass
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         shutil.copyfile(local, tmp)
         os.replace(tmp, path)
@@ -165,6 +173,39 @@ def get_file(uri: str, local: str) -> None:
     except FileNotFoundError:
         raise BadInput(f"{uri}: no such file") from None
     os.replace(tmp, local)
+
+
+def copy(src: str, dst: str) -> str:
+    """`dst` becomes a copy of `src` without the bytes passing through this process where the storage allows it:
+    a hard link between local paths (safe because writers here replace files, never rewrite them in place), a
+    server-side copy within one object store; otherwise a download and an upload. Returns how: link, server or
+    transfer."""
+    if is_local(src) and is_local(dst):
+        import shutil
+
+        source, path = local_path(src), local_path(dst)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            os.link(source, tmp)
+            how = "link"
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(source, tmp)
+            how = "transfer"
+        os.replace(tmp, path)
+        return how
+    src_fs, src_path = split(src)
+    dst_fs, dst_path = split(dst)
+    if src_fs is dst_fs:
+        with_retry(f"copying {src} to {dst}", lambda: src_fs.copy(src_path, dst_path))
+        return "server"
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mysproj-copy-") as tmp:
+        local = os.path.join(tmp, "file")
+        get_file(src, local)
+        put_file(local, dst)
+    return "transfer"
 
 
 def remove(uri: str, recursive: bool = False) -> None:

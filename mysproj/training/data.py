@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from mysproj.errors import BadInput
@@ -41,7 +42,7 @@ def load_examples(data, tokenizer, model_config, *, conv: str, max_length: int, 
     classes = set(data.classes)
     image_id = model_config.image_token_index
     seq = model_config.image_seq_length
-    out = []
+    out, samples = [], []
     for rec in records:
         try:
             human = next(t["value"] for t in rec["conversations"] if t["from"] == "human")
@@ -62,8 +63,16 @@ def load_examples(data, tokenizer, model_config, *, conv: str, max_length: int, 
         if len(ids) > max_length:
             raise BadInput(f"model_max_length={max_length} is shorter than example {rec.get('id')!r} "
                            f"({len(ids)} tokens with {seq} image tokens); raise --model-max-length")
-        out.append(Example(ids, labels, data.local_image(sample), example.mismatch))
+        out.append(Example(ids, labels, "", example.mismatch))
+        samples.append(sample)
     _warn_mismatches(out, records, data.uri, split)
+    # Fetched and verified in parallel (each image once): from an object store, one image after another is
+    # minutes for a dataset.
+    unique = list({s.image: s for s in samples}.values())
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        paths = dict(zip((s.image for s in unique), pool.map(data.local_image, unique)))
+    for ex, sample in zip(out, samples):
+        ex.image_path = paths[sample.image]
     return out
 
 

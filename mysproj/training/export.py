@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from mysproj.training.strategies import PROJECTOR_PREFIX, adapter_state, base_name, merge_lora
 
@@ -34,7 +33,7 @@ def export(ctx, out, tokenizer, processor, base_dtype, metrics: list[dict]) -> d
     if acc.is_main_process:
         llava = ctx.unwrapped.get_base_model() if hasattr(ctx.unwrapped, "get_base_model") else ctx.unwrapped
         config = llava.config
-        with tempfile.TemporaryDirectory(prefix="mysproj-ft-") as tmp:
+        with out.staging() as tmp:
             proj = {base_name(k): v.detach().cpu().to(base_dtype).contiguous() for k, v in state.items()
                     if base_name(k).startswith(PROJECTOR_PREFIX)}
             if strategy == "projector":
@@ -56,10 +55,9 @@ def export(ctx, out, tokenizer, processor, base_dtype, metrics: list[dict]) -> d
                     merged = merge_lora(state, peft_cfg.lora_alpha / peft_cfg.r)
                 else:
                     merged = {base_name(k): v for k, v in state.items()}
-                merged = {k: (v.detach().cpu().to(base_dtype) if v.is_floating_point() else v.detach().cpu())
-                          for k, v in merged.items()}
-                save_hf_model(merged, config, tokenizer, processor, tmp)
-            out.put_dir(tmp)
+                # cast where the weights are and moved to the CPU a shard at a time (save_state_dict)
+                save_hf_model(merged, config, tokenizer, processor, tmp, dtype=base_dtype)
+            out.put_dir(tmp, move=True)
             files = sorted(out.files)
         out.write_text("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     acc.wait_for_everyone()

@@ -177,6 +177,8 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
 
     model = strategies.apply(model, cfg.strategy, cfg)
     if not ds_name:
+        if cuda and cfg.cast_on_gpu:  # half the bytes to move, and the cast below runs on the card
+            model.to(acc.device)
         for p in model.parameters():  # fp32 master weights for what trains; frozen weights stay in bf16
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()

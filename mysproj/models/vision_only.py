@@ -1,0 +1,83 @@
+"""LLaVA's vision tower and projector alone, for the stages that need only image features (the probe): the
+language model's weights (~95% of a 7B model's bytes) are neither fetched, verified, read nor put on the GPU.
+
+The model is built on the meta device and only the tensors under `model.vision_tower.` and
+`model.multi_modal_projector.` are loaded, from the safetensors files that hold them (with mysproj's sharding the
+projector and the tower sit in shards of their own), straight onto the device and cast there as `from_pretrained`
+would cast them. The language model's parameters stay on the meta device: calling it fails loudly. Anything this
+does not cover (a plain folder, the original layout, a missing tensor) returns None and the caller loads the
+whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+INDEX = "model.safetensors.index.json"
+
+
+def _current(name: str) -> str:
+    from mysproj.models.conversion import legacy_to_current
+
+    return next(iter(legacy_to_current({name: None})))
+
+
+def _weight_files(inp) -> set[str] | None:
+    """The safetensors files of a stage output that hold the tower or the projector."""
+    if INDEX in inp.files:
+        return {f for k, f in inp.read_json(INDEX)["weight_map"].items() if _current(k).startswith(PREFIXES)}
+    return {"model.safetensors"} if "model.safetensors" in inp.files else None
+
+
+def load_vision(uri: str, *, device: str = "cpu", dtype=None):
+    """A `LoadedLlava` whose model holds only its vision tower and projector (on `device`, in `dtype` or the
+    stored dtype), or None where only the whole model can be loaded."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    from mysproj.models.loading import MODEL_STAGES, LoadedLlava, _tie_buffers
+    from mysproj.storage import cache
+    from mysproj.storage import uri as U
+    from mysproj.storage.manifest import MANIFEST, StageInput
+
+    uri = str(uri).rstrip("/")
+    inp = StageInput.if_complete(uri, expect_stage=MODEL_STAGES)
+    summary = inp.manifest.get("summary", {}) if inp is not None else {}
+    if inp is None or summary.get("layout") != "hf" or "config.json" not in inp.files:
+        return None
+    needed = _weight_files(inp)
+    if not needed:
+        return None
+    names = [n for n in inp.files if "/" not in n and n != MANIFEST
+             and (not n.endswith((".safetensors", ".bin")) or n in needed)]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        local = dict(zip(names, pool.map(inp.local_path, names)))
+    folder = U.local_path(uri) if U.is_local(uri) else cache.assemble(local)
+    config = LlavaConfig.from_pretrained(folder)
+    if config.model_type != "llava":
+        return None
+    state = {}
+    for f in sorted(needed):
+        with safe_open(local[f], "pt", device=str(device)) as weights:
+            state.update({_current(k): weights.get_tensor(k) for k in weights.keys()
+                          if _current(k).startswith(PREFIXES)})
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    wanted = {k for k, _ in model.named_parameters() if k.startswith(PREFIXES)}
+    if set(state) != wanted:
+        log.info("vision-only load of %s: its weights do not match the vision tower and projector; loading the "
+                 "whole model", uri)
+        return None
+    model.load_state_dict(state, strict=False, assign=True)
+    parts = [model.model.vision_tower, model.model.multi_modal_projector]
+    for part in parts:
+        _tie_buffers(part)  # non-persistent buffers (CLIP's position ids) are not in the checkpoint
+        part.to(device)
+    model.to(dtype or next(iter(state.values())).dtype)  # the language model's meta tensors follow, as data-free
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    return LoadedLlava(model.eval(), tokenizer, processor, bool(summary.get("random_weights", False)), uri, "hf")
