@@ -101,6 +101,7 @@ def _body(cfg, out) -> dict:
     from mysproj.evaluation.metrics import classification_metrics, short
     from mysproj.models.loading import load_llava
     from mysproj.stages.eval_llava import dtype_for
+    from mysproj.storage.stage_time import processed
 
     data = PreparedData(cfg.data)
     splits = {"train": data.samples("train"), "test": data.samples("test")}
@@ -134,4 +135,5 @@ def _body(cfg, out) -> dict:
     write_predictions(out, [{"image": s.image, "label": s.label, "pre_prediction": preds["pre"][i],
                              "post_prediction": preds["post"][i]} for i, s in enumerate(test)])
     return {"pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
-            "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"]}
+            "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"],
+            "processed": processed(sum(len(s) for s in splits.values()), "images")}
