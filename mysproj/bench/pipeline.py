@@ -96,13 +96,17 @@ def pipeline_config(args, root: str, source: str):
     from mysproj.config.fields import load_config
     from mysproj.pipeline.dag import PipelineConfig
 
-    ds = SHAPES[args.dataset_shape].dataset
+    shape = SHAPES[args.dataset_shape]
+    ds = shape.dataset
+    # as a user's run with the resumable checkpoints of a 7B full fine-tune (~100 GB each) switched off
+    given = {"finetune": {"save_checkpoints": False}}
+    if ds == "crisismmd":  # prep keeps the paper's four classes unless told which ones the fixture has
+        given["prep"] = {"crisismmd_classes": list(shape.counts(args.classes, args.per_class)["train"])}
     return load_config(PipelineConfig, env={}, overrides={
         "root": root, "datasets": [ds], "sources": {ds: source}, "seeds": [args.seed],
         "strategies": [s.strip() for s in args.strategies.split(",") if s.strip()],
         "model_preset": args.model_preset, "clip_preset": CLIP_FOR[args.model_preset], "eval_mode": args.eval_mode,
-        # as a user's first run with the checkpoints a 7B full fine-tune would write (~100 GB) switched off
-        "overrides": overrides(args.set, {"finetune": {"save_checkpoints": False}})})
+        "overrides": overrides(args.set, given)})
 
 
 class EventLog:
