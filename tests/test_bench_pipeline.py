@@ -75,7 +75,7 @@ def test_bench_pipeline_runs_the_whole_job_and_logs_each_stage(tmp_path, capsys)
         assert any(line.startswith(name + " ") for line in printed.splitlines()), name
     assert "total:" in printed
 
-    # the real DTD layout, with the checkpoints off as in the run
+    # the real DTD layout; the fine-tuning writes no resumable checkpoints
     fixture = work / "data" / "dtd-c3-p6" / "dtd"
     assert len((fixture / "labels" / "train1.txt").read_text().split()) == 6
     ft = json.loads((work / "run" / "dtd/ft-projector/seed0/finetune" / "_SUCCESS.json").read_text())

@@ -6,7 +6,7 @@ resumable checkpoints, on every visible GPU (`--gpus`). Each stage's start and e
 lines the moment they happen, so a run cut short still leaves its numbers; the per-stage table and the total are
 printed last and written as JSON, in the format `mysproj run --plan --stage-times FILE` reads.
 
-    mysproj bench pipeline --dataset-shape dtd                              # the DTD job, all GPUs
+    mysproj bench pipeline --dataset-shape dtd                              # the DTD job, every GPU
     mysproj bench pipeline --dataset-shape dtd --gpus 1
     mysproj bench pipeline --model-preset tiny --classes 3 --per-class 6 \\
         --set finetune.max_steps=2                                          # the same command, seconds on a CPU
