@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import queue
-import subprocess
+import subprocess  # nosec B404 - runs this Python with an argv list
 import sys
 import threading
 import time
@@ -144,7 +144,8 @@ class ChildProcesses:
             argv[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(len(devices)),
                          "-m", "mysproj.pipeline.stage_process"]
         with open(base + ".log", "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self._env(node, devices))
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,  # nosec B603 - sys.executable, argv list
+                                    env=self._env(node, devices))
         self._running[node.name] = (node, proc, base + ".log")
         threading.Thread(target=lambda: self._ended.put((node.name, proc.wait())), daemon=True).start()
 
