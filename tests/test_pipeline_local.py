@@ -80,3 +80,14 @@ def test_slot_processes_see_their_devices_only(tmp_path, monkeypatch):
     assert runner._env(gpu, (1,))["CUDA_VISIBLE_DEVICES"] == "6"
     assert runner._env(dag.Node("f", "finetune", {}), (0, 2))["CUDA_VISIBLE_DEVICES"] == "4,7"
     assert runner._env(cpu, ())["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_multi_device_fine_tuning_runs_under_torchrun():
+    from mysproj.pipeline import dag
+
+    ft, ev = dag.Node("f", "finetune", {}), dag.Node("e", "eval-llava", {})
+    argv = local.ChildProcesses.argv(ft, (2, 3), "spec.json")
+    assert argv[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "mysproj.pipeline.stage_process", "spec.json"]
+    assert local.ChildProcesses.argv(ft, (1,), "s")[1:] == ["-m", "mysproj.pipeline.stage_process", "s"]
+    assert local.ChildProcesses.argv(ev, (0, 1), "s")[1:] == ["-m", "mysproj.pipeline.stage_process", "s"]

@@ -134,18 +134,23 @@ class ChildProcesses:
         return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids) if node.gpu else "",
                 "OMP_NUM_THREADS": self._threads}
 
+    @staticmethod
+    def argv(node: dag.Node, devices: tuple[int, ...], spec: str) -> list[str]:
+        """This Python running the stage; fine-tuning on several devices under torchrun, one process each."""
+        stage = ["-m", "mysproj.pipeline.stage_process", spec]
+        if node.stage == "finetune" and len(devices) > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                    str(len(devices)), *stage]
+        return [sys.executable, *stage]
+
     def start(self, node: dag.Node, devices: tuple[int, ...]) -> None:
         base = os.path.join(self.log_dir, node.name)
         os.makedirs(os.path.dirname(base), exist_ok=True)
         with open(base + ".json", "w") as f:
             json.dump({"name": node.name, "stage": node.stage, "config": node.config}, f)
-        argv = [sys.executable, "-m", "mysproj.pipeline.stage_process", base + ".json"]
-        if node.stage == "finetune" and len(devices) > 1:
-            argv[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(len(devices)),
-                         "-m", "mysproj.pipeline.stage_process"]
         with open(base + ".log", "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,  # nosec B603 - sys.executable, argv list
-                                    env=self._env(node, devices))
+            proc = subprocess.Popen(self.argv(node, devices, base + ".json"), stdout=out,  # nosec B603 - argv list
+                                    stderr=subprocess.STDOUT, env=self._env(node, devices))
         self._running[node.name] = (node, proc, base + ".log")
         threading.Thread(target=lambda: self._ended.put((node.name, proc.wait())), daemon=True).start()
 
