@@ -50,6 +50,11 @@ def capacity(gpus: int, finetune_gpus: int = 1) -> schedule.Capacity:
     return schedule.Capacity(gpus, 0 if gpus == 1 else gpus, finetune_gpus)
 
 
+def select(nodes: list[dag.Node], only: list[str] | None) -> list[dag.Node]:
+    """The nodes whose names start with one of `only` (all without it); the others count as done."""
+    return [n for n in nodes if any(n.name.startswith(o) for o in only)] if only else nodes
+
+
 def default_log_dir(root: str) -> str:
     return os.path.join(local_path(root), "logs") if is_local(root) else os.path.abspath("mysproj-logs")
 
@@ -60,8 +65,7 @@ def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1
     nodes = dag.build(cfg)
     # Validate every stage's config before running any, so a typo fails in seconds, not after training.
     configs = {n.name: stage_config(n) for n in nodes}
-    if only:
-        nodes = [n for n in nodes if any(n.name.startswith(o) for o in only)]
+    nodes = select(nodes, only)
     cap = capacity(gpus, finetune_gpus)
     executor = InProcess(configs) if cap.devices == 1 else ChildProcesses(log_dir or default_log_dir(cfg.root), cap)
     progress = _Progress(len(nodes), on_event)

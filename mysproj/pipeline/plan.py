@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mysproj.pipeline import dag, schedule, stage_times
+from mysproj.pipeline import dag, local, schedule, stage_times
 
 
 @dataclass
@@ -35,9 +35,7 @@ def stage_cost(cfg: dag.PipelineConfig, cap: schedule.Capacity,
 
 def predict(cfg: dag.PipelineConfig, cap: schedule.Capacity, times: stage_times.StageTimes,
             only: list[str] | None = None) -> Plan:
-    nodes = dag.build(cfg)
-    if only:
-        nodes = [n for n in nodes if any(n.name.startswith(o) for o in only)]
+    nodes = local.select(dag.build(cfg), only)
     predicted = durations(nodes, cap, times, cfg.datasets)
     seconds = {k: v or 0.0 for k, v in predicted.items()}
     unknown = sorted({stage_times.kind(n.stage, n.config) for n in nodes if predicted[n.name] is None})
