@@ -86,6 +86,8 @@ def test_bench_pipeline_runs_the_whole_job_and_logs_each_stage(tmp_path, capsys)
 
     # one line per start and end, written as the run went
     lines = [json.loads(ln) for ln in (work / "bench.log").read_text().splitlines()]
+    assert lines[0]["state"] == "begin" and lines[0]["fixture"]["images"] == {"train": 6, "val": 6, "test": 6}
+    lines = lines[1:]
     assert len(lines) == 2 * len(stages)
     ends = [ln for ln in lines if ln["state"] == "done"]
     assert {ln["name"] for ln in ends} == stages and all(ln["time"] for ln in ends)

@@ -117,6 +117,14 @@ class EventLog:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path, self.root = path, root
 
+    def begin(self, **facts) -> None:
+        """A first line saying which job the lines after it belong to (the file is appended to, run after run)."""
+        self._write({"t": round(time.time(), 3), "state": "begin", **facts})
+
+    def _write(self, line: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
     def __call__(self, e) -> None:
         from mysproj.storage import join
         from mysproj.storage.manifest import read_manifest
@@ -126,8 +134,7 @@ class EventLog:
         if e.state == "done":
             summary = (read_manifest(join(self.root, e.name)) or {}).get("summary") or {}
             line.update(time=summary.get("time"), processed=summary.get("processed"))
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line, default=str) + "\n")
+        self._write(line)
 
 
 def rows(outcome, root: str) -> list[dict]:
@@ -155,8 +162,9 @@ def table(result: dict) -> str:
                      f"{t['wall_s']:.1f}" if t else "-", f"{t['gpu_s']:.1f}" if t else "-", rate])
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     total = result["total"]
-    lines = [f"bench pipeline | {result['dataset_shape']} {result['fixture']['images']} | {result['model_preset']} "
-             f"| {result['card']} | {result['gpus']} device slot(s)"]
+    images = " / ".join(f"{n} {split}" for split, n in result["fixture"]["images"].items())
+    lines = [f"bench pipeline | {result['dataset_shape']}: {result['fixture']['classes']} classes, {images} | "
+             f"{result['model_preset']} | {result['card']} | {result['gpus']} device slot(s)"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *body]]
     lines.append(f"total: {total['wall_s']:.1f} s wall ({total['wall_s'] / 60:.1f} min), {total['gpu_s']:.1f} "
                  f"GPU-seconds, {total['stages']} stages ({total['failed']} failed, {total['blocked']} not run)")
@@ -168,6 +176,9 @@ def run_command(args: argparse.Namespace) -> int:
     from mysproj.pipeline import local, stage_times
     from mysproj.storage import write_text
 
+    for flag in ("classes", "per_class", "gpus", "finetune_gpus"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
     work = os.path.abspath(args.work)
     source, desc = fixture(args, work)
     root = os.path.join(work, "run")
@@ -176,13 +187,17 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = pipeline_config(args, root, source)
     gpus = args.gpus if args.gpus is not None else max(1, local.visible_gpus())
     events = EventLog(args.log or os.path.join(work, "bench.log"), root)
+    events.begin(dataset_shape=args.dataset_shape, fixture=desc, model_preset=args.model_preset, gpus=gpus,
+                 finetune_gpus=args.finetune_gpus, strategies=args.strategies, set=args.set)
     outcome = local.run(cfg, gpus=gpus, finetune_gpus=args.finetune_gpus, on_event=events)
 
+    # Named only now: asking CUDA for it would keep a context on the first GPU beside the stage running there.
+    card = card_name("cuda" if local.visible_gpus() else "cpu")
     result_rows = rows(outcome, root)
     times = stage_times.summarise([(r["name"], outcome.manifests[r["name"]], r["wall_s"]) for r in result_rows
                                    if r["state"] == "done"])
     result = {**times.as_json(), "bench": "pipeline", "dataset_shape": args.dataset_shape, "fixture": desc,
-              "model_preset": args.model_preset, "card": card_name("cuda" if local.visible_gpus() else "cpu"),
+              "model_preset": args.model_preset, "card": card,
               "gpus": gpus, "finetune_gpus": args.finetune_gpus, "root": root, "rows": result_rows,
               "total": {"wall_s": outcome.wall_s, "stages": len(outcome.events),
                         "gpu_s": sum((r["stage_time"] or {}).get("gpu_s") or 0.0 for r in result_rows),
