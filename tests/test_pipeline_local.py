@@ -91,3 +91,39 @@ def test_multi_device_fine_tuning_runs_under_torchrun():
                         "-m", "mysproj.pipeline.stage_process", "spec.json"]
     assert local.ChildProcesses.argv(ft, (1,), "s")[1:] == ["-m", "mysproj.pipeline.stage_process", "s"]
     assert local.ChildProcesses.argv(ev, (0, 1), "s")[1:] == ["-m", "mysproj.pipeline.stage_process", "s"]
+
+
+def test_a_terminated_runner_stops_its_children(tmp_path):
+    """SIGTERM (a time limit, `kill`) to the runner must not leave its stage processes running on the GPUs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    harness = f"""
+import sys
+from mysproj.pipeline import dag, local, schedule
+runner = local.ChildProcesses({str(tmp_path / "logs")!r}, schedule.Capacity(2, 2))
+long_stage = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+runner.argv = lambda node, devices, spec: [sys.executable, "-c", long_stage]
+try:
+    runner.start(dag.Node("x/prep", "prep", {{"out": "/nowhere"}}), ())
+    runner.wait()
+finally:
+    runner.close()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", harness])
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text()):  # the stage process is up
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    try:
+        os.kill(child, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive

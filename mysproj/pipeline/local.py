@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess  # nosec B404 - runs this Python with an argv list
 import sys
 import threading
@@ -131,6 +132,10 @@ class ChildProcesses:
         self._device_ids = visible.split(",") if visible else None  # slot i = the i-th device this process sees
         threads = os.environ.get("OMP_NUM_THREADS")
         self._threads = threads or str(max(1, (os.cpu_count() or 1) // (cap.devices + cap.cpu)))
+        # A terminated runner (a time limit, `kill`) stops its children too instead of leaving them on the GPUs.
+        self._on_term = None
+        if threading.current_thread() is threading.main_thread():
+            self._on_term = signal.signal(signal.SIGTERM, _exit_on_signal)
 
     def _env(self, node: dag.Node, devices: tuple[int, ...]) -> dict:
         ids = [self._device_ids[d] if self._device_ids else str(d) for d in devices]
@@ -171,6 +176,8 @@ class ChildProcesses:
 
     def close(self) -> None:
         """Stop the children still running (an interrupt or an error in the runner itself)."""
+        if self._on_term is not None:
+            signal.signal(signal.SIGTERM, self._on_term)
         for _, proc, _ in self._running.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -179,6 +186,10 @@ class ChildProcesses:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _last_line(path: str) -> str:
