@@ -122,7 +122,7 @@ finally:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     try:
-        os.kill(child, 0)
+        os.kill(child, signal.SIGKILL)  # cleans up where the runner failed to
         alive = True
     except ProcessLookupError:
         alive = False
