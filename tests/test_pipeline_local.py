@@ -122,8 +122,10 @@ finally:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     try:
-        os.kill(child, signal.SIGKILL)  # cleans up where the runner failed to
-        alive = True
-    except ProcessLookupError:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            alive = str(pid_file).encode() in f.read()  # still our stage process, not a reused pid
+    except FileNotFoundError:
         alive = False
+    if alive:
+        os.kill(child, signal.SIGKILL)  # clean up where the runner failed to
     assert not alive
