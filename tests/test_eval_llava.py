@@ -33,6 +33,8 @@ def test_eval_llava_end_to_end(tmp_path, prep_uri, llava_tiny_uri, mode):  # noq
             assert len(r["scores"]) == len(classes)
             assert r["prediction"] == classes[max(range(len(classes)), key=r["scores"].__getitem__)]
     assert m["summary"]["images_per_s"] > 0
+    assert m["summary"]["time"]["throughput"] == m["summary"]["images_per_s"]  # the loop's rate, not timed twice
+    assert m["summary"]["time"]["unit"] == "images/s" and m["summary"]["processed"]["count"] == LIMIT
     assert m["summary"]["shared_prefix"] == (mode == "scoring")
 
 

@@ -31,6 +31,9 @@ def test_full_learns_and_keeps_the_vision_tower(tiny_model, prep, tmp_path):  # 
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, s["steps"] + 1))
     assert all(set(r) == {"step", "total", "loss", "lr", "samples_per_s", "eta_s"} for r in rows)
+    # the time entry reuses the loop's own rate; the count is every step's global batch
+    assert s["time"]["throughput"] == rows[-1]["samples_per_s"] and s["time"]["unit"] == "samples/s"
+    assert s["processed"]["count"] == s["steps"] * 8
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-2:]) / 2
     assert last < 0.85 * first, (first, last)
     base, tuned = weights(tiny_model), weights(out)

@@ -8,7 +8,8 @@ writes the same numbers as JSON (a local path or any fsspec URI).
     mysproj bench finetune --preset tiny --device cpu --steps 3 --warmup 1        # seconds, on a laptop
 As a Kubernetes Job: `python -m mysproj.bench.command` (= `run_from_env()`) with
 MYSPROJ_BENCH=finetune and MYSPROJ_BENCH_ARGS="--preset llava-1.5-7b --baseline --json-out s3://..." (see
-`run_from_env`). Method and FLOP formulas: mysproj/bench/NOTES.md.
+`run_from_env`). Method and FLOP formulas: mysproj/bench/NOTES.md. `mysproj bench pipeline` times the whole job
+instead (`mysproj.bench.pipeline`; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def add_command(sub, parser_class) -> None:
     for name in BENCHMARKS:
         add_arguments(bsub.add_parser(name, help=f"benchmark {name}"), name)
     p.set_defaults(func=run)
+    from mysproj.bench import pipeline
+
+    pipeline.add_arguments(bsub.add_parser("pipeline", help="the whole job on a dataset-shaped fixture, timed "
+                                                            "stage by stage", description=pipeline.__doc__))
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
@@ -140,8 +145,8 @@ def run_from_env(environ=None) -> int:
 
     env = os.environ if environ is None else environ
     name = env.get("MYSPROJ_BENCH", "")
-    if name not in BENCHMARKS:
-        print(f"error: MYSPROJ_BENCH={name!r}: expected one of {', '.join(BENCHMARKS)}", file=sys.stderr)
+    if name not in (*BENCHMARKS, "pipeline"):
+        print(f"error: MYSPROJ_BENCH={name!r}: expected one of {', '.join(BENCHMARKS)}, pipeline", file=sys.stderr)
         return 64
     return cli.main(["bench", name, *shlex.split(env.get("MYSPROJ_BENCH_ARGS", ""))])
 

@@ -1,32 +1,74 @@
-"""`mysproj run --config FILE`: the whole experiment locally."""
+"""`mysproj run --config FILE`: the whole experiment locally; `--plan` prints the schedule it would follow."""
 
 from __future__ import annotations
 
 from mysproj.config.fields import add_arguments, load_config
+from mysproj.errors import BadInput
 from mysproj.pipeline.dag import PipelineConfig
 from mysproj.storage import join
 
+RUN_OPTIONS = ("command", "config", "values", "func", "only", "gpus", "finetune_gpus", "log_dir", "plan",
+               "stage_times")
+
 
 def add_command(sub, parser_class) -> None:
-    p = sub.add_parser("run", help="run the whole pipeline (prep ... report) in this process")
+    p = sub.add_parser("run", help="run the whole pipeline (prep ... report) on this machine")
     p.add_argument("--config", default=None, help="YAML file of PipelineConfig fields")
+    p.add_argument("--values", default=None, help="a Helm values file of the chart: its `pipeline` section is the "
+                                                  "config (e.g. charts/mysproj/values-paper.yaml)")
     p.add_argument("--only", default=None, help="comma-separated node-name prefixes to run")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="device slots: independent GPU stages run side by side, one per slot, each in its own "
+                        "process (default: every visible GPU; 1 = every stage in turn in this process)")
+    p.add_argument("--finetune-gpus", type=int, default=1, help="device slots one fine-tuning run takes (torchrun)")
+    p.add_argument("--log-dir", default=None, help="each stage's log with --gpus > 1 (default: <root>/logs)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the schedule and predicted wall time instead of running (needs stage times)")
+    p.add_argument("--stage-times", action="append", default=None, metavar="SOURCE",
+                   help="recorded stage times: a run root (its manifests) or a JSON file of `mysproj bench "
+                        "pipeline`; repeatable. --plan reads the run's own root when none is given; a run given "
+                        "them starts the stages with the most predicted work behind them first, as the plan does")
     add_arguments(p, PipelineConfig)
     p.set_defaults(func=_run)
 
 
-def _run(ns) -> int:
-    from mysproj.pipeline import local
+def _values_pipeline(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
 
-    values = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "only")}
-    cfg = load_config(PipelineConfig, yaml_file=ns.config, cli=values)
-    results = local.run(cfg, only=ns.only.split(",") if ns.only else None)
-    skipped = sum(1 for m in results.values() if m.get("skipped"))
-    print(f"pipeline: {len(results)} stages ({skipped} skipped as already complete)")
-    report = results.get("report")
+    from mysproj.storage import read_text
+
+    section = (yaml.safe_load(read_text(path)) or {}).get("pipeline")
+    if not isinstance(section, dict):
+        raise BadInput(f"values file {path}: no `pipeline:` mapping; pass a values file of charts/mysproj")
+    return section
+
+
+def _run(ns) -> int:
+    from mysproj.pipeline import local, plan, stage_times
+
+    values = {k: v for k, v in vars(ns).items() if k not in RUN_OPTIONS}
+    cfg = load_config(PipelineConfig, yaml_file=ns.config, overrides=_values_pipeline(ns.values), cli=values)
+    only = ns.only.split(",") if ns.only else None
+    gpus = ns.gpus if ns.gpus is not None else max(1, local.visible_gpus())
+    cap = local.capacity(gpus, ns.finetune_gpus)
+    sources = ns.stage_times or ([] if not ns.plan else [cfg.root])
+    times = stage_times.load(sources) if sources else None
+    if ns.plan:
+        print(plan.render(plan.predict(cfg, cap, times, only), sources))
+        return 0
+    cost = plan.stage_cost(cfg, cap, times) if times is not None else None
+    outcome = local.run(cfg, only, gpus=gpus, finetune_gpus=ns.finetune_gpus, log_dir=ns.log_dir, cost=cost)
+    counts = {s: len(outcome.of(s)) for s in ("done", "skipped", "failed", "blocked")}
+    print(f"pipeline: {len(outcome.events)} stages in {outcome.wall_s:.0f} s on {gpus} device slot(s): "
+          + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    for e in outcome.of("failed"):
+        print(f"failed: {e.name}: {e.error}")
+    report = outcome.manifests.get("report")
     if report:
         print(f"report: {join(cfg.root, 'report', 'report.md')}")
         table = (report.get("summary") or {}).get("table1_rows")
         if table:
             print(table)
-    return 0
+    return local.exit_code(outcome)

@@ -155,6 +155,7 @@ def _body(cfg, out) -> dict:
     from mysproj.evaluation.metrics import classification_metrics, short
     from mysproj.models.clip import load_clip
     from mysproj.progress import Progress
+    from mysproj.storage.stage_time import processed
 
     data = PreparedData(cfg.data)
     samples = data.samples(cfg.split)
@@ -192,6 +193,8 @@ def _body(cfg, out) -> dict:
     out.write_json("metrics.json", metrics)
     write_predictions(out, rows)
     log.info("eval-clip: %s", short(metrics))
+    rates = speed.summary()
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n": metrics["n"],
-            **speed.summary(), "device": dev, "decode": cfg.decode, "precision": cfg.precision,
+            **rates, "processed": processed(len(rows), "images", rates["images_per_s"]), "device": dev,
+            "decode": cfg.decode, "precision": cfg.precision,
             "compile": cfg.compile, "fast_tower": tower.fast, "device_decoded_images": device_decoded}

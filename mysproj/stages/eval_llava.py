@@ -127,6 +127,7 @@ def _body(cfg, out) -> dict:
     from mysproj.models.loading import load_llava
     from mysproj.models.prompt_ids import prompt_ids
     from mysproj.progress import Progress
+    from mysproj.storage.stage_time import processed
 
     data = PreparedData(cfg.data)
     samples, humans = examples(data, cfg.split, cfg.limit)
@@ -167,8 +168,10 @@ def _body(cfg, out) -> dict:
     out.write_json("metrics.json", metrics)
     write_predictions(out, rows)
     log.info("eval-llava: %s", short(metrics))
+    rates = speed.summary()
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "unparsed": metrics["unparsed"],
-            "n": metrics["n"], **speed.summary(), "device": dev, "shared_prefix": fast is not None,
+            "n": metrics["n"], **rates, "processed": processed(len(rows), "images", rates["images_per_s"]),
+            "device": dev, "shared_prefix": fast is not None,
             **({"static_decode": decoder.stats, "cuda_graphs": decoder.cuda_graphs} if decoder else {})}
 
 

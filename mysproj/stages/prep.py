@@ -24,6 +24,7 @@ from mysproj.data.labels import ordered_classes
 from mysproj.data.prompts import llava_records, split_rng
 from mysproj.errors import BadInput
 from mysproj.storage.manifest import StageOutput, run_stage
+from mysproj.storage.stage_time import processed
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "test")
@@ -148,7 +149,8 @@ def prepare(cfg: PrepConfig, out: StageOutput) -> dict:
                                     "label_underscores": cfg.label_underscores, "prompt_style": cfg.prompt_style})
     out.write_json("prep_report.json", report)
     summary = {"classes": len(classes), "train": report["counts"]["train"]["total"],
-               "test": report["counts"]["test"]["total"], "skipped": len(listing.skipped)}
+               "test": report["counts"]["test"]["total"], "skipped": len(listing.skipped),
+               "processed": processed(len(samples), "images")}
     log.info("prep %s: %d classes, %d train / %d test images, %d skipped", cfg.dataset, summary["classes"],
              summary["train"], summary["test"], summary["skipped"])
     return summary

@@ -102,6 +102,7 @@ def _body(cfg, out) -> dict:
     from mysproj.models.loading import load_llava
     from mysproj.models.vision_only import load_vision
     from mysproj.stages.eval_llava import dtype_for
+    from mysproj.storage.stage_time import processed
 
     data = PreparedData(cfg.data)
     splits = {"train": data.samples("train"), "test": data.samples("test")}
@@ -139,4 +140,5 @@ def _body(cfg, out) -> dict:
                              "post_prediction": preds["post"][i]} for i, s in enumerate(test)])
     return {"pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
             "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"],
-            "vision_only": vision_only}
+            "vision_only": vision_only,
+            "processed": processed(sum(len(s) for s in splits.values()), "images")}

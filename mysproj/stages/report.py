@@ -23,13 +23,14 @@ def _body(cfg, out) -> dict:
     from mysproj.errors import BadInput
     from mysproj.report import plots, tables
     from mysproj.report.gather import gather
+    from mysproj.report.time_table import time_section
 
     runs = gather(cfg.runs)
     if not runs:
         raise BadInput(f"report: no finished eval-clip/eval-llava/probe outputs under {', '.join(cfg.runs)}; "
                        f"run those stages first")
     text, table1_rows = tables.render(runs)
-    out.write_text("report.md", text)
+    out.write_text("report.md", "\n".join([text, *time_section(cfg.runs)]))
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(tables.results_rows(runs)), buf)
     out.write_bytes("results.parquet", buf.getvalue())

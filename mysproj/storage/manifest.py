@@ -24,6 +24,7 @@ from mysproj.config import config_hash, config_to_dict
 from mysproj.errors import IncompleteOutput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
+from mysproj.storage.stage_time import GpuUse, time_entry
 
 log = logging.getLogger(__name__)
 MANIFEST = "_SUCCESS.json"
@@ -166,7 +167,8 @@ class StageOutput:
 
 
 def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], *, force: bool = False) -> dict:
-    """Run `body` unless a manifest with the same config hash exists; commit the manifest last."""
+    """Run `body` unless a manifest with the same config hash exists; commit the manifest last, its summary
+    holding the stage's `time` entry (`mysproj.storage.stage_time`)."""
     out = StageOutput(cfg.out, stage, cfg)
     done = None if force else out.existing()
     if done:
@@ -174,9 +176,12 @@ def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], 
         done["skipped"] = True
         return done
     out.begin()
+    gpus = GpuUse()
     t0 = time.monotonic()
     summary = body(out) or {}
-    summary.setdefault("seconds", round(time.monotonic() - t0, 3))
+    wall_s = time.monotonic() - t0
+    summary.setdefault("seconds", round(wall_s, 3))
+    summary["time"] = time_entry(summary, wall_s, gpus.held())
     manifest = out.commit(summary)
     log.info("%s: wrote %s (%d files)", stage, out.uri, len(out.files))
     return manifest

@@ -16,6 +16,7 @@ import time
 import warnings
 
 from mysproj.storage import uri as U
+from mysproj.storage.stage_time import processed
 from mysproj.training import checkpoint, session, strategies
 from mysproj.training.data import MicroBatches, Schedule, TrainSet, collate, load_examples
 
@@ -120,5 +121,7 @@ def train(cfg, out) -> dict:
                    tokenization_mismatches=sum(1 for e in examples if e.mismatch),
                    trainable_parameters=n_trainable,
                    final_loss=metrics[-1]["loss"] if metrics else None,
-                   samples_per_s=metrics[-1]["samples_per_s"] if metrics else None)
+                   samples_per_s=metrics[-1]["samples_per_s"] if metrics else None,
+                   processed=processed(total * global_batch, "samples",
+                                       metrics[-1]["samples_per_s"] if metrics else None))
     return summary

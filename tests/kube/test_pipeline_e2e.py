@@ -150,6 +150,11 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     fs = s3.filesystem()
     manifest = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/report/_SUCCESS.json"))
     assert manifest["stage"] == "report" and "report.md" in manifest["files"]
+    # the stages' pods record their time as local runs do, and the report shows it
+    ft = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/textures-mini/ft-projector/seed0/finetune/_SUCCESS.json"))
+    assert ft["summary"]["time"]["unit"] == "samples/s" and ft["summary"]["time"]["wall_s"] > 0
+    report_md = fs.cat_file(f"{BUCKET}/runs/tiny/report/report.md").decode()
+    assert "## Time" in report_md and "| `textures-mini/ft-projector/seed0/finetune` | finetune |" in report_md
 
     logs = mysproj(env, "logs", "tiny", "textures-mini/prep", "--namespace", kube.namespace)
     prep = next(j.metadata.name for j in jobs if j.metadata.labels["mysproj.io/stage"] == "prep")
