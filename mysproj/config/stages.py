@@ -31,7 +31,7 @@ class PrepConfig:
 
     dataset: str = opt(help="dataset layout to read", choices=DATASETS)
     out: str = opt(help="output folder URI")
-    source: str | None = opt(None, help="dataset root URI (not needed for textures-mini)")
+    source: str | None = opt(None, help="dataset root URI (not needed for textures-mini)", input=True)
     seed: int = opt(0, help="seed for the per-example class-order shuffle in the prompt", min=0)
     label_underscores: str = opt("space", help="label rule: underscores to spaces (paper) or deleted (seed "
                                  "format script)", choices=("space", "delete"))
@@ -50,6 +50,9 @@ class PrepConfig:
                                     "(smoke runs)", min=1)
     patch_size: int = opt(128, help="textures-mini: tile side in pixels (non-overlapping tiles of each photo)",
                           min=16, max=256)
+    max_image_pixels: int = opt(100_000_000, help="images declaring more pixels than this (width x height, read "
+                                "from the header before decoding) are skipped and reported: decompression bombs",
+                                min=1)
     workers: int = opt(0, help="decode/hash worker processes; 0 = all cores", min=0, hashed=False)
 
     def check(self) -> None:
@@ -73,8 +76,8 @@ class ModelInitConfig:
 class FinetuneConfig:
     """Fine-tune LLaVA-1.5 on a prep output: projector only, full LLM + projector, or LoRA + projector."""
 
-    model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output)")
-    data: str = opt(help="prep output URI")
+    model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output)", input=True)
+    data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     strategy: str = opt("projector", help="what trains", choices=STRATEGIES)
     conv: str = opt("v1", help="conversation format: llava_v1 with the prompt (paper) or plain (seed "
@@ -132,8 +135,9 @@ class FinetuneConfig:
 class MergeConfig:
     """Write an HF-layout model: the base with a tuned projector (the seed's update_model.sh, done right)."""
 
-    base: str = opt(help="base model URI")
-    projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI")
+    base: str = opt(help="base model URI", input=True)
+    projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI",
+                         input=True)
     out: str = opt(help="output folder URI")
 
 
@@ -141,8 +145,8 @@ class MergeConfig:
 class EvalClipConfig:
     """CLIP zero-shot classification of a prepared split (Table 1's CLIP row)."""
 
-    model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout) or a model-init output")
-    data: str = opt(help="prep output URI")
+    model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout) or a model-init output", input=True)
+    data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     protocol: str = opt("paper", help="paper = 'This is a photo of {}.' on lower-cased labels; openclip = "
                         "open_clip's template ensemble", choices=("paper", "openclip"))
@@ -167,8 +171,8 @@ class EvalClipConfig:
 class EvalLlavaConfig:
     """LLaVA-1.5 classification of a prepared split with the training prompt (generate + parse, or scoring)."""
 
-    model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)")
-    data: str = opt(help="prep output URI")
+    model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)", input=True)
+    data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     mode: str = opt("generate", help="generate = greedy answer + parser (paper); scoring = rank classes by "
                     "log-likelihood", choices=("generate", "scoring"))
@@ -196,8 +200,8 @@ class EvalLlavaConfig:
 class ProbeConfig:
     """Pre/post-projection feature probes: the paper's MLPs on vision-tower and projector features."""
 
-    model: str = opt(help="LLaVA model URI whose vision tower and projector give the features")
-    data: str = opt(help="prep output URI")
+    model: str = opt(help="LLaVA model URI whose vision tower and projector give the features", input=True)
+    data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     protocol: str = opt("paper", help="paper = Adam 1e-4, batch 128, early stopping; code = released script "
                         "(Adam 1e-3, batch 32, 100 epochs)", choices=("paper", "code"))
@@ -220,7 +224,7 @@ class ProbeConfig:
 class ReportConfig:
     """report.md (the paper's Tables 1-3 beside ours), results.parquet and plots from finished runs."""
 
-    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list)
+    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list, input=True)
     out: str = opt(help="output folder URI")
 
     def check(self) -> None:

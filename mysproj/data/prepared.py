@@ -32,6 +32,8 @@ class PreparedData:
         self.classes: list[str] = list(meta["classes"])
         self.task: str = meta["task"]
         self.dataset: str = meta.get("dataset", "")
+        # The decompression-bomb limit prep checked every image against: its images pass it again here.
+        self.max_pixels: int = (self.input.manifest.get("config") or {}).get("max_image_pixels") or 0
         self._table = None
 
     def _samples_table(self):
@@ -56,6 +58,6 @@ class PreparedData:
         return cache.fetch(sample.image, sample.sha256)
 
     def open_image(self, sample: Sample):
-        from mysproj.data.images import open_rgb
+        from mysproj.data.images import DEFAULT_MAX_PIXELS, open_rgb
 
-        return open_rgb(self.local_image(sample))
+        return open_rgb(self.local_image(sample), max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS)

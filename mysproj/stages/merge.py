@@ -8,13 +8,16 @@ projector may be a `finetune --strategy projector` output or a bare `mm_projecto
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
 from mysproj.errors import BadInput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
-from mysproj.storage.manifest import StageInput, StageOutput, run_stage
+from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput, run_stage
+
+log = logging.getLogger(__name__)
 
 
 def read_projector(uri: str) -> dict:
@@ -33,9 +36,7 @@ def read_projector(uri: str) -> dict:
         path = inp.local_path("projector.safetensors")
         safetensors = True  # the cached copy of a remote file has no extension
     elif uri.endswith((".bin", ".safetensors", ".pt")):
-        if not U.exists(uri):
-            raise BadInput(f"{uri}: no such projector file")
-        path = cache.fetch(uri)
+        path = _bare_projector_file(uri)
         safetensors = uri.endswith(".safetensors")
     else:
         raise BadInput(f"{uri}: not a finetune output (no _SUCCESS.json) nor a mm_projector.bin / "
@@ -48,6 +49,31 @@ def read_projector(uri: str) -> dict:
         return projector_to_hf(sd)
     except KeyError as e:
         raise BadInput(f"{uri}: {e.args[0]}") from None
+
+
+# What a fine-tune leaves in its output folder before its manifest: a projector file next to these is unfinished.
+_FINETUNE_MARKS = ("metrics.jsonl", "checkpoints", "_FAILURE.json")
+
+
+def _bare_projector_file(uri: str) -> str:
+    """A local, checked copy of a projector file given by itself. Inside a complete stage output it is verified by
+    that output's manifest; inside an unfinished fine-tune (no manifest yet) it is refused."""
+    from mysproj.models.integrity import check_weights_file
+
+    folder, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+    parent = StageInput.if_complete(folder)
+    if parent is not None:
+        return parent.local_path(name)
+    if any(U.exists(U.join(folder, mark)) for mark in _FINETUNE_MARKS):
+        raise BadInput(f"{uri}: inside an unfinished fine-tune output ({folder} has no {MANIFEST}); let the "
+                       f"fine-tune finish (re-running it resumes it) and pass {folder}")
+    if not U.exists(uri):
+        raise BadInput(f"{uri}: no such projector file")
+    path = cache.fetch(uri)
+    check_weights_file(path, uri)
+    log.warning("%s has no %s beside it: used as a projector from outside mysproj (checked: complete)", uri,
+                MANIFEST)
+    return path
 
 
 def merge(cfg, out: StageOutput) -> dict:
