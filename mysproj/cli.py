@@ -31,7 +31,14 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+def _print_redacted_traceback(kind, value, tb) -> None:
+    print(redact("".join(traceback.format_exception(kind, value, tb))), file=sys.stderr, end="", flush=True)
+
+
 def setup_logging() -> None:
+    """Log lines, and the traceback of an exception nobody caught, printed with secrets redacted: whatever a
+    library put into a message (botocore echoes URIs and bucket names) never shows a credential."""
+    sys.excepthook = _print_redacted_traceback
     level = os.environ.get("MYSPROJ_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr, force=True)
     for handler in logging.getLogger().handlers:
@@ -102,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         return 130
-    except Exception:  # noqa: BLE001 - printed here so that no library's message can show a secret
-        print(redact(traceback.format_exc()), file=sys.stderr, end="")
-        return 1
 
 
 def print_json(obj) -> None:

@@ -204,20 +204,19 @@ def test_credentials_in_a_uri_are_refused_and_never_printed(tiny_model, tmp_path
     assert SECRET not in printed + printed2 and "AKIAEXAMPLE" not in printed + printed2
 
 
-def test_a_secret_in_any_error_or_traceback_is_redacted(tmp_path, capsys, monkeypatch):
+def test_a_secret_in_any_error_or_traceback_is_redacted(tmp_path):
     """Defence in depth: whatever a library puts into an exception (botocore echoes bucket names and URIs), the
-    CLI prints it redacted: credentials in URIs and the values of secret variables in the environment."""
-    from mysproj.stages import registry
-
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-
-    def leak(stage, cfg, force=False):
-        raise RuntimeError(f"Invalid bucket name 'AKIAEXAMPLE:{SECRET}@bucket': signing with {SECRET} failed; "
-                           f"see https://user:hunter2hunter2@example.com/x")
-
-    monkeypatch.setattr(registry, "run", leak)
-    rc, _, printed = _cli(["prep", "--dataset", "textures-mini", "--out", tmp_path / "o"], capsys)
-    assert rc == 1 and "Traceback" in printed and "RuntimeError: Invalid bucket name" in printed
+    process prints it redacted: credentials in URIs and the values of secret variables in the environment."""
+    leak = (f"raise RuntimeError(\"Invalid bucket name 'AKIAEXAMPLE:{SECRET}@bucket': signing with {SECRET} failed; "
+            f"see https://user:hunter2hunter2@example.com/x\")")
+    script = ("import sys\nfrom mysproj import cli\nfrom mysproj.stages import registry\n"
+              f"def run(stage, cfg, force=False):\n    {leak}\n"
+              "registry.run = run\nsys.exit(cli.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, "prep", "--dataset", "textures-mini", "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "AWS_SECRET_ACCESS_KEY": SECRET})
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" in printed and "RuntimeError: Invalid bucket name" in printed
     assert SECRET not in printed and "hunter2" not in printed
     assert "signing with *** failed; see https://***@example.com/x" in printed
 

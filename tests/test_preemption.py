@@ -53,8 +53,8 @@ def _state(out: str, step: int) -> dict:
 def _stopped_at(stderr: str) -> int:
     line = next(ln for ln in stderr.splitlines() if ln.startswith("stopped: "))
     step = int(line.split("after optimizer step ")[1].split()[0])
-    assert line == (f"stopped: SIGTERM: fine-tuning stopped after optimizer step {step} of {STEPS}, checkpoint step {step} "
-                    f"written; the same command resumes from it"), line
+    assert line == (f"stopped: SIGTERM: fine-tuning stopped after optimizer step {step} of {STEPS}, checkpoint "
+                    f"step {step} written; the same command resumes from it"), line
     return step
 
 
