@@ -25,6 +25,9 @@ class Sample:
 
 
 class PreparedData:
+    # The decompression-bomb limit prep checked every image against (0: the default); its images pass it again here.
+    max_pixels: int = 0
+
     def __init__(self, uri: str):
         self.input = StageInput(uri, expect_stage="prep")
         self.uri = self.input.uri
@@ -32,8 +35,7 @@ class PreparedData:
         self.classes: list[str] = list(meta["classes"])
         self.task: str = meta["task"]
         self.dataset: str = meta.get("dataset", "")
-        # The decompression-bomb limit prep checked every image against: its images pass it again here.
-        self.max_pixels: int = (self.input.manifest.get("config") or {}).get("max_image_pixels") or 0
+        self.max_pixels = (self.input.manifest.get("config") or {}).get("max_image_pixels") or 0
         self._table = None
 
     def _samples_table(self):
