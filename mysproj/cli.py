@@ -11,24 +11,38 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 from mysproj.config.fields import add_arguments
-from mysproj.errors import EXIT_BAD_INPUT, BadInput
+from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, redact
 from mysproj.stages.registry import STAGES, stage_config
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse exits 2; a usage error is bad input like any other
         self.print_usage(sys.stderr)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {redact(message)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record):
+        return redact(super().format(record))
+
+
+def _print_redacted_traceback(kind, value, tb) -> None:
+    print(redact("".join(traceback.format_exception(kind, value, tb))), file=sys.stderr, end="", flush=True)
+
+
 def setup_logging() -> None:
+    """Log lines, and the traceback of an exception nobody caught, printed with secrets redacted: whatever a
+    library put into a message (botocore echoes URIs and bucket names) never shows a credential."""
+    sys.excepthook = _print_redacted_traceback
     level = os.environ.get("MYSPROJ_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "PIL", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -39,7 +53,7 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
 
         values = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "force", "sub")}
         cfg = stage_config(stage, yaml_file=ns.config, cli=values, env=os.environ)
-        manifest = registry.run(stage, cfg)
+        manifest = registry.run(stage, cfg, force=ns.force)
         state = "skipped (already complete)" if manifest.get("skipped") else "done"
         print(f"{stage}: {state} -> {cfg.out}")
         return 0
@@ -61,12 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(stage, help=(cls.__doc__ or stage).splitlines()[0])
         p.add_argument("--config", default=None, help="YAML file with field: value pairs")
+        p.add_argument("--force", action="store_true", help="run even if --out holds a complete output (of this "
+                       "or another stage), replacing it")
         add_arguments(p, cls)
         p.set_defaults(func=_stage_command(stage))
     model = sub.add_parser("model", help="model utilities")
     msub = model.add_subparsers(dest="sub", required=True, parser_class=_Parser)
     init = msub.add_parser("init", help="write a random-weight model of a preset architecture")
     init.add_argument("--config", default=None)
+    init.add_argument("--force", action="store_true", help="run even if --out holds a complete output")
     add_arguments(init, STAGES["model-init"][0])
     init.set_defaults(func=_stage_command("model-init"))
     _extra_commands(sub)
@@ -80,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(ns.func(ns) or 0)
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         return 130
 

@@ -10,16 +10,42 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
+import logging
 import os
 import types
 import typing
 from typing import Any
 
-from mysproj.errors import BadInput
+from mysproj.errors import BadInput, has_uri_credentials, redact
 
+log = logging.getLogger(__name__)
 ENV_PREFIX = "MYSPROJ_"
+# Every MYSPROJ_* variable that is not a config field, with who reads it; any other MYSPROJ_* name that no config
+# class has is taken for a typo and warned about.
+NON_FIELD_ENV = {
+    "MYSPROJ_CACHE_DIR": "local cache of remote inputs and file hashes (storage)",
+    "MYSPROJ_SCRATCH": "the pod's scratch folder (job entry points)",
+    "MYSPROJ_LOG_LEVEL": "log level (cli)",
+    "MYSPROJ_RUN": "the run's name (chart)",
+    "MYSPROJ_S3_ENDPOINT": "S3 endpoint (storage; also a CI variable)",
+    "MYSPROJ_GIT_SHA": "code version in manifests",
+    "MYSPROJ_NPROC_PER_NODE": "torchrun processes per fine-tuning pod (jobs/finetune.py)",
+    "MYSPROJ_DNS_WAIT_SECONDS": "wait for rank 0's DNS name (jobs/finetune.py)",
+    "MYSPROJ_STORAGE_RETRY_SECONDS": "retry budget of storage calls",
+    "MYSPROJ_JOB_NAME": "the stage Job's name (failure records)",
+    "MYSPROJ_NODE": "the DAG node a stage Job runs (failure records)",
+    "MYSPROJ_BENCH": "benchmark Job switch (chart)",
+    "MYSPROJ_BENCH_ARGS": "benchmark Job arguments (chart)",
+    "MYSPROJ_REGISTRY": "image registry prefix (CI)",
+    "MYSPROJ_KUBECONFIG": "kubeconfig secret (CI)",
+    "MYSPROJ_S3_ACCESS_KEY_ID": "bucket credentials (CI secret)",
+    "MYSPROJ_S3_SECRET_ACCESS_KEY": "bucket credentials (CI secret)",
+}
+_CONFIG_CLASSES: set[type] = set()  # every config class this process has built flags or configs for
+_WARNED_ENV: set[str] = set()
 
 
 class ConfigError(BadInput):
@@ -27,11 +53,12 @@ class ConfigError(BadInput):
 
 
 def opt(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
-        min: float | None = None, max: float | None = None, hashed: bool = True,
+        min: float | None = None, max: float | None = None, hashed: bool = True, input: bool = False,
         default_factory: Any = dataclasses.MISSING) -> Any:
     """A config field. `hashed=False` marks operational knobs (log interval, workers) that do not change
-    the stage's result and so must not invalidate a finished output."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "hashed": hashed}
+    the stage's result and so must not invalidate a finished output. `input=True` marks a URI (or list of URIs)
+    the stage reads: a finished output counts as complete only while those inputs hold the same content."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "hashed": hashed, "input": input}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -107,6 +134,11 @@ def _type_name(tp) -> str:
     return f"{name} or none" if optional else name
 
 
+def input_fields(cfg) -> dict[str, Any]:
+    """{name: URI or list of URIs} of the fields declared `input=True`."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("input")}
+
+
 def validate(cfg) -> None:
     """Range/choice checks from field metadata; the dataclass may add cross-field checks in `check()`."""
     for f in dataclasses.fields(cfg):
@@ -116,6 +148,10 @@ def validate(cfg) -> None:
         for item in items:
             if item is None:
                 continue
+            if isinstance(item, str) and has_uri_credentials(item):
+                raise ConfigError(f"config field '{f.name}' = {redact(item)!r}: credentials inside a URI are "
+                                  f"refused; give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the "
+                                  f"chart's credentials Secret)")
             if m.get("choices") and item not in m["choices"]:
                 allowed = ", ".join(map(str, m["choices"]))
                 raise ConfigError(f"config field '{f.name}' = {item!r}: must be one of {allowed}")
@@ -136,8 +172,25 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def warn_unknown_env(env: typing.Mapping[str, str]) -> None:
+    """Warn once per process about each MYSPROJ_* variable that is neither a field of any config class nor in
+    NON_FIELD_ENV, naming the closest known name: a misspelt variable would otherwise be ignored silently."""
+    from mysproj.config import stages  # the stage configs are always known, whichever one is being loaded
+
+    known = set(NON_FIELD_ENV)
+    for cls in _CONFIG_CLASSES | {c for c in vars(stages).values() if dataclasses.is_dataclass(c)}:
+        known.update(env_name(f.name) for f in dataclasses.fields(cls))
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known and name not in _WARNED_ENV:
+            _WARNED_ENV.add(name)
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            log.warning("%s is set but is not a config field of any stage (ignored)%s", name, hint)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """One CLI flag per field; values stay strings here and are coerced by `load_config`."""
+    _CONFIG_CLASSES.add(cls)
     hints = _field_types(cls)
     for f in dataclasses.fields(cls):
         base, _ = _unwrap_optional(hints[f.name])
@@ -161,6 +214,8 @@ def load_config(cls, *, yaml_file: str | None = None, cli: dict[str, Any] | None
     if yaml_file:
         raw.update(_read_yaml(yaml_file, names, cls.__name__))
     env = os.environ if env is None else env
+    _CONFIG_CLASSES.add(cls)
+    warn_unknown_env(env)
     for name in names:
         if env_name(name) in env:
             raw[name] = env[env_name(name)]

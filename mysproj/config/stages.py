@@ -44,7 +44,7 @@ class PrepConfig:
 
     dataset: str = opt(help="dataset layout to read", choices=DATASETS)
     out: str = opt(help="output folder URI")
-    source: str | None = opt(None, help="dataset root URI (not needed for textures-mini)")
+    source: str | None = opt(None, help="dataset root URI (not needed for textures-mini)", input=True)
     seed: int = opt(0, help="seed for the per-example class-order shuffle in the prompt", min=0)
     label_underscores: str = opt("space", help="label rule: underscores to spaces (paper) or deleted (seed "
                                  "format script)", choices=("space", "delete"))
@@ -63,6 +63,9 @@ class PrepConfig:
                                     "(smoke runs)", min=1)
     patch_size: int = opt(128, help="textures-mini: tile side in pixels (non-overlapping tiles of each photo)",
                           min=16, max=256)
+    max_image_pixels: int = opt(100_000_000, help="images declaring more pixels than this (width x height, read "
+                                "from the header before decoding) are skipped and reported: decompression bombs",
+                                min=1)
     workers: int = opt(0, help="decode/hash worker processes; 0 = all cores", min=0, hashed=False)
 
     def check(self) -> None:
@@ -89,8 +92,8 @@ class FinetuneConfig:
     # Raised when the code changes what the same fields produce, so config_hash changes and old outputs re-run.
     RESULT_VERSION: ClassVar[int] = 2
 
-    model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output)")
-    data: str = opt(help="prep output URI")
+    model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output)", input=True)
+    data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     strategy: str = opt("projector", help="what trains", choices=STRATEGIES)
     conv: str = opt("v1", help="conversation format: v1 = LLaVA's vicuna_v1 with the prompt (paper; the seed's "
@@ -160,8 +163,9 @@ class MergeConfig:
 
     RESULT_VERSION: ClassVar[int] = 2  # raised with finetune's (the models it reads came out differently)
 
-    base: str = opt(help="base model URI")
-    projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI")
+    base: str = opt(help="base model URI", input=True)
+    projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI",
+                         input=True)
     out: str = opt(help="output folder URI")
     reuse_base: bool = opt(True, help="base is an HF-layout stage output: rewrite only the weights file holding the "
                            "projector and reuse every other file of the base (hard links locally, server-side "
@@ -173,8 +177,8 @@ class MergeConfig:
 class EvalClipConfig:
     """CLIP zero-shot classification of a prepared split (Table 1's CLIP row)."""
 
-    model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout) or a model-init output")
-    data: str = opt(help="prep output URI")
+    model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout) or a model-init output", input=True)
+    data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     protocol: str = opt("paper", help="paper = 'This is a photo of {}.' on lower-cased labels; openclip = "
                         "open_clip's template ensemble", choices=("paper", "openclip"))
@@ -202,8 +206,8 @@ class EvalLlavaConfig:
 
     RESULT_VERSION: ClassVar[int] = 2  # prompt ids as tokenizer_image_token builds them; fine-tuned models
 
-    model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)")
-    data: str = opt(help="prep output URI")
+    model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)", input=True)
+    data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     mode: str = opt("generate", help="generate = greedy answer + parser (paper); scoring = rank classes by "
                     "log-likelihood", choices=("generate", "scoring"))
@@ -244,8 +248,8 @@ class ProbeConfig:
 
     RESULT_VERSION: ClassVar[int] = 2  # raised with finetune's (the models it reads came out differently)
 
-    model: str = opt(help="LLaVA model URI whose vision tower and projector give the features")
-    data: str = opt(help="prep output URI")
+    model: str = opt(help="LLaVA model URI whose vision tower and projector give the features", input=True)
+    data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     protocol: str = opt("paper", help="paper = Adam 1e-4, batch 128, early stopping; code = released script "
                         "(Adam 1e-3, batch 32, 100 epochs)", choices=("paper", "code"))
@@ -272,7 +276,7 @@ class ProbeConfig:
 class ReportConfig:
     """report.md (the paper's Tables 1-3 beside ours), results.parquet and plots from finished runs."""
 
-    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list)
+    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list, input=True)
     out: str = opt(help="output folder URI")
 
     def check(self) -> None:

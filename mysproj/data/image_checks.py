@@ -8,15 +8,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
-from mysproj.data.images import ImageCheck, check_bytes
+from mysproj.data.images import DEFAULT_MAX_PIXELS, ImageCheck, check_bytes
 from mysproj.progress import Progress
 from mysproj.storage import uri as U
 
 CHUNK = 32
 
 
-def _check_chunk(uris: list[str]) -> list[ImageCheck]:
+def _check_chunk(uris: list[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageCheck]:
     results = []
     for uri in uris:
         fs, path = U.split(uri)  # one client per process (storage.uri caches it)
@@ -30,7 +31,7 @@ def _check_chunk(uris: list[str]) -> list[ImageCheck]:
                 results.append(ImageCheck(None, None, None, f"unreadable ({type(e).__name__}: {e})"))
                 continue
             raise
-        results.append(check_bytes(data))
+        results.append(check_bytes(data, max_pixels))
     return results
 
 
@@ -39,20 +40,23 @@ def effective_workers(workers: int) -> int:
                                         else os.cpu_count() or 1)
 
 
-def check_images(uris: list[str], workers: int = 0, what: str = "checking images") -> list[ImageCheck]:
-    """One `ImageCheck` per URI, in order. `workers=0` uses every core."""
+def check_images(uris: list[str], workers: int = 0, what: str = "checking images",
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageCheck]:
+    """One `ImageCheck` per URI, in order. `workers=0` uses every core; images above `max_pixels` are reported,
+    not decoded."""
+    check_chunk = partial(_check_chunk, max_pixels=max_pixels)
     progress = Progress(what, len(uris), "images")
     n = min(effective_workers(workers), max(1, len(uris) // CHUNK))
     chunks = [uris[i:i + CHUNK] for i in range(0, len(uris), CHUNK)]
     results: list[ImageCheck] = []
     if n <= 1:
         for chunk in chunks:
-            results.extend(_check_chunk(chunk))
+            results.extend(check_chunk(chunk))
             progress.update(len(chunk))
         return results
     # spawn, not fork: the parent may hold fsspec's event-loop thread and open connections.
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for chunk_results in pool.map(_check_chunk, chunks):
+        for chunk_results in pool.map(check_chunk, chunks):
             results.extend(chunk_results)
             progress.update(len(chunk_results))
     return results

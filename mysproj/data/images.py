@@ -25,8 +25,9 @@ CLIP_MEAN_RGB = tuple(int(x * 255) for x in CLIP_MEAN)
 # does not decode ("not an image").
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-# Decompression-bomb guard: larger images are reported, not decoded.
-MAX_PIXELS = 20_000 * 20_000
+# Decompression-bomb guard: an image declaring more pixels than this in its header is refused before it is
+# decoded (prep's `max_image_pixels` sets it for a dataset; PreparedData passes prep's value on).
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class BadImage(BadInput):
@@ -36,24 +37,40 @@ class BadImage(BadInput):
 def _pil():
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    # PIL's own guard only raises at twice its limit and only warns below; `open_rgb` checks the header
+    # against an exact limit itself, before any pixel is decoded.
+    Image.MAX_IMAGE_PIXELS = None
     return Image
 
 
-def open_rgb(source: str | bytes | os.PathLike) -> Image.Image:
-    """Fully decode a path or raw bytes into an RGB image; raise `BadImage` naming why it failed."""
+def too_large(width: int, height: int, max_pixels: int) -> str | None:
+    if width * height <= max_pixels:
+        return None
+    return (f"too large ({width}x{height} = {width * height / 1e6:.0f} MP declared in its header, above the limit "
+            f"of {max_pixels / 1e6:g} MP, max_image_pixels); not decoded")
+
+
+def open_rgb(source: str | bytes | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+             name: str | None = None) -> Image.Image:
+    """Fully decode a path or raw bytes into an RGB image; raise `BadImage` naming why it failed (`name`, else the
+    path, names the file in the message). Images above `max_pixels` are refused from their header alone."""
     Image = _pil()
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
         with fp, Image.open(fp) as img:
-            img.load()  # Image.open only reads the header; truncated data fails here
+            bomb = too_large(*img.size, max_pixels)  # Image.open has read the header only
+            if bomb:
+                raise BadImage(f"{name}: {bomb}")
+            img.load()  # truncated data fails here
             return img.convert("RGB")
     except FileNotFoundError:
         raise BadImage(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise BadImage(f"{name}: is a folder, not an image file") from None
     except Image.UnidentifiedImageError:
         raise BadImage(f"{name}: not an image (unknown format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{name}: corrupt image ({type(e).__name__}: {e})") from None
 
 
@@ -82,12 +99,12 @@ class ImageCheck:
         return self.error is None
 
 
-def check_bytes(data: bytes) -> ImageCheck:
+def check_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCheck:
     sha = hashlib.sha256(data).hexdigest()
     if not data:
         return ImageCheck(sha, None, None, "empty file")
     try:
-        img = open_rgb(data)
+        img = open_rgb(data, max_pixels=max_pixels)
     except BadImage as e:
         return ImageCheck(sha, None, None, str(e).split(": ", 1)[1])
     return ImageCheck(sha, img.width, img.height)

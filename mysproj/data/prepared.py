@@ -25,6 +25,9 @@ class Sample:
 
 
 class PreparedData:
+    # The decompression-bomb limit prep checked every image against (0: the default); its images pass it again here.
+    max_pixels: int = 0
+
     def __init__(self, uri: str):
         self.input = StageInput(uri, expect_stage="prep")
         self.uri = self.input.uri
@@ -32,6 +35,7 @@ class PreparedData:
         self.classes: list[str] = list(meta["classes"])
         self.task: str = meta["task"]
         self.dataset: str = meta.get("dataset", "")
+        self.max_pixels = (self.input.manifest.get("config") or {}).get("max_image_pixels") or 0
         self._table = None
 
     def _samples_table(self):
@@ -56,6 +60,6 @@ class PreparedData:
         return cache.fetch(sample.image, sample.sha256)
 
     def open_image(self, sample: Sample):
-        from mysproj.data.images import open_rgb
+        from mysproj.data.images import DEFAULT_MAX_PIXELS, open_rgb
 
-        return open_rgb(self.local_image(sample))
+        return open_rgb(self.local_image(sample), max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS)

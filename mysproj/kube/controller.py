@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from mysproj.config.fields import load_config, opt
-from mysproj.errors import EXIT_BAD_INPUT, BadInput
+from mysproj.errors import EXIT_BAD_INPUT, BadInput, redact
 from mysproj.kube import jobspec, runstate
 from mysproj.pipeline import dag
 from mysproj.stages.registry import stage_config
@@ -225,13 +225,13 @@ def main(cfg: ControllerConfig, cluster=None) -> int:
         return controller.run()
     except BadInput as e:
         log.error("%s", e)
-        print(f"error: {e}", flush=True)
+        print(f"error: {redact(e)}", flush=True)
         if cfg.controller_job and not getattr(controller, "ended", False):
             # Bad values or config (found before any stage ran): end our own Job now, with the reason, as a stage
             # failure does; servers without podFailurePolicy (1.20) would otherwise restart us with backoff.
             try:
-                cluster.end_job(cfg.controller_job, {jobspec.ANN_FAILURE: f"bad input (exit {EXIT_BAD_INPUT}): {e}"
-                                                     [:1000]})
+                reason = f"bad input (exit {EXIT_BAD_INPUT}): {redact(e)}"
+                cluster.end_job(cfg.controller_job, {jobspec.ANN_FAILURE: reason[:1000]})
             except Exception as end_error:  # noqa: BLE001 - the exit code still says it; the Job retries at worst
                 log.warning("could not end Job %s: %s", cfg.controller_job, end_error)
         return EXIT_BAD_INPUT

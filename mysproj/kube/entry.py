@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from mysproj.errors import EXIT_BAD_INPUT, BadInput
+from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, redact
 from mysproj.kube.jobspec import FAILURE_RECORD
 
 log = logging.getLogger("mysproj.job")
@@ -77,12 +77,16 @@ def run_job(stage: str, body: Callable[[], dict]) -> int:
     try:
         manifest = body() or {}
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        _write_record(EXIT_BAD_INPUT, str(e))
+        print(f"error: {redact(e)}", file=sys.stderr, flush=True)
+        _write_record(EXIT_BAD_INPUT, redact(e))
         return EXIT_BAD_INPUT
+    except Preempted as e:  # stopped on SIGTERM at a resumable point: the retried pod resumes
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        _write_record(EXIT_PREEMPTED, f"preempted: {e}")
+        return EXIT_PREEMPTED
     except Exception as e:  # noqa: BLE001 - anything unexpected is retryable by the Job
-        traceback.print_exc()
-        _write_record(EXIT_RETRYABLE, f"{type(e).__name__}: {e}")
+        print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+        _write_record(EXIT_RETRYABLE, redact(f"{type(e).__name__}: {e}"))
         return EXIT_RETRYABLE
     state = "skipped (already complete)" if manifest.get("skipped") else "done"
     log.info("%s: %s -> %s", stage, state, os.environ.get("MYSPROJ_OUT", ""))

@@ -83,6 +83,7 @@ def write_random_clip(preset: str, out) -> dict:
 
 def _materialise(uri: str) -> str:
     """A local file or folder with the model's bytes (stage outputs verified; remote folders cached)."""
+    from mysproj.models.integrity import check_model_folder, check_weights_file
     from mysproj.storage import cache, is_local, local_path, split
     from mysproj.storage.manifest import StageInput
 
@@ -93,14 +94,16 @@ def _materialise(uri: str) -> str:
         path = local_path(uri)
         if not os.path.exists(path):
             raise BadInput(f"CLIP model {uri}: no such file or folder")
-        return path
-    fs, path = split(uri)
-    if fs.isfile(path):
-        return cache.fetch(uri)
-    folder = cache.fetch_folder(uri)
-    if folder is None:
-        raise BadInput(f"CLIP model {uri}: nothing there")
-    return folder
+    else:
+        fs, remote = split(uri)
+        path = cache.fetch(uri) if fs.isfile(remote) else cache.fetch_folder(uri)
+        if path is None:
+            raise BadInput(f"CLIP model {uri}: nothing there")
+    if os.path.isdir(path):
+        check_model_folder(path, uri)
+    else:
+        check_weights_file(path, uri)
+    return path
 
 
 def _is_torchscript(path: str) -> bool:
@@ -128,6 +131,10 @@ def load_clip(uri: str, arch: str = "ViT-L-14-336", *, device: str = "cpu") -> L
                 cfg = json.load(f)
             if cfg.get("model_type") == "clip" or "CLIPModel" in (cfg.get("architectures") or []):
                 return _load_hf(path, uri, device)
+            if "llava" in str(cfg.get("model_type", "")).lower() or "mm_vision_tower" in cfg or \
+                    any("Llava" in a for a in cfg.get("architectures") or []):
+                raise BadInput(f"CLIP model {uri}: this is a LLaVA model; eval-clip needs a CLIP model (open_clip "
+                               f"or HF CLIP)")
         weights = [n for n in sorted(os.listdir(path)) if n.endswith((".safetensors", ".bin", ".pt", ".pth"))]
         if len(weights) != 1:
             raise BadInput(f"CLIP model {uri}: expected open_clip_config.json, an HF CLIP config.json, or exactly "
@@ -139,7 +146,8 @@ def load_clip(uri: str, arch: str = "ViT-L-14-336", *, device: str = "cpu") -> L
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=path, device=device)
     except RuntimeError as e:
-        raise BadInput(f"CLIP model {uri}: weights do not fit open_clip architecture '{arch}' ({e}); "
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise BadInput(f"CLIP model {uri}: weights do not fit open_clip architecture '{arch}' ({first}); "
                        f"pass the right --arch") from None
     return LoadedClip(model.eval(), preprocess, open_clip.get_tokenizer(arch), "open_clip", uri)
 

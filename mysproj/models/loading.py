@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mysproj.errors import BadInput
+from mysproj.models.integrity import check_model_folder
 from mysproj.storage import cache
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput
@@ -57,13 +58,14 @@ def materialize(uri: str) -> tuple[str, dict]:
             return U.local_path(uri), summary
         return cache.assemble(local), summary
     if U.is_local(uri):
-        path = U.local_path(uri)
-        if not os.path.isdir(path):
+        folder = U.local_path(uri)
+        if not os.path.isdir(folder):
             raise BadInput(f"{uri}: no such model folder")
-        return path, {}
-    folder = cache.fetch_folder(uri)
-    if folder is None:
-        raise BadInput(f"{uri}: no such model folder (nothing stored under it)")
+    else:
+        folder = cache.fetch_folder(uri)
+        if folder is None:
+            raise BadInput(f"{uri}: no such model folder (nothing stored under it)")
+    check_model_folder(folder, uri)
     return folder, {}
 
 
@@ -129,10 +131,16 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
         if config.get("model_type") != "llava":
             raise BadInput(f"{uri}: config.json model_type is '{config.get('model_type')}', not a LLaVA model")
         placement = {"device_map": device} if direct else {}
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or "auto", local_files_only=True,
-                                                              trust_remote_code=False, **placement)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype or "auto",
+                                                                  local_files_only=True, trust_remote_code=False,
+                                                                  **placement)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as e:  # a local folder: what fails here fails again on a retry
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise BadInput(f"{uri}: cannot load the model ({type(e).__name__}: {first}); is the folder "
+                           f"complete?") from None
         layout = "hf"
     model = model.to(device).eval()
     return LoadedLlava(model, tokenizer, processor, bool(summary.get("random_weights", False)), str(uri), layout)

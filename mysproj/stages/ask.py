@@ -23,6 +23,8 @@ def add_command(sub, parser_class) -> None:
     p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (LLaVA CLI default 0.2)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer budget (LLaVA CLI default 512)")
     p.add_argument("--image-aspect-ratio", default="pad", choices=("pad", "square"))
+    p.add_argument("--max-image-pixels", type=int, default=None, help="refuse images declaring more pixels "
+                   "(default: prep's default, 100 MP)")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load-4bit", action="store_true", help="4-bit weights (bitsandbytes, CUDA GPU)")
     quant.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA GPU)")
@@ -69,16 +71,16 @@ def quantization(load_4bit: bool, load_8bit: bool):
 
 
 def open_session(model_uri: str, image_uri: str, *, vision_tower: str | None = None, aspect: str = "pad",
-                 load_4bit: bool = False, load_8bit: bool = False) -> Session:
+                 load_4bit: bool = False, load_8bit: bool = False, max_pixels: int | None = None) -> Session:
     import torch
 
-    from mysproj.data.images import open_rgb
+    from mysproj.data.images import DEFAULT_MAX_PIXELS, open_rgb
     from mysproj.models.conversation import pixel_values
     from mysproj.storage import read_bytes
 
     quant = quantization(load_4bit, load_8bit)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    image = open_rgb(read_bytes(image_uri))
+    image = open_rgb(read_bytes(image_uri), name=image_uri, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     if quant is None:
         from mysproj.models.loading import load_llava
 
@@ -134,7 +136,7 @@ def _run(ns) -> int:
     from transformers import TextStreamer
 
     session = open_session(ns.model, ns.image, vision_tower=ns.vision_tower, aspect=ns.image_aspect_ratio,
-                           load_4bit=ns.load_4bit, load_8bit=ns.load_8bit)
+                           load_4bit=ns.load_4bit, load_8bit=ns.load_8bit, max_pixels=ns.max_image_pixels)
     streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
     questions = [ns.prompt] if ns.prompt is not None else _interactive()
     for q in questions:

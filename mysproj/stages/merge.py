@@ -43,9 +43,7 @@ def read_projector(uri: str) -> dict:
         path = inp.local_path("projector.safetensors")
         safetensors = True  # the cached copy of a remote file has no extension
     elif uri.endswith((".bin", ".safetensors", ".pt")):
-        if not U.exists(uri):
-            raise BadInput(f"{uri}: no such projector file")
-        path = cache.fetch(uri)
+        path = _bare_projector_file(uri)
         safetensors = uri.endswith(".safetensors")
     else:
         raise BadInput(f"{uri}: not a finetune output (no _SUCCESS.json) nor a mm_projector.bin / "
@@ -58,6 +56,31 @@ def read_projector(uri: str) -> dict:
         return projector_to_hf(sd)
     except KeyError as e:
         raise BadInput(f"{uri}: {e.args[0]}") from None
+
+
+# What a fine-tune leaves in its output folder before its manifest: a projector file next to these is unfinished.
+_FINETUNE_MARKS = ("metrics.jsonl", "checkpoints", "_FAILURE.json")
+
+
+def _bare_projector_file(uri: str) -> str:
+    """A local, checked copy of a projector file given by itself. Inside a complete stage output it is verified by
+    that output's manifest; inside an unfinished fine-tune (no manifest yet) it is refused."""
+    from mysproj.models.integrity import check_weights_file
+
+    folder, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+    parent = StageInput.if_complete(folder)
+    if parent is not None:
+        return parent.local_path(name)
+    if any(U.exists(U.join(folder, mark)) for mark in _FINETUNE_MARKS):
+        raise BadInput(f"{uri}: inside an unfinished fine-tune output ({folder} has no {MANIFEST}); let the "
+                       f"fine-tune finish (re-running it resumes it) and pass {folder}")
+    if not U.exists(uri):
+        raise BadInput(f"{uri}: no such projector file")
+    path = cache.fetch(uri)
+    check_weights_file(path, uri)
+    log.warning("%s has no %s beside it: used as a projector from outside mysproj (checked: complete)", uri,
+                MANIFEST)
+    return path
 
 
 def _check_shape(cfg, name: str, tensor, base_shape) -> None:

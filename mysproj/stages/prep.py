@@ -63,7 +63,8 @@ def _cap(candidates: list[Candidate], cfg: PrepConfig) -> list[Candidate]:
 
 def _check(listing: Listing, cfg: PrepConfig) -> list[PreparedSample]:
     candidates = _cap(listing.candidates, cfg)
-    checks = check_images([c.image for c in candidates], cfg.workers, what=f"prep {cfg.dataset}: checking images")
+    checks = check_images([c.image for c in candidates], cfg.workers, what=f"prep {cfg.dataset}: checking images",
+                          max_pixels=cfg.max_image_pixels)
     good = []
     for c, chk in zip(candidates, checks):
         if chk.ok:

@@ -36,6 +36,10 @@ def implementation(stage: str) -> Callable[[Any], dict]:
     return getattr(importlib.import_module(module), func)
 
 
-def run(stage: str, cfg: Any) -> dict:
-    """Run one stage in-process; returns its manifest."""
-    return implementation(stage)(cfg)
+def run(stage: str, cfg: Any, *, force: bool = False) -> dict:
+    """Run one stage in-process; returns its manifest. `force` runs it even where its output is complete, also
+    over another stage's complete output."""
+    from mysproj.storage.manifest import forcing
+
+    with forcing(force):
+        return implementation(stage)(cfg)

@@ -1,8 +1,10 @@
 """Stage outputs become visible as complete only when `_SUCCESS.json` is written, last.
 
-The manifest lists every file with its size and sha256, the stage config and its hash, the code version and
-start/end times. Readers (`StageInput`) refuse a folder without one and verify each file's hash as they fetch
-it; a writer whose manifest already exists with the same config hash skips the work.
+The manifest lists every file with its size and sha256, their content digest, the stage config and its hash, the
+content digest of each input (`mysproj.storage.digest`), the code version and start/end times. Readers
+(`StageInput`) refuse a folder without one and verify each file's hash as they fetch it. `StageOutput.existing()`
+is the one test of "complete with this config and these inputs" that `run_stage`, the Kubernetes controller and
+`mysproj status` share; a stage that passes it is skipped.
 """
 
 from __future__ import annotations
@@ -15,19 +17,32 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
 
 from mysproj import __version__
 from mysproj.config import config_hash, config_to_dict
-from mysproj.errors import IncompleteOutput
+from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
+from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests
 from mysproj.storage.stage_time import GpuUse, time_entry
 
 log = logging.getLogger(__name__)
-MANIFEST = "_SUCCESS.json"
+# `--force`: run even when the output is complete, and replace a complete output of another stage.
+_FORCE: ContextVar[bool] = ContextVar("mysproj_force", default=False)
+
+
+@contextmanager
+def forcing(force: bool) -> Iterator[None]:
+    token = _FORCE.set(force)
+    try:
+        yield
+    finally:
+        _FORCE.reset(token)
 
 
 def code_version() -> str:
@@ -63,20 +78,50 @@ class StageOutput:
 
     def __init__(self, out_uri: str, stage: str, cfg: Any):
         self.uri = str(out_uri).rstrip("/")
+        U.check_uri(self.uri)
         self.stage = stage
         self.cfg = cfg
         self.hash = config_hash(cfg)
         self.files: dict[str, dict] = {}
         self.started = _now()
+        self.reason: str | None = None  # why `existing()` found nothing to reuse (None: no output there yet)
+        self._inputs: dict | None = None
+
+    @property
+    def inputs(self) -> dict:
+        """{input field: content digest} now (computed once per instance)."""
+        if self._inputs is None:
+            self._inputs = input_digests(self.cfg, exclude=self.uri)
+        return self._inputs
 
     def existing(self) -> dict | None:
-        """The manifest of a finished run with this same config, if any."""
+        """The manifest of a finished run of this stage with this same config and inputs of the same content, if
+        any; otherwise None, with `reason` saying why an output that is there does not count."""
+        self.reason = None
         m = read_manifest(self.uri)
-        if m and m.get("config_hash") == self.hash and m.get("stage") == self.stage:
-            return m
+        if not m:
+            return None
+        if m.get("stage") != self.stage:
+            self.reason = f"it holds a '{m.get('stage')}' output"
+        elif m.get("config_hash") != self.hash:
+            self.reason = f"its config changed (hash {m.get('config_hash')} -> {self.hash})"
+        elif m.get("inputs") is None and self.inputs:
+            self.reason = "its manifest records no input digests (written by an older mysproj)"
+        else:
+            name = changed_input(m.get("inputs") or {}, self.inputs)
+            if name is None:
+                return m
+            self.reason = f"input '{name}' ({getattr(self.cfg, name)}) changed since it was made"
         return None
 
-    def begin(self) -> None:
+    def begin(self, force: bool = False) -> None:
+        U.make_dirs(self.uri)
+        if not force:
+            m = read_manifest(self.uri)
+            if m and m.get("stage") != self.stage:
+                raise BadInput(f"{self.uri} holds a complete '{m.get('stage')}' output; refusing to overwrite it "
+                               f"with {self.stage}: pick another --out, or pass --force to replace it")
+        self.inputs  # noqa: B018 - the inputs as they are when the work starts are what the manifest records
         # A re-run with a new config rewrites files in place: drop the old manifest first so that no reader
         # can take the half-rewritten folder for a complete one.
         U.remove(U.join(self.uri, MANIFEST))
@@ -160,22 +205,28 @@ class StageOutput:
             "started": self.started,
             "finished": _now(),
             "files": dict(sorted(self.files.items())),
+            "digest": content_digest(self.files),
+            "inputs": self.inputs,
             "summary": summary or {},
         }
         U.write_text(U.join(self.uri, MANIFEST), json.dumps(manifest, indent=2, default=str) + "\n")
         return manifest
 
 
-def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], *, force: bool = False) -> dict:
-    """Run `body` unless a manifest with the same config hash exists; commit the manifest last, its summary
-    holding the stage's `time` entry (`mysproj.storage.stage_time`)."""
+def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], *, force: bool | None = None) -> dict:
+    """Run `body` unless `StageOutput.existing()` finds the output complete; commit the manifest last, its summary
+    holding the stage's `time` entry (`mysproj.storage.stage_time`). `force` (default: `--force` of the command,
+    see `forcing`) runs it anyway, also over another stage's output."""
+    force = _FORCE.get() if force is None else force
     out = StageOutput(cfg.out, stage, cfg)
     done = None if force else out.existing()
     if done:
-        log.info("%s: %s already complete (config %s); skipping", stage, out.uri, out.hash)
+        log.info("%s: %s already complete (config %s, same inputs); skipping", stage, out.uri, out.hash)
         done["skipped"] = True
         return done
-    out.begin()
+    out.begin(force)
+    if out.reason:
+        log.info("%s: %s runs again: %s", stage, out.uri, out.reason)
     gpus = GpuUse()
     t0 = time.monotonic()
     summary = body(out) or {}

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import fsspec
 
-from mysproj.errors import BadInput
+from mysproj.errors import BadInput, has_uri_credentials, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,11 +46,32 @@ _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
 _CLIENTS: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 
+def check_uri(uri: str) -> None:
+    """`BadInput` for a URI no storage call should get: credentials written into it (they would end up in logs,
+    manifests and Job specs), or a scheme no installed fsspec implementation serves."""
+    uri = str(uri)
+    if has_uri_credentials(uri):
+        raise BadInput(f"{redact(uri)}: credentials inside a URI are refused; give them as AWS_ACCESS_KEY_ID / "
+                       f"AWS_SECRET_ACCESS_KEY (or the chart's credentials Secret) and use the URI without them")
+    if "://" not in uri:
+        return
+    protocol = uri.split("::")[-1].split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise BadInput(f"{uri}: unknown URI scheme '{protocol}://'; use a path, file://, s3:// or another "
+                       f"installed fsspec scheme") from None
+    except ImportError as e:
+        raise BadInput(f"{uri}: the '{protocol}://' scheme needs a package that is not installed "
+                       f"({str(e).splitlines()[0]})") from None
+
+
 def split(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it). Plain paths become absolute local paths."""
     uri = str(uri)
     if "://" not in uri:
         return fsspec.filesystem("file"), os.path.abspath(uri)
+    check_uri(uri)
     protocol = uri.split("://", 1)[0]
     if "::" in uri:  # chained URLs (simplecache::s3://...) are rare: build them each time
         return fsspec.core.url_to_fs(uri, **_storage_options(protocol))
@@ -117,6 +138,23 @@ def read_bytes(uri: str) -> bytes:
         return with_retry(f"reading {uri}", lambda: fs.cat_file(path))
     except FileNotFoundError:
         raise BadInput(f"{uri}: no such file") from None
+    except IsADirectoryError:
+        raise BadInput(f"{uri}: is a folder, not a file") from None
+
+
+def make_dirs(uri: str) -> None:
+    """Create a local output folder now, so that an unwritable `--out` fails before any work is done (object
+    stores have no folders to create)."""
+    if not is_local(uri):
+        return
+    path = local_path(uri)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise BadInput(f"{uri}: cannot write here ({e.strerror or type(e).__name__}); pass a writable --out") \
+            from None
 
 
 def read_text(uri: str) -> str:

@@ -17,7 +17,7 @@ import shutil
 
 from mysproj.storage import cache
 from mysproj.storage import uri as U
-from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput, config_hash, read_manifest, sha256_file
+from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput, sha256_file
 
 log = logging.getLogger(__name__)
 STAGE = "finetune-checkpoint"
@@ -28,19 +28,24 @@ def step_uri(out_uri: str, step: int) -> str:
     return U.join(out_uri, "checkpoints", f"step-{step}")
 
 
-def complete_steps(out_uri: str, cfg) -> list[int]:
-    """Steps with a committed checkpoint of this same config, ascending."""
-    want = config_hash(cfg)
+def complete_steps(out_uri: str, cfg, *, report: bool = False) -> list[int]:
+    """Steps with a committed checkpoint of this same config and inputs, ascending. `report` (one process of a run,
+    at its start) logs one line for each checkpoint that does not count, and removes the half-written ones (no
+    manifest), which no run can resume from."""
     steps = []
     for name in U.list_dirs(U.join(out_uri, "checkpoints")):
         m = _STEP.match(name)
         if not m:
             continue
-        man = read_manifest(U.join(out_uri, "checkpoints", name))
-        if man and man.get("stage") == STAGE and man.get("config_hash") == want:
+        ckpt = StageOutput(U.join(out_uri, "checkpoints", name), STAGE, cfg)
+        if ckpt.existing():
             steps.append(int(m.group(1)))
-        elif man:
-            log.warning("finetune: ignoring %s (written with another config)", name)
+        elif report and ckpt.reason:
+            log.warning("finetune: ignoring checkpoint %s: %s", name, ckpt.reason)
+        elif report:
+            log.warning("finetune: discarding half-written checkpoint %s (no %s: the run stopped while writing "
+                        "it)", name, MANIFEST)
+            U.remove(ckpt.uri, recursive=True)
     return sorted(steps)
 
 

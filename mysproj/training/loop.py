@@ -17,7 +17,7 @@ import warnings
 
 from mysproj.storage import uri as U
 from mysproj.storage.stage_time import processed
-from mysproj.training import checkpoint, session, strategies
+from mysproj.training import checkpoint, preemption, session, strategies
 from mysproj.training.data import MicroBatches, Schedule, TrainSet, collate, load_examples
 
 log = logging.getLogger("mysproj.finetune")
@@ -60,7 +60,7 @@ def train(cfg, out) -> dict:
     n_trainable = ctx.n_trainable
 
     start, metrics, resumed_from = 0, [], None
-    done = checkpoint.complete_steps(cfg.out, cfg)
+    done = checkpoint.complete_steps(cfg.out, cfg, report=acc.is_main_process)
     if done:
         state = checkpoint.load(ctx, done[-1])
         start, metrics, resumed_from = state["step"], state["metrics"], done[-1]
@@ -82,7 +82,18 @@ def train(cfg, out) -> dict:
         generator=torch.Generator())  # its own generator: the global RNG (dropout) is left untouched
     batches = iter(loader)
     t0, seen = time.monotonic(), 0
-    for step in range(start, total):
+
+    def save(n: int) -> None:
+        checkpoint.save(ctx, n, {"step": n, "metrics": metrics})
+        if acc.is_main_process:
+            checkpoint.prune(cfg.out, cfg, cfg.keep_checkpoints)
+
+    def save_before_stopping(n: int) -> bool:
+        if cfg.save_checkpoints and n % cfg.checkpoint_every:
+            save(n)
+        return cfg.save_checkpoints
+
+    for step in preemption.StopOnSigterm(acc).steps(start, total, save_before_stopping):
         samples = schedule.step_samples(cfg.seed, step)
         targets = sum(examples[i].n_targets for i, counts in samples if counts)
         micro_batches = [next(batches) for _ in range(schedule.accumulation)]
@@ -103,9 +114,7 @@ def train(cfg, out) -> dict:
                          n, total, loss, current_lr, rate, eta)
                 U.write_text(U.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
         if cfg.save_checkpoints and (n % cfg.checkpoint_every == 0 or n == total):
-            checkpoint.save(ctx, n, {"step": n, "metrics": metrics})
-            if acc.is_main_process:
-                checkpoint.prune(cfg.out, cfg, cfg.keep_checkpoints)
+            save(n)
     acc.wait_for_everyone()
     from mysproj.training.export import export
 

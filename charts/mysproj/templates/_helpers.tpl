@@ -219,6 +219,10 @@ spec:
       restartPolicy: Never
       automountServiceAccountToken: false
       enableServiceLinks: false
+      {{- if eq $kind "finetune" }}
+      # SIGTERM (eviction, node drain) -> the step in flight, a checkpoint, exit 143; SIGKILL only after this.
+      terminationGracePeriodSeconds: {{ int $v.finetune.terminationGracePeriodSeconds }}
+      {{- end }}
       securityContext:
         {{- toYaml $v.podSecurityContext | nindent 8 }}
       {{- with $v.imagePullSecrets }}
@@ -251,6 +255,10 @@ spec:
               value: {{ $v.finetune.masterPort | quote }}
             - name: MYSPROJ_DNS_WAIT_SECONDS
               value: {{ $v.finetune.dnsWaitSeconds | quote }}
+            # torchrun passes SIGTERM on to its workers, then kills them after this many seconds: a little less
+            # than the pod's grace period, so that the checkpoint gets the time the pod has.
+            - name: TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+              value: {{ max 1 (sub (int $v.finetune.terminationGracePeriodSeconds) 10) | quote }}
             {{- end }}
             {{- with $v.stages.extraEnv }}
             {{- toYaml . | nindent 12 }}

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from mysproj.errors import BadInput
+from mysproj.storage import is_local, local_path
 
 READERS = {
     "dtd": "mysproj.data.datasets.dtd",
@@ -49,7 +50,23 @@ def scan(cfg, out) -> Listing:
     if cfg.source:
         # Sample URIs must work from any working directory (and on another pod): make local roots absolute.
         cfg = dataclasses.replace(cfg, source=absolute_uri(cfg.source))
-    return importlib.import_module(READERS[cfg.dataset]).scan(cfg, out)
+    listing = importlib.import_module(READERS[cfg.dataset]).scan(cfg, out)
+    if cfg.source:
+        refuse_links_out_of(cfg.source, listing.candidates)
+    return listing
+
+
+def refuse_links_out_of(root: str, candidates: list[Candidate]) -> None:
+    """`BadInput` for the first image whose real path (symbolic links resolved) lies outside the dataset root.
+    Object stores have no links; other remote file systems are read as they present their files."""
+    if not is_local(root):
+        return
+    real_root = os.path.realpath(local_path(root))
+    for c in candidates:
+        real = os.path.realpath(local_path(c.image))
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise BadInput(f"{c.image}: a symbolic link to {real}, outside the dataset root {root}; datasets must "
+                           f"hold their own files (copy the file in, or remove the link)")
 
 
 def absolute_uri(uri: str) -> str:
