@@ -72,7 +72,7 @@ def test_pipeline_with_a_changed_finetune_reruns_everything_downstream(tiny_mode
     def run(max_steps: int) -> dict[str, bool]:
         cfg = load_config(PipelineConfig, overrides={**fields, "overrides": {
             **overrides, "finetune": {**overrides["finetune"], "max_steps": max_steps}}}, env={})
-        return {name: bool(m.get("skipped")) for name, m in local.run(cfg).items()}
+        return {e.name: e.state == "skipped" for e in local.run(cfg).events}
 
     assert not any(run(1).values())
     caplog.clear()
