@@ -114,12 +114,14 @@ def _rank_pid(parent: int, rank: int) -> int | None:
 def test_under_torchrun_a_sigterm_to_one_rank_stops_all_ranks_after_the_same_step(tiny_model, prep,  # noqa: F811
                                                                                     tmp_path):
     """SIGTERM reaches only rank 1 (rank 0 knows nothing): both ranks still stop after the same step, write one
-    checkpoint together (each rank's RNG state in it) and exit retryable; a rerun resumes from it."""
+    checkpoint together (each rank's RNG state in it) and exit retryable; a rerun resumes from it. The loss is the
+    global-batch token mean: the only normalisation whose weights do not depend on how the batch is split."""
+    fields = {**FIELDS, "loss_normalization": "global-batch"}
     single = str(tmp_path / "single")
-    finetune(tiny_model, prep, single, **FIELDS)
+    finetune(tiny_model, prep, single, **fields)
     out = str(tmp_path / "multi")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mysproj.cli",
-           "finetune", "--model", tiny_model, "--data", prep, "--out", out, *_argv({**FIELDS, "per_device_batch": 2})]
+           "finetune", "--model", tiny_model, "--data", prep, "--out", out, *_argv({**fields, "per_device_batch": 2})]
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_steps(proc, os.path.join(out, "metrics.jsonl"), 2)
@@ -140,7 +142,7 @@ def test_under_torchrun_a_sigterm_to_one_rank_stops_all_ranks_after_the_same_ste
     assert not os.path.exists(os.path.join(out, "_SUCCESS.json"))
 
     # The retried run, here on one process (same config; the global batch is fixed, accumulation fills the gap).
-    m = finetune(tiny_model, prep, out, **{**FIELDS, "per_device_batch": 2})
+    m = finetune(tiny_model, prep, out, **{**fields, "per_device_batch": 2})
     assert m["summary"]["resumed_from"] == step
     a, b = weights(single), weights(out)
     for k in a:
