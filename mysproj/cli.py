@@ -13,9 +13,24 @@ import os
 import sys
 from collections.abc import Callable
 
+from mysproj.bench import command as bench_command
 from mysproj.config.fields import add_arguments, load_config
 from mysproj.errors import EXIT_BAD_INPUT, BadInput
+from mysproj.kube import command as kube_command
+from mysproj.kube import reproduce
+from mysproj.kube.entry import prepare_scratch
+from mysproj.pipeline import command as pipeline_command
+from mysproj.stages import ask
 from mysproj.stages.registry import STAGES
+
+# Commands beyond the per-stage ones, each in its own module with `add_command(subparsers, parser_class)`.
+COMMAND_MODULES = (
+    pipeline_command,   # mysproj run
+    kube_command,       # mysproj status / logs
+    reproduce,          # mysproj reproduce
+    bench_command,      # mysproj bench
+    ask,                # mysproj ask
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,13 +66,6 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _extra_commands(sub) -> None:
-    """Commands beyond the per-stage ones; each lives in its own module and registers itself here."""
-    from mysproj import cli_extra
-
-    cli_extra.register(sub, _Parser)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mysproj", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -74,12 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--config", default=None)
     add_arguments(init, STAGES["model-init"][0])
     init.set_defaults(func=_stage_command("model-init"))
-    _extra_commands(sub)
+    for module in COMMAND_MODULES:
+        module.add_command(sub, _Parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    prepare_scratch()
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:

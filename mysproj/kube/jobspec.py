@@ -26,11 +26,12 @@ LABEL_RANK = "mysproj.io/rank"
 ANN_NODE = "mysproj.io/node"
 ANN_HASH = "mysproj.io/config-hash"
 ANN_FAILURE = "mysproj.io/failure"
-FAILURE_RECORD = "_FAILURE.json"  # written by jobs/ next to the stage output when a stage fails
+FAILURE_RECORD = "_FAILURE.json"  # written by jobs/stage.py next to the stage output when a stage fails
 
 
-def entry_point(stage: str) -> str:
-    return f"jobs/{stage.replace('-', '_')}.py"
+def entry_args(stage: str) -> list[str]:
+    """The stage container's args after the chart's `command: [python, -u]` (the images' WORKDIR holds jobs/)."""
+    return ["jobs/stage.py", stage]
 
 
 def template_kind(node: Node) -> str:
@@ -103,7 +104,7 @@ def stage_job(template: dict, *, name: str, node: Node, cfg: Any, owner: dict | 
     pod.setdefault("metadata", {}).setdefault("labels", {}).update(stage_labels)
     pod["metadata"].setdefault("annotations", {})[ANN_NODE] = node.name
     container = pod["spec"]["containers"][0]
-    container["args"] = [entry_point(node.stage)]
+    container["args"] = entry_args(node.stage)
     env = container.setdefault("env", [])
     env.extend(config_env(cfg))
     env.extend([{"name": "MYSPROJ_JOB_NAME", "value": name}, {"name": "MYSPROJ_NODE", "value": node.name}])
