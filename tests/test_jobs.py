@@ -135,3 +135,23 @@ def test_controller_entry_point_rejects_a_missing_config():
     result = subprocess.run([sys.executable, "-u", "jobs/controller.py"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == EXIT_BAD_INPUT and "MYSPROJ_RELEASE" in result.stderr, result.stderr
+
+
+def test_a_missing_module_or_a_read_only_root_is_final_with_one_line(job_env, capsys):
+    """What no retry can fix in a container: the image lacks a module the stage imports, or the stage writes to the
+    read-only root file system. Exit 64 (never retried), one `error:` line naming the cause, the record for status."""
+    def lacks_torch():
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    def read_only():
+        raise OSError(30, "Read-only file system", "/app/cache")
+
+    assert entry.run_job("eval-clip", lacks_torch) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: stage eval-clip: this image lacks the Python module 'torch' (No module named 'torch'); run the stage "
+        "in an image that has it (the chart's images.gpu for every stage that needs torch)"]
+    assert _record(job_env)["exit_code"] == EXIT_BAD_INPUT and "'torch'" in _record(job_env)["error"]
+    assert entry.run_job("prep", read_only) == EXIT_BAD_INPUT
+    assert "/app/cache is on the read-only root file system" in _record(job_env)["error"]
+    assert entry.run_job("prep", lambda: (_ for _ in ()).throw(ConnectionResetError(104, "reset"))) == 1

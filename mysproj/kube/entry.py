@@ -15,6 +15,7 @@ Fine-tuning is launched explicitly (the chart sets the env; the command stays `j
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -80,23 +81,38 @@ def _write_record(exit_code: int, error: str) -> None:
         log.warning("could not write %s: %s", target, e)
 
 
+def _deployment_problem(stage: str, e: Exception) -> str | None:
+    """The one line for a failure no retry can fix (bad input, an image without a module the stage needs, a write
+    to the read-only root file system), or None for a failure worth retrying."""
+    if isinstance(e, BadInput):
+        return str(e)
+    if isinstance(e, ModuleNotFoundError):
+        return (f"stage {stage}: this image lacks the Python module {e.name!r} ({e}); run the stage in an image that "
+                "has it (the chart's images.gpu for every stage that needs torch)")
+    if isinstance(e, OSError) and e.errno == errno.EROFS:
+        return (f"stage {stage}: {e.filename or 'a path'} is on the read-only root file system; point HOME, TMPDIR "
+                "and the cache variables below a writable volume (the chart's stages.scratchDir)")
+    return None
+
+
 def run_job(stage: str, body: Callable[[], dict]) -> int:
     """Run `body` (env -> config -> library call) and map its outcome to the exit-code contract."""
     from mysproj.cli import setup_logging
 
     setup_logging()
-    prepare_scratch()
     _clear_record()
     try:
+        prepare_scratch()
         manifest = body() or {}
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        _write_record(EXIT_BAD_INPUT, str(e))
-        return EXIT_BAD_INPUT
     except Exception as e:  # noqa: BLE001 - anything unexpected is retryable by the Job
-        traceback.print_exc()
-        _write_record(EXIT_RETRYABLE, f"{type(e).__name__}: {e}")
-        return EXIT_RETRYABLE
+        problem = _deployment_problem(stage, e)
+        if problem is None:
+            traceback.print_exc()
+            _write_record(EXIT_RETRYABLE, f"{type(e).__name__}: {e}")
+            return EXIT_RETRYABLE
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        _write_record(EXIT_BAD_INPUT, problem)
+        return EXIT_BAD_INPUT
     state = "skipped (already complete)" if manifest.get("skipped") else "done"
     log.info("%s: %s -> %s", stage, state, os.environ.get("MYSPROJ_OUT", ""))
     return 0

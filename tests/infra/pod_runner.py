@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.utils.quantity import parse_quantity
+from pod_containers import PULL_ERRORS, SA_DIR, ImageError, own
 
 if TYPE_CHECKING:
     from node_agent import Agent
 
 REPO = Path(__file__).resolve().parents[2]
 MERGE = "application/merge-patch+json"
+NAME_SLOT = "<container name>"  # replaced by each attempt's container name in a podman command line
 REMAPPED = {"python", "python3", "python3.11", "mysproj", "torchrun", "deepspeed", "pip"}
 # Every pod is 127.0.0.1, so a Service DNS name (e.g. the headless Service giving FT rank 0 a name) resolves there.
 SERVICE_DNS = re.compile(r"\b[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.svc(\.cluster\.local)?\b\.?")
@@ -82,6 +84,7 @@ class PodRunner(threading.Thread):
         self.finalize = False
         self.lock = threading.Lock()
         self.procs: dict[str, subprocess.Popen] = {}
+        self.attempts: dict[str, int] = {}
         self.statuses: dict[str, dict] = {}
         self.init_statuses: dict[str, dict] = {}
         self.started_at = now()
@@ -98,7 +101,15 @@ class PodRunner(threading.Thread):
 
     def _kill_all(self) -> None:
         with self.lock:
-            procs = [p for p in self.procs.values() if p.poll() is None]  # an exited one's PID may be reused
+            live = {n: p for n, p in self.procs.items() if p.poll() is None}  # an exited one's PID may be reused
+        procs = list(live.values())
+        if self.agent.podman:  # podman stop: SIGTERM to the container, SIGKILL after the grace period
+            stoppers = [threading.Thread(target=self.agent.podman.stop, args=(self.container_name(n), self.grace))
+                        for n in live]
+            for t in stoppers:
+                t.start()
+            for t in stoppers:
+                t.join(self.grace + 30)
         for p in procs:
             _killpg(p.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
@@ -127,7 +138,8 @@ class PodRunner(threading.Thread):
         for c in spec.containers:
             self.statuses[c.name] = _waiting(c, "PodInitializing" if spec.init_containers else "ContainerCreating")
         self.dir.mkdir(parents=True, exist_ok=True)
-        while True:  # resolve configuration; a missing Secret/ConfigMap is waited for, like the kubelet does
+        pulls = 0
+        while True:  # resolve configuration; a missing Secret/ConfigMap or image is waited for, like the kubelet does
             try:
                 prepared = {c.name: self.prepare(c) for c in [*(spec.init_containers or []), *spec.containers]}
                 break
@@ -136,6 +148,15 @@ class PodRunner(threading.Thread):
                     self.statuses[c.name] = _waiting(c, "CreateContainerConfigError", str(e))
                 self.report("Pending")
                 if self.stopped.wait(2):
+                    return
+            except ImageError as e:  # a kubelet alternates ErrImagePull and ImagePullBackOff, retrying forever
+                reason = e.reason if e.reason not in PULL_ERRORS else PULL_ERRORS[pulls % 2]
+                pulls += 1
+                for c in spec.containers:
+                    self.statuses[c.name] = _waiting(c, reason, str(e) if reason != "ImagePullBackOff" else
+                                                     f'Back-off pulling image "{c.image}"')
+                self.report("Pending")
+                if self.stopped.wait(min(2 * pulls, 10)):
                     return
         self.report("Pending" if spec.init_containers else "Running")
         for c in spec.init_containers or []:
@@ -159,6 +180,21 @@ class PodRunner(threading.Thread):
         if not self.stopped.is_set():
             self.report("Succeeded" if all(v == 0 for v in results.values()) else "Failed")
 
+    def container_name(self, container: str, restarts: int | None = None) -> str:
+        """Unique per pod, container and attempt, like a kubelet's `k8s_<container>_<pod>_<ns>_<uid>_<attempt>`."""
+        attempt = self.attempts.get(container, 0) if restarts is None else restarts
+        return f"k8s_{container}_{self.name}_{self.ns}_{self.uid[:8]}_{attempt}"
+
+    def container_pid(self, container: str, proc: subprocess.Popen, restarts: int) -> int:
+        """Wait until podman has started the container; its first process's host PID (0 if it never ran)."""
+        name = self.container_name(container, restarts)
+        while proc.poll() is None:
+            pid = self.agent.podman.pid(name)
+            if pid:
+                return pid
+            time.sleep(0.2)
+        return 0
+
     def run_container(self, c: client.V1Container, prepared: tuple, statuses: dict, restart: str) -> int:
         argv, env, cwd = prepared
         log_path, pid_path = self.dir / f"{c.name}.log", self.dir / f"{c.name}.pid"
@@ -170,7 +206,9 @@ class PodRunner(threading.Thread):
                     with self.lock:
                         if self.stopped.is_set():
                             return -1
-                        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                        self.attempts[c.name] = restarts
+                        run = [self.container_name(c.name, restarts) if a == NAME_SLOT else a for a in argv]
+                        proc = subprocess.Popen(run, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, start_new_session=True)
                         self.procs[c.name] = proc
                 except OSError as e:
@@ -179,15 +217,19 @@ class PodRunner(threading.Thread):
             if proc is None:
                 code, reason = 127, "ContainerCannotRun"
             else:
-                pid_path.write_text(str(proc.pid))
-                statuses[c.name] = {**_base_status(c, restarts, proc.pid), **last, "ready": True,
-                                    "started": True, "state": {"running": {"startedAt": started}}}
-                self.report(None)
+                pid = self.container_pid(c.name, proc, restarts) if self.agent.podman else proc.pid
+                if pid:
+                    pid_path.write_text(str(pid))
+                    statuses[c.name] = {**_base_status(c, restarts, pid), **last, "ready": True,
+                                        "started": True, "state": {"running": {"startedAt": started}}}
+                    self.report(None)
                 rc = proc.wait()
                 pid_path.unlink(missing_ok=True)
                 _killpg(proc.pid, signal.SIGKILL)  # the container's leftovers go with it
                 code = rc if rc >= 0 else 128 - rc
                 reason = "Completed" if code == 0 else "Error"
+                if self.agent.podman and not pid and code:  # podman could not create or start it
+                    code, reason = 128, "StartError"
             if self.stopped.is_set():
                 return code
             statuses[c.name] = {**_base_status(c, restarts, proc.pid if proc else 0), **last, "state": {"terminated": {
@@ -207,6 +249,8 @@ class PodRunner(threading.Thread):
 
     # -- configuration ---------------------------------------------------------------------------------------------
     def prepare(self, c: client.V1Container) -> tuple[list[str], dict[str, str], str]:
+        if self.agent.podman:
+            return self.prepare_container(c)
         mounts = self.mounts(c)
         env = self.resolve_env(c)
         env = {k: SERVICE_DNS.sub("127.0.0.1", _rewrite(v, mounts)) for k, v in env.items()}
@@ -233,6 +277,52 @@ class PodRunner(threading.Thread):
         if c.working_dir and _rewrite(c.working_dir, mounts) != c.working_dir:
             cwd = _rewrite(c.working_dir, mounts)
         return argv, env, cwd
+
+    def prepare_container(self, c: client.V1Container) -> tuple[list[str], dict[str, str], str]:
+        """The podman command line that runs container `c` (its name is filled in per attempt)."""
+        podman = self.agent.podman
+        podman.check_image(c)
+        user, problems = podman.user(self.pod, c)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        mounts = [(target, local, read_only) for target, (local, read_only) in self.container_mounts(c).items()]
+        env = {k: SERVICE_DNS.sub("127.0.0.1", v) for k, v in self.resolve_env(c, defaults=False).items()}
+        token_dir = self.service_account_kubeconfig(container_dir=SA_DIR)
+        if token_dir:
+            mounts.append((SA_DIR, token_dir, True))
+            env.setdefault("KUBECONFIG", f"{SA_DIR}/kubeconfig")
+        if any("\n" in v for v in env.values()):
+            raise ConfigError("an env value spans lines, which the node stand-in cannot pass to podman")
+        env_file = self.run_dir / f"{c.name}.env"
+        env_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in env.items())
+        argv = podman.run_argv(self.pod, c, NAME_SLOT, env_file, mounts, user)
+        argv = [SERVICE_DNS.sub("127.0.0.1", expand(a, env)) for a in argv]
+        return argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, str(self.run_dir)
+
+    def container_mounts(self, c: client.V1Container) -> dict[str, tuple[Path, bool]]:
+        """mountPath -> (local directory, read-only), owned as a kubelet leaves volumes for the pod's user."""
+        psc = self.pod.spec.security_context or client.V1PodSecurityContext()
+        volumes = {v.name: v for v in self.pod.spec.volumes or []}
+        local = self.mounts(c)
+        result = {}
+        for m in c.volume_mounts or []:
+            path = m.mount_path.rstrip("/") or "/"
+            if path not in local:
+                continue
+            v = volumes[m.name]
+            if v.empty_dir is not None or v.persistent_volume_claim is not None:
+                own(local[path], psc.fs_group, 0o2777 if psc.fs_group is not None else 0o777)
+            elif v.config_map is not None or v.secret is not None:
+                source = v.config_map or v.secret
+                mode = source.default_mode if source.default_mode is not None else 0o644
+                for f in local[path].rglob("*"):
+                    own(f, psc.fs_group, 0o755 if f.is_dir() else mode)
+                own(local[path], psc.fs_group, 0o755)
+            result[path] = (local[path], bool(m.read_only))
+        return result
 
     def resolve_program(self, prog: str, path: str) -> str:
         base = os.path.basename(prog)
@@ -292,11 +382,12 @@ class PodRunner(threading.Thread):
                 raise ConfigError(f"{read.__name__.split('_')[-1]} {name!r} not found") from None
             raise
 
-    def resolve_env(self, c: client.V1Container) -> dict[str, str]:
+    def resolve_env(self, c: client.V1Container, defaults: bool = True) -> dict[str, str]:
+        """The container's environment; `defaults` adds what an image's ENV would (process mode has no image)."""
         core = self.agent.core
         host, port = urllib.parse.urlparse(self.agent.server).hostname, urllib.parse.urlparse(self.agent.server).port
-        env = {"LANG": "C.UTF-8", **self.agent.base_env,
-               "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": str(port or 443)}
+        env = {"LANG": "C.UTF-8", **self.agent.base_env} if defaults else {}
+        env.update({"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": str(port or 443)})
         for src in c.env_from or []:
             if src.config_map_ref is not None:
                 cm = self._get(core.read_namespaced_config_map, src.config_map_ref.name, src.config_map_ref.optional)
@@ -353,7 +444,9 @@ class PodRunner(threading.Thread):
             q = {"cpu": node.cpu, "memory": node.memory}.get(name, "0")
         return str(math.ceil(parse_quantity(q) / parse_quantity(ref.divisor or "1")))
 
-    def service_account_kubeconfig(self) -> Path | None:
+    def service_account_kubeconfig(self, container_dir: str | None = None) -> Path | None:
+        """A bound token for the pod's ServiceAccount, with the CA, namespace and a kubeconfig beside it; returns
+        the kubeconfig, or with `container_dir` (where the folder is mounted in a container) the folder."""
         if self.pod.spec.automount_service_account_token is False:
             return None
         sa = self.pod.spec.service_account_name or "default"
@@ -374,13 +467,18 @@ class PodRunner(threading.Thread):
         (d / "namespace").write_text(self.ns)
         shutil.copy(self.agent.ca_file, d / "ca.crt")
         path = d / "kubeconfig"
+        ca = f"{container_dir}/ca.crt" if container_dir else str(d / "ca.crt")
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "in-cluster",
             "clusters": [{"name": "in-cluster", "cluster": {"server": self.agent.server,
-                                                            "certificate-authority": str(d / "ca.crt")}}],
+                                                            "certificate-authority": ca}}],
             "users": [{"name": sa, "user": {"token": tr.status.token}}],
             "contexts": [{"name": "in-cluster", "context": {"cluster": "in-cluster", "user": sa,
                                                             "namespace": self.ns}}]}))
+        if container_dir:  # readable by the container's user, as a kubelet's projected token (mode 0644)
+            for f in (d, *d.iterdir()):
+                os.chmod(f, 0o755 if f.is_dir() else 0o644)
+            return d
         return path
 
     # -- status ----------------------------------------------------------------------------------------------------
