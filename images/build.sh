@@ -26,10 +26,7 @@ REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 if [ "$REVISION" != unknown ] && ! git diff --quiet HEAD -- 2>/dev/null; then
     REVISION="$REVISION-dirty"
 fi
-LABELS=(--label "org.opencontainers.image.revision=$REVISION" --label "org.opencontainers.image.version=$VERSION"
-        --label "org.opencontainers.image.title=mysproj")
-SOURCE=$(git config --get remote.origin.url 2>/dev/null || true)
-case "$SOURCE" in https://*) LABELS+=(--label "org.opencontainers.image.source=$SOURCE") ;; esac
+LABELS=(--label "org.opencontainers.image.revision=$REVISION" --label "org.opencontainers.image.version=$VERSION")
 
 # Lowered rlimits: podman's defaults raise them above what some hosts allow (then every RUN fails).
 OCI_FLAGS=(--layers --isolation chroot --ulimit nofile=1024:1024 --ulimit nproc=4096:4096)

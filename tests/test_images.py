@@ -50,7 +50,8 @@ def test_pinned_base_argument_non_root_and_no_secrets(dockerfile):
     assert re.search(r"^WORKDIR\s+/app$", text, re.M)
     assert "COPY jobs /app/jobs" in text and "COPY mysproj /app/mysproj" in text
     # Code last: a code-only change rebuilds only the layers after the dependencies.
-    assert text.index("COPY --from=deps /opt/venv") < text.index("COPY jobs") < text.index("COPY mysproj")
+    assert text.index("COPY --from=deps /opt/venv") < text.index("USER") < text.index("LABEL") \
+        < text.index("COPY jobs") < text.index("COPY mysproj") == text.rindex("COPY")
     assert not re.search(r"^(ENV|ARG)\s+.*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", text, re.M | re.I)
     # Every cache and HOME below /scratch (the pods' writable volume): the root file system is read-only.
     names = "HOME|TMPDIR|XDG_CACHE_HOME|MYSPROJ_CACHE_DIR|HF_HOME|MPLCONFIGDIR|TORCHINDUCTOR_CACHE_DIR|TRITON_CACHE_DIR"
