@@ -18,7 +18,7 @@ from mysproj.config.fields import add_arguments, load_config
 from mysproj.errors import EXIT_BAD_INPUT, BadInput
 from mysproj.kube import command as kube_command
 from mysproj.kube import reproduce
-from mysproj.kube.entry import prepare_scratch
+from mysproj.kube.entry import deployment_problem, prepare_scratch
 from mysproj.pipeline import command as pipeline_command
 from mysproj.stages import ask
 from mysproj.stages.registry import STAGES
@@ -89,13 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    prepare_scratch()
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        prepare_scratch()
         return int(ns.func(ns) or 0)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ModuleNotFoundError, OSError) as e:  # in a container: a module the image lacks, a read-only root
+        problem = deployment_problem(ns.command, e)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130

@@ -62,7 +62,7 @@ def test_gpu_image_runs_without_nvcc_and_keeps_what_triton_needs(container_image
 
 def test_cpu_image_is_slim_and_images_carry_their_revision(container_images):
     result = podman_run(container_images["cpu"], "python", "-c",
-                        "import importlib.util as u; print([m for m in ('torch', 'kubernetes', 's3fs', 'gcc') "
+                        "import importlib.util as u; print([m for m in ('torch', 'kubernetes', 's3fs') "
                         "if u.find_spec(m)]); import shutil; print('cc', shutil.which('gcc') or shutil.which('cc'))")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "['kubernetes', 's3fs']" in result.stdout and "cc None" in result.stdout, result.stdout
@@ -74,7 +74,14 @@ def test_cpu_image_is_slim_and_images_carry_their_revision(container_images):
         assert labels["org.opencontainers.image.version"] == "0.1.0"
 
 
-def test_help_is_the_default_command(container_images):
+def test_help_is_the_default_command_and_a_missing_scratch_volume_is_one_line(container_images, tmp_path):
     result = subprocess.run([*PODMAN, "run", "--rm", "--pull", "never", *HARDENED, container_images["cpu"]],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("usage: mysproj"), result.stderr[-2000:]
+    # No volume at /scratch: HOME and the caches would be on the read-only root.
+    result = podman_run(container_images["cpu"], "mysproj", "prep", "--dataset", "textures-mini", "--out",
+                        "/work/data", volumes={"/work": writable(tmp_path / "work")})
+    assert result.returncode == 64 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: stage prep: /scratch/home is on the read-only root file system; point HOME, TMPDIR and the cache "
+        "variables below a writable volume (the chart's stages.scratchDir)"]

@@ -81,7 +81,7 @@ def _write_record(exit_code: int, error: str) -> None:
         log.warning("could not write %s: %s", target, e)
 
 
-def _deployment_problem(stage: str, e: Exception) -> str | None:
+def deployment_problem(stage: str, e: Exception) -> str | None:
     """The one line for a failure no retry can fix (bad input, an image without a module the stage needs, a write
     to the read-only root file system), or None for a failure worth retrying."""
     if isinstance(e, BadInput):
@@ -105,7 +105,7 @@ def run_job(stage: str, body: Callable[[], dict]) -> int:
         prepare_scratch()
         manifest = body() or {}
     except Exception as e:  # noqa: BLE001 - anything unexpected is retryable by the Job
-        problem = _deployment_problem(stage, e)
+        problem = deployment_problem(stage, e)
         if problem is None:
             traceback.print_exc()
             _write_record(EXIT_RETRYABLE, f"{type(e).__name__}: {e}")

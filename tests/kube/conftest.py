@@ -78,14 +78,19 @@ class Kube:
     wait_for = staticmethod(wait_for)
 
     @property
-    def image_values(self) -> list[str]:
-        """helm --set arguments that point the chart at the local images (never pulled: no registry here)."""
+    def image_sets(self) -> list[str]:
+        """Chart values (key=value) that point at the local images (never pulled: no registry here)."""
         sets = []
         for kind, name in self.images.items():
             repository, tag = name.rsplit(":", 1)
-            sets += ["--set", f"images.{kind}.repository={repository}", "--set", f"images.{kind}.tag={tag}",
-                     "--set", f"images.{kind}.pullPolicy=Never"]
+            sets += [f"images.{kind}.repository={repository}", f"images.{kind}.tag={tag}",
+                     f"images.{kind}.pullPolicy=Never"]
         return sets
+
+    @property
+    def image_values(self) -> list[str]:
+        """`image_sets` as helm --set arguments."""
+        return [a for s in self.image_sets for a in ("--set", s)]
 
     def new_namespace(self, prefix: str = "t") -> str:
         """Create a fresh namespace and wait for its `default` ServiceAccount and its token Secret (on 1.20, pod
