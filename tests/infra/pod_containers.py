@@ -8,7 +8,8 @@ What maps to what (Kubernetes -> podman), as a kubelet with a CRI runtime would 
   image / imagePullPolicy        the local image (never pulled: no registry here); missing -> Waiting
                                  ErrImageNeverPull (policy Never) or ErrImagePull <-> ImagePullBackOff, forever
   command / args                 --entrypoint (replaces the image's ENTRYPOINT and CMD) / arguments after the image
-  env, envFrom                   --env-file (kept off the command line: it may hold Secret values)
+  env, envFrom                   --env-file (kept off the command line: it may hold Secret values; a value that
+                                 spans lines goes through podman's own environment)
   workingDir                     --workdir
   runAsUser/runAsGroup           --user UID:GID (container over pod); runAsNonRoot refuses UID 0 and non-numeric users
   fsGroup, supplementalGroups    --group-add, and group ownership (setgid) of emptyDir/PVC/Secret/ConfigMap volumes
@@ -180,12 +181,13 @@ class Podman:
         return (f"{uid}:{gid}" if gid is not None else str(uid)), problems
 
     def run_argv(self, pod: client.V1Pod, c: client.V1Container, name: str, env_file: Path,
-                 mounts: list[tuple[str, Path, bool]], user: str | None) -> list[str]:
+                 mounts: list[tuple[str, Path, bool]], user: str | None, inherit: list[str] = ()) -> list[str]:
+        """`podman run` of container `c`; `inherit` names variables podman passes on from its own environment."""
         psc = pod.spec.security_context or client.V1PodSecurityContext()
         csc = c.security_context or client.V1SecurityContext()
         argv = [*PODMAN, "run", "--rm", "--name", name, "--label", self.label, "--pull", "never", *RLIMITS,
                 "--network", f"ns:{self.network.path}", "--hostname", (pod.spec.hostname or pod.metadata.name)[:63],
-                "--env-file", str(env_file), "--stop-signal", "SIGTERM"]
+                "--env-file", str(env_file), *[a for k in inherit for a in ("--env", k)], "--stop-signal", "SIGTERM"]
         if user:
             argv += ["--user", user]
         for g in [psc.fs_group, *(psc.supplemental_groups or [])]:

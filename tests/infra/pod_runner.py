@@ -291,16 +291,17 @@ class PodRunner(threading.Thread):
         if token_dir:
             mounts.append((SA_DIR, token_dir, True))
             env.setdefault("KUBECONFIG", f"{SA_DIR}/kubeconfig")
-        if any("\n" in v for v in env.values()):
-            raise ConfigError("an env value spans lines, which the node stand-in cannot pass to podman")
         env_file = self.run_dir / f"{c.name}.env"
         env_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.writelines(f"{k}={v}\n" for k, v in env.items())
-        argv = podman.run_argv(self.pod, c, NAME_SLOT, env_file, mounts, user)
+            f.writelines(f"{k}={v}\n" for k, v in env.items() if "\n" not in v)
+        # An env file holds one line a variable: a value that spans lines reaches podman through its own environment
+        # (`--env NAME` copies it), never through the command line.
+        multi_line = {k: v for k, v in env.items() if "\n" in v and k not in ("PATH", "HOME", "TMPDIR")}
+        argv = podman.run_argv(self.pod, c, NAME_SLOT, env_file, mounts, user, inherit=sorted(multi_line))
         argv = [SERVICE_DNS.sub("127.0.0.1", expand(a, env)) for a in argv]
-        return argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, str(self.run_dir)
+        return argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **multi_line}, str(self.run_dir)
 
     def container_mounts(self, c: client.V1Container) -> dict[str, tuple[Path, bool]]:
         """mountPath -> (local directory, read-only), owned as a kubelet leaves volumes for the pod's user."""

@@ -238,7 +238,7 @@ def test_pod_features_the_chart_uses(kube):
         pod = kube.core.read_namespaced_pod("features", ns)
         return pod if pod.status.phase in ("Succeeded", "Failed") else None
 
-    pod = kube.wait_for(done, 60, "pod features to finish")
+    pod = kube.wait_for(done, 120, "pod features to finish")
     status = pod.status.container_statuses[0]
     assert pod.status.phase == "Succeeded", kube.pod_log("features")
     assert status.restart_count == 1 and status.last_state.terminated.exit_code == 5
