@@ -159,6 +159,6 @@ def main(argv: list[str], script: str) -> int:
             if master and not wait_for_dns(master, float(os.environ.get("MYSPROJ_DNS_WAIT_SECONDS", "600"))):
                 print(f"error: rank 0 ({master}) did not resolve; retrying the pod", file=sys.stderr)
                 return EXIT_RETRYABLE
-            os.execv(relaunch[0], relaunch)
+            os.execv(relaunch[0], relaunch)  # nosec B606 - torchrun re-runs this entry point, an argv list
     config_class = registry.STAGES[stage][0]
     return run_job(stage, lambda: registry.run(stage, load_config(config_class, env=os.environ)))
