@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mysproj"
 VALUES = CHART / "values-tiny.yaml"
 BUCKET = "mysproj-faults"
-RUN_TIMEOUT = 420
+RUN_TIMEOUT = 600
 # A smaller run than the e2e test's: no probes (9 stage Jobs: prep, 2 model-init, finetune, merge, eval-clip,
 # 2 eval-llava, report); fine-tuning, merge and every Table 1 row stay in.
 SETS = ["pipeline.probe=false"]
