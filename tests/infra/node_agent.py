@@ -41,7 +41,8 @@ pod_containers.py.
 Not emulated: pulls (images must be in the local container storage), probes, pod networking beyond the shared
 loopback and DNS resolution, the pod's own activeDeadlineSeconds, lifecycle hooks, ephemeral containers, GPU devices
 (capacity only); in process mode also images, resource limits and securityContext (accepted, ignored). This file is
-the node (registration, heartbeats, watch, log endpoint); pod_runner.py runs pods, pod_containers.py runs podman.
+the node (registration, heartbeats, watch, log endpoint); pod_runner.py runs pods, pod_config.py resolves their
+environment, volumes and command lines, pod_containers.py runs podman and the pods' network namespace.
 """
 
 from __future__ import annotations
