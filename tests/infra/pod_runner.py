@@ -208,7 +208,9 @@ class PodRunner(PodConfig, threading.Thread):
                 _killpg(proc.pid, signal.SIGKILL)  # the container's leftovers go with it
                 code = rc if rc >= 0 else 128 - rc
                 reason = "Completed" if code == 0 else "Error"
-                if self.agent.podman and not pid and code:  # podman could not create or start it
+                # podman's own exit codes when it could not create the container or start its command (a container
+                # may also run and exit before its PID was seen: its code is its own).
+                if self.agent.podman and not pid and code in (125, 126, 127):
                     code, reason = 128, "StartError"
             if self.stopped.is_set():
                 return code
