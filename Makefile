@@ -36,7 +36,7 @@ $(TOOLS)/checkov: requirements-scan.txt
 scan-tools: $(TOOLS)/checkov
 
 lint: venv
-	$(BIN)/ruff check mysproj jobs tests
+	$(BIN)/ruff check mysproj jobs tests images
 
 demo: venv
 	$(BIN)/mysproj run --config mysproj/pipeline/presets/demo.yaml

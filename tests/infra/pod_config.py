@@ -192,22 +192,17 @@ class PodConfig:
                 env[e.name] = expand(e.value or "", env)
                 continue
             ref = e.value_from
-            if ref.secret_key_ref is not None:
-                r = ref.secret_key_ref
-                sec = self._get(core.read_namespaced_secret, r.name, r.optional)
-                raw = ((sec and sec.data) or {}).get(r.key)
+            if ref.secret_key_ref is not None or ref.config_map_key_ref is not None:
+                secret = ref.secret_key_ref is not None
+                r = ref.secret_key_ref if secret else ref.config_map_key_ref
+                found = self._get(core.read_namespaced_secret if secret else core.read_namespaced_config_map,
+                                  r.name, r.optional)
+                raw = ((found and found.data) or {}).get(r.key)
                 if raw is None and not r.optional:
-                    raise ConfigError(f"couldn't find key {r.key} in Secret {self.ns}/{r.name}")
+                    raise ConfigError(f"couldn't find key {r.key} in {'Secret' if secret else 'ConfigMap'} "
+                                      f"{self.ns}/{r.name}")
                 if raw is not None:
-                    env[e.name] = base64.b64decode(raw).decode()
-            elif ref.config_map_key_ref is not None:
-                r = ref.config_map_key_ref
-                cm = self._get(core.read_namespaced_config_map, r.name, r.optional)
-                raw = ((cm and cm.data) or {}).get(r.key)
-                if raw is None and not r.optional:
-                    raise ConfigError(f"couldn't find key {r.key} in ConfigMap {self.ns}/{r.name}")
-                if raw is not None:
-                    env[e.name] = raw
+                    env[e.name] = base64.b64decode(raw).decode() if secret else raw
             elif ref.field_ref is not None:
                 env[e.name] = self.field(ref.field_ref.field_path)
             elif ref.resource_field_ref is not None:
