@@ -10,7 +10,7 @@ export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 K8S_CACHE ?= /var/cache/mysproj-k8s
 export K8S_CACHE
 
-.PHONY: venv tools scan-tools demo test test-unit lint images reproduce clean
+.PHONY: venv tools scan-tools demo test test-unit lint images images-test reproduce clean
 
 $(BIN)/.stamp: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,7 +36,7 @@ $(TOOLS)/checkov: requirements-scan.txt
 scan-tools: $(TOOLS)/checkov
 
 lint: venv
-	$(BIN)/ruff check mysproj jobs tests
+	$(BIN)/ruff check mysproj jobs tests images
 
 demo: venv
 	$(BIN)/mysproj run --config mysproj/pipeline/presets/demo.yaml
@@ -44,11 +44,19 @@ demo: venv
 test-unit: venv
 	$(BIN)/python -m pytest -q -m "not s3 and not kube"
 
-test: venv tools scan-tools lint
+test: venv tools scan-tools lint images-test
 	$(BIN)/python -m pytest -q -rs
 
+# The CPU and GPU images with docker, buildah or podman (whichever works), on the public bases where the builder can
+# pull them, else on a Debian base built here (images/base.sh). Prints the image names.
 images:
 	bash images/build.sh
+
+# What the container and Kubernetes test tiers run: podman/buildah/runc/debootstrap installed with apt where missing,
+# both images built (cached: the debootstrap base in /var/cache/mysproj-images, layers in the container storage).
+images-test:
+	bash images/install-tools.sh
+	IMAGE_TAG=test bash images/build.sh
 
 # One reproduction against the current kube context (KUBECONFIG): a fresh release of the chart with the dataset's
 # values, wait, fetch the report, compare Table 1 with the paper; the exit code says whether it matched.

@@ -14,9 +14,25 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from mysproj.bench import command as bench_command
 from mysproj.config.fields import add_arguments
 from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, redact
+from mysproj.kube import command as kube_command
+from mysproj.kube import reproduce
+from mysproj.kube.entry import deployment_problem, prepare_scratch
+from mysproj.pipeline import command as pipeline_command
+from mysproj.stages import ask, show_example
 from mysproj.stages.registry import STAGES, stage_config
+
+# Commands beyond the per-stage ones, each in its own module with `add_command(subparsers, parser_class)`.
+COMMAND_MODULES = (
+    pipeline_command,   # mysproj run
+    kube_command,       # mysproj status / logs
+    reproduce,          # mysproj reproduce
+    bench_command,      # mysproj bench
+    ask,                # mysproj ask
+    show_example,       # mysproj show-example
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,13 +76,6 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _extra_commands(sub) -> None:
-    """Commands beyond the per-stage ones; each lives in its own module and registers itself here."""
-    from mysproj import cli_extra
-
-    cli_extra.register(sub, _Parser)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mysproj", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -86,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="run even if --out holds a complete output")
     add_arguments(init, STAGES["model-init"][0])
     init.set_defaults(func=_stage_command("model-init"))
-    _extra_commands(sub)
+    for module in COMMAND_MODULES:
+        module.add_command(sub, _Parser)
     return parser
 
 
@@ -95,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        prepare_scratch()
         return int(ns.func(ns) or 0)
     except BadInput as e:
         print(f"error: {redact(e)}", file=sys.stderr)
@@ -102,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except (ModuleNotFoundError, OSError) as e:  # in a container: a module the image lacks, a read-only root
+        problem = deployment_problem(ns.command, e)
+        if problem is None:
+            raise
+        print(f"error: {redact(problem)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
 

@@ -182,3 +182,25 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     return s3_server
+
+
+# ------------------------------------------------------------------------------------------ container images
+
+IMAGE_TAG = os.environ.get("MYSPROJ_TEST_IMAGE_TAG", "test")
+
+
+@pytest.fixture(scope="session")
+def container_images() -> dict[str, str]:
+    """The CPU and GPU images of this work tree in the local container storage, {"cpu": name, "gpu": name}, built by
+    `make images` (images/build.sh; cached layers make a rebuild after a code change take about a minute, and one
+    with no change seconds). Installs podman/buildah/runc/debootstrap with apt where missing."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.geteuid() != 0:
+        pytest.skip("the container tier needs root (podman with runc, a network namespace)")
+    for script, env in (("install-tools.sh", {}), ("build.sh", {"IMAGE_TAG": IMAGE_TAG, "IMAGES": "cpu gpu"})):
+        result = subprocess.run(["bash", os.path.join(repo, "images", script)], capture_output=True, text=True,
+                                env={**os.environ, **env}, cwd=repo)
+        if result.returncode != 0:
+            pytest.fail(f"images/{script} failed (run `make images`):\n{result.stderr[-4000:]}")
+    names = [n if "/" in n.split(":")[0] else f"localhost/{n}" for n in result.stdout.split()]
+    return {name.rsplit("/", 1)[-1].split(":")[0].removeprefix("mysproj-"): name for name in names}

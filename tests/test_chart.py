@@ -156,7 +156,8 @@ def test_pods_are_hardened():
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
             assert "emptyDir" in volumes[mounts["/tmp"]], name
             env = {e["name"]: e for e in c["env"]}
-            for var in ("HOME", "XDG_CACHE_HOME", "MYSPROJ_CACHE_DIR"):
+            for var in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "MYSPROJ_CACHE_DIR", "HF_HOME", "MPLCONFIGDIR",
+                        "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
                 scratch = next(p for p in mounts if env[var]["value"].startswith(p + "/"))
                 assert "emptyDir" in volumes[mounts[scratch]], (name, var)
             for secret_var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -177,7 +177,7 @@ def test_a_file_changed_after_its_manifest_fails_the_reader_with_one_line(tmp_pa
 
 @pytest.mark.timeout(120)
 def test_dataset_path_escaping_its_root_fails_the_job_entry_point(tmp_path):
-    """What a prep pod runs (`python -u jobs/prep.py`, config from MYSPROJ_* env): a split file naming a path
+    """What a prep pod runs (`python -u jobs/stage.py prep`, config from MYSPROJ_* env): a split file naming a path
     outside the dataset root exits 64 with one line, records the reason for the controller, writes no manifest."""
     src = make_dtd(str(tmp_path / "src"))
     with open(os.path.join(src, "labels", "test1.txt"), "a") as f:
@@ -186,7 +186,7 @@ def test_dataset_path_escaping_its_root_fails_the_job_entry_point(tmp_path):
     out = tmp_path / "runs" / "dtd" / "prep"
     env = {**os.environ, "MYSPROJ_DATASET": "dtd", "MYSPROJ_SOURCE": src, "MYSPROJ_OUT": str(out),
            "MYSPROJ_WORKERS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-u", "jobs/prep.py"], cwd=REPO, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-u", "jobs/stage.py", "prep"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=110)
     output = result.stdout + result.stderr
     assert result.returncode == EXIT_BAD_INPUT, output

@@ -73,7 +73,7 @@ def test_controller_runs_the_dag_in_order_with_owners(tmp_path):
     assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-ctl"
     env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MYSPROJ_DATASET"] == "textures-mini" and env["MYSPROJ_OUT"].endswith("run/textures-mini/prep")
-    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["jobs/prep.py"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["jobs/stage.py", "prep"]
     assert job["metadata"]["labels"]["mysproj.io/stage"] == "prep"
     for name in list(created.values()):
         cluster.finish(name)
@@ -200,5 +200,8 @@ def test_controller_and_status_never_import_torch():
 def test_every_stage_has_an_entry_point(stage):
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / jobspec.entry_point(stage)
-    assert path.exists(), path
+    from mysproj.stages import registry
+
+    script, name = jobspec.entry_args(stage)
+    assert (Path(__file__).resolve().parents[1] / script).exists(), script
+    assert name in registry.STAGES

@@ -183,7 +183,9 @@ def test_workflows_follow_the_reproduce_contract():
     assert {"push", "pull_request"} <= set(on_ci)
     assert any("make test" in (s.get("run") or "") for s in ci["jobs"]["test"]["steps"])
     cached = {s["with"]["path"] for s in ci["jobs"]["test"]["steps"] if "actions/cache" in (s.get("uses") or "")}
-    assert cached == {"/var/cache/mysproj-k8s", "/root/.cache/pip"}
+    assert cached == {"/var/cache/mysproj-k8s", "/var/cache/mysproj-images", "/root/.cache/pip"}
+    # podman and the pods' network namespace need a privileged job container.
+    assert ci["jobs"]["test"]["container"]["options"] == "--privileged"
     assert set(on_rep["workflow_dispatch"]["inputs"]) == {"dataset", "seeds"} and on_rep["schedule"]
     steps = rep["jobs"]["reproduce"]["steps"]
     runs = "\n".join(s.get("run") or "" for s in steps)

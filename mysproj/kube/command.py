@@ -1,4 +1,4 @@
-"""`mysproj status RELEASE [--watch]` and `mysproj logs RELEASE STAGE` (registered by mysproj/cli_extra.py)."""
+"""`mysproj status RELEASE [--watch]` and `mysproj logs RELEASE STAGE` (registered in mysproj/cli.py)."""
 
 from __future__ import annotations
 

@@ -1,27 +1,41 @@
-"""What every `jobs/<stage>.py` entry point shares: logging, scratch folders on the pod's emptyDir, the exit-code
-contract (0 done, 64 bad input/config: never retried, anything else: retryable) and a failure record
+"""The Kubernetes Job entry point of every stage, `python -u jobs/stage.py <stage>`: MYSPROJ_* env -> the stage's
+config -> the same library call the CLI makes. It owns logging, scratch folders on the pod's emptyDir, the
+exit-code contract (0 done, 64 bad input/config: never retried, anything else: retryable) and a failure record
 `<out>/_FAILURE.json` that the controller and `mysproj status` show as the reason (where no kubelet reports the
-container's exit code or termination message, the record still does)."""
+container's exit code or termination message, the record still does).
+
+Fine-tuning is launched explicitly (the chart sets the env; the command stays `jobs/stage.py finetune`):
+- 1 GPU per pod, 1 node: the stage runs in this process.
+- N GPUs per pod (MYSPROJ_NPROC_PER_NODE=N) and/or M nodes (NNODES=M, one Job per node rank, NODE_RANK, and
+  MASTER_ADDR = rank 0's name under the chart's headless Service): the entry point re-executes itself under
+      torchrun --nnodes M --node-rank R --nproc-per-node N --master-addr MASTER_ADDR --master-port MASTER_PORT
+  after waiting (up to MYSPROJ_DNS_WAIT_SECONDS) for MASTER_ADDR to resolve: rank 0's DNS record appears only once
+  its pod exists, which may be after the other ranks start. Each torchrun worker then runs the stage (LOCAL_RANK set).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from mysproj.config import load_config
 from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, redact
 from mysproj.kube.jobspec import FAILURE_RECORD
+from mysproj.stages import registry
 
 log = logging.getLogger("mysproj.job")
 EXIT_RETRYABLE = 1
 # The root filesystem is read-only: these must point into the scratch emptyDir and exist before libraries use them.
 SCRATCH_VARS = ("HOME", "TMPDIR", "XDG_CACHE_HOME", "MYSPROJ_CACHE_DIR", "HF_HOME", "TORCH_EXTENSIONS_DIR",
-                "TRITON_CACHE_DIR", "MPLCONFIGDIR")
+                "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR")
 
 
 def prepare_scratch(env=os.environ) -> None:
@@ -67,14 +81,28 @@ def _write_record(exit_code: int, error: str) -> None:
         log.warning("could not write %s: %s", target, e)
 
 
+def deployment_problem(stage: str, e: Exception) -> str | None:
+    """The one line for a failure no retry can fix (bad input, an image without a module the stage needs, a write
+    to the read-only root file system), or None for a failure worth retrying."""
+    if isinstance(e, BadInput):
+        return str(e)
+    if isinstance(e, ModuleNotFoundError):
+        return (f"stage {stage}: this image lacks the Python module {e.name!r} ({e}); run the stage in an image that "
+                "has it (the chart's images.gpu for every stage that needs torch)")
+    if isinstance(e, OSError) and e.errno == errno.EROFS:
+        return (f"stage {stage}: {e.filename or 'a path'} is on the read-only root file system; point HOME, TMPDIR "
+                "and the cache variables below a writable volume (the chart's stages.scratchDir)")
+    return None
+
+
 def run_job(stage: str, body: Callable[[], dict]) -> int:
     """Run `body` (env -> config -> library call) and map its outcome to the exit-code contract."""
     from mysproj.cli import setup_logging
 
     setup_logging()
-    prepare_scratch()
     _clear_record()
     try:
+        prepare_scratch()
         manifest = body() or {}
     except BadInput as e:
         print(f"error: {redact(e)}", file=sys.stderr, flush=True)
@@ -85,9 +113,60 @@ def run_job(stage: str, body: Callable[[], dict]) -> int:
         _write_record(EXIT_PREEMPTED, f"preempted: {e}")
         return EXIT_PREEMPTED
     except Exception as e:  # noqa: BLE001 - anything unexpected is retryable by the Job
-        print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
-        _write_record(EXIT_RETRYABLE, redact(f"{type(e).__name__}: {e}"))
-        return EXIT_RETRYABLE
+        problem = deployment_problem(stage, e)
+        if problem is None:
+            print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+            _write_record(EXIT_RETRYABLE, redact(f"{type(e).__name__}: {e}"))
+            return EXIT_RETRYABLE
+        print(f"error: {redact(problem)}", file=sys.stderr, flush=True)
+        _write_record(EXIT_BAD_INPUT, redact(problem))
+        return EXIT_BAD_INPUT
     state = "skipped (already complete)" if manifest.get("skipped") else "done"
     log.info("%s: %s -> %s", stage, state, os.environ.get("MYSPROJ_OUT", ""))
     return 0
+
+
+def torchrun_argv(script: str, env=os.environ) -> list[str] | None:
+    """The torchrun command that re-launches `script finetune`, or None when one process is all it takes."""
+    nproc = int(env.get("MYSPROJ_NPROC_PER_NODE", "1") or 1)
+    nnodes = int(env.get("NNODES", "1") or 1)
+    if "LOCAL_RANK" in env or (nproc <= 1 and nnodes <= 1):
+        return None
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if nnodes > 1:
+        argv += ["--nnodes", str(nnodes), "--node-rank", env.get("NODE_RANK", "0"),
+                 "--master-addr", env["MASTER_ADDR"], "--master-port", env.get("MASTER_PORT", "29500")]
+    else:
+        argv += ["--standalone"]
+    return argv + [os.path.abspath(script), "finetune"]
+
+
+def wait_for_dns(host: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(2)
+
+
+def main(argv: list[str], script: str) -> int:
+    """`jobs/stage.py <stage>`: one stage of the registry, its config from the MYSPROJ_* environment."""
+    if len(argv) != 1 or argv[0] not in registry.STAGES:
+        print(f"error: usage: {os.path.basename(script)} STAGE, one of {', '.join(registry.STAGES)} "
+              f"(got {' '.join(argv) or 'nothing'})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    stage = argv[0]
+    if stage == "finetune":
+        relaunch = torchrun_argv(script)
+        if relaunch:
+            master = os.environ.get("MASTER_ADDR")
+            if master and not wait_for_dns(master, float(os.environ.get("MYSPROJ_DNS_WAIT_SECONDS", "600"))):
+                print(f"error: rank 0 ({master}) did not resolve; retrying the pod", file=sys.stderr)
+                return EXIT_RETRYABLE
+            os.execv(relaunch[0], relaunch)  # nosec B606 - torchrun re-runs this entry point, an argv list
+    config_class = registry.STAGES[stage][0]
+    return run_job(stage, lambda: registry.run(stage, load_config(config_class, env=os.environ)))

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from datetime import datetime, timezone
 from typing import Any
 
 from mysproj.config.fields import config_hash, env_name
@@ -26,11 +27,12 @@ LABEL_RANK = "mysproj.io/rank"
 ANN_NODE = "mysproj.io/node"
 ANN_HASH = "mysproj.io/config-hash"
 ANN_FAILURE = "mysproj.io/failure"
-FAILURE_RECORD = "_FAILURE.json"  # written by jobs/ next to the stage output when a stage fails
+FAILURE_RECORD = "_FAILURE.json"  # written by jobs/stage.py next to the stage output when a stage fails
 
 
-def entry_point(stage: str) -> str:
-    return f"jobs/{stage.replace('-', '_')}.py"
+def entry_args(stage: str) -> list[str]:
+    """The stage container's args after the chart's `command: [python, -u]` (the images' WORKDIR holds jobs/)."""
+    return ["jobs/stage.py", stage]
 
 
 def template_kind(node: Node) -> str:
@@ -112,7 +114,7 @@ def stage_job(template: dict, *, name: str, node: Node, cfg: Any, owner: dict | 
     pod.setdefault("metadata", {}).setdefault("labels", {}).update(stage_labels)
     pod["metadata"].setdefault("annotations", {})[ANN_NODE] = node.name
     container = pod["spec"]["containers"][0]
-    container["args"] = [entry_point(node.stage)]
+    container["args"] = entry_args(node.stage)
     env = container.setdefault("env", [])
     env.extend(config_env(cfg))
     env.extend([{"name": "MYSPROJ_JOB_NAME", "value": name}, {"name": "MYSPROJ_NODE", "value": node.name}])
@@ -169,10 +171,35 @@ def _termination_message(pod: dict) -> str:
     return ""
 
 
-def classify(job: dict, pods: list[dict], failure_record: dict | None = None) -> JobState:
+# A kubelet retries these forever and the Job never fails: the stage is failed for good at once where no retry can
+# help (the image is not on the node and may not be pulled, or its name is invalid), and after a grace period where
+# a registry might still answer.
+IMAGE_ERRORS_FINAL = ("ErrImageNeverPull", "InvalidImageName")
+IMAGE_PULL_ERRORS = ("ErrImagePull", "ImagePullBackOff")
+IMAGE_PULL_GRACE_SECONDS = 300
+_STARTING = ("ContainerCreating", "PodInitializing")
+
+
+def _image_problem(pod: dict, now: datetime) -> str:
+    """Why the pod's image cannot run, once that is final; else ""."""
+    created = (pod.get("metadata") or {}).get("creationTimestamp")
+    stuck = 0.0
+    if created:
+        stuck = (now - datetime.fromisoformat(str(created).replace("Z", "+00:00"))).total_seconds()
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason") or ""
+        if reason in IMAGE_ERRORS_FINAL or (reason in IMAGE_PULL_ERRORS and stuck > IMAGE_PULL_GRACE_SECONDS):
+            return f"image {cs.get('image', '')}: {reason}" + (f": {waiting['message']}" if waiting.get("message")
+                                                                 else "")
+    return ""
+
+
+def classify(job: dict, pods: list[dict], failure_record: dict | None = None,
+             now: datetime | None = None) -> JobState:
     """State of one stage Job. Exit code 64 (bad input) is final even where the server ignores podFailurePolicy
     (1.20): the controller reads it from the pods or, where the node reports no exit code, from the failure record
-    the stage's entry point wrote for this very Job."""
+    the stage's entry point wrote for this very Job. A pod whose image cannot be had is final too."""
     status = job.get("status") or {}
     st = JobState("pending", start=status.get("startTime"), end=status.get("completionTime"),
                   attempts=int(status.get("failed") or 0) + int(status.get("succeeded") or 0)
@@ -189,11 +216,15 @@ def classify(job: dict, pods: list[dict], failure_record: dict | None = None) ->
         bad_input = True
     reason = (record or {}).get("error") or next((m for m in map(_termination_message, failed_pods) if m), "")
     failed_cond = _condition(job, "Failed")
-    if annotated or bad_input or failed_cond:
+    now = now or datetime.now(timezone.utc)
+    image = next((m for m in (_image_problem(p, now) for p in pods) if m), "")
+    if annotated or bad_input or failed_cond or image:
         st.state, st.final = "failed", True
         st.end = st.end or (failed_cond or {}).get("lastTransitionTime")
         if annotated:
             st.reason = annotated
+        elif image:
+            st.reason = image
         elif bad_input:
             st.reason = f"bad input (exit {EXIT_BAD_INPUT})" + (f": {reason}" if reason else "")
         else:
@@ -202,6 +233,11 @@ def classify(job: dict, pods: list[dict], failure_record: dict | None = None) ->
         return st
     if int(status.get("active") or 0) > 0:
         st.state = "running"
+    waiting = [w for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or []
+               if (w := (cs.get("state") or {}).get("waiting") or {}).get("reason") not in (None, *_STARTING)]
+    if waiting:  # e.g. a Secret not there yet, or an image pull a registry may still answer
+        st.reason = f"waiting: {waiting[0]['reason']}" + (f": {waiting[0]['message']}" if waiting[0].get("message")
+                                                          else "")
     if failed_pods:
         codes = [c for p in failed_pods for c in terminated_exit_codes(p)]
         st.reason = f"retrying after {len(failed_pods)} failed attempt(s)" + (f" (exit {codes[-1]})" if codes else "")

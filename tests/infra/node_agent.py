@@ -30,9 +30,19 @@ v1.20.2 API server, scheduler and Job controller (k8s/controlplane/cluster.py):
 - every pod is 127.0.0.1: a Service DNS name (`<name>.<ns>.svc[.cluster.local]`) in an env value or command/args
   token is rewritten to 127.0.0.1 (enough for a rank-0 headless Service; bare Service names are not).
 
-Not emulated: images and pulls, probes, resource limits enforcement, pod networking and DNS resolution, the pod's
-own activeDeadlineSeconds, lifecycle hooks, ephemeral containers, securityContext (accepted, ignored), GPU devices
-(capacity only). This file is the node (registration, heartbeats, watch, log endpoint); pod_runner.py runs pods.
+Container mode (--containers, what the Kubernetes test tier uses): each container runs with podman from the pod's
+image instead, with its securityContext, volumes as bind mounts at their mount paths, resource limits, and the image's
+own ENV, entrypoint and working directory; every pod shares one network namespace that holds only `lo`, where the API
+server's port and each --forward-port (the object store) are forwarded from the host: pods reach those and each other
+on 127.0.0.1, and nothing else. A missing image keeps the pod Waiting (ErrImageNeverPull, or ErrImagePull <->
+ImagePullBackOff) as a kubelet does. Needs root, podman, runc and iproute2 (images/install-tools.sh). The mapping:
+pod_containers.py.
+
+Not emulated: pulls (images must be in the local container storage), probes, pod networking beyond the shared
+loopback and DNS resolution, the pod's own activeDeadlineSeconds, lifecycle hooks, ephemeral containers, GPU devices
+(capacity only); in process mode also images, resource limits and securityContext (accepted, ignored). This file is
+the node (registration, heartbeats, watch, log endpoint); pod_runner.py runs pods, pod_config.py resolves their
+environment, volumes and command lines, pod_containers.py runs podman and the pods' network namespace.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from pathlib import Path
 
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
+from pod_containers import Podman, PodNetwork
 from pod_runner import MERGE, PodRunner, log, now, pod_dir
 
 HEARTBEAT_S = 10
@@ -71,7 +82,8 @@ class NodeSpec:
 
 class Agent:
     def __init__(self, kubeconfig: str, nodes: list[NodeSpec], state: Path, *, path_prepend: list[str],
-                 base_env: dict[str, str], max_grace: float = 5, tls: tuple[str, str] | None = None):
+                 base_env: dict[str, str], max_grace: float = 5, tls: tuple[str, str] | None = None,
+                 network: PodNetwork | None = None):
         cfg = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         cfg.connection_pool_maxsize = 64  # one connection per pod thread, watch and heartbeat
@@ -83,6 +95,8 @@ class Agent:
         self.state = Path(state).resolve()
         self.path_prepend, self.base_env, self.max_grace, self.tls = path_prepend, base_env, max_grace, tls
         self.runners: dict[str, PodRunner] = {}
+        self.network = network  # container mode: the pods' namespace; None = pods run as local processes
+        self.podman = Podman(network, f"io.mysproj.node-agent={self.state}") if network else None
         self.stopping = threading.Event()
         self.log_port = 0
 
@@ -247,6 +261,11 @@ class Agent:
         threading.Thread(target=server.serve_forever, daemon=True, name="logs").start()
 
     def run(self) -> None:
+        if self.network:
+            self.podman.remove_all()  # leftovers of an agent that was killed
+            self.network.create()
+            log(f"container mode: pods share network namespace {self.network.name}, ports "
+                f"{', '.join(map(str, self.network.ports))} forwarded")
         if self.tls:
             self.serve_logs()
         self.register()
@@ -262,6 +281,15 @@ class Agent:
             runner.stop(finalize=False)
         for runner in list(self.runners.values()):
             runner.join(self.max_grace + 2)
+        if self.network:
+            self.podman.remove_all()
+            self.network.remove()
+
+
+def api_port(kubeconfig: str) -> int:
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    return urllib.parse.urlparse(cfg.host).port or 443
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="base environment of every pod (what the image's ENV would set)")
     p.add_argument("--max-grace", type=float, default=5, help="cap on terminationGracePeriodSeconds")
+    p.add_argument("--containers", action="store_true", help="run each container with podman from its image")
+    p.add_argument("--netns", default=f"mysproj-pods-{os.getpid()}", help="container mode: the pods' namespace")
+    p.add_argument("--forward-port", action="append", type=int, default=[], metavar="PORT",
+                   help="container mode: a host 127.0.0.1 port pods reach at 127.0.0.1 (the API server's is added)")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     a = p.parse_args(argv)
@@ -291,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     base_env = dict(kv.split("=", 1) for kv in a.env)
     prepend = [str(Path(d).resolve()) for d in a.path_prepend] or [str(Path(sys.executable).parent)]
     tls = (a.tls_cert, a.tls_key) if a.tls_cert else None
+    network = None
+    if a.containers:
+        network = PodNetwork(a.netns, sorted({api_port(a.kubeconfig), *a.forward_port}))
     Agent(a.kubeconfig, nodes, a.state_dir, path_prepend=prepend, base_env=base_env, max_grace=a.max_grace,
-          tls=tls).run()
+          tls=tls, network=network).run()
     return 0
 
 

@@ -1,10 +1,13 @@
 """The `kube` fixture: a real Kubernetes v1.20.2 control plane (etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler on 127.0.0.1) plus the node stand-in `tests/infra/node_agent.py`, shared by the whole session; each
-test module gets a fresh namespace. See k8s/README.md for what is real and what the stand-in emulates.
+kube-scheduler on 127.0.0.1) plus the node stand-in `tests/infra/node_agent.py` in container mode, shared by the
+whole session; each test module gets a fresh namespace. Every pod runs as a real container (podman) from the
+project's images (`kube.images`: the CPU and GPU images of this work tree, built by `make images`), in a network
+namespace where only the API server and the session's S3 server are reachable. See k8s/README.md for what is real
+and what the stand-in emulates.
 
     def test_x(kube):
-        kube.batch.create_namespaced_job(kube.namespace, body)
-        subprocess.run(["helm", "install", ...], env=kube.env)   # KUBECONFIG + .tools/bin and the venv on PATH
+        kube.batch.create_namespaced_job(kube.namespace, body)   # image: kube.images["cpu"]
+        subprocess.run(["helm", "install", ..., *kube.image_values], env=kube.env)  # KUBECONFIG, helm, the venv
         kube.pod_log(pod_name); kube.kill(pod_name)              # stand-in extras: output file, fault injection
 """
 
@@ -27,9 +30,6 @@ TOOLS = REPO / ".tools" / "bin"
 AGENT = REPO / "tests" / "infra" / "node_agent.py"
 NODE = "gpu-node-0"
 GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
-# What the images' ENV sets; the stand-in cannot read images, so the fixture passes it to every pod.
-IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1",
-             "TRANSFORMERS_OFFLINE": "1"}
 
 
 def _load(name: str, path: Path):
@@ -41,6 +41,8 @@ def _load(name: str, path: Path):
 
 
 cluster_mod = _load("mysproj_test_controlplane", REPO / "k8s" / "controlplane" / "cluster.py")
+sys.path.insert(0, str(AGENT.parent))  # the stand-in's modules import each other by name
+pods_mod = _load("pod_containers", AGENT.parent / "pod_containers.py")  # Podman, to clean up
 agent_mod = _load("mysproj_test_pod_runner", AGENT.parent / "pod_runner.py")  # pod_dir, kill_container
 
 
@@ -70,9 +72,25 @@ class Kube:
     core: object              # kubernetes.client.CoreV1Api
     batch: object             # BatchV1Api
     rbac: object              # RbacAuthorizationV1Api
+    images: dict[str, str]    # {"cpu": name, "gpu": name} in the local container storage
     namespace: str = "default"
     gpu_product: str = GPU_PRODUCT  # the node's nvidia.com/gpu.product label
     wait_for = staticmethod(wait_for)
+
+    @property
+    def image_sets(self) -> list[str]:
+        """Chart values (key=value) that point at the local images (never pulled: no registry here)."""
+        sets = []
+        for kind, name in self.images.items():
+            repository, tag = name.rsplit(":", 1)
+            sets += [f"images.{kind}.repository={repository}", f"images.{kind}.tag={tag}",
+                     f"images.{kind}.pullPolicy=Never"]
+        return sets
+
+    @property
+    def image_values(self) -> list[str]:
+        """`image_sets` as helm --set arguments."""
+        return [a for s in self.image_sets for a in ("--set", s)]
 
     def new_namespace(self, prefix: str = "t") -> str:
         """Create a fresh namespace and wait for its `default` ServiceAccount and its token Secret (on 1.20, pod
@@ -125,21 +143,24 @@ def _ensure_tools() -> None:
 
 
 @pytest.fixture(scope="session")
-def kube_cluster(tmp_path_factory):
+def kube_cluster(tmp_path_factory, container_images, s3_server):
     """The session's control plane + node stand-in; use the module-scoped `kube` in tests."""
     from kubernetes import client, config
 
     _ensure_tools()
+    if s3_server.proc is None or s3_server.proc.poll() is not None:
+        s3_server.start()
     root = tmp_path_factory.mktemp("kube")
     started = time.monotonic()
     cp = cluster_mod.ControlPlane(root / "controlplane", TOOLS).start()
     agent_dir = root / "agent"
     agent_dir.mkdir()
     venv_bin = str(Path(sys.executable).parent)
+    netns = f"mysproj-pods-{os.getpid()}"
     cmd = [sys.executable, str(AGENT), "--kubeconfig", str(cp.kubeconfig), "--state-dir", str(agent_dir),
-           "--node", NODE, "--gpus", "8", "--gpu-product", GPU_PRODUCT, "--path-prepend", venv_bin,
-           "--tls-cert", str(cp.workdir / "pki" / "serving.crt"), "--tls-key", str(cp.workdir / "pki" / "serving.key"),
-           *itertools.chain.from_iterable(("--env", f"{k}={v}") for k, v in IMAGE_ENV.items())]
+           "--node", NODE, "--gpus", "8", "--gpu-product", GPU_PRODUCT, "--containers", "--netns", netns,
+           "--forward-port", str(s3_server.ports["s3.port"]),
+           "--tls-cert", str(cp.workdir / "pki" / "serving.crt"), "--tls-key", str(cp.workdir / "pki" / "serving.key")]
     with open(agent_dir / "agent.log", "ab") as out:
         agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
     try:
@@ -162,14 +183,17 @@ def kube_cluster(tmp_path_factory):
                "PATH": f"{TOOLS}:{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         yield Kube(kubeconfig=cp.kubeconfig, server=cp.server, env=env, agent_dir=agent_dir,
                    controlplane_dir=cp.workdir, node=NODE, api_client=api, core=core,
-                   batch=client.BatchV1Api(api), rbac=client.RbacAuthorizationV1Api(api))
+                   batch=client.BatchV1Api(api), rbac=client.RbacAuthorizationV1Api(api), images=container_images)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
-            agent.wait(15)
+            agent.wait(60)
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
+        # What a killed agent may have left: its containers and its network namespace.
+        pods_mod.Podman(None, f"io.mysproj.node-agent={agent_dir.resolve()}").remove_all()
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         cp.stop()
 
 

@@ -1,4 +1,5 @@
-"""The test cluster itself: real Job controller, scheduler, RBAC and Secrets, with pods run by the node stand-in."""
+"""The test cluster itself: real Job controller, scheduler, RBAC and Secrets, with every pod run by the node stand-in
+as a real container (podman) of the project's CPU image, under its securityContext."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ HARDENED = {"runAsNonRoot": True, "runAsUser": 1000, "readOnlyRootFilesystem": T
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def job(name: str, script: str, *, env=None, backoff: int = 0, service_account: str | None = None, gpu: bool = False,
-        volumes: tuple = ()) -> dict:
-    container = {"name": "main", "image": "mysproj-cpu:test", "command": ["python", "-c", textwrap.dedent(script)],
-                 "env": env or [], "securityContext": HARDENED,
+def job(kube, name: str, script: str, *, env=None, backoff: int = 0, service_account: str | None = None,
+        gpu: bool = False, volumes: tuple = (), host_paths: dict | None = None) -> dict:
+    mounts = {**{v: f"/{v}" for v in volumes}, **{v: f"/{v}" for v in host_paths or {}}}
+    container = {"name": "main", "image": kube.images["cpu"], "imagePullPolicy": "Never",
+                 "command": ["python", "-c", textwrap.dedent(script)], "env": env or [], "securityContext": HARDENED,
                  "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
-                 "volumeMounts": [{"name": v, "mountPath": f"/{v}"} for v in volumes]}
+                 "volumeMounts": [{"name": v, "mountPath": path} for v, path in mounts.items()]}
     pod = {"restartPolicy": "Never", "containers": [container], "terminationGracePeriodSeconds": 2,
-           "volumes": [{"name": v, "emptyDir": {}} for v in volumes]}
+           "volumes": [{"name": v, "emptyDir": {}} for v in volumes]
+           + [{"name": v, "hostPath": {"path": str(path)}} for v, path in (host_paths or {}).items()]}
     if service_account:
         pod["serviceAccountName"] = service_account
     if gpu:
@@ -61,12 +64,13 @@ def test_job_pod_runs_through_scheduler_and_node(kube):
         scratch.mkdir(parents=True, exist_ok=True)
         (scratch / "out.txt").write_text("written")
         print("pod", os.environ["POD_NAME"], "in", os.environ["POD_NAMESPACE"], "scratch", scratch)
-        print("home", os.environ["HOME"], "tmp", os.environ["TMPDIR"])
+        print("home", os.environ["HOME"], "user", os.getuid(), os.getgid(), "cwd", os.getcwd())
     """
     env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
            {"name": "SCRATCH", "value": "/scratch/work"}]
-    kube.batch.create_namespaced_job(kube.namespace, job("hello", script, env=env, gpu=True, volumes=("scratch",)))
+    kube.batch.create_namespaced_job(kube.namespace, job(kube, "hello", script, env=env, gpu=True,
+                                                         volumes=("scratch",)))
     j = kube.wait_for(lambda: finished(kube, "hello"), 60, "job hello to finish")
     assert j.status.succeeded == 1 and not j.status.failed, explain(kube, "hello")
     pod = only_pod(kube, "hello")
@@ -75,11 +79,11 @@ def test_job_pod_runs_through_scheduler_and_node(kube):
     term = pod.status.container_statuses[0].state.terminated
     assert term.exit_code == 0 and term.reason == "Completed"
     out = kube.pod_log(pod.metadata.name)
-    assert f"pod {pod.metadata.name} in {kube.namespace}" in out
-    scratch = out.split("scratch ")[1].split()[0]
-    assert scratch != "/scratch/work" and scratch.endswith("/volumes/scratch/work")  # emptyDir -> local dir
-    home = out.split("home ")[1].split()[0]
-    assert home != os.environ.get("HOME") and os.path.isdir(home)
+    assert f"pod {pod.metadata.name} in {kube.namespace} scratch /scratch/work" in out
+    # The image's own ENV, WORKDIR and the securityContext's user; the emptyDir is a folder of the node.
+    assert "home /scratch/home user 1000 0 cwd /app" in out, out
+    written = list(kube.agent_dir.glob(f"pods/{kube.namespace}/{pod.metadata.name}/run-*/volumes/scratch/work/out.txt"))
+    assert [p.read_text() for p in written] == ["written"]
     # The API server proxies pod logs to the stand-in, so `kubectl logs` works too. (This client returns str(bytes)
     # for logs unless the body is read raw.)
     raw = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, _preload_content=False)
@@ -88,7 +92,7 @@ def test_job_pod_runs_through_scheduler_and_node(kube):
 
 def test_failing_command_fails_job_with_exit_code(kube):
     script = "import sys\nprint('error: bad input x')\nsys.exit(64)"
-    kube.batch.create_namespaced_job(kube.namespace, job("bad", script))
+    kube.batch.create_namespaced_job(kube.namespace, job(kube, "bad", script))
     j = kube.wait_for(lambda: finished(kube, "bad"), 60, "job bad to finish")
     assert j.status.failed == 1 and not j.status.succeeded
     assert [c.reason for c in j.status.conditions if c.type == "Failed"] == ["BackoffLimitExceeded"]
@@ -103,7 +107,7 @@ def test_secret_env_reaches_process(kube):
     value = "s3cr3t-" + os.urandom(4).hex()
     env = [{"name": "ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "key"}}}]
     script = "import hashlib, os\nprint(hashlib.sha256(os.environ['ACCESS_KEY'].encode()).hexdigest())"
-    kube.batch.create_namespaced_job(kube.namespace, job("secret", script, env=env))
+    kube.batch.create_namespaced_job(kube.namespace, job(kube, "secret", script, env=env))
 
     def waiting_for_secret():  # as with a kubelet, the pod waits for a missing Secret instead of running without it
         pods = kube.pods("job-name=secret")
@@ -141,7 +145,7 @@ def test_rbac_is_enforced_for_pod_service_accounts(kube):
     """
     env = [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
     for sa in ("nobody", "reader"):
-        kube.batch.create_namespaced_job(ns, job(f"as-{sa}", script, env=env, service_account=sa))
+        kube.batch.create_namespaced_job(ns, job(kube, f"as-{sa}", script, env=env, service_account=sa))
     denied = kube.wait_for(lambda: finished(kube, "as-nobody"), 60, "job as-nobody")
     allowed = kube.wait_for(lambda: finished(kube, "as-reader"), 60, "job as-reader")
     assert denied.status.failed == 1 and allowed.status.succeeded == 1, explain(kube, "as-nobody") + \
@@ -158,17 +162,18 @@ def test_rbac_is_enforced_for_pod_service_accounts(kube):
 
 
 def test_killed_process_is_retried_and_deleted_pod_is_stopped(kube, tmp_path):
-    marker = tmp_path / "first-attempt"
-    script = f"""
+    tmp_path.chmod(0o777)  # a hostPath the container's user (1000) writes to
+    script = """
         import pathlib, time
-        marker = pathlib.Path({str(marker)!r})
+        marker = pathlib.Path("/state/first-attempt")
         if not marker.exists():
             marker.write_text("started")
             print("first attempt waits to be killed", flush=True)
             time.sleep(120)
         print("second attempt done")
     """
-    kube.batch.create_namespaced_job(kube.namespace, job("flaky", script, backoff=2))
+    kube.batch.create_namespaced_job(kube.namespace, job(kube, "flaky", script, backoff=2,
+                                                         host_paths={"state": tmp_path}))
     first = kube.wait_for(lambda: [p for p in kube.pods("job-name=flaky") if kube.is_running(p.metadata.name)
                               and "waits" in kube.pod_log(p.metadata.name)], 60, "first attempt running")[0]
     kube.kill(first.metadata.name)
@@ -180,7 +185,8 @@ def test_killed_process_is_retried_and_deleted_pod_is_stopped(kube, tmp_path):
     # Deleting a running pod kills its process and the deletion completes (the stand-in finalizes it).
     kube.core.create_namespaced_pod(kube.namespace, {"metadata": {"name": "sleeper"}, "spec": {
         "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
-        "containers": [{"name": "main", "image": "x", "command": ["python", "-c", "import time; time.sleep(300)"]}]}})
+        "containers": [{"name": "main", "image": kube.images["cpu"], "imagePullPolicy": "Never",
+                        "command": ["python", "-c", "import time; time.sleep(300)"]}]}})
     kube.wait_for(lambda: kube.is_running("sleeper"), 60, "sleeper running")
     pid = int(next(kube.log_path("sleeper").parent.glob("*.pid")).read_text())
     kube.core.delete_namespaced_pod("sleeper", kube.namespace)
@@ -220,7 +226,8 @@ def test_pod_features_the_chart_uses(kube):
     kube.core.create_namespaced_pod(ns, {"metadata": {"name": "features"}, "spec": {
         "restartPolicy": "OnFailure", "volumes": [{"name": "tpl", "configMap": {"name": "tpl"}},
                                                   {"name": "state", "emptyDir": {}}],
-        "containers": [{"name": "main", "image": "x", "command": ["python", "-c", textwrap.dedent(script)],
+        "containers": [{"name": "main", "image": kube.images["cpu"],
+                        "command": ["python", "-c", textwrap.dedent(script)],
                         "args": ["$(CFG_MODE)", "/etc/tpl/stage.yaml"],
                         "envFrom": [{"configMapRef": {"name": "tpl"}, "prefix": "CFG_"}],
                         "env": [{"name": "STATE", "value": "/state"}],
@@ -231,9 +238,99 @@ def test_pod_features_the_chart_uses(kube):
         pod = kube.core.read_namespaced_pod("features", ns)
         return pod if pod.status.phase in ("Succeeded", "Failed") else None
 
-    pod = kube.wait_for(done, 60, "pod features to finish")
+    pod = kube.wait_for(done, 120, "pod features to finish")
     status = pod.status.container_statuses[0]
     assert pod.status.phase == "Succeeded", kube.pod_log("features")
     assert status.restart_count == 1 and status.last_state.terminated.exit_code == 5
     out = kube.pod_log("features")
     assert out.count("args ['fast', '") == 2 and "template kind: Job" in out
+
+
+def test_container_runs_under_its_security_context_and_limits(kube):
+    """The chart's hardening, enforced: user and fsGroup, read-only root (no tmpfs either), no capabilities, no
+    privilege escalation, the memory limit; the emptyDir is writable by the pod's user."""
+    script = """
+        import os, pathlib
+        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+        print("ids", os.getuid(), os.getgid(), 2000 in os.getgroups())
+        print("caps", status["CapEff"].strip(), "nnp", status["NoNewPrivs"].strip())
+        print("limit", open("/sys/fs/cgroup/memory/memory.limit_in_bytes").read().strip())
+        for path in ("/app/x", "/tmp/x", "/work/x"):
+            try:
+                pathlib.Path(path).write_text("x")
+                print("wrote", path)
+            except OSError as e:
+                print("refused", path, e.strerror)
+    """
+    body = job(kube, "hardened", script, volumes=("work",))
+    body["spec"]["template"]["spec"]["securityContext"] = {"fsGroup": 2000}
+    kube.batch.create_namespaced_job(kube.namespace, body)
+    j = kube.wait_for(lambda: finished(kube, "hardened"), 60, "job hardened to finish")
+    assert j.status.succeeded == 1, explain(kube, "hardened")
+    out = kube.pod_log(only_pod(kube, "hardened").metadata.name)
+    assert "ids 1000 0 True" in out and "caps 0000000000000000 nnp 1" in out, out
+    assert f"limit {1024 ** 3}" in out, out
+    assert "refused /app/x Read-only file system" in out and "refused /tmp/x Read-only file system" in out, out
+    assert "wrote /work/x" in out, out
+
+
+def test_pods_reach_only_the_api_server_and_the_object_store(kube, s3_server):
+    """One network namespace for all pods, holding only `lo`: the forwarded API server and S3 ports answer on
+    127.0.0.1, a port open on the host's loopback does not, and there is no other interface to route through."""
+    import socket
+
+    with socket.socket() as host_only:
+        host_only.bind(("127.0.0.1", 0))
+        host_only.listen(1)
+        script = f"""
+            import os, socket
+            print("interfaces", [name for _, name in socket.if_nameindex()])
+            ports = {{"api": int(os.environ["KUBERNETES_SERVICE_PORT"]), "s3": {s3_server.ports["s3.port"]},
+                      "host-only": {host_only.getsockname()[1]}}}
+            for what, port in ports.items():
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                    print(what, "reached")
+                except OSError as e:
+                    print(what, "refused", e.errno)
+        """
+        kube.batch.create_namespaced_job(kube.namespace, job(kube, "netcheck", script))
+        j = kube.wait_for(lambda: finished(kube, "netcheck"), 60, "job netcheck to finish")
+    assert j.status.succeeded == 1, explain(kube, "netcheck")
+    out = kube.pod_log(only_pod(kube, "netcheck").metadata.name)
+    assert "interfaces ['lo']" in out and "api reached" in out and "s3 reached" in out, out
+    assert "host-only refused 111" in out, out  # ECONNREFUSED: nothing listens there inside the namespace
+
+
+def _waiting_reasons(kube, pod: str) -> list[str]:
+    p = kube.core.read_namespaced_pod(pod, kube.namespace)
+    return [f"{s.state.waiting.reason}: {s.state.waiting.message}" for s in p.status.container_statuses or []
+            if s.state.waiting]
+
+
+def test_missing_image_and_root_user_keep_the_pod_waiting_as_a_kubelet_does(kube):
+    """No pull ever happens: a missing image is ErrImageNeverPull (policy Never) or ErrImagePull alternating with
+    ImagePullBackOff; runAsNonRoot with user 0 is CreateContainerConfigError. Each stays Waiting, retried."""
+    def pod(name, image, policy, user=1000):
+        kube.core.create_namespaced_pod(kube.namespace, {"metadata": {"name": name}, "spec": {
+            "restartPolicy": "Never", "terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "main", "image": image, "imagePullPolicy": policy, "command": ["python", "-c", "pass"],
+                "securityContext": {**HARDENED, "runAsUser": user}}]}})
+
+    pod("never", "localhost/mysproj-no-such-image:0", "Never")
+    pod("ifnotpresent", "localhost/mysproj-no-such-image:0", "IfNotPresent")
+    pod("rootuser", kube.images["cpu"], "Never", user=0)
+    seen: set[str] = set()
+
+    def all_seen():
+        for name in ("never", "ifnotpresent", "rootuser"):
+            seen.update(f"{name} {r.split(':')[0]}" for r in _waiting_reasons(kube, name))
+        return {"never ErrImageNeverPull", "ifnotpresent ErrImagePull", "ifnotpresent ImagePullBackOff",
+                "rootuser CreateContainerConfigError"} <= seen
+
+    kube.wait_for(all_seen, 60, "the waiting reasons", interval=0.5)
+    assert any("not present with pull policy of Never" in r for r in _waiting_reasons(kube, "never"))
+    assert any("runAsNonRoot and image will run as root" in r for r in _waiting_reasons(kube, "rootuser"))
+    for name in ("never", "ifnotpresent", "rootuser"):
+        assert kube.core.read_namespaced_pod(name, kube.namespace).status.phase == "Pending"
+        kube.core.delete_namespaced_pod(name, kube.namespace, grace_period_seconds=0)

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mysproj"
 VALUES = CHART / "values-tiny.yaml"
 BUCKET = "mysproj-faults"
-RUN_TIMEOUT = 420
+RUN_TIMEOUT = 600
 # A smaller run than the e2e test's: no probes (9 stage Jobs: prep, 2 model-init, finetune, merge, eval-clip,
 # 2 eval-llava, report); fine-tuning, merge and every Table 1 row stay in.
 SETS = ["pipeline.probe=false"]
@@ -51,7 +51,7 @@ def run_env(kube, s3_server):
         "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
     env = {**kube.env, **s3_server.env(), "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
     env.pop("MYSPROJ_S3_ENDPOINT", None)
-    sets = [f"storage.endpoint={s3_server.endpoint}", f"storage.bucket={BUCKET}", *SETS]
+    sets = [f"storage.endpoint={s3_server.endpoint}", f"storage.bucket={BUCKET}", *SETS, *kube.image_sets]
     return kube, s3_server, env, sets
 
 

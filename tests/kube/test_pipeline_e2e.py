@@ -1,5 +1,6 @@
 """End to end on the real control plane and the real S3 server: `helm install` of values-tiny.yaml runs every stage
-of the DAG as a real Job (the node stand-in runs each pod's `python -u jobs/<stage>.py`), a killed stage is retried
+of the DAG as a real Job, each pod a real container of the project's images under the chart's securityContext (the
+CPU image for the controller, prep and report, the GPU image for the rest, on the CPU here), a killed stage is retried
 by its Job, a deleted pod is replaced and leaves a trace, `mysproj status` shows the run (with or without the
 bucket's credentials in the user's shell), the report lands in the bucket, a re-install reuses every output, a
 `helm upgrade` with changed values runs the changed stages, and `helm uninstall` leaves nothing behind. A bad-input
@@ -43,7 +44,7 @@ def helm(env, *args, check=True):
 
 def install(kube, s3, env, release, *extra):
     return helm(env, "install", release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
-                "--namespace", kube.namespace, "--set", f"storage.endpoint={s3.endpoint}",
+                "--namespace", kube.namespace, *kube.image_values, "--set", f"storage.endpoint={s3.endpoint}",
                 "--set", f"storage.bucket={BUCKET}", *extra)
 
 
@@ -124,6 +125,10 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert len(jobs) == 12  # the controller and the 11 stages of values-tiny.yaml
     ft = next(j for j in jobs if j.metadata.labels["mysproj.io/stage"] == "finetune")
     assert ft.status.succeeded == 1 and ft.status.failed >= 1  # the killed attempt, then the retry
+    # Every pod was a container of the image its kind needs (torch only in the GPU image).
+    for pod in kube.pods("mysproj.io/run=tiny"):
+        kind = "cpu" if pod.metadata.labels["mysproj.io/stage"] in ("controller", "prep", "report") else "gpu"
+        assert [c.image for c in pod.spec.containers] == [kube.images[kind]], pod.metadata.name
     owner = controller_job(kube, "tiny").metadata.uid
     assert all(j.metadata.owner_references[0].uid == owner for j in jobs
                if j.metadata.labels["mysproj.io/stage"] != "controller")

@@ -144,6 +144,8 @@ seccompProfile:
   value: {{ printf "%s/cache/torch_extensions" $scratch | quote }}
 - name: TRITON_CACHE_DIR
   value: {{ printf "%s/cache/triton" $scratch | quote }}
+- name: TORCHINDUCTOR_CACHE_DIR
+  value: {{ printf "%s/cache/torchinductor" $scratch | quote }}
 - name: MPLCONFIGDIR
   value: {{ printf "%s/cache/matplotlib" $scratch | quote }}
 - name: PYTHONUNBUFFERED
