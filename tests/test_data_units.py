@@ -51,3 +51,16 @@ def test_expand2square_pads_with_clip_mean():
     assert sq.getpixel((0, 0)) == CLIP_MEAN_RGB and sq.getpixel((0, 1)) == (255, 0, 0)
     tall = expand2square(Image.new("RGB", (1, 3), (0, 0, 255)))
     assert tall.size == (3, 3) and tall.getpixel((1, 0)) == (0, 0, 255) and tall.getpixel((0, 0)) == CLIP_MEAN_RGB
+
+
+def test_decode_workers_default_is_one_per_available_core(monkeypatch):
+    from mysproj.config import load_config
+    from mysproj.config.stages import EvalClipConfig, EvalLlavaConfig, ProbeConfig
+    from mysproj.evaluation import batches
+
+    for cls in (EvalClipConfig, EvalLlavaConfig, ProbeConfig):  # the image-only stages are bound by decoding
+        assert load_config(cls, overrides={"model": "m", "data": "d", "out": "o"}, env={}).workers == -1
+    monkeypatch.setattr(batches.os, "sched_getaffinity", lambda pid: set(range(40)), raising=False)
+    assert batches.decode_workers(-1) == batches.AUTO_WORKERS_CAP
+    monkeypatch.setattr(batches.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert (batches.decode_workers(-1), batches.decode_workers(0), batches.decode_workers(8)) == (3, 0, 3)

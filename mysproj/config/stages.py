@@ -197,7 +197,8 @@ class EvalClipConfig:
                         "partial batch is padded to batch_size)", hashed=False)
     compile_cache: str | None = compile_cache_opt()
     batch_size: int = opt(128, help="images per batch", min=1, hashed=False)
-    workers: int = opt(4, help="decode workers", min=0, hashed=False)
+    workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
+                       min=-1, hashed=False)
 
 
 @dataclass(kw_only=True)
@@ -239,7 +240,8 @@ class EvalLlavaConfig:
     compile_cache: str | None = compile_cache_opt()
     direct_load: bool = direct_load_opt()
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
-    workers: int = opt(4, help="decode workers", min=0, hashed=False)
+    workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
+                       min=-1, hashed=False)
 
 
 @dataclass(kw_only=True)
@@ -269,7 +271,8 @@ class ProbeConfig:
                             "layout): the language model's weights are never fetched, verified or read; the same "
                             "features", hashed=False)
     batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
-    workers: int = opt(4, help="decode workers", min=0, hashed=False)
+    workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
+                       min=-1, hashed=False)
 
 
 @dataclass(kw_only=True)

@@ -34,12 +34,23 @@ def _collate(batch):
     return [x for x, _ in batch], [i for _, i in batch]
 
 
+AUTO_WORKERS_CAP = 16
+
+
+def decode_workers(requested: int) -> int:
+    """DataLoader workers for `requested` (a stage's `workers` field): -1 = one per core this process may use, at most
+    AUTO_WORKERS_CAP (decoding and resizing full-size photos is what bounds the image-only stages), 0 = this
+    process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(AUTO_WORKERS_CAP, cores) if requested < 0 else min(requested, cores)
+
+
 def image_batches(data, samples, transform: Callable | None, batch_size: int, workers: int):
     """Yield (list of transformed images, list of sample indices) in sample order."""
     import torch
     from torch.utils.data import DataLoader
 
-    workers = min(workers, os.cpu_count() or 1)
+    workers = decode_workers(workers)
     loader = DataLoader(SampleImages(data, samples, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, persistent_workers=False,
                         prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available())

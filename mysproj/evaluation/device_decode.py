@@ -19,7 +19,6 @@ PIL in the main process.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from mysproj.errors import BadInput
+from mysproj.evaluation.batches import decode_workers
 
 # Frame types nvJPEG and libjpeg decode as PIL does: baseline, extended sequential, progressive (Huffman coded).
 DEVICE_SOF_MARKERS = (0xC0, 0xC1, 0xC2)
@@ -265,7 +265,7 @@ class DeviceBatches:
     def __init__(self, data, samples, preprocess: Callable, *, batch_size: int, workers: int, device: str):
         self.data, self.samples, self.preprocess = data, samples, preprocess
         self.spec = pixel_spec(preprocess)
-        self.batch_size, self.workers, self.device = batch_size, min(workers, os.cpu_count() or 1), device
+        self.batch_size, self.workers, self.device = batch_size, decode_workers(workers), device
         self.device_images = self.pil_images = 0
 
     def __iter__(self) -> Iterator[tuple]:
