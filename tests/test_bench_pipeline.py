@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 
 import pytest
 from PIL import Image
@@ -101,6 +102,17 @@ def test_bench_pipeline_runs_the_whole_job_and_logs_each_stage(tmp_path, capsys)
     plan = capsys.readouterr().out
     assert "predicted wall time:" in plan and "no recorded time" not in plan
     assert len([ln for ln in plan.splitlines() if ln.endswith(")") and "gpu0" in ln]) == len(stages)
+
+    # resumed (only the report made again): the stages it kept count with the times their manifests recorded
+    shutil.rmtree(work / "run" / "report")
+    assert cli.main([*argv, "--resume"]) == 0
+    capsys.readouterr()
+    resumed = json.loads((work / "bench.json").read_text())
+    assert {r["name"]: r["state"] for r in resumed["rows"]} == {n: "done" if n == "report" else "skipped"
+                                                                 for n in stages}
+    assert set(resumed["stages"]) == set(result["stages"])
+    ft = json.loads((work / "run" / "dtd/ft-projector/seed0/finetune" / "_SUCCESS.json").read_text())
+    assert resumed["stages"]["finetune:projector@dtd"]["wall_s"] == ft["summary"]["time"]["wall_s"]
 
 
 def test_fixture_is_reused_when_complete(tmp_path):

@@ -194,8 +194,9 @@ def run_command(args: argparse.Namespace) -> int:
     # Named only now: asking CUDA for it would keep a context on the first GPU beside the stage running there.
     card = card_name("cuda" if local.visible_gpus() else "cpu")
     result_rows = rows(outcome, root)
-    times = stage_times.summarise([(r["name"], outcome.manifests[r["name"]], r["wall_s"]) for r in result_rows
-                                   if r["state"] == "done"])
+    # A stage kept by --resume counts with the time its manifest recorded when it ran.
+    times = stage_times.summarise([(r["name"], outcome.manifests[r["name"]], r["wall_s"] if r["state"] == "done"
+                                    else None) for r in result_rows if r["state"] in ("done", "skipped")])
     result = {**times.as_json(), "bench": "pipeline", "dataset_shape": args.dataset_shape, "fixture": desc,
               "model_preset": args.model_preset, "card": card,
               "gpus": gpus, "finetune_gpus": args.finetune_gpus, "root": root, "rows": result_rows,
