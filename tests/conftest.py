@@ -8,6 +8,10 @@
   it should be marked `@pytest.mark.s3`. Skipped, with the reason, only when the `weed` binary is missing.
 - `s3_env` (function): points this test's process environment at the server (AWS_ACCESS_KEY_ID,
   AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) through monkeypatch and returns the server.
+- Stage inputs built once per session (on first use): `tiny_model` (the tiny random LLaVA), `tiny_original` (the
+  same in the original LLaVA layout), `prep` (textures-mini, 6 images a class) for the models/finetune/merge tests;
+  `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` and `clip_tiny_uri` for the eval/probe/report tests.
+  Tests must not change them. `deepspeed_one_process` (function): DeepSpeed's CPU accelerator in this process.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from stage_runs import stage
 
 _SESSION_CACHE: str | None = None
 
@@ -204,3 +209,68 @@ def container_images() -> dict[str, str]:
             pytest.fail(f"images/{script} failed (run `make images`):\n{result.stderr[-4000:]}")
     names = [n if "/" in n.split(":")[0] else f"localhost/{n}" for n in result.stdout.split()]
     return {name.rsplit("/", 1)[-1].split(":")[0].removeprefix("mysproj-"): name for name in names}
+
+
+# ------------------------------------------------------------------------------- stage inputs, one per session
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("models-inputs") / "tiny")
+    stage("model-init", preset="tiny", out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_original(tmp_path_factory, tiny_model) -> str:
+    """The tiny model written in the original LLaVA layout (LLaVA folder + `vision_tower/` CLIP folder)."""
+    from mysproj.models.loading import load_llava, write_original
+
+    loaded = load_llava(tiny_model)
+    out = str(tmp_path_factory.mktemp("models-inputs") / "tiny-original")
+    write_original(loaded.model.state_dict(), loaded.model.config, loaded.tokenizer, loaded.image_processor, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prep(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("models-inputs") / "prep")
+    stage("prep", dataset="textures-mini", out=out, max_per_class=6, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prep_uri(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("eval-inputs") / "textures-mini" / "prep")
+    stage("prep", dataset="textures-mini", out=out, max_per_class=4, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip_tiny_uri(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("eval-inputs") / "models" / "clip-tiny")
+    stage("model-init", preset="clip-tiny", out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_tiny_uri(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("eval-inputs") / "models" / "tiny")
+    stage("model-init", preset="tiny", out=out)
+    return out
+
+
+@pytest.fixture
+def deepspeed_one_process(monkeypatch):
+    """DeepSpeed's CPU accelerator in this process: it needs a (1-process) process group. Afterwards the group and
+    DeepSpeed's cached clone of it are gone, so a later test starts cleanly."""
+    pytest.importorskip("deepspeed")
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", "29513")):
+        monkeypatch.setenv(k, v)
+    yield
+    import torch
+    from deepspeed.utils import groups
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    groups._WORLD_GROUP = None

@@ -3,11 +3,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _eval_fixtures import llava_tiny_uri, prep_uri  # noqa: E402,F401
 
 
 @pytest.fixture
-def image_path(prep_uri):  # noqa: F811
+def image_path(prep_uri):
     from mysproj.data.prepared import PreparedData
 
     data = PreparedData(prep_uri)
@@ -25,7 +24,7 @@ def test_prompt_is_llava_v1_with_history():
                                    f"USER: Colour? ASSISTANT:")
 
 
-def test_ask_streams_the_greedy_answer(llava_tiny_uri, image_path, capsys):  # noqa: F811
+def test_ask_streams_the_greedy_answer(llava_tiny_uri, image_path, capsys):
     from mysproj.cli import main
 
     rc = main(["ask", "--model", llava_tiny_uri, "--image", image_path, "--prompt", "Which texture is this?",
@@ -54,7 +53,7 @@ def test_ask_streams_the_greedy_answer(llava_tiny_uri, image_path, capsys):  # n
     assert all(c.numel() == 1 for c in rec.chunks[1:])
 
 
-def test_interactive_loop_keeps_history(llava_tiny_uri, image_path, monkeypatch, capsys):  # noqa: F811
+def test_interactive_loop_keeps_history(llava_tiny_uri, image_path, monkeypatch, capsys):
     from mysproj.cli import main
     from mysproj.stages import ask
 
@@ -75,7 +74,7 @@ def test_interactive_loop_keeps_history(llava_tiny_uri, image_path, monkeypatch,
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
-def test_quantized_loading_without_gpu_is_a_clear_error(llava_tiny_uri, image_path, capsys):  # noqa: F811
+def test_quantized_loading_without_gpu_is_a_clear_error(llava_tiny_uri, image_path, capsys):
     from mysproj.cli import main
     from mysproj.errors import EXIT_BAD_INPUT
 

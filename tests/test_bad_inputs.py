@@ -13,8 +13,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-from _models_fixtures import finetune, prep, tiny_model  # noqa: F401 - fixtures
 from dataset_layouts import make_dtd, make_imagefolder, write, write_image
+from stage_runs import finetune
 
 from mysproj.cli import main
 
@@ -52,7 +52,7 @@ def bomb_png(path: str, side: int = 20000) -> str:
 
 # ------------------------------------------------------------------------ models without a manifest (item 2)
 
-def test_outside_model_folder_is_checked_and_used(tiny_model, prep, tmp_path, capsys):  # noqa: F811
+def test_outside_model_folder_is_checked_and_used(tiny_model, prep, tmp_path, capsys):
     model = _unmanifested_copy(tiny_model, tmp_path / "llava-hf")
     rc, errors, printed = _cli(["eval-llava", "--model", model, "--data", prep, "--out", tmp_path / "ev", "--mode",
                                 "scoring", "--workers", "0", "--limit", "2"], capsys)
@@ -61,7 +61,7 @@ def test_outside_model_folder_is_checked_and_used(tiny_model, prep, tmp_path, ca
            f"complete)" in printed
 
 
-def test_truncated_model_file_is_one_line_and_exit_64(tiny_model, prep, tmp_path, capsys):  # noqa: F811
+def test_truncated_model_file_is_one_line_and_exit_64(tiny_model, prep, tmp_path, capsys):
     """A model-init output killed half-way (no manifest, a short weights file): refused before loading, not a
     35-line traceback and exit 1 (which Kubernetes would retry)."""
     model = _unmanifested_copy(tiny_model, tmp_path / "half")
@@ -74,7 +74,7 @@ def test_truncated_model_file_is_one_line_and_exit_64(tiny_model, prep, tmp_path
                       f"{size * 2}); download or copy it again"]
 
 
-def test_index_naming_a_missing_shard_is_refused(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_index_naming_a_missing_shard_is_refused(tiny_model, tmp_path, capsys):
     import json
 
     model = _unmanifested_copy(tiny_model, tmp_path / "sharded")
@@ -88,7 +88,7 @@ def test_index_naming_a_missing_shard_is_refused(tiny_model, tmp_path, capsys): 
                                    f"model-00002-of-00002.safetensors; the folder is incomplete"]
 
 
-def test_merge_refuses_the_projector_of_an_unfinished_finetune(tiny_model, prep, tmp_path, capsys):  # noqa: F811
+def test_merge_refuses_the_projector_of_an_unfinished_finetune(tiny_model, prep, tmp_path, capsys):
     ft = str(tmp_path / "ft")
     finetune(tiny_model, prep, ft, strategy="projector", max_steps=1)
     os.remove(os.path.join(ft, "_SUCCESS.json"))  # killed between writing its files and its manifest
@@ -165,7 +165,7 @@ def test_bomb_limit_is_a_prep_field(tmp_path):
     assert [s["image"] for s in skipped] == [big]
 
 
-def test_ask_refuses_a_bomb_a_folder_and_a_text_file_named_jpg(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_ask_refuses_a_bomb_a_folder_and_a_text_file_named_jpg(tiny_model, tmp_path, capsys):
     bomb = bomb_png(str(tmp_path / "bomb.png"))
     text = write(str(tmp_path / "notes.jpg"), b"not an image at all\n")
     cases = {bomb: f"error: {bomb}: too large (20000x20000 = 400 MP declared in its header, above the limit of 100 "
@@ -195,7 +195,7 @@ REFUSED = ("credentials inside a URI are refused; give them as AWS_ACCESS_KEY_ID
            "chart's credentials Secret)")
 
 
-def test_credentials_in_a_uri_are_refused_and_never_printed(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_credentials_in_a_uri_are_refused_and_never_printed(tiny_model, tmp_path, capsys):
     uri = f"s3://AKIAEXAMPLE:{SECRET}@bucket/dtd"
     rc, errors, printed = _cli(["prep", "--dataset", "dtd", "--source", uri, "--out", tmp_path / "o"], capsys)
     assert (rc, errors) == (64, [f"error: config field 'source' = 's3://***@bucket/dtd': {REFUSED}"])
@@ -243,7 +243,7 @@ def test_real_s3_credentials_in_a_uri_are_refused_before_any_request(s3_env, tmp
 
 # ------------------------------------------------------------------------------ clear messages (item 7)
 
-def test_eval_clip_given_a_llava_model_says_so(tiny_model, prep, tmp_path, capsys):  # noqa: F811
+def test_eval_clip_given_a_llava_model_says_so(tiny_model, prep, tmp_path, capsys):
     rc, errors, printed = _cli(["eval-clip", "--model", tiny_model, "--data", prep, "--out", tmp_path / "o",
                                 "--workers", "0"], capsys)
     assert rc == 64 and errors == [f"error: CLIP model {tiny_model}: this is a LLaVA model; eval-clip needs a CLIP "

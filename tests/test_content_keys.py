@@ -8,7 +8,6 @@ import logging
 import os
 
 import pytest
-from _models_fixtures import tiny_model  # noqa: F401 - fixture
 from dataset_layouts import image_bytes, make_imagefolder, write
 
 from mysproj.cli import main
@@ -34,7 +33,7 @@ def _reruns_logged(stderr: str, stage: str) -> list[str]:
     return [ln.split(": ", 1)[1] for ln in stderr.splitlines() if f": {stage}: " in ln and "runs again" in ln]
 
 
-def test_prep_rerun_with_other_content_makes_eval_llava_run_again(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_prep_rerun_with_other_content_makes_eval_llava_run_again(tiny_model, tmp_path, capsys):
     """The issue's case: prep re-run into the same folder with another --max-per-class, then eval-llava on it. The
     eval's config is the same; only the content of its input changed. It must run again, over the new test split."""
     prep, ev = str(tmp_path / "prep"), str(tmp_path / "eval")
@@ -57,7 +56,7 @@ def test_prep_rerun_with_other_content_makes_eval_llava_run_again(tiny_model, tm
     assert recorded["data"] == json.load(open(os.path.join(prep, M.MANIFEST)))["digest"]
 
 
-def test_pipeline_with_a_changed_finetune_reruns_everything_downstream(tiny_model, tmp_path, caplog):  # noqa: F811
+def test_pipeline_with_a_changed_finetune_reruns_everything_downstream(tiny_model, tmp_path, caplog):
     """`mysproj run` with fixed output paths: a changed fine-tuning setting re-runs the fine-tune, and so merge, the
     eval, the probe and the report whose configs did not change; what does not depend on it is skipped."""
     from mysproj.pipeline import local
@@ -186,7 +185,7 @@ def test_s3_outside_folder_change_makes_prep_run_again(s3_env, tmp_path, caplog)
                                        f"was made"]
 
 
-def test_finetune_refuses_to_overwrite_a_prep_output_unless_forced(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_finetune_refuses_to_overwrite_a_prep_output_unless_forced(tiny_model, tmp_path, capsys):
     data, prep = str(tmp_path / "data"), str(tmp_path / "prep")
     for out in (data, prep):
         assert main([*PREP, "--out", out, "--max-per-class", "2"]) == 0

@@ -6,15 +6,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
-from _eval_fixtures import clip_tiny_uri, prep_uri, run_stage_cfg  # noqa: E402,F401
+from stage_runs import stage  # noqa: E402
 
 pq = pytest.importorskip("pyarrow.parquet")
 
 
 @pytest.mark.parametrize("protocol", ["paper", "openclip"])
-def test_eval_clip_end_to_end(tmp_path, prep_uri, clip_tiny_uri, protocol):  # noqa: F811
+def test_eval_clip_end_to_end(tmp_path, prep_uri, clip_tiny_uri, protocol):
     out = str(tmp_path / "eval-clip")
-    m = run_stage_cfg("eval-clip", model=clip_tiny_uri, data=prep_uri, out=out, protocol=protocol, workers=0,
+    m = stage("eval-clip", model=clip_tiny_uri, data=prep_uri, out=out, protocol=protocol, workers=0,
                       batch_size=5)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     rows = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
@@ -28,17 +28,17 @@ def test_eval_clip_end_to_end(tmp_path, prep_uri, clip_tiny_uri, protocol):  # n
     assert all(abs(sum(r["scores"]) - 1) < 1e-3 for r in rows)
     assert m["summary"]["n"] == 16
     # a second run with the same config is skipped
-    assert run_stage_cfg("eval-clip", model=clip_tiny_uri, data=prep_uri, out=out, protocol=protocol,
+    assert stage("eval-clip", model=clip_tiny_uri, data=prep_uri, out=out, protocol=protocol,
                          workers=0, batch_size=5).get("skipped")
 
 
-def test_paper_protocol_is_argmax_over_photo_template(tmp_path, prep_uri, clip_tiny_uri):  # noqa: F811
+def test_paper_protocol_is_argmax_over_photo_template(tmp_path, prep_uri, clip_tiny_uri):
     """Recompute the seed script's prediction one image at a time, the slow way, and compare."""
     from mysproj.data.prepared import PreparedData
     from mysproj.models.clip import load_clip
 
     out = str(tmp_path / "eval-clip")
-    run_stage_cfg("eval-clip", model=clip_tiny_uri, data=prep_uri, out=out, workers=0, batch_size=7)
+    stage("eval-clip", model=clip_tiny_uri, data=prep_uri, out=out, workers=0, batch_size=7)
     rows = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
     data = PreparedData(prep_uri)
     model, preprocess, tokenizer = load_clip(clip_tiny_uri)
@@ -50,7 +50,7 @@ def test_paper_protocol_is_argmax_over_photo_template(tmp_path, prep_uri, clip_t
             assert row["prediction"] == labels[int((img @ text.T).argmax())]
 
 
-def test_hf_clip_layout(tmp_path, prep_uri):  # noqa: F811
+def test_hf_clip_layout(tmp_path, prep_uri):
     """An HF `CLIPModel` folder runs through transformers; predictions equal CLIPModel's own logits."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -70,7 +70,7 @@ def test_hf_clip_layout(tmp_path, prep_uri):  # noqa: F811
     assert clip.kind == "hf"
 
     out = str(tmp_path / "eval")
-    run_stage_cfg("eval-clip", model=str(hf_dir), data=prep_uri, out=out, workers=0)
+    stage("eval-clip", model=str(hf_dir), data=prep_uri, out=out, workers=0)
     rows = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
     data = PreparedData(prep_uri)
     ref = CLIPModel.from_pretrained(hf_dir).eval()
@@ -83,7 +83,7 @@ def test_hf_clip_layout(tmp_path, prep_uri):  # noqa: F811
     assert [r["prediction"] for r in rows] == want
 
 
-def test_clip_tiny_preset_output(clip_tiny_uri):  # noqa: F811
+def test_clip_tiny_preset_output(clip_tiny_uri):
     from mysproj.models.clip import TINY_MODEL_CFG, load_clip
     from mysproj.storage.manifest import StageInput
 
@@ -217,8 +217,6 @@ def test_pixel_spec_of_an_hf_processor():
 def jpeg_prep(tmp_path_factory):
     """An imagefolder prep output of photos: RGB JPEGs (baseline, progressive, 4:4:4, several sizes) and, in
     the test split, a greyscale JPEG, a CMYK JPEG and a PNG, which decode=device hands to PIL."""
-    from _eval_fixtures import run_stage_cfg
-
     root = tmp_path_factory.mktemp("jpeg-folder")
     photos = _photos()
     files = {
@@ -243,18 +241,18 @@ def jpeg_prep(tmp_path_factory):
             else:
                 (root / "src" / folder / name).write_bytes(raw)
     out = str(root / "prep")
-    run_stage_cfg("prep", dataset="imagefolder", source=str(root / "src"), out=out, workers=1)
+    stage("prep", dataset="imagefolder", source=str(root / "src"), out=out, workers=1)
     return out
 
 
 def _eval(tmp_path, name: str, prep: str, model: str, **fields):
     out = str(tmp_path / name)
-    summary = run_stage_cfg("eval-clip", model=model, data=prep, out=out, **fields)["summary"]
+    summary = stage("eval-clip", model=model, data=prep, out=out, **fields)["summary"]
     rows = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
     return summary, json.load(open(os.path.join(out, "metrics.json"))), rows
 
 
-def test_decode_device_agrees_with_cpu(tmp_path, jpeg_prep, clip_tiny_uri):  # noqa: F811
+def test_decode_device_agrees_with_cpu(tmp_path, jpeg_prep, clip_tiny_uri):
     """The stage end to end on photos: same predictions and scores with decode=device (a worker process sends
     the bytes; 5 JPEGs decoded as tensors, 3 files through PIL) as with the seed's PIL path."""
     _, cpu_metrics, cpu_rows = _eval(tmp_path, "cpu", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3)
@@ -270,7 +268,7 @@ def test_decode_device_agrees_with_cpu(tmp_path, jpeg_prep, clip_tiny_uri):  # n
 
 
 @pytest.mark.parametrize("fast_tower, graphs", [(False, 1), (True, 3)])
-def test_bf16_compiled_tower_compiles_once(tmp_path, monkeypatch, jpeg_prep, clip_tiny_uri,  # noqa: F811
+def test_bf16_compiled_tower_compiles_once(tmp_path, monkeypatch, jpeg_prep, clip_tiny_uri,
                                            fast_tower, graphs):
     """precision=bf16 + compile=true: 8 images in batches of 3 (the last one partial, padded) compile once (the
     model's two blocks share a graph; the fast tower has one for the patch embedding, the first block and the
@@ -297,7 +295,7 @@ def test_bf16_compiled_tower_compiles_once(tmp_path, monkeypatch, jpeg_prep, cli
     torch._dynamo.reset()
 
 
-def test_fast_tower_agrees_with_the_model_forward(tmp_path, jpeg_prep, clip_tiny_uri):  # noqa: F811
+def test_fast_tower_agrees_with_the_model_forward(tmp_path, jpeg_prep, clip_tiny_uri):
     """The default (fast_tower) and the model's own encode_image give the same predictions and scores (fp32)."""
     fast, _, fast_rows = _eval(tmp_path, "fast", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3)
     plain, _, rows = _eval(tmp_path, "plain", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3, fast_tower=False)

@@ -7,15 +7,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from _eval_fixtures import llava_tiny_uri, prep_uri, run_stage_cfg  # noqa: E402,F401
+from stage_runs import stage  # noqa: E402
 
 LIMIT = 6
 
 
 @pytest.mark.parametrize("mode", ["generate", "scoring"])
-def test_eval_llava_end_to_end(tmp_path, prep_uri, llava_tiny_uri, mode):  # noqa: F811
+def test_eval_llava_end_to_end(tmp_path, prep_uri, llava_tiny_uri, mode):
     out = str(tmp_path / mode)
-    m = run_stage_cfg("eval-llava", model=llava_tiny_uri, data=prep_uri, out=out, mode=mode, workers=0,
+    m = stage("eval-llava", model=llava_tiny_uri, data=prep_uri, out=out, mode=mode, workers=0,
                       batch_size=4, limit=LIMIT, max_new_tokens=8)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     rows = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
@@ -39,13 +39,13 @@ def test_eval_llava_end_to_end(tmp_path, prep_uri, llava_tiny_uri, mode):  # noq
 
 
 @pytest.fixture
-def loaded(llava_tiny_uri):  # noqa: F811
+def loaded(llava_tiny_uri):
     from mysproj.models.loading import load_llava
 
     return load_llava(llava_tiny_uri)
 
 
-def _inputs(prep_uri, loaded, n=LIMIT):  # noqa: F811
+def _inputs(prep_uri, loaded, n=LIMIT):
     from mysproj.data.prepared import PreparedData
     from mysproj.evaluation import scoring
     from mysproj.models.conversation import llava_v1_prompt, pixel_values
@@ -63,7 +63,7 @@ def _inputs(prep_uri, loaded, n=LIMIT):  # noqa: F811
     return data, prompts, pix, conts
 
 
-def test_scoring_equals_full_sequence_loglikelihood(prep_uri, loaded):  # noqa: F811
+def test_scoring_equals_full_sequence_loglikelihood(prep_uri, loaded):
     """The batched prefix-cache scoring equals scoring each full sequence alone, without padding."""
     from mysproj.evaluation import scoring
 
@@ -84,7 +84,7 @@ def test_scoring_equals_full_sequence_loglikelihood(prep_uri, loaded):  # noqa: 
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_scoring_with_the_shared_prefix_equals_without(prep_uri, loaded, padded):  # noqa: F811
+def test_scoring_with_the_shared_prefix_equals_without(prep_uri, loaded, padded):
     """The system prompt's keys and values kept, the last layer at the read rows only: the same scores. Only an
     unpadded batch (every image with the same prompt, as a dataset's are) takes that path."""
     from mysproj.evaluation import scoring
@@ -107,7 +107,7 @@ def test_scoring_with_the_shared_prefix_equals_without(prep_uri, loaded, padded)
     assert len(fast._past) == (0 if padded else 1)
 
 
-def test_scoring_does_not_depend_on_batching(prep_uri, loaded):  # noqa: F811
+def test_scoring_does_not_depend_on_batching(prep_uri, loaded):
     from mysproj.evaluation import scoring
 
     data, prompts, pix, conts = _inputs(prep_uri, loaded)
@@ -118,7 +118,7 @@ def test_scoring_does_not_depend_on_batching(prep_uri, loaded):  # noqa: F811
     torch.testing.assert_close(together, alone, atol=1e-3, rtol=1e-4)
 
 
-def test_generate_and_scoring_share_the_prefix(prep_uri, loaded):  # noqa: F811
+def test_generate_and_scoring_share_the_prefix(prep_uri, loaded):
     """Greedy generation's first token is the argmax of the prefix logits scoring uses, and batched
     (left-padded) generation gives the same answers as one example at a time."""
     from transformers import GenerationConfig

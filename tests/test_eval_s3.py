@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
-from _eval_fixtures import run_stage_cfg  # noqa: E402
+from stage_runs import stage  # noqa: E402
 
 pytestmark = pytest.mark.s3
 
@@ -17,16 +17,16 @@ def test_eval_clip_eval_llava_and_report_on_s3(s3_env, tmp_path):
 
     root = f"{s3_env.create_bucket('evalruns')}/{tmp_path.name}"
     prep = f"{root}/textures-mini/prep"
-    run_stage_cfg("prep", dataset="textures-mini", out=prep, max_per_class=2, workers=1)
-    run_stage_cfg("model-init", preset="clip-tiny", out=f"{root}/models/clip-tiny")
-    run_stage_cfg("model-init", preset="tiny", out=f"{root}/models/tiny")
-    run_stage_cfg("eval-clip", model=f"{root}/models/clip-tiny", data=prep, workers=0,
+    stage("prep", dataset="textures-mini", out=prep, max_per_class=2, workers=1)
+    stage("model-init", preset="clip-tiny", out=f"{root}/models/clip-tiny")
+    stage("model-init", preset="tiny", out=f"{root}/models/tiny")
+    stage("eval-clip", model=f"{root}/models/clip-tiny", data=prep, workers=0,
                   out=f"{root}/textures-mini/zero-shot/eval-clip")
-    run_stage_cfg("eval-llava", model=f"{root}/models/tiny", data=prep, workers=0, mode="scoring",
+    stage("eval-llava", model=f"{root}/models/tiny", data=prep, workers=0, mode="scoring",
                   out=f"{root}/textures-mini/zero-shot/eval-llava")
     metrics = json.loads(read_text(f"{root}/textures-mini/zero-shot/eval-llava/metrics.json"))
     assert metrics["n"] == 8 and metrics["unparsed"] == 0
-    m = run_stage_cfg("report", runs=[root], out=f"{root}/report")
+    m = stage("report", runs=[root], out=f"{root}/report")
     text = read_text(f"{root}/report/report.md")
     assert m["summary"]["runs"] == 2
     assert "| CLIP zero-shot |" in text and "| LLaVA-1.5 zero-shot |" in text
@@ -40,7 +40,7 @@ def test_load_clip_from_a_plain_s3_folder(s3_env, tmp_path):
     from mysproj.models.clip import load_clip
 
     local = str(tmp_path / "clip")
-    run_stage_cfg("model-init", preset="clip-tiny", out=local)
+    stage("model-init", preset="clip-tiny", out=local)
     target = f"{s3_env.create_bucket('weights')}/{tmp_path.name}/clip-tiny"
     fs = s3_env.filesystem()
     for name in os.listdir(local):

@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from _models_fixtures import kill_after_checkpoint, prep, tiny_model  # noqa: F401 - fixtures
 from dataset_layouts import make_dtd
+from stage_runs import kill_after_checkpoint
 
 from mysproj.errors import EXIT_BAD_INPUT
 from mysproj.storage import list_files, remove
@@ -100,13 +100,13 @@ def _finetune_argv(model: str, data: str, out: str) -> list[str]:
 
 
 def _trainable(out: str) -> dict:
-    from _models_fixtures import weights
+    from stage_runs import weights
 
     return weights(out)
 
 
 @pytest.mark.timeout(600)
-def test_truncated_checkpoints(tiny_model, prep, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_truncated_checkpoints(tiny_model, prep, tmp_path, monkeypatch, capsys):
     """(a) Killed while writing checkpoint 2 (file truncated, no manifest): the restart ignores it, resumes from
     step 1 and ends with the same weights as an undisturbed run. (b) A committed checkpoint whose file was
     truncated afterwards: one clear line, exit 64 (retrying cannot help), no final manifest."""

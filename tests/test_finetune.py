@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import deepspeed_one_process, finetune, kill_after_checkpoint, prep, stage, tiny_model, weights  # noqa: E402,F401
+from stage_runs import finetune, kill_after_checkpoint, weights  # noqa: E402
 
 VISION = "model.vision_tower."
 PROJECTOR = "model.multi_modal_projector."
@@ -20,7 +20,7 @@ def _metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_full_learns_and_keeps_the_vision_tower(tiny_model, prep, tmp_path):  # noqa: F811
+def test_full_learns_and_keeps_the_vision_tower(tiny_model, prep, tmp_path):
     from mysproj.models.loading import load_llava
 
     out = str(tmp_path / "full")
@@ -49,7 +49,7 @@ def test_full_learns_and_keeps_the_vision_tower(tiny_model, prep, tmp_path):  # 
     assert os.path.isdir(os.path.join(out, "checkpoints", f"step-{s['steps']}"))
 
 
-def test_projector_only_changes_the_projector(tiny_model, prep, tmp_path):  # noqa: F811
+def test_projector_only_changes_the_projector(tiny_model, prep, tmp_path):
     from mysproj.models.loading import load_llava
 
     out = str(tmp_path / "proj")
@@ -70,7 +70,7 @@ def test_projector_only_changes_the_projector(tiny_model, prep, tmp_path):  # no
         load_llava(out)
 
 
-def test_lora_writes_merged_model_and_adapter(tiny_model, prep, tmp_path):  # noqa: F811
+def test_lora_writes_merged_model_and_adapter(tiny_model, prep, tmp_path):
     from peft import LoraConfig
 
     out = str(tmp_path / "lora")
@@ -93,7 +93,7 @@ def test_lora_writes_merged_model_and_adapter(tiny_model, prep, tmp_path):  # no
     assert not torch.equal(merged[q + ".weight"], base[q + ".weight"])
 
 
-def test_killed_run_resumes_to_identical_weights(tiny_model, prep, tmp_path, monkeypatch):  # noqa: F811
+def test_killed_run_resumes_to_identical_weights(tiny_model, prep, tmp_path, monkeypatch):
     fields = dict(strategy="full", epochs=2, max_steps=5, checkpoint_every=2, lr=1e-3)
     straight = str(tmp_path / "straight")
     finetune(tiny_model, prep, straight, **fields)
@@ -126,7 +126,7 @@ def test_data_order_and_last_step_filling():
         Schedule(10, 6, 4, 1, 1.0).check()
 
 
-def test_conversation_masks_all_but_the_answer(tiny_model):  # noqa: F811
+def test_conversation_masks_all_but_the_answer(tiny_model):
     from transformers import AutoTokenizer
 
     from mysproj.models.conversation import IGNORE_INDEX, SYSTEM_VICUNA_V1, training_example
@@ -147,7 +147,7 @@ def test_conversation_masks_all_but_the_answer(tiny_model):  # noqa: F811
     assert ids[:5] == [tok.bos_token_id] + [image] * 4
 
 
-def _copy_prep(prep, dest, mutate):  # noqa: F811
+def _copy_prep(prep, dest, mutate):
     shutil.copytree(prep, dest)
     records = json.load(open(os.path.join(dest, "llava_train.json")))
     mutate(records)
@@ -163,7 +163,7 @@ def _copy_prep(prep, dest, mutate):  # noqa: F811
 
 
 @pytest.mark.parametrize("case", ["no-model", "prep-without-manifest", "unknown-class", "lr", "warmup", "batch"])
-def test_bad_inputs_exit_64_with_one_line(case, tiny_model, prep, tmp_path, capsys):  # noqa: F811
+def test_bad_inputs_exit_64_with_one_line(case, tiny_model, prep, tmp_path, capsys):
     from mysproj.cli import main
 
     model, data, extra = tiny_model, prep, []
@@ -194,7 +194,7 @@ def test_bad_inputs_exit_64_with_one_line(case, tiny_model, prep, tmp_path, caps
     assert rc == 64 and len(err) == 1 and want in err[0], err
 
 
-def test_two_processes_train_like_one(tiny_model, prep, tmp_path):  # noqa: F811
+def test_two_processes_train_like_one(tiny_model, prep, tmp_path):
     """torchrun with 2 CPU processes (gloo) and a different micro-batch split reaches the weights of a single
     process: the global batch, data order and the global-batch loss normalisation do not depend on the launch."""
     import subprocess
@@ -220,8 +220,8 @@ def test_two_processes_train_like_one(tiny_model, prep, tmp_path):  # noqa: F811
     assert [r["loss"] for r in _metrics(single)] == pytest.approx([r["loss"] for r in _metrics(multi)], rel=1e-5)
 
 
-def test_deepspeed_zero3_path_matches_and_resumes(tiny_model, prep, tmp_path, monkeypatch,  # noqa: F811
-                                                  deepspeed_one_process):  # noqa: F811
+def test_deepspeed_zero3_path_matches_and_resumes(tiny_model, prep, tmp_path, monkeypatch,
+                                                  deepspeed_one_process):
     """The GPU code path (accelerate + DeepSpeed ZeRO-3: engine backward/step, sharded checkpoints with frozen
     weights excluded, the 16-bit gather at export) run on DeepSpeed's CPU accelerator, in fp32."""
     fields = dict(strategy="full", max_steps=3, checkpoint_every=2, lr=1e-3, precision="fp32")

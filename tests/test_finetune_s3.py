@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import kill_after_checkpoint, stage  # noqa: E402
+from stage_runs import kill_after_checkpoint, stage  # noqa: E402
 
 pytestmark = pytest.mark.s3
 

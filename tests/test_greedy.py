@@ -11,13 +11,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from _eval_fixtures import llava_tiny_uri, prep_uri, run_stage_cfg  # noqa: E402,F401
+from stage_runs import stage  # noqa: E402
 
 N = 6
 NEW_TOKENS = 16
 
 
-def _prompts(prep_uri, loaded, n=N):  # noqa: F811
+def _prompts(prep_uri, loaded, n=N):
     from mysproj.data.prepared import PreparedData
     from mysproj.models.conversation import llava_v1_prompt, pixel_values
     from mysproj.models.prompt_ids import prompt_ids
@@ -51,7 +51,7 @@ def _reference(loaded, prompts, pix, new_tokens=NEW_TOKENS) -> list[list[int]]:
 
 
 @pytest.fixture
-def stopping(prep_uri, llava_tiny_uri):  # noqa: F811
+def stopping(prep_uri, llava_tiny_uri):
     """The tiny model with `</s>` made the greedy choice wherever one of its usual tokens was (lm_head's `</s>`
     row = 1.5 x that token's row), picked so that some rows stop early and others use the whole budget."""
     from mysproj.models.loading import load_llava
@@ -106,7 +106,7 @@ def test_workspaces_are_reused_and_grow_with_the_prompts(stopping):
     assert decoder(prompts[2:3], pix[2:3], NEW_TOKENS) == ref[2:3]
 
 
-def test_falls_back_where_plain_greedy_does_not_apply(llava_tiny_uri):  # noqa: F811
+def test_falls_back_where_plain_greedy_does_not_apply(llava_tiny_uri):
     from mysproj.evaluation.greedy import unsupported
     from mysproj.models.loading import load_llava
 
@@ -118,11 +118,11 @@ def test_falls_back_where_plain_greedy_does_not_apply(llava_tiny_uri):  # noqa: 
     assert "repetition_penalty" in unsupported(model)
 
 
-def test_stage_predictions_equal_with_and_without_static_decode(tmp_path, prep_uri, llava_tiny_uri):  # noqa: F811
+def test_stage_predictions_equal_with_and_without_static_decode(tmp_path, prep_uri, llava_tiny_uri):
     rows, summaries = {}, {}
     for static in (False, True):
         out = str(tmp_path / str(static))
-        m = run_stage_cfg("eval-llava", model=llava_tiny_uri, data=prep_uri, out=out, mode="generate", workers=0,
+        m = stage("eval-llava", model=llava_tiny_uri, data=prep_uri, out=out, mode="generate", workers=0,
                           batch_size=4, limit=7, max_new_tokens=12, static_decode=static)
         rows[static] = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
         summaries[static] = m["summary"]

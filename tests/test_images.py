@@ -65,7 +65,10 @@ def test_build_context_leaves_tests_results_and_state_out():
     allowed = [line[1:] for line in ignore if line.startswith("!")]
     assert set(allowed) == {"requirements.txt", "images/requirements-cpu.txt", "images/mysproj.sh", "jobs/*.py",
                             "mysproj/"}
-    assert "mysproj/bench/results" in ignore and "**/__pycache__" in ignore
+    assert "**/__pycache__" in ignore
+    # The benchmark records sit beside the package, never in it, so no image carries them.
+    assert (REPO / "benchmarks" / "results").is_dir() and not (REPO / "mysproj" / "bench" / "results").exists()
+    assert not [a for a in allowed if a.startswith(("benchmarks", "*", "docs", "tests"))]
 
 
 def test_cpu_image_pins_match_the_project_and_leave_torch_out():

@@ -8,11 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import stage, tiny_model  # noqa: E402,F401
+from stage_runs import stage  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float16])
-def test_direct_load_equals_the_usual_load(tiny_model, dtype):  # noqa: F811
+def test_direct_load_equals_the_usual_load(tiny_model, dtype):
     from mysproj.models.loading import load_llava
 
     usual = load_llava(tiny_model, dtype=dtype).model.state_dict()

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import finetune, prep, stage, tiny_model, tiny_original, weights  # noqa: E402,F401
+from stage_runs import finetune, stage, weights  # noqa: E402
 
 PROJ = ["model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias",
         "model.multi_modal_projector.linear_2.weight", "model.multi_modal_projector.linear_2.bias"]
@@ -19,7 +19,7 @@ def _tuned_projector(base_weights):
     return {k: torch.randn(base_weights[k].shape, generator=g) for k in PROJ}
 
 
-def test_merge_original_base_with_bare_mm_projector_bin(tiny_model, tiny_original, tmp_path):  # noqa: F811
+def test_merge_original_base_with_bare_mm_projector_bin(tiny_model, tiny_original, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from mysproj.models.conversion import (
@@ -60,7 +60,7 @@ def test_merge_original_base_with_bare_mm_projector_bin(tiny_model, tiny_origina
             assert torch.equal(original_back[k], v), k
 
 
-def test_merge_finetune_output_into_hf_base(tiny_model, prep, tmp_path):  # noqa: F811
+def test_merge_finetune_output_into_hf_base(tiny_model, prep, tmp_path):
     ft = str(tmp_path / "ft")
     finetune(tiny_model, prep, ft, strategy="projector", max_steps=1)
     out = str(tmp_path / "merged")
@@ -73,7 +73,7 @@ def test_merge_finetune_output_into_hf_base(tiny_model, prep, tmp_path):  # noqa
     assert manifest["summary"]["random_weights"] is True and "model.safetensors" in manifest["files"]
 
 
-def test_merge_rejects_mismatched_or_missing_projector(tiny_model, tmp_path, capsys):  # noqa: F811
+def test_merge_rejects_mismatched_or_missing_projector(tiny_model, tmp_path, capsys):
     from mysproj.cli import main
 
     bad = str(tmp_path / "bad.bin")
@@ -122,7 +122,7 @@ def _same_model(a: str, b: str) -> None:
 
 
 @pytest.mark.parametrize("sharded", [True, False])
-def test_merge_reusing_the_base_equals_the_full_write(tiny_model, tmp_path, sharded):  # noqa: F811
+def test_merge_reusing_the_base_equals_the_full_write(tiny_model, tmp_path, sharded):
     from safetensors.torch import load_file
 
     base = _sharded_base(str(tmp_path / "base")) if sharded else tiny_model
@@ -151,7 +151,7 @@ def test_merge_reusing_the_base_equals_the_full_write(tiny_model, tmp_path, shar
         assert set(m["files"]) == set(json.load(open(os.path.join(full, "_SUCCESS.json")))["files"])
 
 
-def test_merge_reusing_rejects_a_projector_of_another_shape(tiny_model, tmp_path):  # noqa: F811
+def test_merge_reusing_rejects_a_projector_of_another_shape(tiny_model, tmp_path):
     from mysproj.errors import BadInput
 
     bad = str(tmp_path / "bad.bin")

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import stage, tiny_model, tiny_original, weights  # noqa: E402,F401
+from stage_runs import weights  # noqa: E402
 
 
-def test_model_init_tiny_is_a_working_llava(tiny_model):  # noqa: F811
+def test_model_init_tiny_is_a_working_llava(tiny_model):
     from PIL import Image
     from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
@@ -61,7 +61,7 @@ def test_llava_7b_preset_has_the_real_architecture():
     assert 7.0e9 < total < 7.1e9  # llava-1.5-7b-hf: 7.06B
 
 
-def _original_without_llava_tokens(tiny_model, folder):  # noqa: F811
+def _original_without_llava_tokens(tiny_model, folder):
     """An original-layout checkpoint as released: Vicuna-style vocabulary (no <image>/<pad>), CLIP apart."""
     from mysproj.models.conversion import hf_to_original, split_original
     from mysproj.models.loading import load_llava, write_original
@@ -78,7 +78,7 @@ def _original_without_llava_tokens(tiny_model, folder):  # noqa: F811
     return main, tower, n
 
 
-def test_original_layout_converts_like_transformers(tiny_model, tmp_path):  # noqa: F811
+def test_original_layout_converts_like_transformers(tiny_model, tmp_path):
     from safetensors.torch import save_file
     from transformers import LlavaForConditionalGeneration
 
@@ -130,7 +130,7 @@ def test_original_layout_converts_like_transformers(tiny_model, tmp_path):  # no
     assert torch.equal(load_llava(folder).model.state_dict()[vocab_rows[0]], got[vocab_rows[0]])  # seeded
 
 
-def test_hf_original_round_trip_is_bit_exact(tiny_model, tiny_original):  # noqa: F811
+def test_hf_original_round_trip_is_bit_exact(tiny_model, tiny_original):
     from mysproj.models.conversion import hf_to_original, original_to_hf
     from mysproj.models.loading import load_llava
 
@@ -161,7 +161,7 @@ def test_projector_names_are_recognised():
         projector_to_hf({"0.weight": 0})
 
 
-def test_bad_model_folders_fail_with_one_line(tiny_model, tiny_original, tmp_path, capsys):  # noqa: F811
+def test_bad_model_folders_fail_with_one_line(tiny_model, tiny_original, tmp_path, capsys):
     from mysproj.cli import main
     from mysproj.errors import BadInput
     from mysproj.models.loading import load_llava
@@ -186,7 +186,7 @@ def test_bad_model_folders_fail_with_one_line(tiny_model, tiny_original, tmp_pat
     assert weights(tiny_model)  # the fixture itself is intact
 
 
-def test_original_layout_with_sentencepiece_tokenizer_model(tiny_original, tmp_path):  # noqa: F811
+def test_original_layout_with_sentencepiece_tokenizer_model(tiny_original, tmp_path):
     """As released (liuhaotian/llava-v1.5-7b): only `tokenizer.model` (SentencePiece), no tokenizer.json."""
     import io
 

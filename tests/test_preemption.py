@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _models_fixtures import finetune, prep, tiny_model, weights  # noqa: E402,F401 - fixtures
+from stage_runs import finetune, weights  # noqa: E402
 
 from mysproj.errors import EXIT_PREEMPTED  # noqa: E402
 
@@ -58,7 +58,7 @@ def _stopped_at(stderr: str) -> int:
     return step
 
 
-def test_sigterm_checkpoints_exits_retryable_and_the_rerun_resumes_bit_identical(tiny_model, prep, tmp_path,  # noqa: F811
+def test_sigterm_checkpoints_exits_retryable_and_the_rerun_resumes_bit_identical(tiny_model, prep, tmp_path,
                                                                                   caplog):
     straight = str(tmp_path / "straight")
     finetune(tiny_model, prep, straight, **FIELDS)
@@ -111,7 +111,7 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-def test_under_torchrun_a_sigterm_to_one_rank_stops_all_ranks_after_the_same_step(tiny_model, prep,  # noqa: F811
+def test_under_torchrun_a_sigterm_to_one_rank_stops_all_ranks_after_the_same_step(tiny_model, prep,
                                                                                     tmp_path):
     """SIGTERM reaches only rank 1 (rank 0 knows nothing): both ranks still stop after the same step, write one
     checkpoint together (each rank's RNG state in it) and exit retryable; a rerun resumes from it. The loss is the

@@ -7,10 +7,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from _eval_fixtures import llava_tiny_uri, prep_uri, run_stage_cfg  # noqa: E402,F401
+from stage_runs import stage  # noqa: E402
 
 
-def test_probe_end_to_end(tmp_path, prep_uri, llava_tiny_uri):  # noqa: F811
+def test_probe_end_to_end(tmp_path, prep_uri, llava_tiny_uri):
     from safetensors.torch import load_file
 
     from mysproj.data.prepared import PreparedData
@@ -18,7 +18,7 @@ def test_probe_end_to_end(tmp_path, prep_uri, llava_tiny_uri):  # noqa: F811
     from mysproj.models.loading import load_llava
 
     out = str(tmp_path / "probe")
-    m = run_stage_cfg("probe", model=llava_tiny_uri, data=prep_uri, out=out, protocol="code", max_epochs=2,
+    m = stage("probe", model=llava_tiny_uri, data=prep_uri, out=out, protocol="code", max_epochs=2,
                       workers=0, batch_size=5)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for kind in ("pre", "post"):
@@ -48,7 +48,7 @@ def test_probe_end_to_end(tmp_path, prep_uri, llava_tiny_uri):  # noqa: F811
     torch.testing.assert_close(feats["post"], post, atol=1e-5, rtol=1e-4)
 
 
-def test_cls_pooling_is_clip_pooler_output(prep_uri, llava_tiny_uri):  # noqa: F811
+def test_cls_pooling_is_clip_pooler_output(prep_uri, llava_tiny_uri):
     from mysproj.data.prepared import PreparedData
     from mysproj.models.conversation import pixel_values
     from mysproj.models.loading import load_llava

@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
-from _eval_fixtures import prep_uri, run_stage_cfg  # noqa: E402,F401
 from _sentencepiece import hf_tokenizer, processor, train_model, upstream_ids  # noqa: E402
+from stage_runs import stage  # noqa: E402
 
 HUMAN = '<image>\nClassify this image into one of the following categories relating to textures: "banded", ' \
         '"star field". Only output a single final classification label and NOTHING ELSE.'
@@ -118,7 +118,7 @@ def test_tokenization_mismatch_ignores_the_example_as_upstream():
     assert bad.labels == [IGNORE_INDEX] * len(bad.input_ids)
 
 
-def test_mismatches_are_warned_once_with_counts(prep_uri, caplog):  # noqa: F811
+def test_mismatches_are_warned_once_with_counts(prep_uri, caplog):
     from types import SimpleNamespace
 
     from mysproj.data.prepared import PreparedData
@@ -162,7 +162,7 @@ def _expanded(ids, image, n):
     return expand_image_tokens(ids, image, n)
 
 
-def test_training_examples_carry_the_upstream_ids(sp_llava, prep_uri):  # noqa: F811
+def test_training_examples_carry_the_upstream_ids(sp_llava, prep_uri):
     from mysproj.data.prepared import PreparedData
     from mysproj.models.conversation import SYSTEM_VICUNA_V1, v1_text
     from mysproj.models.loading import load_llava
@@ -180,7 +180,7 @@ def test_training_examples_carry_the_upstream_ids(sp_llava, prep_uri):  # noqa: 
 
 
 @pytest.mark.parametrize("mode", ["generate", "scoring"])
-def test_eval_llava_feeds_the_upstream_ids(sp_llava, prep_uri, tmp_path, monkeypatch, mode):  # noqa: F811
+def test_eval_llava_feeds_the_upstream_ids(sp_llava, prep_uri, tmp_path, monkeypatch, mode):
     from mysproj.data.prepared import PreparedData
     from mysproj.evaluation import scoring
     from mysproj.models.conversation import llava_v1_prompt
@@ -196,13 +196,13 @@ def test_eval_llava_feeds_the_upstream_ids(sp_llava, prep_uri, tmp_path, monkeyp
     else:
         left_pad = scoring.left_pad
         monkeypatch.setattr(scoring, "left_pad", lambda r, *a: rows.extend(r) or left_pad(r, *a))
-    run_stage_cfg("eval-llava", model=uri, data=prep_uri, out=str(tmp_path / mode), mode=mode, workers=0,
+    stage("eval-llava", model=uri, data=prep_uri, out=str(tmp_path / mode), mode=mode, workers=0,
                   batch_size=2, limit=3, max_new_tokens=2)
     humans = [r["conversations"][0]["value"] for r in PreparedData(prep_uri).llava_records("test")[:3]]
     assert rows == [_expanded(upstream_ids(sp, llava_v1_prompt(h), image), image, 4) for h in humans]
 
 
-def test_ask_feeds_the_upstream_ids(sp_llava, prep_uri):  # noqa: F811
+def test_ask_feeds_the_upstream_ids(sp_llava, prep_uri):
     from mysproj.data.prepared import PreparedData
     from mysproj.models.conversation import llava_v1_prompt
     from mysproj.stages.ask import answer, open_session

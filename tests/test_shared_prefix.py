@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _models_fixtures import deepspeed_one_process, finetune, prep, tiny_model, weights  # noqa: E402,F401
+from stage_runs import finetune, weights  # noqa: E402
 
 
 def _metrics(out):
@@ -146,7 +146,7 @@ def test_compiled_once_for_all_layers(monkeypatch):
 
 
 @pytest.mark.parametrize("deepspeed", ["none", "zero2"])
-def test_projector_stage_uses_it_and_trains_the_same_weights(tiny_model, prep, tmp_path, monkeypatch,  # noqa: F811
+def test_projector_stage_uses_it_and_trains_the_same_weights(tiny_model, prep, tmp_path, monkeypatch,
                                                              request, deepspeed):
     """The stage takes the shortcut and reaches the same weights. zero2: two GPUs train the projector under ZeRO-2
     by default, whose gradient hooks sit on the parameters, so the shortcut (which calls the modules, not the

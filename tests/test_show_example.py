@@ -8,7 +8,6 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _eval_fixtures import llava_tiny_uri, prep_uri  # noqa: E402,F401
 
 
 def _show(capsys, *args):
@@ -19,13 +18,13 @@ def _show(capsys, *args):
     return rc, out.out, out.err
 
 
-def _records(prep_uri):  # noqa: F811
+def _records(prep_uri):
     from mysproj.data.prepared import PreparedData
 
     return PreparedData(prep_uri)
 
 
-def test_train_and_test_examples_of_the_tiny_preset(llava_tiny_uri, prep_uri, capsys):  # noqa: F811
+def test_train_and_test_examples_of_the_tiny_preset(llava_tiny_uri, prep_uri, capsys):
     from transformers import AutoTokenizer
 
     from mysproj.evaluation.scoring import continuation_ids
@@ -54,7 +53,7 @@ def test_train_and_test_examples_of_the_tiny_preset(llava_tiny_uri, prep_uri, ca
     assert rc == 0 and "conversation plain" in out and "--- labels (-100 = masked) ---" in out
 
 
-def test_the_7b_presets_tokenizer_without_weights(tmp_path, prep_uri, capsys):  # noqa: F811
+def test_the_7b_presets_tokenizer_without_weights(tmp_path, prep_uri, capsys):
     from mysproj.models.presets import PRESETS, llava_config
     from mysproj.models.tokenizer import build_tokenizer
 
@@ -70,7 +69,7 @@ def test_the_7b_presets_tokenizer_without_weights(tmp_path, prep_uri, capsys):  
     assert config.image_seq_length == 576 and len(shown["input_ids"]) < 200  # the image not expanded
 
 
-def test_a_bad_index_is_one_error_line(llava_tiny_uri, prep_uri, capsys):  # noqa: F811
+def test_a_bad_index_is_one_error_line(llava_tiny_uri, prep_uri, capsys):
     n = len(_records(prep_uri).llava_records("test"))
     rc, _, err = _show(capsys, "--model", llava_tiny_uri, "--data", prep_uri, "--split", "test", "--index", str(n))
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]

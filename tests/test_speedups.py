@@ -9,8 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _eval_fixtures import llava_tiny_uri, prep_uri, run_stage_cfg  # noqa: E402,F401
-from _models_fixtures import finetune, prep, tiny_model  # noqa: E402,F401
+from stage_runs import finetune, stage  # noqa: E402
 
 GIB = 2**30
 
@@ -112,14 +111,14 @@ def test_fp8_projector_training_follows_the_exact_gradient(fp8_on_tiny_layers, m
     assert torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.99
 
 
-def test_eval_llava_fp8_scores_close_to_full_precision(tmp_path, prep_uri, llava_tiny_uri,  # noqa: F811
+def test_eval_llava_fp8_scores_close_to_full_precision(tmp_path, prep_uri, llava_tiny_uri,
                                                        fp8_on_tiny_layers):
     import pyarrow.parquet as pq
 
     scores = {}
     for fp8 in (False, True):
         out = str(tmp_path / f"fp8-{fp8}")
-        run_stage_cfg("eval-llava", model=llava_tiny_uri, data=prep_uri, out=out, mode="scoring", workers=0,
+        stage("eval-llava", model=llava_tiny_uri, data=prep_uri, out=out, mode="scoring", workers=0,
                       batch_size=4, limit=6, fp8=fp8)
         assert json.load(open(os.path.join(out, "metrics.json")))["fp8"] is fp8
         scores[fp8] = torch.tensor([r["scores"] for r in pq.read_table(os.path.join(out, "predictions.parquet"))
@@ -143,7 +142,7 @@ def test_compiled_layers_give_the_eager_result():
     assert torch.allclose(eager, compiled, atol=1e-4)
 
 
-def test_finetune_stage_records_what_ran(tmp_path, tiny_model, prep, fp8_on_tiny_layers):  # noqa: F811
+def test_finetune_stage_records_what_ran(tmp_path, tiny_model, prep, fp8_on_tiny_layers):
     m = finetune(tiny_model, prep, str(tmp_path / "ft"), strategy="projector", fp8=True, max_steps=2)
     assert m["summary"]["final_loss"] > 0
 

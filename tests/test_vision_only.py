@@ -9,11 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from _eval_fixtures import llava_tiny_uri, prep_uri, run_stage_cfg  # noqa: E402,F401
-from _models_fixtures import stage, tiny_model, tiny_original  # noqa: E402,F401
+from stage_runs import stage  # noqa: E402
 
 
-def _pixels(prep_uri, processor, n=5):  # noqa: F811
+def _pixels(prep_uri, processor, n=5):
     from mysproj.data.prepared import PreparedData
     from mysproj.models.conversation import pixel_values
 
@@ -23,7 +22,7 @@ def _pixels(prep_uri, processor, n=5):  # noqa: F811
 
 @pytest.mark.parametrize("dtype", [None, torch.float16])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_same_features_as_the_whole_model(prep_uri, llava_tiny_uri, dtype, pooling):  # noqa: F811
+def test_same_features_as_the_whole_model(prep_uri, llava_tiny_uri, dtype, pooling):
     from mysproj.models.loading import load_llava
     from mysproj.models.vision_only import load_vision
     from mysproj.stages.probe import image_features
@@ -37,7 +36,7 @@ def test_same_features_as_the_whole_model(prep_uri, llava_tiny_uri, dtype, pooli
         assert torch.equal(got, want)
 
 
-def test_shards_of_the_language_model_are_never_read(tmp_path, prep_uri, monkeypatch):  # noqa: F811
+def test_shards_of_the_language_model_are_never_read(tmp_path, prep_uri, monkeypatch):
     """A sharded model whose language-model shards are corrupt still gives the tower and projector (those shards
     are not even verified), and the probe stage uses that path."""
     from mysproj.models import saving
@@ -54,12 +53,12 @@ def test_shards_of_the_language_model_are_never_read(tmp_path, prep_uri, monkeyp
             fh.seek(-1, os.SEEK_END)
             fh.write(b"\0")
     assert load_vision(out) is not None
-    m = run_stage_cfg("probe", model=out, data=prep_uri, out=str(tmp_path / "probe"), workers=0, max_epochs=2,
+    m = stage("probe", model=out, data=prep_uri, out=str(tmp_path / "probe"), workers=0, max_epochs=2,
                       batch_size=8)
     assert m["summary"]["vision_only"] is True
 
 
-def test_other_models_load_whole(tiny_original):  # noqa: F811
+def test_other_models_load_whole(tiny_original):
     from mysproj.models.vision_only import load_vision
 
     assert load_vision(tiny_original) is None  # a plain folder in the original layout

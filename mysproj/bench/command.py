@@ -8,7 +8,7 @@ writes the same numbers as JSON (a local path or any fsspec URI).
     mysproj bench finetune --preset tiny --device cpu --steps 3 --warmup 1        # seconds, on a laptop
 As a Kubernetes Job: `python -m mysproj.bench.command` (= `run_from_env()`) with
 MYSPROJ_BENCH=finetune and MYSPROJ_BENCH_ARGS="--preset llava-1.5-7b --baseline --json-out s3://..." (see
-`run_from_env`). Method and FLOP formulas: mysproj/bench/NOTES.md. `mysproj bench pipeline` times the whole job
+`run_from_env`). Method and FLOP formulas: docs/performance.md. `mysproj bench pipeline` times the whole job
 instead (`mysproj.bench.pipeline`; docs/performance.md).
 """
 

@@ -5,7 +5,7 @@ activation checkpointing, logits nobody reads, the vision layer after the one LL
 weights are not counted. Ours and the baseline are charged the same FLOPs per item, so their MFU ratio equals
 their throughput ratio. A matmul of an [n, a] by [a, b] costs 2nab; norms, activations, softmax, embeddings
 lookups and the optimizer are elementwise and left out (<1% here). The formulas, with their numbers for
-LLaVA-1.5-7B, are written out in `mysproj/bench/NOTES.md`.
+LLaVA-1.5-7B, are written out in `docs/performance.md`.
 
 Symbols (per layer, counting weight matrices only, biases ignored):
   vision (CLIP ViT):  Pv = 4 w^2 + 2 w f           over Tv = (S/p)^2 + 1 tokens, Lv' = layers actually used

@@ -1,7 +1,7 @@
 """Opt-in speed paths for a loaded LlavaForConditionalGeneration (fine-tuning and evaluation), one switch each:
 
 - `fp8`: the language model's frozen Linear layers compute in FP8 (e4m3, rowwise scales; `mysproj.models.fp8`),
-  about twice the bf16 tensor-core rate on Hopper. Results change at FP8's precision (see the README's numbers),
+  about twice the bf16 tensor-core rate on Hopper. Results change at FP8's precision (docs/performance.md),
   so it is off by default. The LM head, projector and vision tower stay as they are: the head decides every
   prediction and the other two are a few % of the work.
 - `fp8_backward` (training): only the input-gradient matmuls through the frozen layers run in FP8; the forward,

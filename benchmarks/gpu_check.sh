@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 3, GPU check: a few steps of each strategy on the random-weight llava-1.5-7b preset, one GPU, then `full`
+# GPU check: a few steps of each strategy on the random-weight llava-1.5-7b preset, one GPU, then `full`
 # under DeepSpeed ZeRO-3 on every visible GPU when there are several. Prints samples/s and peak GPU memory.
 # Run from the repository root with the runtime stack installed (torch, transformers, accelerate, peft, deepspeed,
 # pyarrow, fsspec). Disk: ~45 GB at the peak (the 7B model, one exported 7B fine-tune and its temporary copy).
-#   bash mysproj/training/gpu_check.sh [ROOT]        (env: PY=python3 STEPS=4)
+#   bash benchmarks/gpu_check.sh [ROOT]        (env: PY=python3 STEPS=4)
 set -euo pipefail
 ROOT=${1:-/tmp/mysproj-gpu-check}
 PY=${PY:-python3}

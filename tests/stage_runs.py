@@ -1,0 +1,49 @@
+"""Running stages in-process from tests, and reading what they wrote. The shared inputs built with these (tiny
+models, prep outputs) are fixtures in conftest.py."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+def stage(stage_name: str, **fields):
+    """Run one stage in this process with `fields` over its config's defaults; returns the stage's summary."""
+    from mysproj.config.fields import load_config
+    from mysproj.stages.registry import STAGES, run
+
+    return run(stage_name, load_config(STAGES[stage_name][0], overrides=fields))
+
+
+def weights(folder: str) -> dict:
+    from mysproj.models.loading import read_weights
+
+    return read_weights(folder, folder)
+
+
+def finetune(tiny_model: str, prep: str, out: str, **fields) -> dict:
+    base = dict(model=tiny_model, data=prep, out=out, global_batch=8, per_device_batch=4, workers=0,
+                log_every=1, checkpoint_every=100, lora_r=4, lora_alpha=8)
+    base.update(fields)
+    return stage("finetune", **base)
+
+
+@contextlib.contextmanager
+def kill_after_checkpoint(monkeypatch, step: int, before_kill=None):
+    """While active, a fine-tuning run raises KeyboardInterrupt (a kill) right after checkpoint `step` is saved;
+    `before_kill(folder_of_step)` may first damage what was written. Saving is restored on exit."""
+    from mysproj.training import checkpoint
+
+    real_save = checkpoint.save
+
+    def save_then_die(ctx, s, state):
+        real_save(ctx, s, state)
+        if s == step:
+            if before_kill:
+                before_kill(s)
+            raise KeyboardInterrupt(f"simulated kill after checkpoint step {step}")
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(checkpoint, "save", real_save)
