@@ -179,9 +179,9 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
 
     # `helm upgrade` with a changed value: the next revision's controller runs the changed stage.
     helm(env, "upgrade", "tiny", str(CHART), "-f", str(CHART / "values-tiny.yaml"), "--namespace", kube.namespace,
-         "--set", f"storage.endpoint={s3.endpoint}", "--set", f"storage.bucket={BUCKET}",
+         *kube.image_values, "--set", f"storage.endpoint={s3.endpoint}", "--set", f"storage.bucket={BUCKET}",
          "--set", "pipeline.overrides.finetune.max_steps=3")
-    assert kube.wait_for(lambda: finished(kube, "tiny", revision=2), 300, "the upgraded run") == "Complete", \
+    assert kube.wait_for(lambda: finished(kube, "tiny", revision=2), RUN_TIMEOUT, "the upgraded run") == "Complete", \
         debug(kube, "tiny")
     jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
     assert [j.metadata.name for j in jobs if j.metadata.labels["mysproj.io/stage"] == "controller"] == \
