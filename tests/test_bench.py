@@ -75,9 +75,9 @@ def test_eval_llava(tmp_path, mode):
 
 
 def test_eval_llava_fp8_reports_agreement(tmp_path, capsys, monkeypatch):
-    from mysproj.models import speedups
+    from mysproj.speed import llava as llava_speed
 
-    monkeypatch.setattr(speedups, "FP8_MIN_FEATURES", 16)  # the tiny LLM's layers are 64-128 wide
+    monkeypatch.setattr(llava_speed, "FP8_MIN_FEATURES", 16)  # the tiny LLM's layers are 64-128 wide
     report = _bench(tmp_path, "eval-llava", "--batch-size", "4", "--mode", "scoring", "--classes", "5",
                     "--set", "fp8=true")
     _check(report, "eval-llava", ["ours"])

@@ -19,7 +19,7 @@ def _metrics(out):
 
 
 def _projector_llava():
-    from mysproj.models.init import build_random_llava
+    from mysproj.models.presets import build_random_llava
     from mysproj.training import strategies
 
     model, _, _ = build_random_llava("tiny", seed=0, device="cpu")

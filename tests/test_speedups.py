@@ -16,13 +16,13 @@ GIB = 2**30
 
 @pytest.fixture
 def fp8_on_tiny_layers(monkeypatch):
-    from mysproj.models import speedups
+    from mysproj.speed import llava as llava_speed
 
-    monkeypatch.setattr(speedups, "FP8_MIN_FEATURES", 16)  # the tiny LLM's layers are 64-128 wide
+    monkeypatch.setattr(llava_speed, "FP8_MIN_FEATURES", 16)  # the tiny LLM's layers are 64-128 wide
 
 
 def _llava(seed=0):
-    from mysproj.models.init import build_random_llava
+    from mysproj.models.presets import build_random_llava
 
     model, tok, _ = build_random_llava("tiny", seed=seed, device="cpu")
     return model, tok
@@ -128,14 +128,14 @@ def test_eval_llava_fp8_scores_close_to_full_precision(tmp_path, prep_uri, llava
 
 
 def test_compiled_layers_give_the_eager_result():
-    from mysproj.models import speedups
+    from mysproj.speed import llava as llava_speed
 
     model, _ = _llava()
     batch = _batch(model, [20, 24])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         eager = model(**inputs).logits
-        done = speedups.apply(model, fp8=False, compile=True)
+        done = llava_speed.apply(model, fp8=False, compile=True)
         compiled = model(**inputs).logits
     assert done["compiled_layers"] == 4  # 2 decoder + 2 vision encoder layers
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.model.language_model.layers)
@@ -163,11 +163,11 @@ def test_checkpoint_layers_limits_recomputation():
 
 
 def test_fp8_is_skipped_with_a_warning_where_the_card_has_no_fp8(monkeypatch, caplog, fp8_on_tiny_layers):
-    from mysproj.models import speedups
+    from mysproj.speed import llava as llava_speed
 
     model, _ = _llava()
     with monkeypatch.context() as m, caplog.at_level("WARNING"):
-        m.setattr(speedups, "fp8_supported", lambda llava: False)  # e.g. an A100 (sm80)
-        done = speedups.apply(model, fp8=True, compile=False)
+        m.setattr(llava_speed, "fp8_supported", lambda llava: False)  # e.g. an A100 (sm80)
+        done = llava_speed.apply(model, fp8=True, compile=False)
     assert done["fp8_layers"] == 0 and "no FP8 tensor cores" in caplog.text
-    assert speedups.apply(model, fp8=True, compile=False)["fp8_layers"] == 14
+    assert llava_speed.apply(model, fp8=True, compile=False)["fp8_layers"] == 14

@@ -20,7 +20,7 @@ def _config(**fields):
 
 
 def _model():
-    from mysproj.models.init import build_random_llava
+    from mysproj.models.presets import build_random_llava
 
     model, _, _ = build_random_llava("tiny", seed=0, device="cpu")
     return model

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                    help="also time the plain-transformers version of the same work and print the ratio")
     p.add_argument("--json-out", default=None, help="write the results as JSON to this path/URI")
     p.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
-                   help="per-card dense bf16 peak for MFU (measured H100-SXM/H200 matmul ceiling)")
+                   help="per-card dense bf16 peak in TFLOP/s for MFU (default: a Hopper card's matmul ceiling)")
     p.add_argument("--profile", action="store_true",
                    help="profile one more step of ours: device time by kind (gemm, attention, fused, ...) and the "
                         "top kernels, printed and in the JSON")

@@ -21,7 +21,7 @@ import tempfile
 
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
-from mysproj.bench.results import BenchReport, Measurement, card_name
+from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 
 log = logging.getLogger("mysproj.bench")
@@ -75,9 +75,9 @@ def run(args) -> BenchReport:
 def _random_clip(preset: str, out_dir: str, seed: int) -> str:
     """The `model-init` stage's random CLIP, written where `load_clip` reads stage outputs."""
     from mysproj.config.stages import ModelInitConfig
-    from mysproj.models import init
+    from mysproj.stages import model_init
 
-    init.run(ModelInitConfig(preset=preset, out=out_dir, seed=seed))
+    model_init.run(ModelInitConfig(preset=preset, out=out_dir, seed=seed))
     return out_dir
 
 
@@ -98,6 +98,7 @@ def synthetic_prepared(paths: list[str], n: int):
 
 def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int):
     from mysproj.models.clip import load_clip
+    from mysproj.speed import clip as speed
     from mysproj.stages import eval_clip
     from mysproj.stages.registry import stage_config
 
@@ -106,11 +107,11 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
                                      "batch_size": args.batch_size, "workers": workers, **dict(args.set or [])})
     clip = load_clip(model_dir, device=args.device)
     text = eval_clip.class_embeddings(clip, names, "paper", args.device)
-    tower = eval_clip.prepare_image_tower(clip, cfg.precision, cfg.compile, cfg.batch_size, cfg.fast_tower)
+    tower = speed.image_tower(clip, cfg)
     # One batch more than is timed: the loop's last result needs no decode, which would flatter the last step.
     data, samples = synthetic_prepared(paths, n + args.batch_size)
-    batches = eval_clip.pixel_batches(clip, data, samples, cfg, args.device)
-    results = eval_clip.zero_shot_probs(clip, text, batches, tower)
+    batches = speed.pixel_batches(clip, data, samples, cfg, args.device)
+    results = eval_clip.zero_shot_probs(text, batches, tower)
     seen = []
 
     def step(_):
@@ -122,10 +123,8 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
     results.close()
     if sum(seen) != n:
         raise RuntimeError(f"eval-clip bench: {sum(seen)} images classified, expected {n}")
-    compiled = f", {tower.compiled_blocks} blocks compiled" if cfg.compile else ""
-    forward = "fast tower" if tower.fast else "model forward"
-    m = Measurement("ours", f"stage eval-clip ({clip.kind}), {forward}, decode {cfg.decode}, "
-                    f"{cfg.precision}{compiled}, {cfg.workers} decode workers", args.batch_size, args.batch_size,
+    m = Measurement("ours", f"stage eval-clip ({clip.kind}), {speed.describe(cfg, tower)}, {cfg.workers} decode "
+                    "workers", args.batch_size, args.batch_size,
                     timing, 0.0, unit="images",
                     extra={"device_decoded_images": getattr(batches, "device_images", 0)})
     return clip, cfg, m

@@ -21,7 +21,7 @@ import logging
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.eval_clip import class_names
-from mysproj.bench.results import BenchReport, Measurement, card_name
+from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 from mysproj.stages.registry import stage_config
 
@@ -32,7 +32,7 @@ def build_model(args, dtype):
     """(model, tokenizer): the preset with random weights on the card, `</s>` never the greedy choice."""
     import torch
 
-    from mysproj.models.init import build_random_llava
+    from mysproj.models.presets import build_random_llava
 
     model, tokenizer, _ = build_random_llava(args.preset, seed=args.seed, dtype=str(dtype).split(".")[-1],
                                              device=args.device)
@@ -56,11 +56,11 @@ def eval_config(args):
 
 
 def run(args) -> BenchReport:
-    from mysproj.stages.eval_llava import compiles, dtype_for
+    from mysproj.speed import llava as speed
 
     cfg = eval_config(args)
     layout = synthetic.TokenLayout.with_text(args.prompt_tokens)
-    dtype = dtype_for(cfg.precision, args.device)
+    dtype = speed.dtype_for(cfg.precision, args.device)
     model, tok = build_model(args, dtype)
     dims = F.LlavaDims.from_config(model.config)
     conts = _continuations(tok, args.classes)
@@ -72,7 +72,7 @@ def run(args) -> BenchReport:
     settings = {"mode": args.mode, "prompt_text_tokens": layout.text, "image_tokens": dims.image_tokens,
                 "new_tokens": args.new_tokens, "classes": len(conts), "dtype": str(dtype).split(".")[-1],
                 "continuation_tokens": sum(len(c) for c in conts), "fp8": cfg.fp8,
-                "compile": compiles(cfg, args.device)}
+                "compile": speed.eval_compiles(cfg, args.device)}
     ours = _ours(args, cfg, model, tok, layout, conts, dtype)
     measurements = [ours]
     del model
@@ -97,29 +97,28 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     """The stage's batch step; with fp8/compile on, the same batch's answers are first taken from the model as
     loaded, and the share of answers the faster model reproduces is reported (`same_answers`)."""
     from mysproj.evaluation.scoring import score_continuations
-    from mysproj.models import speedups
-    from mysproj.stages.eval_llava import compiles, generate_answers, greedy_decoder, scoring_forward
+    from mysproj.speed import llava as speed
+    from mysproj.stages.eval_llava import generate_answers
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = prompt_batch(model.config, layout, args.batch_size, args.seed, args.device, pad_id)
     prompts = [row[mask.bool()].tolist() for row, mask in zip(batch.input_ids.cpu(), batch.attention_mask.cpu())]
     pixels = synthetic.pixel_batch(model.config, args.batch_size, seed=args.seed).to(args.device, dtype)
 
-    def answer():
+    def answer(paths):
         if args.mode == "generate":
-            return generate_answers(model, tok, prompts, pixels, args.new_tokens, pad_id, decoder)
-        scores, _ = score_continuations(model, batch, pixels, conts, fast)
+            return generate_answers(model, tok, prompts, pixels, args.new_tokens, pad_id, paths.decoder)
+        scores, _ = score_continuations(model, batch, pixels, conts, paths.fast)
         return scores.argmax(-1).tolist()
 
-    compile = compiles(cfg, args.device)
-    fast = decoder = None  # the reference answers come from the model as loaded, through transformers' generate
+    compile = speed.eval_compiles(cfg, args.device)
     faster = cfg.fp8 or compile or (cfg.shared_prefix if args.mode == "scoring" else cfg.static_decode)
-    reference = answer() if faster else None
-    done = speedups.apply(model, fp8=cfg.fp8, compile=compile)
-    fast = scoring_forward(cfg, model, args.device)
-    decoder = greedy_decoder(cfg, model, args.device, tok)
+    # the reference answers come from the model as loaded, through transformers' generate
+    reference = answer(speed.EvalPaths({}, False)) if faster else None
+    paths = speed.for_eval(cfg, model, tok, args.device)
+    fast, decoder = paths.fast, paths.decoder
     answers = []
-    timing = time_steps(lambda _: answers.append(answer()), device=args.device, warmup=args.warmup,
+    timing = time_steps(lambda _: answers.append(answer(paths)), device=args.device, warmup=args.warmup,
                         steps=args.steps, profile=args.profile)
     what = ("stage eval_llava.generate (greedy, answers decoded)" if args.mode == "generate"
             else "evaluation.scoring.score_continuations (shared prefix, all classes in one pass)")
@@ -131,7 +130,7 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
                                             and args.device == "cuda")) if on)
     # equal digests in two runs = the same answers (e.g. with and without CUDA graphs)
     digest = hashlib.sha256(json.dumps(answers[-1]).encode()).hexdigest()[:16]
-    extra = {"answers_per_step": len(answers[-1]), **done, **({"decoder": decoder.stats} if decoder else {}),
+    extra = {"answers_per_step": len(answers[-1]), **paths.layers, **({"decoder": decoder.stats} if decoder else {}),
              "answers_sha256": digest}
     if reference is not None:
         extra["same_answers"] = round(sum(a == b for a, b in zip(reference, answers[-1])) / len(reference), 4)

@@ -5,7 +5,7 @@ checkpointing, AdamW, accelerate / DeepSpeed as `--set deepspeed=...` and the st
 random-weight model built directly on the card. One timed step = one micro-batch per rank and an optimizer step
 (`--set per-device-batch=M` splits the `--batch-size` samples of a step into micro-batches of M, accumulated
 as the stage does). Under `torchrun --nproc-per-node N` every rank runs it and rank 0 reports N x the samples.
-baseline (1 GPU): plain transformers as in the issue's anchors: `LlavaForConditionalGeneration(labels=...)`
+baseline (1 GPU): plain transformers as a user would write it: `LlavaForConditionalGeneration(labels=...)`
 forward/backward, fused AdamW on the bf16 weights, activation checkpointing for `full` only. Both see the same
 synthetic batches (576 image + `--text-tokens` text tokens, `--answer-tokens` supervised), so their losses are
 comparable step by step; the baseline runs first and is freed before ours is built.
@@ -19,13 +19,13 @@ import time
 
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
-from mysproj.bench.results import BenchReport, Measurement, card_name
+from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 from mysproj.errors import BadInput
 from mysproj.models import compile_cache
+from mysproj.speed.llava import checkpointing
 from mysproj.stages.registry import stage_config
 from mysproj.training.session import build as build_session
-from mysproj.training.session import checkpointing
 
 log = logging.getLogger("mysproj.bench")
 DISTINCT_BATCHES = 2  # batches cycled through (data variety is irrelevant to speed; memory is not)
@@ -39,7 +39,7 @@ def build_model(args, device: str):
     """(model, tokenizer) of the preset with random weights, created on `device` in the stage's load dtype."""
     import torch
 
-    from mysproj.models.init import build_random_llava
+    from mysproj.models.presets import build_random_llava
 
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model, tokenizer, _ = build_random_llava(args.preset, seed=args.seed, dtype=dtype, device=device)

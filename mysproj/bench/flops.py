@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Measured bf16 dense-matmul ceiling of an H100-SXM / H200 (issue 6); override with --peak-tflops.
+# The per-card bf16 dense-matmul peak MFU is charged against: a Hopper card's ceiling as `mysproj bench` measures
+# it (docs/performance.md); override with --peak-tflops.
 DEFAULT_PEAK_TFLOPS = 790.0
 
 
@@ -139,7 +140,7 @@ def llava_scoring(dims: LlavaDims, *, prompt_text_tokens: int, n_classes: int, l
     prompt, then each continuation, fed whole (`</s>` included), attends to it; logits at every continuation
     position. A fixed definition of the work, so MFU compares implementations: one that re-runs the prompt per
     class is charged the same, and `score_continuations`, which does not feed the final `</s>`s (nothing after
-    them is scored), does ~6% less than charged."""
+    them is scored), does a little less than charged."""
     prompt = dims.image_tokens + prompt_text_tokens
     body = dims.text_layer_params * dims.text_layers
     head = dims.text_width * dims.vocab

@@ -98,7 +98,7 @@ def pipeline_config(args, root: str, source: str):
 
     shape = SHAPES[args.dataset_shape]
     ds = shape.dataset
-    # as a user's run with the resumable checkpoints of a 7B full fine-tune (~100 GB each) switched off
+    # as a user's run with the resumable checkpoints of a 7B full fine-tune (fp32 weights and Adam state) switched off
     given = {"finetune": {"save_checkpoints": False}}
     if ds == "crisismmd":  # prep keeps the paper's four classes unless told which ones the fixture has
         given["prep"] = {"crisismmd_classes": list(shape.counts(args.classes, args.per_class)["train"])}
@@ -172,7 +172,7 @@ def table(result: dict) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from mysproj.bench.results import card_name
+    from mysproj.bench.measurement import card_name
     from mysproj.pipeline import local, stage_times
     from mysproj.storage import write_text
 

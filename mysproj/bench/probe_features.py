@@ -9,7 +9,6 @@ baseline: plain transformers at the same batch size, decoded and preprocessed in
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import tempfile
@@ -17,7 +16,7 @@ import tempfile
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.eval_clip import synthetic_prepared
-from mysproj.bench.results import BenchReport, Measurement, card_name
+from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 
 log = logging.getLogger("mysproj.bench")
@@ -25,7 +24,7 @@ UNIQUE_IMAGES = 256
 
 
 def build_model(args, dtype):
-    from mysproj.models.init import build_random_llava
+    from mysproj.models.presets import build_random_llava
 
     model, _, processor = build_random_llava(args.preset, seed=args.seed, dtype=str(dtype).split(".")[-1],
                                              device=args.device)
@@ -33,7 +32,7 @@ def build_model(args, dtype):
 
 
 def run(args) -> BenchReport:
-    from mysproj.stages.eval_llava import dtype_for
+    from mysproj.speed.llava import dtype_for
 
     workers = os.cpu_count() or 1
     dtype = dtype_for("auto", args.device)
@@ -60,10 +59,11 @@ def _ours(args, model, processor, paths, n: int, workers: int) -> Measurement:
     import torch
 
     from mysproj.evaluation.batches import image_batches
+    from mysproj.models.conversation import image_transform
     from mysproj.stages import probe
 
     data, samples = synthetic_prepared(paths, n)
-    transform = functools.partial(probe._pixels, processor=processor, aspect="pad")
+    transform = image_transform(processor, "pad")
     batches = iter(image_batches(data, samples, transform, args.batch_size, workers))
     shapes = []
 

@@ -1,4 +1,4 @@
-"""Synthetic inputs of the shapes the issue fixes: random RGB images (real JPEG bytes where decode is measured)
+"""Synthetic inputs of the shapes the benchmarks fix: random RGB images (real JPEG bytes where decode is measured)
 and token sequences laid out like the project's prompts (system prompt, image, question, answer).
 
 Token layouts use random ids of exact lengths rather than tokenised text, so the measured shape does not drift

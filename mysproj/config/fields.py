@@ -1,5 +1,5 @@
 """Typed stage configs: one dataclass per stage is the single source for YAML keys, CLI flags,
-`MYSPROJ_<FIELD>` environment variables and (later) Helm values.
+`MYSPROJ_<FIELD>` environment variables and the chart's per-stage Helm values (`mysproj.kube.values_schema`).
 
 Precedence, lowest to highest: dataclass default < YAML file < environment < command line. Every value is
 coerced to the field's type and range-checked; a bad one raises `ConfigError` naming the field, the value

@@ -123,18 +123,18 @@ class FinetuneConfig:
                                   choices=("micro-batch", "global-batch"))
     gradient_checkpointing: bool | None = opt(None, help="activation checkpointing in the LLM; default: on for "
                                               "full/lora (as the seed scripts), off for projector, whose "
-                                              "activations fit (issue 6: 1.3x faster); the same result either "
-                                              "way", hashed=False)
+                                              "activations fit (no recomputation); the same result either way",
+                                              hashed=False)
     checkpoint_layers: int | None = opt(None, help="with checkpointing on, checkpoint only the first N decoder "
                                         "layers (default: all); fewer recomputations where memory allows", min=0,
                                         hashed=False)
-    fp8: bool = opt(False, help="FP8 matmuls for the frozen LLM (projector strategy): faster on H100/H200, "
-                    "results at FP8 precision")
+    fp8: bool = opt(False, help="FP8 matmuls for the frozen LLM (projector strategy) on GPUs with FP8 tensor "
+                    "cores (compute capability 8.9+), results at FP8 precision")
     fp8_backward: bool = opt(False, help="FP8 only for the input-gradient matmuls through the frozen LLM "
                              "(projector strategy): the forward and every loss stay bf16, the gradients carry "
                              "FP8 rounding; implied by fp8")
     compile: bool = opt(True, help="torch.compile each decoder/encoder layer on GPUs (same results at bf16 "
-                        "precision, faster steps after a minute of compiling; CPU runs stay eager)", hashed=False)
+                        "precision, faster steps once compiled; CPU runs stay eager)", hashed=False)
     shared_prefix: bool = opt(True, help="projector strategy: the tokens before the image (the same in every "
                               "example) run once per run without gradient, and the last LLM layer only where the "
                               "loss reads it; the same result, less work", hashed=False)
@@ -152,7 +152,7 @@ class FinetuneConfig:
                                 hashed=False)
     keep_checkpoints: int = opt(2, help="checkpoints kept", min=1, hashed=False)
     save_checkpoints: bool = opt(True, help="write resumable checkpoints; off for benchmarks (a 7B full-model "
-                                 "checkpoint holds ~100 GB of fp32 weights and optimizer state)", hashed=False)
+                                 "checkpoint holds the fp32 weights and optimizer state)", hashed=False)
     log_every: int = opt(10, help="log a progress line every N steps", min=1, hashed=False)
     workers: int = opt(2, help="dataloader workers", min=0, hashed=False)
 
@@ -220,11 +220,10 @@ class EvalLlavaConfig:
                                   choices=("pad", "square"))
     precision: str = opt("auto", help="auto = fp16 on GPU (LLaVA's own inference), fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
-    fp8: bool = opt(False, help="FP8 matmuls for the LLM's Linear layers: faster on H100/H200, results at FP8 "
-                    "precision")
+    fp8: bool = opt(False, help="FP8 matmuls for the LLM's Linear layers on GPUs with FP8 tensor cores (compute "
+                    "capability 8.9+), results at FP8 precision")
     compile: bool = opt(True, help="torch.compile each decoder/encoder layer on GPUs, scoring mode (same "
-                        "predictions, 1.3x faster after a minute of compiling; CPU runs and generate stay eager)",
-                        hashed=False)
+                        "predictions, faster once compiled; CPU runs and generate stay eager)", hashed=False)
     shared_prefix: bool = opt(True, help="scoring mode: the system prompt's keys and values once per run, the "
                               "last LLM layer only where scores are read (the same scores, less work)",
                               hashed=False)

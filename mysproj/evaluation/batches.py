@@ -7,15 +7,6 @@ import os
 from collections.abc import Callable
 
 
-def device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        return "cuda"
-    return "cpu"
-
-
 class SampleImages:
     """Dataset of (transform(image), index) for `samples` of a PreparedData."""
 
@@ -55,38 +46,3 @@ def image_batches(data, samples, transform: Callable | None, batch_size: int, wo
                         num_workers=workers, collate_fn=_collate, persistent_workers=False,
                         prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available())
     yield from loader
-
-
-def write_predictions(out, rows: list[dict], name: str = "predictions.parquet") -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf)
-    out.write_bytes(name, buf.getvalue())
-
-
-class Throughput:
-    """images/s over the whole loop and after the first batch (worker start-up and CUDA warm-up excluded)."""
-
-    def __init__(self):
-        import time
-
-        self._clock = time.monotonic
-        self.t0 = self._clock()
-        self.t_first = None
-        self.n = self.n_first = 0
-
-    def batch_done(self, n: int) -> None:
-        self.n += n
-        if self.t_first is None:
-            self.t_first, self.n_first = self._clock(), self.n
-
-    def summary(self) -> dict:
-        now = self._clock()
-        out = {"images_per_s": round(self.n / max(now - self.t0, 1e-9), 3)}
-        if self.t_first is not None and self.n > self.n_first:
-            out["steady_images_per_s"] = round((self.n - self.n_first) / max(now - self.t_first, 1e-9), 3)
-        return out

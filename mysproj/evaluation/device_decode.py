@@ -7,8 +7,7 @@
 
 The tensor preprocessing reproduces the model's PIL transform (open_clip's, or an HF CLIP processor's) to within
 rounding: PIL resamples in two separable passes, horizontal then vertical, rounding and clamping to uint8 after
-each; so do we. On scikit-image photos that leaves a mean difference of at most 0.004 levels (of 255), max 1;
-one 2-D float pass instead gives ~0.15 on average and up to 6 where bicubic overshoots at edges.
+each; so do we. One 2-D float pass would differ by several levels where bicubic overshoots at edges.
 
 Only complete 8-bit 3-component Huffman JPEGs go to the device decoder. Anything else (PNG, greyscale, CMYK,
 arithmetic-coded, 12-bit, a file without its end marker) is decoded by PIL in the worker exactly as `decode=cpu`

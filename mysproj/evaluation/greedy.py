@@ -7,8 +7,8 @@ less work per token.
   cache.
 - **Decode.** The KV cache has a fixed number of slots and is written in place (transformers' dynamic cache copies
   the whole cache at every step to append one token). Every step has the same shapes, so on a GPU it is recorded
-  once as a CUDA graph and replayed: the same kernels as the eager step, so the same tokens, without the ~1,000
-  kernel launches a step costs from Python.
+  once as a CUDA graph and replayed: the same kernels as the eager step, so the same tokens, without launching
+  each of a step's many small kernels from Python.
 - **Finished rows.** A row stops at `</s>`; the batch stops when every row has. When at most half of a
   workspace's rows still run, the live ones move to a workspace of half the rows (one per size, kept for the run
   with its graph), so a few long answers do not keep a whole batch's cache busy.

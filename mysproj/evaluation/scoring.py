@@ -5,8 +5,8 @@ continuations (" <label></s>", tokenized as in training; the final `</s>` is sco
 after it is) laid end to end, with a 4-D attention mask: the prefix
 is causal, each continuation sees the prefix and its own earlier tokens only, and its position ids restart after
 the prefix. Logits are computed only at the positions that predict a continuation token. The prefix is computed
-once whatever the number of classes, and no KV cache is built (a prefix pass + a cached continuation pass spent
-14% of the time copying the cache on an H200): equal to scoring each full sequence separately.
+once whatever the number of classes, and no KV cache is built (a prefix pass + a cached continuation pass would
+spend its time copying the cache): equal to scoring each full sequence separately.
 """
 
 from __future__ import annotations

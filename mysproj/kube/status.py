@@ -1,5 +1,6 @@
 """`mysproj status RELEASE [--watch]` and `mysproj logs RELEASE STAGE`: what a run is doing, read by
-`mysproj.kube.runstate` from the cluster and the bucket, as the controller reads it.
+`mysproj.kube.runstate` from the cluster and the bucket, as the controller reads it; `wait` follows a run to its
+end for `mysproj reproduce`.
 
 One row per stage of the DAG: its Job's state, start, duration (for a finished stage its own wall time from the
 output's manifest), throughput, progress (the latest line of the stage's `metrics.jsonl` in object storage) and the
@@ -10,6 +11,7 @@ endpoint and region) with this shell's credentials; without them the table shows
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import MutableMapping
@@ -22,6 +24,8 @@ from mysproj.kube.controller import node_configs, read_pipeline
 from mysproj.pipeline import dag
 from mysproj.storage import join, read_text
 from mysproj.storage.uri import is_local, split
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -196,6 +200,44 @@ def show(cluster, release: str, watch: bool = False, interval: float = 10.0, out
             return 1 if any(r.state == "failed" for r in rows) else 0
         time.sleep(interval)
         out("")
+
+
+def wait(cluster, release: str, timeout: float, interval: float, out=print) -> tuple[str, list]:
+    """Poll the run like `mysproj status --watch`, printing the table whenever a stage changes state (and a one-line
+    heartbeat at least every minute); returns ('complete' | 'failed' | 'timeout', last rows)."""
+    deadline = time.monotonic() + timeout
+    t0 = last_print = time.monotonic()
+    last_states = None
+    rows: list = []
+    while True:
+        try:
+            rows = collect(cluster, release)
+        except BadInput:
+            raise
+        except Exception as e:  # noqa: BLE001 - an API server or bucket blip must not end the wait
+            log.warning("status: %s: %s; retrying", type(e).__name__, e)
+            rows = rows or []
+        else:
+            states = [(r.node, r.state) for r in rows]
+            now = time.monotonic()
+            if states != last_states:
+                out(render(rows))
+                out("")
+                last_states, last_print = states, now
+            elif now - last_print >= 60:
+                done = sum(r.state in ("complete", "reused") for r in rows if r.stage != "controller")
+                running = [r.node + (f" ({r.progress})" if r.progress else "") for r in rows if r.state == "running"]
+                out(f"[{now - t0:.0f}s] {done}/{len(rows) - 1} stages done; running: {', '.join(running) or '-'}")
+                last_print = now
+            ctl = next((r for r in rows if r.stage == "controller"), None)
+            stage_failed = any(r.state == "failed" for r in rows if r.stage != "controller")
+            if ctl is not None and ctl.state == "complete":
+                return "complete", rows
+            if (ctl is not None and ctl.state == "failed") or stage_failed:
+                return "failed", rows
+        if time.monotonic() >= deadline:
+            return "timeout", rows
+        time.sleep(interval)
 
 
 def logs(cluster, release: str, stage: str, tail: int | None = None, out=print) -> int:

@@ -2,15 +2,15 @@
 model's own weights: the zero-shot classifier's fast path (eval-clip, `fast_tower`).
 
 - **Attention without layout copies.** `nn.MultiheadAttention` (open_clip's blocks) works sequence-first: it
-  transposes the batch in, splits the packed projection, and copies the heads back out, ~20% of a compiled
-  ViT-L/14-336 step on an H100 with layout and elementwise passes. Here one q/k/v matmul feeds SDPA through
-  strided views of its [B, T, 3, H, D] output, and the attention output is already [B, T, H * D].
+  transposes the batch in, splits the packed projection, and copies the heads back out, passes over memory that
+  do no arithmetic. Here one q/k/v matmul feeds SDPA through strided views of its [B, T, 3, H, D] output, and the
+  attention output is already [B, T, H * D].
 - **The last block at the class token only.** The embedding is read from the CLS row alone. The last block still
   needs keys and values for every token (the CLS query attends to them), but its query, attention output and MLP
-  run at one row: ~3.5% of a 24-block tower.
-- **Fewer passes over memory.** The patch convolution is one matmul over the image's tiles (cuDNN's kernel for
-  it ran at ~30 TFLOP/s), and each block's last residual add is left to the next block, whose first kernel adds
-  and normalises in one pass.
+  run at one row.
+- **Fewer passes over memory.** The patch convolution is one matmul over the image's tiles (a stride-p
+  convolution is one, and GEMM kernels are better tuned than cuDNN's for it), and each block's last residual add
+  is left to the next block, whose first kernel adds and normalises in one pass.
 - **One compiled graph for all middle blocks** (the weights are arguments, not constants), plus one each for the
   patch embedding, the first block and the last.
 
@@ -136,7 +136,7 @@ def _open_clip_parts(visual):
 
 def _hf_parts(model):
     """transformers' CLIPModel image side, or None for a configuration this does not cover. q/k/v are
-    concatenated into one weight (a copy: 6 MB a ViT-L block)."""
+    concatenated into one weight (a copy)."""
     vm, cfg = model.vision_model, model.config.vision_config
     emb = vm.embeddings
     if (cfg.hidden_act not in ACTIVATIONS or emb.patch_embedding.bias is not None

@@ -13,6 +13,7 @@ Every text becomes ids through `mysproj.models.prompt_ids.prompt_ids` (LLaVA's `
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from mysproj.models.prompt_ids import IMAGE_TOKEN, expand_image_tokens, prompt_ids
@@ -128,3 +129,12 @@ def pixel_values(images, image_processor, aspect: str = "pad"):
     if aspect == "pad":
         images = [pad_to_square(img, image_processor) for img in images]
     return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def _one_image(img, image_processor, aspect: str):
+    return pixel_values([img], image_processor, aspect)[0]
+
+
+def image_transform(image_processor, aspect: str = "pad"):
+    """image -> [3, S, S] as `pixel_values` makes it: a per-image transform for DataLoader workers (picklable)."""
+    return functools.partial(_one_image, image_processor=image_processor, aspect=aspect)

@@ -51,7 +51,7 @@ def materialize(uri: str) -> tuple[str, dict]:
         if "config.json" not in names:
             raise BadInput(f"{uri}: its {inp.manifest['stage']} output holds no model (no config.json); "
                            f"a CLIP preset? LLaVA stages need a LLaVA model")
-        # verified (and fetched) in parallel: a 7B model is ~14 GB in a few shards, hashing one is seconds
+        # verified (and fetched) in parallel: a 7B model is a few multi-GB shards, each slow to hash
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
             local = dict(zip(names, pool.map(inp.local_path, names)))
         if U.is_local(uri):

@@ -80,3 +80,22 @@ def image_processor(image_size: int):
                               image_mean=[0.48145466, 0.4578275, 0.40821073],
                               image_std=[0.26862954, 0.26130258, 0.27577711],
                               do_convert_rgb=True, resample=3)
+
+
+def build_random_llava(preset_name: str, seed: int = 0, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer, image_processor) with random weights; `device=None` picks CUDA when available."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from mysproj.models.tokenizer import build_tokenizer
+
+    preset = PRESETS[preset_name]
+    tokenizer = build_tokenizer(preset.tokenizer_vocab)
+    config = llava_config(preset, tokenizer)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    if device.startswith("cuda"):
+        torch.cuda.manual_seed_all(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    return model.eval(), tokenizer, image_processor(preset.image_size)

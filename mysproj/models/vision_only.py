@@ -1,5 +1,5 @@
 """LLaVA's vision tower and projector alone, for the stages that need only image features (the probe): the
-language model's weights (~95% of a 7B model's bytes) are neither fetched, verified, read nor put on the GPU.
+language model's weights (nearly all of a 7B model's bytes) are neither fetched, verified, read nor put on the GPU.
 
 The model is built on the meta device and only the tensors under `model.vision_tower.` and
 `model.multi_modal_projector.` are loaded, from the safetensors files that hold them (with mysproj's sharding the

@@ -27,6 +27,7 @@ TABLE1 = {
                          "Dermatology": (0.4947, 0.5464), "Humanitarian": (0.7950, 0.8554)},
 }
 
+
 # Table 2: task -> setting -> (post-projection MLP F1, MLLM F1).
 TABLE2 = {
     "Agriculture": {"Original": (0.5701, 0.1064), "FT-Proj": (0.4134, 0.2221), "FT-E2E": (0.5346, 0.5984)},
@@ -50,3 +51,9 @@ TABLE3 = {"Agriculture": (0.6991, 0.7118), "Textures": (0.7644, 0.7638), "Dermat
 
 # Our settings (layout names) -> the paper's names.
 SETTING_NAMES = {"zero-shot": "Original", "ft-projector": "FT-Proj", "ft-full": "FT-E2E", "ft-lora": "FT-LoRA"}
+
+
+def table1_value(row: str, dataset: str) -> tuple[float, float] | None:
+    """The paper's (F1, Acc) for a Table 1 row on our dataset's task, or None (no such row, task or dataset)."""
+    task = DATASET_TASK.get(dataset)
+    return TABLE1.get(row, {}).get(task) if task else None

@@ -101,7 +101,7 @@ def table1(runs: list[Run]) -> list[str]:
             continue
         cells = [name]
         for d in ds:
-            ref = P.TABLE1.get(name, {}).get(_task(d)) if _task(d) else None
+            ref = P.table1_value(name, d)
             ours = ([values(runs, d, stage, setting, key) for key in ("macro_f1", "accuracy")] if stage
                     else uniform_random(runs, d))
             cells += [cell(vals, ref[i] if ref else None) for i, vals in enumerate(ours)]

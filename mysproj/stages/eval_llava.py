@@ -6,12 +6,12 @@ Each test record's human turn (the same prompt as training, class order shuffled
 mode `generate` (the paper's protocol): greedy decoding of at most `max_new_tokens` (`static_decode`: mysproj's
 own loop, `mysproj.evaluation.greedy`, the same tokens as transformers' `generate`), then the answer parser
 (exact / contained / close match / unparsed, spec §6.5). mode `scoring`: the class whose answer " <label></s>"
-has the highest log-likelihood after the prompt (never unparsed; see `mysproj.evaluation.scoring`).
+has the highest log-likelihood after the prompt (never unparsed; see `mysproj.evaluation.scoring`). Loading and
+the speed paths (precision, fp8, compiled layers, shared_prefix, static_decode) are `mysproj.speed.llava`'s.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -19,68 +19,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg) -> dict:
     from mysproj.models import compile_cache
+    from mysproj.speed import llava as speed
     from mysproj.storage.manifest import run_stage
 
-    return run_stage("eval-llava", cfg,
-                     lambda out: compile_cache.run_with(compile_cache_uri(cfg), lambda: _body(cfg, out)))
-
-
-def compile_cache_uri(cfg) -> str | None:
-    """`cfg.compile_cache` where this run compiles anything (GPUs: scoring's layers, generate's prefill)."""
-    import torch
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    prefill = cfg.mode == "generate" and cfg.static_decode and cfg.compile_prefill and dev == "cuda"
-    return cfg.compile_cache if compiles(cfg, dev) or prefill else None
-
-
-def _pixels(img, processor, aspect):
-    from mysproj.models.conversation import pixel_values
-
-    return pixel_values([img], processor, aspect)[0]
-
-
-def dtype_for(precision: str, dev: str):
-    import torch
-
-    if precision == "auto":
-        return torch.float16 if dev == "cuda" else torch.float32  # fp16 as LLaVA's own inference
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def compiles(cfg, dev: str) -> bool:
-    """Compiled layers for scoring on a GPU only: for `generate` they were no faster on an H200 (36.6 vs 36.2
-    images/s, decode steps are launch-bound) and greedy decoding of a random model flipped 9% of the answers on
-    the last-bit differences, so generate stays eager."""
-    return cfg.compile and dev == "cuda" and cfg.mode == "scoring"
-
-
-def scoring_forward(cfg, model, dev: str):
-    """The scoring mode's SharedPrefixForward (`score_continuations(..., fast=)`), or None."""
-    from mysproj.models.shared_prefix import SharedPrefixForward
-
-    if cfg.mode != "scoring" or not cfg.shared_prefix:
-        return None
-    model.requires_grad_(False)  # evaluation trains nothing; the kept prefix keys and values rely on it
-    if not SharedPrefixForward.supports(model):
-        return None
-    return SharedPrefixForward(model, compile=compiles(cfg, dev))
-
-
-def greedy_decoder(cfg, model, dev: str, tokenizer):
-    """The generate mode's GreedyDecoder (`static_decode`), or None where transformers' generate runs."""
-    from mysproj.evaluation.greedy import GreedyDecoder, unsupported
-
-    if cfg.mode != "generate" or not cfg.static_decode:
-        return None
-    model.requires_grad_(False)  # evaluation trains nothing; the kept prefix keys and values rely on it
-    why = unsupported(model)
-    if why:
-        log.info("eval-llava: transformers' generate decodes (%s)", why)
-        return None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GreedyDecoder(model, eos_id=tokenizer.eos_token_id, pad_id=pad_id, max_rows=cfg.batch_size,
-                         cuda_graphs=cfg.cuda_graphs, compile_prefill=cfg.compile_prefill and dev == "cuda")
+    cache = speed.eval_compile_cache(cfg)
+    return run_stage("eval-llava", cfg, lambda out: compile_cache.run_with(cache, lambda: _body(cfg, out)))
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], pixel_values, max_new_tokens: int, pad_id: int,
@@ -119,24 +62,23 @@ def _body(cfg, out) -> dict:
     from mysproj.data.prepared import PreparedData
     from mysproj.evaluation import scoring
     from mysproj.evaluation.answers import AnswerParser
-    from mysproj.evaluation.batches import Throughput, image_batches, write_predictions
-    from mysproj.evaluation.batches import device as pick_device
+    from mysproj.evaluation.batches import image_batches
     from mysproj.evaluation.metrics import classification_metrics, short
-    from mysproj.models import speedups
-    from mysproj.models.conversation import llava_v1_prompt
-    from mysproj.models.loading import load_llava
+    from mysproj.evaluation.predictions import write_predictions
+    from mysproj.evaluation.throughput import Throughput
+    from mysproj.models.conversation import image_transform, llava_v1_prompt
     from mysproj.models.prompt_ids import prompt_ids
     from mysproj.progress import Progress
+    from mysproj.speed import llava as speed
+    from mysproj.speed.device import inference_device
     from mysproj.storage.stage_time import processed
 
     data = PreparedData(cfg.data)
     samples, humans = examples(data, cfg.split, cfg.limit)
-    dev = pick_device()
-    loaded = load_llava(cfg.model, device=dev, dtype=dtype_for(cfg.precision, dev), direct=cfg.direct_load)
+    dev = inference_device()
+    loaded = speed.load(cfg, dev)
     model, tok = loaded.model, loaded.tokenizer
-    speedups.apply(model, fp8=cfg.fp8, compile=compiles(cfg, dev))
-    fast = scoring_forward(cfg, model, dev)
-    decoder = greedy_decoder(cfg, model, dev, tok)
+    paths = speed.for_eval(cfg, model, tok, dev)
     image_token, n_image = model.config.image_token_id, model.config.image_seq_length
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     conts = [scoring.continuation_ids(tok, c) for c in data.classes]
@@ -144,35 +86,35 @@ def _body(cfg, out) -> dict:
     log.info("eval-llava: %d examples, %d classes, mode %s, %s weights on %s", len(samples), len(data.classes),
              cfg.mode, "random" if loaded.random_weights else "loaded", dev)
 
-    transform = functools.partial(_pixels, processor=loaded.image_processor, aspect=cfg.image_aspect_ratio)
+    transform = image_transform(loaded.image_processor, cfg.image_aspect_ratio)
     rows: list[dict] = []
     progress = Progress(f"eval-llava {cfg.mode}", len(samples), "images")
-    speed = Throughput()
+    rate = Throughput()
     for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
         pix = torch.stack(pixels).to(dev, model.dtype)
         prompts = [prompt_ids(tok, llava_v1_prompt(humans[i]), image_token, n_image) for i in idx]
         if cfg.mode == "generate":
-            answers = generate_answers(model, tok, prompts, pix, cfg.max_new_tokens, pad_id, decoder)
+            answers = generate_answers(model, tok, prompts, pix, cfg.max_new_tokens, pad_id, paths.decoder)
             for i, answer in zip(idx, answers):
                 parsed = parser(answer)
                 rows.append(_row(samples[i], parsed.label, answer=answer, how=parsed.how))
         else:
-            scores, _ = scoring.score_continuations(model, scoring.left_pad(prompts, pad_id, dev), pix, conts, fast)
+            scores, _ = scoring.score_continuations(model, scoring.left_pad(prompts, pad_id, dev), pix, conts,
+                                                    paths.fast)
             for i, sc in zip(idx, scores.cpu()):
                 rows.append(_row(samples[i], data.classes[int(sc.argmax())], scores=[float(v) for v in sc]))
         progress.update(len(idx))
-        speed.batch_done(len(idx))
+        rate.batch_done(len(idx))
     metrics = classification_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], data.classes)
     metrics.update(mode=cfg.mode, model=cfg.model, split=cfg.split, random_weights=loaded.random_weights,
                    precision=str(model.dtype).split(".")[-1], fp8=cfg.fp8)
     out.write_json("metrics.json", metrics)
     write_predictions(out, rows)
     log.info("eval-llava: %s", short(metrics))
-    rates = speed.summary()
+    rates = rate.summary()
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "unparsed": metrics["unparsed"],
             "n": metrics["n"], **rates, "processed": processed(len(rows), "images", rates["images_per_s"]),
-            "device": dev, "shared_prefix": fast is not None,
-            **({"static_decode": decoder.stats, "cuda_graphs": decoder.cuda_graphs} if decoder else {})}
+            "device": dev, **paths.summary()}
 
 
 def _row(sample, prediction, **extra) -> dict:

@@ -11,7 +11,6 @@ They are stored in the output (`features/<split>.safetensors` + `features/<split
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import tempfile
@@ -23,12 +22,6 @@ def run(cfg) -> dict:
     from mysproj.storage.manifest import run_stage
 
     return run_stage("probe", cfg, lambda out: _body(cfg, out))
-
-
-def _pixels(img, processor, aspect):
-    from mysproj.models.conversation import pixel_values
-
-    return pixel_values([img], processor, aspect)[0]
 
 
 def image_features(model, pixel_values, pre_pooling: str = "mean"):
@@ -59,10 +52,11 @@ def extract(loaded, data, samples, cfg, dev):
     import torch
 
     from mysproj.evaluation.batches import image_batches
+    from mysproj.models.conversation import image_transform
     from mysproj.progress import Progress
 
     model = loaded.model
-    transform = functools.partial(_pixels, processor=loaded.image_processor, aspect=cfg.image_aspect_ratio)
+    transform = image_transform(loaded.image_processor, cfg.image_aspect_ratio)
     pre, post = [None] * len(samples), [None] * len(samples)
     progress = Progress("probe features", len(samples), "images")
     for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
@@ -96,12 +90,10 @@ def _body(cfg, out) -> dict:
     from mysproj.data.prepared import PreparedData
     from mysproj.errors import BadInput
     from mysproj.evaluation import probe_mlp
-    from mysproj.evaluation.batches import device as pick_device
-    from mysproj.evaluation.batches import write_predictions
     from mysproj.evaluation.metrics import classification_metrics, short
-    from mysproj.models.loading import load_llava
-    from mysproj.models.vision_only import load_vision
-    from mysproj.stages.eval_llava import dtype_for
+    from mysproj.evaluation.predictions import write_predictions
+    from mysproj.speed import llava as speed
+    from mysproj.speed.device import inference_device
     from mysproj.storage.stage_time import processed
 
     data = PreparedData(cfg.data)
@@ -109,11 +101,9 @@ def _body(cfg, out) -> dict:
     for name, samples in splits.items():
         if not samples:
             raise BadInput(f"{cfg.data}: split '{name}' has no samples; the probe needs both train and test")
-    dev = pick_device()
-    dtype = dtype_for(cfg.precision, dev)
-    loaded = (load_vision(cfg.model, device=dev, dtype=dtype) if cfg.vision_only else None) \
-        or load_llava(cfg.model, device=dev, dtype=dtype, direct=cfg.direct_load)
-    vision_only = all(p.is_meta for p in loaded.model.model.language_model.parameters())
+    dev = inference_device()
+    loaded = speed.load(cfg, dev, vision_only=cfg.vision_only)
+    vision_only = speed.language_model_skipped(loaded)
     feats = {}
     for name, samples in splits.items():
         feats[name] = extract(loaded, data, samples, cfg, dev)

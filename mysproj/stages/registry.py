@@ -12,7 +12,7 @@ from mysproj.config.fields import load_config
 
 STAGES: dict[str, tuple[type, str]] = {
     "prep": (C.PrepConfig, "mysproj.stages.prep:run"),
-    "model-init": (C.ModelInitConfig, "mysproj.models.init:run"),
+    "model-init": (C.ModelInitConfig, "mysproj.stages.model_init:run"),
     "finetune": (C.FinetuneConfig, "mysproj.stages.finetune:run"),
     "merge": (C.MergeConfig, "mysproj.stages.merge:run"),
     "eval-clip": (C.EvalClipConfig, "mysproj.stages.eval_clip:run"),

@@ -18,7 +18,7 @@ def cache_dir() -> str:
     return d
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -33,7 +33,7 @@ def fetch(uri: str, sha256: str | None = None) -> str:
         path = U.local_path(uri)
         if not os.path.exists(path):
             raise IncompleteOutput(f"{uri}: file is missing; re-run the stage that writes it")
-        if sha256 and _sha256(path) != sha256:
+        if sha256 and sha256_file(path) != sha256:
             raise IncompleteOutput(f"{uri}: sha256 does not match its manifest; the file is corrupt or was "
                                    f"changed after the stage finished; re-run the stage")
         return path
@@ -43,7 +43,7 @@ def fetch(uri: str, sha256: str | None = None) -> str:
         return target
     tmp = target + ".part"
     U.get_file(uri, tmp)
-    if sha256 and _sha256(tmp) != sha256:
+    if sha256 and sha256_file(tmp) != sha256:
         os.remove(tmp)
         raise IncompleteOutput(f"{uri}: sha256 does not match its manifest; the object is corrupt or was "
                                f"changed after the stage finished; re-run the stage")

@@ -7,7 +7,7 @@ What an input URI's digest is made of:
   below it, by relative path;
 - anything else (a downloaded model, a raw dataset, one file): every file's relative name, size and content hash.
   Local files are hashed once and remembered by (path, size, mtime, ctime, inode) in `<cache>/file-hashes.sqlite`,
-  so an unchanged 14 GB model is not read again; object stores give an ETag per object, taken as its content hash
+  so an unchanged multi-GB model is not read again; object stores give an ETag per object, taken as its content hash
   (nothing is downloaded).
 
 `None` stands for "nothing stored there": an input that is gone cannot be compared, and nothing could be re-made

@@ -28,6 +28,7 @@ from mysproj.config import config_hash, config_to_dict
 from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
+from mysproj.storage.cache import sha256_file
 from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests
 from mysproj.storage.stage_time import GpuUse, time_entry
 
@@ -52,14 +53,6 @@ def code_version() -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(out_uri: str) -> dict | None:

@@ -75,8 +75,8 @@ def split(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     protocol = uri.split("://", 1)[0]
     if "::" in uri:  # chained URLs (simplecache::s3://...) are rare: build them each time
         return fsspec.core.url_to_fs(uri, **_storage_options(protocol))
-    # One client per process and credential set: creating an S3 client costs ~0.2 s, which would dominate
-    # per-object reads (images). Listings are never cached (see _storage_options), so sharing it is safe.
+    # One client per process and credential set: creating an S3 client is slow enough to dominate per-object
+    # reads (images). Listings are never cached (see _storage_options), so sharing it is safe.
     key = (os.getpid(), protocol, tuple(os.environ.get(k) for k in _CLIENT_ENV))
     fs = _CLIENTS.get(key)
     if fs is None:

@@ -65,7 +65,8 @@ def save(ctx, step: int, state: dict) -> None:
     """Write checkpoint `step` (all ranks call this)."""
     acc = ctx.accelerator
     target = step_uri(ctx.cfg.out, step)
-    # A local output is written in place (a 7B ZeRO-3 checkpoint is ~100 GB; no second copy on the disk).
+    # A local output is written in place: a 7B ZeRO-3 checkpoint holds fp32 weights and Adam state, too large
+    # for a second copy on the disk.
     in_place = U.is_local(target)
     local = U.local_path(target) if in_place else local_dir(ctx.cfg.out, step)
     if acc.is_local_main_process:

@@ -88,7 +88,7 @@ def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_by
     if strategy != "full":
         return None
     # Full fine-tuning keeps fp32 master weights, fp32 grads and two fp32 Adam states (16 bytes a parameter) plus
-    # checkpointed activations: 7B fits one 141 GB H200 but not an 80 GB H100, which offloads the optimizer.
+    # checkpointed activations: 7B fits a 141 GB card but not an 80 GB one, which offloads the optimizer.
     return None if FULL_BYTES_PER_PARAM * llm_params + FULL_HEADROOM <= gpu_bytes else "zero3-offload"
 
 
@@ -148,24 +148,16 @@ def uses_bf16(cfg, cuda: bool) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
 
 
-def checkpointing(cfg) -> bool:
-    """Activation checkpointing only where memory needs it: projector-only training keeps no optimizer state
-    for the 7B LLM and its activations fit (43 GiB at micro-batch 16 of 640 tokens, compiled)."""
-    if cfg.gradient_checkpointing is not None:
-        return cfg.gradient_checkpointing
-    return cfg.strategy != "projector"
-
-
 def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps: int) -> Session:
     """`model` (LlavaForConditionalGeneration, on the CPU or already on the card) -> a ready Session."""
     import torch
 
-    from mysproj.models import speedups
+    from mysproj.speed import llava as speed
+    from mysproj.speed.device import allow_tf32
 
     cuda = torch.cuda.is_available()
-    if cuda:  # the seed scripts' --tf32 True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if cuda:
+        allow_tf32()
     bf16 = uses_bf16(cfg, cuda)
     ds_name = resolve_deepspeed(cfg.deepspeed, cfg.strategy, cuda, world,
                                 gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
@@ -177,52 +169,23 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
 
     model = strategies.apply(model, cfg.strategy, cfg)
     if not ds_name:
-        if cuda and cfg.cast_on_gpu:  # half the bytes to move, and the cast below runs on the card
-            model.to(acc.device)
+        speed.place_before_cast(cfg, model, acc.device, cuda)
         for p in model.parameters():  # fp32 master weights for what trains; frozen weights stay in bf16
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-    if checkpointing(cfg):
-        llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-        llm = llava.model.language_model
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.checkpoint_layers is not None:  # the rest keep their activations: no recomputation there
-            for i, layer in enumerate(llm.layers):
-                layer.gradient_checkpointing = i < cfg.checkpoint_layers
+    speed.apply_checkpointing(cfg, model)
     model.train()
     groups = strategies.param_groups(model, cfg.strategy, lr, projector_lr, cfg.weight_decay)
-    # foreach's temporaries would cost another copy of the weights (7B full: 27 GB on the card, or in CPU memory
-    # when offloaded); the fused kernel has none.
+    # foreach's temporaries would cost another copy of the trained weights (on the card, or in CPU memory when
+    # offloaded); the fused kernel has none.
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                   foreach=False, fused=cuda and ds_name != "zero3-offload")
     scheduler = cosine_with_warmup(optimizer, math.ceil(total_steps * cfg.warmup_ratio), total_steps)
     prepared, optimizer = acc.prepare(model, optimizer)
     unwrapped = acc.unwrap_model(prepared)
-    # After prepare: the weights are on the card, and the swapped/compiled modules hold no trained parameter.
     llava = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-    speedups.apply(llava, fp8=cfg.fp8, compile=cfg.compile and cuda, sharded=ds_name in ("zero3", "zero3-offload"),
-                   training=True, fp8_backward=cfg.fp8_backward)
+    shared = speed.for_training(cfg, acc, prepared, llava, ds_name, cuda)
     pixel_dtype = next(unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
     return Session(cfg, acc, prepared, unwrapped, optimizer, scheduler, ds_name, "bf16" if bf16 else "fp32",
-                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world,
-                   shared_prefix(cfg, acc, prepared, llava, ds_name, cuda))
+                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world, shared)
 
-
-def shared_prefix(cfg, acc, prepared, llava, ds_name, cuda):
-    """The projector strategy's SharedPrefixForward, where it applies. Not under DDP, whose gradient all-reduce is
-    armed by its own forward (DeepSpeed's hooks sit on the parameters), nor ZeRO-3 (parameters gathered per
-    module call), nor with checkpointing (the layer functions keep their activations)."""
-    import torch
-
-    from mysproj.models.shared_prefix import SharedPrefixForward
-
-    if cfg.strategy != "projector" or not cfg.shared_prefix:
-        return None
-    reason = ("checkpointing is on" if checkpointing(cfg) else
-              "DDP" if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) else
-              "ZeRO-3" if ds_name in ("zero3", "zero3-offload") else
-              "the language model is not a frozen Llama" if not SharedPrefixForward.supports(llava) else None)
-    if reason:
-        log.info("shared_prefix: off (%s); the model's own forward runs", reason)
-        return None
-    return SharedPrefixForward(llava, compile=cfg.compile and cuda, autocast=acc.autocast)

@@ -1,9 +1,9 @@
 """Stage `model-init`: a random-weight model of a preset architecture, with a working tokenizer and processor.
 
-LLaVA presets (`tiny`, `llava-1.5-7b`) are built here; CLIP presets are the eval area's `write_random_clip`.
-The 7B model is built directly on the GPU when there is one (CPU init of 7B parameters takes minutes) and
-written from there as ~5 GB safetensors shards, straight into the output folder when it is local. Nothing is
-fetched from a model hub.
+LLaVA presets (`tiny`, `llava-1.5-7b`) are `mysproj.models.presets.build_random_llava`'s; CLIP presets are
+`mysproj.models.clip.write_random_clip`'s. The 7B model is built directly on the GPU when there is one (a CPU
+initialises 7B parameters slowly) and written from there in safetensors shards, straight into the output folder
+when it is local. Nothing is fetched from a model hub.
 """
 
 from __future__ import annotations
@@ -15,26 +15,6 @@ from mysproj.storage.manifest import StageOutput, run_stage
 
 log = logging.getLogger(__name__)
 CLIP_PRESETS = ("clip-tiny", "clip-vit-l-14-336")
-
-
-def build_random_llava(preset_name: str, seed: int = 0, dtype: str = "float32", device: str | None = None):
-    """(model, tokenizer, image_processor) with random weights; `device=None` picks CUDA when available."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from mysproj.models.presets import PRESETS, image_processor, llava_config
-    from mysproj.models.tokenizer import build_tokenizer
-
-    preset = PRESETS[preset_name]
-    tokenizer = build_tokenizer(preset.tokenizer_vocab)
-    config = llava_config(preset, tokenizer)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
-    if device.startswith("cuda"):
-        torch.cuda.manual_seed_all(seed)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
-    return model.eval(), tokenizer, image_processor(preset.image_size)
 
 
 def run(cfg) -> dict:
@@ -56,6 +36,8 @@ def run(cfg) -> dict:
         from mysproj.models.saving import save_hf_model
 
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cfg.preset == "llava-1.5-7b" else "float32")
+        from mysproj.models.presets import build_random_llava
+
         model, tokenizer, processor = build_random_llava(cfg.preset, cfg.seed, dtype)
         n_params = sum(p.numel() for p in model.parameters())
         log.info("model-init: %s, %.1fM parameters (random), writing %s", cfg.preset, n_params / 1e6, out.uri)

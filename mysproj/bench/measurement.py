@@ -1,4 +1,4 @@
-"""Benchmark results: one `Measurement` per variant (ours, the plain-transformers baseline), the ratios between
+"""Benchmark measurements: one `Measurement` per variant (ours, the plain-transformers baseline), the ratios between
 them, a fixed-width table (printed last) and a JSON document."""
 
 from __future__ import annotations

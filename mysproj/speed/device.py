@@ -1,0 +1,21 @@
+"""The device a stage runs on, with the matmul settings every GPU stage shares."""
+
+from __future__ import annotations
+
+
+def allow_tf32() -> None:
+    """fp32 matmuls and convolutions on TF32 tensor cores, as the seed scripts' `--tf32 True`."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def inference_device() -> str:
+    """"cuda" where a GPU is visible (TF32 allowed), else "cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        allow_tf32()
+        return "cuda"
+    return "cpu"
