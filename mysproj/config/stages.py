@@ -161,8 +161,6 @@ class FinetuneConfig:
 class MergeConfig:
     """Write an HF-layout model: the base with a tuned projector (the seed's update_model.sh, done right)."""
 
-    RESULT_VERSION: ClassVar[int] = 2  # raised with finetune's (the models it reads came out differently)
-
     base: str = opt(help="base model URI", input=True)
     projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI",
                          input=True)
@@ -246,8 +244,6 @@ class EvalLlavaConfig:
 @dataclass(kw_only=True)
 class ProbeConfig:
     """Pre/post-projection feature probes: the paper's MLPs on vision-tower and projector features."""
-
-    RESULT_VERSION: ClassVar[int] = 2  # raised with finetune's (the models it reads came out differently)
 
     model: str = opt(help="LLaVA model URI whose vision tower and projector give the features", input=True)
     data: str = opt(help="prep output URI", input=True)
