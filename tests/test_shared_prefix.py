@@ -145,6 +145,27 @@ def test_compiled_once_for_all_layers(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compiled_once_whatever_the_batch_sizes_and_lengths(monkeypatch):
+    """Batches of other lengths, answer rows and sizes (a run's last batch) reuse the graphs: each function is
+    compiled once, not once for the first sizes and again with symbolic ones."""
+    from torch._dynamo.testing import CompileCounter
+
+    from mysproj.models.shared_prefix import SharedPrefixForward
+    from mysproj.training.loss import answer_loss_sum
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    model = _projector_llava()
+    shared = SharedPrefixForward(model, compile=True)
+    for lengths, answer in (([40, 40], 3), ([44, 38], 2), ([36, 41, 39], 4), ([43, 43], 2)):
+        batch = _batch(model, lengths, answer=answer)
+        ref = answer_loss_sum(model, batch, torch.float32, "cpu").item()
+        assert answer_loss_sum(model, batch, torch.float32, "cpu", shared).item() == pytest.approx(ref, rel=1e-5)
+    assert counter.frame_count == 4  # prefix (no gradient), rows, last layer, vision tower
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("deepspeed", ["none", "zero2"])
 def test_projector_stage_uses_it_and_trains_the_same_weights(tiny_model, prep, tmp_path, monkeypatch,
                                                              request, deepspeed):

@@ -22,6 +22,7 @@ and the caller runs the model as usual.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,23 @@ def tower_layers_used(llava) -> int | None:
     return n + 1 + layer if layer < 0 else layer  # hidden_states[k] is the output of the first k layers
 
 
+def _compiled(fn, **dynamic):
+    """`torch.compile(fn)`, called with the dimensions `dynamic` names ({argument: dims}) marked dynamic. Batch
+    sizes, row counts and lengths differ from call to call (the answers' lengths, a run's last batch); left to
+    itself, torch.compile compiles each function for the first call's sizes and again, with symbolic sizes, at the
+    first change: a second compile of every graph (forward and backward). Marked, each compiles once. A dimension of size 1 stays specialised, as torch.compile does anyway."""
+    compiled = torch.compile(fn)
+    signature = inspect.signature(fn)
+
+    def call(*args, **kwargs):
+        for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+            if name in dynamic and isinstance(value, torch.Tensor):
+                for dim in dynamic[name]:
+                    torch._dynamo.maybe_mark_dynamic(value, dim)
+        return compiled(*args, **kwargs)
+    return call
+
+
 class SharedPrefixForward:
     """`logits(...)` = the LlavaForConditionalGeneration's logits at `keep` (what `model(..., logits_to_keep=keep)`
     returns), computed as the module docstring says. `compile=True` compiles the two layer functions and the tower
@@ -152,9 +170,11 @@ class SharedPrefixForward:
         self.llava = llava
         self.autocast = autocast  # the accelerator's: what its prepared model.forward runs under
         self._past: dict = {}
-        self.layer_step = torch.compile(layer_step) if compile else layer_step
-        self.last_layer_rows = torch.compile(last_layer_rows) if compile else last_layer_rows
-        self.tower_features = torch.compile(tower_features) if compile else tower_features
+        self.layer_step = _compiled(layer_step, h=(0, 1), cos=(0, 1), sin=(0, 1), mask=(0, 2, 3)) if compile \
+            else layer_step
+        self.last_layer_rows = _compiled(last_layer_rows, h=(0, 1), cos=(0, 1), sin=(0, 1), rows=(0,),
+                                         mask=(0, 2, 3)) if compile else last_layer_rows
+        self.tower_features = _compiled(tower_features, pixel_values=(0,)) if compile else tower_features
         self.tower_layers = tower_layers_used(llava)
 
     def image_features(self, pixel_values):
