@@ -125,8 +125,9 @@ def cached_layer_step(layer, h, cos, sin, cache_k, cache_v, slot, visible):
 
 def tower_features(tower, pixel_values, n_layers: int, drop_cls: bool):
     """LLaVA's image features from a frozen CLIPVisionModel: embeddings, pre-norm and the first `n_layers` encoder
-    layers, in one function (compiled, one graph instead of 24 layer calls with their own dispatch), without the
-    hooks that collect every layer's output."""
+    layers, without the hooks that collect every layer's output. Never compiled as a whole: its 23 layers would
+    unroll into one graph whose compile costs far more of a run's start than it saves; each layer's own compiled
+    forward serves it where the caller compiled the layers (`mysproj.speed.llava.apply`)."""
     with torch.no_grad():
         h = tower.pre_layrnorm(tower.embeddings(pixel_values))
         for layer in tower.encoder.layers[:n_layers]:
@@ -163,8 +164,8 @@ def _compiled(fn, **dynamic):
 
 class SharedPrefixForward:
     """`logits(...)` = the LlavaForConditionalGeneration's logits at `keep` (what `model(..., logits_to_keep=keep)`
-    returns), computed as the module docstring says. `compile=True` compiles the two layer functions and the tower
-    function once: every layer passes through the same compiled code (the layer is an argument, not a constant)."""
+    returns), computed as the module docstring says. `compile=True` compiles the two layer functions once: every
+    layer passes through the same compiled code (the layer is an argument, not a constant)."""
 
     def __init__(self, llava, *, compile: bool = False, autocast=contextlib.nullcontext):
         self.llava = llava
@@ -174,15 +175,14 @@ class SharedPrefixForward:
             else layer_step
         self.last_layer_rows = _compiled(last_layer_rows, h=(0, 1), cos=(0, 1), sin=(0, 1), rows=(0,),
                                          mask=(0, 2, 3)) if compile else last_layer_rows
-        self.tower_features = _compiled(tower_features, pixel_values=(0,)) if compile else tower_features
         self.tower_layers = tower_layers_used(llava)
 
     def image_features(self, pixel_values):
         """The projected image features of every image, concatenated ([B * image tokens, d])."""
         model, cfg = self.llava.model, self.llava.config
         if self.tower_layers is not None:
-            feats = self.tower_features(model.vision_tower, pixel_values, self.tower_layers,
-                                        cfg.vision_feature_select_strategy == "default")
+            feats = tower_features(model.vision_tower, pixel_values, self.tower_layers,
+                                   cfg.vision_feature_select_strategy == "default")
             return model.multi_modal_projector(feats).flatten(0, 1)
         out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
                                        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
