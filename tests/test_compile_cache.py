@@ -27,6 +27,21 @@ print(json.dumps({"cache": summary["compile_cache"], "hits": counters["inductor"
 """
 
 
+_TWO_STAGES = """
+import json, sys, torch
+from mysproj.models import compile_cache
+
+def compiles():
+    f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1)
+    f(torch.randn(8, 8))
+    return {}
+
+first = compile_cache.run_with(sys.argv[1], compiles)
+second = compile_cache.run_with(sys.argv[2], lambda: {})
+print(json.dumps([first["compile_cache"], second["compile_cache"]]))
+"""
+
+
 def _compile_in_a_fresh_process(uri: str, local_cache: str) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": local_cache, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", _SCRIPT, uri], env=env, capture_output=True, text=True,
@@ -80,3 +95,15 @@ def test_the_pipeline_shares_one_cache_among_compiling_stages():
             if n.stage in COMPILING_STAGES else None
         assert n.config.get("compile_cache") == want, n.name
     assert {n.stage for n in nodes} >= set(COMPILING_STAGES)
+
+
+@pytest.mark.slow
+def test_a_later_stage_in_the_same_process_stores_only_its_own(tmp_path):
+    """Two stages in one process (the local runner): the second compiles nothing, so it stores no blob, although
+    the process compiled something before it."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "local"), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _TWO_STAGES, str(tmp_path / "a"), str(tmp_path / "b")], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first["stored"] and second == {"uri": str(tmp_path / "b"), "loaded": 0, "stored": None}

@@ -65,6 +65,17 @@ def load(uri: str) -> set[str]:
     return keys
 
 
+def _forget_recorded() -> None:
+    """Start the process's record of compiled artifacts afresh: `save_cache_artifacts` returns everything recorded
+    since the process began, so a stage run after others in one process (the local runner's) would otherwise store
+    their artifacts again, and report a blob when it compiled nothing. torch has no public call for it."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+    except ImportError:
+        return
+    CacheArtifactManager.clear()
+
+
 def save(uri: str, known: set[str]) -> str | None:
     """Store what this process compiled, unless all of it was loaded; returns the blob's name or None."""
     import torch
@@ -92,6 +103,7 @@ def persistent(uri: str | None, *, store: bool = True):
         yield {}
         return
     stats: dict = {"uri": uri}
+    _forget_recorded()
     try:
         known = load(uri)
     except Exception as e:  # noqa: BLE001 - e.g. storage unreachable: compile without the cache
