@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+# One stage per URI given, in one process: the first compiles, any later one compiles nothing.
 _SCRIPT = """
 import json, sys, torch
 from torch._dynamo.utils import counters
@@ -22,32 +23,23 @@ def body():
     f(torch.randn(8, 8))
     return {}
 
-summary = compile_cache.run_with(sys.argv[1], body)
-print(json.dumps({"cache": summary["compile_cache"], "hits": counters["inductor"]["fxgraph_cache_hit"]}))
+caches = [compile_cache.run_with(uri, body if i == 0 else dict)["compile_cache"]
+          for i, uri in enumerate(sys.argv[1:])]
+print(json.dumps({"caches": caches, "hits": counters["inductor"]["fxgraph_cache_hit"]}))
 """
 
 
-_TWO_STAGES = """
-import json, sys, torch
-from mysproj.models import compile_cache
-
-def compiles():
-    f = torch.compile(lambda x: torch.nn.functional.gelu(x) * 2 + 1)
-    f(torch.randn(8, 8))
-    return {}
-
-first = compile_cache.run_with(sys.argv[1], compiles)
-second = compile_cache.run_with(sys.argv[2], lambda: {})
-print(json.dumps([first["compile_cache"], second["compile_cache"]]))
-"""
-
-
-def _compile_in_a_fresh_process(uri: str, local_cache: str) -> dict:
+def _stages_in_a_fresh_process(uris: list[str], local_cache: str) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": local_cache, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, uri], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, *uris], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compile_in_a_fresh_process(uri: str, local_cache: str) -> dict:
+    out = _stages_in_a_fresh_process([uri], local_cache)
+    return {"cache": out["caches"][0], "hits": out["hits"]}
 
 
 @pytest.mark.slow
@@ -101,9 +93,6 @@ def test_the_pipeline_shares_one_cache_among_compiling_stages():
 def test_a_later_stage_in_the_same_process_stores_only_its_own(tmp_path):
     """Two stages in one process (the local runner): the second compiles nothing, so it stores no blob, although
     the process compiled something before it."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "local"), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _TWO_STAGES, str(tmp_path / "a"), str(tmp_path / "b")], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    uris = [str(tmp_path / "a"), str(tmp_path / "b")]
+    first, second = _stages_in_a_fresh_process(uris, str(tmp_path / "local"))["caches"]
     assert first["stored"] and second == {"uri": str(tmp_path / "b"), "loaded": 0, "stored": None}

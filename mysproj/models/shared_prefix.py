@@ -149,7 +149,8 @@ def _compiled(fn, **dynamic):
     """`torch.compile(fn)`, called with the dimensions `dynamic` names ({argument: dims}) marked dynamic. Batch
     sizes, row counts and lengths differ from call to call (the answers' lengths, a run's last batch); left to
     itself, torch.compile compiles each function for the first call's sizes and again, with symbolic sizes, at the
-    first change: a second compile of every graph (forward and backward). Marked, each compiles once. A dimension of size 1 stays specialised, as torch.compile does anyway."""
+    first change: a second compile of every graph (forward and backward). Marked, each compiles once. A dimension
+    of size 1 stays specialised, as torch.compile does anyway."""
     compiled = torch.compile(fn)
     signature = inspect.signature(fn)
 
