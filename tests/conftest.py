@@ -12,6 +12,8 @@
   same in the original LLaVA layout), `prep` (textures-mini, 6 images a class) for the models/finetune/merge tests;
   `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` and `clip_tiny_uri` for the eval/probe/report tests.
   Tests must not change them. `deepspeed_one_process` (function): DeepSpeed's CPU accelerator in this process.
+- `compile_counter` (function): `torch.compile` counting the graphs it compiles (and running them eagerly), from
+  a clean dynamo state, which it restores afterwards.
 """
 
 from __future__ import annotations
@@ -274,3 +276,17 @@ def deepspeed_one_process(monkeypatch):
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     groups._WORLD_GROUP = None
+
+
+@pytest.fixture
+def compile_counter(monkeypatch):
+    import functools
+
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    yield counter
+    torch._dynamo.reset()

@@ -1,7 +1,6 @@
 """`mysproj.models.clip_tower`: CLIP's image embedding from the model's own weights, equal to open_clip's and
 transformers' forward, one compiled graph for every middle block, and None where it does not apply."""
 
-import functools
 import json
 
 import pytest
@@ -72,14 +71,9 @@ def test_tanh_gelu_is_not_covered():
     assert ClipTower.of(_hf("gelu_new")) is None
 
 
-def test_one_graph_for_the_middle_blocks(tmp_path, monkeypatch):
+def test_one_graph_for_the_middle_blocks(tmp_path, compile_counter):
     """Six blocks, two batches: four graphs (patch embedding, first block, middle blocks, last block at the class
     token); more blocks or another batch of the same shape add none."""
-    from torch._dynamo.testing import CompileCounter
-
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
     clip = _open_clip(tmp_path, layers=6)
     tower = ClipTower.of(clip, compile=True)
     for seed in (1, 2):
@@ -87,5 +81,4 @@ def test_one_graph_for_the_middle_blocks(tmp_path, monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(tower.encode(x), clip.model.encode_image(x, normalize=True), rtol=0,
                                        atol=1e-6)
-    assert counter.frame_count == 4
-    torch._dynamo.reset()
+    assert compile_counter.frame_count == 4

@@ -37,11 +37,6 @@ def _stages_in_a_fresh_process(uris: list[str], local_cache: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _compile_in_a_fresh_process(uri: str, local_cache: str) -> dict:
-    out = _stages_in_a_fresh_process([uri], local_cache)
-    return {"cache": out["caches"][0], "hits": out["hits"]}
-
-
 @pytest.mark.slow
 def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     """Two processes with empty local inductor caches (as two pods): the first compiles and stores a blob, the
@@ -49,11 +44,11 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     from mysproj.models.compile_cache import environment
 
     uri = str(tmp_path / "compile-cache")
-    first = _compile_in_a_fresh_process(uri, str(tmp_path / "local-1"))
-    assert first["cache"]["loaded"] == 0 and first["cache"]["stored"] and first["hits"] == 0
-    assert os.listdir(os.path.join(uri, environment())) == [first["cache"]["stored"]]
-    second = _compile_in_a_fresh_process(uri, str(tmp_path / "local-2"))
-    assert second["cache"]["loaded"] > 0 and second["hits"] >= 1 and second["cache"]["stored"] is None
+    first = _stages_in_a_fresh_process([uri], str(tmp_path / "local-1"))
+    assert first["caches"][0]["loaded"] == 0 and first["caches"][0]["stored"] and first["hits"] == 0
+    assert os.listdir(os.path.join(uri, environment())) == [first["caches"][0]["stored"]]
+    second = _stages_in_a_fresh_process([uri], str(tmp_path / "local-2"))
+    assert second["caches"][0]["loaded"] > 0 and second["hits"] >= 1 and second["caches"][0]["stored"] is None
 
 
 def test_unreadable_blobs_are_skipped_with_a_warning(tmp_path, caplog):

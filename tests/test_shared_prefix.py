@@ -2,7 +2,6 @@
 model's own forward, on CPU in fp32: the same loss and the same projector gradient, and the stage uses it."""
 
 import copy
-import functools
 import json
 import os
 
@@ -119,16 +118,11 @@ def test_falls_back_to_the_model_forward_when_rows_differ_before_the_image():
     assert _loss_and_grads(model, batch, shared)[0] == ref_loss
 
 
-def test_compiled_once_for_all_layers(monkeypatch):
+def test_compiled_once_for_all_layers(compile_counter):
     """Every decoder layer passes through the same compiled graphs: one for the batch-1 prefix (no gradient), one
     for the rows after it, one for the last layer; more layers add none. The vision tower is not compiled whole."""
-    from torch._dynamo.testing import CompileCounter
-
     from mysproj.models.shared_prefix import SharedPrefixForward
 
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
     model = _projector_llava()
     lm = model.model.language_model
     for _ in range(3):  # 5 layers: the per-layer function sees 4 different layer modules
@@ -141,29 +135,22 @@ def test_compiled_once_for_all_layers(monkeypatch):
     ref = answer_loss_sum(model, batch, torch.float32, "cpu").item()
     for _ in range(2):  # the second batch reuses the prefix's keys and values and the compiled graphs
         assert answer_loss_sum(model, batch, torch.float32, "cpu", shared).item() == pytest.approx(ref, rel=1e-5)
-    assert counter.frame_count == 3 and len(shared._past) == 1
-    torch._dynamo.reset()
+    assert compile_counter.frame_count == 3 and len(shared._past) == 1
 
 
-def test_compiled_once_whatever_the_batch_sizes_and_lengths(monkeypatch):
+def test_compiled_once_whatever_the_batch_sizes_and_lengths(compile_counter):
     """Batches of other lengths, answer rows and sizes (a run's last batch) reuse the graphs: each function is
     compiled once, not once for the first sizes and again with symbolic ones."""
-    from torch._dynamo.testing import CompileCounter
-
     from mysproj.models.shared_prefix import SharedPrefixForward
     from mysproj.training.loss import answer_loss_sum
 
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
     model = _projector_llava()
     shared = SharedPrefixForward(model, compile=True)
     for lengths, answer in (([40, 40], 3), ([44, 38], 2), ([36, 41, 39], 4), ([43, 43], 2)):
         batch = _batch(model, lengths, answer=answer)
         ref = answer_loss_sum(model, batch, torch.float32, "cpu").item()
         assert answer_loss_sum(model, batch, torch.float32, "cpu", shared).item() == pytest.approx(ref, rel=1e-5)
-    assert counter.frame_count == 3  # prefix (no gradient), rows, last layer
-    torch._dynamo.reset()
+    assert compile_counter.frame_count == 3  # prefix (no gradient), rows, last layer
 
 
 @pytest.mark.parametrize("deepspeed", ["none", "zero2"])
