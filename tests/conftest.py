@@ -99,6 +99,10 @@ class S3Server:
             os.makedirs(d, exist_ok=True)
         cmd = [self.binary, f"-logdir={logs}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               # Each bucket takes a volume of its own, and by default weed allows only free disk / 1 GiB of them:
+               # on a runner with 16 GiB free the 17th bucket got "No writable volumes" (InternalError on PutObject).
+               # Volume files grow as written, so small volumes and a fixed count cost no disk.
+               "-master.volumeSizeLimitMB=64", "-volume.max=500",
                f"-filer.localSocket={tmp}/filer.sock", f"-s3.localSocket={tmp}/s3.sock",
                *(f"-{flag}={port}" for flag, port in self.ports.items())]
         env = {**os.environ, "TMPDIR": tmp, "AWS_ACCESS_KEY_ID": self.access_key,

@@ -67,3 +67,20 @@ def test_same_config_is_skipped_and_other_config_reruns(tmp_path):
     other = M.run_stage("prep", _cfg(tmp_path / "o", seed=9), body)
     assert len(calls) == 2 and not other.get("skipped") and other["config_hash"] != first["config_hash"]
     assert M.StageInput(str(tmp_path / "o")).read_text("a.txt") == "2"
+
+
+@pytest.mark.s3
+def test_the_s3_test_server_has_a_volume_for_every_bucket_the_suite_makes(s3_env):
+    """weed sizes its volume count from free disk by default: 16 on a runner with 16 GiB free, one per bucket,
+    so the suite's later S3 tests failed with InternalError ("No writable volumes") on a fuller disk."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{s3_env.ports['master.port']}/dir/status") as r:
+        topology = json.load(r)["Topology"]
+    assert topology["Max"] >= 200, topology
+    fs = s3_env.filesystem()
+    for i in range(3):
+        bucket = f"volumes-{i}"
+        fs.mkdir(bucket)
+        fs.pipe(f"{bucket}/x", b"written")
+        assert fs.cat(f"{bucket}/x") == b"written"
