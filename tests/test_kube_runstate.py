@@ -13,6 +13,7 @@ import pytest
 from fake_cluster import TEMPLATE, complete_output, make_controller
 
 from mysproj.kube import jobspec, runstate, status
+from mysproj.storage.manifest import StageOutput
 
 FT = "textures-mini/ft-projector/seed0/finetune"
 READY = ("textures-mini/prep", "models/tiny", "models/clip-tiny")
@@ -124,7 +125,8 @@ def test_finished_stages_show_their_own_time_and_throughput(tmp_path):
 
 def test_without_the_bucket_the_cluster_view_still_shows(tmp_path, monkeypatch):
     ctl, cluster = make_controller(tmp_path)
-    ctl._reused.update({"models/tiny", "models/clip-tiny"})  # found complete by the controller; no Job of theirs
+    for node in ("models/tiny", "models/clip-tiny"):
+        complete_output(ctl, node)  # found complete by the controller: no Job of theirs
     ctl.step()
     prep = cluster.stage_jobs()["textures-mini/prep"]
     cluster.finish(prep, exit_code=137)
@@ -183,3 +185,38 @@ def test_bucket_access_uses_the_releases_endpoint_and_says_what_is_missing(s3_se
     monkeypatch.setenv("MYSPROJ_S3_ENDPOINT", closed)  # this shell's choice wins over the release's
     why = status.bucket_access(root, _template(s3_server.endpoint))
     assert why.startswith(f"{closed} is not reachable from here (") and "MYSPROJ_S3_ENDPOINT" in why, why
+
+
+def test_a_watch_checks_each_complete_output_once(tmp_path, monkeypatch):
+    """`mysproj status --watch` and `mysproj reproduce` poll for hours; a finished stage's output is complete for
+    good, so its inputs are digested once (prep's: the whole raw dataset listing), not on every poll."""
+    ctl, cluster = make_controller(tmp_path)
+    for node in READY:
+        complete_output(ctl, node, {"time": {"wall_s": 3.0, "throughput": 7.0, "unit": "images/s"}})
+    ctl.step()
+    complete_output(ctl, FT, {"time": {"wall_s": 12.0, "throughput": 4.5, "unit": "samples/s"}})
+    cluster.finish(cluster.stage_jobs()[FT])
+    checked: list[str] = []
+    existing = StageOutput.existing
+
+    def counted(self):
+        checked.append(self.uri)
+        return existing(self)
+
+    monkeypatch.setattr(StageOutput, "existing", counted)
+    polls: list[list[str]] = []
+
+    def next_poll(_seconds):  # the run moves on between two polls: its controller ends
+        polls.append(list(checked))
+        cluster.jobs["r1-controller"]["status"] = {"succeeded": 1,
+                                                   "conditions": [{"type": "Complete", "status": "True"}]}
+
+    monkeypatch.setattr(status.time, "sleep", next_poll)
+    state, rows = status.wait(cluster, "r1", timeout=60, interval=10, out=lambda s: None)
+    assert state == "complete" and len(polls) == 1
+    done = {ctl.configs[n].out.rstrip("/") for n in (*READY, FT)}
+    assert done <= set(polls[0])
+    assert not done & set(checked[len(polls[0]):])  # the next poll reads none of them again
+    row = {r.node: r for r in rows}[FT]
+    assert (row.state, row.duration, row.throughput) == ("complete", "0m12s", "4.5 samples/s")
+    assert {r.node: r for r in rows}["textures-mini/prep"].throughput == "7 images/s"

@@ -87,14 +87,15 @@ class Controller:
         self.owner = jobspec.owner_reference(cluster.read_job(cfg.controller_job)) if cfg.controller_job else None
         self.names = {n.name: jobspec.job_names(cfg.fullname, n, self.configs[n.name], cfg.finetune_nodes)
                       for n in self.nodes}
-        self._reused: set[str] = set()  # positive manifest checks only: a cache, never the source of truth
+        # (node, config hash) -> manifest, positive checks only: a cache, never the source of truth
+        self._complete: dict[tuple[str, str], dict] = {}
         self._live_pods: dict[str, tuple[str, str]] = {}  # pod -> (Job, phase) of unfinished pods seen last pass
         self._recorded: set[str] = set()  # pods already recorded as replaced
         self.ended = False  # this controller's own Job was ended with a failure reason
 
     def step(self) -> PassResult:
         run = runstate.read(self.cluster, self.cfg.release, self.nodes, self.configs,
-                            controller_job=self.cfg.controller_job, reused=self._reused)
+                            controller_job=self.cfg.controller_job, complete=self._complete)
         if run.superseded:
             return PassResult({n: s.state for n, s in run.stages.items()}, [], superseded=True)
         self._record_replaced_pods(run)

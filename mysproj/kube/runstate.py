@@ -81,11 +81,15 @@ def _revision(job: dict) -> tuple[int, str]:
 
 
 def read(cluster, release: str, nodes: list[dag.Node], configs: dict[str, Any], *, controller_job: str = "",
-         bucket: bool = True, reused: set[str] | None = None, manifests: bool = False) -> RunState:
+         bucket: bool = True, complete: dict[tuple[str, str], dict] | None = None,
+         manifests: bool = False) -> RunState:
     """The run's state now. `controller_job`: the controller whose stage Jobs count (default: the newest
     revision's). `bucket=False` reads the cluster only: a node without a Job whose dependencies finished is then
-    `unknown` (reused or not started). `reused`: node names already found complete, skipped and added to (a cache
-    of positive checks). `manifests`: also read the manifest of nodes whose Jobs completed."""
+    `unknown` (reused or not started). `complete`: (node name, config hash) -> manifest of each output already
+    found complete, consulted before the bucket and added to: a cache of positive checks that a caller polling the
+    run keeps across reads (by config hash too, as a `helm upgrade` may change a node's config between two).
+    `manifests`: also read the manifest of nodes whose Jobs completed."""
+    complete = {} if complete is None else complete
     jobs = cluster.list_jobs(f"{jobspec.LABEL_RUN}={release}")
     pods: dict[str, list[dict]] = {}
     for p in cluster.list_pods(f"{jobspec.LABEL_RUN}={release}"):
@@ -114,18 +118,16 @@ def read(cluster, release: str, nodes: list[dag.Node], configs: dict[str, Any], 
         key = (node.name, config_hash(cfg))
         present = sorted(by_node.get(key, []), key=lambda j: j["metadata"].get("creationTimestamp") or "")
         if present:
-            stages[node.name] = _with_jobs(node, cfg, present, pods, bucket, manifests)
+            st = stages[node.name] = _with_jobs(node, cfg, present, pods, bucket)
+            if manifests and bucket and st.state.state == "complete":
+                st.manifest = _complete_output(node, cfg, key, complete)
             continue
         deps = [stages[d].state.state for d in node.deps]
         if not all(s in FINISHED or s == "unknown" for s in deps):
             stages[node.name] = StageState(node, cfg, jobspec.JobState("waiting"))
         elif not bucket:
             stages[node.name] = StageState(node, cfg, jobspec.JobState("unknown"))
-        elif reused is not None and node.name in reused:
-            stages[node.name] = StageState(node, cfg, jobspec.JobState("reused"))
-        elif (manifest := complete_output(node, cfg)) is not None:
-            if reused is not None:
-                reused.add(node.name)
+        elif (manifest := _complete_output(node, cfg, key, complete)) is not None:
             stages[node.name] = StageState(node, cfg, jobspec.JobState("reused"), manifest=manifest)
         else:
             # Its Job names are still taken while the garbage collector removes an earlier revision's Jobs.
@@ -134,8 +136,14 @@ def read(cluster, release: str, nodes: list[dag.Node], configs: dict[str, Any], 
     return RunState(stages, controller, superseded, pods)
 
 
-def _with_jobs(node: dag.Node, cfg: Any, present: list[dict], pods: dict[str, list[dict]], bucket: bool,
-               manifests: bool) -> StageState:
+def _complete_output(node: dag.Node, cfg: Any, key: tuple[str, str], cache: dict[tuple[str, str], dict]) -> dict | None:
+    if key not in cache and (manifest := complete_output(node, cfg)) is not None:
+        cache[key] = manifest
+    return cache.get(key)
+
+
+def _with_jobs(node: dag.Node, cfg: Any, present: list[dict], pods: dict[str, list[dict]],
+               bucket: bool) -> StageState:
     record = None
     if bucket and any(_failed_somehow(j, pods.get(j["metadata"]["name"], [])) for j in present):
         record = read_failure_record(cfg.out)
@@ -145,8 +153,6 @@ def _with_jobs(node: dag.Node, cfg: Any, present: list[dict], pods: dict[str, li
         count, last = _replaced_pods(j, pods.get(j["metadata"]["name"], []), js)
         st.replaced += count
         st.last_replaced = last or st.last_replaced
-    if manifests and bucket and st.state.state == "complete":
-        st.manifest = complete_output(node, cfg)
     return st
 
 

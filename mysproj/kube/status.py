@@ -99,12 +99,14 @@ def stage_time(manifest: dict | None) -> tuple[float | None, str]:
     return wall, ""
 
 
-def collect(cluster, release: str, bucket: bool = True) -> list[Row]:
+def collect(cluster, release: str, bucket: bool = True, complete: dict[tuple[str, str], dict] | None = None
+            ) -> list[Row]:
     """The status table's rows: the current controller Job, then every node of the DAG. `bucket=False`: from the
-    cluster only."""
+    cluster only. `complete`: the outputs found complete by an earlier call of a poll (`runstate.read`), added to."""
     pipeline, _ = read_pipeline(cluster, find_configmap(cluster, release))
     nodes = dag.build(pipeline)
-    run = runstate.read(cluster, release, nodes, node_configs(nodes), bucket=bucket, manifests=bucket)
+    run = runstate.read(cluster, release, nodes, node_configs(nodes), bucket=bucket, complete=complete,
+                        manifests=bucket)
     now = datetime.now(timezone.utc)
     rows: list[Row] = []
     if run.controller is not None:
@@ -190,8 +192,9 @@ def show(cluster, release: str, watch: bool = False, interval: float = 10.0, out
     is 1 when a stage failed, so scripts can gate on it."""
     pipeline, templates = read_pipeline(cluster, find_configmap(cluster, release))
     problem = bucket_access(pipeline.root, templates.get("cpu"))
+    complete: dict[tuple[str, str], dict] = {}
     while True:
-        rows = collect(cluster, release, bucket=not problem)
+        rows = collect(cluster, release, bucket=not problem, complete=complete)
         if problem:
             out(f"bucket {pipeline.root} not read: {problem}; the table shows what the cluster knows")
         out(render(rows))
@@ -209,9 +212,10 @@ def wait(cluster, release: str, timeout: float, interval: float, out=print) -> t
     t0 = last_print = time.monotonic()
     last_states = None
     rows: list = []
+    complete: dict[tuple[str, str], dict] = {}
     while True:
         try:
-            rows = collect(cluster, release)
+            rows = collect(cluster, release, complete=complete)
         except BadInput:
             raise
         except Exception as e:  # noqa: BLE001 - an API server or bucket blip must not end the wait
