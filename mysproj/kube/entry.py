@@ -104,10 +104,6 @@ def run_job(stage: str, body: Callable[[], dict]) -> int:
     try:
         prepare_scratch()
         manifest = body() or {}
-    except BadInput as e:
-        print(f"error: {redact(e)}", file=sys.stderr, flush=True)
-        _write_record(EXIT_BAD_INPUT, redact(e))
-        return EXIT_BAD_INPUT
     except Preempted as e:  # stopped on SIGTERM at a resumable point: the retried pod resumes
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         _write_record(EXIT_PREEMPTED, f"preempted: {e}")
