@@ -80,6 +80,35 @@ def test_slot_processes_see_their_devices_only(tmp_path, monkeypatch):
     assert runner._env(gpu, (1,))["CUDA_VISIBLE_DEVICES"] == "6"
     assert runner._env(dag.Node("f", "finetune", {}), (0, 2))["CUDA_VISIBLE_DEVICES"] == "4,7"
     assert runner._env(cpu, ())["CUDA_VISIBLE_DEVICES"] == ""
+    # A stage Job's variables left in this shell would make the child write a failure record where they point.
+    monkeypatch.setenv("MYSPROJ_OUT", str(tmp_path / "somewhere"))
+    monkeypatch.setenv("MYSPROJ_NODE", "x")
+    assert not set(runner._env(cpu, ())) & {"MYSPROJ_OUT", "MYSPROJ_NODE"}
+
+
+def test_a_stage_process_exits_like_a_stage_job(tmp_path, monkeypatch, capsys):
+    """Bad input 64 with its message redacted, preemption 143: the stage Job's contract, not a re-implementation."""
+    from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted
+    from mysproj.pipeline import stage_process
+    from mysproj.stages import registry
+
+    spec = tmp_path / "spec.json"
+    config = {"dataset": "textures-mini", "out": str(tmp_path / "out")}
+    spec.write_text(json.dumps({"name": "textures-mini/prep", "stage": "prep", "config": config}))
+
+    def bad(stage, cfg):
+        raise BadInput(f"source s3://AKIAEXAMPLE:hunter2secret@bucket/dtd of {stage}: no such folder")
+
+    monkeypatch.setattr(registry, "run", bad)
+    assert stage_process.main([str(spec)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "error: source s3://***@bucket/dtd of prep: no such folder" in err and "hunter2secret" not in err
+
+    def preempted(stage, cfg):
+        raise Preempted("SIGTERM at step 3")
+
+    monkeypatch.setattr(registry, "run", preempted)
+    assert stage_process.main([str(spec)]) == EXIT_PREEMPTED
 
 
 def test_multi_device_fine_tuning_runs_under_torchrun():

@@ -28,6 +28,7 @@ from mysproj.storage import is_local, local_path
 from mysproj.storage.manifest import StageOutput, read_manifest
 
 log = logging.getLogger(__name__)
+JOB_RECORD_VARS = ("MYSPROJ_OUT", "MYSPROJ_JOB_NAME", "MYSPROJ_NODE")  # a stage Job's, naming its failure record
 
 
 def visible_gpus() -> int:
@@ -133,9 +134,11 @@ class ChildProcesses:
 
     def _env(self, node: dag.Node, devices: tuple[int, ...]) -> dict:
         ids = [self._device_ids[d] if self._device_ids else str(d) for d in devices]
+        # The child's config comes from its spec alone. Without a stage Job's variables, its `run_job` writes no
+        # failure record into whatever folder this shell's MYSPROJ_OUT happens to name.
+        env = {k: v for k, v in os.environ.items() if k not in JOB_RECORD_VARS}
         # A CPU stage sees no GPU, so it cannot take memory on a device another stage holds.
-        return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(ids) if node.gpu else "",
-                "OMP_NUM_THREADS": self._threads}
+        return {**env, "CUDA_VISIBLE_DEVICES": ",".join(ids) if node.gpu else "", "OMP_NUM_THREADS": self._threads}
 
     @staticmethod
     def argv(node: dag.Node, devices: tuple[int, ...], spec: str) -> list[str]:
