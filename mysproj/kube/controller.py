@@ -24,7 +24,7 @@ from mysproj.config.fields import load_config, opt
 from mysproj.errors import EXIT_BAD_INPUT, BadInput, redact
 from mysproj.kube import jobspec, runstate
 from mysproj.pipeline import dag
-from mysproj.stages.registry import stage_config
+from mysproj.stages.registry import node_configs
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_ERRORS = 30
@@ -52,10 +52,6 @@ def read_pipeline(cluster, configmap: str) -> tuple[dag.PipelineConfig, dict[str
     templates = {k: yaml.safe_load(data[f"job-{k}.yaml"]) for k in ("cpu", "gpu", "finetune")
                  if f"job-{k}.yaml" in data}
     return pipeline, templates
-
-
-def node_configs(nodes: list[dag.Node]) -> dict[str, Any]:
-    return {n.name: stage_config(n.stage, n.config) for n in nodes}
 
 
 @dataclass

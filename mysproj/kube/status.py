@@ -20,8 +20,9 @@ from datetime import datetime, timezone
 
 from mysproj.errors import BadInput
 from mysproj.kube import jobspec, runstate
-from mysproj.kube.controller import node_configs, read_pipeline
+from mysproj.kube.controller import read_pipeline
 from mysproj.pipeline import dag
+from mysproj.stages.registry import node_configs
 from mysproj.storage import join, read_text
 from mysproj.storage.uri import is_local, split
 

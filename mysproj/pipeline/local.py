@@ -60,7 +60,7 @@ def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1
         on_event: Callable[[schedule.Event], None] | None = None) -> schedule.Outcome:
     nodes = dag.build(cfg)
     # Validate every stage's config before running any, so a typo fails in seconds, not after training.
-    configs = {n.name: registry.stage_config(n.stage, n.config) for n in nodes}
+    configs = registry.node_configs(nodes)
     nodes = select(nodes, only)
     cap = capacity(gpus, finetune_gpus)
     executor = InProcess(configs) if cap.devices == 1 else ChildProcesses(log_dir or default_log_dir(cfg.root), cap)

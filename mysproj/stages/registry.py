@@ -4,7 +4,7 @@ job entrypoints and the controller can parse configs without importing torch."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from mysproj.config import stages as C
@@ -29,6 +29,11 @@ def stage_config(stage: str, overrides: dict[str, Any] | None = None, *, yaml_fi
     process environment holds; the command line passes `os.environ`."""
     return load_config(STAGES[stage][0], yaml_file=yaml_file, cli=cli, env={} if env is None else env,
                        overrides=overrides)
+
+
+def node_configs(nodes: Iterable[Any]) -> dict[str, Any]:
+    """Node name -> validated config of each DAG node (`mysproj.pipeline.dag.Node`: its `stage` and `config`)."""
+    return {n.name: stage_config(n.stage, n.config) for n in nodes}
 
 
 def implementation(stage: str) -> Callable[[Any], dict]:
