@@ -24,7 +24,7 @@ from mysproj.kube.controller import read_pipeline
 from mysproj.pipeline import dag
 from mysproj.stages.registry import node_configs
 from mysproj.storage import join, read_text
-from mysproj.storage.uri import is_local, split
+from mysproj.storage.uri import is_local, s3_endpoint, split
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +148,11 @@ def bucket_access(root: str, template: dict | None, env: MutableMapping[str, str
     if is_local(root):
         return ""
     release_env, secret = _template_env(template)
-    if not any(env.get(v) for v in ("MYSPROJ_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")) \
-            and release_env.get("MYSPROJ_S3_ENDPOINT"):
+    if not s3_endpoint(env) and release_env.get("MYSPROJ_S3_ENDPOINT"):
         env["MYSPROJ_S3_ENDPOINT"] = release_env["MYSPROJ_S3_ENDPOINT"]
     if not (env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION")) and release_env.get("AWS_DEFAULT_REGION"):
         env["AWS_DEFAULT_REGION"] = release_env["AWS_DEFAULT_REGION"]
-    endpoint = env.get("MYSPROJ_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") \
-        or "AWS S3"
+    endpoint = s3_endpoint(env) or "AWS S3"
     try:
         fs, path = split(root)
         fs.exists(path)

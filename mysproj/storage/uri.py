@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import fsspec
@@ -24,10 +24,15 @@ T = TypeVar("T")
 RETRY_SECONDS = float(os.environ.get("MYSPROJ_STORAGE_RETRY_SECONDS", "120"))
 
 
+def s3_endpoint(env: Mapping[str, str] | None = None) -> str:
+    """The S3 endpoint URL `env` (default: this process's environment) sets; '' for AWS S3 itself."""
+    env = os.environ if env is None else env
+    return env.get("MYSPROJ_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""
+
+
 def _storage_options(protocol: str) -> dict:
     if protocol in ("s3", "s3a"):
-        endpoint = os.environ.get("MYSPROJ_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") \
-            or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         # Listings are cached per filesystem instance; other processes (the next stage, the controller)
         # write here too, so a stale listing would hide their manifests.
         opts: dict = {"use_listings_cache": False, "skip_instance_cache": True,
