@@ -201,7 +201,7 @@ def _last_line(path: str) -> str:
 
 def exit_code(outcome: schedule.Outcome) -> int:
     """0 when every stage completed; 64 when every failure was bad input; else 1."""
-    failed = outcome.of("failed")
-    if not failed and not outcome.of("blocked"):
+    if outcome.ok:
         return 0
+    failed = outcome.of("failed")
     return EXIT_BAD_INPUT if failed and all(e.bad_input for e in failed) else 1
