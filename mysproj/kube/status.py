@@ -24,6 +24,7 @@ from mysproj.kube.controller import read_pipeline
 from mysproj.pipeline import dag
 from mysproj.stages.registry import node_configs
 from mysproj.storage import join, read_text
+from mysproj.storage.stage_time import summary_time
 from mysproj.storage.uri import is_local, s3_endpoint, split
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,8 @@ def progress(out: str) -> str:
 def stage_time(manifest: dict | None) -> tuple[float | None, str]:
     """(wall seconds, "<throughput> <unit>") of a finished stage from its manifest's summary; older manifests have
     no `time` entry (only `seconds`), and a stage without a natural unit has no throughput."""
-    summary = (manifest or {}).get("summary") or {}
-    timing = summary.get("time") if isinstance(summary.get("time"), dict) else {}
-    wall = timing.get("wall_s", summary.get("seconds"))
+    timing = summary_time((manifest or {}).get("summary") or {})
+    wall = timing.get("wall_s")
     rate, unit = timing.get("throughput"), timing.get("unit")
     wall = float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None
     if isinstance(rate, (int, float)) and not isinstance(rate, bool) and unit:

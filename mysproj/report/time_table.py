@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from mysproj.storage.stage_time import recorded
+from mysproj.storage.stage_time import recorded, summary_time
 
 
 @dataclass
@@ -28,9 +28,8 @@ def stage_times(roots: list[str]) -> list[StageTime]:
     rows = []
     for root in roots:
         for folder, m in recorded(root):
-            summary = m.get("summary") or {}
-            t = summary.get("time") or ({"wall_s": summary["seconds"]} if "seconds" in summary else None)
-            if t is None or m.get("stage") == "report":
+            t = summary_time(m.get("summary") or {})
+            if not t or m.get("stage") == "report":
                 continue
             name = folder if len(roots) == 1 else f"{root.rstrip('/')}/{folder}".rstrip("/")
             rows.append(StageTime(name or root, m.get("stage", "?"), float(t["wall_s"]), t.get("gpu_s"),
