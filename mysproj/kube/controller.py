@@ -96,7 +96,8 @@ class Controller:
             return PassResult({n: s.state for n, s in run.stages.items()}, [], superseded=True)
         self._record_replaced_pods(run)
         gpu_running = sum(1 for s in run.stages.values() for j, js in zip(s.jobs, s.job_states)
-                          if _labels(j).get(jobspec.LABEL_GPU) == "true" and js.state in ("pending", "running"))
+                          if runstate.labels_of(j).get(jobspec.LABEL_GPU) == "true"
+                          and js.state in ("pending", "running"))
         states: dict[str, jobspec.JobState] = {}
         created: list[str] = []
         for name, st in run.stages.items():
@@ -198,10 +199,6 @@ class Controller:
                 log.info("run %s complete: %d stages", self.cfg.release, len(result.states))
                 return 0
             time.sleep(self.cfg.poll_seconds)
-
-
-def _labels(obj: dict) -> dict:
-    return (obj.get("metadata") or {}).get("labels") or {}
 
 
 def _summary(states: dict[str, jobspec.JobState]) -> str:

@@ -55,9 +55,6 @@ class RunState:
     def failed(self) -> dict[str, StageState]:
         return {n: s for n, s in self.stages.items() if s.state.state == "failed" and s.state.final}
 
-    def done(self) -> bool:
-        return all(s.state.state in FINISHED for s in self.stages.values())
-
 
 def read_failure_record(out: str) -> dict | None:
     try:
@@ -93,8 +90,8 @@ def read(cluster, release: str, nodes: list[dag.Node], configs: dict[str, Any], 
     jobs = cluster.list_jobs(f"{jobspec.LABEL_RUN}={release}")
     pods: dict[str, list[dict]] = {}
     for p in cluster.list_pods(f"{jobspec.LABEL_RUN}={release}"):
-        pods.setdefault(_labels(p).get("job-name", ""), []).append(p)
-    controllers = sorted((j for j in jobs if _labels(j).get(jobspec.LABEL_STAGE) == "controller"), key=_revision)
+        pods.setdefault(labels_of(p).get("job-name", ""), []).append(p)
+    controllers = sorted((j for j in jobs if labels_of(j).get(jobspec.LABEL_STAGE) == "controller"), key=_revision)
     controller = next((j for j in controllers if j["metadata"]["name"] == controller_job), None) \
         if controller_job else None
     controller = controller or (controllers[-1] if controllers else None)
@@ -104,7 +101,7 @@ def read(cluster, release: str, nodes: list[dag.Node], configs: dict[str, Any], 
     earlier: set[tuple[str, str]] = set()  # (node, config hash) of an earlier revision's Jobs still present
     for j in jobs:
         ann = j["metadata"].get("annotations") or {}
-        if _labels(j).get("app.kubernetes.io/component") != "stage":
+        if labels_of(j).get("app.kubernetes.io/component") != "stage":
             continue
         key = (ann.get(jobspec.ANN_NODE, ""), ann.get(jobspec.ANN_HASH, ""))
         if _owned_by(j, owner_uid):
@@ -199,5 +196,5 @@ def _owned_by(job: dict, uid: str | None) -> bool:
     return uid is None or not refs or any(r.get("uid") == uid for r in refs)
 
 
-def _labels(obj: dict) -> dict:
+def labels_of(obj: dict) -> dict:
     return (obj.get("metadata") or {}).get("labels") or {}
