@@ -111,3 +111,14 @@ def test_bad_stage_times_file_is_bad_input(tmp_path, capsys):
     bad.write_text('{"stages": {"merge": {"seconds": 3}}}')
     assert cli.main(["run", "--plan", "--gpus", "1", "--stage-times", str(bad), *PIPELINE]) == 64
     assert "stage times" in capsys.readouterr().err
+
+
+def test_a_malformed_values_file_is_bad_input(tmp_path, capsys):
+    """`mysproj run --values` reads the file as `mysproj reproduce` does: one `error:` line, not a traceback."""
+    for text, why in (("pipeline: [unclosed", "not valid YAML"), ("- a list", "must be a YAML mapping"),
+                      ("images: {}", "no `pipeline:` mapping")):
+        values = tmp_path / "values.yaml"
+        values.write_text(text)
+        assert cli.main(["run", "--plan", "--gpus", "1", "--values", str(values), *PIPELINE]) == 64
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and f"{values}" in err and why in err and "Traceback" not in err, err

@@ -14,6 +14,7 @@ import yaml
 
 from mysproj.errors import BadInput
 from mysproj.report.comparison import DEFAULT_TOLERANCE
+from mysproj.storage import read_text
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CHART = REPO / "charts" / "mysproj"
@@ -29,9 +30,10 @@ def values_file(dataset: str, given: str | None, chart: Path) -> Path:
     return path
 
 
-def read_values(path: Path) -> dict:
+def read_values(path: Path | str) -> dict:
+    """A Helm values file (a path or a storage URI) as a mapping."""
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(read_text(str(path))) or {}
     except yaml.YAMLError as e:
         raise BadInput(f"{path}: not valid YAML ({e})") from None
     if not isinstance(values, dict):

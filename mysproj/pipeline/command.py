@@ -35,11 +35,9 @@ def add_command(sub, parser_class) -> None:
 def _values_pipeline(path: str | None) -> dict:
     if not path:
         return {}
-    import yaml
+    from mysproj.kube.helm import read_values
 
-    from mysproj.storage import read_text
-
-    section = (yaml.safe_load(read_text(path)) or {}).get("pipeline")
+    section = read_values(path).get("pipeline")
     if not isinstance(section, dict):
         raise BadInput(f"values file {path}: no `pipeline:` mapping; pass a values file of charts/mysproj")
     return section
