@@ -69,7 +69,8 @@ def read_manifest(out_uri: str) -> dict | None:
 class StageOutput:
     """Collects a stage's files under `out_uri`, recording size and sha256, and commits the manifest last."""
 
-    def __init__(self, out_uri: str, stage: str, cfg: Any):
+    def __init__(self, out_uri: str, stage: str, cfg: Any, *, inputs: dict | None = None):
+        """`inputs`: the input digests when the caller already has them (a run's checkpoints take the run's)."""
         self.uri = str(out_uri).rstrip("/")
         U.check_uri(self.uri)
         self.stage = stage
@@ -78,11 +79,11 @@ class StageOutput:
         self.files: dict[str, dict] = {}
         self.started = _now()
         self.reason: str | None = None  # why `existing()` found nothing to reuse (None: no output there yet)
-        self._inputs: dict | None = None
+        self._inputs = inputs
 
     @property
     def inputs(self) -> dict:
-        """{input field: content digest} now (computed once per instance)."""
+        """{input field: content digest} now (computed once per instance, unless given to the constructor)."""
         if self._inputs is None:
             self._inputs = input_digests(self.cfg, exclude=self.uri)
         return self._inputs
