@@ -35,8 +35,8 @@ def kill_after_checkpoint(monkeypatch, step: int, before_kill=None):
 
     real_save = checkpoint.save
 
-    def save_then_die(ctx, s, state):
-        real_save(ctx, s, state)
+    def save_then_die(ctx, s, state, *rest):
+        real_save(ctx, s, state, *rest)
         if s == step:
             if before_kill:
                 before_kill(s)

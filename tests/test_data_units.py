@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -60,7 +61,7 @@ def test_decode_workers_default_is_one_per_available_core(monkeypatch):
 
     for cls in (EvalClipConfig, EvalLlavaConfig, ProbeConfig):  # the image-only stages are bound by decoding
         assert load_config(cls, overrides={"model": "m", "data": "d", "out": "o"}, env={}).workers == -1
-    monkeypatch.setattr(batches.os, "sched_getaffinity", lambda pid: set(range(40)), raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(40)), raising=False)
     assert batches.decode_workers(-1) == batches.AUTO_WORKERS_CAP
-    monkeypatch.setattr(batches.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     assert (batches.decode_workers(-1), batches.decode_workers(0), batches.decode_workers(8)) == (3, 0, 3)

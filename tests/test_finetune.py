@@ -70,6 +70,20 @@ def test_projector_only_changes_the_projector(tiny_model, prep, tmp_path):
         load_llava(out)
 
 
+def test_the_inputs_are_digested_once_per_run_not_once_per_checkpoint(tiny_model, prep, tmp_path, monkeypatch):
+    from mysproj.storage import manifest
+
+    calls = []
+    real = manifest.input_digests
+    monkeypatch.setattr(manifest, "input_digests", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = str(tmp_path / "proj")
+    m = finetune(tiny_model, prep, out, strategy="projector", max_steps=3, checkpoint_every=1, keep_checkpoints=2)
+    assert len(calls) == 1
+    for step in (2, 3):
+        ckpt = json.load(open(os.path.join(out, "checkpoints", f"step-{step}", "_SUCCESS.json")))
+        assert ckpt["inputs"] == m["inputs"] and set(ckpt["inputs"]) == {"model", "data"}
+
+
 def test_lora_writes_merged_model_and_adapter(tiny_model, prep, tmp_path):
     from peft import LoraConfig
 

@@ -5,7 +5,7 @@ import pytest
 
 from mysproj.config.fields import load_config
 from mysproj.config.stages import PrepConfig
-from mysproj.errors import IncompleteOutput
+from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.storage import manifest as M
 
 
@@ -67,6 +67,18 @@ def test_same_config_is_skipped_and_other_config_reruns(tmp_path):
     other = M.run_stage("prep", _cfg(tmp_path / "o", seed=9), body)
     assert len(calls) == 2 and not other.get("skipped") and other["config_hash"] != first["config_hash"]
     assert M.StageInput(str(tmp_path / "o")).read_text("a.txt") == "2"
+
+
+def test_a_stage_run_reads_its_output_manifest_once(tmp_path, monkeypatch):
+    reads = []
+    real = M.read_manifest
+    monkeypatch.setattr(M, "read_manifest", lambda uri: reads.append(uri) or real(uri))
+    out = str(tmp_path / "o")
+    M.run_stage("prep", _cfg(out), lambda o: o.write_text("a.txt", "1") and None)
+    M.run_stage("prep", _cfg(out, seed=9), lambda o: o.write_text("a.txt", "2") and None)
+    with pytest.raises(BadInput, match="holds a complete 'prep' output; refusing to overwrite it with finetune"):
+        M.run_stage("finetune", _cfg(out), lambda o: None)
+    assert reads == [out] * 3
 
 
 @pytest.mark.s3

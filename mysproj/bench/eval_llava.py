@@ -114,7 +114,7 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     compile = speed.eval_compiles(cfg, args.device)
     faster = cfg.fp8 or compile or (cfg.shared_prefix if args.mode == "scoring" else cfg.static_decode)
     # the reference answers come from the model as loaded, through transformers' generate
-    reference = answer(speed.EvalPaths({}, False)) if faster else None
+    reference = answer(speed.EvalPaths({})) if faster else None
     paths = speed.for_eval(cfg, model, tok, args.device)
     fast, decoder = paths.fast, paths.decoder
     answers = []
@@ -123,11 +123,11 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     what = ("stage eval_llava.generate (greedy, answers decoded)" if args.mode == "generate"
             else "evaluation.scoring.score_continuations (shared prefix, all classes in one pass)")
     static = decoder is not None
+    prefill = static and speed.prefill_compiles(cfg, args.device)
     what += "".join(f", {k}" for k, on in (("fp8 LLM", cfg.fp8), ("compiled layers", compile),
                                            ("shared_prefix", fast is not None), ("static_decode", static),
                                            ("CUDA graphs", static and decoder.cuda_graphs),
-                                           ("compiled prefill", static and cfg.compile_prefill
-                                            and args.device == "cuda")) if on)
+                                           ("compiled prefill", prefill)) if on)
     # equal digests in two runs = the same answers (e.g. with and without CUDA graphs)
     digest = hashlib.sha256(json.dumps(answers[-1]).encode()).hexdigest()[:16]
     extra = {"answers_per_step": len(answers[-1]), **paths.layers, **({"decoder": decoder.stats} if decoder else {}),

@@ -3,8 +3,9 @@ the model step in the main process; never one image at a time."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
+
+from mysproj.data.image_checks import effective_workers
 
 
 class SampleImages:
@@ -32,7 +33,7 @@ def decode_workers(requested: int) -> int:
     """DataLoader workers for `requested` (a stage's `workers` field): -1 = one per core this process may use, at most
     AUTO_WORKERS_CAP (decoding and resizing full-size photos is what bounds the image-only stages), 0 = this
     process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = effective_workers(0)
     return min(AUTO_WORKERS_CAP, cores) if requested < 0 else min(requested, cores)
 
 

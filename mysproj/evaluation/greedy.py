@@ -165,11 +165,7 @@ class GreedyDecoder:
         lm = self.llava.model.language_model
         layers = list(lm.layers)
         past = self.fast.prefix_kv(ids[:1, :prefix]) if prefix else [(None, None)] * len(layers)
-        rest = ids[:, prefix:].to(self.device)
-        h = lm.embed_tokens(rest)
-        image = self.fast.image_features(pixel_values)
-        h = h.masked_scatter((rest == self.llava.config.image_token_id)[..., None], image.to(h.dtype))
-        cos, sin = lm.rotary_emb(h, torch.arange(prefix, width, device=self.device)[None])
+        h, cos, sin = self.fast.embed(ids, pixel_values, prefix)
         for i, (layer, (pk, pv)) in enumerate(zip(layers[:-1], past[:-1])):
             h, k, v = self.fast.layer_step(layer, h, cos, sin, pk, pv)
             if prefix:

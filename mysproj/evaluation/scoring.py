@@ -37,11 +37,11 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> Batch:
 def continuation_ids(tokenizer, label: str) -> list[int]:
     """The answer tokens as training supervises them: the ids that " <label></s>" adds after "ASSISTANT:" in a
     llava_v1 conversation (so a sentencepiece tokenizer's word-initial `▁` is there, and no extra one)."""
-    from mysproj.models.conversation import SYSTEM_LLAVA_V1, v1_text
+    from mysproj.models.conversation import SYSTEM_LLAVA_V1, llava_v1_prompt, v1_text
     from mysproj.models.prompt_ids import prompt_ids
 
     question = "Which class?"
-    head = prompt_ids(tokenizer, v1_text(SYSTEM_LLAVA_V1, [(question, None)]))
+    head = prompt_ids(tokenizer, llava_v1_prompt(question))
     full = prompt_ids(tokenizer, v1_text(SYSTEM_LLAVA_V1, [(question, label)]))
     if full[:len(head)] != head:
         raise ValueError(f"the tokenizer merges 'ASSISTANT:' with the answer {label!r}: its tokens cannot be scored "

@@ -54,7 +54,7 @@ def check_weights_file(path: str, what: str) -> None:
         check_torch_file(path, what)
 
 
-def check_index(path: str, folder: str, what: str) -> None:
+def check_index(path: str, what: str) -> None:
     try:
         with open(path) as f:
             shards = set((json.load(f).get("weight_map") or {}).values())
@@ -76,7 +76,7 @@ def check_model_folder(folder: str, uri: str) -> None:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, folder)
             if name.endswith(".index.json"):
-                check_index(path, folder, uri)
+                check_index(path, uri)
             elif name.endswith(WEIGHT_SUFFIXES):
                 check_weights_file(path, f"{uri.rstrip('/')}/{rel}")
                 checked += 1

@@ -232,10 +232,11 @@ class SharedPrefixForward:
             self._past = {key: past}  # one entry: a run has one prefix, so nothing older is worth its memory
         return self._past[key]
 
-    def _logits(self, input_ids, pixel_values, keep, prefix: int, mask=None, position_ids=None):
+    def embed(self, input_ids, pixel_values, prefix: int, position_ids=None):
+        """The rows after the shared prefix as the first layer takes them: (h, cos, sin), the token embeddings with
+        the image features in place of the image tokens, and their rotary cos/sin at positions prefix..T-1 (or
+        `position_ids[:, prefix:]`)."""
         lm = self.llava.model.language_model
-        layers = list(lm.layers)
-        past = self.prefix_kv(input_ids[:1, :prefix])
         image = self.image_features(pixel_values)
         rest = input_ids[:, prefix:].to(pixel_values.device)
         h = lm.embed_tokens(rest)
@@ -243,6 +244,13 @@ class SharedPrefixForward:
         positions = (torch.arange(prefix, input_ids.shape[1], device=h.device)[None] if position_ids is None
                      else position_ids[:, prefix:])
         cos, sin = lm.rotary_emb(h, positions)
+        return h, cos, sin
+
+    def _logits(self, input_ids, pixel_values, keep, prefix: int, mask=None, position_ids=None):
+        lm = self.llava.model.language_model
+        layers = list(lm.layers)
+        past = self.prefix_kv(input_ids[:1, :prefix])
+        h, cos, sin = self.embed(input_ids, pixel_values, prefix, position_ids)
         if mask is not None:
             mask = mask[:, :, prefix:]
         for layer, (k, v) in zip(layers[:-1], past[:-1]):

@@ -131,13 +131,17 @@ def eval_compiles(cfg, dev: str) -> bool:
     return cfg.compile and dev == "cuda" and cfg.mode == "scoring"
 
 
+def prefill_compiles(cfg, dev: str) -> bool:
+    """The generate mode's own decoder (`static_decode`) compiles its prefill: on a GPU, where asked."""
+    return cfg.mode == "generate" and cfg.static_decode and cfg.compile_prefill and dev == "cuda"
+
+
 def eval_compile_cache(cfg) -> str | None:
     """`cfg.compile_cache` where an eval-llava run compiles anything (GPUs: scoring's layers, generate's prefill)."""
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    prefill = cfg.mode == "generate" and cfg.static_decode and cfg.compile_prefill and dev == "cuda"
-    return cfg.compile_cache if eval_compiles(cfg, dev) or prefill else None
+    return cfg.compile_cache if eval_compiles(cfg, dev) or prefill_compiles(cfg, dev) else None
 
 
 def scoring_forward(cfg, model, dev: str):
@@ -165,14 +169,13 @@ def greedy_decoder(cfg, model, dev: str, tokenizer):
         return None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return GreedyDecoder(model, eos_id=tokenizer.eos_token_id, pad_id=pad_id, max_rows=cfg.batch_size,
-                         cuda_graphs=cfg.cuda_graphs, compile_prefill=cfg.compile_prefill and dev == "cuda")
+                         cuda_graphs=cfg.cuda_graphs, compile_prefill=prefill_compiles(cfg, dev))
 
 
 @dataclass
 class EvalPaths:
     """What eval-llava runs with: `fast` for scoring, `decoder` for generate (None: the model's own paths)."""
     layers: dict          # `apply`'s counts: fp8_layers, compiled_layers
-    compiled: bool        # the layers were asked to compile (`eval_compiles`)
     fast: Any = None      # SharedPrefixForward
     decoder: Any = None   # GreedyDecoder
 
@@ -185,9 +188,8 @@ class EvalPaths:
 
 def for_eval(cfg, model, tokenizer, dev: str) -> EvalPaths:
     """Apply eval-llava's paths to a loaded `model` in place (FP8, compiled layers) and build its forwards."""
-    compiled = eval_compiles(cfg, dev)
-    layers = apply(model, fp8=cfg.fp8, compile=compiled)
-    return EvalPaths(layers, compiled, scoring_forward(cfg, model, dev), greedy_decoder(cfg, model, dev, tokenizer))
+    layers = apply(model, fp8=cfg.fp8, compile=eval_compiles(cfg, dev))
+    return EvalPaths(layers, scoring_forward(cfg, model, dev), greedy_decoder(cfg, model, dev, tokenizer))
 
 
 # --------------------------------------------------------------------------------------------------- fine-tuning

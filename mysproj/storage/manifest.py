@@ -35,6 +35,7 @@ from mysproj.storage.stage_time import GpuUse, time_entry
 log = logging.getLogger(__name__)
 # `--force`: run even when the output is complete, and replace a complete output of another stage.
 _FORCE: ContextVar[bool] = ContextVar("mysproj_force", default=False)
+_UNREAD = object()  # `StageOutput._found` before `existing()` has looked
 
 
 @contextmanager
@@ -69,7 +70,8 @@ def read_manifest(out_uri: str) -> dict | None:
 class StageOutput:
     """Collects a stage's files under `out_uri`, recording size and sha256, and commits the manifest last."""
 
-    def __init__(self, out_uri: str, stage: str, cfg: Any):
+    def __init__(self, out_uri: str, stage: str, cfg: Any, *, inputs: dict | None = None):
+        """`inputs`: the input digests when the caller already has them (a run's checkpoints take the run's)."""
         self.uri = str(out_uri).rstrip("/")
         U.check_uri(self.uri)
         self.stage = stage
@@ -78,11 +80,12 @@ class StageOutput:
         self.files: dict[str, dict] = {}
         self.started = _now()
         self.reason: str | None = None  # why `existing()` found nothing to reuse (None: no output there yet)
-        self._inputs: dict | None = None
+        self._inputs = inputs
+        self._found: Any = _UNREAD  # the manifest `existing()` read (None: there was none), for `begin` to reuse
 
     @property
     def inputs(self) -> dict:
-        """{input field: content digest} now (computed once per instance)."""
+        """{input field: content digest} now (computed once per instance, unless given to the constructor)."""
         if self._inputs is None:
             self._inputs = input_digests(self.cfg, exclude=self.uri)
         return self._inputs
@@ -91,7 +94,7 @@ class StageOutput:
         """The manifest of a finished run of this stage with this same config and inputs of the same content, if
         any; otherwise None, with `reason` saying why an output that is there does not count."""
         self.reason = None
-        m = read_manifest(self.uri)
+        m = self._found = read_manifest(self.uri)
         if not m:
             return None
         if m.get("stage") != self.stage:
@@ -110,7 +113,7 @@ class StageOutput:
     def begin(self, force: bool = False) -> None:
         U.make_dirs(self.uri)
         if not force:
-            m = read_manifest(self.uri)
+            m = read_manifest(self.uri) if self._found is _UNREAD else self._found
             if m and m.get("stage") != self.stage:
                 raise BadInput(f"{self.uri} holds a complete '{m.get('stage')}' output; refusing to overwrite it "
                                f"with {self.stage}: pick another --out, or pass --force to replace it")

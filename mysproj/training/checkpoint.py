@@ -28,16 +28,17 @@ def step_uri(out_uri: str, step: int) -> str:
     return U.join(out_uri, "checkpoints", f"step-{step}")
 
 
-def complete_steps(out_uri: str, cfg, *, report: bool = False) -> list[int]:
-    """Steps with a committed checkpoint of this same config and inputs, ascending. `report` (one process of a run,
-    at its start) logs one line for each checkpoint that does not count, and removes the half-written ones (no
-    manifest), which no run can resume from."""
+def complete_steps(out_uri: str, cfg, inputs: dict, *, report: bool = False) -> list[int]:
+    """Steps with a committed checkpoint of this same config and `inputs` (the run's input digests,
+    `StageOutput.inputs` of its output: digested once per run, not once per checkpoint), ascending. `report` (one
+    process of a run, at its start) logs one line for each checkpoint that does not count, and removes the
+    half-written ones (no manifest), which no run can resume from."""
     steps = []
     for name in U.list_dirs(U.join(out_uri, "checkpoints")):
         m = _STEP.match(name)
         if not m:
             continue
-        ckpt = StageOutput(U.join(out_uri, "checkpoints", name), STAGE, cfg)
+        ckpt = StageOutput(U.join(out_uri, "checkpoints", name), STAGE, cfg, inputs=inputs)
         if ckpt.existing():
             steps.append(int(m.group(1)))
         elif report and ckpt.reason:
@@ -61,8 +62,8 @@ def config_key(out_uri: str) -> str:
     return hashlib.sha256(out_uri.encode()).hexdigest()[:16]
 
 
-def save(ctx, step: int, state: dict) -> None:
-    """Write checkpoint `step` (all ranks call this)."""
+def save(ctx, step: int, state: dict, inputs: dict) -> None:
+    """Write checkpoint `step` (all ranks call this), recording the run's input digests `inputs`."""
     acc = ctx.accelerator
     target = step_uri(ctx.cfg.out, step)
     # A local output is written in place: a 7B ZeRO-3 checkpoint holds fp32 weights and Adam state, too large
@@ -106,7 +107,7 @@ def save(ctx, step: int, state: dict) -> None:
 
     gathered = gather_object([records]) if acc.num_processes > 1 else [records]
     if acc.is_main_process:
-        out = StageOutput(target, STAGE, ctx.cfg)
+        out = StageOutput(target, STAGE, ctx.cfg, inputs=inputs)
         for r in gathered:
             out.files.update(r)
         out.commit({"step": step})
@@ -116,9 +117,10 @@ def save(ctx, step: int, state: dict) -> None:
         shutil.rmtree(local, ignore_errors=True)
 
 
-def prune(out_uri: str, cfg, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and half-written leftovers."""
-    done = complete_steps(out_uri, cfg)
+def prune(out_uri: str, cfg, keep: int, inputs: dict) -> None:
+    """Keep the newest `keep` complete checkpoints (of the run's `inputs`); drop older ones and half-written
+    leftovers."""
+    done = complete_steps(out_uri, cfg, inputs)
     keep_steps = set(done[-keep:])
     newest = max(done) if done else -1
     for name in U.list_dirs(U.join(out_uri, "checkpoints")):

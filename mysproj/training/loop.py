@@ -60,7 +60,7 @@ def train(cfg, out) -> dict:
     n_trainable = ctx.n_trainable
 
     start, metrics, resumed_from = 0, [], None
-    done = checkpoint.complete_steps(cfg.out, cfg, report=acc.is_main_process)
+    done = checkpoint.complete_steps(cfg.out, cfg, out.inputs, report=acc.is_main_process)
     if done:
         state = checkpoint.load(ctx, done[-1])
         start, metrics, resumed_from = state["step"], state["metrics"], done[-1]
@@ -84,9 +84,9 @@ def train(cfg, out) -> dict:
     t0, seen = time.monotonic(), 0
 
     def save(n: int) -> None:
-        checkpoint.save(ctx, n, {"step": n, "metrics": metrics})
+        checkpoint.save(ctx, n, {"step": n, "metrics": metrics}, out.inputs)
         if acc.is_main_process:
-            checkpoint.prune(cfg.out, cfg, cfg.keep_checkpoints)
+            checkpoint.prune(cfg.out, cfg, cfg.keep_checkpoints, out.inputs)
 
     def save_before_stopping(n: int) -> bool:
         if cfg.save_checkpoints and n % cfg.checkpoint_every:
