@@ -13,7 +13,6 @@ import glob
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,12 +50,7 @@ def materialize(uri: str) -> tuple[str, dict]:
         if "config.json" not in names:
             raise BadInput(f"{uri}: its {inp.manifest['stage']} output holds no model (no config.json); "
                            f"a CLIP preset? LLaVA stages need a LLaVA model")
-        # verified (and fetched) in parallel: a 7B model is a few multi-GB shards, each slow to hash
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-            local = dict(zip(names, pool.map(inp.local_path, names)))
-        if U.is_local(uri):
-            return U.local_path(uri), summary
-        return cache.assemble(local), summary
+        return inp.local_dir(names=names), summary
     if U.is_local(uri):
         folder = U.local_path(uri)
         if not os.path.isdir(folder):

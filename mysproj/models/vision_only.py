@@ -12,7 +12,7 @@ whole model.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import os
 
 log = logging.getLogger(__name__)
 PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
@@ -40,8 +40,6 @@ def load_vision(uri: str, *, device: str = "cpu", dtype=None):
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
     from mysproj.models.loading import MODEL_STAGES, LoadedLlava, _tie_buffers
-    from mysproj.storage import cache
-    from mysproj.storage import uri as U
     from mysproj.storage.manifest import MANIFEST, StageInput
 
     uri = str(uri).rstrip("/")
@@ -54,15 +52,13 @@ def load_vision(uri: str, *, device: str = "cpu", dtype=None):
         return None
     names = [n for n in inp.files if "/" not in n and n != MANIFEST
              and (not n.endswith((".safetensors", ".bin")) or n in needed)]
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-        local = dict(zip(names, pool.map(inp.local_path, names)))
-    folder = U.local_path(uri) if U.is_local(uri) else cache.assemble(local)
+    folder = inp.local_dir(names=names)
     config = LlavaConfig.from_pretrained(folder)
     if config.model_type != "llava":
         return None
     state = {}
     for f in sorted(needed):
-        with safe_open(local[f], "pt", device=str(device)) as weights:
+        with safe_open(os.path.join(folder, f), "pt", device=str(device)) as weights:
             state.update({_current(k): weights.get_tensor(k) for k in weights.keys()
                           if _current(k).startswith(PREFIXES)})
     with torch.device("meta"):
