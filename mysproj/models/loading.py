@@ -24,6 +24,7 @@ from mysproj.storage.manifest import MANIFEST, StageInput
 
 log = logging.getLogger(__name__)
 MODEL_STAGES = ("model-init", "merge", "finetune")
+INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -61,6 +62,15 @@ def materialize(uri: str) -> tuple[str, dict]:
             raise BadInput(f"{uri}: no such model folder (nothing stored under it)")
     check_model_folder(folder, uri)
     return folder, {}
+
+
+def hf_model_output(uri: str) -> StageInput | None:
+    """The model stage output at `uri` when it is in the HF layout with safetensors weights (config.json and an
+    index or model.safetensors), else None."""
+    inp = StageInput.if_complete(str(uri).rstrip("/"), expect_stage=MODEL_STAGES)
+    if inp is None or inp.manifest.get("summary", {}).get("layout") != "hf" or "config.json" not in inp.files:
+        return None
+    return inp if INDEX in inp.files or "model.safetensors" in inp.files else None
 
 
 def _read_config(folder: str, what: str) -> dict:

@@ -18,12 +18,12 @@ import logging
 import os
 
 from mysproj.errors import BadInput
+from mysproj.models.loading import INDEX, hf_model_output
 from mysproj.storage import cache
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput, run_stage
 
 log = logging.getLogger(__name__)
-INDEX = "model.safetensors.index.json"
 NOT_CARRIED = (MANIFEST, "mm_projector.bin", "metrics.jsonl")  # written anew, or the base stage's own record
 
 
@@ -121,15 +121,8 @@ def merge(cfg, out: StageOutput) -> dict:
 
 def reusable_base(uri: str) -> StageInput | None:
     """The base as a stage output whose files merge can reuse (HF layout, safetensors weights), else None."""
-    from mysproj.models.loading import MODEL_STAGES
-
-    inp = StageInput.if_complete(str(uri).rstrip("/"), expect_stage=MODEL_STAGES)
-    if inp is None or "config.json" not in inp.files:
-        return None
-    if inp.manifest.get("summary", {}).get("layout") != "hf" or inp.read_json("config.json").get("model_type") \
-            != "llava":
-        return None
-    if INDEX not in inp.files and "model.safetensors" not in inp.files:
+    inp = hf_model_output(uri)
+    if inp is None or inp.read_json("config.json").get("model_type") != "llava":
         return None
     return inp
 
@@ -138,7 +131,7 @@ def _projector_files(inp: StageInput, projector: dict) -> dict[str, dict[str, st
     """{weights file: {name stored in it: projector name}} for the files that hold a projector tensor."""
     from safetensors import safe_open
 
-    from mysproj.models.conversion import legacy_to_current
+    from mysproj.models.conversion import current_name
 
     if INDEX in inp.files:
         stored = inp.read_json(INDEX)["weight_map"]
@@ -147,7 +140,7 @@ def _projector_files(inp: StageInput, projector: dict) -> dict[str, dict[str, st
             stored = {k: "model.safetensors" for k in f.keys()}
     files: dict[str, dict[str, str]] = {}
     for name, fname in stored.items():
-        current = next(iter(legacy_to_current({name: None})))
+        current = current_name(name)
         if current in projector:
             files.setdefault(fname, {})[name] = current
     found = {p for names in files.values() for p in names.values()}
