@@ -93,6 +93,13 @@ def _field_value(text: str) -> tuple[str, str]:
     return field.strip().lstrip("-").replace("-", "_"), value
 
 
+def ours_config(stage: str, fields: dict, args: argparse.Namespace):
+    """The config of the stage measured, for ours: `fields` with the `--set FIELD=VALUE` values on top."""
+    from mysproj.stages.registry import stage_config
+
+    return stage_config(stage, {**fields, **dict(args.set or [])})
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults that depend on the machine or the benchmark."""
     import torch

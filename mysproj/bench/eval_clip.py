@@ -21,6 +21,7 @@ import tempfile
 
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
+from mysproj.bench.command import ours_config
 from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 
@@ -100,11 +101,10 @@ def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int
     from mysproj.models.clip import load_clip
     from mysproj.speed import clip as speed
     from mysproj.stages import eval_clip
-    from mysproj.stages.registry import stage_config
 
     n = args.batch_size * (args.warmup + args.steps + (1 if args.profile else 0))
-    cfg = stage_config("eval-clip", {"model": model_dir, "data": "bench:synthetic", "out": "bench:none",
-                                     "batch_size": args.batch_size, "workers": workers, **dict(args.set or [])})
+    cfg = ours_config("eval-clip", {"model": model_dir, "data": "bench:synthetic", "out": "bench:none",
+                                    "batch_size": args.batch_size, "workers": workers}, args)
     clip = load_clip(model_dir, device=args.device)
     text = eval_clip.class_embeddings(clip, names, "paper", args.device)
     tower = speed.image_tower(clip, cfg)

@@ -20,10 +20,10 @@ import logging
 
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
+from mysproj.bench.command import ours_config
 from mysproj.bench.eval_clip import class_names
 from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
-from mysproj.stages.registry import stage_config
 
 log = logging.getLogger("mysproj.bench")
 
@@ -50,9 +50,9 @@ def prompt_batch(config, layout, batch: int, seed: int, device: str, pad_id: int
 
 
 def eval_config(args):
-    return stage_config("eval-llava", {"model": "bench:random", "data": "bench:synthetic", "out": "bench:none",
-                                       "mode": args.mode, "batch_size": args.batch_size,
-                                       "max_new_tokens": args.new_tokens, **dict(args.set or [])})
+    return ours_config("eval-llava", {"model": "bench:random", "data": "bench:synthetic", "out": "bench:none",
+                                      "mode": args.mode, "batch_size": args.batch_size,
+                                      "max_new_tokens": args.new_tokens}, args)
 
 
 def run(args) -> BenchReport:

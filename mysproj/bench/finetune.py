@@ -19,12 +19,12 @@ import time
 
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
+from mysproj.bench.command import ours_config
 from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 from mysproj.errors import BadInput
 from mysproj.models import compile_cache
 from mysproj.speed.llava import checkpointing
-from mysproj.stages.registry import stage_config
 from mysproj.training.session import build as build_session
 
 log = logging.getLogger("mysproj.bench")
@@ -85,10 +85,10 @@ def run(args) -> BenchReport:
 
 
 def finetune_config(args, n_world: int):
-    return stage_config("finetune", {"model": "bench:random", "data": "bench:synthetic", "out": "bench:none",
-                                     "strategy": args.strategy, "per_device_batch": args.batch_size,
-                                     "global_batch": args.batch_size * n_world, "seed": args.seed,
-                                     "max_steps": args.warmup + args.steps, "workers": 0, **dict(args.set or [])})
+    return ours_config("finetune", {"model": "bench:random", "data": "bench:synthetic", "out": "bench:none",
+                                    "strategy": args.strategy, "per_device_batch": args.batch_size,
+                                    "global_batch": args.batch_size * n_world, "seed": args.seed,
+                                    "max_steps": args.warmup + args.steps, "workers": 0}, args)
 
 
 def checkpointed(cfg, config) -> str:

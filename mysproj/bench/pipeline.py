@@ -111,11 +111,11 @@ def pipeline_config(args, root: str, source: str):
 
 class EventLog:
     """Appends one JSON line per stage start and end to `path`, at once; an end line carries the stage's `time`
-    and `processed` entries from its manifest below `root`."""
+    and `processed` entries from its manifest."""
 
-    def __init__(self, path: str, root: str):
+    def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path, self.root = path, root
+        self.path = path
 
     def begin(self, **facts) -> None:
         """A first line saying which job the lines after it belong to (the file is appended to, run after run)."""
@@ -126,13 +126,10 @@ class EventLog:
             f.write(json.dumps(line, default=str) + "\n")
 
     def __call__(self, e) -> None:
-        from mysproj.storage import join
-        from mysproj.storage.manifest import read_manifest
-
         line = {"t": round(time.time(), 3), "name": e.name, "stage": e.stage, "state": e.state, "slot": e.slot,
                 "start_s": e.start, "end_s": e.end, "wall_s": e.seconds, "error": e.error}
         if e.state == "done":
-            summary = (read_manifest(join(self.root, e.name)) or {}).get("summary") or {}
+            summary = (e.manifest or {}).get("summary") or {}
             line.update(time=summary.get("time"), processed=summary.get("processed"))
         self._write(line)
 
@@ -186,7 +183,7 @@ def run_command(args: argparse.Namespace) -> int:
         shutil.rmtree(root, ignore_errors=True)
     cfg = pipeline_config(args, root, source)
     gpus = args.gpus if args.gpus is not None else max(1, local.visible_gpus())
-    events = EventLog(args.log or os.path.join(work, "bench.log"), root)
+    events = EventLog(args.log or os.path.join(work, "bench.log"))
     events.begin(dataset_shape=args.dataset_shape, fixture=desc, model_preset=args.model_preset, gpus=gpus,
                  finetune_gpus=args.finetune_gpus, strategies=args.strategies, set=args.set)
     outcome = local.run(cfg, gpus=gpus, finetune_gpus=args.finetune_gpus, on_event=events)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 
@@ -28,10 +29,9 @@ def _projector_file(base: str, path: str) -> None:
 
 
 def _stage(name: str, **fields) -> dict:
-    from mysproj.config.fields import load_config
-    from mysproj.stages.registry import STAGES, run
+    from mysproj.stages.registry import run, stage_config
 
-    manifest = run(name, load_config(STAGES[name][0], overrides=fields))
+    manifest = run(name, stage_config(name, fields, env=os.environ))
     return {"stage": name, **{k: v for k, v in fields.items() if k not in ("out", "base", "projector")},
             "seconds": manifest["summary"]["seconds"], "reused": manifest["summary"].get("reused")}
 

@@ -45,8 +45,7 @@ def stage_fields(recipe: str, stage: str, strategy: str | None = None) -> dict:
     """The field values `recipe` sets in one stage's config (a finetune node also by its strategy)."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
-    return {c.field: c.value(recipe) for c in CHOICES
-            if c.stage == stage and (c.strategy is None or c.strategy == strategy)}
+    return {c.field: c.value(recipe) for c in applicable(stage, strategy)}
 
 
 def applicable(stage: str, strategy: str | None = None) -> list[Choice]:

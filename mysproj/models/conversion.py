@@ -63,16 +63,17 @@ def original_to_legacy_hf(state_dict: dict) -> dict:
     return out
 
 
+def current_name(key: str) -> str:
+    """A legacy llava-hf key's transformers 5 module name; a current name as it is."""
+    for pattern, repl in _LEGACY_TO_CURRENT:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return key
+
+
 def legacy_to_current(state_dict: dict) -> dict:
     """Legacy llava-hf keys to transformers 5 module names; current names pass through unchanged."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _LEGACY_TO_CURRENT:
-            if pattern.match(key):
-                key = pattern.sub(repl, key, count=1)
-                break
-        out[key] = value
-    return out
+    return {current_name(key): value for key, value in state_dict.items()}
 
 
 def original_to_hf(state_dict: dict) -> dict:
@@ -129,7 +130,7 @@ def projector_to_hf(state_dict: dict) -> dict:
             k = f"model.mm_projector.{m.group(1)}.{m.group(2)}"
             k = PROJECTOR_ORIGINAL_TO_HF[k]
         else:
-            k = legacy_to_current({k: None}).popitem()[0]
+            k = current_name(k)
         if k not in PROJECTOR_HF_TO_ORIGINAL:
             raise KeyError(f"unexpected projector parameter {key}")
         out[k] = value

@@ -13,7 +13,6 @@ import glob
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ from mysproj.storage.manifest import MANIFEST, StageInput
 
 log = logging.getLogger(__name__)
 MODEL_STAGES = ("model-init", "merge", "finetune")
+INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -51,12 +51,7 @@ def materialize(uri: str) -> tuple[str, dict]:
         if "config.json" not in names:
             raise BadInput(f"{uri}: its {inp.manifest['stage']} output holds no model (no config.json); "
                            f"a CLIP preset? LLaVA stages need a LLaVA model")
-        # verified (and fetched) in parallel: a 7B model is a few multi-GB shards, each slow to hash
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-            local = dict(zip(names, pool.map(inp.local_path, names)))
-        if U.is_local(uri):
-            return U.local_path(uri), summary
-        return cache.assemble(local), summary
+        return inp.local_dir(names=names), summary
     if U.is_local(uri):
         folder = U.local_path(uri)
         if not os.path.isdir(folder):
@@ -67,6 +62,15 @@ def materialize(uri: str) -> tuple[str, dict]:
             raise BadInput(f"{uri}: no such model folder (nothing stored under it)")
     check_model_folder(folder, uri)
     return folder, {}
+
+
+def hf_model_output(uri: str) -> StageInput | None:
+    """The model stage output at `uri` when it is in the HF layout with safetensors weights (config.json and an
+    index or model.safetensors), else None."""
+    inp = StageInput.if_complete(str(uri).rstrip("/"), expect_stage=MODEL_STAGES)
+    if inp is None or inp.manifest.get("summary", {}).get("layout") != "hf" or "config.json" not in inp.files:
+        return None
+    return inp if INDEX in inp.files or "model.safetensors" in inp.files else None
 
 
 def _read_config(folder: str, what: str) -> dict:

@@ -62,18 +62,20 @@ def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None 
     return files
 
 
-def replace_tensors(src: str, dst: str, replacements: dict) -> None:
+def replace_tensors(src: str, dst: str, replacements: dict) -> dict:
     """Safetensors file `dst` = `src` with the tensors named in `replacements` replaced (cast to `src`'s dtypes);
-    every other tensor and the header metadata as stored."""
+    every other tensor and the header metadata as stored. Returns {replaced name: its dtype in `src`}."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(src, "pt") as f:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    dtypes = {name: tensors[name].dtype for name in replacements}
     for name, t in replacements.items():
-        tensors[name] = t.detach().to("cpu", tensors[name].dtype).contiguous()
+        tensors[name] = t.detach().to("cpu", dtypes[name]).contiguous()
     save_file(tensors, dst, metadata=metadata)
+    return dtypes
 
 
 def save_processing(tokenizer, image_processor, config, out_dir: str) -> None:

@@ -12,24 +12,21 @@ whole model.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import os
+
+from mysproj.models.conversion import current_name
+from mysproj.models.loading import INDEX, LoadedLlava, _tie_buffers, hf_model_output
+from mysproj.storage.manifest import MANIFEST
 
 log = logging.getLogger(__name__)
 PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
-INDEX = "model.safetensors.index.json"
 
 
-def _current(name: str) -> str:
-    from mysproj.models.conversion import legacy_to_current
-
-    return next(iter(legacy_to_current({name: None})))
-
-
-def _weight_files(inp) -> set[str] | None:
+def _weight_files(inp) -> set[str]:
     """The safetensors files of a stage output that hold the tower or the projector."""
     if INDEX in inp.files:
-        return {f for k, f in inp.read_json(INDEX)["weight_map"].items() if _current(k).startswith(PREFIXES)}
-    return {"model.safetensors"} if "model.safetensors" in inp.files else None
+        return {f for k, f in inp.read_json(INDEX)["weight_map"].items() if current_name(k).startswith(PREFIXES)}
+    return {"model.safetensors"}
 
 
 def load_vision(uri: str, *, device: str = "cpu", dtype=None):
@@ -39,32 +36,25 @@ def load_vision(uri: str, *, device: str = "cpu", dtype=None):
     from safetensors import safe_open
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
-    from mysproj.models.loading import MODEL_STAGES, LoadedLlava, _tie_buffers
-    from mysproj.storage import cache
-    from mysproj.storage import uri as U
-    from mysproj.storage.manifest import MANIFEST, StageInput
-
     uri = str(uri).rstrip("/")
-    inp = StageInput.if_complete(uri, expect_stage=MODEL_STAGES)
-    summary = inp.manifest.get("summary", {}) if inp is not None else {}
-    if inp is None or summary.get("layout") != "hf" or "config.json" not in inp.files:
+    inp = hf_model_output(uri)
+    if inp is None:
         return None
+    summary = inp.manifest.get("summary", {})
     needed = _weight_files(inp)
     if not needed:
         return None
     names = [n for n in inp.files if "/" not in n and n != MANIFEST
              and (not n.endswith((".safetensors", ".bin")) or n in needed)]
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
-        local = dict(zip(names, pool.map(inp.local_path, names)))
-    folder = U.local_path(uri) if U.is_local(uri) else cache.assemble(local)
+    folder = inp.local_dir(names=names)
     config = LlavaConfig.from_pretrained(folder)
     if config.model_type != "llava":
         return None
     state = {}
     for f in sorted(needed):
-        with safe_open(local[f], "pt", device=str(device)) as weights:
-            state.update({_current(k): weights.get_tensor(k) for k in weights.keys()
-                          if _current(k).startswith(PREFIXES)})
+        with safe_open(os.path.join(folder, f), "pt", device=str(device)) as weights:
+            state.update({current_name(k): weights.get_tensor(k) for k in weights.keys()
+                          if current_name(k).startswith(PREFIXES)})
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     wanted = {k for k, _ in model.named_parameters() if k.startswith(PREFIXES)}

@@ -71,6 +71,7 @@ class Event:
     end: float | None = None
     error: str | None = None
     bad_input: bool = False            # failed on bad input (exit code 64): re-running will not help
+    manifest: dict | None = None       # the output's manifest, where it is done or skipped
 
     @property
     def seconds(self) -> float | None:
@@ -174,7 +175,7 @@ def walk(nodes: list[Node], capacity: Capacity, executor: Executor, *,
                     waiting.remove(node)
                     outcome.manifests[node.name] = manifest
                     t = executor.now()
-                    end(Event(node.name, node.stage, "skipped", start=t, end=t))
+                    end(Event(node.name, node.stage, "skipped", start=t, end=t, manifest=manifest))
                     changed = True
                     continue
                 devices = slots.take(node)
@@ -192,7 +193,7 @@ def walk(nodes: list[Node], capacity: Capacity, executor: Executor, *,
         slots.give(node, devices)
         event.end = executor.now()
         event.state = "done" if finished.ok else "failed"
-        event.error, event.bad_input = finished.error, finished.bad_input
+        event.error, event.bad_input, event.manifest = finished.error, finished.bad_input, finished.manifest
         if finished.manifest is not None:
             outcome.manifests[node.name] = finished.manifest
         end(event)

@@ -18,12 +18,12 @@ import logging
 import os
 
 from mysproj.errors import BadInput
+from mysproj.models.loading import INDEX, hf_model_output
 from mysproj.storage import cache
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput, run_stage
 
 log = logging.getLogger(__name__)
-INDEX = "model.safetensors.index.json"
 NOT_CARRIED = (MANIFEST, "mm_projector.bin", "metrics.jsonl")  # written anew, or the base stage's own record
 
 
@@ -121,33 +121,27 @@ def merge(cfg, out: StageOutput) -> dict:
 
 def reusable_base(uri: str) -> StageInput | None:
     """The base as a stage output whose files merge can reuse (HF layout, safetensors weights), else None."""
-    from mysproj.models.loading import MODEL_STAGES
-
-    inp = StageInput.if_complete(str(uri).rstrip("/"), expect_stage=MODEL_STAGES)
-    if inp is None or "config.json" not in inp.files:
-        return None
-    if inp.manifest.get("summary", {}).get("layout") != "hf" or inp.read_json("config.json").get("model_type") \
-            != "llava":
-        return None
-    if INDEX not in inp.files and "model.safetensors" not in inp.files:
+    inp = hf_model_output(uri)
+    if inp is None or inp.read_json("config.json").get("model_type") != "llava":
         return None
     return inp
 
 
-def _projector_files(inp: StageInput, projector: dict) -> dict[str, dict[str, str]]:
-    """{weights file: {name stored in it: projector name}} for the files that hold a projector tensor."""
+def _projector_files(inp: StageInput, projector: dict, single: str | None) -> dict[str, dict[str, str]]:
+    """{weights file: {name stored in it: projector name}} for the files that hold a projector tensor (`single`:
+    the local copy of the base's model.safetensors where it has no index)."""
     from safetensors import safe_open
 
-    from mysproj.models.conversion import legacy_to_current
+    from mysproj.models.conversion import current_name
 
-    if INDEX in inp.files:
+    if single is None:
         stored = inp.read_json(INDEX)["weight_map"]
     else:
-        with safe_open(inp.local_path("model.safetensors"), "pt") as f:
+        with safe_open(single, "pt") as f:
             stored = {k: "model.safetensors" for k in f.keys()}
     files: dict[str, dict[str, str]] = {}
     for name, fname in stored.items():
-        current = next(iter(legacy_to_current({name: None})))
+        current = current_name(name)
         if current in projector:
             files.setdefault(fname, {})[name] = current
     found = {p for names in files.values() for p in names.values()}
@@ -163,17 +157,18 @@ def merge_reusing(cfg, out: StageOutput, projector: dict, inp: StageInput) -> di
 
     from mysproj.models.saving import replace_tensors
 
-    rewrite = _projector_files(inp, projector)
+    # fetched and verified once: a base without an index is read for its names and then rewritten
+    single = None if INDEX in inp.files else inp.local_path("model.safetensors")
+    rewrite = _projector_files(inp, projector, single)
     dtypes = {}
     with out.staging() as tmp:
         for fname, names in rewrite.items():
-            src = inp.local_path(fname)
+            src = single or inp.local_path(fname)
             with safe_open(src, "pt") as f:
                 for stored, name in names.items():
-                    part = f.get_slice(stored)
-                    _check_shape(cfg, name, projector[name], part.get_shape())
-                    dtypes[name] = f.get_tensor(stored).dtype
-            replace_tensors(src, os.path.join(tmp, fname), {s: projector[n] for s, n in names.items()})
+                    _check_shape(cfg, name, projector[name], f.get_slice(stored).get_shape())
+            stored_dtypes = replace_tensors(src, os.path.join(tmp, fname), {s: projector[n] for s, n in names.items()})
+            dtypes.update({names[s]: dtype for s, dtype in stored_dtypes.items()})
         _save_mm_projector(projector, dtypes, tmp)
         out.put_dir(tmp, move=True)
     carried = sorted(n for n in inp.files if "/" not in n and n not in NOT_CARRIED and n not in rewrite)

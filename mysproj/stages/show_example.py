@@ -11,8 +11,9 @@ import json
 import os
 
 from mysproj.errors import BadInput
+from mysproj.models import integrity
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+WEIGHT_SUFFIXES = integrity.WEIGHT_SUFFIXES + (".safetensors.index.json", ".bin.index.json")
 
 
 def add_command(sub, parser_class) -> None:
@@ -31,7 +32,8 @@ def add_command(sub, parser_class) -> None:
 
 
 def tokenizer_folder(uri: str) -> str:
-    """A local folder with the model's config and tokenizer files, without its weights."""
+    """A local folder with the model's config and tokenizer files, without its weights (a local stage output:
+    its own folder, only those files verified)."""
     from mysproj.storage import cache
     from mysproj.storage import uri as U
     from mysproj.storage.manifest import MANIFEST, StageInput
@@ -43,7 +45,7 @@ def tokenizer_folder(uri: str) -> str:
         if "config.json" not in names:
             raise BadInput(f"{uri}: its {inp.manifest.get('stage')} output holds no model config (a projector-only "
                            f"fine-tune? pass its merge output or the base model)")
-        return cache.assemble({n: inp.local_path(n) for n in names})
+        return inp.local_dir(names=names)
     if U.is_local(uri):
         if not os.path.isdir(U.local_path(uri)):
             raise BadInput(f"{uri}: no such model folder")

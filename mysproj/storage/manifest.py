@@ -282,14 +282,19 @@ class StageInput:
         entry = self._entry(name)
         return cache.fetch(self.path(name), entry["sha256"])
 
-    def local_dir(self, prefix: str = "") -> str:
-        """Materialise every manifest file under `prefix` into one local folder (e.g. a model directory)."""
-        names = [n for n in self.files if not prefix or n.startswith(prefix.rstrip("/") + "/")]
+    def local_dir(self, prefix: str = "", names: list[str] | None = None) -> str:
+        """Materialise every manifest file under `prefix` (or only `names`, which lie under it) into one local
+        folder (e.g. a model directory). Local outputs are the folder itself, verified in place."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if names is None:
+            names = [n for n in self.files if not prefix or n.startswith(prefix.rstrip("/") + "/")]
         if not names:
             raise IncompleteOutput(f"{self.uri}: no files under '{prefix}' in its {MANIFEST}")
+        # verified (and fetched) in parallel: a 7B model is a few multi-GB shards, each slow to hash
+        with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+            local = list(pool.map(self.local_path, names))
         if U.is_local(self.uri):
-            for n in names:
-                self.local_path(n)
             return U.local_path(U.join(self.uri, prefix) if prefix else self.uri)
         strip = len(prefix.rstrip("/")) + 1 if prefix else 0
-        return cache.assemble({n[strip:]: self.local_path(n) for n in names})
+        return cache.assemble({n[strip:]: path for n, path in zip(names, local)})
