@@ -10,8 +10,9 @@
   AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) through monkeypatch and returns the server.
 - Stage inputs built once per session (on first use): `tiny_model` (the tiny random LLaVA), `tiny_original` (the
   same in the original LLaVA layout), `prep` (textures-mini, 6 images a class) for the models/finetune/merge tests;
-  `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` and `clip_tiny_uri` for the eval/probe/report tests.
-  Tests must not change them. `deepspeed_one_process` (function): DeepSpeed's CPU accelerator in this process.
+  `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` (the `tiny_model` folder) and `clip_tiny_uri` for the
+  eval/probe/report tests. Tests must not change them. `deepspeed_one_process` (function): DeepSpeed's CPU
+  accelerator in this process.
 - `compile_counter` (function): `torch.compile` counting the graphs it compiles (and running them eagerly), from
   a clean dynamo state, which it restores afterwards.
 """
@@ -259,10 +260,9 @@ def clip_tiny_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def llava_tiny_uri(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("eval-inputs") / "models" / "tiny")
-    stage("model-init", preset="tiny", out=out)
-    return out
+def llava_tiny_uri(tiny_model) -> str:
+    """The same seeded tiny LLaVA as `tiny_model`: building it twice would give identical weights."""
+    return tiny_model
 
 
 @pytest.fixture
