@@ -50,10 +50,11 @@ def _reference(loaded, prompts, pix, new_tokens=NEW_TOKENS) -> list[list[int]]:
     return [row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in rows]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def stopping(prep_uri, llava_tiny_uri):
     """The tiny model with `</s>` made the greedy choice wherever one of its usual tokens was (lm_head's `</s>`
-    row = 1.5 x that token's row), picked so that some rows stop early and others use the whole budget."""
+    row = 1.5 x that token's row), picked so that some rows stop early and others use the whole budget. Built once
+    for the module (a model load and many `generate` calls): the decoders only read the model."""
     from mysproj.models.loading import load_llava
 
     loaded = load_llava(llava_tiny_uri)
