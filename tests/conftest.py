@@ -8,11 +8,11 @@
   it should be marked `@pytest.mark.s3`. Skipped, with the reason, only when the `weed` binary is missing.
 - `s3_env` (function): points this test's process environment at the server (AWS_ACCESS_KEY_ID,
   AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) through monkeypatch and returns the server.
-- Stage inputs built once per session (on first use): `tiny_model` (the tiny random LLaVA), `tiny_original` (the
-  same in the original LLaVA layout), `prep` (textures-mini, 6 images a class) for the models/finetune/merge tests;
-  `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` (the `tiny_model` folder) and `clip_tiny_uri` for the
-  eval/probe/report tests. Tests must not change them. `deepspeed_one_process` (function): DeepSpeed's CPU
-  accelerator in this process.
+- Stage inputs built once per session (on first use): `tiny_model` (the tiny random LLaVA), `tiny_sharded` (the
+  same in several shards), `tiny_original` (the same in the original LLaVA layout), `prep` (textures-mini, 6 images
+  a class) for the models/finetune/merge tests; `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` (the
+  `tiny_model` folder) and `clip_tiny_uri` for the eval/probe/report tests. Tests must not change them.
+  `deepspeed_one_process` (function): DeepSpeed's CPU accelerator in this process.
 - `compile_counter` (function): `torch.compile` counting the graphs it compiles (and running them eagerly), from
   a clean dynamo state, which it restores afterwards.
 """
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from stage_runs import stage
+from stage_runs import stage, tiny_in_shards
 
 _SESSION_CACHE: str | None = None
 
@@ -224,6 +224,14 @@ def container_images() -> dict[str, str]:
 def tiny_model(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("models-inputs") / "tiny")
     stage("model-init", preset="tiny", out=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded(tmp_path_factory) -> str:
+    """The same tiny model written in several shards. Tests that damage a shard damage a copy (shutil.copytree)."""
+    out = str(tmp_path_factory.mktemp("models-inputs") / "tiny-sharded")
+    tiny_in_shards(out)
     return out
 
 

@@ -14,6 +14,17 @@ def stage(stage_name: str, **fields):
     return run(stage_name, load_config(STAGES[stage_name][0], overrides=fields))
 
 
+def tiny_in_shards(out: str) -> dict:
+    """model-init of the tiny LLaVA written in several shards of 200 kB, as a 7B model is written."""
+    import pytest
+
+    from mysproj.models import saving
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(saving, "SHARD_BYTES", 200_000)
+        return stage("model-init", preset="tiny", out=out)
+
+
 def weights(folder: str) -> dict:
     from mysproj.models.loading import read_weights
 
