@@ -1,5 +1,5 @@
-"""Running stages in-process from tests, and reading what they wrote. The shared inputs built with these (tiny
-models, prep outputs) are fixtures in conftest.py."""
+"""Running stages and the CLI in-process from tests, and reading what they wrote. The shared inputs built with
+these (tiny models, prep outputs) are fixtures in conftest.py."""
 
 from __future__ import annotations
 
@@ -23,6 +23,22 @@ def tiny_in_shards(out: str) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(saving, "SHARD_BYTES", 200_000)
         return stage("model-init", preset="tiny", out=out)
+
+
+def error_lines(printed: str) -> list[str]:
+    """The `error:` lines of what a command printed."""
+    return [line for line in printed.splitlines() if line.startswith("error:")]
+
+
+def cli(argv, capsys) -> tuple[int, list[str], str]:
+    """The mysproj CLI run in this process on `argv` (any items, made strings): its exit code, the `error:` lines
+    of its stderr, and all it printed (stdout, then stderr)."""
+    from mysproj.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, error_lines(err), out + err
 
 
 def weights(folder: str) -> dict:
