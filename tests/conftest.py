@@ -12,7 +12,8 @@
   same in several shards), `tiny_original` (the same in the original LLaVA layout), `prep` (textures-mini, 6 images
   a class) for the models/finetune/merge tests; `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` (the
   `tiny_model` folder) and `clip_tiny_uri` for the eval/probe/report tests. Tests must not change them.
-  `deepspeed_one_process` (function): DeepSpeed's CPU accelerator in this process.
+  `one_process_env` (function): RANK, WORLD_SIZE, MASTER_ADDR... of a 1-process run; `deepspeed_one_process`
+  (function): DeepSpeed's CPU accelerator in this process.
 - `compile_counter` (function): `torch.compile` counting the graphs it compiles (and running them eagerly), from
   a clean dynamo state, which it restores afterwards.
 """
@@ -274,13 +275,18 @@ def llava_tiny_uri(tiny_model) -> str:
 
 
 @pytest.fixture
-def deepspeed_one_process(monkeypatch):
-    """DeepSpeed's CPU accelerator in this process: it needs a (1-process) process group. Afterwards the group and
-    DeepSpeed's cached clone of it are gone, so a later test starts cleanly."""
-    pytest.importorskip("deepspeed")
+def one_process_env(monkeypatch):
+    """The environment of a distributed run of one process (rank 0 of 1 on 127.0.0.1), for this test only."""
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                  ("MASTER_PORT", "29513")):
         monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def deepspeed_one_process(one_process_env):
+    """DeepSpeed's CPU accelerator in this process: it needs a (1-process) process group. Afterwards the group and
+    DeepSpeed's cached clone of it are gone, so a later test starts cleanly."""
+    pytest.importorskip("deepspeed")
     yield
     import torch
     from deepspeed.utils import groups
