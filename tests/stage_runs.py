@@ -47,11 +47,13 @@ def weights(folder: str) -> dict:
     return read_weights(folder, folder)
 
 
+# What `finetune()` sets over the finetune config's defaults: small batches, a small LoRA, no loader workers.
+FINETUNE_DEFAULTS = dict(global_batch=8, per_device_batch=4, workers=0, log_every=1, checkpoint_every=100, lora_r=4,
+                         lora_alpha=8)
+
+
 def finetune(tiny_model: str, prep: str, out: str, **fields) -> dict:
-    base = dict(model=tiny_model, data=prep, out=out, global_batch=8, per_device_batch=4, workers=0,
-                log_every=1, checkpoint_every=100, lora_r=4, lora_alpha=8)
-    base.update(fields)
-    return stage("finetune", **base)
+    return stage("finetune", model=tiny_model, data=prep, out=out, **{**FINETUNE_DEFAULTS, **fields})
 
 
 @contextlib.contextmanager
