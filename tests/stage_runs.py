@@ -41,6 +41,24 @@ def cli(argv, capsys) -> tuple[int, list[str], str]:
     return rc, error_lines(err), out + err
 
 
+def llava_test_inputs(prep_uri: str, loaded, n: int, appended: dict[int, str]) -> tuple:
+    """The first `n` test examples of a prep output as eval-llava builds them for `loaded` (a LoadedLlava), with
+    `appended[i]` added to the question of example i: (the prepared data, the prompts' ids, the pixel values)."""
+    from mysproj.data.prepared import PreparedData
+    from mysproj.models.conversation import llava_v1_prompt, pixel_values
+    from mysproj.models.prompt_ids import prompt_ids
+    from mysproj.stages.eval_llava import examples
+
+    data = PreparedData(prep_uri)
+    samples, humans = examples(data, "test", n)
+    for i, text in appended.items():
+        humans[i] += text
+    cfg = loaded.model.config
+    prompts = [prompt_ids(loaded.tokenizer, llava_v1_prompt(h), cfg.image_token_id, cfg.image_seq_length)
+               for h in humans]
+    return data, prompts, pixel_values([data.open_image(s) for s in samples], loaded.image_processor)
+
+
 def weights(folder: str) -> dict:
     from mysproj.models.loading import read_weights
 
