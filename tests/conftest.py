@@ -8,10 +8,12 @@
   it should be marked `@pytest.mark.s3`. Skipped, with the reason, only when the `weed` binary is missing.
 - `s3_env` (function): points this test's process environment at the server (AWS_ACCESS_KEY_ID,
   AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION) through monkeypatch and returns the server.
-- Stage inputs built once per session (on first use): `tiny_model` (the tiny random LLaVA), `tiny_original` (the
-  same in the original LLaVA layout), `prep` (textures-mini, 6 images a class) for the models/finetune/merge tests;
-  `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` and `clip_tiny_uri` for the eval/probe/report tests.
-  Tests must not change them. `deepspeed_one_process` (function): DeepSpeed's CPU accelerator in this process.
+- Stage inputs built once per session (on first use): `tiny_model` (the tiny random LLaVA), `tiny_sharded` (the
+  same in several shards), `tiny_original` (the same in the original LLaVA layout), `prep` (textures-mini, 6 images
+  a class) for the models/finetune/merge tests; `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` (the
+  `tiny_model` folder) and `clip_tiny_uri` for the eval/probe/report tests. Tests must not change them.
+  `one_process_env` (function): RANK, WORLD_SIZE, MASTER_ADDR... of a 1-process run; `deepspeed_one_process`
+  (function): DeepSpeed's CPU accelerator in this process.
 - `compile_counter` (function): `torch.compile` counting the graphs it compiles (and running them eagerly), from
   a clean dynamo state, which it restores afterwards.
 """
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from stage_runs import stage
+from stage_runs import stage, tiny_in_shards
 
 _SESSION_CACHE: str | None = None
 
@@ -227,6 +229,14 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sharded(tmp_path_factory) -> str:
+    """The same tiny model written in several shards. Tests that damage a shard damage a copy (shutil.copytree)."""
+    out = str(tmp_path_factory.mktemp("models-inputs") / "tiny-sharded")
+    tiny_in_shards(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_original(tmp_path_factory, tiny_model) -> str:
     """The tiny model written in the original LLaVA layout (LLaVA folder + `vision_tower/` CLIP folder)."""
     from mysproj.models.loading import load_llava, write_original
@@ -259,20 +269,24 @@ def clip_tiny_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def llava_tiny_uri(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("eval-inputs") / "models" / "tiny")
-    stage("model-init", preset="tiny", out=out)
-    return out
+def llava_tiny_uri(tiny_model) -> str:
+    """The same seeded tiny LLaVA as `tiny_model`: building it twice would give identical weights."""
+    return tiny_model
 
 
 @pytest.fixture
-def deepspeed_one_process(monkeypatch):
-    """DeepSpeed's CPU accelerator in this process: it needs a (1-process) process group. Afterwards the group and
-    DeepSpeed's cached clone of it are gone, so a later test starts cleanly."""
-    pytest.importorskip("deepspeed")
+def one_process_env(monkeypatch):
+    """The environment of a distributed run of one process (rank 0 of 1 on 127.0.0.1), for this test only."""
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                  ("MASTER_PORT", "29513")):
         monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def deepspeed_one_process(one_process_env):
+    """DeepSpeed's CPU accelerator in this process: it needs a (1-process) process group. Afterwards the group and
+    DeepSpeed's cached clone of it are gone, so a later test starts cleanly."""
+    pytest.importorskip("deepspeed")
     yield
     import torch
     from deepspeed.utils import groups

@@ -1,5 +1,5 @@
-"""Running stages in-process from tests, and reading what they wrote. The shared inputs built with these (tiny
-models, prep outputs) are fixtures in conftest.py."""
+"""Running stages and the CLI in-process from tests, and reading what they wrote. The shared inputs built with
+these (tiny models, prep outputs) are fixtures in conftest.py."""
 
 from __future__ import annotations
 
@@ -14,17 +14,64 @@ def stage(stage_name: str, **fields):
     return run(stage_name, load_config(STAGES[stage_name][0], overrides=fields))
 
 
+def tiny_in_shards(out: str) -> dict:
+    """model-init of the tiny LLaVA written in several shards of 200 kB, as a 7B model is written."""
+    import pytest
+
+    from mysproj.models import saving
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(saving, "SHARD_BYTES", 200_000)
+        return stage("model-init", preset="tiny", out=out)
+
+
+def error_lines(printed: str) -> list[str]:
+    """The `error:` lines of what a command printed."""
+    return [line for line in printed.splitlines() if line.startswith("error:")]
+
+
+def cli(argv, capsys) -> tuple[int, list[str], str]:
+    """The mysproj CLI run in this process on `argv` (any items, made strings): its exit code, the `error:` lines
+    of its stderr, and all it printed (stdout, then stderr)."""
+    from mysproj.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, error_lines(err), out + err
+
+
+def llava_test_inputs(prep_uri: str, loaded, n: int, appended: dict[int, str]) -> tuple:
+    """The first `n` test examples of a prep output as eval-llava builds them for `loaded` (a LoadedLlava), with
+    `appended[i]` added to the question of example i: (the prepared data, the prompts' ids, the pixel values)."""
+    from mysproj.data.prepared import PreparedData
+    from mysproj.models.conversation import llava_v1_prompt, pixel_values
+    from mysproj.models.prompt_ids import prompt_ids
+    from mysproj.stages.eval_llava import examples
+
+    data = PreparedData(prep_uri)
+    samples, humans = examples(data, "test", n)
+    for i, text in appended.items():
+        humans[i] += text
+    cfg = loaded.model.config
+    prompts = [prompt_ids(loaded.tokenizer, llava_v1_prompt(h), cfg.image_token_id, cfg.image_seq_length)
+               for h in humans]
+    return data, prompts, pixel_values([data.open_image(s) for s in samples], loaded.image_processor)
+
+
 def weights(folder: str) -> dict:
     from mysproj.models.loading import read_weights
 
     return read_weights(folder, folder)
 
 
+# What `finetune()` sets over the finetune config's defaults: small batches, a small LoRA, no loader workers.
+FINETUNE_DEFAULTS = dict(global_batch=8, per_device_batch=4, workers=0, log_every=1, checkpoint_every=100, lora_r=4,
+                         lora_alpha=8)
+
+
 def finetune(tiny_model: str, prep: str, out: str, **fields) -> dict:
-    base = dict(model=tiny_model, data=prep, out=out, global_batch=8, per_device_batch=4, workers=0,
-                log_every=1, checkpoint_every=100, lora_r=4, lora_alpha=8)
-    base.update(fields)
-    return stage("finetune", **base)
+    return stage("finetune", model=tiny_model, data=prep, out=out, **{**FINETUNE_DEFAULTS, **fields})
 
 
 @contextlib.contextmanager

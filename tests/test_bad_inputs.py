@@ -14,19 +14,10 @@ from pathlib import Path
 
 import pytest
 from dataset_layouts import make_dtd, make_imagefolder, write, write_image
-from stage_runs import finetune
-
-from mysproj.cli import main
+from stage_runs import cli, finetune
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
-
-
-def _cli(argv, capsys) -> tuple[int, list[str], str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, [ln for ln in err.splitlines() if ln.startswith("error:")], out + err
 
 
 def _unmanifested_copy(model: str, dest) -> str:
@@ -54,8 +45,8 @@ def bomb_png(path: str, side: int = 20000) -> str:
 
 def test_outside_model_folder_is_checked_and_used(tiny_model, prep, tmp_path, capsys):
     model = _unmanifested_copy(tiny_model, tmp_path / "llava-hf")
-    rc, errors, printed = _cli(["eval-llava", "--model", model, "--data", prep, "--out", tmp_path / "ev", "--mode",
-                                "scoring", "--workers", "0", "--limit", "2"], capsys)
+    rc, errors, printed = cli(["eval-llava", "--model", model, "--data", prep, "--out", tmp_path / "ev", "--mode",
+                               "scoring", "--workers", "0", "--limit", "2"], capsys)
     assert rc == 0 and errors == []
     assert f"{model} has no _SUCCESS.json: used as a model from outside mysproj (1 weights file(s) checked: " \
            f"complete)" in printed
@@ -67,8 +58,8 @@ def test_truncated_model_file_is_one_line_and_exit_64(tiny_model, prep, tmp_path
     model = _unmanifested_copy(tiny_model, tmp_path / "half")
     _truncate(os.path.join(model, "model.safetensors"))
     size = os.path.getsize(os.path.join(model, "model.safetensors"))
-    rc, errors, printed = _cli(["eval-llava", "--model", model, "--data", prep, "--out", tmp_path / "ev",
-                                "--workers", "0"], capsys)
+    rc, errors, printed = cli(["eval-llava", "--model", model, "--data", prep, "--out", tmp_path / "ev",
+                               "--workers", "0"], capsys)
     assert rc == 64 and "Traceback" not in printed
     assert errors == [f"error: {model}/model.safetensors: truncated ({size} bytes; its header describes "
                       f"{size * 2}); download or copy it again"]
@@ -83,7 +74,7 @@ def test_index_naming_a_missing_shard_is_refused(tiny_model, tmp_path, capsys):
         json.dump({"weight_map": {"a": "model-00001-of-00002.safetensors",
                                   "b": "model-00002-of-00002.safetensors"}}, f)
     image = write_image(str(tmp_path / "x.jpg"), 1)
-    rc, errors, _ = _cli(["ask", "--model", model, "--image", image, "--prompt", "hi"], capsys)
+    rc, errors, _ = cli(["ask", "--model", model, "--image", image, "--prompt", "hi"], capsys)
     assert rc == 64 and errors == [f"error: {model}: model.safetensors.index.json names shard(s) that are missing: "
                                    f"model-00002-of-00002.safetensors; the folder is incomplete"]
 
@@ -92,8 +83,8 @@ def test_merge_refuses_the_projector_of_an_unfinished_finetune(tiny_model, prep,
     ft = str(tmp_path / "ft")
     finetune(tiny_model, prep, ft, strategy="projector", max_steps=1)
     os.remove(os.path.join(ft, "_SUCCESS.json"))  # killed between writing its files and its manifest
-    rc, errors, _ = _cli(["merge", "--base", tiny_model, "--projector", f"{ft}/projector.safetensors", "--out",
-                          tmp_path / "merged"], capsys)
+    rc, errors, _ = cli(["merge", "--base", tiny_model, "--projector", f"{ft}/projector.safetensors", "--out",
+                         tmp_path / "merged"], capsys)
     assert rc == 64 and errors == [f"error: {ft}/projector.safetensors: inside an unfinished fine-tune output ({ft} "
                                    f"has no _SUCCESS.json); let the fine-tune finish (re-running it resumes it) "
                                    f"and pass {ft}"]
@@ -104,8 +95,8 @@ def test_merge_refuses_the_projector_of_an_unfinished_finetune(tiny_model, prep,
 def test_symlink_to_a_file_outside_the_dataset_is_refused(tmp_path, capsys):
     src = make_imagefolder(str(tmp_path / "src"), {"train": {"a": 1, "b": 1}, "test": {"a": 1, "b": 1}})
     os.symlink("/etc/hostname", os.path.join(src, "train", "a", "leak.jpg"))
-    rc, errors, printed = _cli(["prep", "--dataset", "imagefolder", "--source", src, "--out", tmp_path / "out",
-                                "--workers", "1"], capsys)
+    rc, errors, printed = cli(["prep", "--dataset", "imagefolder", "--source", src, "--out", tmp_path / "out",
+                               "--workers", "1"], capsys)
     assert rc == 64 and errors == [f"error: {src}/train/a/leak.jpg: a symbolic link to /etc/hostname, outside the "
                                    f"dataset root {src}; datasets must hold their own files (copy the file in, or "
                                    f"remove the link)"]
@@ -119,11 +110,11 @@ def test_symlink_to_an_image_outside_a_dtd_root_is_refused_and_links_inside_are_
     os.remove(inside)
     os.symlink(os.path.join(dtd, "images", "blotchy", "blotchy_0007.jpg"), inside)  # within the root: fine
     out = tmp_path / "out"
-    assert _cli(["prep", "--dataset", "dtd", "--source", dtd, "--out", out, "--workers", "1"], capsys)[0] == 0
+    assert cli(["prep", "--dataset", "dtd", "--source", dtd, "--out", out, "--workers", "1"], capsys)[0] == 0
     link = os.path.join(dtd, "images", "banded", "banded_0002.jpg")
     os.remove(link)
     os.symlink(outside, link)
-    rc, errors, _ = _cli(["prep", "--dataset", "dtd", "--source", dtd, "--out", out, "--workers", "1"], capsys)
+    rc, errors, _ = cli(["prep", "--dataset", "dtd", "--source", dtd, "--out", out, "--workers", "1"], capsys)
     assert rc == 64 and errors == [f"error: {link}: a symbolic link to {outside}, outside the dataset root {dtd}; "
                                    f"datasets must hold their own files (copy the file in, or remove the link)"]
 
@@ -173,7 +164,7 @@ def test_ask_refuses_a_bomb_a_folder_and_a_text_file_named_jpg(tiny_model, tmp_p
              str(tmp_path): f"error: {tmp_path}: is a folder, not a file",
              text: f"error: {text}: not an image (unknown format)"}
     for image, line in cases.items():
-        rc, errors, printed = _cli(["ask", "--model", tiny_model, "--image", image, "--prompt", "hi"], capsys)
+        rc, errors, printed = cli(["ask", "--model", tiny_model, "--image", image, "--prompt", "hi"], capsys)
         assert (rc, errors) == (64, [line]) and "Traceback" not in printed
 
 
@@ -181,12 +172,12 @@ def test_ask_refuses_a_bomb_a_folder_and_a_text_file_named_jpg(tiny_model, tmp_p
 
 def test_unwritable_out_and_unknown_scheme(tmp_path, capsys):
     base = ["prep", "--dataset", "textures-mini", "--max-per-class", "1", "--workers", "1"]
-    assert _cli([*base, "--out", "/dev/null/x"], capsys)[:2] == (
-        64, ["error: /dev/null/x: cannot write here (Not a directory); pass a writable --out"])
-    assert _cli([*base, "--out", "foo://bucket/x"], capsys)[:2] == (
-        64, ["error: foo://bucket/x: unknown URI scheme 'foo://'; use a path, file://, s3:// or another installed "
-             "fsspec scheme"])
-    assert _cli(["prep", "--dataset", "dtd", "--source", "foo://bucket/dtd", "--out", tmp_path / "o"], capsys)[:2] \
+    assert cli([*base, "--out", "/dev/null/x"], capsys)[:2] == (
+       64, ["error: /dev/null/x: cannot write here (Not a directory); pass a writable --out"])
+    assert cli([*base, "--out", "foo://bucket/x"], capsys)[:2] == (
+       64, ["error: foo://bucket/x: unknown URI scheme 'foo://'; use a path, file://, s3:// or another installed "
+            "fsspec scheme"])
+    assert cli(["prep", "--dataset", "dtd", "--source", "foo://bucket/dtd", "--out", tmp_path / "o"], capsys)[:2] \
         == (64, ["error: foo://bucket/dtd: unknown URI scheme 'foo://'; use a path, file://, s3:// or another "
                  "installed fsspec scheme"])
 
@@ -197,9 +188,9 @@ REFUSED = ("credentials inside a URI are refused; give them as AWS_ACCESS_KEY_ID
 
 def test_credentials_in_a_uri_are_refused_and_never_printed(tiny_model, tmp_path, capsys):
     uri = f"s3://AKIAEXAMPLE:{SECRET}@bucket/dtd"
-    rc, errors, printed = _cli(["prep", "--dataset", "dtd", "--source", uri, "--out", tmp_path / "o"], capsys)
+    rc, errors, printed = cli(["prep", "--dataset", "dtd", "--source", uri, "--out", tmp_path / "o"], capsys)
     assert (rc, errors) == (64, [f"error: config field 'source' = 's3://***@bucket/dtd': {REFUSED}"])
-    rc, errors, printed2 = _cli(["ask", "--model", tiny_model, "--image", f"{uri}/x.jpg", "--prompt", "hi"], capsys)
+    rc, errors, printed2 = cli(["ask", "--model", tiny_model, "--image", f"{uri}/x.jpg", "--prompt", "hi"], capsys)
     assert (rc, errors) == (64, [f"error: s3://***@bucket/dtd/x.jpg: {REFUSED} and use the URI without them"])
     assert SECRET not in printed + printed2 and "AKIAEXAMPLE" not in printed + printed2
 
@@ -235,7 +226,7 @@ def test_subprocess_refuses_credentials_in_a_uri_without_printing_them(tmp_path)
 def test_real_s3_credentials_in_a_uri_are_refused_before_any_request(s3_env, tmp_path, capsys):
     bucket = s3_env.create_bucket("creds-in-uri")[5:]
     uri = f"s3://{s3_env.access_key}:{s3_env.secret_key}@{bucket}/{tmp_path.name}/prep"
-    rc, errors, printed = _cli(["prep", "--dataset", "textures-mini", "--out", uri, "--max-per-class", "1"], capsys)
+    rc, errors, printed = cli(["prep", "--dataset", "textures-mini", "--out", uri, "--max-per-class", "1"], capsys)
     assert (rc, errors) == (64, [f"error: config field 'out' = 's3://***@{bucket}/{tmp_path.name}/prep': {REFUSED}"])
     assert s3_env.secret_key not in printed
     assert s3_env.filesystem().ls(bucket) == []
@@ -244,8 +235,8 @@ def test_real_s3_credentials_in_a_uri_are_refused_before_any_request(s3_env, tmp
 # ------------------------------------------------------------------------------ clear messages (item 7)
 
 def test_eval_clip_given_a_llava_model_says_so(tiny_model, prep, tmp_path, capsys):
-    rc, errors, printed = _cli(["eval-clip", "--model", tiny_model, "--data", prep, "--out", tmp_path / "o",
-                                "--workers", "0"], capsys)
+    rc, errors, printed = cli(["eval-clip", "--model", tiny_model, "--data", prep, "--out", tmp_path / "o",
+                               "--workers", "0"], capsys)
     assert rc == 64 and errors == [f"error: CLIP model {tiny_model}: this is a LLaVA model; eval-clip needs a CLIP "
                                    f"model (open_clip or HF CLIP)"]
     assert len(printed) < 2000
@@ -262,7 +253,7 @@ def test_misspelt_env_variable_is_warned_once_with_the_closest_field(tmp_path, c
         monkeypatch.setenv(name, value)
     argv = ["prep", "--dataset", "textures-mini", "--out", tmp_path / "o", "--max-per-class", "1", "--patch-size",
             "48", "--workers", "1"]
-    printed = _cli(argv, capsys)[2] + _cli(argv, capsys)[2]
+    printed = cli(argv, capsys)[2] + cli(argv, capsys)[2]
     warnings = [ln.split(": ", 1)[1] for ln in printed.splitlines() if " WARNING " in ln and "MYSPROJ_" in ln]
     assert warnings == ["MYSPROJ_MAX_PER_CLAS is set but is not a config field of any stage (ignored); did you mean "
                         "MYSPROJ_MAX_PER_CLASS?"]

@@ -9,6 +9,7 @@ import os
 
 import pytest
 from dataset_layouts import image_bytes, make_imagefolder, write
+from stage_runs import error_lines
 
 from mysproj.cli import main
 from mysproj.config.fields import load_config
@@ -194,7 +195,7 @@ def test_finetune_refuses_to_overwrite_a_prep_output_unless_forced(tiny_model, t
             "4", "--workers", "0"]
     capsys.readouterr()
     assert main(argv) == 64
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    err = error_lines(capsys.readouterr().err)
     assert err == [f"error: {prep} holds a complete 'prep' output; refusing to overwrite it with finetune: pick "
                    f"another --out, or pass --force to replace it"]
     assert open(os.path.join(prep, M.MANIFEST)).read() == before

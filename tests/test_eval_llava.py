@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from stage_runs import stage  # noqa: E402
+from stage_runs import llava_test_inputs, stage  # noqa: E402
 
 LIMIT = 6
 
@@ -46,21 +46,11 @@ def loaded(llava_tiny_uri):
 
 
 def _inputs(prep_uri, loaded, n=LIMIT):
-    from mysproj.data.prepared import PreparedData
     from mysproj.evaluation import scoring
-    from mysproj.models.conversation import llava_v1_prompt, pixel_values
-    from mysproj.models.prompt_ids import prompt_ids
-    from mysproj.stages.eval_llava import examples
 
-    data = PreparedData(prep_uri)
-    samples, humans = examples(data, "test", n)
-    humans[1] += " Answer in one word."  # prompts of different lengths, so left padding is exercised
-    cfg = loaded.model.config
-    prompts = [prompt_ids(loaded.tokenizer, llava_v1_prompt(h), cfg.image_token_id, cfg.image_seq_length)
-               for h in humans]
-    pix = pixel_values([data.open_image(s) for s in samples], loaded.image_processor)
-    conts = [scoring.continuation_ids(loaded.tokenizer, c) for c in data.classes]
-    return data, prompts, pix, conts
+    # prompts of different lengths, so left padding is exercised
+    data, prompts, pix = llava_test_inputs(prep_uri, loaded, n, {1: " Answer in one word."})
+    return data, prompts, pix, [scoring.continuation_ids(loaded.tokenizer, c) for c in data.classes]
 
 
 def test_scoring_equals_full_sequence_loglikelihood(prep_uri, loaded):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from dataset_layouts import make_dtd
-from stage_runs import kill_after_checkpoint
+from stage_runs import cli, kill_after_checkpoint
 
 from mysproj.errors import EXIT_BAD_INPUT
 from mysproj.storage import list_files, remove
@@ -29,14 +29,6 @@ from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput, read_man
 
 REPO = Path(__file__).resolve().parents[1]
 OUTAGE_SECONDS = 20.0  # how long the S3 server stays down: the fault itself, not a wait for something
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, list[str], str]:
-    from mysproj.cli import main
-
-    rc = main(argv)
-    err = capsys.readouterr().err
-    return rc, [line for line in err.splitlines() if line.startswith("error:")], err
 
 
 def _files(uri: str) -> dict[str, str]:
@@ -113,8 +105,8 @@ def test_truncated_checkpoints(tiny_model, prep, tmp_path, monkeypatch, capsys):
     import torch
 
     straight = str(tmp_path / "straight")
-    rc, errors, err = _cli(_finetune_argv(tiny_model, prep, straight), capsys)
-    assert rc == 0, err
+    rc, errors, printed = cli(_finetune_argv(tiny_model, prep, straight), capsys)
+    assert rc == 0, printed
 
     killed = str(tmp_path / "killed")
 
@@ -125,10 +117,10 @@ def test_truncated_checkpoints(tiny_model, prep, tmp_path, monkeypatch, capsys):
         blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 3])
 
     with kill_after_checkpoint(monkeypatch, 2, before_kill=truncate_while_writing):
-        rc, _, _ = _cli(_finetune_argv(tiny_model, prep, killed), capsys)
+        rc, _, _ = cli(_finetune_argv(tiny_model, prep, killed), capsys)
     assert rc == 130 and read_manifest(killed) is None
-    rc, errors, err = _cli(_finetune_argv(tiny_model, prep, killed), capsys)
-    assert rc == 0, err
+    rc, errors, printed = cli(_finetune_argv(tiny_model, prep, killed), capsys)
+    assert rc == 0, printed
     assert read_manifest(killed)["summary"]["resumed_from"] == 1
     a, b = _trainable(straight), _trainable(killed)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -136,13 +128,13 @@ def test_truncated_checkpoints(tiny_model, prep, tmp_path, monkeypatch, capsys):
     corrupt = str(tmp_path / "corrupt")
 
     with kill_after_checkpoint(monkeypatch, 2):
-        assert _cli(_finetune_argv(tiny_model, prep, corrupt), capsys)[0] == 130
+        assert cli(_finetune_argv(tiny_model, prep, corrupt), capsys)[0] == 130
     blob = Path(corrupt, "checkpoints", "step-2", "trainable.safetensors")
     blob.write_bytes(blob.read_bytes()[:100])
-    rc, errors, err = _cli(_finetune_argv(tiny_model, prep, corrupt), capsys)
-    assert rc == EXIT_BAD_INPUT, err
-    assert len(errors) == 1 and "step-2" in errors[0] and "trainable.safetensors" in errors[0], err
-    assert "Traceback" not in err
+    rc, errors, printed = cli(_finetune_argv(tiny_model, prep, corrupt), capsys)
+    assert rc == EXIT_BAD_INPUT, printed
+    assert len(errors) == 1 and "step-2" in errors[0] and "trainable.safetensors" in errors[0], printed
+    assert "Traceback" not in printed
     assert read_manifest(corrupt) is None  # nothing written as complete
 
 
@@ -164,12 +156,11 @@ def test_a_file_changed_after_its_manifest_fails_the_reader_with_one_line(tmp_pa
     changed = text.replace(classes[0], classes[0][:-1] + ("x" if classes[0][-1] != "x" else "y"), 1)
     assert len(changed) == len(text) and changed != text
     target.write_text(changed)
-    capsys.readouterr()
-    rc, errors, err = _cli(["eval-clip", "--model", clip, "--data", data, "--out", out, "--arch", "ViT-L-14-336",
-                            "--workers", "0", "--batch-size", "4"], capsys)
-    assert rc == EXIT_BAD_INPUT, err
-    assert len(errors) == 1 and "classes.json" in errors[0] and "sha256 does not match" in errors[0], err
-    assert "Traceback" not in err
+    rc, errors, printed = cli(["eval-clip", "--model", clip, "--data", data, "--out", out, "--arch", "ViT-L-14-336",
+                               "--workers", "0", "--batch-size", "4"], capsys)
+    assert rc == EXIT_BAD_INPUT, printed
+    assert len(errors) == 1 and "classes.json" in errors[0] and "sha256 does not match" in errors[0], printed
+    assert "Traceback" not in printed
     assert read_manifest(out) is None
 
 

@@ -11,26 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from stage_runs import stage  # noqa: E402
+from stage_runs import llava_test_inputs, stage  # noqa: E402
 
 N = 6
 NEW_TOKENS = 16
-
-
-def _prompts(prep_uri, loaded, n=N):
-    from mysproj.data.prepared import PreparedData
-    from mysproj.models.conversation import llava_v1_prompt, pixel_values
-    from mysproj.models.prompt_ids import prompt_ids
-    from mysproj.stages.eval_llava import examples
-
-    data = PreparedData(prep_uri)
-    samples, humans = examples(data, "test", n)
-    humans[1] += " Answer in one word."  # prompts of different lengths
-    humans[3] += " Be brief, please."
-    cfg = loaded.model.config
-    prompts = [prompt_ids(loaded.tokenizer, llava_v1_prompt(h), cfg.image_token_id, cfg.image_seq_length)
-               for h in humans]
-    return prompts, pixel_values([data.open_image(s) for s in samples], loaded.image_processor)
 
 
 def _reference(loaded, prompts, pix, new_tokens=NEW_TOKENS) -> list[list[int]]:
@@ -50,15 +34,17 @@ def _reference(loaded, prompts, pix, new_tokens=NEW_TOKENS) -> list[list[int]]:
     return [row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row for row in rows]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def stopping(prep_uri, llava_tiny_uri):
     """The tiny model with `</s>` made the greedy choice wherever one of its usual tokens was (lm_head's `</s>`
-    row = 1.5 x that token's row), picked so that some rows stop early and others use the whole budget."""
+    row = 1.5 x that token's row), picked so that some rows stop early and others use the whole budget. Built once
+    for the module (a model load and many `generate` calls): the decoders only read the model."""
     from mysproj.models.loading import load_llava
 
     loaded = load_llava(llava_tiny_uri)
     loaded.model.requires_grad_(False)
-    prompts, pix = _prompts(prep_uri, loaded)
+    # prompts of different lengths
+    _, prompts, pix = llava_test_inputs(prep_uri, loaded, N, {1: " Answer in one word.", 3: " Be brief, please."})
     plain = _reference(loaded, prompts, pix)
     head = loaded.model.lm_head.weight
     original = head[loaded.tokenizer.eos_token_id].clone()

@@ -2,13 +2,12 @@
 shards verified in parallel still catch a corrupt one."""
 
 import os
+import shutil
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-
-from stage_runs import stage  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float16])
@@ -22,15 +21,12 @@ def test_direct_load_equals_the_usual_load(tiny_model, dtype):
         assert v.dtype == direct[k].dtype and torch.equal(v, direct[k]), k
 
 
-def test_a_corrupt_shard_is_caught(tmp_path):
+def test_a_corrupt_shard_is_caught(tmp_path, tiny_sharded):
     from mysproj.errors import IncompleteOutput
-    from mysproj.models import saving
     from mysproj.models.loading import load_llava
 
     out = str(tmp_path / "sharded")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(saving, "SHARD_BYTES", 200_000)
-        stage("model-init", preset="tiny", out=out)
+    shutil.copytree(tiny_sharded, out)
     load_llava(out)
     shard = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))[2]
     with open(os.path.join(out, shard), "r+b") as f:

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from stage_runs import finetune, stage, weights  # noqa: E402
+from stage_runs import finetune, stage, tiny_in_shards, weights  # noqa: E402
 
 PROJ = ["model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias",
         "model.multi_modal_projector.linear_2.weight", "model.multi_modal_projector.linear_2.bias"]
@@ -87,13 +87,9 @@ def test_merge_rejects_mismatched_or_missing_projector(tiny_model, tmp_path, cap
 
 
 def _sharded_base(out: str) -> str:
-    """The tiny model written in several shards (as a 7B model is), the projector in one of its own."""
-    from mysproj.models import saving
+    """`out`, the tiny model in several shards (as a 7B model is), holds the projector in a shard of its own."""
     from mysproj.storage import read_text
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(saving, "SHARD_BYTES", 200_000)
-        stage("model-init", preset="tiny", out=out)
     index = json.loads(read_text(f"{out}/model.safetensors.index.json"))["weight_map"]
     projector_file = {index[k] for k in PROJ}
     assert len(set(index.values())) > 3 and len(projector_file) == 1
@@ -122,10 +118,10 @@ def _same_model(a: str, b: str) -> None:
 
 
 @pytest.mark.parametrize("sharded", [True, False])
-def test_merge_reusing_the_base_equals_the_full_write(tiny_model, tmp_path, sharded):
+def test_merge_reusing_the_base_equals_the_full_write(tiny_model, tiny_sharded, tmp_path, sharded):
     from safetensors.torch import load_file
 
-    base = _sharded_base(str(tmp_path / "base")) if sharded else tiny_model
+    base = _sharded_base(tiny_sharded) if sharded else tiny_model
     bin_path = _bare_projector(base, tmp_path / "mm_projector.bin")
     full, reused = str(tmp_path / "full"), str(tmp_path / "reused")
     stage("merge", base=base, projector=bin_path, out=full, reuse_base=False)
@@ -163,10 +159,11 @@ def test_merge_reusing_rejects_a_projector_of_another_shape(tiny_model, tmp_path
 
 
 @pytest.mark.s3
-def test_merge_reusing_copies_inside_the_object_store(s3_env, tmp_path):
+def test_merge_reusing_copies_inside_the_object_store(s3_env, tiny_sharded, tmp_path):
     root = f"{s3_env.create_bucket('mergereuse')}/{tmp_path.name}"
-    local_base = _sharded_base(str(tmp_path / "base"))
+    local_base = _sharded_base(tiny_sharded)
     base = f"{root}/models/tiny"
+    tiny_in_shards(base)
     _sharded_base(base)
     bin_path = _bare_projector(local_base, tmp_path / "mm_projector.bin")
     m = stage("merge", base=base, projector=bin_path, out=f"{root}/merge")

@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from stage_runs import finetune, weights  # noqa: E402
+from stage_runs import FINETUNE_DEFAULTS, finetune, weights  # noqa: E402
 
 from mysproj.errors import EXIT_PREEMPTED  # noqa: E402
 
@@ -30,7 +30,7 @@ FIELDS = dict(strategy="full", epochs=100, max_steps=STEPS, lr=1e-3, checkpoint_
 
 
 def _argv(fields: dict) -> list[str]:
-    base = {"workers": 0, "lora_r": 4, "lora_alpha": 8, **fields}  # as `finetune()` runs it in-process
+    base = {**FINETUNE_DEFAULTS, **fields}  # as `finetune()` runs it in-process
     return [a for k, v in base.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 
 

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from stage_runs import error_lines  # noqa: E402
 
 
 def _show(capsys, *args):
@@ -72,5 +73,5 @@ def test_the_7b_presets_tokenizer_without_weights(tmp_path, prep_uri, capsys):
 def test_a_bad_index_is_one_error_line(llava_tiny_uri, prep_uri, capsys):
     n = len(_records(prep_uri).llava_records("test"))
     rc, _, err = _show(capsys, "--model", llava_tiny_uri, "--data", prep_uri, "--split", "test", "--index", str(n))
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    lines = error_lines(err)
     assert rc == 64 and len(lines) == 1 and f"holds {n} records" in lines[0]

@@ -69,15 +69,12 @@ def test_finetune_does_not_clip_by_default():
         assert len(calls) == calls_expected
 
 
-def test_the_deepspeed_config_the_trainer_builds_has_no_clipping(monkeypatch):
+def test_the_deepspeed_config_the_trainer_builds_has_no_clipping(monkeypatch, one_process_env):
     import accelerate
     import accelerate.utils
 
     from mysproj.training import session
 
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", "29517")):
-        monkeypatch.setenv(k, v)
     built = []
     monkeypatch.setattr(accelerate.utils, "DeepSpeedPlugin", lambda hf_ds_config: built.append(hf_ds_config))
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: type("A", (), {"num_processes": 1})())

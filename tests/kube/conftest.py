@@ -129,6 +129,12 @@ class Kube:
     def pods(self, selector: str = "", namespace: str | None = None):
         return self.core.list_namespaced_pod(namespace or self.namespace, label_selector=selector).items
 
+    def controller_job(self, release: str):
+        """The release's newest controller Job (one per Helm revision), None before Helm created one."""
+        jobs = self.batch.list_namespaced_job(self.namespace, label_selector=f"mysproj.io/run={release},"
+                                                                            "mysproj.io/stage=controller").items
+        return max(jobs, key=lambda j: int(j.metadata.labels["mysproj.io/revision"]), default=None)
+
 
 _counter = itertools.count()
 

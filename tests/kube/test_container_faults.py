@@ -42,7 +42,7 @@ def install(kube, s3, env, release: str, *sets: str) -> None:
 
 
 def controller_failed(kube, release: str) -> bool:
-    job = kube.batch.read_namespaced_job_status(f"{release}-mysproj-controller-1", kube.namespace)
+    job = kube.controller_job(release)
     return any(c.type == "Failed" and c.status == "True" for c in job.status.conditions or [])
 
 

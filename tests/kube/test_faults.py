@@ -68,7 +68,7 @@ def mysproj(env, *args):
 
 
 def controller_state(kube, release):
-    job = kube.batch.read_namespaced_job_status(f"{release}-mysproj-controller-1", kube.namespace)
+    job = kube.controller_job(release)
     for c in job.status.conditions or []:
         if c.type in ("Complete", "Failed") and c.status == "True":
             return c.type, job

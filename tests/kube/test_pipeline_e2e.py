@@ -42,8 +42,8 @@ def helm(env, *args, check=True):
     return result
 
 
-def install(kube, s3, env, release, *extra):
-    return helm(env, "install", release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
+def install(kube, s3, env, release, *extra, verb="install"):
+    return helm(env, verb, release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
                 "--namespace", kube.namespace, *kube.image_values, "--set", f"storage.endpoint={s3.endpoint}",
                 "--set", f"storage.bucket={BUCKET}", *extra)
 
@@ -53,15 +53,8 @@ def mysproj(env, *args):
                           cwd=REPO)
 
 
-def controller_job(kube, release):
-    """The release's newest controller Job (one per Helm revision)."""
-    jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector=f"mysproj.io/run={release},"
-                                                                         "mysproj.io/stage=controller").items
-    return max(jobs, key=lambda j: int(j.metadata.labels["mysproj.io/revision"]), default=None)
-
-
 def finished(kube, release, revision=1):
-    job = controller_job(kube, release)
+    job = kube.controller_job(release)
     if job is None or int(job.metadata.labels["mysproj.io/revision"]) < revision:
         return None
     for c in job.status.conditions or []:
@@ -129,7 +122,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     for pod in kube.pods("mysproj.io/run=tiny"):
         kind = "cpu" if pod.metadata.labels["mysproj.io/stage"] in ("controller", "prep", "report") else "gpu"
         assert [c.image for c in pod.spec.containers] == [kube.images[kind]], pod.metadata.name
-    owner = controller_job(kube, "tiny").metadata.uid
+    owner = kube.controller_job("tiny").metadata.uid
     assert all(j.metadata.owner_references[0].uid == owner for j in jobs
                if j.metadata.labels["mysproj.io/stage"] != "controller")
 
@@ -178,9 +171,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert "11 reused" in resumed, resumed
 
     # `helm upgrade` with a changed value: the next revision's controller runs the changed stage.
-    helm(env, "upgrade", "tiny", str(CHART), "-f", str(CHART / "values-tiny.yaml"), "--namespace", kube.namespace,
-         *kube.image_values, "--set", f"storage.endpoint={s3.endpoint}", "--set", f"storage.bucket={BUCKET}",
-         "--set", "pipeline.overrides.finetune.max_steps=3")
+    install(kube, s3, env, "tiny", "--set", "pipeline.overrides.finetune.max_steps=3", verb="upgrade")
     assert kube.wait_for(lambda: finished(kube, "tiny", revision=2), RUN_TIMEOUT, "the upgraded run") == "Complete", \
         debug(kube, "tiny")
     jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
@@ -209,7 +200,7 @@ def test_bad_input_fails_the_run_with_its_reason(run_env):
     # The controller ends its own Job at once (no podFailurePolicy on 1.20 to stop its retries), with the reason.
     assert kube.wait_for(lambda: finished(kube, "bad"), RUN_TIMEOUT, "the run to fail") == "Failed", \
         debug(kube, "bad")
-    reason = controller_job(kube, "bad").metadata.annotations["mysproj.io/failure"]
+    reason = kube.controller_job("bad").metadata.annotations["mysproj.io/failure"]
     assert reason.startswith("stage dtd/prep: bad input (exit 64)") and "no-such-dtd" in reason
     prep = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=bad,mysproj.io/stage=prep")
     assert "mysproj.io/failure" in prep.items[0].metadata.annotations  # stopped: bad input is never retried
