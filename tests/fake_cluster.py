@@ -26,7 +26,7 @@ class FakeCluster:
 
     def __init__(self, pipeline: dict):
         data = {"pipeline.yaml": yaml.safe_dump(pipeline)}
-        for kind in ("cpu", "gpu", "finetune"):
+        for kind in ("cpu", "gpu", "finetune", "fetch"):
             data[f"job-{kind}.yaml"] = yaml.safe_dump(TEMPLATE)
         self.configmaps = {"r1-pipeline": {"metadata": {"name": "r1-pipeline", "labels": {
             "mysproj.io/run": "r1", "app.kubernetes.io/component": "pipeline"}}, "data": data}}

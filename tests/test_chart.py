@@ -105,10 +105,12 @@ def test_the_example_set_is_complete():
     (["--set", "pipeline.datasets={imagenet}"], "datasets"),
     (["--set", "podSecurityContext.runAsNonRoot=false"], "runAsNonRoot"),
     # The pipeline would refuse these only once its controller runs: refused at install time instead.
-    (["--set-json", 'pipeline.datasets=["dtd"]'], "pipeline.sources has no entry for dataset 'dtd'"),
-    (["-f", str(CHART / "values-plantdoc.yaml"), "--set", "pipeline.sources=null"],
-     "pipeline.sources has no entry for dataset 'plantdoc'"),
-    (["--set-json", 'pipeline.datasets=["dtd"]', "--set", "pipeline.sources.dtd="], "no entry for dataset 'dtd'"),
+    # (dtd, plantdoc and dermnet default to their published origins; imagefolder has none)
+    (["--set-json", 'pipeline.datasets=["imagefolder"]'], "pipeline.sources has no entry for dataset 'imagefolder'"),
+    (["--set-json", 'pipeline.datasets=["imagefolder"]', "--set", "pipeline.sources.imagefolder="],
+     "no entry for dataset 'imagefolder'"),
+    (["-f", str(CHART / "values-crisismmd.yaml")], "terms you must accept first (https://crisisnlp.qcri.org/crisismmd)"),
+    (["--set", "pipeline.accept_terms={mnist}"], "accept_terms"),
 ])
 def test_schema_rejects_typos_and_wrong_types(args, message):
     result = helm("template", "r", str(CHART), *args, check=False)

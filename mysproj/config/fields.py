@@ -54,11 +54,13 @@ class ConfigError(BadInput):
 
 def opt(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
         min: float | None = None, max: float | None = None, hashed: bool = True, input: bool = False,
-        default_factory: Any = dataclasses.MISSING) -> Any:
+        fetch: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
     """A config field. `hashed=False` marks operational knobs (log interval, workers) that do not change
     the stage's result and so must not invalidate a finished output. `input=True` marks a URI (or list of URIs)
-    the stage reads: a finished output counts as complete only while those inputs hold the same content."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "hashed": hashed, "input": input}
+    the stage reads: a finished output counts as complete only while those inputs hold the same content. `fetch`
+    (an input's): what a remote origin named there holds (a `FetchConfig.content`), so it is fetched first."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "hashed": hashed, "input": input,
+            "fetch": fetch}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -137,6 +139,11 @@ def _type_name(tp) -> str:
 def input_fields(cfg) -> dict[str, Any]:
     """{name: URI or list of URIs} of the fields declared `input=True`."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("input")}
+
+
+def field_fetch_content(cfg, name: str) -> str | None:
+    """What an origin URI given for input field `name` holds (`opt(fetch=...)`), or None where none is accepted."""
+    return next(f.metadata.get("fetch") for f in dataclasses.fields(cfg) if f.name == name)
 
 
 def validate(cfg) -> None:

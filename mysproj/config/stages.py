@@ -9,20 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
 from mysproj.config.fields import ConfigError, opt
 
-DATASETS = ("dtd", "plantdoc", "dermnet", "crisismmd", "imagefolder", "textures-mini")
 CRISISMMD_DEFAULT_CLASSES = ["affected_individuals", "infrastructure_and_utility_damage",
                              "rescue_volunteering_or_donation_effort", "vehicle_damage"]
-# Spec §6.6: the task phrase in "...relating to <task>:"; only agriculture's comes from upstream code.
-TASK_PHRASES = {
-    "plantdoc": "plant leaf diseases",
-    "dtd": "textures",
-    "textures-mini": "textures",
-    "dermnet": "skin diseases",
-    "crisismmd": "humanitarian categories of disaster images",
-    "imagefolder": "the image's category",
-}
+TASK_PHRASES = {name: d.task for name, d in RECORDS.items()}
 STRATEGIES = ("projector", "full", "lora")
 
 
@@ -38,13 +30,43 @@ def direct_load_opt():
                "of the whole model first (the same weights)", hashed=False)
 
 
+FETCH_CONTENTS = ("dataset", "llava", "clip", "files")
+# The released LLaVA-1.5-7B (original layout, pickled shards) and the CLIP tower its config names, pinned.
+LLAVA_ORIGIN = "hf://liuhaotian/llava-v1.5-7b@4481d270cc22fd5c4d1bb5df129622006ccd9234"
+CLIP_ORIGIN = "hf://openai/clip-vit-large-patch14-336@ce19dc912ca5cd21c8a653c79e251e808ccabcd1"
+
+
+@dataclass(kw_only=True)
+class FetchConfig:
+    """Stage in a dataset or model from its public origin (https://, github://, hf://, kaggle://), verified, into a
+    stage output that later stages read as they read any folder (docs/stage-in.md)."""
+
+    source: list[str] = opt(help="origin URIs, fetched into one folder: URL[#sha256=HEX][&into=DIR], "
+                            "github://OWNER/REPO@COMMIT, hf://[datasets/]ORG/REPO[@REVISION], "
+                            "kaggle://OWNER/DATASET[/versions/N]", default_factory=list)
+    out: str = opt(help="output folder URI")
+    content: str = opt("dataset", help="what the origin holds: dataset (archives unpacked), llava (a LLaVA model, "
+                       "written as an HF-layout safetensors folder), clip (a CLIP model, safetensors), files (as "
+                       "downloaded)", choices=FETCH_CONTENTS)
+    tower: str | None = opt(None, help="llava in the original layout: the fetched CLIP vision tower (a fetch output) "
+                            "its config's mm_vision_tower names", input=True, fetch="clip")
+    connections: int = opt(8, help="parallel ranged connections per file", min=1, max=64, hashed=False)
+    chunk_mib: int = opt(64, help="size of the resumable pieces a file is fetched in (MiB); finished pieces survive "
+                         "a killed pod", min=1, hashed=False)
+
+    def check(self) -> None:
+        if not self.source:
+            raise ConfigError("config field 'source' is empty: pass --source URI[,URI...]")
+
+
 @dataclass(kw_only=True)
 class PrepConfig:
     """Prepare a dataset: samples, seed-format CSVs, LLaVA JSONs with the paper's prompt, classes, report."""
 
     dataset: str = opt(help="dataset layout to read", choices=DATASETS)
     out: str = opt(help="output folder URI")
-    source: str | None = opt(None, help="dataset root URI (not needed for textures-mini)", input=True)
+    source: str | None = opt(None, help="dataset root URI or origin (https://…#sha256=…, github://, kaggle://); not "
+                             "needed for textures-mini", input=True, fetch="dataset")
     seed: int = opt(0, help="seed for the per-example class-order shuffle in the prompt", min=0)
     label_underscores: str = opt("space", help="label rule: underscores to spaces (paper) or deleted (seed "
                                  "format script)", choices=("space", "delete"))
@@ -69,7 +91,7 @@ class PrepConfig:
     workers: int = opt(0, help="decode/hash worker processes; 0 = all cores", min=0, hashed=False)
 
     def check(self) -> None:
-        if self.dataset != "textures-mini" and not self.source:
+        if self.dataset not in EMBEDDED and not self.source:
             raise ConfigError(f"config field 'source' is required for dataset '{self.dataset}': pass --source URI")
 
 
@@ -92,7 +114,8 @@ class FinetuneConfig:
     # Raised when the code changes what the same fields produce, so config_hash changes and old outputs re-run.
     RESULT_VERSION: ClassVar[int] = 2
 
-    model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output)", input=True)
+    model: str = opt(help="base model URI (HF or original LLaVA layout, or a model-init output) or hf:// origin",
+                     input=True, fetch="llava")
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     strategy: str = opt("projector", help="what trains", choices=STRATEGIES)
@@ -161,7 +184,7 @@ class FinetuneConfig:
 class MergeConfig:
     """Write an HF-layout model: the base with a tuned projector (the seed's update_model.sh, done right)."""
 
-    base: str = opt(help="base model URI", input=True)
+    base: str = opt(help="base model URI or hf:// origin", input=True, fetch="llava")
     projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI",
                          input=True)
     out: str = opt(help="output folder URI")
@@ -175,7 +198,8 @@ class MergeConfig:
 class EvalClipConfig:
     """CLIP zero-shot classification of a prepared split (Table 1's CLIP row)."""
 
-    model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout) or a model-init output", input=True)
+    model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout), a model-init output or hf:// origin",
+                     input=True, fetch="clip")
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     protocol: str = opt("paper", help="paper = 'This is a photo of {}.' on lower-cased labels; openclip = "
@@ -205,7 +229,8 @@ class EvalLlavaConfig:
 
     RESULT_VERSION: ClassVar[int] = 2  # prompt ids as tokenizer_image_token builds them; fine-tuned models
 
-    model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)", input=True)
+    model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output) or hf:// origin",
+                     input=True, fetch="llava")
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     mode: str = opt("generate", help="generate = greedy answer + parser (paper); scoring = rank classes by "
@@ -245,7 +270,8 @@ class EvalLlavaConfig:
 class ProbeConfig:
     """Pre/post-projection feature probes: the paper's MLPs on vision-tower and projector features."""
 
-    model: str = opt(help="LLaVA model URI whose vision tower and projector give the features", input=True)
+    model: str = opt(help="LLaVA model URI (or hf:// origin) whose vision tower and projector give the features",
+                     input=True, fetch="llava")
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     protocol: str = opt("paper", help="paper = Adam 1e-4, batch 128, early stopping; code = released script "

@@ -49,7 +49,7 @@ def read_pipeline(cluster, configmap: str) -> tuple[dag.PipelineConfig, dict[str
         raise BadInput(f"ConfigMap {configmap} has no pipeline.yaml; install the run with the mysproj chart")
     values = yaml.safe_load(data["pipeline.yaml"]) or {}
     pipeline = load_config(dag.PipelineConfig, overrides=values, env={})
-    templates = {k: yaml.safe_load(data[f"job-{k}.yaml"]) for k in ("cpu", "gpu", "finetune")
+    templates = {k: yaml.safe_load(data[f"job-{k}.yaml"]) for k in jobspec.TEMPLATE_KINDS
                  if f"job-{k}.yaml" in data}
     return pipeline, templates
 
@@ -104,7 +104,7 @@ class Controller:
             states[name] = st.state
             if not st.ready:
                 continue
-            gpu = jobspec.template_kind(st.node) != "cpu"
+            gpu = jobspec.template_kind(st.node) in jobspec.GPU_KINDS
             if gpu and self.cfg.max_parallel_gpu_jobs and gpu_running >= self.cfg.max_parallel_gpu_jobs:
                 states[name] = jobspec.JobState("waiting", reason="GPU job cap reached")
                 continue
@@ -156,7 +156,7 @@ class Controller:
         created = []
         for rank, name in enumerate(names):
             body = jobspec.stage_job(self.templates[kind], name=name, node=node, cfg=cfg, owner=self.owner,
-                                     gpu=kind != "cpu", rank=rank if multi else None, nnodes=len(names), master=master)
+                                     gpu=kind in jobspec.GPU_KINDS, rank=rank if multi else None, nnodes=len(names), master=master)
             if self.cluster.create_job(body):
                 log.info("created job %s for %s", name, node.name)
                 created.append(name)

@@ -35,11 +35,17 @@ def entry_args(stage: str) -> list[str]:
     return ["jobs/stage.py", stage]
 
 
+TEMPLATE_KINDS = ("cpu", "gpu", "finetune", "fetch")
+GPU_KINDS = ("gpu", "finetune")  # the kinds that hold GPUs
+
+
 def template_kind(node: Node) -> str:
-    """finetune (torchrun layout), gpu (the GPU image and pool) or cpu (the slim image: prep, report). model-init
-    needs torch, which only the GPU image has, so it runs there even for the small presets."""
-    if node.stage == "finetune":
-        return "finetune"
+    """finetune (torchrun layout), gpu (the GPU image and pool), fetch (the pods that reach the internet, with the
+    hub and Kaggle tokens: the GPU image, whose torch converts pickled weights, on the CPU pool) or cpu (the slim
+    image: prep, report). model-init needs torch, which only the GPU image has, so it runs there even for the small
+    presets."""
+    if node.stage in ("finetune", "fetch"):
+        return node.stage
     return "gpu" if node.gpu or node.stage == "model-init" else "cpu"
 
 

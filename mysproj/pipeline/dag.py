@@ -1,6 +1,7 @@
 """The paper's experiment as a DAG of stage runs. Both the local runner and the Kubernetes controller walk the
 graph this module builds, so the two paths run exactly the same stages with exactly the same configs:
 
+    fetch (each remote origin: a dataset's archives, a model) -> the stages that read it
     prep -> eval-clip, eval-llava (zero-shot), probe (original)
     prep -> finetune projector -> merge -> eval-llava, probe
     prep -> finetune full|lora -> eval-llava, probe
@@ -14,7 +15,10 @@ from dataclasses import dataclass, field
 from mysproj import layout
 from mysproj.config import recipes
 from mysproj.config.fields import ConfigError, opt
-from mysproj.config.stages import DATASETS, STRATEGIES
+from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
+from mysproj.config.stages import CLIP_ORIGIN, STRATEGIES
+from mysproj.sources import is_remote
+from mysproj.stages.fetch import output_uri
 from mysproj.storage import join
 
 GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
@@ -25,8 +29,15 @@ COMPILING_STAGES = ("finetune", "eval-clip", "eval-llava")  # share `<root>/comp
 class PipelineConfig:
     root: str = opt("./runs/default", help="run root URI: every stage output lives below it")
     datasets: list[str] = opt(help="datasets to run", default_factory=lambda: ["textures-mini"])
-    sources: dict = opt(help="dataset -> source URI (JSON mapping); textures-mini needs none",
+    sources: dict = opt(help="dataset -> source: a path or storage URI, an origin URI or a list of origins (JSON "
+                        "mapping); a dataset left out is fetched from its published origin (docs/stage-in.md)",
                         default_factory=dict)
+    cache: str = opt("", help="URI below which fetched origins are kept, shared by every run that names it (one "
+                     "download per bucket); empty = 'cache' beside the run root")
+    accept_terms: list[str] = opt(help="datasets whose publisher's terms you have read and accept (crisismmd): "
+                                  "only these are fetched from an origin that requires it", default_factory=list)
+    vision_tower: str = opt(CLIP_ORIGIN, help="the CLIP tower a base_model origin in the original LLaVA layout is "
+                            "completed with (its config's mm_vision_tower)")
     seeds: list[int] = opt(help="seeds for fine-tuning and probes", default_factory=lambda: [0])
     strategies: list[str] = opt(help="fine-tuning strategies", default_factory=lambda: ["projector", "full"])
     base_model: str | None = opt(None, help="LLaVA-1.5 base model URI; unset = random weights of model_preset")
@@ -49,8 +60,21 @@ class PipelineConfig:
         for d in self.datasets:
             if d not in DATASETS:
                 raise ConfigError(f"config field 'datasets' = {d!r}: must be one of {', '.join(DATASETS)}")
-            if d != "textures-mini" and d not in self.sources:
+            record = RECORDS[d]
+            if d in self.sources:
+                parts = self.source_list(d)
+                if len(parts) > 1 and not all(is_remote(p) for p in parts):
+                    raise ConfigError(f"config field 'sources' for '{d}': a list must hold origin URIs only "
+                                      f"(https://, github://, hf://, kaggle://)")
+            elif d not in EMBEDDED and not record.origin:
                 raise ConfigError(f"config field 'sources' has no entry for dataset '{d}': add {d}: <URI>")
+            elif record.terms and d not in self.accept_terms:
+                raise ConfigError(f"dataset '{d}' is published on terms you must accept first ({record.terms}): "
+                                  f"read them, then add {d} to accept_terms (Helm: pipeline.accept_terms), or "
+                                  f"name your own copy in sources")
+        for d in self.accept_terms:
+            if d not in DATASETS:
+                raise ConfigError(f"config field 'accept_terms' = {d!r}: must be one of {', '.join(DATASETS)}")
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise ConfigError(f"config field 'strategies' = {s!r}: must be one of {', '.join(STRATEGIES)}")
@@ -58,6 +82,21 @@ class PipelineConfig:
             raise ConfigError("config field 'datasets' is empty")
         if not self.seeds:
             raise ConfigError("config field 'seeds' is empty")
+
+    def source_list(self, dataset: str) -> list[str]:
+        """The dataset's source as a list of URIs: what `sources` names, else its published origin."""
+        given = self.sources.get(dataset)
+        if given is None:
+            return list(RECORDS[dataset].origin)
+        return [str(u) for u in given] if isinstance(given, list) else [str(given)]
+
+
+def beside(root: str, name: str) -> str:
+    """`name` in the folder that holds `root` (a bucket's top level stays inside the bucket)."""
+    head, slash, _ = root.rstrip("/").rpartition("/")
+    if not slash:
+        return name
+    return join(root, name) if not head or head.endswith(":/") else join(head, name)
 
 
 @dataclass
@@ -76,25 +115,43 @@ class Node:
 def build(cfg: PipelineConfig) -> list[Node]:
     """Nodes in a valid execution order (every node after its dependencies)."""
     root = cfg.root.rstrip("/")
+    cache = cfg.cache.rstrip("/") or beside(root, "cache")
     nodes: list[Node] = []
 
-    def add(name: str, stage: str, config: dict, deps: list[str]) -> str:
+    def add(name: str, stage: str, config: dict, deps: list[str], out: str | None = None) -> str:
         if stage in COMPILING_STAGES:
             config = {**config, "compile_cache": join(root, "compile-cache")}
         # the recipe's choices, then what this node is (models, data, seed, the eval mode), then the overrides
         merged = {**recipes.stage_fields(cfg.recipe, stage, config.get("strategy")), **config,
                   **cfg.overrides.get(stage, {})}
-        merged["out"] = join(root, name)
+        merged["out"] = out or join(root, name)
         nodes.append(Node(name, stage, merged, deps))
         return name
 
+    def fetched(source: list[str], content: str, tower: str | None = None,
+                deps: list[str] | None = None) -> tuple[str, list[str]]:
+        """(URI a stage reads, its dependencies): an origin's fetch output below the cache (one node per origin,
+        however many stages read it), or a path or storage URI as it is."""
+        if not is_remote(source[0]):
+            return source[0], []
+        out = output_uri(cache, source, content, tower)
+        name = "fetch/" + out.rsplit("/", 1)[1]
+        if not any(n.name == name for n in nodes):
+            add(name, "fetch", {"source": source, "content": content, "tower": tower}, deps or [], out=out)
+        return out, [name]
+
     model_deps: list[str] = []
     base_model = cfg.base_model
+    if base_model is not None and is_remote(base_model):
+        tower, tower_deps = fetched([cfg.vision_tower], "clip")
+        base_model, model_deps = fetched([base_model], "llava", tower, tower_deps)
     if base_model is None:
         model_deps = [add(f"models/{cfg.model_preset}", "model-init", {"preset": cfg.model_preset}, [])]
         base_model = join(root, model_deps[0])
     clip_deps: list[str] = []
     clip_model = cfg.clip_model
+    if clip_model is not None and is_remote(clip_model) and cfg.zero_shot:
+        clip_model, clip_deps = fetched([clip_model], "clip")
     if clip_model is None and cfg.zero_shot:
         clip_deps = [add(f"models/{cfg.clip_preset}", "model-init", {"preset": cfg.clip_preset}, [])]
         clip_model = join(root, clip_deps[0])
@@ -102,9 +159,10 @@ def build(cfg: PipelineConfig) -> list[Node]:
     finals: list[str] = []
     for ds in cfg.datasets:
         prep_cfg = {"dataset": ds}
-        if ds in cfg.sources:
-            prep_cfg["source"] = cfg.sources[ds]
-        prep = add(f"{ds}/prep", "prep", prep_cfg, [])
+        source_deps: list[str] = []
+        if ds not in EMBEDDED or ds in cfg.sources:
+            prep_cfg["source"], source_deps = fetched(cfg.source_list(ds), "dataset")
+        prep = add(f"{ds}/prep", "prep", prep_cfg, source_deps)
         data = join(root, prep)
 
         def rel(stage, setting=None, seed=None, _ds=ds):

@@ -11,6 +11,7 @@ from mysproj.config import stages as C
 from mysproj.config.fields import load_config
 
 STAGES: dict[str, tuple[type, str]] = {
+    "fetch": (C.FetchConfig, "mysproj.stages.fetch:run"),
     "prep": (C.PrepConfig, "mysproj.stages.prep:run"),
     "model-init": (C.ModelInitConfig, "mysproj.stages.model_init:run"),
     "finetune": (C.FinetuneConfig, "mysproj.stages.finetune:run"),
@@ -43,8 +44,10 @@ def implementation(stage: str) -> Callable[[Any], dict]:
 
 def run(stage: str, cfg: Any, *, force: bool = False) -> dict:
     """Run one stage in-process; returns its manifest. `force` runs it even where its output is complete, also
-    over another stage's complete output."""
+    over another stage's complete output. Inputs named by a remote origin are fetched first (`stages.fetch`)."""
+    from mysproj.stages.fetch import stage_remote_inputs
     from mysproj.storage.manifest import forcing
 
+    cfg = stage_remote_inputs(cfg)  # outside `forcing`: --force re-runs this stage, not the downloads of its inputs
     with forcing(force):
         return implementation(stage)(cfg)

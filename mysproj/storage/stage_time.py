@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-UNITS = ("images", "samples")
+UNITS = ("images", "samples", "MB")
 
 
 def processed(count: int, unit: str, per_s: float | None = None) -> dict:

@@ -65,9 +65,13 @@ revision's, and the garbage collector its stage Jobs), so a finished run's Job n
 {{/* Values the schema cannot check and the pipeline would refuse only once the controller runs. */}}
 {{- define "mysproj.validate" -}}
 {{- $sources := default dict .Values.pipeline.sources }}
+{{- $accepted := default list .Values.pipeline.accept_terms }}
 {{- range .Values.pipeline.datasets }}
-{{- if and (ne . "textures-mini") (not (get $sources .)) }}
+{{- if and (eq . "imagefolder") (not (get $sources .)) }}
 {{- fail (printf "pipeline.sources has no entry for dataset '%s': set pipeline.sources.%s to the URI of its files (s3://... or a path the pods can read)" . .) }}
+{{- end }}
+{{- if and (eq . "crisismmd") (not (get $sources .)) (not (has . $accepted)) }}
+{{- fail "dataset 'crisismmd' is published on terms you must accept first (https://crisisnlp.qcri.org/crisismmd): read them, then set pipeline.accept_terms={crisismmd}, or name your own copy in pipeline.sources.crisismmd" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -138,8 +142,6 @@ seccompProfile:
   value: {{ printf "%s/cache/mysproj" $scratch | quote }}
 - name: HF_HOME
   value: {{ printf "%s/cache/huggingface" $scratch | quote }}
-- name: HF_HUB_OFFLINE
-  value: "1"
 - name: TORCH_EXTENSIONS_DIR
   value: {{ printf "%s/cache/torch_extensions" $scratch | quote }}
 - name: TRITON_CACHE_DIR
@@ -175,7 +177,7 @@ seccompProfile:
   mountPath: {{ .Values.stages.scratchDir }}
 {{- end }}
 
-{{/* A stage Job template the controller instantiates: (dict "root" . "kind" "cpu"|"gpu"|"finetune").
+{{/* A stage Job template the controller instantiates: (dict "root" . "kind" "cpu"|"gpu"|"finetune"|"fetch").
 The controller fills in the name, ownerReferences, the stage label, the entry point and MYSPROJ_* config env. */}}
 {{- define "mysproj.stageJob" -}}
 {{- $root := .root }}
@@ -186,6 +188,7 @@ The controller fills in the name, ownerReferences, the stage label, the entry po
 {{- $image := $v.images.cpu }}
 {{- if eq $kind "gpu" }}{{ $gpus = int $v.gpu.gpusPerPod }}{{ $resources = $v.gpu.resources }}{{ $image = $v.images.gpu }}{{ end }}
 {{- if eq $kind "finetune" }}{{ $gpus = int $v.finetune.gpusPerPod }}{{ $resources = $v.finetune.resources }}{{ $image = $v.images.gpu }}{{ end }}
+{{- if eq $kind "fetch" }}{{ $resources = $v.fetch.resources }}{{ $image = $v.images.gpu }}{{ end }}
 apiVersion: batch/v1
 kind: Job
 metadata:
@@ -217,6 +220,9 @@ spec:
       labels:
         {{- include "mysproj.selectorLabels" $root | nindent 8 }}
         app.kubernetes.io/component: stage
+        {{- if eq $kind "fetch" }}
+        mysproj.io/egress: "true"
+        {{- end }}
     spec:
       restartPolicy: Never
       automountServiceAccountToken: false
@@ -232,6 +238,7 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       {{- $pool := ternary $v.cpu $v.gpu (eq $kind "cpu") }}
+      {{- if eq $kind "fetch" }}{{ $pool = $v.fetch }}{{ end }}
       {{- with $pool.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -262,6 +269,13 @@ spec:
             - name: TORCH_ELASTIC_SHUTDOWN_TIMEOUT
               value: {{ max 1 (sub (int $v.finetune.terminationGracePeriodSeconds) 10) | quote }}
             {{- end }}
+            {{- if eq $kind "fetch" }}
+            {{- include "mysproj.fetchEnv" $root | nindent 12 }}
+            {{- else }}
+            # Only fetch pods reach the hub; a library that would try anyway fails at once.
+            - name: HF_HUB_OFFLINE
+              value: "1"
+            {{- end }}
             {{- with $v.stages.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -274,16 +288,44 @@ spec:
             {{- toYaml $res | nindent 12 }}
           volumeMounts:
             {{- include "mysproj.volumeMounts" $root | nindent 12 }}
-            {{- if ne $kind "cpu" }}
+            {{- if or (eq $kind "gpu") (eq $kind "finetune") }}
             - name: dshm
               mountPath: /dev/shm
             {{- end }}
       volumes:
         {{- include "mysproj.volumes" $root | nindent 8 }}
-        {{- if ne $kind "cpu" }}
+        {{- if or (eq $kind "gpu") (eq $kind "finetune") }}
         - name: dshm
           emptyDir:
             medium: Memory
             sizeLimit: {{ $v.gpu.shmSize }}
         {{- end }}
+{{- end }}
+
+{{/* The fetch pods' credentials and mirror: only they get the hub and Kaggle tokens. */}}
+{{- define "mysproj.fetchEnv" -}}
+{{- $f := .Values.fetch }}
+- name: HF_HUB_DISABLE_TELEMETRY
+  value: "1"
+{{- with $f.hfEndpoint }}
+- name: HF_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- with $f.hfTokenSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $f.hfTokenKey }}
+{{- end }}
+{{- with $f.kaggleSecret }}
+{{- range $key := list "KAGGLE_API_TOKEN" "KAGGLE_USERNAME" "KAGGLE_KEY" }}
+- name: {{ $key }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.fetch.kaggleSecret }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
+{{- end }}
 {{- end }}

@@ -13,17 +13,11 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
+from mysproj.config.datasets import RECORDS
 from mysproj.errors import BadInput
-from mysproj.storage import is_local, local_path
+from mysproj.storage import exists, is_local, join, list_dirs, local_path
 
-READERS = {
-    "dtd": "mysproj.data.datasets.dtd",
-    "plantdoc": "mysproj.data.datasets.plantdoc",
-    "dermnet": "mysproj.data.datasets.dermnet",
-    "crisismmd": "mysproj.data.datasets.crisismmd",
-    "imagefolder": "mysproj.data.datasets.imagefolder",
-    "textures-mini": "mysproj.data.datasets.textures_mini",
-}
+READERS = {name: d.reader for name, d in RECORDS.items()}
 
 
 @dataclass
@@ -83,3 +77,13 @@ def safe_relpath(rel: str, where: str) -> str:
         raise BadInput(f"{where}: path {rel.strip()!r} escapes the dataset root; split files must hold paths "
                        f"relative to the dataset root")
     return norm
+
+
+def descend(source: str, marker: str) -> str:
+    """`source`, or the one folder below it that holds `marker`: an archive unpacked as published keeps its top
+    folder (`dtd/`, `PlantDoc-Dataset-<commit>/`, `CrisisMMD_v2.0/`)."""
+    if exists(join(source, marker)):
+        return source
+    below = [join(source, d) for d in list_dirs(source) if not d.startswith((".", "_"))]
+    found = [d for d in below if exists(join(d, marker))]
+    return found[0] if len(found) == 1 else source

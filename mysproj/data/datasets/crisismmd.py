@@ -10,7 +10,7 @@ import csv
 import io
 from collections import Counter
 
-from mysproj.data.datasets import Candidate, Listing, safe_relpath
+from mysproj.data.datasets import Candidate, Listing, descend, safe_relpath
 from mysproj.data.labels import normalise_label
 from mysproj.errors import BadInput
 from mysproj.storage import exists, join, list_files, read_text
@@ -40,10 +40,10 @@ def _rows(split_file: str, label_column: str) -> list[tuple[int, dict]]:
 
 
 def scan(cfg, out) -> Listing:
-    root = cfg.source
-    if not exists(root):
-        raise BadInput(f"source {root} does not exist; pass --source with the CrisisMMD root (holding data_image/ "
-                       f"and {SPLIT_DIR}/)")
+    if not exists(cfg.source):
+        raise BadInput(f"source {cfg.source} does not exist; pass --source with the CrisisMMD root (holding "
+                       f"data_image/ and {SPLIT_DIR}/)")
+    root = descend(cfg.source, SPLIT_DIR)
     merge = {str(k): str(v) for k, v in cfg.crisismmd_merge.items()}
     keep = set(cfg.crisismmd_classes)
     present = set(list_files(root))

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from mysproj.data.datasets import Listing
+from mysproj.data.datasets import Listing, descend
 from mysproj.data.datasets.imagefolder import scan_folders
 
 
 def scan(cfg, out) -> Listing:
-    return scan_folders(cfg.source, {"train": "train", "test": "test"}, cfg.label_underscores)
+    return scan_folders(descend(cfg.source, "train"), {"train": "train", "test": "test"}, cfg.label_underscores)

@@ -6,22 +6,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from mysproj.data.datasets import Candidate, Listing, safe_relpath
+from mysproj.data.datasets import Candidate, Listing, descend, safe_relpath
 from mysproj.data.labels import normalise_label
 from mysproj.errors import BadInput
 from mysproj.storage import exists, join, list_dirs, list_files, read_text
 
 
-def _root(source: str) -> str:
-    if not exists(join(source, "labels")) and exists(join(source, "dtd", "labels")):
-        return join(source, "dtd")
-    return source
-
-
 def scan(cfg, out) -> Listing:
     if not exists(cfg.source):
         raise BadInput(f"source {cfg.source} does not exist; pass --source with the DTD root (the dtd/ folder)")
-    root = _root(cfg.source)
+    root = descend(cfg.source, "labels")
     images = join(root, "images")
     present = set(list_files(images))
     per_class: dict[str, int] = defaultdict(int)
