@@ -308,3 +308,40 @@ def compile_counter(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
     yield counter
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------- stage-in origins (loopback)
+
+@pytest.fixture
+def http_origin():
+    """A Range-honouring HTTP file server on 127.0.0.1 with fault injection (see tests/http_origin.py):
+    `.add(name, bytes) -> url`, `.url(name)`, `.faults`, `.bytes_served`, `.served(name)`, `.requests`."""
+    from http_origin import HttpOrigin
+
+    origin = HttpOrigin().start()
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture
+def hf_hub(tmp_path, monkeypatch):
+    """A real hub endpoint (olah, serving git repositories made here) on 127.0.0.1, with HF_ENDPOINT pointing at
+    it (see tests/hub_server.py): `.endpoint`, `.add_repo(repo_id, {path: bytes}, repo_type="model") -> commit`.
+    Skipped when olah is not installed."""
+    from hub_server import start_hub
+
+    hub = start_hub(str(tmp_path / "hub"), monkeypatch)
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def kaggle_server(monkeypatch):
+    """Kaggle's API on 127.0.0.1 (see tests/kaggle_server.py), reached by Kaggle's own client as its
+    `KAGGLE_API_ENVIRONMENT=LOCALHOST` endpoint through HTTP_PROXY; credentials KAGGLE_USERNAME/KAGGLE_KEY are set.
+    `.add_dataset(owner, name, version, zip_bytes)`, `.origin` (the file server behind the download redirects)."""
+    from kaggle_server import start_kaggle
+
+    server = start_kaggle(monkeypatch)
+    yield server
+    server.stop()

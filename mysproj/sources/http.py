@@ -1,0 +1,401 @@
+"""The download engine: one file over HTTP, fetched as fixed-size ranges over several connections when the
+server honours `Range`, each range stored whole under a parts folder (a path or s3://) so that a killed process
+resumes with only the missing ranges; then assembled while hashing and verified before it gets its final name.
+
+Transient failures (5xx, 429, timeouts, resets, a body cut short) are retried with backoff while the same request
+keeps failing for less than `retry_seconds`; refusals (401/403/404/410) and HTML pages are `BadInput` at once."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import httpx
+
+from mysproj.errors import BadInput, redact
+from mysproj.storage import uri as storage
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 32 * 1024 * 1024
+CONNECTIONS = 8
+RETRY_SECONDS = float(os.environ.get("MYSPROJ_FETCH_RETRY_SECONDS", "300"))
+PROGRESS_SECONDS = 5.0
+_PROBE = 1024  # the first bytes, asked for with the size probe: enough to tell an HTML page
+_REFUSED = {401: "not authorised", 403: "forbidden", 404: "not found", 410: "gone"}
+
+
+class _Transient(Exception):
+    """A failure worth retrying (a 5xx, 429, or a body shorter than announced)."""
+
+
+@dataclass
+class Fetched:
+    size: int
+    sha256: str
+    bytes_fetched: int
+    digests: dict[str, str] = field(default_factory=dict)  # the other digests asked for (md5, git-sha1)
+    etag: str | None = None
+
+
+def _show(url: str) -> str:
+    """`url` for messages: no query string (signed URLs carry credentials there)."""
+    parts = urllib.parse.urlsplit(str(url))
+    return redact(urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")))
+
+
+def filename_of(url: str) -> str:
+    name = urllib.parse.unquote(os.path.basename(urllib.parse.urlsplit(url).path))
+    return name if name not in ("", ".", "..") else "download"
+
+
+def looks_html(content_type: str | None, head: bytes) -> bool:
+    if content_type and content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
+        return True
+    start = head[:256].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return start.startswith((b"<!doctype html", b"<html"))
+
+
+class _Progress:
+    """`what: 12.6/625.2 MB (48.1 MB/s, ETA 13s)` at most every PROGRESS_SECONDS."""
+
+    def __init__(self, what: str, total: int | None, done: int, log: logging.Logger):
+        self.what, self.total, self.done, self.log = what, total, done, log
+        self.start_done = done
+        self.t0 = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            now = time.monotonic()
+            if now - self.last >= PROGRESS_SECONDS:
+                self.last = now
+                self.log.info("%s", self.line())
+
+    def line(self) -> str:
+        rate = (self.done - self.start_done) / max(time.monotonic() - self.t0, 1e-9)
+        total = f"{self.total / 1e6:.1f}" if self.total is not None else "?"
+        eta = f"{(self.total - self.done) / rate:.0f}s" if self.total is not None and rate > 0 else "?"
+        return f"{self.what}: {self.done / 1e6:.1f}/{total} MB ({rate / 1e6:.1f} MB/s, ETA {eta})"
+
+
+class Engine:
+    def __init__(self, url: str, headers: Mapping[str, str] | None = None, *, chunk_size: int = CHUNK_SIZE,
+                 connections: int = CONNECTIONS, retry_seconds: float | None = None,
+                 expect_binary: bool = True, what: str | None = None, log: logging.Logger = log):
+        self.url, self.headers = url, dict(headers or {})
+        self.chunk_size, self.connections = max(1, int(chunk_size)), max(1, int(connections))
+        self.retry_seconds = RETRY_SECONDS if retry_seconds is None else retry_seconds
+        self.expect_binary = expect_binary and not filename_of(url).lower().endswith((".html", ".htm"))
+        self.what = what or _show(url)
+        self.log = log
+        self.fetched = 0
+        self.total: int | None = None
+        self.stop = threading.Event()
+        self._count = threading.Lock()
+        self.client = httpx.Client(follow_redirects=True, trust_env=True,
+                                   timeout=httpx.Timeout(30.0, read=60.0),
+                                   limits=httpx.Limits(max_connections=self.connections + 1))
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def _check(self, resp: httpx.Response) -> None:
+        code = resp.status_code
+        if code in _REFUSED:
+            hint = ("check the credentials (token / Secret) and that this account may read it" if code in (401, 403)
+                    else "check the URL (a moved or deleted file?)")
+            raise BadInput(f"{self.what}: the server answered {code} ({_REFUSED[code]}); {hint}")
+        if code == 429 or code >= 500:
+            raise _Transient(f"HTTP {code}")
+        if code >= 400:
+            raise BadInput(f"{self.what}: the server answered {code}; check the URL")
+
+    def _retrying(self, what: str, fn):
+        """`fn(progressed)` retried on transient failures; `progressed()` (called by fn when bytes arrive)
+        restarts the budget, so only a request that keeps failing gives up."""
+        delay, last_good = 0.5, [time.monotonic()]
+
+        def progressed():
+            last_good[0] = time.monotonic()
+
+        while True:
+            if self.stop.is_set():
+                raise _Stopped()
+            try:
+                return fn(progressed)
+            except (httpx.TransportError, _Transient) as e:
+                if time.monotonic() - last_good[0] + delay > self.retry_seconds:
+                    raise BadInput(f"{self.what}: {what} kept failing for {self.retry_seconds:.0f}s "
+                                   f"({type(e).__name__}: {redact(str(e))}); the server or the network is down, "
+                                   f"retry later") from None
+                self.log.warning("%s: %s: %s: %s; retrying in %.1fs", self.what, what, type(e).__name__,
+                                 redact(str(e)), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _count_bytes(self, n: int) -> None:
+        with self._count:
+            self.fetched += n
+
+    def probe(self) -> tuple[httpx.Response | None, int | None, bytes, str]:
+        """Ask for the first bytes. Returns (an open 200 response when ranges are not honoured, else None; the
+        size; the first bytes; the URL to fetch ranges from, after redirects)."""
+
+        def go(progressed):
+            req = self.client.build_request("GET", self.url, headers={**self.headers, "Range": f"bytes=0-{_PROBE - 1}",
+                                                                      "Accept-Encoding": "identity"})
+            resp = self.client.send(req, stream=True)
+            try:
+                if resp.status_code == 416:  # an empty file has no byte 0
+                    resp.close()
+                    return None, 0, b"", str(resp.url)
+                self._check(resp)
+                if resp.status_code == 206:
+                    total = resp.headers.get("content-range", "").rpartition("/")[2]
+                    head = resp.read()
+                    self._count_bytes(len(head))
+                    self._sniff(resp, head)
+                    resp.close()
+                    if total.isdigit():
+                        return None, int(total), head, str(resp.url)
+                    raise BadInput(f"{self.what}: the server sent a range without the file's size")
+                return resp, None, b"", str(resp.url)  # 200: the whole body follows
+            except BaseException:
+                resp.close()
+                raise
+
+        return self._retrying("asking for the size", go)
+
+    def _sniff(self, resp: httpx.Response, head: bytes) -> None:
+        if self.expect_binary and looks_html(resp.headers.get("content-type"), head):
+            raise BadInput(f"{self.what}: the server sent an HTML page, not the file (a login or error page?); "
+                           f"check the URL and whether the site needs you to sign in or accept terms")
+
+    def get_range(self, url: str, start: int, end: int, progress: _Progress) -> bytes:
+        """Bytes [start, end) of the file; a body cut short is asked for again from where it stopped."""
+        buf = bytearray()
+        headers = self.headers if _same_host(url, self.url) else {}
+
+        def go(progressed):
+            want = f"bytes={start + len(buf)}-{end - 1}"
+            with self.client.stream("GET", url, headers={**headers, "Range": want,
+                                                          "Accept-Encoding": "identity"}) as resp:
+                self._check(resp)
+                if resp.status_code != 206:
+                    raise _Transient(f"asked for {want}, the server answered {resp.status_code}")
+                for block in resp.iter_raw():
+                    if self.stop.is_set():
+                        raise _Stopped()
+                    buf.extend(block[: end - start - len(buf)])
+                    self._count_bytes(len(block))
+                    progress.add(len(block))
+                    progressed()
+            if len(buf) < end - start:
+                raise _Transient(f"the body stopped at {start + len(buf)} of {want}")
+            return bytes(buf)
+
+        return self._retrying(f"bytes {start}-{end - 1}", go)
+
+    # ---------------------------------------------------------------------------------------------- files
+
+    def fetch(self, dest_dir: str, filename: str, *, parts_uri: str | None = None, size: int | None = None,
+              expect: Mapping[str, str] | None = None) -> Fetched:
+        """Fetch into `dest_dir/filename`, verified against `expect` ({"sha256"|"md5"|"git-sha1": hex}, md5 may
+        be base64) and `size`. Nothing is at the final name unless it verified."""
+        expect = dict(expect or {})
+        final = os.path.join(dest_dir, filename)
+        temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.incomplete")
+        own_parts = parts_uri is None
+        if own_parts:
+            parts_uri = tempfile.mkdtemp(prefix="mysproj-parts-")
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            stream, total, head, url = self.probe()
+            self.total = total if total is not None else size
+            if size is not None and total is not None and total != size:
+                raise BadInput(f"{self.what}: the server has {total} bytes, {size} were expected")
+            if stream is not None:
+                out = self._single(stream, temp, size, expect)
+            else:
+                out = self._ranged(url, total, head, temp, parts_uri, expect)
+            self.total = out.size
+            try:
+                _verify(self.what, out, size, expect, temp)
+            except BadInput:
+                storage.remove(parts_uri, recursive=True)  # wrong bytes: the next try fetches them anew
+                raise
+            os.replace(temp, final)
+            if not own_parts:
+                storage.remove(parts_uri, recursive=True)
+            return out
+        except OSError as e:
+            _remove(temp)
+            if e.errno == errno.ENOSPC:
+                need = self.total or size or 0
+                raise BadInput(f"{os.path.dirname(final)}: disk full while writing {filename} "
+                               f"({need / 1e9:.2f} GB needed); give the fetch a bigger volume") from None
+            raise
+        except BaseException:
+            _remove(temp)
+            raise
+        finally:
+            if own_parts:
+                shutil.rmtree(parts_uri, ignore_errors=True)
+            self.client.close()
+
+    def _hashers(self, size: int | None, expect: Mapping[str, str]) -> dict:
+        hashers = {"sha256": hashlib.sha256()}
+        if "md5" in expect:
+            hashers["md5"] = hashlib.md5(usedforsecurity=False)
+        if "git-sha1" in expect and size is not None:
+            hashers["git-sha1"] = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+        return hashers
+
+    def _single(self, resp: httpx.Response, temp: str, size: int | None, expect: Mapping[str, str]) -> Fetched:
+        """A server without ranges: one stream; a failure starts the file again (nothing to resume from)."""
+        length = resp.headers.get("content-length")
+        total = size if size is not None else (int(length) if length and length.isdigit() else None)
+        progress = _Progress(self.what, total, 0, self.log)
+        first = [resp]
+
+        def go(progressed):
+            r = first.pop() if first else self.client.send(
+                self.client.build_request("GET", self.url, headers={**self.headers, "Accept-Encoding": "identity"}),
+                stream=True)
+            try:
+                self._check(r)
+                hashers, n, sniffed = self._hashers(total, expect), 0, False
+                with open(temp, "wb") as f:
+                    for block in r.iter_raw():
+                        if not sniffed:
+                            self._sniff(r, block)
+                            sniffed = True
+                        f.write(block)
+                        for h in hashers.values():
+                            h.update(block)
+                        n += len(block)
+                        self._count_bytes(len(block))
+                        progress.add(len(block))
+                        progressed()
+                if total is not None and n < total:
+                    raise _Transient(f"the body stopped at {n} of {total} bytes")
+                return _fetched(hashers, n, self.fetched, r.headers.get("etag"))
+            finally:
+                r.close()
+
+        return self._retrying("downloading", go)
+
+    def _ranged(self, url: str, total: int, head: bytes, temp: str, parts_uri: str,
+                expect: Mapping[str, str]) -> Fetched:
+        n = -(-total // self.chunk_size)  # 0 for an empty file
+        meta = {"url": _show(self.url), "size": total, "chunk_size": self.chunk_size}
+        meta_uri = storage.join(parts_uri, "parts.json")
+        import json
+
+        done_parts: set[int] = set()
+        if storage.exists(meta_uri) and json.loads(storage.read_text(meta_uri)) == meta:
+            done_parts = {int(p) for p in storage.list_files(parts_uri) if p.isdigit()}
+        else:
+            storage.remove(parts_uri, recursive=True)
+            storage.write_text(meta_uri, json.dumps(meta))
+        have = sum(min(self.chunk_size, total - i * self.chunk_size) for i in done_parts if i < n)
+        if done_parts:
+            self.log.info("%s: resuming, %d of %d parts (%.1f MB) already fetched", self.what,
+                          len(done_parts & set(range(n))), n, have / 1e6)
+        progress = _Progress(self.what, total, have, self.log)
+
+        def one(i: int) -> None:
+            start, end = i * self.chunk_size, min(total, (i + 1) * self.chunk_size)
+            data = self.get_range(url, start, end, progress)
+            storage.write_bytes(storage.join(parts_uri, f"{i:06d}"), data)
+
+        todo = [i for i in range(n) if i not in done_parts]
+        if todo:
+            with ThreadPoolExecutor(min(self.connections, len(todo)), thread_name_prefix="fetch") as pool:
+                futures = [pool.submit(one, i) for i in todo]
+                finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                failed = [f for f in finished if f.exception() is not None]
+                if failed:
+                    self.stop.set()
+                    for f in futures:
+                        f.cancel()
+                    errors = [f.exception() for f in failed if not isinstance(f.exception(), _Stopped)]
+                    raise errors[0] if errors else failed[0].exception()
+        self.log.info("%s", progress.line())
+        hashers = self._hashers(total, expect)
+        written = 0
+        with open(temp, "wb") as f:
+            for i in range(n):
+                data = storage.read_bytes(storage.join(parts_uri, f"{i:06d}"))
+                f.write(data)
+                for h in hashers.values():
+                    h.update(data)
+                written += len(data)
+        return _fetched(hashers, written, self.fetched, None)
+
+
+class _Stopped(Exception):
+    """Another range failed for good: this one stops too."""
+
+
+def _same_host(a: str, b: str) -> bool:
+    return urllib.parse.urlsplit(a).netloc == urllib.parse.urlsplit(b).netloc
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fetched(hashers: dict, size: int, fetched: int, etag: str | None) -> Fetched:
+    digests = {k: h.hexdigest() for k, h in hashers.items() if k != "sha256"}
+    return Fetched(size, hashers["sha256"].hexdigest(), fetched, digests, etag)
+
+
+def _verify(what: str, out: Fetched, size: int | None, expect: Mapping[str, str], temp: str) -> None:
+    if size is not None and out.size != size:
+        raise BadInput(f"{what}: got {out.size} bytes, expected {size}; the file changed at its origin or the "
+                       f"transfer was cut; fetch it again")
+    for algo, want in expect.items():
+        got = out.sha256 if algo == "sha256" else out.digests.get(algo)
+        if got is None:
+            continue
+        if algo == "md5" and len(want) != 32:  # x-goog-hash gives md5 in base64
+            want = base64.b64decode(want).hex()
+        if got.lower() != want.lower():
+            raise BadInput(f"{what}: {algo} mismatch: expected {want.lower()}, got {got}; the file at the origin "
+                           f"is not the one pinned (fix the pin if the origin changed on purpose)")
+
+
+def download_origin(origin, dest: str, *, parts_uri: str | None, env: Mapping[str, str] = os.environ,
+                    log: logging.Logger = log, **engine) -> dict:
+    """An http(s) origin into `dest/<file name>`, verified against its sha256 pin when it has one."""
+    t0 = time.monotonic()
+    name = filename_of(origin.uri)
+    eng = Engine(origin.uri, log=log, **engine)
+    out = eng.fetch(dest, name, parts_uri=parts_uri, expect={"sha256": origin.sha256} if origin.sha256 else None)
+    return record(origin, None, {name: out}, time.monotonic() - t0,
+                  "sha256 pin" if origin.sha256 else "none (unpinned; sha256 recorded)")
+
+
+def record(origin, revision: str | None, files: Mapping[str, Fetched], seconds: float, verified: str) -> dict:
+    fetched = sum(f.bytes_fetched for f in files.values())
+    return {"origin": origin.uri, "revision": revision,
+            "files": {k: {"size": f.size, "sha256": f.sha256} for k, f in sorted(files.items())},
+            "bytes_fetched": fetched, "bytes_total": sum(f.size for f in files.values()),
+            "seconds": round(seconds, 3), "mb_per_s": round(fetched / 1e6 / max(seconds, 1e-9), 2),
+            "verified": verified}
