@@ -23,7 +23,7 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ARCHIVE_EXT = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip", ".gz")
-REMOTE_SCHEMES = ("http://", "https://", "hf://", "kaggle://")
+REMOTE_SCHEMES = ("http://", "https://", "hf://", "kaggle://", "github://")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Origin:
     def pinned(self) -> bool:
         if self.scheme == "http":
             return self.sha256 is not None
-        if self.scheme == "hf":
+        if self.scheme in ("hf", "github"):
             return bool(self.revision and _COMMIT.match(self.revision))
         if self.scheme == "kaggle":
             return bool(self.revision)
@@ -54,6 +54,8 @@ class Origin:
             text = f"hf {self.repo_type} {self.repo} {self.revision or 'main'}"
         elif self.scheme == "kaggle":
             text = f"kaggle {self.repo} {self.revision or 'latest'}"
+        elif self.scheme == "github":
+            text = f"github {self.repo} {self.revision or 'HEAD'}"
         else:
             text = f"storage {self.uri}"
         return f"{text} into={self.into}" if self.into else text
@@ -64,7 +66,7 @@ class Origin:
 
     def name(self) -> str:
         """A short human slug: `dtd-r1.0.1`, `llava-v1.5-7b`, `dermnet`."""
-        if self.scheme in ("hf", "kaggle"):
+        if self.scheme in ("hf", "kaggle", "github"):
             base = self.repo.rsplit("/", 1)[-1]
         else:
             path = urllib.parse.urlsplit(self.uri).path if "://" in self.uri else self.uri
@@ -152,6 +154,13 @@ def parse(uri: str) -> Origin:
             version, parts = str(int(parts[3])), parts[:2]
         repo = _slug_pair(uri, "/".join(parts), "kaggle://OWNER/DATASET[/versions/N]")
         return Origin("kaggle", base, into=frag.get("into", ""), repo=repo, revision=version)
+    if lower.startswith("github://"):
+        frag = _fragment(uri, fragment)
+        repo, at, rev = base[len("github://"):].strip("/").partition("@")
+        if at and not rev:
+            raise BadInput(f"{uri}: empty commit after '@'")
+        _slug_pair(uri, repo, "github://OWNER/REPO[@COMMIT]")
+        return Origin("github", base, into=frag.get("into", ""), repo=repo, revision=rev or None)
     if "#" in uri and "://" not in uri:
         raise BadInput(f"{uri}: '#' pins and into= apply to http(s), hf:// and kaggle:// sources only")
     from mysproj.storage.uri import check_uri
@@ -167,6 +176,10 @@ def resolve(origin: Origin, *, env: Mapping[str, str] = os.environ) -> Origin:
         from mysproj.sources import hub
 
         return replace(origin, revision=hub.resolve_commit(origin, env=env))
+    if origin.scheme == "github" and not origin.pinned:
+        from mysproj.sources import github
+
+        return replace(origin, revision=github.resolve_commit(origin, env=env))
     if origin.scheme == "kaggle" and not origin.pinned:
         from mysproj.sources import kaggle
 
@@ -188,6 +201,10 @@ def download(origin: Origin, dest: str, *, parts_uri: str | None = None, env: Ma
         from mysproj.sources import hub
 
         return hub.download(origin, dest, parts_uri=parts_uri, env=env, log=log, **engine)
+    if origin.scheme == "github":
+        from mysproj.sources import github
+
+        return github.download(origin, dest, parts_uri=parts_uri, env=env, log=log, **engine)
     if origin.scheme == "kaggle":
         from mysproj.sources import kaggle
 

@@ -78,8 +78,8 @@ def _place(cfg: FetchConfig, origins: list, fetched: list[str], folder: str) -> 
             target = os.path.join(folder, origin.into) if origin.into else folder
             for name in sorted(os.listdir(dest)):
                 path = os.path.join(dest, name)
-                if cfg.content == "dataset" and sources.is_archive(path):
-                    names += sources.unpack(path, target)
+                if cfg.content == "dataset" and os.path.isfile(path):  # archives unpacked, other files placed
+                    names += sources.unpack(path, folder, into=origin.into)
                 else:
                     os.makedirs(target, exist_ok=True)
                     shutil.move(path, os.path.join(target, name))
