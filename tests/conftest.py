@@ -323,16 +323,24 @@ def http_origin():
     origin.stop()
 
 
-@pytest.fixture
-def hf_hub(tmp_path, monkeypatch):
-    """A real hub endpoint (olah, serving git repositories made here) on 127.0.0.1, with HF_ENDPOINT pointing at
-    it (see tests/hub_server.py): `.endpoint`, `.add_repo(repo_id, {path: bytes}, repo_type="model") -> commit`.
-    Skipped when olah is not installed."""
+@pytest.fixture(scope="session")
+def _hub_server(tmp_path_factory):
     from hub_server import start_hub
 
-    hub = start_hub(str(tmp_path / "hub"), monkeypatch)
+    hub = start_hub(str(tmp_path_factory.mktemp("hub")))
     yield hub
     hub.stop()
+
+
+@pytest.fixture
+def hf_hub(_hub_server, monkeypatch):
+    """A real hub endpoint (olah, serving git repositories made here) on 127.0.0.1, with HF_ENDPOINT pointing at
+    it for this test (see tests/hub_server.py): `.endpoint`, `.add_repo(repo_id, {path: bytes},
+    repo_type="model", branch="main") -> commit`. One server per session: use repo names of your own.
+    Skipped when olah is not installed."""
+    from hub_server import use_hub
+
+    return use_hub(_hub_server, monkeypatch)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ be told to misbehave the way public dataset sites do.
     origin.faults.no_range.add("x")               # ignores Range (one stream)
     origin.faults.budget["x"] = 3                 # 3 more file responses, then 503 until the entry goes
     origin.bytes_served, origin.served("x"), origin.requests   # body bytes sent; (method, path, range) log
+    origin.authorizations                         # the Authorization headers received
 
 A request whose target is an absolute URL (a client using this server as its HTTP proxy) is served by path, so
 clients with a fixed endpoint (`http://localhost`) reach it through HTTP_PROXY.
@@ -51,6 +52,7 @@ class HttpOrigin:
         self.bytes_served = 0
         self.per_file: dict[str, int] = defaultdict(int)
         self.requests: list[tuple[str, str, str | None]] = []
+        self.authorizations: list[str] = []  # the Authorization headers received
         self.lock = threading.Lock()
         self.routes: list = []  # (method, path prefix, fn(handler, path, body) -> bool) for servers built on this
         self.server: http.server.ThreadingHTTPServer | None = None
@@ -136,6 +138,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         with o.lock:
             o.requests.append((method, path, rng))
+            if self.headers.get("Authorization"):
+                o.authorizations.append(self.headers["Authorization"])
         for m, prefix, fn in o.routes:
             if m == method and path.startswith(prefix) and fn(self, path, body):
                 return
