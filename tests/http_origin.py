@@ -2,7 +2,7 @@
 be told to misbehave the way public dataset sites do.
 
     origin = HttpOrigin().start()
-    origin.add("dtd-r1.0.1.tar.gz", data)        # served at origin.url("dtd-r1.0.1.tar.gz")
+    origin.add("dtd-r1.0.1.tar.gz", data)        # served at origin.url("dtd-r1.0.1.tar.gz") (headers= adds some)
     origin.faults.fail("x", 500, times=2)         # the next 2 requests for x get 500
     origin.faults.drop("x", after=1000)           # the next response for x stops after 1000 body bytes
     origin.faults.status["x"] = 403               # always 403 (401/403/404/410...), `headers` adds some
@@ -48,6 +48,7 @@ class Faults:
 class HttpOrigin:
     def __init__(self):
         self.files: dict[str, bytes] = {}
+        self.file_headers: dict[str, dict[str, str]] = {}
         self.faults = Faults()
         self.bytes_served = 0
         self.per_file: dict[str, int] = defaultdict(int)
@@ -83,8 +84,9 @@ class HttpOrigin:
     def url(self, name: str) -> str:
         return f"{self.endpoint}/{urllib.parse.quote(name)}"
 
-    def add(self, name: str, data: bytes) -> str:
+    def add(self, name: str, data: bytes, headers: dict[str, str] | None = None) -> str:
         self.files[name] = data
+        self.file_headers[name] = dict(headers or {})
         return self.url(name)
 
     def served(self, name: str) -> int:
@@ -166,7 +168,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if name not in o.files:
             self.send_simple(404, b"not found\n")
             return
-        self.send_file(name, o.files[name], method, rng if name not in f.no_range else None)
+        self.send_file(name, o.files[name], method, rng if name not in f.no_range else None, o.file_headers.get(name))
 
     def send_file(self, name: str, data: bytes, method: str = "GET", rng: str | None = None,
                   headers: dict | None = None) -> None:

@@ -72,7 +72,8 @@ def crisismmd_archives() -> tuple[bytes, bytes]:
     `crisismmd_datasplit_all/*.tsv` and macOS `__MACOSX/` / `._*` entries)."""
     with tempfile.TemporaryDirectory() as tmp:
         make_crisismmd(tmp, {"train": [(None, "infrastructure_and_utility_damage")] * 2,
-                             "dev": [(None, "not_humanitarian")], "test": [(None, "rescue_volunteering_or_donation_effort")]})
+                             "dev": [(None, "not_humanitarian")],
+                             "test": [(None, "rescue_volunteering_or_donation_effort")]})
         images = tar_folder(os.path.join(tmp, "data_image"), "CrisisMMD_v2.0/data_image")
         splits = zip_folder(os.path.join(tmp, "crisismmd_datasplit_all"), "crisismmd_datasplit_all",
                             extra=dict.fromkeys(MACOS_JUNK, b"\x00\x05\x16\x07mac"))
