@@ -14,6 +14,9 @@
   `tiny_model` folder) and `clip_tiny_uri` for the eval/probe/report tests. Tests must not change them.
   `one_process_env` (function): RANK, WORLD_SIZE, MASTER_ADDR... of a 1-process run; `deepspeed_one_process`
   (function): DeepSpeed's CPU accelerator in this process.
+- Stage-in origins on loopback (function): `http_origin` (tests/http_origin.py: a Range-honouring file server with
+  fault injection), `hf_hub` (tests/hub_server.py: olah serving git repos as a hub; HF_ENDPOINT set; one server
+  per session), `kaggle_server` (tests/kaggle_server.py: Kaggle's dataset-download API for Kaggle's own client).
 - `compile_counter` (function): `torch.compile` counting the graphs it compiles (and running them eagerly), from
   a clean dynamo state, which it restores afterwards.
 """
