@@ -9,6 +9,7 @@ be told to misbehave the way public dataset sites do.
     origin.faults.html.add("x")                   # 200 with a login page instead of the file
     origin.faults.no_range.add("x")               # ignores Range (one stream)
     origin.faults.budget["x"] = 3                 # 3 more file responses, then 503 until the entry goes
+    origin.faults.hold["x"] = 3                   # 3 more file responses, then hang until faults.release.set()
     origin.bytes_served, origin.served("x"), origin.requests   # body bytes sent; (method, path, range) log
     origin.authorizations                         # the Authorization headers received
 
@@ -36,6 +37,8 @@ class Faults:
     html: set[str] = field(default_factory=set)
     no_range: set[str] = field(default_factory=set)
     budget: dict[str, int] = field(default_factory=dict)  # name -> file responses left, then 503 for good
+    hold: dict[str, int] = field(default_factory=dict)  # name -> file responses left, then wait for `release`
+    release: threading.Event = field(default_factory=threading.Event)
 
 
     def fail(self, name: str, code: int = 500, times: int = 1) -> None:
@@ -162,6 +165,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if left is not None and left <= 0:
             self.send_simple(503, b"overloaded\n")
             return
+        with o.lock:
+            held = f.hold.get(name)
+            if held is not None:
+                f.hold[name] = held - 1
+        if held is not None and held <= 0:
+            f.release.wait(120)
         if name in f.html:
             self.send_simple(200, HTML_PAGE, "text/html; charset=utf-8")
             return

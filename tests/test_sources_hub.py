@@ -113,3 +113,21 @@ def test_hub_refusals(http_origin, monkeypatch, code, error_code, needle):
         http_origin.faults.headers[name] = {"X-Error-Code": error_code, "X-Error-Message": "refused"}
     with pytest.raises(BadInput, match=needle):
         resolve(parse("hf://org/gated"))
+
+
+def test_a_restart_reassembles_finished_files_from_parts(http_origin, monkeypatch, tmp_path):
+    """The pod dies on the second file: the first one's verified parts stay, so a new pod (empty local folder)
+    rebuilds it from them and fetches only what is missing."""
+    files = {"a.bin": os.urandom(150_000), "b.bin": os.urandom(150_000)}
+    sha, _ = _fake_hub(http_origin, monkeypatch, files=files, lfs=True)
+    parts = str(tmp_path / "parts")
+    http_origin.faults.status[f"org/m/resolve/{sha}/b.bin"] = 404
+    with pytest.raises(BadInput, match="b.bin"):
+        download(parse("hf://org/m"), str(tmp_path / "pod1"), parts_uri=parts, **SMALL)
+    del http_origin.faults.status[f"org/m/resolve/{sha}/b.bin"]
+    before = http_origin.served(f"org/m/resolve/{sha}/a.bin")
+    rec = download(parse("hf://org/m"), str(tmp_path / "pod2"), parts_uri=parts, **SMALL)
+    assert http_origin.served(f"org/m/resolve/{sha}/a.bin") - before == 1024  # the size probe only
+    assert all((tmp_path / "pod2" / k).read_bytes() == v for k, v in files.items())
+    assert rec["bytes_fetched"] == 1024 + 1024 + 150_000
+    assert not os.path.exists(parts) or not os.listdir(parts)

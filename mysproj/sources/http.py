@@ -211,12 +211,23 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- files
 
     def fetch(self, dest_dir: str, filename: str, *, parts_uri: str | None = None, size: int | None = None,
-              expect: Mapping[str, str] | None = None) -> Fetched:
+              expect: Mapping[str, str] | None = None, keep_parts: bool = False) -> Fetched:
         """Fetch into `dest_dir/filename`, verified against `expect` ({"sha256"|"md5"|"git-sha1": hex}, md5 may
-        be base64) and `size`. Nothing is at the final name unless it verified."""
+        be base64) and `size`. Nothing is at the final name unless it verified; a file already there that
+        verifies is kept (nothing fetched). `keep_parts`: leave the verified parts for the caller to remove (a
+        multi-file origin keeps them until every file verified, so a restart reassembles instead of fetching)."""
         expect = dict(expect or {})
         final = os.path.join(dest_dir, filename)
         temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.incomplete")
+        if expect and os.path.isfile(final):
+            have = _hash_file(final, self._hashers(os.path.getsize(final), expect))
+            try:
+                _verify(self.what, have, size, expect, final)
+                self.log.info("%s: already here and verified", self.what)
+                self.client.close()
+                return have
+            except BadInput:
+                pass
         own_parts = parts_uri is None
         if own_parts:
             parts_uri = tempfile.mkdtemp(prefix="mysproj-parts-")
@@ -237,7 +248,7 @@ class Engine:
                 storage.remove(parts_uri, recursive=True)  # wrong bytes: the next try fetches them anew
                 raise
             os.replace(temp, final)
-            if not own_parts:
+            if not own_parts and not keep_parts:
                 storage.remove(parts_uri, recursive=True)
             return out
         except OSError as e:
@@ -359,6 +370,16 @@ def _remove(path: str) -> None:
         os.remove(path)
     except OSError:
         pass
+
+
+def _hash_file(path: str, hashers: dict) -> Fetched:
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            size += len(block)
+            for h in hashers.values():
+                h.update(block)
+    return _fetched(hashers, size, 0, None)
 
 
 def _fetched(hashers: dict, size: int, fetched: int, etag: str | None) -> Fetched:

@@ -139,6 +139,8 @@ def download(origin, dest: str, *, parts_uri: str | None, env: Mapping[str, str]
         if parts_uri is not None:
             parts = storage.join(parts_uri, "files", hashlib.sha256(path.encode()).hexdigest()[:16])
         eng = http.Engine(url, headers, expect_binary=False, what=f"{origin.uri}: {path}", log=log, **engine)
-        done[path] = eng.fetch(dest, path, parts_uri=parts, size=size, expect=expect)
+        done[path] = eng.fetch(dest, path, parts_uri=parts, size=size, expect=expect, keep_parts=True)
         how.add("hub lfs sha256" if "sha256" in expect else "git blob oid")
+    if parts_uri is not None:  # every file verified: a restart no longer needs them
+        storage.remove(parts_uri, recursive=True)
     return http.record(origin, commit, done, time.monotonic() - t0, " + ".join(sorted(how)) or "no files")
