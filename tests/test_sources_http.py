@@ -19,6 +19,8 @@ CHUNK = 64 * 1024
 SMALL = {"chunk_size": CHUNK, "connections": 4, "retry_seconds": 20}
 PROBE = "bytes=0-1023"
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _fetch(url: str, dest, parts=None, **kw):
     return download(parse(url), str(dest), parts_uri=parts, **{**SMALL, **kw})
@@ -195,7 +197,7 @@ def test_a_killed_process_resumes_from_its_parts(http_origin, tmp_path):
     code = (f"from mysproj.sources import download, parse\n"
             f"download(parse({url!r}), {str(tmp_path / 'out')!r}, parts_uri={parts!r}, chunk_size={CHUNK}, "
             f"connections=1)\n")
-    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO})
     try:
         deadline = time.monotonic() + 60
         while len([p for p in storage.list_files(parts) if p.isdigit()]) < 2:

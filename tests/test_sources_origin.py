@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mysproj.errors import BadInput
@@ -9,6 +11,8 @@ from mysproj.sources import download, is_remote, parse, resolve
 
 SHA = "e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205"
 DTD = "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz"
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_https_with_pip_pin_and_into():
@@ -65,3 +69,16 @@ def test_storage_origins_pass_through(tmp_path):
         assert rec["files"] == {} and rec["bytes_fetched"] == 0 and rec["verified"] == "read in place"
     assert not (tmp_path / "unused").exists()
     assert all(is_remote(u) for u in (DTD, "http://x/y", "hf://o/r", "kaggle://o/d", "HTTPS://X/y"))
+
+
+def test_sources_are_storage_level_without_ml_imports():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport mysproj.sources, mysproj.sources.http, mysproj.sources.hub, mysproj.sources.kaggle\n"
+            "import huggingface_hub, kagglesdk\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": REPO}).stdout
+    assert out.strip() == "[]"
