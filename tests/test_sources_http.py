@@ -222,3 +222,38 @@ def test_a_verified_file_already_there_is_not_fetched_again(http_origin, tmp_pat
     served = http_origin.bytes_served
     rec = _fetch(f"{url}#sha256={SHA}", tmp_path / "out")
     assert http_origin.bytes_served == served and rec["bytes_fetched"] == 0
+
+
+def test_an_expired_signed_url_is_asked_for_again(http_origin, tmp_path):
+    """Hubs and Kaggle redirect to signed storage URLs that expire: a 403 from the redirect target mid-download
+    asks the origin for a new one instead of failing."""
+    import urllib.parse
+
+    state = {"sig": 0, "uses": 0}
+
+    def link(handler, path, body):
+        state["sig"], state["uses"] = state["sig"] + 1, 0
+        handler.send_simple(302, b"", headers={"Location": f"{http_origin.endpoint}/signed/blob.bin?"
+                                                           f"sig={state['sig']}"})
+        return True
+
+    def signed(handler, path, body):
+        sig = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)["sig"][0]
+        state["uses"] += 1
+        if sig != str(state["sig"]) or state["uses"] > 3:  # a signature serves 3 requests
+            handler.send_simple(403, b"<Error>expired</Error>")
+        else:
+            handler.send_file("signed/blob.bin", DATA, "GET", handler.headers.get("Range"))
+        return True
+
+    http_origin.routes += [("GET", "/link/", link), ("GET", "/signed/", signed)]
+    rec = _fetch(f"{http_origin.endpoint}/link/blob.bin#sha256={SHA}", tmp_path / "out", connections=1)
+    assert (tmp_path / "out" / "blob.bin").read_bytes() == DATA and rec["verified"] == "sha256 pin"
+    assert state["sig"] >= 2
+
+
+def test_a_small_file_comes_whole_with_the_probe(http_origin, tmp_path):
+    url = http_origin.add("config.json", b'{"a": 1}')
+    _fetch(url, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").read_bytes() == b'{"a": 1}'
+    assert [r for _, p, r in http_origin.requests] == [PROBE]

@@ -103,6 +103,7 @@ class Engine:
         self.log = log
         self.fetched = 0
         self.total: int | None = None
+        self.range_url = url  # where ranges are asked for: the URL after redirects
         self.stop = threading.Event()
         self._count = threading.Lock()
         self.client = httpx.Client(follow_redirects=True, trust_env=True,
@@ -183,15 +184,29 @@ class Engine:
             raise BadInput(f"{self.what}: the server sent an HTML page, not the file (a login or error page?); "
                            f"check the URL and whether the site needs you to sign in or accept terms")
 
-    def get_range(self, url: str, start: int, end: int, progress: _Progress) -> bytes:
+    def _refresh(self, stale: str) -> None:
+        """The redirect target (a signed URL) expired mid-download: ask the origin for a new one, once per
+        expiry however many ranges noticed."""
+        with self._count:
+            if self.range_url != stale:
+                return
+        _, _, _, url = self.probe()
+        with self._count:
+            self.range_url = url
+
+    def get_range(self, start: int, end: int, progress: _Progress) -> bytes:
         """Bytes [start, end) of the file; a body cut short is asked for again from where it stopped."""
         buf = bytearray()
-        headers = self.headers if _same_host(url, self.url) else {}
 
         def go(progressed):
+            url = self.range_url
+            headers = self.headers if _same_host(url, self.url) else {}
             want = f"bytes={start + len(buf)}-{end - 1}"
             with self.client.stream("GET", url, headers={**headers, "Range": want,
                                                           "Accept-Encoding": "identity"}) as resp:
+                if resp.status_code in (401, 403) and url != self.url:
+                    self._refresh(url)
+                    raise _Transient(f"the signed URL answered {resp.status_code} (expired?); asked for a new one")
                 self._check(resp)
                 if resp.status_code != 206:
                     raise _Transient(f"asked for {want}, the server answered {resp.status_code}")
@@ -239,6 +254,13 @@ class Engine:
                 raise BadInput(f"{self.what}: the server has {total} bytes, {size} were expected")
             if stream is not None:
                 out = self._single(stream, temp, size, expect)
+            elif total == len(head):  # a small file came whole with the probe
+                hashers = self._hashers(total, expect)
+                with open(temp, "wb") as f:
+                    f.write(head)
+                for h in hashers.values():
+                    h.update(head)
+                out = _fetched(hashers, total, self.fetched, None)
             else:
                 out = self._ranged(url, total, head, temp, parts_uri, expect)
             self.total = out.size
@@ -311,6 +333,7 @@ class Engine:
     def _ranged(self, url: str, total: int, head: bytes, temp: str, parts_uri: str,
                 expect: Mapping[str, str]) -> Fetched:
         n = -(-total // self.chunk_size)  # 0 for an empty file
+        self.range_url = url
         meta = {"url": _show(self.url), "size": total, "chunk_size": self.chunk_size}
         meta_uri = storage.join(parts_uri, "parts.json")
         import json
@@ -329,7 +352,7 @@ class Engine:
 
         def one(i: int) -> None:
             start, end = i * self.chunk_size, min(total, (i + 1) * self.chunk_size)
-            data = self.get_range(url, start, end, progress)
+            data = self.get_range(start, end, progress)
             storage.write_bytes(storage.join(parts_uri, f"{i:06d}"), data)
 
         todo = [i for i in range(n) if i not in done_parts]
