@@ -155,6 +155,7 @@ def test_unpinned_download_records_its_digest(http_origin, tmp_path):
     url = http_origin.add("u.bin", DATA)
     rec = _fetch(url, tmp_path / "out")
     assert rec["files"]["u.bin"]["sha256"] == SHA and rec["verified"].startswith("none")
+    assert rec["etag"].startswith('"')
 
 
 def test_empty_file(http_origin, tmp_path):

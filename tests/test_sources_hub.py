@@ -41,6 +41,15 @@ def test_download_a_model_at_a_commit_verified(hf_hub, tmp_path):
     assert rec["bytes_total"] == sum(map(len, FILES.values()))
 
 
+def test_include_and_exclude_pick_the_files(hf_hub, tmp_path):
+    hf_hub.add_repo("openai/clip-vit-large-patch14-336", {**FILES, "tf_model.h5": b"tf", "flax_model.msgpack": b"f"})
+    rec = download(parse("hf://openai/clip-vit-large-patch14-336#exclude=*.h5,*.msgpack"), str(tmp_path / "c"),
+                   **SMALL)
+    assert sorted(rec["files"]) == sorted(FILES)
+    with pytest.raises(BadInput, match="no file .* matches include=\\*.safetensors"):
+        download(parse("hf://openai/clip-vit-large-patch14-336#include=*.safetensors"), str(tmp_path / "n"), **SMALL)
+
+
 def test_download_a_dataset_repo_resolving_main(hf_hub, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HF_TOKEN", "hf_notarealtoken_0123456789")
     sha = hf_hub.add_repo("QCRI/CrisisMMD", {"data/train.tsv": b"a\tb\n"}, repo_type="dataset")

@@ -82,3 +82,15 @@ def test_sources_are_storage_level_without_ml_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": REPO}).stdout
     assert out.strip() == "[]"
+
+
+def test_hf_include_exclude_globs_are_part_of_the_origin():
+    o = parse("hf://openai/clip-vit-large-patch14-336#exclude=*.h5,*.msgpack")
+    assert o.exclude == ("*.h5", "*.msgpack") and o.wants("pytorch_model.bin") and not o.wants("tf_model.h5")
+    i = parse("hf://llava-hf/llava-1.5-7b-hf#include=*.json,*.safetensors,tokenizer*")
+    assert i.wants("model-00001-of-00003.safetensors") and i.wants("tokenizer.json") and not i.wants("x.bin")
+    assert len({o.key(), i.key(), parse("hf://openai/clip-vit-large-patch14-336").key()}) == 3
+    with pytest.raises(BadInput, match="does not apply"):
+        parse(f"{DTD}#include=*.jpg")
+    with pytest.raises(BadInput, match="does not apply"):
+        parse("hf://o/r#sha256=" + SHA)

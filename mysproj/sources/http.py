@@ -104,6 +104,7 @@ class Engine:
         self.fetched = 0
         self.total: int | None = None
         self.range_url = url  # where ranges are asked for: the URL after redirects
+        self.etag: str | None = None
         self.stop = threading.Event()
         self._count = threading.Lock()
         self.client = httpx.Client(follow_redirects=True, trust_env=True,
@@ -163,6 +164,7 @@ class Engine:
                     resp.close()
                     return None, 0, b"", str(resp.url)
                 self._check(resp)
+                self.etag = resp.headers.get("etag")
                 if resp.status_code == 206:
                     total = resp.headers.get("content-range", "").rpartition("/")[2]
                     head = resp.read()
@@ -432,8 +434,11 @@ def download_origin(origin, dest: str, *, parts_uri: str | None, env: Mapping[st
     name = filename_of(origin.uri)
     eng = Engine(origin.uri, log=log, **engine)
     out = eng.fetch(dest, name, parts_uri=parts_uri, expect={"sha256": origin.sha256} if origin.sha256 else None)
-    return record(origin, None, {name: out}, time.monotonic() - t0,
-                  "sha256 pin" if origin.sha256 else "none (unpinned; sha256 recorded)")
+    rec = record(origin, None, {name: out}, time.monotonic() - t0,
+                 "sha256 pin" if origin.sha256 else "none (unpinned; sha256 recorded)")
+    if eng.etag:  # lets a later run tell whether an unpinned URL still serves the same bytes
+        rec["etag"] = eng.etag
+    return rec
 
 
 def record(origin, revision: str | None, files: Mapping[str, Fetched], seconds: float, verified: str) -> dict:

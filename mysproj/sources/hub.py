@@ -126,7 +126,10 @@ def download(origin, dest: str, *, parts_uri: str | None, env: Mapping[str, str]
     t0 = time.monotonic()
     retry = engine.get("retry_seconds")
     commit = origin.revision if origin.pinned else resolve_commit(origin, env=env, retry_seconds=retry)
-    files = list_files(origin, commit, env=env, retry_seconds=retry)
+    files = [f for f in list_files(origin, commit, env=env, retry_seconds=retry) if origin.wants(f[0])]
+    if not files:
+        raise BadInput(f"{origin.uri}: no file of {origin.repo} at {commit[:12]} matches include="
+                       f"{','.join(origin.include) or '*'} exclude={','.join(origin.exclude) or '-'}")
     token = _token(env)
     headers = build_hf_headers(token=token if token else False)
     total = sum(size for _, size, _ in files)
