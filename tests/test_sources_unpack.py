@@ -79,3 +79,27 @@ def test_hostile_archives_are_refused_before_anything_is_written(tmp_path, build
     assert archive in str(e.value) and needle in str(e.value)
     assert list(out.iterdir()) == []  # not even the harmless member
     assert not (tmp_path / "deep" / "evil.txt").exists() and not (tmp_path / "deep" / "er" / "outside").exists()
+
+
+def test_fetch_then_unpack_as_the_fetch_stage_does(http_origin, tmp_path):
+    """DTD pinned by sha256, CrisisMMD's images and its split zip `into` the images' folder: the output holds the
+    layouts the prep stages read."""
+    import hashlib
+
+    from mysproj.sources import download, parse
+
+    images, splits = arch.crisismmd_archives()
+    dtd = arch.dtd_tar_gz()
+    uris = [f"{http_origin.add('dtd-r1.0.1.tar.gz', dtd)}#sha256={hashlib.sha256(dtd).hexdigest()}",
+            http_origin.add("CrisisMMD_v2.0.tar.gz", images),
+            f"{http_origin.add('crisismmd_datasplit_all.zip', splits)}#into=CrisisMMD_v2.0"]
+    out = tmp_path / "out"
+    for uri in uris:
+        origin = parse(uri)
+        rec = download(origin, str(tmp_path / "dl"), parts_uri=str(tmp_path / "parts" / origin.key()),
+                       chunk_size=4096, connections=3)
+        for name in rec["files"]:
+            unpack(str(tmp_path / "dl" / name), str(out), into=origin.into)
+    assert (out / "dtd" / "labels" / "test1.txt").is_file()
+    assert (out / "CrisisMMD_v2.0" / "crisismmd_datasplit_all" / "task_humanitarian_text_img_dev.tsv").is_file()
+    assert any((out / "CrisisMMD_v2.0" / "data_image" / "hurricane_harvey").iterdir())
