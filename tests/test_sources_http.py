@@ -9,8 +9,7 @@ import os
 import pytest
 
 from mysproj.errors import BadInput
-from mysproj.sources import download, parse
-from mysproj.sources import http as engine
+from mysproj.sources import download, parse, verify
 from mysproj.storage import uri as storage
 
 DATA = os.urandom(300_000)
@@ -176,7 +175,7 @@ def test_disk_full_names_folder_and_bytes(http_origin, tmp_path):
 
 
 def test_progress_lines(http_origin, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(verify, "PROGRESS_SECONDS", 0.0)
     url = http_origin.add("p.bin", DATA)
     with caplog.at_level(logging.INFO):
         _fetch(url, tmp_path / "out")

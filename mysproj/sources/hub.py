@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 
 from mysproj.errors import BadInput, redact
-from mysproj.sources import http
+from mysproj.sources import http, verify
 from mysproj.storage import uri as storage
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def download(origin, dest: str, *, parts_uri: str | None, env: Mapping[str, str]
     headers = build_hf_headers(token=token if token else False)
     total = sum(size for _, size, _ in files)
     log.info("%s@%s: %d files, %.1f MB", origin.uri, commit[:12], len(files), total / 1e6)
-    done: dict[str, http.Fetched] = {}
+    done: dict[str, verify.Fetched] = {}
     how = set()
     for path, size, expect in files:
         url = hf_hub_url(origin.repo, path, repo_type=origin.repo_type, revision=commit, endpoint=_endpoint(env))
@@ -146,4 +146,4 @@ def download(origin, dest: str, *, parts_uri: str | None, env: Mapping[str, str]
         how.add("hub lfs sha256" if "sha256" in expect else "git blob oid")
     if parts_uri is not None:  # every file verified: a restart no longer needs them
         storage.remove(parts_uri, recursive=True)
-    return http.record(origin, commit, done, time.monotonic() - t0, " + ".join(sorted(how)) or "no files")
+    return verify.record(origin, commit, done, time.monotonic() - t0, " + ".join(sorted(how)) or "no files")

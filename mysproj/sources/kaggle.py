@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 
 from mysproj.errors import BadInput, redact
-from mysproj.sources import http
+from mysproj.sources import http, verify
 from mysproj.storage import uri as storage
 
 log = logging.getLogger(__name__)
@@ -124,5 +124,5 @@ def download(origin, dest: str, *, parts_uri: str | None, env: Mapping[str, str]
     eng = http.Engine(resp.url, what=f"{origin.uri} (version {version})", log=log, **engine)
     parts = storage.join(parts_uri, hashlib.sha256(version.encode()).hexdigest()[:8]) if parts_uri else None
     out = eng.fetch(dest, name, parts_uri=parts, expect={"md5": md5} if md5 else None)
-    return http.record(origin, version, {name: out}, time.monotonic() - t0,
+    return verify.record(origin, version, {name: out}, time.monotonic() - t0,
                        "kaggle md5" if md5 else "none (Kaggle sent no md5; sha256 recorded)")
