@@ -49,7 +49,8 @@ class Faults:
 
 
 class HttpOrigin:
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host  # another address (0.0.0.0) lets containers of the Kubernetes tier reach it
         self.files: dict[str, bytes] = {}
         self.file_headers: dict[str, dict[str, str]] = {}
         self.faults = Faults()
@@ -70,7 +71,7 @@ class HttpOrigin:
             pass
 
         Handler.origin = origin
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer((self.host, 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -82,7 +83,8 @@ class HttpOrigin:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.server.server_address[1]}"
 
     def url(self, name: str) -> str:
         return f"{self.endpoint}/{urllib.parse.quote(name)}"
