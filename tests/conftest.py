@@ -14,6 +14,9 @@
   `tiny_model` folder) and `clip_tiny_uri` for the eval/probe/report tests. Tests must not change them.
   `one_process_env` (function): RANK, WORLD_SIZE, MASTER_ADDR... of a 1-process run; `deepspeed_one_process`
   (function): DeepSpeed's CPU accelerator in this process.
+- Stage-in origins on loopback (function): `http_origin` (tests/http_origin.py: a Range-honouring file server with
+  fault injection), `hf_hub` (tests/hub_server.py: olah serving git repos as a hub; HF_ENDPOINT set; one server
+  per session), `kaggle_server` (tests/kaggle_server.py: Kaggle's dataset-download API for Kaggle's own client).
 - `compile_counter` (function): `torch.compile` counting the graphs it compiles (and running them eagerly), from
   a clean dynamo state, which it restores afterwards.
 """
@@ -323,16 +326,24 @@ def http_origin():
     origin.stop()
 
 
-@pytest.fixture
-def hf_hub(tmp_path, monkeypatch):
-    """A real hub endpoint (olah, serving git repositories made here) on 127.0.0.1, with HF_ENDPOINT pointing at
-    it (see tests/hub_server.py): `.endpoint`, `.add_repo(repo_id, {path: bytes}, repo_type="model") -> commit`.
-    Skipped when olah is not installed."""
+@pytest.fixture(scope="session")
+def _hub_server(tmp_path_factory):
     from hub_server import start_hub
 
-    hub = start_hub(str(tmp_path / "hub"), monkeypatch)
+    hub = start_hub(str(tmp_path_factory.mktemp("hub")))
     yield hub
     hub.stop()
+
+
+@pytest.fixture
+def hf_hub(_hub_server, monkeypatch):
+    """A real hub endpoint (olah, serving git repositories made here) on 127.0.0.1, with HF_ENDPOINT pointing at
+    it for this test (see tests/hub_server.py): `.endpoint`, `.add_repo(repo_id, {path: bytes},
+    repo_type="model", branch="main") -> commit`. One server per session: use repo names of your own.
+    Skipped when olah is not installed."""
+    from hub_server import use_hub
+
+    return use_hub(_hub_server, monkeypatch)
 
 
 @pytest.fixture

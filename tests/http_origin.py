@@ -2,14 +2,16 @@
 be told to misbehave the way public dataset sites do.
 
     origin = HttpOrigin().start()
-    origin.add("dtd-r1.0.1.tar.gz", data)        # served at origin.url("dtd-r1.0.1.tar.gz")
+    origin.add("dtd-r1.0.1.tar.gz", data)        # served at origin.url("dtd-r1.0.1.tar.gz") (headers= adds some)
     origin.faults.fail("x", 500, times=2)         # the next 2 requests for x get 500
     origin.faults.drop("x", after=1000)           # the next response for x stops after 1000 body bytes
     origin.faults.status["x"] = 403               # always 403 (401/403/404/410...), `headers` adds some
     origin.faults.html.add("x")                   # 200 with a login page instead of the file
     origin.faults.no_range.add("x")               # ignores Range (one stream)
     origin.faults.budget["x"] = 3                 # 3 more file responses, then 503 until the entry goes
+    origin.faults.hold["x"] = 3                   # 3 more file responses, then hang until faults.release.set()
     origin.bytes_served, origin.served("x"), origin.requests   # body bytes sent; (method, path, range) log
+    origin.authorizations                         # the Authorization headers received
 
 A request whose target is an absolute URL (a client using this server as its HTTP proxy) is served by path, so
 clients with a fixed endpoint (`http://localhost`) reach it through HTTP_PROXY.
@@ -35,6 +37,8 @@ class Faults:
     html: set[str] = field(default_factory=set)
     no_range: set[str] = field(default_factory=set)
     budget: dict[str, int] = field(default_factory=dict)  # name -> file responses left, then 503 for good
+    hold: dict[str, int] = field(default_factory=dict)  # name -> file responses left, then wait for `release`
+    release: threading.Event = field(default_factory=threading.Event)
 
 
     def fail(self, name: str, code: int = 500, times: int = 1) -> None:
@@ -45,12 +49,15 @@ class Faults:
 
 
 class HttpOrigin:
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host  # another address (0.0.0.0) lets containers of the Kubernetes tier reach it
         self.files: dict[str, bytes] = {}
+        self.file_headers: dict[str, dict[str, str]] = {}
         self.faults = Faults()
         self.bytes_served = 0
         self.per_file: dict[str, int] = defaultdict(int)
         self.requests: list[tuple[str, str, str | None]] = []
+        self.authorizations: list[str] = []  # the Authorization headers received
         self.lock = threading.Lock()
         self.routes: list = []  # (method, path prefix, fn(handler, path, body) -> bool) for servers built on this
         self.server: http.server.ThreadingHTTPServer | None = None
@@ -64,7 +71,7 @@ class HttpOrigin:
             pass
 
         Handler.origin = origin
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer((self.host, 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
@@ -76,13 +83,15 @@ class HttpOrigin:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.server.server_address[1]}"
 
     def url(self, name: str) -> str:
         return f"{self.endpoint}/{urllib.parse.quote(name)}"
 
-    def add(self, name: str, data: bytes) -> str:
+    def add(self, name: str, data: bytes, headers: dict[str, str] | None = None) -> str:
         self.files[name] = data
+        self.file_headers[name] = dict(headers or {})
         return self.url(name)
 
     def served(self, name: str) -> int:
@@ -136,6 +145,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         with o.lock:
             o.requests.append((method, path, rng))
+            if self.headers.get("Authorization"):
+                o.authorizations.append(self.headers["Authorization"])
         for m, prefix, fn in o.routes:
             if m == method and path.startswith(prefix) and fn(self, path, body):
                 return
@@ -156,13 +167,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if left is not None and left <= 0:
             self.send_simple(503, b"overloaded\n")
             return
+        with o.lock:
+            held = f.hold.get(name)
+            if held is not None:
+                f.hold[name] = held - 1
+        if held is not None and held <= 0:
+            f.release.wait(120)
         if name in f.html:
             self.send_simple(200, HTML_PAGE, "text/html; charset=utf-8")
             return
         if name not in o.files:
             self.send_simple(404, b"not found\n")
             return
-        self.send_file(name, o.files[name], method, rng if name not in f.no_range else None)
+        self.send_file(name, o.files[name], method, rng if name not in f.no_range else None, o.file_headers.get(name))
 
     def send_file(self, name: str, data: bytes, method: str = "GET", rng: str | None = None,
                   headers: dict | None = None) -> None:

@@ -9,8 +9,7 @@ import os
 import pytest
 
 from mysproj.errors import BadInput
-from mysproj.sources import download, parse
-from mysproj.sources import http as engine
+from mysproj.sources import download, parse, verify
 from mysproj.storage import uri as storage
 
 DATA = os.urandom(300_000)
@@ -18,6 +17,8 @@ SHA = hashlib.sha256(DATA).hexdigest()
 CHUNK = 64 * 1024
 SMALL = {"chunk_size": CHUNK, "connections": 4, "retry_seconds": 20}
 PROBE = "bytes=0-1023"
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fetch(url: str, dest, parts=None, **kw):
@@ -102,7 +103,7 @@ def test_connection_dropped_mid_chunk_is_resumed_from_where_it_stopped(http_orig
 
 def test_5xx_is_retried_then_succeeds(http_origin, tmp_path):
     url = http_origin.add("r.bin", DATA)
-    http_origin.faults.fail("r.bin", 500, times=2)
+    http_origin.faults.fail("r.bin", 500, times=1)
     http_origin.faults.fail("r.bin", 503, times=1)
     _fetch(f"{url}#sha256={SHA}", tmp_path / "out")
     assert (tmp_path / "out" / "r.bin").read_bytes() == DATA
@@ -153,6 +154,7 @@ def test_unpinned_download_records_its_digest(http_origin, tmp_path):
     url = http_origin.add("u.bin", DATA)
     rec = _fetch(url, tmp_path / "out")
     assert rec["files"]["u.bin"]["sha256"] == SHA and rec["verified"].startswith("none")
+    assert rec["etag"].startswith('"')
 
 
 def test_empty_file(http_origin, tmp_path):
@@ -173,9 +175,85 @@ def test_disk_full_names_folder_and_bytes(http_origin, tmp_path):
 
 
 def test_progress_lines(http_origin, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(verify, "PROGRESS_SECONDS", 0.0)
     url = http_origin.add("p.bin", DATA)
     with caplog.at_level(logging.INFO):
         _fetch(url, tmp_path / "out")
     lines = [r.getMessage() for r in caplog.records if "MB/s" in r.getMessage()]
     assert lines and all("/0.3 MB" in line and "ETA" in line for line in lines)
+
+
+def test_a_killed_process_resumes_from_its_parts(http_origin, tmp_path):
+    """A child process fetching the file is killed (SIGKILL, as a node loss would) after 2 ranges; this process
+    then fetches only the ranges it did not finish."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = http_origin.add("killed.bin", DATA)
+    parts = str(tmp_path / "parts")
+    http_origin.faults.hold["killed.bin"] = 3  # the probe and 2 ranges, then the server hangs
+    code = (f"from mysproj.sources import download, parse\n"
+            f"download(parse({url!r}), {str(tmp_path / 'out')!r}, parts_uri={parts!r}, chunk_size={CHUNK}, "
+            f"connections=1)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        deadline = time.monotonic() + 60
+        while len([p for p in storage.list_files(parts) if p.isdigit()]) < 2:
+            assert child.poll() is None and time.monotonic() < deadline, "the child never stored 2 ranges"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        http_origin.faults.release.set()
+    del http_origin.faults.hold["killed.bin"]
+    before = http_origin.served("killed.bin")
+    _fetch(f"{url}#sha256={SHA}", tmp_path / "out", parts)
+    assert (tmp_path / "out" / "killed.bin").read_bytes() == DATA
+    assert http_origin.served("killed.bin") - before == len(DATA) - 2 * CHUNK + 1024
+
+
+def test_a_verified_file_already_there_is_not_fetched_again(http_origin, tmp_path):
+    url = http_origin.add("again.bin", DATA)
+    _fetch(f"{url}#sha256={SHA}", tmp_path / "out")
+    served = http_origin.bytes_served
+    rec = _fetch(f"{url}#sha256={SHA}", tmp_path / "out")
+    assert http_origin.bytes_served == served and rec["bytes_fetched"] == 0
+
+
+def test_an_expired_signed_url_is_asked_for_again(http_origin, tmp_path):
+    """Hubs and Kaggle redirect to signed storage URLs that expire: a 403 from the redirect target mid-download
+    asks the origin for a new one instead of failing."""
+    import urllib.parse
+
+    state = {"sig": 0, "uses": 0}
+
+    def link(handler, path, body):
+        state["sig"], state["uses"] = state["sig"] + 1, 0
+        handler.send_simple(302, b"", headers={"Location": f"{http_origin.endpoint}/signed/blob.bin?"
+                                                           f"sig={state['sig']}"})
+        return True
+
+    def signed(handler, path, body):
+        sig = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)["sig"][0]
+        state["uses"] += 1
+        if sig != str(state["sig"]) or state["uses"] > 3:  # a signature serves 3 requests
+            handler.send_simple(403, b"<Error>expired</Error>")
+        else:
+            handler.send_file("signed/blob.bin", DATA, "GET", handler.headers.get("Range"))
+        return True
+
+    http_origin.routes += [("GET", "/link/", link), ("GET", "/signed/", signed)]
+    rec = _fetch(f"{http_origin.endpoint}/link/blob.bin#sha256={SHA}", tmp_path / "out", connections=1)
+    assert (tmp_path / "out" / "blob.bin").read_bytes() == DATA and rec["verified"] == "sha256 pin"
+    assert state["sig"] >= 2
+
+
+def test_a_small_file_comes_whole_with_the_probe(http_origin, tmp_path):
+    url = http_origin.add("config.json", b'{"a": 1}')
+    _fetch(url, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").read_bytes() == b'{"a": 1}'
+    assert [r for _, p, r in http_origin.requests] == [PROBE]

@@ -7,9 +7,7 @@ keeps failing for less than `retry_seconds`; refusals (401/403/404/410) and HTML
 
 from __future__ import annotations
 
-import base64
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -19,11 +17,11 @@ import time
 import urllib.parse
 from collections.abc import Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 
 import httpx
 
 from mysproj.errors import BadInput, redact
+from mysproj.sources import verify as check
 from mysproj.storage import uri as storage
 
 log = logging.getLogger(__name__)
@@ -31,22 +29,12 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 32 * 1024 * 1024
 CONNECTIONS = 8
 RETRY_SECONDS = float(os.environ.get("MYSPROJ_FETCH_RETRY_SECONDS", "300"))
-PROGRESS_SECONDS = 5.0
 _PROBE = 1024  # the first bytes, asked for with the size probe: enough to tell an HTML page
 _REFUSED = {401: "not authorised", 403: "forbidden", 404: "not found", 410: "gone"}
 
 
 class _Transient(Exception):
     """A failure worth retrying (a 5xx, 429, or a body shorter than announced)."""
-
-
-@dataclass
-class Fetched:
-    size: int
-    sha256: str
-    bytes_fetched: int
-    digests: dict[str, str] = field(default_factory=dict)  # the other digests asked for (md5, git-sha1)
-    etag: str | None = None
 
 
 def _show(url: str) -> str:
@@ -67,30 +55,6 @@ def looks_html(content_type: str | None, head: bytes) -> bool:
     return start.startswith((b"<!doctype html", b"<html"))
 
 
-class _Progress:
-    """`what: 12.6/625.2 MB (48.1 MB/s, ETA 13s)` at most every PROGRESS_SECONDS."""
-
-    def __init__(self, what: str, total: int | None, done: int, log: logging.Logger):
-        self.what, self.total, self.done, self.log = what, total, done, log
-        self.start_done = done
-        self.t0 = self.last = time.monotonic()
-        self.lock = threading.Lock()
-
-    def add(self, n: int) -> None:
-        with self.lock:
-            self.done += n
-            now = time.monotonic()
-            if now - self.last >= PROGRESS_SECONDS:
-                self.last = now
-                self.log.info("%s", self.line())
-
-    def line(self) -> str:
-        rate = (self.done - self.start_done) / max(time.monotonic() - self.t0, 1e-9)
-        total = f"{self.total / 1e6:.1f}" if self.total is not None else "?"
-        eta = f"{(self.total - self.done) / rate:.0f}s" if self.total is not None and rate > 0 else "?"
-        return f"{self.what}: {self.done / 1e6:.1f}/{total} MB ({rate / 1e6:.1f} MB/s, ETA {eta})"
-
-
 class Engine:
     def __init__(self, url: str, headers: Mapping[str, str] | None = None, *, chunk_size: int = CHUNK_SIZE,
                  connections: int = CONNECTIONS, retry_seconds: float | None = None,
@@ -103,6 +67,8 @@ class Engine:
         self.log = log
         self.fetched = 0
         self.total: int | None = None
+        self.range_url = url  # where ranges are asked for: the URL after redirects
+        self.etag: str | None = None
         self.stop = threading.Event()
         self._count = threading.Lock()
         self.client = httpx.Client(follow_redirects=True, trust_env=True,
@@ -162,6 +128,7 @@ class Engine:
                     resp.close()
                     return None, 0, b"", str(resp.url)
                 self._check(resp)
+                self.etag = resp.headers.get("etag")
                 if resp.status_code == 206:
                     total = resp.headers.get("content-range", "").rpartition("/")[2]
                     head = resp.read()
@@ -183,15 +150,29 @@ class Engine:
             raise BadInput(f"{self.what}: the server sent an HTML page, not the file (a login or error page?); "
                            f"check the URL and whether the site needs you to sign in or accept terms")
 
-    def get_range(self, url: str, start: int, end: int, progress: _Progress) -> bytes:
+    def _refresh(self, stale: str) -> None:
+        """The redirect target (a signed URL) expired mid-download: ask the origin for a new one, once per
+        expiry however many ranges noticed."""
+        with self._count:
+            if self.range_url != stale:
+                return
+        _, _, _, url = self.probe()
+        with self._count:
+            self.range_url = url
+
+    def get_range(self, start: int, end: int, progress: check.Progress) -> bytes:
         """Bytes [start, end) of the file; a body cut short is asked for again from where it stopped."""
         buf = bytearray()
-        headers = self.headers if _same_host(url, self.url) else {}
 
         def go(progressed):
+            url = self.range_url
+            headers = self.headers if _same_host(url, self.url) else {}
             want = f"bytes={start + len(buf)}-{end - 1}"
             with self.client.stream("GET", url, headers={**headers, "Range": want,
                                                           "Accept-Encoding": "identity"}) as resp:
+                if resp.status_code in (401, 403) and url != self.url:
+                    self._refresh(url)
+                    raise _Transient(f"the signed URL answered {resp.status_code} (expired?); asked for a new one")
                 self._check(resp)
                 if resp.status_code != 206:
                     raise _Transient(f"asked for {want}, the server answered {resp.status_code}")
@@ -211,12 +192,23 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- files
 
     def fetch(self, dest_dir: str, filename: str, *, parts_uri: str | None = None, size: int | None = None,
-              expect: Mapping[str, str] | None = None) -> Fetched:
+              expect: Mapping[str, str] | None = None, keep_parts: bool = False) -> check.Fetched:
         """Fetch into `dest_dir/filename`, verified against `expect` ({"sha256"|"md5"|"git-sha1": hex}, md5 may
-        be base64) and `size`. Nothing is at the final name unless it verified."""
+        be base64) and `size`. Nothing is at the final name unless it verified; a file already there that
+        verifies is kept (nothing fetched). `keep_parts`: leave the verified parts for the caller to remove (a
+        multi-file origin keeps them until every file verified, so a restart reassembles instead of fetching)."""
         expect = dict(expect or {})
         final = os.path.join(dest_dir, filename)
         temp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.incomplete")
+        if expect and os.path.isfile(final):
+            have = check.hash_file(final, check.hashers(os.path.getsize(final), expect))
+            try:
+                check.verify(self.what, have, size, expect, final)
+                self.log.info("%s: already here and verified", self.what)
+                self.client.close()
+                return have
+            except BadInput:
+                pass
         own_parts = parts_uri is None
         if own_parts:
             parts_uri = tempfile.mkdtemp(prefix="mysproj-parts-")
@@ -228,16 +220,23 @@ class Engine:
                 raise BadInput(f"{self.what}: the server has {total} bytes, {size} were expected")
             if stream is not None:
                 out = self._single(stream, temp, size, expect)
+            elif total == len(head):  # a small file came whole with the probe
+                hashers = check.hashers(total, expect)
+                with open(temp, "wb") as f:
+                    f.write(head)
+                for h in hashers.values():
+                    h.update(head)
+                out = check.fetched(hashers, total, self.fetched, None)
             else:
                 out = self._ranged(url, total, head, temp, parts_uri, expect)
             self.total = out.size
             try:
-                _verify(self.what, out, size, expect, temp)
+                check.verify(self.what, out, size, expect, temp)
             except BadInput:
                 storage.remove(parts_uri, recursive=True)  # wrong bytes: the next try fetches them anew
                 raise
             os.replace(temp, final)
-            if not own_parts:
+            if not own_parts and not keep_parts:
                 storage.remove(parts_uri, recursive=True)
             return out
         except OSError as e:
@@ -255,19 +254,11 @@ class Engine:
                 shutil.rmtree(parts_uri, ignore_errors=True)
             self.client.close()
 
-    def _hashers(self, size: int | None, expect: Mapping[str, str]) -> dict:
-        hashers = {"sha256": hashlib.sha256()}
-        if "md5" in expect:
-            hashers["md5"] = hashlib.md5(usedforsecurity=False)
-        if "git-sha1" in expect and size is not None:
-            hashers["git-sha1"] = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
-        return hashers
-
-    def _single(self, resp: httpx.Response, temp: str, size: int | None, expect: Mapping[str, str]) -> Fetched:
+    def _single(self, resp: httpx.Response, temp: str, size: int | None, expect: Mapping[str, str]) -> check.Fetched:
         """A server without ranges: one stream; a failure starts the file again (nothing to resume from)."""
         length = resp.headers.get("content-length")
         total = size if size is not None else (int(length) if length and length.isdigit() else None)
-        progress = _Progress(self.what, total, 0, self.log)
+        progress = check.Progress(self.what, total, 0, self.log)
         first = [resp]
 
         def go(progressed):
@@ -276,7 +267,7 @@ class Engine:
                 stream=True)
             try:
                 self._check(r)
-                hashers, n, sniffed = self._hashers(total, expect), 0, False
+                hashers, n, sniffed = check.hashers(total, expect), 0, False
                 with open(temp, "wb") as f:
                     for block in r.iter_raw():
                         if not sniffed:
@@ -291,15 +282,16 @@ class Engine:
                         progressed()
                 if total is not None and n < total:
                     raise _Transient(f"the body stopped at {n} of {total} bytes")
-                return _fetched(hashers, n, self.fetched, r.headers.get("etag"))
+                return check.fetched(hashers, n, self.fetched, r.headers.get("etag"))
             finally:
                 r.close()
 
         return self._retrying("downloading", go)
 
     def _ranged(self, url: str, total: int, head: bytes, temp: str, parts_uri: str,
-                expect: Mapping[str, str]) -> Fetched:
+                expect: Mapping[str, str]) -> check.Fetched:
         n = -(-total // self.chunk_size)  # 0 for an empty file
+        self.range_url = url
         meta = {"url": _show(self.url), "size": total, "chunk_size": self.chunk_size}
         meta_uri = storage.join(parts_uri, "parts.json")
         import json
@@ -314,11 +306,11 @@ class Engine:
         if done_parts:
             self.log.info("%s: resuming, %d of %d parts (%.1f MB) already fetched", self.what,
                           len(done_parts & set(range(n))), n, have / 1e6)
-        progress = _Progress(self.what, total, have, self.log)
+        progress = check.Progress(self.what, total, have, self.log)
 
         def one(i: int) -> None:
             start, end = i * self.chunk_size, min(total, (i + 1) * self.chunk_size)
-            data = self.get_range(url, start, end, progress)
+            data = self.get_range(start, end, progress)
             storage.write_bytes(storage.join(parts_uri, f"{i:06d}"), data)
 
         todo = [i for i in range(n) if i not in done_parts]
@@ -334,7 +326,7 @@ class Engine:
                     errors = [f.exception() for f in failed if not isinstance(f.exception(), _Stopped)]
                     raise errors[0] if errors else failed[0].exception()
         self.log.info("%s", progress.line())
-        hashers = self._hashers(total, expect)
+        hashers = check.hashers(total, expect)
         written = 0
         with open(temp, "wb") as f:
             for i in range(n):
@@ -343,7 +335,7 @@ class Engine:
                 for h in hashers.values():
                     h.update(data)
                 written += len(data)
-        return _fetched(hashers, written, self.fetched, None)
+        return check.fetched(hashers, written, self.fetched, None)
 
 
 class _Stopped(Exception):
@@ -361,26 +353,6 @@ def _remove(path: str) -> None:
         pass
 
 
-def _fetched(hashers: dict, size: int, fetched: int, etag: str | None) -> Fetched:
-    digests = {k: h.hexdigest() for k, h in hashers.items() if k != "sha256"}
-    return Fetched(size, hashers["sha256"].hexdigest(), fetched, digests, etag)
-
-
-def _verify(what: str, out: Fetched, size: int | None, expect: Mapping[str, str], temp: str) -> None:
-    if size is not None and out.size != size:
-        raise BadInput(f"{what}: got {out.size} bytes, expected {size}; the file changed at its origin or the "
-                       f"transfer was cut; fetch it again")
-    for algo, want in expect.items():
-        got = out.sha256 if algo == "sha256" else out.digests.get(algo)
-        if got is None:
-            continue
-        if algo == "md5" and len(want) != 32:  # x-goog-hash gives md5 in base64
-            want = base64.b64decode(want).hex()
-        if got.lower() != want.lower():
-            raise BadInput(f"{what}: {algo} mismatch: expected {want.lower()}, got {got}; the file at the origin "
-                           f"is not the one pinned (fix the pin if the origin changed on purpose)")
-
-
 def download_origin(origin, dest: str, *, parts_uri: str | None, env: Mapping[str, str] = os.environ,
                     log: logging.Logger = log, **engine) -> dict:
     """An http(s) origin into `dest/<file name>`, verified against its sha256 pin when it has one."""
@@ -388,14 +360,8 @@ def download_origin(origin, dest: str, *, parts_uri: str | None, env: Mapping[st
     name = filename_of(origin.uri)
     eng = Engine(origin.uri, log=log, **engine)
     out = eng.fetch(dest, name, parts_uri=parts_uri, expect={"sha256": origin.sha256} if origin.sha256 else None)
-    return record(origin, None, {name: out}, time.monotonic() - t0,
-                  "sha256 pin" if origin.sha256 else "none (unpinned; sha256 recorded)")
-
-
-def record(origin, revision: str | None, files: Mapping[str, Fetched], seconds: float, verified: str) -> dict:
-    fetched = sum(f.bytes_fetched for f in files.values())
-    return {"origin": origin.uri, "revision": revision,
-            "files": {k: {"size": f.size, "sha256": f.sha256} for k, f in sorted(files.items())},
-            "bytes_fetched": fetched, "bytes_total": sum(f.size for f in files.values()),
-            "seconds": round(seconds, 3), "mb_per_s": round(fetched / 1e6 / max(seconds, 1e-9), 2),
-            "verified": verified}
+    rec = check.record(origin, None, {name: out}, time.monotonic() - t0,
+                       "sha256 pin" if origin.sha256 else "none (unpinned; sha256 recorded)")
+    if eng.etag:  # lets a later run tell whether an unpinned URL still serves the same bytes
+        rec["etag"] = eng.etag
+    return rec

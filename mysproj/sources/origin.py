@@ -35,6 +35,16 @@ class Origin:
     repo: str = ""  # hf: ORG/REPO; kaggle: OWNER/DATASET
     repo_type: str = "model"  # hf: "model" | "dataset"
     revision: str | None = None  # hf: branch/tag/commit; kaggle: version number
+    include: tuple[str, ...] = ()  # hf: `#include=*.json,*.safetensors`: only files matching one of these globs
+    exclude: tuple[str, ...] = ()  # hf: `#exclude=*.h5,*.msgpack`: leave files matching these out
+
+    def wants(self, path: str) -> bool:
+        """Whether a repository file belongs to this origin (its include/exclude globs)."""
+        import fnmatch
+
+        if self.include and not any(fnmatch.fnmatchcase(path, g) for g in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(path, g) for g in self.exclude)
 
     @property
     def pinned(self) -> bool:
@@ -58,6 +68,9 @@ class Origin:
             text = f"github {self.repo} {self.revision or 'HEAD'}"
         else:
             text = f"storage {self.uri}"
+        for label, globs in (("include", self.include), ("exclude", self.exclude)):
+            if globs:
+                text += f" {label}={','.join(globs)}"
         return f"{text} into={self.into}" if self.into else text
 
     def key(self) -> str:
@@ -91,9 +104,9 @@ def _fragment(uri: str, fragment: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in fragment.split("&"):
         key, eq, value = part.partition("=")
-        if not eq or key not in ("sha256", "into") or key in out:
-            raise BadInput(f"{redact(uri)}: unknown or repeated '#{part}'; the fragment takes sha256=HEX and "
-                           f"into=sub/dir, joined by '&'")
+        if not eq or key not in ("sha256", "into", "include", "exclude") or key in out:
+            raise BadInput(f"{redact(uri)}: unknown or repeated '#{part}'; the fragment takes sha256=HEX (https), "
+                           f"include=GLOB,GLOB and exclude=GLOB,GLOB (hf://) and into=sub/dir, joined by '&'")
         out[key] = urllib.parse.unquote(value)
     if "into" in out:
         into = out["into"].strip("/")
@@ -102,6 +115,17 @@ def _fragment(uri: str, fragment: str) -> dict[str, str]:
             raise BadInput(f"{redact(uri)}: into={out['into']!r} must be a relative sub-folder without '..'")
         out["into"] = into
     return out
+
+
+def _only(uri: str, frag: dict[str, str], allowed: tuple[str, ...]) -> None:
+    extra = sorted(set(frag) - set(allowed))
+    if extra:
+        raise BadInput(f"{redact(uri)}: '{extra[0]}=' does not apply to this kind of source (it takes "
+                       f"{', '.join(a + '=' for a in allowed)})")
+
+
+def _globs(text: str | None) -> tuple[str, ...]:
+    return tuple(sorted({g.strip() for g in (text or "").split(",") if g.strip()}))
 
 
 def _slug_pair(uri: str, text: str, what: str) -> str:
@@ -127,6 +151,7 @@ def parse(uri: str) -> Origin:
         if not parsed.netloc or not parsed.path.strip("/"):
             raise BadInput(f"{uri}: an http(s) source needs a host and a file path")
         frag = _fragment(uri, fragment)
+        _only(uri, frag, ("sha256", "into"))
         sha = frag.get("sha256")
         if sha is not None and not _HEX64.match(sha):
             raise BadInput(f"{uri}: sha256={sha!r} is not 64 hex digits")
@@ -142,9 +167,12 @@ def parse(uri: str) -> Origin:
         if at and not rev:
             raise BadInput(f"{uri}: empty revision after '@'")
         _slug_pair(uri, repo, "hf://ORG/REPO[@REVISION] or hf://datasets/ORG/REPO[@REVISION]")
-        return Origin("hf", base, into=frag.get("into", ""), repo=repo, repo_type=repo_type, revision=rev or None)
+        _only(uri, frag, ("into", "include", "exclude"))
+        return Origin("hf", base, into=frag.get("into", ""), repo=repo, repo_type=repo_type, revision=rev or None,
+                      include=_globs(frag.get("include")), exclude=_globs(frag.get("exclude")))
     if lower.startswith("kaggle://"):
         frag = _fragment(uri, fragment)
+        _only(uri, frag, ("into",))
         rest = base[len("kaggle://"):].strip("/")
         parts = rest.split("/")
         version = None
