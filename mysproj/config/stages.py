@@ -33,7 +33,9 @@ def direct_load_opt():
 FETCH_CONTENTS = ("dataset", "llava", "clip", "files")
 # The released LLaVA-1.5-7B (original layout, pickled shards) and the CLIP tower its config names, pinned.
 LLAVA_ORIGIN = "hf://liuhaotian/llava-v1.5-7b@4481d270cc22fd5c4d1bb5df129622006ccd9234"
-CLIP_ORIGIN = "hf://openai/clip-vit-large-patch14-336@ce19dc912ca5cd21c8a653c79e251e808ccabcd1"
+# (its repo also holds TensorFlow and Flax copies of the weights: left out)
+CLIP_ORIGIN = ("hf://openai/clip-vit-large-patch14-336@ce19dc912ca5cd21c8a653c79e251e808ccabcd1"
+               "#exclude=*.h5,*.msgpack")
 
 
 @dataclass(kw_only=True)

@@ -85,13 +85,13 @@ def _place(cfg: FetchConfig, origins: list, fetched: list[str], folder: str) -> 
                     shutil.move(path, os.path.join(target, name))
                     names.append(name)
         return {"unpacked_files": len(names)}
-    from mysproj.models import staging  # torch: only model fetches need it
+    from mysproj.models import snapshot  # torch: only model fetches need it
 
     if len(fetched) != 1:
         raise BadInput(f"fetch: a {cfg.content} model comes from one origin; got {len(fetched)} in 'source'")
     if cfg.content == "clip":
-        return staging.stage_clip(fetched[0], folder)
-    return staging.stage_llava(fetched[0], folder, tower=_local_folder(cfg.tower) if cfg.tower else None)
+        return snapshot.stage_clip(fetched[0], folder)
+    return snapshot.stage_llava(fetched[0], folder, tower=_local_folder(cfg.tower) if cfg.tower else None)
 
 
 def _local_folder(uri: str) -> str:
