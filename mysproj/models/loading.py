@@ -117,6 +117,7 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
         model, tokenizer, processor = load_original(folder, config, vision_tower, uri)
         if dtype is not None and dtype != "auto":
             model = model.to(dtype)
+        _record_dtype(model)
         layout = "original"
     else:
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
@@ -189,6 +190,13 @@ def load_original(folder: str, config: dict, vision_tower: str | None, what: str
     return model, conv.tokenizer, conv.image_processor
 
 
+def _record_dtype(model) -> None:
+    """The dtype in the configs, as `from_pretrained` records it (a staged copy then has the same config)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    for cfg in (model.config, model.config.text_config, model.config.vision_config):
+        cfg.dtype = dtype
+
+
 def _tie_buffers(model) -> None:
     """Non-persistent buffers (rotary inv_freq, CLIP position ids) are not in checkpoints: take them from a fresh
     instance of the owning module (built from its config on the CPU)."""
@@ -216,9 +224,12 @@ def original_config(hf_config) -> dict:
             "tune_mm_mlp_adapter": False, "use_mm_proj": True}
 
 
-def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_dir: str) -> None:
+def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_dir: str, *,
+                   bin_shards: int = 0) -> None:
     """Write an HF-layout state dict in the original LLaVA layout: the LLaVA folder (config, tokenizer,
-    `model.safetensors`, `mm_projector.bin`) and its CLIP tower in `vision_tower/`."""
+    `model.safetensors`, `mm_projector.bin`) and its CLIP tower in `vision_tower/`. `bin_shards`: the weights as
+    released instead, torch pickles `pytorch_model-0000i-of-0000n.bin` (+ index) and
+    `vision_tower/pytorch_model.bin`."""
     import torch
     from safetensors.torch import save_file
 
@@ -228,14 +239,28 @@ def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_
     os.makedirs(os.path.join(out_dir, "vision_tower"), exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(original_config(hf_config), f, indent=2)
-    save_file({k: v.contiguous() for k, v in main.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    if bin_shards:
+        names = list(main)
+        per = -(-len(names) // bin_shards)
+        files = [f"pytorch_model-{i + 1:05d}-of-{bin_shards:05d}.bin" for i in range(bin_shards)]
+        weight_map = {}
+        for i, fname in enumerate(files):
+            part = {k: main[k].clone() for k in names[i * per:(i + 1) * per]}
+            torch.save(part, os.path.join(out_dir, fname))
+            weight_map.update(dict.fromkeys(part, fname))
+        with open(os.path.join(out_dir, "pytorch_model.bin.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(t.nbytes for t in main.values())}, "weight_map": weight_map},
+                      f, indent=2)
+        torch.save({k: v.clone() for k, v in tower.items()}, os.path.join(out_dir, "vision_tower", "pytorch_model.bin"))
+    else:
+        save_file({k: v.contiguous() for k, v in main.items()}, os.path.join(out_dir, "model.safetensors"),
+                  metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tower.items()},
+                  os.path.join(out_dir, "vision_tower", "model.safetensors"), metadata={"format": "pt"})
     torch.save({k: v for k, v in main.items() if "mm_projector" in k}, os.path.join(out_dir, "mm_projector.bin"))
     tokenizer.save_pretrained(out_dir)
     vision = hf_config.vision_config.to_dict()
     vision["architectures"] = ["CLIPVisionModel"]
     with open(os.path.join(out_dir, "vision_tower", "config.json"), "w") as f:
         json.dump(vision, f, indent=2)
-    save_file({k: v.contiguous() for k, v in tower.items()},
-              os.path.join(out_dir, "vision_tower", "model.safetensors"), metadata={"format": "pt"})
     image_processor.save_pretrained(os.path.join(out_dir, "vision_tower"))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mysproj.errors import BadInput
-from mysproj.models.weights_io import open_weights, specs_of, weight_files
+from mysproj.models.weights_io import aligned_order, open_weights, specs_of, weight_files
 
 EMBED = "model.language_model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -67,7 +67,8 @@ def plan_files(files: list[tuple[str, str]], rename, cast=None) -> TensorPlan:
     for i, (path, what) in enumerate(files):
         with open_weights(path, what) as f:
             specs = specs_of(f)
-        for key, (shape, dtype) in specs.items():
+        for key in aligned_order(specs):  # any order within a file: stored tensors then start 64-byte aligned
+            shape, dtype = specs[key]
             name = rename(key)
             if name is None:
                 continue

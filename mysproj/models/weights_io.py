@@ -19,6 +19,7 @@ from mysproj.errors import BadInput
 from mysproj.models.integrity import check_weights_file
 
 BIN_PATTERNS = ("pytorch_model*.bin", "model*.bin")
+ALIGN = 64
 # safetensors' dtype names (the format's specification)
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -112,7 +113,8 @@ def specs_of(f: WeightsFile) -> dict:
 
 class SafetensorsWriter:
     """One safetensors file whose tensors (names, dtypes, shapes, in order) are known before any is written; `add`
-    them in that order. The file is complete once `close` returns."""
+    them in that order (`aligned_order` puts those of whole 64-byte multiples first). The file is complete once
+    `close` returns."""
 
     def __init__(self, path: str, specs: list[tuple[str, tuple, object]], metadata: dict | None = None):
         names = {str(dt).replace("torch.", ""): st for st, dt in _ST_DTYPES.items()}
@@ -127,7 +129,9 @@ class SafetensorsWriter:
         if metadata:
             header["__metadata__"] = metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        # The data starts 64-byte aligned (and so does every tensor after tensors of whole 64-byte multiples): an
+        # mmap-loaded weight sits as torch's allocator would place it, so kernels take the same code paths.
+        raw += b" " * (-(8 + len(raw)) % ALIGN)
         self.path, self._next, self._f = path, 0, open(path, "wb")
         self._f.write(len(raw).to_bytes(8, "little") + raw)
 
@@ -148,6 +152,13 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._f.close()
+
+
+def aligned_order(specs: dict) -> list[str]:
+    """Names of {name: (shape, dtype)} with the tensors whose bytes are whole multiples of `ALIGN` first (each
+    then starts aligned), the rest after, each part in its given order."""
+    odd = {k for k, (shape, dtype) in specs.items() if _numel(shape) * dtype.itemsize % ALIGN}
+    return [k for k in specs if k not in odd] + [k for k in specs if k in odd]
 
 
 def _numel(shape) -> int:

@@ -1,0 +1,104 @@
+"""Tiny stand-ins of the two hub repositories the paper's LLaVA comes from, file for file as the hub holds them,
+to serve from a loopback hub server or write to a folder:
+
+- `llava_original_files()`: liuhaotian/llava-v1.5-7b's layout — `config.json` (`LlavaLlamaForCausalLM`, `mm_*` keys,
+  `mm_vision_tower` = openai/clip-vit-large-patch14-336), the tokenizer as released (a Vicuna vocabulary, no
+  `<image>`/`<pad>`), the weights as fp16 torch pickles `pytorch_model-0000N-of-00002.bin` + their index, and
+  `mm_projector.bin`; no CLIP tower.
+- `clip_files()`: openai/clip-vit-large-patch14-336's — an HF `CLIPModel` (`config.json`, fp32
+  `pytorch_model.bin` with its position-id buffers, `preprocessor_config.json`) whose vision tower is the LLaVA's.
+
+Both are the tiny preset's seeded random weights: `{relative path: bytes}`, the same on every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+LLAVA_REPO = "liuhaotian/llava-v1.5-7b"
+CLIP_REPO = "openai/clip-vit-large-patch14-336"
+
+
+def llava_original_files() -> dict[str, bytes]:
+    return dict(_build()[0])
+
+
+def clip_files() -> dict[str, bytes]:
+    return dict(_build()[1])
+
+
+def write_files(files: dict[str, bytes], folder: str) -> str:
+    for rel, data in files.items():
+        path = os.path.join(folder, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return folder
+
+
+def _read_all(folder: str) -> dict[str, bytes]:
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+@functools.cache
+def _build() -> tuple[dict[str, bytes], dict[str, bytes]]:
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from mysproj.models.loading import write_original
+    from mysproj.models.presets import build_random_llava
+    from mysproj.models.tokenizer import build_tokenizer
+
+    model, _, processor = build_random_llava("tiny", seed=0, dtype="float32", device="cpu")
+    vicuna = build_tokenizer(1024, llava_tokens=False)
+    n = len(vicuna)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        state[k] = state[k][:n].clone()
+    llava_state = {k: v.half() for k, v in state.items() if not k.startswith("model.vision_tower.")}
+    tower_state = {k[len("model.vision_tower."):]: v for k, v in state.items() if k.startswith("model.vision_tower.")}
+    config = model.config
+    config.text_config.vocab_size = n
+
+    with tempfile.TemporaryDirectory() as tmp:
+        llava_dir = os.path.join(tmp, "llava")
+        write_original({**llava_state, **{"model.vision_tower." + k: v.half() for k, v in tower_state.items()}},
+                       config, vicuna, processor, llava_dir, bin_shards=2)
+        llava = {k: v for k, v in _read_all(llava_dir).items() if not k.startswith("vision_tower")}
+    cfg = json.loads(llava["config.json"])
+    cfg.update(mm_vision_tower=CLIP_REPO, torch_dtype="float16", _name_or_path=LLAVA_REPO, pad_token_id=None)
+    llava["config.json"] = json.dumps(cfg, indent=2).encode()
+
+    vision = config.vision_config.to_dict()
+    clip_cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=49408, max_position_embeddings=77),
+        vision_config={k: vision[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "image_size", "patch_size", "hidden_act")},
+        projection_dim=vision["projection_dim"])
+    torch.manual_seed(1)
+    clip = CLIPModel(clip_cfg)
+    clip_state = dict(clip.state_dict())
+    for k, v in tower_state.items():
+        clip_state["vision_model." + k] = v
+    # the released file also holds the position-id buffers (persistent in the transformers that wrote it)
+    clip_state["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    clip_state["vision_model.embeddings.position_ids"] = \
+        torch.arange((vision["image_size"] // vision["patch_size"]) ** 2 + 1)[None]
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_cfg.architectures = ["CLIPModel"]
+        clip_cfg.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        torch.save({k: v.contiguous() for k, v in clip_state.items()}, os.path.join(tmp, "pytorch_model.bin"))
+        clip_repo = _read_all(tmp)
+    return llava, clip_repo
