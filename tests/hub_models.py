@@ -2,9 +2,9 @@
 to serve from a loopback hub server or write to a folder:
 
 - `llava_original_files()`: liuhaotian/llava-v1.5-7b's layout — `config.json` (`LlavaLlamaForCausalLM`, `mm_*` keys,
-  `mm_vision_tower` = openai/clip-vit-large-patch14-336), the tokenizer as released (a Vicuna vocabulary, no
-  `<image>`/`<pad>`), the weights as fp16 torch pickles `pytorch_model-0000N-of-00002.bin` + their index, and
-  `mm_projector.bin`; no CLIP tower.
+  `mm_vision_tower` = openai/clip-vit-large-patch14-336), the tokenizer as released (SentencePiece
+  `tokenizer.model`, a Vicuna-style vocabulary without `<image>`/`<pad>`), the weights as fp16 torch pickles
+  `pytorch_model-0000N-of-00002.bin` + their index, and `mm_projector.bin`; no CLIP tower.
 - `clip_files()`: openai/clip-vit-large-patch14-336's — an HF `CLIPModel` (`config.json`, fp32
   `pytorch_model.bin` with its position-id buffers, `preprocessor_config.json`) whose vision tower is the LLaVA's.
 
@@ -18,6 +18,7 @@ import os
 import tempfile
 
 LLAVA_REPO = "liuhaotian/llava-v1.5-7b"
+SPM_VOCAB = 500
 CLIP_REPO = "openai/clip-vit-large-patch14-336"
 
 
@@ -48,6 +49,28 @@ def _read_all(folder: str) -> dict[str, bytes]:
     return out
 
 
+def _sentencepiece_tokenizer() -> dict[str, bytes]:
+    """Vicuna's tokenizer as released: a SentencePiece BPE model (`<unk>`, `<s>`, `</s>` = 0, 1, 2, byte fallback)
+    and a LlamaTokenizer config; no `<image>`/`<pad>`."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    from mysproj.models.tokenizer import _CORPUS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_CORPUS.splitlines() * 4), model_writer=buf,
+                                   vocab_size=SPM_VOCAB, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, minloglevel=2, num_threads=1)
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "pad_token": None, "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048,
+              "legacy": False, "padding_side": "right"}
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return {"tokenizer.model": buf.getvalue(), "tokenizer_config.json": json.dumps(config, indent=2).encode(),
+            "special_tokens_map.json": json.dumps(special, indent=2).encode()}
+
+
 @functools.cache
 def _build() -> tuple[dict[str, bytes], dict[str, bytes]]:
     import json
@@ -60,8 +83,7 @@ def _build() -> tuple[dict[str, bytes], dict[str, bytes]]:
     from mysproj.models.tokenizer import build_tokenizer
 
     model, _, processor = build_random_llava("tiny", seed=0, dtype="float32", device="cpu")
-    vicuna = build_tokenizer(1024, llava_tokens=False)
-    n = len(vicuna)
+    n = SPM_VOCAB
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
         state[k] = state[k][:n].clone()
@@ -72,9 +94,11 @@ def _build() -> tuple[dict[str, bytes], dict[str, bytes]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         llava_dir = os.path.join(tmp, "llava")
-        write_original({**llava_state, **{"model.vision_tower." + k: v.half() for k, v in tower_state.items()}},
-                       config, vicuna, processor, llava_dir, bin_shards=2)
-        llava = {k: v for k, v in _read_all(llava_dir).items() if not k.startswith("vision_tower")}
+        write_original(llava_state, config, build_tokenizer(1024, llava_tokens=False), processor, llava_dir,
+                       bin_shards=2)
+        llava = {k: v for k, v in _read_all(llava_dir).items()
+                 if not k.startswith("vision_tower") and not k.startswith(("tokenizer", "special_tokens"))}
+    llava.update(_sentencepiece_tokenizer())
     cfg = json.loads(llava["config.json"])
     cfg.update(mm_vision_tower=CLIP_REPO, torch_dtype="float16", _name_or_path=LLAVA_REPO, pad_token_id=None)
     llava["config.json"] = json.dumps(cfg, indent=2).encode()

@@ -65,11 +65,18 @@ def test_original_bin_snapshot_stages_to_the_same_model(hub, staged):
     assert summary["tensors"] == len(want.model.state_dict())
     assert summary["bytes"] == sum(t.nbytes for t in want.model.state_dict().values())
     assert _config(got.model) == _config(want.model)
-    assert got.model.config.text_config.vocab_size == 1088  # <image>/<pad> rows added, padded to 64
+    # the released SentencePiece vocabulary (500) + <image>, <pad>; embedding rows padded to a multiple of 64
+    assert "tokenizer.model" in os.listdir(llava) and not os.path.exists(os.path.join(llava, "tokenizer.json"))
+    assert got.tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [500, 501] == \
+        want.tokenizer.convert_tokens_to_ids(["<image>", "<pad>"])
+    assert got.model.config.text_config.vocab_size == 512 and got.model.config.image_token_index == 500
 
     prompt = "USER: <image>\nWhat texture is this? ASSISTANT:"
     assert len(got.tokenizer) == len(want.tokenizer)
-    assert got.tokenizer(prompt).input_ids == want.tokenizer(prompt).input_ids
+    for text in (prompt, "A chat between a curious human and an AI. USER: Ünïcödé 12 ✓<pad></s>", " lead space"):
+        assert got.tokenizer(text).input_ids == want.tokenizer(text).input_ids, text
+        ids = want.tokenizer(text).input_ids
+        assert got.tokenizer.decode(ids) == want.tokenizer.decode(ids)
     image = Image.new("RGB", (50, 37), (120, 30, 200))
     pix = got.image_processor(images=image, return_tensors="pt")["pixel_values"]
     assert torch.equal(pix, want.image_processor(images=image, return_tensors="pt")["pixel_values"])
@@ -111,6 +118,7 @@ def test_fetch_output_is_a_model_like_model_init(staged, tmp_path):
     vision-only load and merge's reuse of the base's shards all take it."""
     from mysproj.models.loading import hf_model_output, load_llava, materialize
     from mysproj.models.vision_only import load_vision
+    from mysproj.report.gather import model_provenance
     from mysproj.storage.manifest import StageOutput
 
     folder, summary = staged
@@ -121,6 +129,7 @@ def test_fetch_output_is_a_model_like_model_init(staged, tmp_path):
     out.commit(summary)
     assert materialize(uri)[1]["layout"] == "hf" and hf_model_output(uri) is not None
     full = load_llava(uri, direct=True)
+    assert full.random_weights is False and model_provenance(uri)["random_weights"] is False
     vision = load_vision(uri)
     assert vision is not None
     sd = full.model.state_dict()
@@ -136,6 +145,7 @@ def test_fetch_output_is_a_model_like_model_init(staged, tmp_path):
                projector)
     merged = stage("merge", base=uri, projector=str(projector), out=str(tmp_path / "merged"))
     assert merged["summary"]["reused"]["files"] > 0 and len(merged["summary"]["rewritten"]) == 1
+    assert model_provenance(str(tmp_path / "merged"))["chain"] == ["merge", "fetch"]
     m = load_llava(str(tmp_path / "merged")).model.state_dict()
     assert torch.equal(m["model.multi_modal_projector.linear_1.weight"],
                        torch.ones_like(sd["model.multi_modal_projector.linear_1.weight"]))

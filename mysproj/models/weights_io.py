@@ -95,7 +95,12 @@ def open_weights(path: str, what: str | None = None):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BadInput(f"{what}: not a state dict of tensors")
-    yield WeightsFile(path, what, tensors=state)
+    opened = WeightsFile(path, what, tensors=state)
+    del state
+    try:
+        yield opened
+    finally:
+        opened._tensors = {}  # the file's mapping goes with the last tensor a caller still holds, not with this
 
 
 def specs_of(f: WeightsFile) -> dict:
