@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from contextlib import contextmanager
 
 from mysproj.errors import BadInput
@@ -62,8 +63,6 @@ def _first_line(e: Exception) -> str:
 @contextmanager
 def open_weights(path: str, what: str | None = None):
     """A `WeightsFile` for a safetensors file or a torch pickle (weights_only; mmap where the file allows it)."""
-    import pickle
-
     import torch
     from safetensors import safe_open
 
@@ -85,10 +84,12 @@ def open_weights(path: str, what: str | None = None):
             if "mmap" not in str(e):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # a pre-1.6 (non-zip) pickle
-    except pickle.UnpicklingError as e:
-        raise BadInput(f"{what}: refused: its pickle holds more than tensors ({_first_line(e)}); only plain "
-                       f"weights files are loaded") from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same bad input
+        if type(e).__name__ == "UnpicklingError":  # weights_only refused a global: code, not weights
+            found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(e))
+            name = next((g for g in found.groups() if g), "") if found else ""
+            raise BadInput(f"{what}: refused: its pickle asks for {name or 'more than tensors'}; weights files are "
+                           f"read with weights_only (tensors and plain containers only)") from None
         raise BadInput(f"{what}: cannot read torch weights file ({type(e).__name__}: {_first_line(e)}); download "
                        f"or copy it again") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
