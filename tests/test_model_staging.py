@@ -264,3 +264,18 @@ def test_clip_bin_snapshot_loads_in_eval_clip_as_before(hub, tmp_path):
     llava_out = tmp_path / "llava"
     stage_llava(hub[0], str(llava_out), tower=str(out))
     _same_state(load_llava(str(llava_out)).model, load_llava(hub[0], vision_tower=clip).model)
+
+
+def test_original_safetensors_with_its_tower_beside_it(tiny_model, tiny_original, tmp_path):
+    """mysproj's own original-layout export (safetensors, the tower in `vision_tower/`, found without being
+    named) stages back to the model it was exported from."""
+    from mysproj.models.loading import load_llava
+    from mysproj.models.snapshot import stage_llava
+
+    out = tmp_path / "out"
+    summary = stage_llava(tiny_original, str(out), max_shard_bytes=10**9)
+    assert summary["converted_from"] == "original" and summary["dtype"] == "float32"
+    assert summary["files"] == 3  # one shard each: language model, projector, tower
+    staged = load_llava(str(out)).model
+    _same_state(staged, load_llava(tiny_original).model)
+    _same_state(staged, load_llava(tiny_model).model)
