@@ -71,6 +71,27 @@ def _sentencepiece_tokenizer() -> dict[str, bytes]:
             "special_tokens_map.json": json.dumps(special, indent=2).encode()}
 
 
+def _released_config(hf_config) -> dict:
+    """config.json as liuhaotian/llava-v1.5-7b holds it (written by transformers 4.31), at the tiny sizes."""
+    text, vision = hf_config.text_config, hf_config.vision_config
+    return {
+        "_name_or_path": "./checkpoints/vicuna-7b-v1-5", "architectures": ["LlavaLlamaForCausalLM"],
+        "bos_token_id": 1, "eos_token_id": 2, "freeze_mm_mlp_adapter": False, "hidden_act": "silu",
+        "hidden_size": text.hidden_size, "image_aspect_ratio": "pad", "initializer_range": 0.02,
+        "intermediate_size": text.intermediate_size, "max_position_embeddings": text.max_position_embeddings,
+        "mm_hidden_size": vision.hidden_size, "mm_patch_merge_type": "flat", "mm_projector_lr": None,
+        "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False, "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2, "mm_vision_tower": CLIP_REPO,
+        "model_type": "llava_llama", "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers, "num_key_value_heads": text.num_key_value_heads,
+        "pad_token_id": 0, "pretraining_tp": 1, "rms_norm_eps": text.rms_norm_eps, "rope_scaling": None,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "tokenizer_model_max_length": 2048,
+        "tokenizer_padding_side": "right", "torch_dtype": "float16", "transformers_version": "4.31.0",
+        "tune_mm_mlp_adapter": False, "tune_mm_vision_resampler": False, "unfreeze_mm_vision_tower": False,
+        "use_cache": True, "use_mm_proj": True, "vocab_size": SPM_VOCAB,
+    }
+
+
 @functools.cache
 def _build() -> tuple[dict[str, bytes], dict[str, bytes]]:
     import json
@@ -99,9 +120,7 @@ def _build() -> tuple[dict[str, bytes], dict[str, bytes]]:
         llava = {k: v for k, v in _read_all(llava_dir).items()
                  if not k.startswith("vision_tower") and not k.startswith(("tokenizer", "special_tokens"))}
     llava.update(_sentencepiece_tokenizer())
-    cfg = json.loads(llava["config.json"])
-    cfg.update(mm_vision_tower=CLIP_REPO, torch_dtype="float16", _name_or_path=LLAVA_REPO, pad_token_id=None)
-    llava["config.json"] = json.dumps(cfg, indent=2).encode()
+    llava["config.json"] = json.dumps(_released_config(config), indent=2, sort_keys=True).encode()
 
     vision = config.vision_config.to_dict()
     clip_cfg = CLIPConfig(
