@@ -279,3 +279,28 @@ def test_original_safetensors_with_its_tower_beside_it(tiny_model, tiny_original
     staged = load_llava(str(out)).model
     _same_state(staged, load_llava(tiny_original).model)
     _same_state(staged, load_llava(tiny_model).model)
+
+
+def test_open_clip_bin_snapshot(clip_tiny_uri, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from mysproj.models.clip import load_clip
+    from mysproj.models.snapshot import stage_clip
+
+    snap = tmp_path / "open-clip"
+    snap.mkdir()
+    shutil.copy(os.path.join(clip_tiny_uri, "open_clip_config.json"), snap)
+    torch.save(load_file(os.path.join(clip_tiny_uri, "open_clip_model.safetensors")),
+               snap / "open_clip_pytorch_model.bin")
+    out = tmp_path / "out"
+    summary = stage_clip(str(snap), str(out))
+    assert summary["kind"] == "open_clip" and summary["files"] == ["open_clip_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    want, got = load_clip(str(snap)), load_clip(str(out))
+    assert got.kind == want.kind == "open_clip"
+    _same_state(got.model, want.model)
+    image = Image.new("RGB", (70, 50), (90, 90, 250))
+    with torch.no_grad():
+        assert torch.equal(got.model.encode_image(got.preprocess(image)[None]),
+                           want.model.encode_image(want.preprocess(image)[None]))
