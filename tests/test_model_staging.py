@@ -304,3 +304,22 @@ def test_open_clip_bin_snapshot(clip_tiny_uri, tmp_path):
     with torch.no_grad():
         assert torch.equal(got.model.encode_image(got.preprocess(image)[None]),
                            want.model.encode_image(want.preprocess(image)[None]))
+
+
+def test_hf_layout_with_a_missing_tensor_is_refused(tiny_model, tmp_path):
+    """transformers would fill a missing tensor with random values and only warn; staging refuses it."""
+    from mysproj.errors import BadInput
+    from mysproj.models.loading import read_weights
+    from mysproj.models.snapshot import stage_llava
+
+    snap = tmp_path / "llava-hf"
+    snap.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json"):
+        shutil.copy(os.path.join(tiny_model, name), snap / name)
+    state = read_weights(tiny_model, tiny_model)
+    torch.save({k: v.clone() for k, v in state.items() if k != "model.language_model.norm.weight"},
+               snap / "pytorch_model.bin")
+    out = tmp_path / "out"
+    with pytest.raises(BadInput, match="missing: model.language_model.norm.weight"):
+        stage_llava(str(snap), str(out))
+    assert not out.exists()

@@ -79,7 +79,7 @@ def plan_files(files: list[tuple[str, str]], rename, cast=None) -> TensorPlan:
     return TensorPlan(files, entries)
 
 
-def _files(folder: str, what: str) -> list[tuple[str, str]]:
+def weights_in(folder: str, what: str) -> list[tuple[str, str]]:
     return [(p, f"{what.rstrip('/')}/{os.path.basename(p)}") for p in weight_files(folder, what)]
 
 
@@ -122,13 +122,13 @@ def convert_original(folder: str, config: dict, tower_dir: str, what: str) -> Or
 
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise BadInput(f"{what}: mm_projector_type '{config['mm_projector_type']}' is not LLaVA-1.5's mlp2x_gelu")
-    plan = plan_files(_files(folder, what), conversion.original_name_to_hf)
+    plan = plan_files(weights_in(folder, what), conversion.original_name_to_hf)
     if not any(e.key.startswith("model.vision_tower.vision_tower.") for e in plan.entries):
         def tower_name(key):
             name = conversion.clip_vision_name_to_original(key)
             return None if name is None else conversion.original_name_to_hf(name)
 
-        tower = plan_files(_files(tower_dir, tower_dir), tower_name)
+        tower = plan_files(weights_in(tower_dir, tower_dir), tower_name)
         base = len(plan.files)
         plan.files += tower.files
         plan.entries += [Entry(e.name, e.file + base, e.key, e.shape, e.dtype) for e in tower.entries]

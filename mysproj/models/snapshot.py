@@ -26,7 +26,7 @@ import os
 import shutil
 
 from mysproj.errors import BadInput
-from mysproj.models.original_layout import TensorPlan, _files, plan_files
+from mysproj.models.original_layout import TensorPlan, plan_files, weights_in
 from mysproj.models.saving import OWN_SHARD_PREFIX, SHARD_BYTES
 from mysproj.models.weights_io import SafetensorsWriter, aligned_order, open_weights, specs_of, weight_files
 
@@ -38,7 +38,6 @@ _GROUPS = (OWN_SHARD_PREFIX, "model.vision_tower.")
 
 def stage_llava(snapshot: str, out_dir: str, *, tower: str | None = None, max_shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the snapshot's model into `out_dir` (see the module docstring); returns the manifest summary."""
-    from mysproj.models.conversion import current_name
     from mysproj.models.loading import _find_vision_tower, _read_config, is_original_layout, materialize
 
     folder, _ = materialize(snapshot)
@@ -50,7 +49,13 @@ def stage_llava(snapshot: str, out_dir: str, *, tower: str | None = None, max_sh
         conv = convert_original(folder, config, tower_dir, snapshot)
         plan, source = conv.plan, "original"
     elif config.get("model_type") == "llava":
-        plan = plan_files(_files(folder, snapshot), lambda k: None if k.endswith(".inv_freq") else current_name(k))
+        from transformers import LlavaConfig
+
+        from mysproj.models.original_layout import check_architecture
+
+        plan = plan_files(weights_in(folder, snapshot), _hf_name)
+        # from_pretrained would fill a missing tensor with random values and only warn: refuse it here
+        check_architecture(plan, LlavaConfig.from_pretrained(folder, local_files_only=True), snapshot)
         conv, source = None, "hf"
     else:
         raise BadInput(f"{snapshot}: config.json model_type is '{config.get('model_type')}', not a LLaVA model")
@@ -71,6 +76,13 @@ def stage_llava(snapshot: str, out_dir: str, *, tower: str | None = None, max_sh
     log.info("staged %s (%s layout) as %d safetensors shards, %.2f GB", snapshot, source, len(files),
              summary["bytes"] / 1e9)
     return summary
+
+
+def _hf_name(key: str) -> str | None:
+    """An HF-layout key's current module name; None for non-persistent buffers some checkpoints carry."""
+    from mysproj.models.conversion import current_name
+
+    return None if key.endswith((".inv_freq", ".position_ids")) else current_name(key)
 
 
 def _nbytes(e) -> int:
