@@ -51,16 +51,29 @@ def original_to_legacy_hf(state_dict: dict) -> dict:
     sd = dict(state_dict)
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
-    sd.pop("model.image_newline", None)
     out = {}
     for key, value in sd.items():
-        if key.endswith(".inv_freq"):
-            continue
-        for old, new in KEYS_TO_MODIFY_MAPPING.items():
-            if old in key:
-                key = key.replace(old, new)
-        out[key] = value
+        name = legacy_hf_name(key)
+        if name is not None:
+            out[name] = value
     return out
+
+
+def legacy_hf_name(key: str) -> str | None:
+    """An original key's legacy llava-hf name; None for what the HF model does not hold (rotary `inv_freq`
+    buffers, `model.image_newline`)."""
+    if key.endswith(".inv_freq") or key == "model.image_newline":
+        return None
+    for old, new in KEYS_TO_MODIFY_MAPPING.items():
+        if old in key:
+            key = key.replace(old, new)
+    return key
+
+
+def original_name_to_hf(key: str) -> str | None:
+    """An original key's transformers 5 module name (None: not part of the HF model)."""
+    name = legacy_hf_name(key)
+    return None if name is None else current_name(name)
 
 
 def current_name(key: str) -> str:
@@ -102,12 +115,18 @@ def clip_vision_to_original(state_dict: dict) -> dict:
     original LLaVA vision-tower keys; the text tower and projections are dropped."""
     out = {}
     for key, value in state_dict.items():
-        if key.startswith(CLIP_NON_VISION) or key.endswith(".position_ids"):
-            continue
-        if not key.startswith("vision_model."):
-            key = "vision_model." + key
-        out["model.vision_tower.vision_tower." + key] = value
+        name = clip_vision_name_to_original(key)
+        if name is not None:
+            out[name] = value
     return out
+
+
+def clip_vision_name_to_original(key: str) -> str | None:
+    """A CLIP checkpoint key's original LLaVA vision-tower name; None for the text tower, the projections and
+    position-id buffers."""
+    if key.startswith(CLIP_NON_VISION) or key.endswith(".position_ids"):
+        return None
+    return "model.vision_tower.vision_tower." + (key if key.startswith("vision_model.") else "vision_model." + key)
 
 
 def split_original(state_dict: dict) -> tuple[dict, dict]:

@@ -23,7 +23,7 @@ from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput
 
 log = logging.getLogger(__name__)
-MODEL_STAGES = ("model-init", "merge", "finetune")
+MODEL_STAGES = ("model-init", "merge", "finetune", "fetch")
 INDEX = "model.safetensors.index.json"
 
 
@@ -89,21 +89,12 @@ def is_original_layout(config: dict) -> bool:
 
 def read_weights(folder: str, what: str) -> dict:
     """Every tensor in a folder's safetensors files, else its `pytorch_model*.bin` (weights_only)."""
-    import torch
-    from safetensors.torch import load_file
+    from mysproj.models.weights_io import open_weights, weight_files
 
-    st = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if st:
-        out = {}
-        for f in st:
-            out.update(load_file(f))
-        return out
-    bins = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")) + glob.glob(os.path.join(folder, "model*.bin")))
-    if not bins:
-        raise BadInput(f"{what}: no model weights (*.safetensors or pytorch_model*.bin)")
     out = {}
-    for f in bins:
-        out.update(torch.load(f, map_location="cpu", weights_only=True))
+    for path in weight_files(folder, what):
+        with open_weights(path, f"{what.rstrip('/')}/{os.path.basename(path)}") as f:
+            out.update({k: f.get(k) for k in f.keys()})
     return out
 
 
@@ -126,6 +117,7 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
         model, tokenizer, processor = load_original(folder, config, vision_tower, uri)
         if dtype is not None and dtype != "auto":
             model = model.to(dtype)
+        _record_dtype(model)
         layout = "original"
     else:
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
@@ -158,8 +150,8 @@ def _find_vision_tower(folder: str, config: dict, vision_tower: str | None, what
     for cand in (name, os.path.join(folder, name), os.path.join(folder, "vision_tower")):
         if cand and os.path.isdir(cand) and os.path.exists(os.path.join(cand, "config.json")):
             return cand
-    raise BadInput(f"{what}: original LLaVA layout needs its CLIP vision tower ('{name}'): pass its folder "
-                   f"(e.g. a local copy of openai/clip-vit-large-patch14-336) as the vision tower")
+    raise BadInput(f"{what}: original LLaVA layout needs its CLIP vision tower (mm_vision_tower '{name}'): pass its "
+                   f"folder (e.g. a local copy of openai/clip-vit-large-patch14-336) as the vision tower")
 
 
 def _vision_config(tower_dir: str):
@@ -182,52 +174,27 @@ def _text_config(config: dict):
 
 
 def load_original(folder: str, config: dict, vision_tower: str | None, what: str):
-    """Convert an original LLaVA folder exactly as transformers' `convert_llava_weights_to_hf.py` does."""
+    """Convert an original LLaVA folder exactly as transformers' `convert_llava_weights_to_hf.py` does (see
+    `original_layout`; `stage_llava` writes the same conversion to safetensors)."""
     import torch
-    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    from mysproj.models import conversion
-    from mysproj.models.presets import image_processor as default_processor
-    from mysproj.models.presets import pad_vocab
-    from mysproj.models.tokenizer import IMAGE_TOKEN, ensure_llava_tokens
+    from mysproj.models.original_layout import convert_original
 
-    if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise BadInput(f"{what}: mm_projector_type '{config['mm_projector_type']}' is not LLaVA-1.5's mlp2x_gelu")
     tower_dir = _find_vision_tower(folder, config, vision_tower, what)
-    state = read_weights(folder, what)
-    if not any(k.startswith("model.vision_tower.vision_tower.") for k in state):
-        state.update(conversion.clip_vision_to_original(read_weights(tower_dir, tower_dir)))
-    state = conversion.original_to_hf(state)
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    ensure_llava_tokens(tokenizer)
-    text = _text_config(config)
-    old_rows = state["model.language_model.embed_tokens.weight"].shape[0]
-    text.vocab_size = old_rows
-    if text.pad_token_id is not None and text.pad_token_id >= old_rows:
-        text.pad_token_id = None  # the stored ids refer to the vocabulary after the <image>/<pad> extension
-    vision = _vision_config(tower_dir)
-    llava_cfg = LlavaConfig(
-        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(vision.image_size // vision.patch_size) ** 2, projector_hidden_act="gelu",
-        vision_feature_layer=config.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy="default" if config.get("mm_vision_select_feature", "patch") == "patch"
-        else "full",
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    conv = convert_original(folder, config, tower_dir, what)  # names and shapes checked against the architecture
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(llava_cfg)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise BadInput(f"{what}: weights do not match the LLaVA-1.5 architecture in its config: "
-                       f"{str(e).splitlines()[0]}") from None
+        model = LlavaForConditionalGeneration(conv.config)
+    model.load_state_dict(dict(conv.plan.tensors()), strict=True, assign=True)
     _tie_buffers(model)
-    if len(tokenizer) > old_rows:
-        _add_token_rows(model, pad_vocab(len(tokenizer)))
-    proc_file = os.path.join(tower_dir, "preprocessor_config.json")
-    processor = CLIPImageProcessor.from_pretrained(tower_dir) if os.path.exists(proc_file) \
-        else default_processor(vision.image_size)
-    return model, tokenizer, processor
+    return model, conv.tokenizer, conv.image_processor
+
+
+def _record_dtype(model) -> None:
+    """The dtype in the configs, as `from_pretrained` records it (a staged copy then has the same config)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    for cfg in (model.config, model.config.text_config, model.config.vision_config):
+        cfg.dtype = dtype
 
 
 def _tie_buffers(model) -> None:
@@ -240,26 +207,6 @@ def _tie_buffers(model) -> None:
         fresh = type(module)(module.config)
         for bname in meta:
             module.register_buffer(bname, getattr(fresh, bname), persistent=False)
-
-
-def _add_token_rows(model, rows: int) -> None:
-    """Resize to `rows` and sample the new rows from N(mean, 1e-5 * cov) of the old embeddings, as transformers'
-    LLaVA conversion does (seeded, so a conversion is reproducible)."""
-    import torch
-
-    emb = model.get_input_embeddings().weight.data
-    n = emb.shape[0]
-    mu = emb.float().mean(0)
-    centred = emb.float() - mu
-    sigma = centred.T @ centred / n
-    dist = torch.distributions.multivariate_normal.MultivariateNormal(mu, covariance_matrix=1e-5 * sigma)
-    model.resize_token_embeddings(rows, mean_resizing=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        new_in = torch.stack([dist.sample() for _ in range(rows - n)])
-        new_out = torch.stack([dist.sample() for _ in range(rows - n)])
-    model.get_input_embeddings().weight.data[n:] = new_in.to(emb.dtype)
-    model.get_output_embeddings().weight.data[n:] = new_out.to(emb.dtype)
 
 
 def original_config(hf_config) -> dict:
@@ -277,9 +224,12 @@ def original_config(hf_config) -> dict:
             "tune_mm_mlp_adapter": False, "use_mm_proj": True}
 
 
-def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_dir: str) -> None:
+def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_dir: str, *,
+                   bin_shards: int = 0) -> None:
     """Write an HF-layout state dict in the original LLaVA layout: the LLaVA folder (config, tokenizer,
-    `model.safetensors`, `mm_projector.bin`) and its CLIP tower in `vision_tower/`."""
+    `model.safetensors`, `mm_projector.bin`) and its CLIP tower in `vision_tower/`. `bin_shards`: the weights as
+    released instead, torch pickles `pytorch_model-0000i-of-0000n.bin` (+ index) and
+    `vision_tower/pytorch_model.bin`."""
     import torch
     from safetensors.torch import save_file
 
@@ -289,14 +239,28 @@ def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_
     os.makedirs(os.path.join(out_dir, "vision_tower"), exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(original_config(hf_config), f, indent=2)
-    save_file({k: v.contiguous() for k, v in main.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    if bin_shards:
+        names = list(main)
+        per = -(-len(names) // bin_shards)
+        files = [f"pytorch_model-{i + 1:05d}-of-{bin_shards:05d}.bin" for i in range(bin_shards)]
+        weight_map = {}
+        for i, fname in enumerate(files):
+            part = {k: main[k].clone() for k in names[i * per:(i + 1) * per]}
+            torch.save(part, os.path.join(out_dir, fname))
+            weight_map.update(dict.fromkeys(part, fname))
+        with open(os.path.join(out_dir, "pytorch_model.bin.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(t.nbytes for t in main.values())}, "weight_map": weight_map},
+                      f, indent=2)
+        torch.save({k: v.clone() for k, v in tower.items()}, os.path.join(out_dir, "vision_tower", "pytorch_model.bin"))
+    else:
+        save_file({k: v.contiguous() for k, v in main.items()}, os.path.join(out_dir, "model.safetensors"),
+                  metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tower.items()},
+                  os.path.join(out_dir, "vision_tower", "model.safetensors"), metadata={"format": "pt"})
     torch.save({k: v for k, v in main.items() if "mm_projector" in k}, os.path.join(out_dir, "mm_projector.bin"))
     tokenizer.save_pretrained(out_dir)
     vision = hf_config.vision_config.to_dict()
     vision["architectures"] = ["CLIPVisionModel"]
     with open(os.path.join(out_dir, "vision_tower", "config.json"), "w") as f:
         json.dump(vision, f, indent=2)
-    save_file({k: v.contiguous() for k, v in tower.items()},
-              os.path.join(out_dir, "vision_tower", "model.safetensors"), metadata={"format": "pt"})
     image_processor.save_pretrained(os.path.join(out_dir, "vision_tower"))

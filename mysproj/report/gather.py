@@ -73,6 +73,9 @@ def model_provenance(model_uri: str | None, _depth: int = 0) -> dict:
         info["random_weights"] = bool((m.get("summary") or {}).get("random_weights", True))
         info["preset"] = cfg.get("preset")
         return info
+    if stage == "fetch":  # weights downloaded and staged: real ones unless its summary says otherwise
+        info["random_weights"] = bool((m.get("summary") or {}).get("random_weights", False))
+        return info
     parent = cfg.get("base") if stage == "merge" else cfg.get("model")
     up = model_provenance(parent, _depth + 1)
     info["random_weights"] = up["random_weights"]
