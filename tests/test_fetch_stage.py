@@ -165,7 +165,8 @@ def test_github_origin_verifies_every_file_against_the_commits_tree(tmp_path, ht
     files = {os.path.relpath(os.path.join(r, n), src).replace(os.sep, "/"): os.path.join(r, n)
              for r, _, names in os.walk(src) for n in names}
     tree = {"sha": sha, "truncated": False,
-            "tree": [{"path": rel, "mode": "100644", "type": "blob", "sha": blob_id(path)} for rel, path in files.items()]}
+            "tree": [{"path": rel, "mode": "100644", "type": "blob", "sha": blob_id(path)}
+                     for rel, path in files.items()]}
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for rel, path in files.items():

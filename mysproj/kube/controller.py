@@ -156,7 +156,8 @@ class Controller:
         created = []
         for rank, name in enumerate(names):
             body = jobspec.stage_job(self.templates[kind], name=name, node=node, cfg=cfg, owner=self.owner,
-                                     gpu=kind in jobspec.GPU_KINDS, rank=rank if multi else None, nnodes=len(names), master=master)
+                                     gpu=kind in jobspec.GPU_KINDS, rank=rank if multi else None, nnodes=len(names),
+                                     master=master)
             if self.cluster.create_job(body):
                 log.info("created job %s for %s", name, node.name)
                 created.append(name)

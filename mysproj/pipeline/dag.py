@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from mysproj import layout
 from mysproj.config import recipes
-from mysproj.config.fields import ConfigError, opt
 from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
+from mysproj.config.fields import ConfigError, opt
 from mysproj.config.stages import CLIP_ORIGIN, STRATEGIES
 from mysproj.sources import is_remote
 from mysproj.stages.fetch import output_uri

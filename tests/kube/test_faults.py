@@ -250,7 +250,8 @@ def test_values_the_schema_accepts_but_a_stage_config_refuses_fail_the_controlle
     ends its own Job (1.20 servers have no podFailurePolicy to stop the retries)."""
     kube, s3, env, sets = run_env
     refused = helm(env, "install", "nosource", str(CHART), "-f", str(VALUES), "--namespace", kube.namespace,
-                   *[a for s in sets for a in ("--set", s)], "--set-json", 'pipeline.datasets=["imagefolder"]', check=False)
+                   *[a for s in sets for a in ("--set", s)], "--set-json", 'pipeline.datasets=["imagefolder"]',
+                   check=False)
     assert refused.returncode != 0 and "pipeline.sources has no entry for dataset 'imagefolder'" in refused.stderr
     assert helm(env, "status", "nosource", "--namespace", kube.namespace, check=False).returncode != 0
     assert not jobs_of(kube, "nosource")
