@@ -68,7 +68,7 @@ def stage_jobs(docs: list[dict]) -> dict[str, dict]:
         owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "run-a-mysproj-controller", "uid": "u-1",
                  "blockOwnerDeletion": True}
         jobs[kind] = jobspec.stage_job(yaml.safe_load(cm["data"][f"job-{kind}.yaml"]), name=name, node=node, cfg=cfg,
-                                       owner=owner, gpu=kind != "cpu")
+                                       owner=owner, gpu=kind in jobspec.GPU_KINDS)
     return jobs
 
 
@@ -77,15 +77,20 @@ def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
     return [(j["metadata"]["name"], j["spec"]["template"]["spec"]) for j in jobs]
 
 
+# CrisisMMD's terms must be accepted by the user: the examples leave that line commented out.
+ACCEPT = ("--set", "pipeline.accept_terms={crisismmd}")
+
+
 def test_lint_strict_default_and_examples():
     helm("lint", "--strict", str(CHART))
     for values in EXAMPLES:
-        helm("lint", "--strict", str(CHART), "-f", str(CHART / values))
+        helm("lint", "--strict", str(CHART), "-f", str(CHART / values), *ACCEPT)
 
 
 @pytest.mark.parametrize("values", EXAMPLES)
 def test_examples_validate_against_a_current_kubernetes(values):
-    docs = render("-f", str(CHART / values), "--set", "bench.enabled=true")
+    docs = render("-f", str(CHART / values), "--set", "bench.enabled=true", "--set", "networkPolicy.enabled=true",
+                  *ACCEPT)
     kinds = {d["kind"] for d in docs}
     assert {"Job", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"} <= kinds
     validate(docs + list(stage_jobs(docs).values()))
@@ -144,7 +149,7 @@ def test_pipeline_config_is_the_dataclass_with_the_run_root():
 
 
 def test_pods_are_hardened():
-    docs = render("-f", str(CHART / "values-paper.yaml"), "--set", "bench.enabled=true")
+    docs = render("-f", str(CHART / "values-paper.yaml"), "--set", "bench.enabled=true", *ACCEPT)
     specs = pod_specs(docs)
     assert len(specs) >= 5  # controller, bench, and the cpu/gpu/finetune stage templates
     for name, spec in specs:

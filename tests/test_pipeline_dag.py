@@ -49,9 +49,9 @@ def test_random_weight_presets_become_model_init_nodes():
     assert not [n for n in given if n.stage == "model-init"]
 
 
-def test_a_dataset_without_source_is_rejected():
+def test_a_dataset_without_source_or_origin_is_rejected():
     with pytest.raises(ConfigError, match="sources"):
-        _cfg(datasets=["dtd"])
+        _cfg(datasets=["imagefolder"])
     with pytest.raises(ConfigError, match="strategies"):
         _cfg(strategies=["everything"])
 
