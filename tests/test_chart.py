@@ -182,6 +182,33 @@ def test_pods_are_hardened():
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [64]
 
 
+def test_only_fetch_pods_reach_out_and_get_the_hub_and_kaggle_tokens():
+    docs = render("-f", str(CHART / "values-dermnet.yaml"), "--set", "fetch.hfTokenSecret=hf",
+                  "--set", "networkPolicy.enabled=true", "--set-json", 'networkPolicy.egressTo=[{"ipBlock": '
+                  '{"cidr": "10.0.0.5/32"}}]')
+    stage = stage_jobs(docs)
+    assert set(stage) == {"fetch", "cpu", "gpu", "finetune"}
+    for kind, job in stage.items():
+        pod = job["spec"]["template"]
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        fetch = kind == "fetch"
+        assert (pod["metadata"]["labels"].get("mysproj.io/egress") == "true") == fetch, kind
+        assert env["HF_HUB_OFFLINE"]["value"] == ("0" if fetch else "1"), kind
+        assert ({"HF_TOKEN", "KAGGLE_API_TOKEN", "KAGGLE_KEY"} <= set(env)) == fetch, kind
+    fetch_pod = stage["fetch"]["spec"]["template"]["spec"]
+    container = fetch_pod["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {}) and "nodeSelector" not in fetch_pod
+    assert container["image"].startswith("ghcr.io/mysproj/mysproj-gpu")  # torch converts pickled weights
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "HF_TOKEN"}
+    assert env["KAGGLE_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mysproj-kaggle"
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchExpressions"] == [{"key": "mysproj.io/egress",
+                                                                 "operator": "DoesNotExist"}]
+    assert policy["spec"]["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.5/32"}}]
+    assert not [d for d in render() if d["kind"] == "NetworkPolicy"]
+
+
 def test_no_credentials_in_values_or_configmaps():
     docs = render("--set", "storage.endpoint=http://s3.local:8333")
     text = yaml.safe_dump_all([d for d in docs if d["kind"] == "ConfigMap"])

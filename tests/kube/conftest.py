@@ -149,7 +149,18 @@ def _ensure_tools() -> None:
 
 
 @pytest.fixture(scope="session")
-def kube_cluster(tmp_path_factory, container_images, s3_server):
+def pod_origin():
+    """A dataset site for the pods: the Range-honouring file server of tests/http_origin.py, reachable from every
+    pod at the same URL as from the test (its port is forwarded into the pods' network namespace)."""
+    from http_origin import HttpOrigin
+
+    origin = HttpOrigin().start()
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory, container_images, s3_server, pod_origin):
     """The session's control plane + node stand-in; use the module-scoped `kube` in tests."""
     from kubernetes import client, config
 
@@ -165,7 +176,7 @@ def kube_cluster(tmp_path_factory, container_images, s3_server):
     netns = f"mysproj-pods-{os.getpid()}"
     cmd = [sys.executable, str(AGENT), "--kubeconfig", str(cp.kubeconfig), "--state-dir", str(agent_dir),
            "--node", NODE, "--gpus", "8", "--gpu-product", GPU_PRODUCT, "--containers", "--netns", netns,
-           "--forward-port", str(s3_server.ports["s3.port"]),
+           "--forward-port", str(s3_server.ports["s3.port"]), "--forward-port", str(pod_origin.server.server_address[1]),
            "--tls-cert", str(cp.workdir / "pki" / "serving.crt"), "--tls-key", str(cp.workdir / "pki" / "serving.key")]
     with open(agent_dir / "agent.log", "ab") as out:
         agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)

@@ -305,6 +305,9 @@ spec:
 {{/* The fetch pods' credentials and mirror: only they get the hub and Kaggle tokens. */}}
 {{- define "mysproj.fetchEnv" -}}
 {{- $f := .Values.fetch }}
+# The GPU image sets HF_HUB_OFFLINE=1 for every other stage; fetch pods are the ones that reach the hub.
+- name: HF_HUB_OFFLINE
+  value: "0"
 - name: HF_HUB_DISABLE_TELEMETRY
   value: "1"
 {{- with $f.hfEndpoint }}

@@ -1,0 +1,83 @@
+"""Stage-in on the real control plane: a release whose dataset is named only by its origin URL (served by a real
+HTTP server the pods reach, nothing staged in the bucket) fetches it in a fetch Job, runs to its report, resumes a
+fetch pod deleted mid-download from the pieces it kept in the bucket, and a second release on the same bucket
+fetches nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import pytest
+from dataset_layouts import make_dtd
+from test_pipeline_e2e import RUN_TIMEOUT, debug, finished, install, run_env  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.kube, pytest.mark.s3]
+ARCHIVE = "dtd-r1.0.1.tar.gz"
+
+
+def dtd_archive(folder) -> bytes:
+    """DTD as published, with 3 MiB that do not compress: four 1 MiB pieces to fetch."""
+    make_dtd(str(folder), per_split=2)
+    (folder / "dtd/imdb").mkdir()
+    (folder / "dtd/imdb/imdb.mat").write_bytes(os.urandom(3 << 20))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        t.add(str(folder / "dtd"), arcname="dtd")
+    return buf.getvalue()
+
+
+def origin_values(url: str, *extra: str) -> list[str]:
+    return ["--set-json", 'pipeline.datasets=["dtd"]', "--set-json", json.dumps({"dtd": url}).join(
+        ["pipeline.sources=", ""]), "--set", "pipeline.overrides.fetch.chunk_mib=1",
+            "--set", "pipeline.overrides.fetch.connections=1", *extra]
+
+
+def fetch_jobs(kube, release):
+    return kube.batch.list_namespaced_job(kube.namespace, label_selector=f"mysproj.io/run={release},"
+                                          f"mysproj.io/stage=fetch").items
+
+
+def test_a_release_naming_only_an_origin_fetches_it_once_and_resumes_a_killed_fetch(run_env, pod_origin, tmp_path):
+    kube, s3, env = run_env
+    data = dtd_archive(tmp_path)
+    url = pod_origin.add(ARCHIVE, data) + f"#sha256={hashlib.sha256(data).hexdigest()}"
+    # the server answers the size probe and one piece, then holds the next request until released
+    pod_origin.faults.release.clear()
+    pod_origin.faults.hold[ARCHIVE] = 2
+    install(kube, s3, env, "stagein", *origin_values(url))
+
+    def fetching_pod():
+        pods = [p for p in kube.pods("mysproj.io/stage=fetch") if kube.is_running(p.metadata.name)]
+        return pods[0].metadata.name if pods and pod_origin.served(ARCHIVE) > (1 << 20) else None
+
+    victim = kube.wait_for(fetching_pod, RUN_TIMEOUT, "the fetch pod to be mid-download", interval=0.2)
+    kube.core.delete_namespaced_pod(victim, kube.namespace, grace_period_seconds=0)
+    first = pod_origin.served(ARCHIVE)
+    del pod_origin.faults.hold[ARCHIVE]
+    pod_origin.faults.release.set()
+    assert kube.wait_for(lambda: finished(kube, "stagein"), RUN_TIMEOUT, "the run to finish") == "Complete", \
+        debug(kube, "stagein")
+    second = pod_origin.served(ARCHIVE) - first
+    assert 0 < second < len(data), (first, second, len(data))  # the replacement pod fetched only what was missing
+    fs = s3.filesystem()
+    cache = [p for p in fs.ls("mysproj-e2e/runs/cache/sources") if "dtd-r1.0.1-" in p]
+    assert len(cache) == 1
+    manifest = json.loads(fs.cat(f"{cache[0]}/_SUCCESS.json"))
+    assert manifest["stage"] == "fetch" and manifest["summary"]["origins"][0]["verified"] == "sha256 pin"
+    assert not fs.exists(f"{cache[0]}/_partial")
+    assert fs.exists("mysproj-e2e/runs/stagein/report/report.md")
+    assert len(fetch_jobs(kube, "stagein")) == 1
+
+    # a second release on the same bucket: the fetch is complete in the cache, no fetch Job, no byte served
+    served = pod_origin.served(ARCHIVE)
+    install(kube, s3, env, "stagein2", *origin_values(url, "--set", "pipeline.zero_shot=false",
+                                                      "--set", "pipeline.probe=false",
+                                                      "--set-json", "pipeline.strategies=[]"))
+    assert kube.wait_for(lambda: finished(kube, "stagein2"), RUN_TIMEOUT, "the second run to finish") == \
+        "Complete", debug(kube, "stagein2")
+    assert pod_origin.served(ARCHIVE) == served and not fetch_jobs(kube, "stagein2")
+    assert fs.exists("mysproj-e2e/runs/stagein2/dtd/prep/_SUCCESS.json")
