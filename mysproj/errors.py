@@ -22,6 +22,11 @@ class IncompleteOutput(BadInput):
     """A stage output has no valid `_SUCCESS.json` manifest (missing, or its files do not match it)."""
 
 
+class StorageError(OSError):
+    """A storage call that failed for a reason a later retry may fix (the endpoint unreachable past the retry
+    budget, a full disk): one line with the cause; the exit is retryable."""
+
+
 class Preempted(Exception):
     """The process was asked to stop (SIGTERM) and stopped cleanly at a point it can resume from."""
 

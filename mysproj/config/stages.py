@@ -274,7 +274,8 @@ class ProbeConfig:
 class ReportConfig:
     """report.md (the paper's Tables 1-3 beside ours), results.parquet and plots from finished runs."""
 
-    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list, input=True)
+    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list, input=True,
+                          holds_out=True)
     out: str = opt(help="output folder URI")
 
     def check(self) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from mysproj.config import load_config
-from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, redact
+from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, redact
 from mysproj.kube.jobspec import FAILURE_RECORD
 from mysproj.stages import registry
 
@@ -108,6 +108,10 @@ def run_job(stage: str, body: Callable[[], dict]) -> int:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         _write_record(EXIT_PREEMPTED, f"preempted: {e}")
         return EXIT_PREEMPTED
+    except StorageError as e:  # retryable, and its cause fits one line
+        print(f"error: {redact(e)}", file=sys.stderr, flush=True)
+        _write_record(EXIT_RETRYABLE, redact(str(e)))
+        return EXIT_RETRYABLE
     except Exception as e:  # noqa: BLE001 - anything unexpected is retryable by the Job
         problem = deployment_problem(stage, e)
         if problem is None:
