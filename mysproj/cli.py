@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from mysproj.bench import command as bench_command
 from mysproj.config.fields import add_arguments
-from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, redact
+from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact
 from mysproj.kube import command as kube_command
 from mysproj.kube import reproduce
 from mysproj.kube.entry import deployment_problem, prepare_scratch
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(e)}", file=sys.stderr)
         return 1
     except (ModuleNotFoundError, OSError) as e:  # in a container: a module the image lacks, a read-only root
+        if no_space(e):  # written outside the storage layer (a library saving a file): still one line
+            print(f"error: {redact(no_space(e))}", file=sys.stderr)
+            return 1
         problem = deployment_problem(ns.command, e)
         if problem is None:
             raise

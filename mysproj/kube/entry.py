@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from mysproj.config import load_config
-from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, redact
+from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact
 from mysproj.kube.jobspec import FAILURE_RECORD
 from mysproj.stages import registry
 
@@ -108,22 +108,29 @@ def run_job(stage: str, body: Callable[[], dict]) -> int:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         _write_record(EXIT_PREEMPTED, f"preempted: {e}")
         return EXIT_PREEMPTED
-    except StorageError as e:  # retryable, and its cause fits one line
-        print(f"error: {redact(e)}", file=sys.stderr, flush=True)
-        _write_record(EXIT_RETRYABLE, redact(str(e)))
+    except OSError as e:
+        line = str(e) if isinstance(e, StorageError) else no_space(e)
+        if line is None:
+            return _unexpected(stage, e)
+        print(f"error: {redact(line)}", file=sys.stderr, flush=True)  # retryable, and its cause fits one line
+        _write_record(EXIT_RETRYABLE, redact(line))
         return EXIT_RETRYABLE
     except Exception as e:  # noqa: BLE001 - anything unexpected is retryable by the Job
-        problem = deployment_problem(stage, e)
-        if problem is None:
-            print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
-            _write_record(EXIT_RETRYABLE, redact(f"{type(e).__name__}: {e}"))
-            return EXIT_RETRYABLE
-        print(f"error: {redact(problem)}", file=sys.stderr, flush=True)
-        _write_record(EXIT_BAD_INPUT, redact(problem))
-        return EXIT_BAD_INPUT
+        return _unexpected(stage, e)
     state = "skipped (already complete)" if manifest.get("skipped") else "done"
     log.info("%s: %s -> %s", stage, state, os.environ.get("MYSPROJ_OUT", ""))
     return 0
+
+
+def _unexpected(stage: str, e: Exception) -> int:
+    problem = deployment_problem(stage, e)
+    if problem is None:
+        print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+        _write_record(EXIT_RETRYABLE, redact(f"{type(e).__name__}: {e}"))
+        return EXIT_RETRYABLE
+    print(f"error: {redact(problem)}", file=sys.stderr, flush=True)
+    _write_record(EXIT_BAD_INPUT, redact(problem))
+    return EXIT_BAD_INPUT
 
 
 def torchrun_argv(script: str, env=os.environ) -> list[str] | None:

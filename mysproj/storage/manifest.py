@@ -78,7 +78,7 @@ class StageOutput:
         if not str(out_uri).strip():
             raise BadInput(f"{stage}: config field 'out' is empty (an unset shell variable?); pass --out FOLDER")
         self.uri = str(out_uri).rstrip("/")
-        if not self.uri or U.is_local(self.uri) and U.local_path(self.uri) == "/":
+        if U.is_local(out_uri) and os.path.realpath(U.local_path(out_uri)) == "/" or self.uri.endswith(":"):
             raise BadInput(f"{stage}: --out {out_uri!r} is the file system root; pass a folder to write into")
         U.check_uri(self.uri)
         self.stage = stage
