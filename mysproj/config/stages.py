@@ -71,6 +71,13 @@ class PrepConfig:
     def check(self) -> None:
         if self.dataset != "textures-mini" and not self.source:
             raise ConfigError(f"config field 'source' is required for dataset '{self.dataset}': pass --source URI")
+        for name in ("train_split", "test_split"):
+            value = getattr(self, name)
+            if not value.strip() or "/" in value or value.strip() in (".", ".."):
+                raise ConfigError(f"config field '{name}' = {value!r}: must name one split folder")
+        if self.train_split == self.test_split:
+            raise ConfigError(f"config fields 'train_split' and 'test_split' are both {self.train_split!r}: "
+                              f"evaluating on the training images; name two different split folders")
 
 
 @dataclass(kw_only=True)
