@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -120,3 +121,13 @@ def test_the_report_takes_the_dataset_from_the_manifests_not_the_folder(tmp_path
     names = sorted(r.dataset for r in runs)
     assert names[2] == "textures-mini" and "lies under 'dtd' but read a 'textures-mini' prep output" in caplog.text
     assert names[0].startswith("imagefolder@") and names[1].startswith("imagefolder@") and names[0] != names[1]
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    src = make_imagefolder(str(tmp_path / "src"), {s: {"rust": 2, "scab": 2} for s in ("train", "test")})
+    first = sorted((tmp_path / "src" / "train" / "rust").iterdir())[0]
+    os.rename(bytes(first), os.path.join(bytes(first.parent), b"caf\xe9.jpg"))
+    assert cli.main(["prep", "--dataset", "imagefolder", "--source", src, "--out", str(tmp_path / "o"),
+                     "--workers", "1"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "caf\\xe9.jpg: a file or folder name that is not UTF-8" in err, err
