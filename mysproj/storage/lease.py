@@ -14,7 +14,7 @@ stage writes anything and given back when it ends.
 
 A second writer waits while the lease is held (one log line naming the holder), then finds the output complete
 and skips it. `MYSPROJ_LEASE_WAIT_SECONDS` bounds that wait (0: refuse at once); past it, one `BadInput` line names
-the holder. `MYSPROJ_LEASE_SECONDS` is the S3 lease's time to live (default 60).
+the holder. `MYSPROJ_LEASE_SECONDS` is the S3 lease's time to live (default 30).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _seconds(name: str, default: float | None, minimum: float) -> float | None:
 
 
 def ttl_seconds() -> float:
-    return _seconds(TTL_ENV, 60.0, 1.0)
+    return _seconds(TTL_ENV, 30.0, 1.0)
 
 
 def wait_seconds() -> float | None:
