@@ -174,3 +174,15 @@ def test_an_unreachable_endpoint_gives_up_after_the_stated_budget(tmp_path, monk
         U.exists("s3://bucket/x")
     assert cli.main(["prep", "--dataset", "textures-mini", "--out", "s3://bucket/o"]) == 1  # retryable
     assert "MYSPROJ_STORAGE_RETRY_SECONDS budget" in _one_error(capsys)
+
+
+@pytest.mark.parametrize("var, value", [("MYSPROJ_NPROC_PER_NODE", "two"), ("MYSPROJ_DNS_WAIT_SECONDS", "-1"),
+                                        ("NNODES", "1.5")])
+def test_a_junk_job_setting_is_one_line_naming_it(var, value, monkeypatch, capsys):
+    from mysproj.kube import entry
+
+    monkeypatch.setenv(var, value)
+    monkeypatch.setenv("MYSPROJ_NPROC_PER_NODE" if var != "MYSPROJ_NPROC_PER_NODE" else var,
+                       "2" if var != "MYSPROJ_NPROC_PER_NODE" else value)
+    assert entry.main(["finetune"], str(REPO / "jobs" / "stage.py")) == EXIT_BAD_INPUT
+    assert f"{var}={value!r}: expected" in _one_error(capsys)
