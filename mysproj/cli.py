@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from mysproj.bench import command as bench_command
 from mysproj.config.fields import add_arguments
-from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, redact
+from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact
 from mysproj.kube import command as kube_command
 from mysproj.kube import reproduce
 from mysproj.kube.entry import deployment_problem, prepare_scratch
@@ -55,10 +55,15 @@ def setup_logging() -> None:
     """Log lines, and the traceback of an exception nobody caught, printed with secrets redacted: whatever a
     library put into a message (botocore echoes URIs and bucket names) never shows a credential."""
     sys.excepthook = _print_redacted_traceback
-    level = os.environ.get("MYSPROJ_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, stream=sys.stderr, force=True)
+    raw = os.environ.get("MYSPROJ_LOG_LEVEL", "INFO")
+    level = raw.strip().upper() or "INFO"
+    known = level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+    logging.basicConfig(level=level if known else "INFO", stream=sys.stderr, force=True)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    if not known:  # a junk value must not stop every command, --help included
+        logging.getLogger("mysproj").warning("MYSPROJ_LOG_LEVEL=%r is not a log level (DEBUG, INFO, WARNING, ERROR, "
+                                             "CRITICAL); using INFO", raw)
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "PIL", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -113,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except StorageError as e:  # a retry may help (the endpoint back, space freed): not exit 64
+        print(f"error: {redact(e)}", file=sys.stderr)
+        return 1
     except (ModuleNotFoundError, OSError) as e:  # in a container: a module the image lacks, a read-only root
+        if no_space(e):  # written outside the storage layer (a library saving a file): still one line
+            print(f"error: {redact(no_space(e))}", file=sys.stderr)
+            return 1
         problem = deployment_problem(ns.command, e)
         if problem is None:
             raise

@@ -22,6 +22,21 @@ class IncompleteOutput(BadInput):
     """A stage output has no valid `_SUCCESS.json` manifest (missing, or its files do not match it)."""
 
 
+class StorageError(OSError):
+    """A storage call that failed for a reason a later retry may fix (the endpoint unreachable past the retry
+    budget, a full disk): one line with the cause; the exit is retryable."""
+
+
+def no_space(e: BaseException) -> str | None:
+    """The one line for a write that failed on a full disk or quota (a retry may help once space is freed)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"no space left{where} ({e.strerror or e}); free space or raise the quota, then re-run"
+    return None
+
+
 class Preempted(Exception):
     """The process was asked to stop (SIGTERM) and stopped cleanly at a point it can resume from."""
 

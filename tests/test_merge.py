@@ -79,8 +79,9 @@ def test_merge_rejects_mismatched_or_missing_projector(tiny_model, tmp_path, cap
     bad = str(tmp_path / "bad.bin")
     torch.save({"model.mm_projector.0.weight": torch.zeros(3, 3), "model.mm_projector.0.bias": torch.zeros(3),
                 "model.mm_projector.2.weight": torch.zeros(3, 3), "model.mm_projector.2.bias": torch.zeros(3)}, bad)
+    (tmp_path / "plain").mkdir()
     for projector, want in ((bad, "has shape"), (str(tmp_path / "missing.bin"), "no such projector file"),
-                            (str(tmp_path), "not a finetune output")):
+                            (str(tmp_path / "plain"), "not a finetune output")):
         rc = main(["merge", "--base", tiny_model, "--projector", projector, "--out", str(tmp_path / "o")])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
         assert rc == 64 and len(err) == 1 and want in err[0], err

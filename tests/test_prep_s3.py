@@ -8,9 +8,8 @@ from dataset_layouts import make_dtd, write_truncated_jpeg
 
 from mysproj.cli import main
 from mysproj.data.prepared import PreparedData
-from mysproj.errors import EXIT_BAD_INPUT, BadInput, IncompleteOutput
+from mysproj.errors import EXIT_BAD_INPUT, IncompleteOutput
 from mysproj.storage import exists, list_files
-from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput
 
 pytestmark = pytest.mark.s3
@@ -69,9 +68,10 @@ def test_wrong_credentials_fail_with_one_clear_error(s3_env, dtd_in_s3, tmp_path
     assert "Traceback" not in err
 
 
-def test_server_killed_mid_write_leaves_no_manifest_and_rerun_completes(s3_env, dtd_in_s3, tmp_path, monkeypatch):
+def test_server_killed_mid_write_leaves_no_manifest_and_rerun_completes(s3_env, dtd_in_s3, tmp_path, monkeypatch,
+                                                                        capsys):
     out = f"{s3_env.create_bucket('runs')}/{tmp_path.name}/prep"
-    monkeypatch.setattr(U, "RETRY_SECONDS", 1.0)  # give up quickly once the server is gone
+    monkeypatch.setenv("MYSPROJ_STORAGE_RETRY_SECONDS", "1")  # give up quickly once the server is gone
     original = StageOutput.write_bytes
 
     def crash_before_llava_json(self, name, data):
@@ -80,9 +80,9 @@ def test_server_killed_mid_write_leaves_no_manifest_and_rerun_completes(s3_env, 
         return original(self, name, data)
 
     monkeypatch.setattr(StageOutput, "write_bytes", crash_before_llava_json)
-    with pytest.raises(Exception) as failure:
-        main(_argv(dtd_in_s3, out))
-    assert not isinstance(failure.value, BadInput)  # retryable: not exit 64
+    assert main(_argv(dtd_in_s3, out)) == 1  # retryable (not exit 64), one line stating the retry budget
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "MYSPROJ_STORAGE_RETRY_SECONDS" in errors[0], errors
     monkeypatch.setattr(StageOutput, "write_bytes", original)
 
     s3_env.start()

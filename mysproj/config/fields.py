@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import types
 import typing
@@ -35,6 +36,8 @@ NON_FIELD_ENV = {
     "MYSPROJ_NPROC_PER_NODE": "torchrun processes per fine-tuning pod (mysproj/kube/entry.py)",
     "MYSPROJ_DNS_WAIT_SECONDS": "wait for rank 0's DNS name (mysproj/kube/entry.py)",
     "MYSPROJ_STORAGE_RETRY_SECONDS": "retry budget of storage calls",
+    "MYSPROJ_LEASE_SECONDS": "time to live of an S3 output lease (mysproj/storage/lease.py)",
+    "MYSPROJ_LEASE_WAIT_SECONDS": "how long a writer waits for another's output lease (mysproj/storage/lease.py)",
     "MYSPROJ_JOB_NAME": "the stage Job's name (failure records)",
     "MYSPROJ_NODE": "the DAG node a stage Job runs (failure records)",
     "MYSPROJ_BENCH": "benchmark Job switch (chart)",
@@ -54,13 +57,15 @@ class ConfigError(BadInput):
 
 def opt(default: Any = dataclasses.MISSING, *, help: str, choices: tuple | None = None,
         min: float | None = None, max: float | None = None, hashed: bool = True, input: bool = False,
-        fetch: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+        holds_out: bool = False, fetch: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
     """A config field. `hashed=False` marks operational knobs (log interval, workers) that do not change
     the stage's result and so must not invalidate a finished output. `input=True` marks a URI (or list of URIs)
-    the stage reads: a finished output counts as complete only while those inputs hold the same content. `fetch`
-    (an input's): what a remote origin named there holds (a `FetchConfig.content`), so it is fetched first."""
+    the stage reads: a finished output counts as complete only while those inputs hold the same content; its
+    spelling is not part of the config hash (`config_hash`). `holds_out=True`: an input folder that may hold the
+    stage's own output (report's run roots); any other input and the output must not overlap. `fetch` (an
+    input's): what a remote origin named there holds (a `FetchConfig.content`), so it is fetched first."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "hashed": hashed, "input": input,
-            "fetch": fetch}
+            "holds_out": holds_out, "fetch": fetch}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -116,7 +121,10 @@ def _coerce(name: str, tp, value: Any) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # NaN passes every range check; inf is no learning rate either
+                raise ConfigError(f"config field '{name}' = {value!r}: expected a finite number")
+            return number
         if base is str:
             if isinstance(value, (dict, list)):
                 raise TypeError
@@ -246,20 +254,56 @@ def load_config(cls, *, yaml_file: str | None = None, cli: dict[str, Any] | None
 
 
 def _read_yaml(path: str, names: set[str], cls_name: str) -> dict[str, Any]:
-    import yaml
-
     from mysproj.storage import read_text
 
-    try:
-        data = yaml.safe_load(read_text(path)) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: not valid YAML ({e.__class__.__name__}); fix its syntax") from None
+    data = load_yaml(read_text(path), path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of field: value at the top level")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"config file {path}: key {odd[0]!r} is not a field name; keys are field names (text)")
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"config file {path}: unknown field '{unknown[0]}' for {cls_name}")
+        raise ConfigError(f"config file {path}: unknown field '{unknown[0]}' for {cls_name}"
+                          f"{closest(unknown[0], names)}")
     return data
+
+
+def closest(name: str, known: typing.Iterable[str]) -> str:
+    """'; did you mean X?' for the known name closest to `name`, else ''."""
+    close = difflib.get_close_matches(str(name), sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _no_alias_loader():
+    """`yaml.SafeLoader` without aliases: a few bytes of `&a [*b, *b, ...]` expand to gigabytes (a "billion
+    laughs"), and no config of this project needs one."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"YAML aliases (*{event.anchor}) are not accepted in config files; write the value "
+                                f"out", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return Loader
+
+
+def load_yaml(text: str, path: str, error=None):
+    """`text` of config file `path` parsed safely (no aliases); one `error` (default `ConfigError`) line otherwise."""
+    import yaml
+
+    error = error or ConfigError
+    try:
+        return yaml.load(text, Loader=_no_alias_loader())  # nosec B506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        what = getattr(e, "problem", None) or type(e).__name__
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise error(f"config file {path}: not valid YAML{where}: {what}; fix it") from None
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
@@ -267,10 +311,12 @@ def config_to_dict(cfg) -> dict[str, Any]:
 
 
 def config_hash(cfg) -> str:
-    """Hash of the fields that change a stage's result (output locations and operational knobs excluded), and of
-    the config class's RESULT_VERSION where it sets one (raised when the same fields come to give other results)."""
+    """Hash of the fields that change a stage's result (output locations, operational knobs and input URIs
+    excluded: inputs count by their content, `StageOutput.inputs`, so a path spelt another way or a moved run root
+    re-runs nothing), and of the config class's RESULT_VERSION where it sets one (raised when the same fields
+    come to give other results)."""
     hashed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-              if f.metadata.get("hashed", True) and f.name != "out"}
+              if f.metadata.get("hashed", True) and f.name != "out" and not f.metadata.get("input")}
     version = getattr(type(cfg), "RESULT_VERSION", None)
     if version is not None:
         hashed["_result_version"] = version

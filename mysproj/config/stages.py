@@ -95,6 +95,13 @@ class PrepConfig:
     def check(self) -> None:
         if self.dataset not in EMBEDDED and not self.source:
             raise ConfigError(f"config field 'source' is required for dataset '{self.dataset}': pass --source URI")
+        for name in ("train_split", "test_split"):
+            value = getattr(self, name)
+            if not value.strip() or "/" in value or value.strip() in (".", ".."):
+                raise ConfigError(f"config field '{name}' = {value!r}: must name one split folder")
+        if self.train_split == self.test_split:
+            raise ConfigError(f"config fields 'train_split' and 'test_split' are both {self.train_split!r}: "
+                              f"evaluating on the training images; name two different split folders")
 
 
 @dataclass(kw_only=True)
@@ -302,7 +309,8 @@ class ProbeConfig:
 class ReportConfig:
     """report.md (the paper's Tables 1-3 beside ours), results.parquet and plots from finished runs."""
 
-    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list, input=True)
+    runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list, input=True,
+                          holds_out=True)
     out: str = opt(help="output folder URI")
 
     def check(self) -> None:

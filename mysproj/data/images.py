@@ -63,7 +63,7 @@ def open_rgb(source: str | bytes | os.PathLike, *, max_pixels: int = DEFAULT_MAX
             if bomb:
                 raise BadImage(f"{name}: {bomb}")
             img.load()  # truncated data fails here
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise BadImage(f"{name}: no such file") from None
     except IsADirectoryError:
@@ -72,6 +72,33 @@ def open_rgb(source: str | bytes | os.PathLike, *, max_pixels: int = DEFAULT_MAX
         raise BadImage(f"{name}: not an image (unknown format)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"{name}: corrupt image ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(img):
+    """8-bit RGB of an image of any mode. `convert("RGB")` alone clips 16-bit and 32-bit greyscale to white and
+    float images (0..1) to black; those are scaled to 0..255 here (16-bit and 32-bit integers from 0..65535, floats
+    from 0..1 where they lie in it). Transparent pixels (RGBA, LA, a palette with transparency) are composited onto
+    white instead of showing whatever colour they hide."""
+    import numpy as np
+
+    Image = _pil()
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        values = np.asarray(img, dtype=np.float64)
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        top = float(values.max()) if values.size else 0.0
+        if img.mode == "F" and top <= 1.0:
+            values = values * 255.0
+        elif top > 255.0:
+            values = values / 257.0
+        grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+        return grey.convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def expand2square(img, background=CLIP_MEAN_RGB):

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from mysproj.config import load_config
-from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, redact
+from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact
 from mysproj.kube.jobspec import FAILURE_RECORD
 from mysproj.stages import registry
 
@@ -108,24 +108,47 @@ def run_job(stage: str, body: Callable[[], dict]) -> int:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         _write_record(EXIT_PREEMPTED, f"preempted: {e}")
         return EXIT_PREEMPTED
+    except OSError as e:
+        line = str(e) if isinstance(e, StorageError) else no_space(e)
+        if line is None:
+            return _unexpected(stage, e)
+        print(f"error: {redact(line)}", file=sys.stderr, flush=True)  # retryable, and its cause fits one line
+        _write_record(EXIT_RETRYABLE, redact(line))
+        return EXIT_RETRYABLE
     except Exception as e:  # noqa: BLE001 - anything unexpected is retryable by the Job
-        problem = deployment_problem(stage, e)
-        if problem is None:
-            print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
-            _write_record(EXIT_RETRYABLE, redact(f"{type(e).__name__}: {e}"))
-            return EXIT_RETRYABLE
-        print(f"error: {redact(problem)}", file=sys.stderr, flush=True)
-        _write_record(EXIT_BAD_INPUT, redact(problem))
-        return EXIT_BAD_INPUT
+        return _unexpected(stage, e)
     state = "skipped (already complete)" if manifest.get("skipped") else "done"
     log.info("%s: %s -> %s", stage, state, os.environ.get("MYSPROJ_OUT", ""))
     return 0
 
 
+def _unexpected(stage: str, e: Exception) -> int:
+    problem = deployment_problem(stage, e)
+    if problem is None:
+        print(redact(traceback.format_exc()), file=sys.stderr, end="", flush=True)
+        _write_record(EXIT_RETRYABLE, redact(f"{type(e).__name__}: {e}"))
+        return EXIT_RETRYABLE
+    print(f"error: {redact(problem)}", file=sys.stderr, flush=True)
+    _write_record(EXIT_BAD_INPUT, redact(problem))
+    return EXIT_BAD_INPUT
+
+
+def env_number(name: str, default: str, kind: type, env=os.environ):
+    """The number a variable holds (`default` when unset or empty); `BadInput` naming it otherwise."""
+    raw = env.get(name) or default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise BadInput(f"{name}={raw!r}: expected {'a whole number' if kind is int else 'a number'}") from None
+    if value != value or value < 0 or value in (float("inf"),):
+        raise BadInput(f"{name}={raw!r}: expected a finite number >= 0")
+    return value
+
+
 def torchrun_argv(script: str, env=os.environ) -> list[str] | None:
     """The torchrun command that re-launches `script finetune`, or None when one process is all it takes."""
-    nproc = int(env.get("MYSPROJ_NPROC_PER_NODE", "1") or 1)
-    nnodes = int(env.get("NNODES", "1") or 1)
+    nproc = env_number("MYSPROJ_NPROC_PER_NODE", "1", int, env)
+    nnodes = env_number("NNODES", "1", int, env)
     if "LOCAL_RANK" in env or (nproc <= 1 and nnodes <= 1):
         return None
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
@@ -157,10 +180,15 @@ def main(argv: list[str], script: str) -> int:
         return EXIT_BAD_INPUT
     stage = argv[0]
     if stage == "finetune":
-        relaunch = torchrun_argv(script)
+        try:
+            relaunch = torchrun_argv(script)
+            dns_wait = env_number("MYSPROJ_DNS_WAIT_SECONDS", "600", float)
+        except BadInput as e:
+            print(f"error: {redact(e)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if relaunch:
             master = os.environ.get("MASTER_ADDR")
-            if master and not wait_for_dns(master, float(os.environ.get("MYSPROJ_DNS_WAIT_SECONDS", "600"))):
+            if master and not wait_for_dns(master, dns_wait):
                 print(f"error: rank 0 ({master}) did not resolve; retrying the pod", file=sys.stderr)
                 return EXIT_RETRYABLE
             os.execv(relaunch[0], relaunch)  # nosec B606 - torchrun re-runs this entry point, an argv list

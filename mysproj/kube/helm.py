@@ -32,10 +32,9 @@ def values_file(dataset: str, given: str | None, chart: Path) -> Path:
 
 def read_values(path: Path | str) -> dict:
     """A Helm values file (a path or a storage URI) as a mapping."""
-    try:
-        values = yaml.safe_load(read_text(str(path))) or {}
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML ({e})") from None
+    from mysproj.config.fields import load_yaml
+
+    values = load_yaml(read_text(str(path)), str(path), BadInput) or {}
     if not isinstance(values, dict):
         raise BadInput(f"{path}: a values file must be a YAML mapping")
     return values

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from mysproj.config.fields import add_arguments, load_config
+import dataclasses
+import logging
+import os
+
+from mysproj.config.fields import add_arguments, env_name, load_config
 from mysproj.errors import BadInput
 from mysproj.pipeline.dag import PipelineConfig
 from mysproj.storage import join
@@ -32,6 +36,26 @@ def add_command(sub, parser_class) -> None:
     p.set_defaults(func=_run)
 
 
+log = logging.getLogger(__name__)
+
+
+def warn_stage_env(env) -> list[str]:
+    """One warning per `MYSPROJ_<field>` variable of a stage field that `mysproj run` does not apply (it applies
+    only the pipeline's own fields; a stage field is set for the run under `overrides`). Returns the names."""
+    from mysproj.stages.registry import STAGES
+
+    own = {env_name(f.name) for f in dataclasses.fields(PipelineConfig)}
+    stages: dict[str, list[str]] = {}
+    for stage, (cls, _) in STAGES.items():
+        for f in dataclasses.fields(cls):
+            if env_name(f.name) in env and env_name(f.name) not in own:
+                stages.setdefault(f.name, []).append(stage)
+    for name, where in sorted(stages.items()):
+        log.warning("%s is set but `mysproj run` does not apply stage variables (ignored); set it for the run as "
+                    "overrides: {%s: {%s: ...}}", env_name(name), where[0], name)
+    return [env_name(n) for n in sorted(stages)]
+
+
 def _values_pipeline(path: str | None) -> dict:
     if not path:
         return {}
@@ -48,6 +72,7 @@ def _run(ns) -> int:
 
     values = {k: v for k, v in vars(ns).items() if k not in RUN_OPTIONS}
     cfg = load_config(PipelineConfig, yaml_file=ns.config, overrides=_values_pipeline(ns.values), cli=values)
+    warn_stage_env(os.environ)
     only = ns.only.split(",") if ns.only else None
     gpus = ns.gpus if ns.gpus is not None else max(1, local.visible_gpus())
     cap = local.capacity(gpus, ns.finetune_gpus)

@@ -82,6 +82,36 @@ class PipelineConfig:
             raise ConfigError("config field 'datasets' is empty")
         if not self.seeds:
             raise ConfigError("config field 'seeds' is empty")
+        for name in ("datasets", "seeds", "strategies"):  # a repeat would give two writers of one output
+            values = getattr(self, name)
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:
+                raise ConfigError(f"config field '{name}' lists {twice!r} twice; list each once")
+        if not self.root.strip() or self.root.strip() in ("/", "file:///"):
+            raise ConfigError(f"config field 'root' = {self.root!r}: an empty root or '/' would write at the top of "
+                              f"the file system (an unset MYSPROJ_ROOT?); pass --root FOLDER")
+        check_overrides(self.overrides)
+
+
+def check_overrides(overrides: dict) -> None:
+    """Every `overrides` key a stage, every value a mapping of that stage's fields: a misspelt one would be
+    ignored."""
+    import dataclasses
+
+    from mysproj.config.fields import closest
+    from mysproj.stages.registry import STAGES
+
+    for stage, fields in overrides.items():
+        if stage not in STAGES:
+            raise ConfigError(f"config field 'overrides': {stage!r} is not a stage{closest(stage, STAGES)}; "
+                              f"stages: {', '.join(STAGES)}")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"config field 'overrides.{stage}' = {fields!r}: expected a mapping of field: value")
+        names = {f.name for f in dataclasses.fields(STAGES[stage][0])}
+        for key in fields:
+            if key not in names:
+                raise ConfigError(f"config field 'overrides.{stage}': {key!r} is not a field of {stage}"
+                                  f"{closest(key, names)}")
 
     def source_list(self, dataset: str) -> list[str]:
         """The dataset's source as a list of URIs: what `sources` names, else its published origin."""

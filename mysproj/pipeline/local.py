@@ -47,8 +47,15 @@ def capacity(gpus: int, finetune_gpus: int = 1) -> schedule.Capacity:
 
 
 def select(nodes: list[dag.Node], only: list[str] | None) -> list[dag.Node]:
-    """The nodes whose names start with one of `only` (all without it); the others count as done."""
-    return [n for n in nodes if any(n.name.startswith(o) for o in only)] if only else nodes
+    """The nodes whose names start with one of `only` (all without it); the others count as done. A prefix that
+    names no node is a typo: `BadInput` naming it."""
+    if not only:
+        return nodes
+    for o in only:
+        if not any(n.name.startswith(o) for n in nodes):
+            raise BadInput(f"--only {o!r} names no stage of this pipeline; stages: "
+                           f"{', '.join(n.name for n in nodes)}")
+    return [n for n in nodes if any(n.name.startswith(o) for o in only)]
 
 
 def default_log_dir(root: str) -> str:
@@ -156,7 +163,8 @@ class ChildProcesses:
             json.dump({"name": node.name, "stage": node.stage, "config": node.config}, f)
         with open(base + ".log", "ab") as out:
             proc = subprocess.Popen(self.argv(node, devices, base + ".json"), stdout=out,  # nosec B603 - argv list
-                                    stderr=subprocess.STDOUT, env=self._env(node, devices))
+                                    stderr=subprocess.STDOUT, env=self._env(node, devices),
+                                    preexec_fn=_die_with_parent)
         self._running[node.name] = (node, proc, base + ".log")
         threading.Thread(target=lambda: self._ended.put((node.name, proc.wait())), daemon=True).start()
 
@@ -183,6 +191,20 @@ class ChildProcesses:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child before it runs the stage: SIGTERM when the runner dies, even by `kill -9` (Linux's parent-death
+    signal), so no stage goes on writing after its runner is gone. SIGTERM, not SIGKILL: torchrun passes it on to
+    its workers, and fine-tuning stops at a step it can resume from. The output's lease keeps a re-run from
+    writing beside a child still stopping."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: children stop when the runner stops them (`close`)
+        pass
 
 
 def _exit_on_signal(signum, frame):

@@ -2,7 +2,10 @@
 
 A run root is walked for `_SUCCESS.json` files; each folder's path relative to the root is mapped with
 `mysproj.layout.parse` to (dataset, setting, seed, stage). A URI given directly to a stage output is mapped
-from the tail of its own path. No ML imports: the report runs in the slim image too.
+from the tail of its own path. The dataset itself is read from the manifests, not the path: the prep output the
+stage read names it, and runs of one dataset name whose prep outputs hold different content (two roots prepared
+from different sources) are reported apart, never averaged as seeds. No ML imports: the report runs in the slim
+image too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from mysproj import layout
 from mysproj.errors import BadInput
 from mysproj.storage import join, list_files
+from mysproj.storage.digest import manifest_digest
 from mysproj.storage.manifest import MANIFEST, StageInput, read_manifest
 
 log = logging.getLogger(__name__)
@@ -86,9 +90,26 @@ def model_provenance(model_uri: str | None, _depth: int = 0) -> dict:
     return info
 
 
-def _dataset_of(data_uri: str | None) -> str | None:
+def _prep_of(data_uri: str | None) -> tuple[str | None, str | None]:
+    """(dataset, content digest) of the prep output at `data_uri`; Nones where it is not there any more."""
     m = read_manifest(data_uri) if data_uri else None
-    return (m or {}).get("config", {}).get("dataset")
+    return ((m or {}).get("config", {}).get("dataset"), manifest_digest(m) if m else None)
+
+
+def _split_by_content(runs: list[Run]) -> None:
+    """Runs of one dataset name that read prep outputs of different content are different datasets: each gets
+    its prep digest's first 8 characters after the name."""
+    digests: dict[str, set[str]] = {}
+    for r in runs:
+        if r.provenance.get("prep_digest"):
+            digests.setdefault(r.dataset, set()).add(r.provenance["prep_digest"])
+    for name, found in digests.items():
+        if len(found) > 1:
+            log.warning("report: runs named '%s' read %d prep outputs of different content; reported apart as "
+                        "%s", name, len(found), ", ".join(f"{name}@{d[:8]}" for d in sorted(found)))
+            for r in runs:
+                if r.dataset == name and r.provenance.get("prep_digest"):
+                    r.dataset = f"{name}@{r.provenance['prep_digest'][:8]}"
 
 
 def gather(roots: list[str]) -> list[Run]:
@@ -104,9 +125,14 @@ def gather(roots: list[str]) -> list[Run]:
             cfg = out.manifest.get("config") or {}
             prov = model_provenance(cfg.get("model"))
             prov["data"] = cfg.get("data")
-            prov["prep_dataset"] = _dataset_of(cfg.get("data"))
-            runs.append(Run(dataset=where["dataset"], setting=where["setting"], seed=where["seed"],
+            prov["prep_dataset"], prov["prep_digest"] = _prep_of(cfg.get("data"))
+            dataset = prov["prep_dataset"] or where["dataset"]
+            if dataset != where["dataset"]:
+                log.warning("report: %s lies under '%s' but read a '%s' prep output (%s); reported as %s", uri,
+                            where["dataset"], dataset, cfg.get("data"), dataset)
+            runs.append(Run(dataset=dataset, setting=where["setting"], seed=where["seed"],
                             stage=where["stage"], uri=uri, manifest=out.manifest,
                             metrics=out.read_json("metrics.json"), provenance=prov))
+    _split_by_content(runs)
     runs.sort(key=lambda r: (r.dataset, r.setting, r.stage, -1 if r.seed is None else r.seed, r.uri))
     return runs

@@ -79,6 +79,7 @@ def _check(listing: Listing, cfg: PrepConfig) -> list[PreparedSample]:
     if len(classes) < 2:
         raise BadInput(f"dataset {cfg.dataset} at {cfg.source} has {len(classes)} class(es) with usable images "
                        f"({', '.join(classes) or 'none'}); classification needs at least two")
+    _check_distinguishable(classes, cfg)
     label_id = {c: i for i, c in enumerate(classes)}
     samples = [PreparedSample(c.split, c.image, c.label, label_id[c.label], chk.sha256, chk.width, chk.height,
                               c.relpath) for c, chk in good]
@@ -87,6 +88,23 @@ def _check(listing: Listing, cfg: PrepConfig) -> list[PreparedSample]:
         if not any(s.split == split for s in samples):
             raise BadInput(f"dataset {cfg.dataset} at {cfg.source}: the {split} split has no usable images")
     return samples
+
+
+def _check_distinguishable(classes: list[str], cfg: PrepConfig) -> None:
+    """Evaluation matches answers to class names after `normalise` (lower case, a-z and 0-9 only): a name that is
+    empty there (non-Latin letters only) or two names that become the same text could never be told apart."""
+    from mysproj.evaluation.answers import normalise
+
+    seen: dict[str, str] = {}
+    for c in classes:
+        key = normalise(c)
+        if not key:
+            raise BadInput(f"dataset {cfg.dataset}: class name {c!r} has no letters a-z or digits, so evaluation "
+                           f"cannot match an answer to it; rename the class folder/label")
+        if key in seen:
+            raise BadInput(f"dataset {cfg.dataset}: class names {seen[key]!r} and {c!r} are the same text "
+                           f"({key!r}) to evaluation, which could not tell them apart; rename one")
+        seen[key] = c
 
 
 def _parquet(samples: list[PreparedSample]) -> bytes:

@@ -73,6 +73,7 @@ def _listing(uri: str, exclude: str | None) -> dict[str, dict]:
                 if skip and (full + "/").startswith(skip) or not os.path.isfile(full):
                     continue
                 rel = os.path.relpath(full, path).replace(os.sep, "/")
+                _utf8_name(full)
                 found[rel] = {"size": os.path.getsize(full), "path": full, "tag": None}
         return found
     info = U.with_retry(f"listing {uri}", lambda: fs.find(path, detail=True, withdirs=False))
@@ -87,6 +88,19 @@ def _listing(uri: str, exclude: str | None) -> dict[str, dict]:
         tag = next((str(i[k]) for k in _TAG_KEYS if i.get(k)), None)
         found[rel] = {"size": int(i.get("size") or 0), "path": p, "tag": tag}
     return found
+
+
+def _utf8_name(path: str) -> None:
+    """`BadInput` for a local name that is not UTF-8 (Python carries its bytes as lone surrogates, which no
+    manifest, JSON or database can hold)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        from mysproj.errors import BadInput
+
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise BadInput(f"{shown}: a file or folder name that is not UTF-8; rename it (e.g. convmv -f latin1 -t "
+                       f"utf8)") from None
 
 
 def _top_manifests(names: list[str]) -> list[str]:

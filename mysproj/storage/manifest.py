@@ -5,6 +5,9 @@ content digest of each input (`mysproj.storage.digest`), the code version and st
 (`StageInput`) refuse a folder without one and verify each file's hash as they fetch it. `StageOutput.existing()`
 is the one test of "complete with this config and these inputs" that `run_stage`, the Kubernetes controller and
 `mysproj status` share; a stage that passes it is skipped.
+
+`run_stage` refuses an output that is empty, the file system root, equal to or inside one of the stage's inputs (or
+holding one), and writes only while it holds the output's lease (`mysproj.storage.lease`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 from mysproj import __version__
 from mysproj.config import config_hash, config_to_dict
 from mysproj.errors import BadInput, IncompleteOutput
-from mysproj.storage import cache
+from mysproj.storage import cache, lease
 from mysproj.storage import uri as U
 from mysproj.storage.cache import sha256_file
 from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests
@@ -72,7 +75,11 @@ class StageOutput:
 
     def __init__(self, out_uri: str, stage: str, cfg: Any, *, inputs: dict | None = None):
         """`inputs`: the input digests when the caller already has them (a run's checkpoints take the run's)."""
+        if not str(out_uri).strip():
+            raise BadInput(f"{stage}: config field 'out' is empty (an unset shell variable?); pass --out FOLDER")
         self.uri = str(out_uri).rstrip("/")
+        if U.is_local(out_uri) and os.path.realpath(U.local_path(out_uri)) == "/" or self.uri.endswith(":"):
+            raise BadInput(f"{stage}: --out {out_uri!r} is the file system root; pass a folder to write into")
         U.check_uri(self.uri)
         self.stage = stage
         self.cfg = cfg
@@ -89,6 +96,26 @@ class StageOutput:
         if self._inputs is None:
             self._inputs = input_digests(self.cfg, exclude=self.uri)
         return self._inputs
+
+    def check_place(self) -> None:
+        """`BadInput` where writing the output would change an input: `out` equal to or inside an input (a model
+        folder without a manifest would be overwritten), or an input inside `out`. A field declared
+        `opt(..., holds_out=True)` (report's run roots) may hold the output: its digest leaves the output out."""
+        import dataclasses
+
+        out = U.canonical(self.uri)
+        for f in dataclasses.fields(self.cfg):
+            if not f.metadata.get("input"):
+                continue
+            value = getattr(self.cfg, f.name)
+            for v in value if isinstance(value, list) else [value] if value else []:
+                where = U.canonical(v)
+                if out == where or (U.contains(where, out) and not f.metadata.get("holds_out")):
+                    raise BadInput(f"{self.stage}: --out {self.uri} is {'' if out == where else 'inside '}its input "
+                                   f"'{f.name}' ({v}); writing there would change that input: pick another --out")
+                if U.contains(out, where):
+                    raise BadInput(f"{self.stage}: input '{f.name}' ({v}) lies inside --out {self.uri}; writing "
+                                   f"the output could change it: pick another --out")
 
     def existing(self) -> dict | None:
         """The manifest of a finished run of this stage with this same config and inputs of the same content, if
@@ -215,23 +242,36 @@ def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], 
     see `forcing`) runs it anyway, also over another stage's output."""
     force = _FORCE.get() if force is None else force
     out = StageOutput(cfg.out, stage, cfg)
+    out.check_place()
     done = None if force else out.existing()
     if done:
-        log.info("%s: %s already complete (config %s, same inputs); skipping", stage, out.uri, out.hash)
-        done["skipped"] = True
-        return done
-    out.begin(force)
-    if out.reason:
-        log.info("%s: %s runs again: %s", stage, out.uri, out.reason)
-    gpus = GpuUse()
-    t0 = time.monotonic()
-    summary = body(out) or {}
-    wall_s = time.monotonic() - t0
-    summary.setdefault("seconds", round(wall_s, 3))
-    summary["time"] = time_entry(summary, wall_s, gpus.held())
-    manifest = out.commit(summary)
+        return _skipped(out, done)
+    U.make_dirs(out.uri)
+    with lease.held(out.uri, stage) as held:
+        # Another writer may have finished it while this one waited for the lease.
+        if not force and held.waited:
+            done = out.existing()
+            if done:
+                return _skipped(out, done)
+        out.begin(force)
+        if out.reason:
+            log.info("%s: %s runs again: %s", stage, out.uri, out.reason)
+        gpus = GpuUse()
+        t0 = time.monotonic()
+        summary = body(out) or {}
+        wall_s = time.monotonic() - t0
+        summary.setdefault("seconds", round(wall_s, 3))
+        summary["time"] = time_entry(summary, wall_s, gpus.held())
+        held.check()
+        manifest = out.commit(summary)
     log.info("%s: wrote %s (%d files)", stage, out.uri, len(out.files))
     return manifest
+
+
+def _skipped(out: StageOutput, done: dict) -> dict:
+    log.info("%s: %s already complete (config %s, same inputs); skipping", out.stage, out.uri, out.hash)
+    done["skipped"] = True
+    return done
 
 
 class StageInput:

@@ -1,13 +1,17 @@
 """Every input and output is a URI: a plain path or file:// (the embedded default), s3:// through s3fs, or any
 other fsspec scheme installed. URI schemes are handled here and nowhere else.
 
-Transient failures (an object store restarting, a dropped connection) are retried with exponential backoff;
-wrong credentials and missing objects are not transient and surface as one clear `BadInput` line.
+Transient failures (an object store restarting, a dropped connection) are retried with exponential backoff for
+`MYSPROJ_STORAGE_RETRY_SECONDS` (default 120), then surface as one `StorageError` line stating that budget; missing
+or wrong credentials and missing objects are not transient and surface as one clear `BadInput` line. A local write
+that fails (a full disk or quota included) removes its temporary file.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import time
 import uuid
@@ -16,12 +20,25 @@ from typing import TypeVar
 
 import fsspec
 
-from mysproj.errors import BadInput, has_uri_credentials, redact
+from mysproj.errors import BadInput, StorageError, has_uri_credentials, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRY_SECONDS = float(os.environ.get("MYSPROJ_STORAGE_RETRY_SECONDS", "120"))
+RETRY_ENV = "MYSPROJ_STORAGE_RETRY_SECONDS"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def retry_seconds() -> float:
+    """The retry budget of storage calls; read when a call needs it, so a bad value never breaks `--help`."""
+    raw = os.environ.get(RETRY_ENV, "120")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise BadInput(f"{RETRY_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
 
 
 def s3_endpoint(env: Mapping[str, str] | None = None) -> str:
@@ -71,11 +88,19 @@ def check_uri(uri: str) -> None:
                        f"({str(e).splitlines()[0]})") from None
 
 
-def split(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it). Plain paths become absolute local paths."""
+def _not_empty(uri: str) -> str:
     uri = str(uri)
+    if not uri.strip():
+        # os.path.join("", x) and "" + "/" + x both name a path at the root of the file system
+        raise BadInput("an empty path or URI was given (an unset shell variable?); pass a folder or URI")
+    return uri
+
+
+def split(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it). Plain paths become absolute local paths (`~` expanded)."""
+    uri = _not_empty(uri)
     if "://" not in uri:
-        return fsspec.filesystem("file"), os.path.abspath(uri)
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
     check_uri(uri)
     protocol = uri.split("://", 1)[0]
     if "::" in uri:  # chained URLs (simplecache::s3://...) are rare: build them each time
@@ -97,6 +122,21 @@ def local_path(uri: str) -> str:
     return split(uri)[1]
 
 
+def canonical(uri: str) -> str:
+    """One spelling per location, to compare two URIs: local paths absolute with links resolved and `file://`
+    dropped; other schemes as `scheme://path` without a trailing `/`."""
+    fs, path = split(uri)
+    if is_local(uri):
+        return os.path.realpath(path)
+    protocol = str(uri).split("::")[-1].split("://", 1)[0]
+    return f"{protocol}://{path.rstrip('/')}"
+
+
+def contains(outer: str, inner: str) -> bool:
+    """Whether `inner` is `outer` or lies below it (both canonical)."""
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
 def join(uri: str, *parts: str) -> str:
     out = str(uri).rstrip("/")
     for p in parts:
@@ -113,9 +153,14 @@ def _is_transient(e: BaseException) -> bool:
     return any(k in name for k in ("Endpoint", "Connect", "Timeout", "ServerDisconnected", "ClientOSError"))
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def with_retry(what: str, fn: Callable[[], T], budget: float | None = None) -> T:
-    """Run `fn`, retrying transient storage errors with backoff for up to `budget` seconds."""
-    budget = RETRY_SECONDS if budget is None else budget
+    """Run `fn`, retrying transient storage errors with backoff for up to `budget` seconds (default: the
+    `MYSPROJ_STORAGE_RETRY_SECONDS` budget); past it, one `StorageError` line that states the budget."""
+    budget = retry_seconds() if budget is None else budget
     deadline = time.monotonic() + budget
     delay = 0.5
     while True:
@@ -124,9 +169,21 @@ def with_retry(what: str, fn: Callable[[], T], budget: float | None = None) -> T
         except PermissionError as e:
             raise BadInput(f"{what}: access denied ({e}); check the storage credentials "
                            f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the credentials Secret)") from None
+        except StorageError:
+            raise
         except Exception as e:  # noqa: BLE001 - classified below
-            if not _is_transient(e) or time.monotonic() + delay > deadline:
+            if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+                raise BadInput(f"{what}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
+                               f"AWS_SECRET_ACCESS_KEY (or the chart's credentials Secret)") from None
+            if isinstance(e, OSError) and e.errno in _NO_SPACE:
+                raise StorageError(f"{what}: no space left ({_first_line(e)}); free space or raise the quota, "
+                                   f"then re-run") from None
+            if not _is_transient(e):
                 raise
+            if time.monotonic() + delay > deadline:
+                raise StorageError(f"{what}: {type(e).__name__}: {_first_line(e)} (still failing after "
+                                   f"{budget:.0f} s of retries, the {RETRY_ENV} budget); check the endpoint "
+                                   f"and the network, then re-run") from None
             log.warning("%s: %s: %s; retrying in %.1fs", what, type(e).__name__, e, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -163,7 +220,20 @@ def make_dirs(uri: str) -> None:
 
 
 def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+    return decode_text(read_bytes(uri), uri)
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 text (a leading byte order mark dropped); other encodings are one `BadInput` line naming `name`."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        boms = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+                b"\xfe\xff": "UTF-16"}
+        found = next((f"{enc} (it starts with that byte order mark)" for bom, enc in boms.items()
+                      if data.startswith(bom)), f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}, "
+                                                f"e.g. Latin-1 or Windows-1252")
+        raise BadInput(f"{name}: the text is {found}; save it as UTF-8") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -171,15 +241,39 @@ def write_bytes(uri: str, data: bytes) -> None:
     never sees half a file; object stores give that per object already."""
     fs, path = split(uri)
     if is_local(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        _local_write(uri, path, write)
         return
     with_retry(f"writing {uri}", lambda: fs.pipe_file(path, data))
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def _local_write(uri: str, path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` a temporary file beside `path`, then rename it into place. Whatever fails (a full disk, a
+    quota, an interrupt) leaves no temporary file behind; no space is one `StorageError` line."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise StorageError(f"writing {uri}: no space left ({e.strerror or e}); free space or raise the "
+                               f"quota, then re-run") from None
+        raise
+    finally:
+        _discard(tmp)
 
 
 def write_text(uri: str, text: str) -> None:
@@ -193,16 +287,14 @@ def put_file(local: str, uri: str, move: bool = False) -> None:
     if is_local(uri):
         import shutil
 
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         if move:
             try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 os.replace(local, path)
                 return
             except OSError:  # another file system
                 pass
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, path)
+        _local_write(uri, path, lambda tmp: shutil.copyfile(local, tmp))
         return
     with_retry(f"uploading {local} to {uri}", lambda: fs.put_file(local, path))
 
@@ -213,9 +305,11 @@ def get_file(uri: str, local: str) -> None:
     tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with_retry(f"downloading {uri}", lambda: fs.get_file(path, tmp))
+        os.replace(tmp, local)
     except FileNotFoundError:
         raise BadInput(f"{uri}: no such file") from None
-    os.replace(tmp, local)
+    finally:
+        _discard(tmp)
 
 
 def copy(src: str, dst: str) -> str:
@@ -227,15 +321,17 @@ def copy(src: str, dst: str) -> str:
         import shutil
 
         source, path = local_path(src), local_path(dst)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            os.link(source, tmp)
-            how = "link"
-        except OSError:  # another file system, or links not allowed
-            shutil.copyfile(source, tmp)
-            how = "transfer"
-        os.replace(tmp, path)
+        how = "link"
+
+        def link_or_copy(tmp: str) -> None:
+            nonlocal how
+            try:
+                os.link(source, tmp)
+            except OSError:  # another file system, or links not allowed
+                how = "transfer"
+                shutil.copyfile(source, tmp)
+
+        _local_write(dst, path, link_or_copy)
         return how
     src_fs, src_path = split(src)
     dst_fs, dst_path = split(dst)

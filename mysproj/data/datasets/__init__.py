@@ -47,7 +47,21 @@ def scan(cfg, out) -> Listing:
     listing = importlib.import_module(READERS[cfg.dataset]).scan(cfg, out)
     if cfg.source:
         refuse_links_out_of(cfg.source, listing.candidates)
+    refuse_undecodable_names(listing.candidates)
     return listing
+
+
+def refuse_undecodable_names(candidates: list[Candidate]) -> None:
+    """`BadInput` for the first image whose path or class is not valid UTF-8 (Python carries such bytes as lone
+    surrogates, which no manifest, JSON or Parquet file can hold)."""
+    for c in candidates:
+        for text in (c.image, c.label):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise BadInput(f"{shown}: a file or folder name that is not UTF-8; rename it (e.g. convmv -f latin1 "
+                               f"-t utf8)") from None
 
 
 def refuse_links_out_of(root: str, candidates: list[Candidate]) -> None:
@@ -64,7 +78,7 @@ def refuse_links_out_of(root: str, candidates: list[Candidate]) -> None:
 
 
 def absolute_uri(uri: str) -> str:
-    return os.path.abspath(uri) if "://" not in str(uri) else str(uri)
+    return os.path.abspath(os.path.expanduser(uri)) if "://" not in str(uri) else str(uri)
 
 
 _DRIVE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
