@@ -89,7 +89,8 @@ def test_stage_entry_point_runs_a_stage_of_the_registry(tmp_path):
         bad = subprocess.run([sys.executable, "-u", "jobs/stage.py", *argv], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=60)
         assert bad.returncode == EXIT_BAD_INPUT, bad.stderr
-        assert bad.stderr.startswith("error: usage: stage.py STAGE, one of fetch, prep, model-init, finetune"), bad.stderr
+        assert bad.stderr.startswith("error: usage: stage.py STAGE, one of fetch, prep, model-init, finetune"), \
+        bad.stderr
 
 
 def test_finetune_launch_layouts():

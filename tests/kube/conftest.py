@@ -176,7 +176,8 @@ def kube_cluster(tmp_path_factory, container_images, s3_server, pod_origin):
     netns = f"mysproj-pods-{os.getpid()}"
     cmd = [sys.executable, str(AGENT), "--kubeconfig", str(cp.kubeconfig), "--state-dir", str(agent_dir),
            "--node", NODE, "--gpus", "8", "--gpu-product", GPU_PRODUCT, "--containers", "--netns", netns,
-           "--forward-port", str(s3_server.ports["s3.port"]), "--forward-port", str(pod_origin.server.server_address[1]),
+           "--forward-port", str(s3_server.ports["s3.port"]),
+           "--forward-port", str(pod_origin.server.server_address[1]),
            "--tls-cert", str(cp.workdir / "pki" / "serving.crt"), "--tls-key", str(cp.workdir / "pki" / "serving.key")]
     with open(agent_dir / "agent.log", "ab") as out:
         agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)

@@ -13,7 +13,8 @@ import tarfile
 
 import pytest
 from dataset_layouts import make_dtd
-from test_pipeline_e2e import RUN_TIMEOUT, debug, finished, install, run_env  # noqa: F401 - fixture
+from test_pipeline_e2e import RUN_TIMEOUT, debug, finished, install
+from test_pipeline_e2e import run_env as run_env  # noqa: F401 - the module-scoped fixture, used here too
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3]
 ARCHIVE = "dtd-r1.0.1.tar.gz"
@@ -41,7 +42,8 @@ def fetch_jobs(kube, release):
                                           f"mysproj.io/stage=fetch").items
 
 
-def test_a_release_naming_only_an_origin_fetches_it_once_and_resumes_a_killed_fetch(run_env, pod_origin, tmp_path):
+def test_a_release_naming_only_an_origin_fetches_it_once_and_resumes_a_killed_fetch(run_env, pod_origin,  # noqa: F811
+                                                                                  tmp_path):
     kube, s3, env = run_env
     data = dtd_archive(tmp_path)
     url = pod_origin.add(ARCHIVE, data) + f"#sha256={hashlib.sha256(data).hexdigest()}"
