@@ -92,6 +92,13 @@ class PipelineConfig:
                               f"the file system (an unset MYSPROJ_ROOT?); pass --root FOLDER")
         check_overrides(self.overrides)
 
+    def source_list(self, dataset: str) -> list[str]:
+        """The dataset's source as a list of URIs: what `sources` names, else its published origin."""
+        given = self.sources.get(dataset)
+        if given is None:
+            return list(RECORDS[dataset].origin)
+        return [str(u) for u in given] if isinstance(given, list) else [str(given)]
+
 
 def check_overrides(overrides: dict) -> None:
     """Every `overrides` key a stage, every value a mapping of that stage's fields: a misspelt one would be
@@ -112,13 +119,6 @@ def check_overrides(overrides: dict) -> None:
             if key not in names:
                 raise ConfigError(f"config field 'overrides.{stage}': {key!r} is not a field of {stage}"
                                   f"{closest(key, names)}")
-
-    def source_list(self, dataset: str) -> list[str]:
-        """The dataset's source as a list of URIs: what `sources` names, else its published origin."""
-        given = self.sources.get(dataset)
-        if given is None:
-            return list(RECORDS[dataset].origin)
-        return [str(u) for u in given] if isinstance(given, list) else [str(given)]
 
 
 def beside(root: str, name: str) -> str:
