@@ -33,8 +33,10 @@ CHOICES = (
     Choice("prompt ending", "prep", "prompt_style", "paper", "code"),
     Choice("label rule", "prep", "label_underscores", "space", "delete"),
     Choice("probe protocol", "probe", "protocol", "paper", "code"),
-    Choice("pre-projection pooling", "probe", "pre_pooling", "mean", "cls"),
     # The same in both: what the released scripts did, which the paper's "default hyper-parameters" were.
+    # Table 3's headline vector (both are probed): A.3's "image embeddings", and the one pooled vector per image
+    # the released probe script reads.
+    Choice("pre-projection headline", "probe", "pre_pooling", "cls", "cls"),
     Choice("gradient clipping", "finetune", "max_grad_norm", 0.0, 0.0),
     Choice("loss normalisation", "finetune", "loss_normalization", "micro-batch", "micro-batch"),
     Choice("eval mode", "eval-llava", "mode", "generate", "generate"),

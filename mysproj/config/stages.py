@@ -245,13 +245,16 @@ class EvalLlavaConfig:
 class ProbeConfig:
     """Pre/post-projection feature probes: the paper's MLPs on vision-tower and projector features."""
 
+    RESULT_VERSION: ClassVar[int] = 2  # both pre-projection vectors probed (pre_cls, pre_mean)
+
     model: str = opt(help="LLaVA model URI whose vision tower and projector give the features", input=True)
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     protocol: str = opt("paper", help="paper = Adam 1e-4, batch 128, early stopping; code = released script "
                         "(Adam 1e-3, batch 32, 100 epochs)", choices=("paper", "code"))
-    pre_pooling: str = opt("mean", help="pre-projection vector: mean of layer -2 patches, or CLIP CLS pooler",
-                           choices=("mean", "cls"))
+    pre_pooling: str = opt("cls", help="the headline pre-projection vector (both are probed): cls = CLIP's pooled "
+                           "image representation (post-LayerNorm CLS, A.3's 'image embeddings'), mean = mean of the "
+                           "layer -2 patch features the projector consumes", choices=("cls", "mean"))
     seed: int = opt(0, help="seed for the MLP init and the validation split", min=0)
     val_fraction: float = opt(0.1, help="paper protocol: train share held out for early stopping",
                               min=0.0, max=0.5)
