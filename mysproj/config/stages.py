@@ -175,6 +175,8 @@ class MergeConfig:
 class EvalClipConfig:
     """CLIP zero-shot classification of a prepared split (Table 1's CLIP row)."""
 
+    RESULT_VERSION: ClassVar[int] = 1  # images turned upright by their EXIF orientation, as the seed's pipeline
+
     model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout) or a model-init output", input=True)
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")

@@ -94,7 +94,9 @@ def _pil_batches(clip, data, samples, cfg):
 
     from mysproj.evaluation.batches import image_batches
 
-    for images, idx in image_batches(data, samples, clip.preprocess, cfg.batch_size, cfg.workers):
+    from mysproj.data.images import ExifUpright
+
+    for images, idx in image_batches(data, samples, ExifUpright(clip.preprocess), cfg.batch_size, cfg.workers):
         yield torch.stack(images), idx
 
 
