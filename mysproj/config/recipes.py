@@ -33,6 +33,8 @@ CHOICES = (
     Choice("prompt ending", "prep", "prompt_style", "paper", "code"),
     Choice("label rule", "prep", "label_underscores", "space", "delete"),
     Choice("probe protocol", "probe", "protocol", "paper", "code"),
+    Choice("decoding temperature", "eval-llava", "temperature", 0.0, 0.2),
+    Choice("max new tokens", "eval-llava", "max_new_tokens", 32, 512),
     # The same in both: what the released scripts did, which the paper's "default hyper-parameters" were.
     # Table 3's headline vector (both are probed): A.3's "image embeddings", and the one pooled vector per image
     # the released probe script reads.

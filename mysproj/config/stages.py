@@ -205,15 +205,25 @@ class EvalClipConfig:
 class EvalLlavaConfig:
     """LLaVA-1.5 classification of a prepared split with the training prompt (generate + parse, or scoring)."""
 
-    RESULT_VERSION: ClassVar[int] = 2  # prompt ids as tokenizer_image_token builds them; fine-tuned models
+    # 2: prompt ids as tokenizer_image_token builds them; fine-tuned models. 3: stop (auto: a line break ends the
+    # answers of a conv=plain fine-tune)
+    RESULT_VERSION: ClassVar[int] = 3
 
     model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output)", input=True)
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
-    mode: str = opt("generate", help="generate = greedy answer + parser (paper); scoring = rank classes by "
+    mode: str = opt("generate", help="generate = decoded answer + parser (paper); scoring = rank classes by "
                     "log-likelihood", choices=("generate", "scoring"))
     split: str = opt("test", help="split evaluated", choices=("train", "test"))
-    max_new_tokens: int = opt(32, help="generation budget", min=1, max=512)
+    max_new_tokens: int = opt(32, help="generation budget (the seed's cli.py: 512)", min=1, max=2048)
+    temperature: float = opt(0.0, help="generate mode: 0 = greedy (paper protocol); > 0 samples at this "
+                             "temperature, seeded by seed (the seed's cli.py: 0.2, top-k 50)", min=0.0, max=10.0)
+    top_p: float | None = opt(None, help="sampling: nucleus mass kept; unset = 1.0 (cli.py passes none)",
+                              min=0.0, max=1.0)
+    seed: int = opt(0, help="sampling: seed of the draws (each batch from seed and its first example)", min=0)
+    stop: str = opt("auto", help="where an answer ends besides </s>: newline = at its first line break after some "
+                    "text (answers of a conv=plain fine-tune end with \\n); auto = newline for a model fine-tuned "
+                    "with conv=plain, else eos", choices=("auto", "eos", "newline"))
     close_match: float = opt(0.8, help="difflib ratio for the parser's close match", min=0.0, max=1.0)
     limit: int | None = opt(None, help="evaluate the first N examples only (smoke runs)", min=1)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",

@@ -162,6 +162,9 @@ def greedy_decoder(cfg, model, dev: str, tokenizer):
 
     if cfg.mode != "generate" or not cfg.static_decode:
         return None
+    if cfg.temperature > 0:
+        log.info("eval-llava: transformers' generate samples (temperature %g)", cfg.temperature)
+        return None
     model.requires_grad_(False)  # evaluation trains nothing; the kept prefix keys and values rely on it
     why = unsupported(model)
     if why:
