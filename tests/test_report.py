@@ -179,15 +179,16 @@ def recipe_root(tmp_path) -> str:
         extra = dict(prompt_style="code", label_underscores="delete") if released else {}
         _write(PrepConfig(dataset=ds, source="/data", out=prep, **extra), "prep", {"classes.json": {}})
         ft = j(root, ds, "ft-projector/seed0/finetune")
-        extra = dict(conv="plain", image_aspect_ratio="square") if released else dict(max_grad_norm=1.0)
+        extra = dict(conv="plain", image_aspect_ratio="square", image_backend="pil") if released \
+            else dict(max_grad_norm=1.0)
         _write(FinetuneConfig(model=base, data=prep, out=ft, **extra), "finetune", {"m.json": {}})
         merged = j(root, ds, "ft-projector/seed0/merge")
         _write(MergeConfig(base=base, projector=ft, out=merged), "merge", {"config.json": {}})
-        extra = dict(temperature=0.2, max_new_tokens=512) if released else {}
+        extra = dict(temperature=0.2, max_new_tokens=512, image_backend="pil") if released else {}
         decoding = "sampled at temperature 0.2, seed 0, at most 512 new tokens, stop at a line break"
         _write(EvalLlavaConfig(model=merged, data=prep, out=j(root, ds, "ft-projector/seed0/eval-llava"), **extra),
                "eval-llava", {"metrics.json": {**_metrics(0.4, 0.4), **({"decoding": decoding} if released else {})}})
-        extra = dict(protocol="code") if released else {}
+        extra = dict(protocol="code", image_backend="pil") if released else {}
         _write(ProbeConfig(model=base, data=prep, out=j(root, ds, "zero-shot/seed0/probe"), **extra), "probe",
                {"metrics.json": {"pre": _metrics(0.7, 0.7), "pre_cls": _metrics(0.7, 0.7),
                                  "pre_mean": _metrics(0.6, 0.6), "post": _metrics(0.8, 0.8)}})
@@ -210,10 +211,13 @@ def test_report_names_the_protocol_of_every_run(recipe_root, tmp_path):
     assert lines["dtd/ft-projector/seed0/eval-llava"].endswith(
         ": recipe released; prompt ending `code` (paper's text: `paper`); label rule `delete` (paper's text: "
         "`space`); conversation `plain` (paper's text: `v1`); training images `square` (paper's text: `pad`); "
+        "training image processor `pil` (paper's text: `torchvision`); image processor `pil` (paper's text: "
+        "`torchvision`); "
         "decoding temperature `0.2` (paper's text: `0.0`); max new tokens `512` (paper's text: `32`). Ran: sampled "
         "at temperature 0.2, seed 0, at most 512 new tokens, stop at a line break.")
     assert lines["dtd/zero-shot/seed0/probe"].endswith(
-        ": recipe released; probe protocol `code` (paper's text: `paper`). Ran: both pre-projection vectors (CLS "
+        ": recipe released; probe protocol `code` (paper's text: `paper`); image processor `pil` (paper's text: "
+        "`torchvision`). Ran: both pre-projection vectors (CLS "
         "pooled, layer -2 patch mean), headline `cls`.")
     assert lines["dtd/zero-shot/eval-clip"].endswith(": recipe released; label rule `delete` (paper's text: `space`)")
     assert lines["dermnet/ft-projector/seed0/eval-llava"].endswith(

@@ -33,6 +33,9 @@ CHOICES = (
     Choice("prompt ending", "prep", "prompt_style", "paper", "code"),
     Choice("label rule", "prep", "label_underscores", "space", "delete"),
     Choice("probe protocol", "probe", "protocol", "paper", "code"),
+    Choice("training image processor", "finetune", "image_backend", "torchvision", "pil"),
+    Choice("image processor", "eval-llava", "image_backend", "torchvision", "pil"),
+    Choice("image processor", "probe", "image_backend", "torchvision", "pil"),
     Choice("decoding temperature", "eval-llava", "temperature", 0.0, 0.2),
     Choice("max new tokens", "eval-llava", "max_new_tokens", 32, 512),
     # The same in both: what the released scripts did, which the paper's "default hyper-parameters" were.

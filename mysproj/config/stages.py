@@ -32,6 +32,13 @@ def compile_cache_opt():
                "artifacts added after; the pipeline uses <root>/compile-cache); unset = compile afresh", hashed=False)
 
 
+def image_backend_opt():
+    """The `image_backend` field of the stages that feed LLaVA images."""
+    return opt("torchvision", help="CLIP image processor implementation: torchvision (transformers 5's default) "
+               "or pil (CLIPImageProcessorPil: the PIL resize of the transformers the seed scripts pinned, 1-2 "
+               "levels of 255 apart)", choices=("torchvision", "pil"))
+
+
 def direct_load_opt():
     """The `direct_load` field of the stages that load a model onto a GPU."""
     return opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, without a CPU copy "
@@ -145,6 +152,7 @@ class FinetuneConfig:
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
+    image_backend: str = image_backend_opt()
     lora_r: int = opt(128, help="LoRA rank", min=1)
     lora_alpha: int = opt(256, help="LoRA alpha", min=1)
     lora_dropout: float = opt(0.05, help="LoRA dropout", min=0.0, max=1.0)
@@ -228,6 +236,7 @@ class EvalLlavaConfig:
     limit: int | None = opt(None, help="evaluate the first N examples only (smoke runs)", min=1)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
+    image_backend: str = image_backend_opt()
     precision: str = opt("auto", help="auto = fp16 on GPU (LLaVA's own inference), fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
     fp8: bool = opt(False, help="FP8 matmuls for the LLM's Linear layers on GPUs with FP8 tensor cores (compute "
@@ -274,6 +283,7 @@ class ProbeConfig:
     max_epochs: int = opt(100, help="epoch cap (code protocol: exactly this many)", min=1)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
+    image_backend: str = image_backend_opt()
     precision: str = opt("auto", help="feature extraction: auto = fp16 on GPU, fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
     direct_load: bool = direct_load_opt()

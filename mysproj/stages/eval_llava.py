@@ -75,6 +75,7 @@ def _body(cfg, out) -> dict:
     from mysproj.evaluation.predictions import write_predictions
     from mysproj.evaluation.throughput import Throughput
     from mysproj.models.conversation import image_transform, llava_v1_prompt
+    from mysproj.models.processors import with_backend
     from mysproj.models.prompt_ids import prompt_ids
     from mysproj.progress import Progress
     from mysproj.speed import llava as speed
@@ -97,7 +98,7 @@ def _body(cfg, out) -> dict:
     log.info("eval-llava: %d examples, %d classes, mode %s (%s), %s weights on %s", len(samples), len(data.classes),
              cfg.mode, _decoding_text(cfg, stop_rule), "random" if loaded.random_weights else "loaded", dev)
 
-    transform = image_transform(loaded.image_processor, cfg.image_aspect_ratio)
+    transform = image_transform(with_backend(loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio)
     rows: list[dict] = []
     progress = Progress(f"eval-llava {cfg.mode}", len(samples), "images")
     rate = Throughput()

@@ -67,10 +67,11 @@ def extract(loaded, data, samples, cfg, dev):
 
     from mysproj.evaluation.batches import image_batches
     from mysproj.models.conversation import image_transform
+    from mysproj.models.processors import with_backend
     from mysproj.progress import Progress
 
     model = loaded.model
-    transform = image_transform(loaded.image_processor, cfg.image_aspect_ratio)
+    transform = image_transform(with_backend(loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio)
     rows: dict = {k: [None] * len(samples) for k in FEATURE_KINDS}
     progress = Progress("probe features", len(samples), "images")
     for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):

@@ -38,6 +38,7 @@ def train(cfg, out) -> dict:
 
     from mysproj.data.prepared import PreparedData
     from mysproj.models.loading import load_llava
+    from mysproj.models.processors import with_backend
 
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -76,7 +77,7 @@ def train(cfg, out) -> dict:
                  "on" if ctx.shared is not None else "off", n_trainable / 1e6)
 
     loader = torch.utils.data.DataLoader(
-        TrainSet(examples, processor, cfg.image_aspect_ratio),
+        TrainSet(examples, with_backend(processor, cfg.image_backend), cfg.image_aspect_ratio),
         batch_sampler=MicroBatches(schedule, cfg.seed, acc.process_index, start),
         collate_fn=collate(tokenizer.pad_token_id), num_workers=cfg.workers, pin_memory=cuda,
         generator=torch.Generator())  # its own generator: the global RNG (dropout) is left untouched
