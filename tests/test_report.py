@@ -179,7 +179,8 @@ def recipe_root(tmp_path) -> str:
         extra = dict(prompt_style="code", label_underscores="delete") if released else {}
         _write(PrepConfig(dataset=ds, source="/data", out=prep, **extra), "prep", {"classes.json": {}})
         ft = j(root, ds, "ft-projector/seed0/finetune")
-        extra = dict(conv="plain", image_aspect_ratio="square", image_backend="pil") if released \
+        extra = dict(conv="plain", image_aspect_ratio="square", image_backend="pil", max_micro_batch=32,
+                     fill="repeat") if released \
             else dict(max_grad_norm=1.0)
         _write(FinetuneConfig(model=base, data=prep, out=ft, **extra), "finetune", {"m.json": {}})
         merged = j(root, ds, "ft-projector/seed0/merge")
@@ -211,6 +212,7 @@ def test_report_names_the_protocol_of_every_run(recipe_root, tmp_path):
     assert lines["dtd/ft-projector/seed0/eval-llava"].endswith(
         ": recipe released; prompt ending `code` (paper's text: `paper`); label rule `delete` (paper's text: "
         "`space`); conversation `plain` (paper's text: `v1`); training images `square` (paper's text: `pad`); "
+        "micro-batch cap `32` (paper's text: `16`); last step `repeat` (paper's text: `masked`); "
         "training image processor `pil` (paper's text: `torchvision`); image processor `pil` (paper's text: "
         "`torchvision`); "
         "decoding temperature `0.2` (paper's text: `0.0`); max new tokens `512` (paper's text: `32`). Ran: sampled "

@@ -30,6 +30,9 @@ class Choice:
 CHOICES = (
     Choice("conversation", "finetune", "conv", "v1", "plain", strategy="projector"),
     Choice("training images", "finetune", "image_aspect_ratio", "pad", "square", strategy="projector"),
+    Choice("micro-batch cap", "finetune", "max_micro_batch", 16, 32, strategy="projector"),
+    Choice("last step", "finetune", "fill", "masked", "repeat"),
+    Choice("length grouping", "finetune", "group_by_length", False, True, strategy="full"),
     Choice("prompt ending", "prep", "prompt_style", "paper", "code"),
     Choice("label rule", "prep", "label_underscores", "space", "delete"),
     Choice("probe protocol", "probe", "protocol", "paper", "code"),

@@ -107,7 +107,14 @@ class FinetuneConfig:
                     "finetune_task.sh) or plain (the seed's pretrain.sh: prompt dropped)", choices=("v1", "plain"))
     global_batch: int | None = opt(None, help="global batch; default 64 projector, 32 full/lora", min=1)
     per_device_batch: int | None = opt(None, help="micro-batch per device; default: the largest divisor of "
-                                       "global_batch / processes up to 16", min=1)
+                                       "global_batch / processes up to max_micro_batch", min=1)
+    max_micro_batch: int = opt(16, help="cap of the default micro-batch (the seed's pretrain.sh ran 32 per device, "
+                               "with activation checkpointing, which a cap above 16 turns on by default)", min=1)
+    fill: str = opt("masked", help="the epoch's last step, filled up to the global batch with samples from the "
+                    "start: masked (they add no loss) or repeat (they count, as accelerate's even_batches in the "
+                    "seed's HF Trainer)", choices=("masked", "repeat"))
+    group_by_length: bool = opt(False, help="each step's micro-batches of similar length, as LLaVA's "
+                                "group_by_modality_length (the seed's finetune_task.sh sets it)")
     lr: float | None = opt(None, help="learning rate; default 1e-3 projector, 2e-5 full, 2e-4 lora",
                            min=0.0, max=1.0)
     projector_lr: float | None = opt(None, help="projector lr for lora (default 2e-5)", min=0.0, max=1.0)
