@@ -111,10 +111,10 @@ def test_stage_samples_reproducibly_and_names_its_decoding(tmp_path, prep_uri, l
     c, _ = _eval(tmp_path, "c", prep_uri, llava_tiny_uri, temperature=1.0, seed=2)
     assert [r["answer"] for r in a] == [r["answer"] for r in b]
     assert [r["answer"] for r in a] != [r["answer"] for r in c]
-    assert ma["decoding"] == "sampled at temperature 1, seed 1, at most 8 new tokens, stop at </s>"
+    assert ma["decoding"] == "sampled at temperature 1, seed 1, at most 8 new tokens, stop at `</s>`"
     assert (ma["temperature"], ma["seed"], ma["stop"]) == (1.0, 1, "eos")
     greedy, mg = _eval(tmp_path, "g", prep_uri, llava_tiny_uri)
-    assert mg["decoding"] == "greedy, at most 8 new tokens, stop at </s>" and mg["seed"] is None
+    assert mg["decoding"] == "greedy, at most 8 new tokens, stop at `</s>`" and mg["seed"] is None
 
 
 def test_stop_auto_reads_the_fine_tune_behind_the_model(tmp_path):

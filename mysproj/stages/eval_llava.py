@@ -141,7 +141,7 @@ def _decoding_text(cfg, stop_rule: str) -> str:
     how = (f"sampled at temperature {cfg.temperature:g}" + (f", top-p {cfg.top_p:g}" if cfg.top_p is not None else "")
            + f", seed {cfg.seed}") if cfg.temperature > 0 else "greedy"
     return f"{how}, at most {cfg.max_new_tokens} new tokens, stop at " + ("a line break" if stop_rule == "newline"
-                                                                          else "</s>")
+                                                                          else "`</s>`")
 
 
 def _row(sample, prediction, **extra) -> dict:
