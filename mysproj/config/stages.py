@@ -235,7 +235,8 @@ class EvalLlavaConfig:
                              "temperature, seeded by seed (the seed's cli.py: 0.2, top-k 50)", min=0.0, max=10.0)
     top_p: float | None = opt(None, help="sampling: nucleus mass kept; unset = 1.0 (cli.py passes none)",
                               min=0.0, max=1.0)
-    seed: int = opt(0, help="sampling: seed of the draws (each batch from seed and its first example)", min=0)
+    seed: int = opt(0, help="sampling: seed of the draws (each batch from seed and its first example, so the same "
+                    "draws for the same batch_size)", min=0)
     stop: str = opt("auto", help="where an answer ends besides </s>: newline = at its first line break after some "
                     "text (answers of a conv=plain fine-tune end with \\n); auto = newline for a model fine-tuned "
                     "with conv=plain, else eos", choices=("auto", "eos", "newline"))
