@@ -303,3 +303,43 @@ def test_fast_tower_agrees_with_the_model_forward(tmp_path, jpeg_prep, clip_tiny
     assert [r["prediction"] for r in fast_rows] == [r["prediction"] for r in rows]
     worst = max(abs(a - b) for r, c in zip(rows, fast_rows) for a, b in zip(r["scores"], c["scores"]))
     assert worst < 1e-5, worst
+
+
+# ------------------------------------------------------------------ EXIF orientation (the seed's pipeline load_image)
+
+@pytest.fixture
+def exif_prep(tmp_path_factory):
+    """One JPEG whose EXIF tag says "rotate 90° clockwise to show" (orientation 6) and a PNG of the same decoded
+    pixels turned upright: the seed's `pipeline(...)` loads both as the same image."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    root = tmp_path_factory.mktemp("exif-folder")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(_photos()["astronaut"]).resize((240, 120)).save(buf, format="JPEG", quality=90,
+                                                                    exif=exif.tobytes())
+    for folder in ("test/astronaut", "train/astronaut", "test/coffee", "train/coffee"):
+        os.makedirs(root / "src" / folder)
+    (root / "src/test/astronaut/tagged.jpg").write_bytes(buf.getvalue())
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        upright = ImageOps.exif_transpose(img.convert("RGB"))
+    assert upright.size == (120, 240)
+    upright.save(root / "src/test/astronaut/upright.png")
+    for folder in ("train/astronaut", "train/coffee", "test/coffee"):
+        (root / "src" / folder / "c.jpg").write_bytes(_jpeg(_photos()["coffee"], (64, 64)))
+    out = str(root / "prep")
+    stage("prep", dataset="imagefolder", source=str(root / "src"), out=out, workers=1)
+    return out
+
+
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_exif_rotated_jpeg_is_seen_upright(tmp_path, exif_prep, clip_tiny_uri, decode):
+    """CLIP zero-shot applies the EXIF orientation, as transformers' load_image does (ImageOps.exif_transpose):
+    the tagged JPEG scores as its upright twin (within JPEG-vs-PNG: the same decoded pixels), in both decode paths."""
+    _, _, rows = _eval(tmp_path, decode, exif_prep, clip_tiny_uri, workers=0, batch_size=4, decode=decode)
+    by_name = {os.path.basename(r["image"]): r["scores"] for r in rows}
+    tagged, upright = by_name["tagged.jpg"], by_name["upright.png"]
+    assert max(abs(a - b) for a, b in zip(tagged, upright)) < 1e-5, (tagged, upright)

@@ -21,12 +21,16 @@ def test_probe_end_to_end(tmp_path, prep_uri, llava_tiny_uri):
     m = stage("probe", model=llava_tiny_uri, data=prep_uri, out=out, protocol="code", max_epochs=2,
                       workers=0, batch_size=5)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
-    for kind in ("pre", "post"):
+    for kind in ("pre", "pre_cls", "pre_mean", "post"):
         for key in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "per_class", "confusion_matrix",
                     "labels", "unparsed", "n"):
             assert key in metrics[kind]
         assert metrics[kind]["n"] == 16 and metrics[kind]["training"]["epochs"] == 2
-    assert set(m["summary"]) >= {"pre_macro_f1", "post_macro_f1"}
+    assert set(m["summary"]) >= {"pre_macro_f1", "post_macro_f1", "pre_cls_macro_f1", "pre_mean_macro_f1"}
+    # both pre-projection vectors get their own MLP; the headline `pre` is the CLS one by default (A.3)
+    assert metrics["pre_pooling"] == "cls" and metrics["pre"]["vector"] == "cls"
+    assert metrics["pre"]["macro_f1"] == metrics["pre_cls"]["macro_f1"]
+    assert metrics["pre_cls"]["feature_dim"] == metrics["pre_mean"]["feature_dim"]
 
     # stored features are what the vision tower and projector give, recomputed here the direct way
     loaded = load_llava(llava_tiny_uri)
@@ -42,9 +46,12 @@ def test_probe_end_to_end(tmp_path, prep_uri, llava_tiny_uri):
         hidden = model.model.vision_tower(pix, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
         patches = hidden[:, 1:]
         post = model.model.multi_modal_projector(patches).mean(dim=1)
-    assert feats["pre"].shape == (16, cfg.vision_config.hidden_size)
+        pooled = model.model.vision_tower(pix).pooler_output
+    assert feats["pre_mean"].shape == feats["pre_cls"].shape == (16, cfg.vision_config.hidden_size)
     assert feats["post"].shape == (16, cfg.text_config.hidden_size)
-    torch.testing.assert_close(feats["pre"], patches.mean(dim=1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(feats["pre_mean"], patches.mean(dim=1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(feats["pre_cls"], pooled, atol=1e-5, rtol=1e-4)
+    assert torch.equal(feats["pre"], feats["pre_cls"])
     torch.testing.assert_close(feats["post"], post, atol=1e-5, rtol=1e-4)
 
 

@@ -47,7 +47,8 @@ def run_root(tmp_path) -> str:
            {"metrics.json": _metrics(0.20, 0.10, unparsed=3)})
     for seed, (post, pre, llm) in enumerate([(0.60, 0.70, 0.40), (0.50, 0.72, 0.44)]):
         _write(ProbeConfig(model=base, data=prep, seed=seed, out=j(root, f"dtd/zero-shot/seed{seed}/probe")),
-               "probe", {"metrics.json": {"pre": _metrics(pre + 0.05, pre), "post": _metrics(0.8, 0.8)}})
+               "probe", {"metrics.json": {"pre": _metrics(pre + 0.05, pre), "pre_cls": _metrics(pre + 0.05, pre),
+                                          "pre_mean": _metrics(pre - 0.1, pre - 0.2), "post": _metrics(0.8, 0.8)}})
         _write(ProbeConfig(model=base, data=prep, seed=seed, out=j(root, f"dtd/ft-projector/seed{seed}/probe")),
                "probe", {"metrics.json": {"pre": _metrics(0.7, 0.7), "post": _metrics(post, post)}})
         _write(EvalLlavaConfig(model=base, data=prep, out=j(root, f"dtd/ft-projector/seed{seed}/eval-llava")),
@@ -70,9 +71,10 @@ EXPECTED_TABLE2 = """\
 |  | FT-Proj | 0.5500 ± 0.0707 (0.4736) | -31.25% (-26.01%) | 0.4200 ± 0.0283 (0.4505) | +320.00% (+139.37%) |"""
 
 EXPECTED_TABLE3 = """\
-| Dataset | Pre-proj MLP F1 | Pre-proj MLP Acc |
-| --- | --- | --- |
-| dtd | 0.7100 ± 0.0141 (0.7644) | 0.7600 ± 0.0141 (0.7638) |"""
+| Dataset | CLS pooled F1 | CLS pooled Acc | layer -2 patch mean F1 | layer -2 patch mean Acc | headline |
+| --- | --- | --- | --- | --- | --- |
+| dtd | 0.7100 ± 0.0141 (0.7644) | 0.7600 ± 0.0141 (0.7638) | 0.5100 ± 0.0141 (0.7644) | \
+0.6100 ± 0.0141 (0.7638) | `cls` |"""
 
 
 def test_report_tables_match_expected_text(run_root, tmp_path):
@@ -103,8 +105,9 @@ def test_report_outputs_parquet_and_plots(run_root, tmp_path):
     out = str(tmp_path / "report")
     manifest = report.run(ReportConfig(runs=[run_root], out=out))
     rows = pq.read_table(os.path.join(out, "results.parquet")).to_pylist()
-    # 1 clip + 1 zero-shot llava + 2 ft llava + 4 probes x (pre, post)
-    assert len(rows) == 1 + 1 + 2 + 4 * 2
+    # 1 clip + 1 zero-shot llava + 2 ft llava + 2 zero-shot probes x (pre, pre_cls, pre_mean, post) + 2 x (pre, post)
+    assert len(rows) == 1 + 1 + 2 + 2 * 4 + 2 * 2
+    assert sorted(r["macro_f1"] for r in rows if r["block"] == "pre_mean") == pytest.approx([0.5, 0.52])
     probe_post = [r for r in rows if r["stage"] == "probe" and r["block"] == "post" and r["setting"] == "ft-projector"]
     assert sorted(r["macro_f1"] for r in probe_post) == [0.5, 0.6]
     plots = [n for n in manifest["files"] if n.startswith("plots/")]
@@ -112,6 +115,20 @@ def test_report_outputs_parquet_and_plots(run_root, tmp_path):
     assert any(n.startswith("plots/confusion_dtd_zero-shot_eval-llava") for n in plots)
     with open(os.path.join(out, "plots/richness.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table3_reads_an_older_probe_by_its_pooling(tmp_path):
+    """An output from before both vectors were probed has one `pre` block: it lands in its own pooling's column."""
+    from mysproj.report.gather import gather
+    from mysproj.report.tables import table3
+
+    root = str(tmp_path / "runs")
+    prep = os.path.join(root, "dtd/prep")
+    _write(PrepConfig(dataset="dtd", source="/data/dtd", out=prep), "prep", {"classes.json": {}})
+    _write(ProbeConfig(model="/m", data=prep, pre_pooling="mean", out=os.path.join(root, "dtd/zero-shot/seed0/probe")),
+           "probe", {"metrics.json": {"pre": _metrics(0.3, 0.25), "post": _metrics(0.8, 0.8)}})
+    row = table3(gather([root]))[2]
+    assert row == "| dtd | — (0.7644) | — (0.7638) | 0.2500 (0.7644) | 0.3000 (0.7638) | `mean` |"
 
 
 def test_report_accepts_a_single_stage_output(run_root, tmp_path):
@@ -162,15 +179,20 @@ def recipe_root(tmp_path) -> str:
         extra = dict(prompt_style="code", label_underscores="delete") if released else {}
         _write(PrepConfig(dataset=ds, source="/data", out=prep, **extra), "prep", {"classes.json": {}})
         ft = j(root, ds, "ft-projector/seed0/finetune")
-        extra = dict(conv="plain", image_aspect_ratio="square") if released else dict(max_grad_norm=1.0)
+        extra = dict(conv="plain", image_aspect_ratio="square", image_backend="pil", max_micro_batch=32,
+                     fill="repeat") if released \
+            else dict(max_grad_norm=1.0)
         _write(FinetuneConfig(model=base, data=prep, out=ft, **extra), "finetune", {"m.json": {}})
         merged = j(root, ds, "ft-projector/seed0/merge")
         _write(MergeConfig(base=base, projector=ft, out=merged), "merge", {"config.json": {}})
-        _write(EvalLlavaConfig(model=merged, data=prep, out=j(root, ds, "ft-projector/seed0/eval-llava")),
-               "eval-llava", {"metrics.json": _metrics(0.4, 0.4)})
-        extra = dict(protocol="code", pre_pooling="cls") if released else {}
+        extra = dict(temperature=0.2, max_new_tokens=512, image_backend="pil") if released else {}
+        decoding = "sampled at temperature 0.2, seed 0, at most 512 new tokens, stop at a line break"
+        _write(EvalLlavaConfig(model=merged, data=prep, out=j(root, ds, "ft-projector/seed0/eval-llava"), **extra),
+               "eval-llava", {"metrics.json": {**_metrics(0.4, 0.4), **({"decoding": decoding} if released else {})}})
+        extra = dict(protocol="code", image_backend="pil") if released else {}
         _write(ProbeConfig(model=base, data=prep, out=j(root, ds, "zero-shot/seed0/probe"), **extra), "probe",
-               {"metrics.json": {"pre": _metrics(0.7, 0.7), "post": _metrics(0.8, 0.8)}})
+               {"metrics.json": {"pre": _metrics(0.7, 0.7), "pre_cls": _metrics(0.7, 0.7),
+                                 "pre_mean": _metrics(0.6, 0.6), "post": _metrics(0.8, 0.8)}})
     _write(EvalClipConfig(model="/clip", data=j(root, "dtd", "prep"), out=j(root, "dtd/zero-shot/eval-clip")),
            "eval-clip", {"metrics.json": _metrics(0.50, 0.46)})
     return root
@@ -189,14 +211,22 @@ def test_report_names_the_protocol_of_every_run(recipe_root, tmp_path):
                           "dermnet/ft-projector/seed0/eval-llava", "dermnet/zero-shot/seed0/probe"}
     assert lines["dtd/ft-projector/seed0/eval-llava"].endswith(
         ": recipe released; prompt ending `code` (paper's text: `paper`); label rule `delete` (paper's text: "
-        "`space`); conversation `plain` (paper's text: `v1`); training images `square` (paper's text: `pad`)")
+        "`space`); conversation `plain` (paper's text: `v1`); training images `square` (paper's text: `pad`); "
+        "micro-batch cap `32` (paper's text: `16`); last step `repeat` (paper's text: `masked`); "
+        "training image processor `pil` (paper's text: `torchvision`); image processor `pil` (paper's text: "
+        "`torchvision`); "
+        "decoding temperature `0.2` (paper's text: `0.0`); max new tokens `512` (paper's text: `32`). Ran: sampled "
+        "at temperature 0.2, seed 0, at most 512 new tokens, stop at a line break.")
     assert lines["dtd/zero-shot/seed0/probe"].endswith(
-        ": recipe released; probe protocol `code` (paper's text: `paper`); pre-projection pooling `cls` (paper's "
-        "text: `mean`)")
+        ": recipe released; probe protocol `code` (paper's text: `paper`); image processor `pil` (paper's text: "
+        "`torchvision`). Ran: both pre-projection vectors (CLS "
+        "pooled, layer -2 patch mean), headline `cls`.")
     assert lines["dtd/zero-shot/eval-clip"].endswith(": recipe released; label rule `delete` (paper's text: `space`)")
     assert lines["dermnet/ft-projector/seed0/eval-llava"].endswith(
         ": recipe mixed; gradient clipping `1.0` (paper's text: `0.0`)")
-    assert lines["dermnet/zero-shot/seed0/probe"].endswith(": recipe paper; nothing departs from the paper's text")
+    assert lines["dermnet/zero-shot/seed0/probe"].endswith(": recipe paper; nothing departs from the paper's text. "
+                                                           "Ran: both pre-projection vectors (CLS pooled, layer -2 "
+                                                           "patch mean), headline `cls`.")
 
 
 def test_uniform_random_row_is_chance_level():

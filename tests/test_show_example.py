@@ -37,7 +37,8 @@ def test_train_and_test_examples_of_the_tiny_preset(llava_tiny_uri, prep_uri, ca
     human, label = (t["value"] for t in record["conversations"])
     rc, out, _ = _show(capsys, "--model", llava_tiny_uri, "--data", prep_uri, "--index", "2", "--json")
     shown = json.loads(out)
-    assert rc == 0 and set(shown) == {"text", "input_ids", "labels", "split", "conv"}
+    assert rc == 0 and set(shown) == {"text", "input_ids", "labels", "split", "conv", "choices"}
+    assert shown["choices"]["image_backend"] == "torchvision" and shown["choices"]["fill"] == "masked"
     assert (shown["split"], shown["conv"]) == ("train", "vicuna_v1")
     assert shown["text"] == f"{SYSTEM_VICUNA_V1} USER: {human} ASSISTANT: {label}</s>"
     assert shown["input_ids"].count(image) == 1 and len(shown["labels"]) == len(shown["input_ids"])
@@ -47,7 +48,13 @@ def test_train_and_test_examples_of_the_tiny_preset(llava_tiny_uri, prep_uri, ca
     test_human = _records(prep_uri).llava_records("test")[0]["conversations"][0]["value"]
     rc, out, _ = _show(capsys, "--model", llava_tiny_uri, "--data", prep_uri, "--split", "test", "--json")
     shown = json.loads(out)
-    assert set(shown) == {"text", "input_ids", "split", "conv"} and shown["conv"] == "llava_v1"
+    assert set(shown) == {"text", "input_ids", "split", "conv", "choices"} and shown["conv"] == "llava_v1"
+    assert {k: shown["choices"][k] for k in ("temperature", "max_new_tokens", "stop")} == {
+        "temperature": 0.0, "max_new_tokens": 32, "stop": "eos"}
+    rc, out, _ = _show(capsys, "--model", llava_tiny_uri, "--data", prep_uri, "--split", "test", "--recipe",
+                       "released")
+    assert rc == 0 and "--- eval-llava's choices, recipe released (docs/recipe.md) ---" in out
+    assert "temperature: 0.2" in out and "max_new_tokens: 512" in out and "image_backend: pil" in out
     assert shown["text"] == f"{SYSTEM_LLAVA_V1} USER: {test_human} ASSISTANT:"
 
     rc, out, _ = _show(capsys, "--model", llava_tiny_uri, "--data", prep_uri, "--conv", "plain")

@@ -30,11 +30,21 @@ class Choice:
 CHOICES = (
     Choice("conversation", "finetune", "conv", "v1", "plain", strategy="projector"),
     Choice("training images", "finetune", "image_aspect_ratio", "pad", "square", strategy="projector"),
+    Choice("micro-batch cap", "finetune", "max_micro_batch", 16, 32, strategy="projector"),
+    Choice("last step", "finetune", "fill", "masked", "repeat"),
+    Choice("length grouping", "finetune", "group_by_length", False, True, strategy="full"),
     Choice("prompt ending", "prep", "prompt_style", "paper", "code"),
     Choice("label rule", "prep", "label_underscores", "space", "delete"),
     Choice("probe protocol", "probe", "protocol", "paper", "code"),
-    Choice("pre-projection pooling", "probe", "pre_pooling", "mean", "cls"),
+    Choice("training image processor", "finetune", "image_backend", "torchvision", "pil"),
+    Choice("image processor", "eval-llava", "image_backend", "torchvision", "pil"),
+    Choice("image processor", "probe", "image_backend", "torchvision", "pil"),
+    Choice("decoding temperature", "eval-llava", "temperature", 0.0, 0.2),
+    Choice("max new tokens", "eval-llava", "max_new_tokens", 32, 512),
     # The same in both: what the released scripts did, which the paper's "default hyper-parameters" were.
+    # Table 3's headline vector (both are probed): A.3's "image embeddings", and the one pooled vector per image
+    # the released probe script reads.
+    Choice("pre-projection headline", "probe", "pre_pooling", "cls", "cls"),
     Choice("gradient clipping", "finetune", "max_grad_norm", 0.0, 0.0),
     Choice("loss normalisation", "finetune", "loss_normalization", "micro-batch", "micro-batch"),
     Choice("eval mode", "eval-llava", "mode", "generate", "generate"),

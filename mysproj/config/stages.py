@@ -24,6 +24,13 @@ def compile_cache_opt():
                "artifacts added after; the pipeline uses <root>/compile-cache); unset = compile afresh", hashed=False)
 
 
+def image_backend_opt():
+    """The `image_backend` field of the stages that feed LLaVA images."""
+    return opt("torchvision", help="CLIP image processor implementation: torchvision (transformers 5's default) "
+               "or pil (CLIPImageProcessorPil: the PIL resize of the transformers the seed scripts pinned, 1-2 "
+               "levels of 255 apart)", choices=("torchvision", "pil"))
+
+
 def direct_load_opt():
     """The `direct_load` field of the stages that load a model onto a GPU."""
     return opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, without a CPU copy "
@@ -132,7 +139,14 @@ class FinetuneConfig:
                     "finetune_task.sh) or plain (the seed's pretrain.sh: prompt dropped)", choices=("v1", "plain"))
     global_batch: int | None = opt(None, help="global batch; default 64 projector, 32 full/lora", min=1)
     per_device_batch: int | None = opt(None, help="micro-batch per device; default: the largest divisor of "
-                                       "global_batch / processes up to 16", min=1)
+                                       "global_batch / processes up to max_micro_batch", min=1)
+    max_micro_batch: int = opt(16, help="cap of the default micro-batch (the seed's pretrain.sh ran 32 per device, "
+                               "with activation checkpointing, which a cap above 16 turns on by default)", min=1)
+    fill: str = opt("masked", help="the epoch's last step, filled up to the global batch with samples from the "
+                    "start: masked (they add no loss) or repeat (they count, as accelerate's even_batches in the "
+                    "seed's HF Trainer)", choices=("masked", "repeat"))
+    group_by_length: bool = opt(False, help="each step's micro-batches of similar length, as LLaVA's "
+                                "group_by_modality_length (the seed's finetune_task.sh sets it)")
     lr: float | None = opt(None, help="learning rate; default 1e-3 projector, 2e-5 full, 2e-4 lora",
                            min=0.0, max=1.0)
     projector_lr: float | None = opt(None, help="projector lr for lora (default 2e-5)", min=0.0, max=1.0)
@@ -177,6 +191,7 @@ class FinetuneConfig:
     model_max_length: int = opt(2048, help="truncate sequences to this many tokens", min=16)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
+    image_backend: str = image_backend_opt()
     lora_r: int = opt(128, help="LoRA rank", min=1)
     lora_alpha: int = opt(256, help="LoRA alpha", min=1)
     lora_dropout: float = opt(0.05, help="LoRA dropout", min=0.0, max=1.0)
@@ -207,6 +222,8 @@ class MergeConfig:
 class EvalClipConfig:
     """CLIP zero-shot classification of a prepared split (Table 1's CLIP row)."""
 
+    RESULT_VERSION: ClassVar[int] = 1  # images turned upright by their EXIF orientation, as the seed's pipeline
+
     model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout), a model-init output or hf:// origin",
                      input=True, fetch="clip")
     data: str = opt(help="prep output URI", input=True)
@@ -236,20 +253,32 @@ class EvalClipConfig:
 class EvalLlavaConfig:
     """LLaVA-1.5 classification of a prepared split with the training prompt (generate + parse, or scoring)."""
 
-    RESULT_VERSION: ClassVar[int] = 2  # prompt ids as tokenizer_image_token builds them; fine-tuned models
+    # 2: prompt ids as tokenizer_image_token builds them; fine-tuned models. 3: stop (auto: a line break ends the
+    # answers of a conv=plain fine-tune)
+    RESULT_VERSION: ClassVar[int] = 3
 
     model: str = opt(help="LLaVA model URI (HF or original layout, merge/finetune output) or hf:// origin",
                      input=True, fetch="llava")
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
-    mode: str = opt("generate", help="generate = greedy answer + parser (paper); scoring = rank classes by "
+    mode: str = opt("generate", help="generate = decoded answer + parser (paper); scoring = rank classes by "
                     "log-likelihood", choices=("generate", "scoring"))
     split: str = opt("test", help="split evaluated", choices=("train", "test"))
-    max_new_tokens: int = opt(32, help="generation budget", min=1, max=512)
+    max_new_tokens: int = opt(32, help="generation budget (the seed's cli.py: 512)", min=1, max=2048)
+    temperature: float = opt(0.0, help="generate mode: 0 = greedy (paper protocol); > 0 samples at this "
+                             "temperature, seeded by seed (the seed's cli.py: 0.2, top-k 50)", min=0.0, max=10.0)
+    top_p: float | None = opt(None, help="sampling: nucleus mass kept; unset = 1.0 (cli.py passes none)",
+                              min=0.0, max=1.0)
+    seed: int = opt(0, help="sampling: seed of the draws (each batch from seed and its first example, so the same "
+                    "draws for the same batch_size)", min=0)
+    stop: str = opt("auto", help="where an answer ends besides </s>: newline = at its first line break after some "
+                    "text (answers of a conv=plain fine-tune end with \\n); auto = newline for a model fine-tuned "
+                    "with conv=plain, else eos", choices=("auto", "eos", "newline"))
     close_match: float = opt(0.8, help="difflib ratio for the parser's close match", min=0.0, max=1.0)
     limit: int | None = opt(None, help="evaluate the first N examples only (smoke runs)", min=1)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
+    image_backend: str = image_backend_opt()
     precision: str = opt("auto", help="auto = fp16 on GPU (LLaVA's own inference), fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
     fp8: bool = opt(False, help="FP8 matmuls for the LLM's Linear layers on GPUs with FP8 tensor cores (compute "
@@ -279,14 +308,17 @@ class EvalLlavaConfig:
 class ProbeConfig:
     """Pre/post-projection feature probes: the paper's MLPs on vision-tower and projector features."""
 
+    RESULT_VERSION: ClassVar[int] = 2  # both pre-projection vectors probed (pre_cls, pre_mean)
+
     model: str = opt(help="LLaVA model URI (or hf:// origin) whose vision tower and projector give the features",
                      input=True, fetch="llava")
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     protocol: str = opt("paper", help="paper = Adam 1e-4, batch 128, early stopping; code = released script "
                         "(Adam 1e-3, batch 32, 100 epochs)", choices=("paper", "code"))
-    pre_pooling: str = opt("mean", help="pre-projection vector: mean of layer -2 patches, or CLIP CLS pooler",
-                           choices=("mean", "cls"))
+    pre_pooling: str = opt("cls", help="the headline pre-projection vector (both are probed): cls = CLIP's pooled "
+                           "image representation (post-LayerNorm CLS, A.3's 'image embeddings'), mean = mean of the "
+                           "layer -2 patch features the projector consumes", choices=("cls", "mean"))
     seed: int = opt(0, help="seed for the MLP init and the validation split", min=0)
     val_fraction: float = opt(0.1, help="paper protocol: train share held out for early stopping",
                               min=0.0, max=0.5)
@@ -294,6 +326,7 @@ class ProbeConfig:
     max_epochs: int = opt(100, help="epoch cap (code protocol: exactly this many)", min=1)
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
+    image_backend: str = image_backend_opt()
     precision: str = opt("auto", help="feature extraction: auto = fp16 on GPU, fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
     direct_load: bool = direct_load_opt()

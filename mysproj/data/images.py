@@ -135,3 +135,27 @@ def check_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCheck
     except BadImage as e:
         return ImageCheck(sha, None, None, str(e).split(": ", 1)[1])
     return ImageCheck(sha, img.width, img.height)
+
+
+def exif_orientation(raw: bytes) -> int:
+    """The EXIF orientation tag of an encoded image (1 = upright, also for files without one), from its header."""
+    Image = _pil()
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # an unreadable header: the decoder reports the file, not this check
+        return 1
+
+
+class ExifUpright:
+    """A transform applied after `ImageOps.exif_transpose`: the image as a camera's orientation tag says to show
+    it, as transformers' `load_image` (the seed's CLIP zero-shot pipeline) loads it. LLaVA's own loading
+    (`Image.open(...).convert('RGB')`) does not, so only CLIP zero-shot uses this."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, img):
+        from PIL import ImageOps
+
+        return self.transform(ImageOps.exif_transpose(img))

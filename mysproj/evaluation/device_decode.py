@@ -235,14 +235,15 @@ class EncodedImages:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from mysproj.data.images import open_rgb
+        from mysproj.data.images import ExifUpright, exif_orientation, open_rgb
 
         path = self.data.local_image(self.samples[i])
         with open(path, "rb") as f:
             raw = f.read()
-        if is_device_jpeg(raw):
+        # a JPEG with an EXIF rotation goes through PIL, which turns it upright as the CPU path does
+        if is_device_jpeg(raw) and exif_orientation(raw) == 1:
             return i, path, raw, None
-        return i, path, None, self.preprocess(open_rgb(path))
+        return i, path, None, ExifUpright(self.preprocess)(open_rgb(path))
 
 
 def collate_encoded(items) -> EncodedBatch:
@@ -291,7 +292,7 @@ class DeviceBatches:
     def decode(self, batch: EncodedBatch):
         import torch
 
-        from mysproj.data.images import open_rgb
+        from mysproj.data.images import ExifUpright, open_rgb
 
         out = torch.empty((len(batch.indices), 3, *self.spec.crop), device=self.device)
         rows = list(batch.pil_rows)
@@ -304,7 +305,7 @@ class DeviceBatches:
             if ok:
                 out[[batch.jpeg_rows[k] for k in ok]] = preprocess_decoded([decoded[k] for k in ok], self.spec)
             for k in set(range(len(decoded))) - set(ok):
-                out[batch.jpeg_rows[k]] = self.preprocess(open_rgb(batch.jpeg_paths[k])).to(self.device)
+                out[batch.jpeg_rows[k]] = ExifUpright(self.preprocess)(open_rgb(batch.jpeg_paths[k])).to(self.device)
                 rows.append(batch.jpeg_rows[k])
         self.pil_images += len(rows)
         self.device_images += len(batch.indices) - len(rows)

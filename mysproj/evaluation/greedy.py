@@ -9,9 +9,9 @@ less work per token.
   the whole cache at every step to append one token). Every step has the same shapes, so on a GPU it is recorded
   once as a CUDA graph and replayed: the same kernels as the eager step, so the same tokens, without launching
   each of a step's many small kernels from Python.
-- **Finished rows.** A row stops at `</s>`; the batch stops when every row has. When at most half of a
-  workspace's rows still run, the live ones move to a workspace of half the rows (one per size, kept for the run
-  with its graph), so a few long answers do not keep a whole batch's cache busy.
+- **Finished rows.** A row stops at `</s>` (or where a `stop` rule says); the batch stops when every row has.
+  When at most half of a workspace's rows still run, the live ones move to a workspace of half the rows (one per
+  size, kept for the run with its graph), so a few long answers do not keep a whole batch's cache busy.
 
 Cache layout: row r's prompt fills slots [0, L_r) (right-padded to W, the batch's longest prompt); the token fed at
 decode step t goes to slot W + t in every row; a boolean mask per row hides the padding slots.
@@ -94,11 +94,12 @@ class GreedyDecoder:
         self.spaces: dict[int, Workspace] = {}
         self.stats = {"prefills": 0, "steps": 0, "moves": 0, "graphs": 0}
 
-    def __call__(self, prompts: list[list[int]], pixel_values, max_new_tokens: int) -> list[list[int]]:
+    def __call__(self, prompts: list[list[int]], pixel_values, max_new_tokens: int, stop=None) -> list[list[int]]:
+        """`stop(answer_ids, token)`: a row also ends where it returns True (the token is not kept)."""
         import torch
 
         with torch.no_grad():
-            return self._decode(prompts, pixel_values, max_new_tokens)
+            return self._decode(prompts, pixel_values, max_new_tokens, stop)
 
     def bucket(self, n: int) -> int:
         """Rows of the workspace for `n` rows: `max_rows` halved while `n` still fits."""
@@ -107,7 +108,7 @@ class GreedyDecoder:
             size //= 2
         return size
 
-    def _decode(self, prompts, pixel_values, max_new_tokens: int) -> list[list[int]]:
+    def _decode(self, prompts, pixel_values, max_new_tokens: int, stop=None) -> list[list[int]]:
         n = len(prompts)
         width = max(len(p) for p in prompts)
         ws = self.workspace(self.bucket(n), width + max_new_tokens)
@@ -118,7 +119,8 @@ class GreedyDecoder:
             if step:
                 self._advance(ws)
             tokens = ws.tokens.tolist()
-            live = [r for r in live if tokens[r] != self.eos_id]
+            live = [r for r in live if tokens[r] != self.eos_id
+                    and not (stop is not None and stop(answers[owner[r]], tokens[r]))]
             for r in live:
                 answers[owner[r]].append(tokens[r])
             if not live or step == max_new_tokens - 1:

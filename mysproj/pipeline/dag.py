@@ -52,7 +52,8 @@ class PipelineConfig:
     recipe: str = opt("paper", help="where the paper's text and the released scripts disagree, follow: paper (the "
                       "text) or released (FT-Proj trained as pretrain.sh: conversation plain, square images; prompt "
                       "ending '\n\nOutput:'; underscores deleted from labels; the released probe script's protocol; "
-                      "CLS pooling before the projector); overrides still set any one field",
+                      "eval-llava sampled at temperature 0.2 with up to 512 new tokens, as cli.py; the PIL image "
+                      "processor; the released batch and data order details); overrides still set any one field",
                       choices=recipes.RECIPES)
     overrides: dict = opt(help="per-stage config overrides, JSON {stage: {field: value}}", default_factory=dict)
 
@@ -129,6 +130,13 @@ def beside(root: str, name: str) -> str:
     return join(root, name) if not head or head.endswith(":/") else join(head, name)
 
 
+def _samples(cfg: PipelineConfig) -> bool:
+    """eval-llava samples its answers (temperature > 0, by the recipe or an override) in generate mode."""
+    fields = {**recipes.stage_fields(cfg.recipe, "eval-llava"), "mode": cfg.eval_mode,
+              **cfg.overrides.get("eval-llava", {})}
+    return fields.get("mode") == "generate" and float(fields.get("temperature") or 0) > 0
+
+
 @dataclass
 class Node:
     name: str                  # unique, path-like: also the stage's output path below the root
@@ -201,8 +209,14 @@ def build(cfg: PipelineConfig) -> list[Node]:
         if cfg.zero_shot:
             finals.append(add(rel("eval-clip", layout.ZERO_SHOT), "eval-clip",
                               {"model": clip_model, "data": data}, [prep, *clip_deps]))
-            finals.append(add(rel("eval-llava", layout.ZERO_SHOT), "eval-llava",
-                              {"model": base_model, "data": data, "mode": cfg.eval_mode}, [prep, *model_deps]))
+            zero_shot_llava = {"model": base_model, "data": data, "mode": cfg.eval_mode}
+            if _samples(cfg):  # sampled answers differ by seed: one evaluation per seed, as the fine-tuned ones
+                for seed in cfg.seeds:
+                    finals.append(add(rel("eval-llava", layout.ZERO_SHOT, seed), "eval-llava",
+                                      {**zero_shot_llava, "seed": seed}, [prep, *model_deps]))
+            else:
+                finals.append(add(rel("eval-llava", layout.ZERO_SHOT), "eval-llava", zero_shot_llava,
+                                  [prep, *model_deps]))
         for seed in cfg.seeds:
             if cfg.probe:
                 finals.append(add(rel("probe", layout.ZERO_SHOT, seed), "probe",
@@ -218,7 +232,8 @@ def build(cfg: PipelineConfig) -> list[Node]:
                                     {"base": base_model, "projector": join(root, ft)}, [ft, *model_deps])
                     tuned = join(root, tuned_dep)
                 finals.append(add(rel("eval-llava", setting, seed), "eval-llava",
-                                  {"model": tuned, "data": data, "mode": cfg.eval_mode}, [prep, tuned_dep]))
+                                  {"model": tuned, "data": data, "mode": cfg.eval_mode, "seed": seed},
+                                  [prep, tuned_dep]))
                 if cfg.probe:
                     finals.append(add(rel("probe", setting, seed), "probe",
                                       {"model": tuned, "data": data, "seed": seed}, [prep, tuned_dep]))

@@ -7,29 +7,12 @@ from __future__ import annotations
 from mysproj.config.recipes import RECIPES, Choice, applicable
 from mysproj.report.gather import Run
 from mysproj.report.tables import run_name
-from mysproj.storage.manifest import read_manifest
+from mysproj.storage.lineage import finetune_config
+from mysproj.storage.lineage import stage_config as _config
 
 # Which prep choices bear on a run: CLIP reads only the label strings; a probe of an untuned model reads neither.
 PREP_CHOICES = {"eval-clip": ("label rule",), "eval-llava": ("prompt ending", "label rule")}
 NOT_RECORDED = object()
-
-
-def _config(uri: str | None, cache: dict) -> dict | None:
-    """The config and stage of the stage output at `uri` ({"stage", "config"}), or None (not a stage output)."""
-    if not uri:
-        return None
-    if uri not in cache:
-        m = read_manifest(uri)
-        cache[uri] = None if m is None else {"stage": m.get("stage"), "config": m.get("config") or {}}
-    return cache[uri]
-
-
-def finetune_config(model_uri: str | None, cache: dict) -> dict | None:
-    """The finetune config behind a model: the model itself (full/lora) or the projector a merge put in."""
-    out = _config(model_uri, cache)
-    if out and out["stage"] == "merge":
-        out = _config(out["config"].get("projector"), cache)
-    return out["config"] if out and out["stage"] == "finetune" else None
 
 
 def run_choices(run: Run, cache: dict) -> list[tuple[Choice, object]]:
@@ -65,6 +48,16 @@ def _departures(choices: list[tuple[Choice, object]]) -> list[str]:
     return out
 
 
+def _ran(run: Run) -> str:
+    """What the run did where the choice is this project's own: eval-llava's decoding, the probe's vectors."""
+    cfg = run.manifest.get("config") or {}
+    if run.stage == "eval-llava":
+        return run.metrics.get("decoding") or ""
+    if run.stage == "probe" and "pre_cls" in run.metrics:
+        return f"both pre-projection vectors (CLS pooled, layer -2 patch mean), headline `{cfg.get('pre_pooling')}`"
+    return ""
+
+
 def protocol_lines(runs: list[Run]) -> list[str]:
     cache: dict = {}
     lines = ["Recipe per run: `paper` = the paper's text, `released` = the seed's scripts as shipped (docs/recipe.md); "
@@ -72,6 +65,8 @@ def protocol_lines(runs: list[Run]) -> list[str]:
     for r in runs:
         choices = run_choices(r, cache)
         departures = _departures(choices)
+        ran = _ran(r)
         lines.append(f"- `{run_name(r)}`: recipe {recipe_name(choices)}; "
-                     + ("; ".join(departures) if departures else "nothing departs from the paper's text"))
+                     + ("; ".join(departures) if departures else "nothing departs from the paper's text")
+                     + (f". Ran: {ran}." if ran else ""))
     return lines

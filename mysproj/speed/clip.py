@@ -92,9 +92,10 @@ def pixel_batches(clip, data, samples, cfg, device: str):
 def _pil_batches(clip, data, samples, cfg):
     import torch
 
+    from mysproj.data.images import ExifUpright
     from mysproj.evaluation.batches import image_batches
 
-    for images, idx in image_batches(data, samples, clip.preprocess, cfg.batch_size, cfg.workers):
+    for images, idx in image_batches(data, samples, ExifUpright(clip.preprocess), cfg.batch_size, cfg.workers):
         yield torch.stack(images), idx
 
 

@@ -162,6 +162,9 @@ def greedy_decoder(cfg, model, dev: str, tokenizer):
 
     if cfg.mode != "generate" or not cfg.static_decode:
         return None
+    if cfg.temperature > 0:
+        log.info("eval-llava: transformers' generate samples (temperature %g)", cfg.temperature)
+        return None
     model.requires_grad_(False)  # evaluation trains nothing; the kept prefix keys and values rely on it
     why = unsupported(model)
     if why:
@@ -203,10 +206,11 @@ def training_compile_cache(cfg) -> str | None:
 
 def checkpointing(cfg) -> bool:
     """Activation checkpointing only where memory needs it: projector-only training keeps no optimizer state for
-    the LLM and its activations fit, so it skips the recomputation."""
+    the LLM and its activations fit (43 GiB at micro-batch 16), so it skips the recomputation; a micro-batch cap
+    above 16 (the seed's 32 per device, which pretrain.sh ran with checkpointing) would not fit without it."""
     if cfg.gradient_checkpointing is not None:
         return cfg.gradient_checkpointing
-    return cfg.strategy != "projector"
+    return cfg.strategy != "projector" or getattr(cfg, "max_micro_batch", 16) > 16
 
 
 def apply_checkpointing(cfg, model) -> None:

@@ -4,8 +4,9 @@ Each test record's human turn (the same prompt as training, class order shuffled
 `llava_v1` template; images are padded to square with the CLIP mean (LLaVA-1.5 `pad`). Batches are left-padded.
 
 mode `generate` (the paper's protocol): greedy decoding of at most `max_new_tokens` (`static_decode`: mysproj's
-own loop, `mysproj.evaluation.greedy`, the same tokens as transformers' `generate`), then the answer parser
-(exact / contained / close match / unparsed, spec §6.5). mode `scoring`: the class whose answer " <label></s>"
+own loop, `mysproj.evaluation.greedy`, the same tokens as transformers' `generate`), or sampling at `temperature`
+as the seed's `cli.py` (`mysproj.evaluation.decoding`), then the answer parser (exact / contained / close match /
+unparsed). mode `scoring`: the class whose answer " <label></s>"
 has the highest log-likelihood after the prompt (never unparsed; see `mysproj.evaluation.scoring`). Loading and
 the speed paths (precision, fp8, compiled layers, shared_prefix, static_decode) are `mysproj.speed.llava`'s.
 """
@@ -27,14 +28,21 @@ def run(cfg) -> dict:
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], pixel_values, max_new_tokens: int, pad_id: int,
-                     decoder=None) -> list[str]:
-    """Greedy answers for prompt ids: from `decoder` (a GreedyDecoder) or transformers' generate."""
+                     decoder=None, *, temperature: float = 0.0, top_p: float | None = None, seed: int | None = None,
+                     stop=None) -> list[str]:
+    """Answers for prompt ids: greedy from `decoder` (a GreedyDecoder) or transformers' generate, which also samples
+    (`temperature` > 0). `stop`: a `decoding.NewlineStop`, whose answers are cut at their first line."""
+    from mysproj.evaluation import decoding
     from mysproj.evaluation.scoring import left_pad
 
-    if decoder is not None:
-        return tokenizer.batch_decode(decoder(prompts, pixel_values, max_new_tokens), skip_special_tokens=True)
-    return generate(model, left_pad(prompts, pad_id, pixel_values.device), pixel_values, max_new_tokens, pad_id,
-                    tokenizer)
+    if decoder is not None and temperature == 0:
+        answers = tokenizer.batch_decode(decoder(prompts, pixel_values, max_new_tokens, stop),
+                                         skip_special_tokens=True)
+    else:
+        answers = decoding.generate(model, left_pad(prompts, pad_id, pixel_values.device), pixel_values,
+                                    max_new_tokens, pad_id, tokenizer, temperature=temperature, top_p=top_p,
+                                    seed=seed, stop=stop)
+    return [decoding.first_line(a) for a in answers] if stop is not None else answers
 
 
 def examples(data, split: str, limit: int | None):
@@ -60,13 +68,14 @@ def _body(cfg, out) -> dict:
     import torch
 
     from mysproj.data.prepared import PreparedData
-    from mysproj.evaluation import scoring
+    from mysproj.evaluation import decoding, scoring
     from mysproj.evaluation.answers import AnswerParser
     from mysproj.evaluation.batches import image_batches
     from mysproj.evaluation.metrics import classification_metrics, short
     from mysproj.evaluation.predictions import write_predictions
     from mysproj.evaluation.throughput import Throughput
     from mysproj.models.conversation import image_transform, llava_v1_prompt
+    from mysproj.models.processors import with_backend
     from mysproj.models.prompt_ids import prompt_ids
     from mysproj.progress import Progress
     from mysproj.speed import llava as speed
@@ -83,10 +92,13 @@ def _body(cfg, out) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     conts = [scoring.continuation_ids(tok, c) for c in data.classes]
     parser = AnswerParser(data.classes, cfg.close_match)
-    log.info("eval-llava: %d examples, %d classes, mode %s, %s weights on %s", len(samples), len(data.classes),
-             cfg.mode, "random" if loaded.random_weights else "loaded", dev)
+    stop_rule = decoding.resolve_stop(cfg)
+    stop = decoding.NewlineStop(tok) if cfg.mode == "generate" and stop_rule == "newline" else None
+    sampled = decoding.samples(cfg)
+    log.info("eval-llava: %d examples, %d classes, mode %s (%s), %s weights on %s", len(samples), len(data.classes),
+             cfg.mode, _decoding_text(cfg, stop_rule), "random" if loaded.random_weights else "loaded", dev)
 
-    transform = image_transform(loaded.image_processor, cfg.image_aspect_ratio)
+    transform = image_transform(with_backend(loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio)
     rows: list[dict] = []
     progress = Progress(f"eval-llava {cfg.mode}", len(samples), "images")
     rate = Throughput()
@@ -94,7 +106,9 @@ def _body(cfg, out) -> dict:
         pix = torch.stack(pixels).to(dev, model.dtype)
         prompts = [prompt_ids(tok, llava_v1_prompt(humans[i]), image_token, n_image) for i in idx]
         if cfg.mode == "generate":
-            answers = generate_answers(model, tok, prompts, pix, cfg.max_new_tokens, pad_id, paths.decoder)
+            answers = generate_answers(model, tok, prompts, pix, cfg.max_new_tokens, pad_id, paths.decoder,
+                                       temperature=cfg.temperature, top_p=cfg.top_p, stop=stop,
+                                       seed=cfg.seed * 1_000_003 + idx[0] if sampled else None)
             for i, answer in zip(idx, answers):
                 parsed = parser(answer)
                 rows.append(_row(samples[i], parsed.label, answer=answer, how=parsed.how))
@@ -108,6 +122,9 @@ def _body(cfg, out) -> dict:
     metrics = classification_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], data.classes)
     metrics.update(mode=cfg.mode, model=cfg.model, split=cfg.split, random_weights=loaded.random_weights,
                    precision=str(model.dtype).split(".")[-1], fp8=cfg.fp8)
+    if cfg.mode == "generate":
+        metrics.update(decoding=_decoding_text(cfg, stop_rule), temperature=cfg.temperature, top_p=cfg.top_p,
+                       max_new_tokens=cfg.max_new_tokens, stop=stop_rule, seed=cfg.seed if sampled else None)
     out.write_json("metrics.json", metrics)
     write_predictions(out, rows)
     log.info("eval-llava: %s", short(metrics))
@@ -117,19 +134,23 @@ def _body(cfg, out) -> dict:
             "device": dev, **paths.summary()}
 
 
+def _decoding_text(cfg, stop_rule: str) -> str:
+    """How answers were decoded, in words (the log, metrics.json)."""
+    if cfg.mode != "generate":
+        return "scoring"
+    how = (f"sampled at temperature {cfg.temperature:g}" + (f", top-p {cfg.top_p:g}" if cfg.top_p is not None else "")
+           + f", seed {cfg.seed}") if cfg.temperature > 0 else "greedy"
+    return f"{how}, at most {cfg.max_new_tokens} new tokens, stop at " + ("a line break" if stop_rule == "newline"
+                                                                          else "`</s>`")
+
+
 def _row(sample, prediction, **extra) -> dict:
     return {"image": sample.image, "label": sample.label, "prediction": prediction,
             "correct": prediction == sample.label, **extra}
 
 
 def generate(model, batch, pixel_values, max_new_tokens: int, pad_id: int, tokenizer) -> list[str]:
-    """Greedy answers (text after the prompt, special tokens dropped) for a left-padded batch."""
-    import torch
-    from transformers import GenerationConfig
+    """Greedy answers of transformers' generate for a left-padded batch (`decoding.generate`)."""
+    from mysproj.evaluation import decoding
 
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                               eos_token_id=tokenizer.eos_token_id)
-    with torch.no_grad():
-        ids = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             pixel_values=pixel_values, generation_config=gen_cfg)
-    return tokenizer.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return decoding.generate(model, batch, pixel_values, max_new_tokens, pad_id, tokenizer)

@@ -2,11 +2,14 @@
 (the paper's Tables 2 and 3), measured by an independent MLP per feature kind.
 
 Features per image (train and test split), from one pass of LLaVA's vision tower + projector:
-    pre  = mean of the layer `vision_feature_layer` (-2) patch features, i.e. of the tokens the projector consumes
-           (`pre_pooling=cls`: CLIP's pooler output, the post-LayerNorm CLS of the last layer);
-    post = the projector output mean-pooled over all image tokens (the seed's `torch.mean(dim=1)`).
+    pre_cls  = CLIP's pooled image representation: the last layer's CLS after the post-LayerNorm (`pooler_output`);
+    pre_mean = mean of the layer `vision_feature_layer` (-2) patch features, i.e. of the tokens the projector consumes;
+    post     = the projector output mean-pooled over all image tokens (the seed's `torch.mean(dim=1)`).
+The released probe script reads one 1024-d vector per image whose extractor was never released, so both readings
+of "pre" are probed, each by its own MLP; `pre_pooling` names the headline one (`pre`, Table 3's first columns).
 They are stored in the output (`features/<split>.safetensors` + `features/<split>.parquet`), then
-`mysproj.evaluation.probe_mlp` trains the paper's MLPs and `metrics.json` gets a `pre` and a `post` block.
+`mysproj.evaluation.probe_mlp` trains the paper's MLPs and `metrics.json` gets a `pre_cls`, `pre_mean`, `post`
+and (a copy of the headline one) `pre` block.
 """
 
 from __future__ import annotations
@@ -24,50 +27,63 @@ def run(cfg) -> dict:
     return run_stage("probe", cfg, lambda out: _body(cfg, out))
 
 
-def image_features(model, pixel_values, pre_pooling: str = "mean"):
-    """(pre [B, D_vision], post [B, D_text]) float32 features for a batch of images."""
+PRE_KINDS = ("pre_cls", "pre_mean")
+
+
+def image_feature_set(model, pixel_values) -> dict:
+    """{'pre_cls': [B, D_vision], 'pre_mean': [B, D_vision], 'post': [B, D_text]} float32 features for a batch of
+    images, all from one forward pass of the vision tower and the projector."""
     import torch
 
     cfg = model.config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer {layer!r}: the probe supports a single layer")
     with torch.no_grad():
-        out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+        out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=layer,
                                        vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         post = torch.stack([f.float().mean(dim=0) for f in out.pooler_output])
-        if pre_pooling == "cls":
-            tower = model.model.vision_tower
-            norm = tower.post_layernorm if hasattr(tower, "post_layernorm") else tower.vision_model.post_layernorm
-            pre = norm(out.hidden_states[-1][:, 0]).float()
-        else:
-            layer = cfg.vision_feature_layer
-            if not isinstance(layer, int):
-                raise ValueError(f"vision_feature_layer {layer!r}: the probe supports a single layer")
-            hidden = out.hidden_states[layer]
-            patches = hidden[:, 1:] if cfg.vision_feature_select_strategy == "default" else hidden
-            pre = patches.float().mean(dim=1)
-    return pre, post
+        tower = model.model.vision_tower
+        norm = tower.post_layernorm if hasattr(tower, "post_layernorm") else tower.vision_model.post_layernorm
+        cls = norm(out.hidden_states[-1][:, 0]).float()
+        hidden = out.hidden_states[layer]
+        patches = hidden[:, 1:] if cfg.vision_feature_select_strategy == "default" else hidden
+        mean = patches.float().mean(dim=1)
+    return {"pre_cls": cls, "pre_mean": mean, "post": post}
+
+
+def image_features(model, pixel_values, pre_pooling: str = "cls"):
+    """(pre [B, D_vision] by `pre_pooling`, post [B, D_text]) float32 features for a batch of images."""
+    feats = image_feature_set(model, pixel_values)
+    return feats[f"pre_{pre_pooling}"], feats["post"]
+
+
+FEATURE_KINDS = (*PRE_KINDS, "post")
 
 
 def extract(loaded, data, samples, cfg, dev):
-    """{'pre': [N, Dv], 'post': [N, Dt]} float32 CPU tensors in sample order."""
+    """{'pre_cls', 'pre_mean': [N, Dv], 'post': [N, Dt]} float32 CPU tensors in sample order."""
     import torch
 
     from mysproj.evaluation.batches import image_batches
     from mysproj.models.conversation import image_transform
+    from mysproj.models.processors import with_backend
     from mysproj.progress import Progress
 
     model = loaded.model
-    transform = image_transform(loaded.image_processor, cfg.image_aspect_ratio)
-    pre, post = [None] * len(samples), [None] * len(samples)
+    transform = image_transform(with_backend(loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio)
+    rows: dict = {k: [None] * len(samples) for k in FEATURE_KINDS}
     progress = Progress("probe features", len(samples), "images")
     for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
-        p, q = image_features(model, torch.stack(pixels).to(dev, model.dtype), cfg.pre_pooling)
-        for j, i in enumerate(idx):
-            pre[i], post[i] = p[j].cpu(), q[j].cpu()
+        batch = image_feature_set(model, torch.stack(pixels).to(dev, model.dtype))
+        for kind in FEATURE_KINDS:
+            for j, i in enumerate(idx):
+                rows[kind][i] = batch[kind][j].cpu()
         progress.update(len(idx))
-    return {"pre": torch.stack(pre), "post": torch.stack(post)}
+    return {kind: torch.stack(v) for kind, v in rows.items()}
 
 
-def _save_features(out, split: str, samples, feats: dict) -> None:
+def _save_features(out, split: str, samples, feats: dict, pre_pooling: str) -> None:
     import io
 
     import pyarrow as pa
@@ -76,9 +92,11 @@ def _save_features(out, split: str, samples, feats: dict) -> None:
     from safetensors.torch import save_file
 
     labels = torch.tensor([s.label_id for s in samples], dtype=torch.long)
+    tensors = {k: feats[k].contiguous() for k in FEATURE_KINDS}
+    tensors["pre"] = feats[f"pre_{pre_pooling}"].clone()  # the headline vector, under its older name
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{split}.safetensors")
-        save_file({"pre": feats["pre"].contiguous(), "post": feats["post"].contiguous(), "label_id": labels}, path)
+        save_file({**tensors, "label_id": labels}, path)
         out.put_file(path, f"features/{split}.safetensors")
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([{"row": i, "image": s.image, "label": s.label, "label_id": s.label_id}
@@ -107,17 +125,19 @@ def _body(cfg, out) -> dict:
     feats = {}
     for name, samples in splits.items():
         feats[name] = extract(loaded, data, samples, cfg, dev)
-        _save_features(out, name, samples, feats[name])
+        _save_features(out, name, samples, feats[name], cfg.pre_pooling)
     del loaded
 
     y_train = [s.label_id for s in splits["train"]]
     test = splits["test"]
     metrics: dict = {"protocol": cfg.protocol, "pre_pooling": cfg.pre_pooling, "seed": cfg.seed, "model": cfg.model}
     preds: dict[str, list] = {}
-    for kind in ("pre", "post"):
+    for kind in FEATURE_KINDS:
         x_train = feats["train"][kind].numpy()
-        mlp, history = probe_mlp.train_probe(kind, x_train, y_train, len(data.classes), protocol=cfg.protocol,
-                                             seed=cfg.seed, max_epochs=cfg.max_epochs, patience=cfg.patience,
+        # both pre vectors get the paper's pre-projection MLP (A.3), each its own
+        mlp, history = probe_mlp.train_probe("post" if kind == "post" else "pre", x_train, y_train,
+                                             len(data.classes), protocol=cfg.protocol, seed=cfg.seed,
+                                             max_epochs=cfg.max_epochs, patience=cfg.patience,
                                              val_fraction=cfg.val_fraction, device=dev)
         pred_ids = probe_mlp.predict(mlp, feats["test"][kind].numpy(), device=dev)
         preds[kind] = [data.classes[int(i)] for i in pred_ids]
@@ -125,10 +145,15 @@ def _body(cfg, out) -> dict:
         m.update(feature_dim=int(x_train.shape[1]), training=history)
         metrics[kind] = m
         log.info("probe %s: %s", kind, short(m))
+    headline = f"pre_{cfg.pre_pooling}"
+    metrics["pre"] = {**metrics[headline], "vector": cfg.pre_pooling}
+    preds["pre"] = preds[headline]
     out.write_json("metrics.json", metrics)
     write_predictions(out, [{"image": s.image, "label": s.label, "pre_prediction": preds["pre"][i],
+                             "pre_cls_prediction": preds["pre_cls"][i], "pre_mean_prediction": preds["pre_mean"][i],
                              "post_prediction": preds["post"][i]} for i, s in enumerate(test)])
     return {"pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
             "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"],
-            "vision_only": vision_only,
+            "pre_cls_macro_f1": metrics["pre_cls"]["macro_f1"], "pre_mean_macro_f1": metrics["pre_mean"]["macro_f1"],
+            "pre_pooling": cfg.pre_pooling, "vision_only": vision_only,
             "processed": processed(sum(len(s) for s in splits.values()), "images")}

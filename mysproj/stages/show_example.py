@@ -1,8 +1,9 @@
 """`mysproj show-example --model URI --data URI [--split train|test] [--index N] [--json]`: exactly what the model
 sees for one example of a prep output: the rendered conversation (one `<image>`), its token ids before the image is
 expanded (the model's `<image>` id once, where LLaVA's own code holds -200) and, for the train split, the labels
-(-100 where masked), built by the same functions fine-tuning and eval-llava call. Only the tokenizer and the config
-are read, never the weights, so it is instant on a 7B model too.
+(-100 where masked), built by the same functions fine-tuning and eval-llava call; then the choices the `--recipe`
+makes for that stage (image processor, batching, decoding, and where answers stop for this model). Only the
+tokenizer and the config are read, never the weights, so it is instant on a 7B model too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ def add_command(sub, parser_class) -> None:
     p.add_argument("--conv", default="v1", choices=("v1", "plain"), help="train split: finetune's conv field")
     p.add_argument("--model-max-length", type=int, default=2048, help="train split: finetune's model_max_length "
                    "(where LLaVA's mismatch check applies)")
-    p.add_argument("--json", action="store_true", help="one JSON object: text, input_ids, labels (train), split, conv")
+    p.add_argument("--recipe", default="paper", choices=("paper", "released"), help="the pipeline recipe whose "
+                   "choices for this split's stage are listed (fine-tuning for train, eval-llava for test)")
+    p.add_argument("--strategy", default="projector", choices=("projector", "full", "lora"), help="train split: "
+                   "the fine-tuning strategy whose recipe choices are listed")
+    p.add_argument("--json", action="store_true", help="one JSON object: text, input_ids, labels (train), split, "
+                   "conv, choices")
     p.set_defaults(func=_run)
 
 
@@ -75,6 +81,20 @@ def load_tokenizer(uri: str):
     return tokenizer, image_id if image_id is not None else tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
+def choices(model: str, split: str, recipe: str = "paper", strategy: str = "projector") -> dict:
+    """The recipe's values of the stage this split feeds (finetune for train, eval-llava for test); for test also
+    where answers stop (`stop=auto` read from the fine-tune behind `model`)."""
+    from types import SimpleNamespace
+
+    from mysproj.config.recipes import stage_fields
+
+    if split == "train":
+        return stage_fields(recipe, "finetune", strategy)
+    from mysproj.evaluation.decoding import resolve_stop
+
+    return {**stage_fields(recipe, "eval-llava"), "stop": resolve_stop(SimpleNamespace(stop="auto", model=model))}
+
+
 def example(model: str, data: str, split: str = "train", index: int = 0, conv: str = "v1",
             max_length: int = 2048) -> dict:
     """{"text", "input_ids", "labels" (train only), "split", "conv"} of record `index` of `llava_<split>.json`."""
@@ -98,6 +118,7 @@ def example(model: str, data: str, split: str = "train", index: int = 0, conv: s
 
 def _run(ns) -> int:
     shown = example(ns.model, ns.data, ns.split, ns.index, ns.conv, ns.model_max_length)
+    shown["choices"] = choices(ns.model, ns.split, ns.recipe, ns.strategy)
     if ns.json:
         print(json.dumps(shown))
         return 0
@@ -109,4 +130,8 @@ def _run(ns) -> int:
     if "labels" in shown:
         print("--- labels (-100 = masked) ---")
         print(shown["labels"])
+    stage = "fine-tuning" if ns.split == "train" else "eval-llava"
+    print(f"--- {stage}'s choices, recipe {ns.recipe} (docs/recipe.md) ---")
+    for field, value in shown["choices"].items():
+        print(f"{field}: {value}")
     return 0

@@ -3,7 +3,9 @@
 The order is a pure function of (seed, epoch): a restarted job recomputes it and skips the steps already done,
 so it sees exactly the batches an uninterrupted job would. Every optimizer step consumes `global_batch` samples,
 split evenly over ranks and micro-batches; the epoch's last step is filled up with samples from the start of the
-order whose labels are masked (they add no loss and no gradient, and keep every rank's micro-batch count equal).
+order whose labels are masked (they add no loss and no gradient, and keep every rank's micro-batch count equal),
+or (`fill="repeat"`, as accelerate's `even_batches`) that count like any other. `lengths` groups each step's
+samples into micro-batches of similar length, as LLaVA's `group_by_modality_length`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class Example:
     labels: list[int]
     image_path: str
     mismatch: tuple[int, int] | None = None  # preprocess_v1's tokenization mismatch: labels all masked
+    truncated: int = 0  # tokens cut off the end (model_max_length)
+    words: int = 0  # LLaVA's modality length: the words of the conversation's turns (what group_by_length sorts)
 
     @property
     def n_targets(self) -> int:
@@ -60,12 +64,22 @@ def load_examples(data, tokenizer, model_config, *, conv: str, max_length: int, 
             raise BadInput(f"{data.uri}: image {rec['image']} of record {rec.get('id')!r} is not in samples.parquet")
         example = training_example(tokenizer, human, label, image_id, conv, max_length)
         ids, labels = example.expanded(image_id, seq)
-        if len(ids) > max_length:
-            raise BadInput(f"model_max_length={max_length} is shorter than example {rec.get('id')!r} "
-                           f"({len(ids)} tokens with {seq} image tokens); raise --model-max-length")
-        out.append(Example(ids, labels, "", example.mismatch))
+        cut = max(0, len(ids) - max_length)
+        if cut:
+            # as LLaVA's prepare_inputs_labels_for_multimodal: cut after the image is expanded; a cut into the
+            # image tokens cannot be fed to the model (its features would outnumber them)
+            if image_id in ids[max_length:]:
+                raise BadInput(f"model_max_length={max_length} cuts into the image tokens of example "
+                               f"{rec.get('id')!r} ({len(ids)} tokens with {seq} image tokens); raise "
+                               f"--model-max-length")
+            ids, labels = ids[:max_length], labels[:max_length]
+        out.append(Example(ids, labels, "", example.mismatch, cut, len(human.split()) + len(label.split())))
         samples.append(sample)
     _warn_mismatches(out, records, data.uri, split)
+    truncated = [(rec.get("id"), ex.truncated) for rec, ex in zip(records, out) if ex.truncated]
+    if truncated:
+        log.warning("%d of %d examples are longer than model_max_length=%d and were truncated, as LLaVA truncates "
+                    "them (e.g. record %r lost %d tokens)", len(truncated), len(out), max_length, *truncated[0])
     # Fetched and verified in parallel (each image once): from an object store, one image after another is
     # minutes for a dataset.
     unique = list({s.image: s for s in samples}.values())
@@ -96,6 +110,8 @@ class Schedule:
     world: int
     epochs: float
     max_steps: int | None = None
+    fill: str = "masked"                 # the epoch's last step: "masked" fillers, or "repeat" (they count)
+    lengths: tuple | None = None         # group_by_length: each example's length (LLaVA's modality length)
 
     @property
     def accumulation(self) -> int:
@@ -129,13 +145,37 @@ class Schedule:
         order = self.order(seed, epoch)
         chunk = order[k * self.global_batch:(k + 1) * self.global_batch]
         real = [(i, True) for i in chunk]
-        filler = [(order[j % len(order)], False) for j in range(self.global_batch - len(chunk))]
+        # "repeat": as accelerate's even_batches completes the last batches with samples from the start
+        counts = self.fill == "repeat"
+        filler = [(order[j % len(order)], counts) for j in range(self.global_batch - len(chunk))]
         return real + filler
 
     def rank_micro_batches(self, seed: int, step: int, rank: int) -> list[list[tuple[int, bool]]]:
+        if self.lengths is not None:
+            return self.grouped(self.step_samples(seed, step))[rank::self.world]
         samples = self.step_samples(seed, step)[rank::self.world]
         b = self.per_device_batch
         return [samples[i:i + b] for i in range(0, len(samples), b)]
+
+    def grouped(self, samples: list) -> list[list]:
+        """The step's micro-batches as LLaVA's LengthGroupedSampler makes them (`get_length_grouped_indices` with
+        a megabatch of per-device batch x GPUs x accumulation = the global batch): longest first, dealt by
+        `split_to_even_chunks` to the micro-batch with the fewest words so far; micro-batch k runs on rank
+        k % world (the order accelerate shards batches in)."""
+        n = self.world * self.accumulation
+        ordered = sorted(samples, key=lambda s: self.lengths[s[0]], reverse=True)
+        if len(ordered) % n:
+            return [ordered[i::n] for i in range(n)]
+        size = len(ordered) // n
+        chunks: list[list] = [[] for _ in range(n)]
+        weight = [0.0] * n
+        for s in ordered:
+            k = weight.index(min(weight))
+            chunks[k].append(s)
+            weight[k] += self.lengths[s[0]]
+            if len(chunks[k]) == size:
+                weight[k] = float("inf")
+        return chunks
 
 
 class MicroBatches:

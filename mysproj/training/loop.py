@@ -23,11 +23,11 @@ from mysproj.training.data import MicroBatches, Schedule, TrainSet, collate, loa
 log = logging.getLogger("mysproj.finetune")
 
 
-def default_micro_batch(global_batch: int, world: int, requested: int | None) -> int:
+def default_micro_batch(global_batch: int, world: int, requested: int | None, cap: int = 16) -> int:
     if requested:
         return requested
     per_rank = max(1, global_batch // world)
-    b = min(16, per_rank)
+    b = min(cap, per_rank)
     while per_rank % b:
         b -= 1
     return b
@@ -38,11 +38,12 @@ def train(cfg, out) -> dict:
 
     from mysproj.data.prepared import PreparedData
     from mysproj.models.loading import load_llava
+    from mysproj.models.processors import with_backend
 
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = cfg.global_batch or strategies.DEFAULT_GLOBAL_BATCH[cfg.strategy]
-    micro = default_micro_batch(global_batch, world, cfg.per_device_batch)
+    micro = default_micro_batch(global_batch, world, cfg.per_device_batch, cfg.max_micro_batch)
     bf16 = session.uses_bf16(cfg, cuda)
 
     data = PreparedData(cfg.data)
@@ -50,7 +51,8 @@ def train(cfg, out) -> dict:
     model, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.image_processor
     base_dtype = model.get_input_embeddings().weight.dtype
     examples = load_examples(data, tokenizer, model.config, conv=cfg.conv, max_length=cfg.model_max_length)
-    schedule = Schedule(len(examples), global_batch, micro, world, cfg.epochs, cfg.max_steps)
+    schedule = Schedule(len(examples), global_batch, micro, world, cfg.epochs, cfg.max_steps, fill=cfg.fill,
+                        lengths=tuple(e.words for e in examples) if cfg.group_by_length else None)
     schedule.check()
     total = schedule.total_steps
     ctx = session.build(cfg, model, world=world, micro=micro, accumulation=schedule.accumulation,
@@ -76,7 +78,7 @@ def train(cfg, out) -> dict:
                  "on" if ctx.shared is not None else "off", n_trainable / 1e6)
 
     loader = torch.utils.data.DataLoader(
-        TrainSet(examples, processor, cfg.image_aspect_ratio),
+        TrainSet(examples, with_backend(processor, cfg.image_backend), cfg.image_aspect_ratio),
         batch_sampler=MicroBatches(schedule, cfg.seed, acc.process_index, start),
         collate_fn=collate(tokenizer.pad_token_id), num_workers=cfg.workers, pin_memory=cuda,
         generator=torch.Generator())  # its own generator: the global RNG (dropout) is left untouched
@@ -127,7 +129,9 @@ def train(cfg, out) -> dict:
                    per_device_batch=micro, accumulation=schedule.accumulation, world_size=world, lr=lr,
                    projector_lr=projector_lr if cfg.strategy == "lora" else None, precision="bf16" if bf16 else "fp32",
                    deepspeed=ds_name, shared_prefix=ctx.shared is not None, conv=cfg.conv, examples=len(examples),
+                   fill=cfg.fill, group_by_length=cfg.group_by_length,
                    tokenization_mismatches=sum(1 for e in examples if e.mismatch),
+                   truncated_examples=sum(1 for e in examples if e.truncated),
                    trainable_parameters=n_trainable,
                    final_loss=metrics[-1]["loss"] if metrics else None,
                    samples_per_s=metrics[-1]["samples_per_s"] if metrics else None,
