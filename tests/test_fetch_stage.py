@@ -205,6 +205,11 @@ def test_mysproj_run_with_an_https_source_then_a_second_root_downloads_nothing(t
     assert read_manifest(str(tmp_path / "runs/b/dtd/prep"))["stage"] == "prep"
 
 
+def test_fetching_a_path_is_refused(tmp_path, capsys):
+    rc, errors, _ = cli(["fetch", "--source", tmp_path, "--out", tmp_path / "f"], capsys)
+    assert rc == 64 and len(errors) == 1 and "read it in place" in errors[0]
+
+
 def test_an_origin_where_none_is_accepted_is_one_line():
     with pytest.raises(ConfigError):
         load_config(FetchConfig, overrides={"out": "/tmp/x"}, env={})

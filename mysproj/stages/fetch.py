@@ -45,6 +45,9 @@ def run(cfg: FetchConfig) -> dict:
 
 
 def _fetch(cfg: FetchConfig, out) -> dict:
+    local = next((u for u in cfg.source if not sources.is_remote(u)), None)
+    if local is not None:
+        raise BadInput(f"fetch: source {local} is a path or storage URI: stages read it in place, nothing to fetch")
     origins = [sources.resolve(sources.parse(u)) for u in cfg.source]
     t0 = time.monotonic()
     records = []
