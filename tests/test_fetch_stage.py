@@ -14,7 +14,7 @@ import pytest
 from dataset_layouts import make_dtd, make_imagefolder
 from stage_runs import cli
 
-from mysproj.config.datasets import DTD_ORIGIN, RECORDS
+from mysproj.config.datasets import RECORDS
 from mysproj.config.fields import ConfigError, load_config
 from mysproj.config.stages import CLIP_ORIGIN, LLAVA_ORIGIN, FetchConfig
 from mysproj.errors import BadInput
@@ -210,7 +210,9 @@ def test_fetching_a_path_is_refused(tmp_path, capsys):
     assert rc == 64 and len(errors) == 1 and "read it in place" in errors[0]
 
 
-def test_an_origin_where_none_is_accepted_is_one_line():
-    with pytest.raises(ConfigError):
+def test_fetch_needs_a_source_and_an_origin_where_none_is_accepted_is_one_line(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="'source' is empty"):
         load_config(FetchConfig, overrides={"out": "/tmp/x"}, env={})
-    assert DTD_ORIGIN.startswith("https://") and "#sha256=" in DTD_ORIGIN
+    rc, errors, _ = cli(["merge", "--base", tmp_path / "base", "--projector", "hf://org/projector@main",
+                         "--out", tmp_path / "m"], capsys)
+    assert rc == 64 and len(errors) == 1 and "'projector'" in errors[0] and "not accepted here" in errors[0]
