@@ -32,6 +32,12 @@ def compile_cache_opt():
                "artifacts added after; the pipeline uses <root>/compile-cache); unset = compile afresh", hashed=False)
 
 
+def tensorboard_opt():
+    """The `tensorboard` field of every stage that logs metrics (docs/observability.md)."""
+    return opt(True, help="write TensorBoard event files into the output (`tensorboard --logdir <run root>`)",
+               hashed=False)
+
+
 def direct_load_opt():
     """The `direct_load` field of the stages that load a model onto a GPU."""
     return opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, without a CPU copy "
@@ -155,6 +161,7 @@ class FinetuneConfig:
                                  "checkpoint holds the fp32 weights and optimizer state)", hashed=False)
     log_every: int = opt(10, help="log a progress line every N steps", min=1, hashed=False)
     workers: int = opt(2, help="dataloader workers", min=0, hashed=False)
+    tensorboard: bool = tensorboard_opt()
 
 
 @dataclass(kw_only=True)
@@ -197,6 +204,7 @@ class EvalClipConfig:
     batch_size: int = opt(128, help="images per batch", min=1, hashed=False)
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
+    tensorboard: bool = tensorboard_opt()
 
 
 @dataclass(kw_only=True)
@@ -239,6 +247,7 @@ class EvalLlavaConfig:
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
+    tensorboard: bool = tensorboard_opt()
 
 
 @dataclass(kw_only=True)
@@ -268,6 +277,7 @@ class ProbeConfig:
     batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
+    tensorboard: bool = tensorboard_opt()
 
 
 @dataclass(kw_only=True)

@@ -95,6 +95,7 @@ def _body(cfg, out) -> dict:
     from mysproj.speed import llava as speed
     from mysproj.speed.device import inference_device
     from mysproj.storage.stage_time import processed
+    from mysproj.tracking.tensorboard import stage_metrics
 
     data = PreparedData(cfg.data)
     splits = {"train": data.samples("train"), "test": data.samples("test")}
@@ -126,6 +127,8 @@ def _body(cfg, out) -> dict:
         metrics[kind] = m
         log.info("probe %s: %s", kind, short(m))
     out.write_json("metrics.json", metrics)
+    stage_metrics(cfg, out, {f"probe/{kind}_{k}": metrics[kind][k] for kind in ("pre", "post")
+                             for k in ("macro_f1", "accuracy")})
     write_predictions(out, [{"image": s.image, "label": s.label, "pre_prediction": preds["pre"][i],
                              "post_prediction": preds["post"][i]} for i, s in enumerate(test)])
     return {"pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
