@@ -11,15 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from stage_runs import finetune, kill_after_checkpoint, stage  # noqa: E402
-
-
-def scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} of every event file directly in `logdir` (a local folder or an s3:// URI)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+from stage_runs import tensorboard_scalars as scalars  # noqa: E402
 
 
 def _metrics(out):
@@ -93,3 +85,21 @@ def test_evaluations_and_probes_log_their_f1(llava_tiny_uri, clip_tiny_uri, prep
     # A re-run with another config replaces the event file rather than adding a second one.
     stage("eval-llava", model=llava_tiny_uri, data=prep_uri, out=ev, mode="scoring", workers=0, limit=4)
     assert len(scalars(ev)["eval/macro_f1"]) == 1
+
+
+@pytest.mark.s3
+def test_event_files_on_s3_are_read_by_tensorboard_through_s3_endpoint(s3_env, monkeypatch, tmp_path):
+    from mysproj.config.stages import FinetuneConfig
+    from mysproj.storage.manifest import StageOutput
+    from mysproj.tracking.tensorboard import EventLog
+
+    out_uri = f"{s3_env.create_bucket('tbruns')}/{tmp_path.name}/dtd/ft-projector/seed0/finetune"
+    out = StageOutput(out_uri, "finetune", FinetuneConfig(model="m", data="d", out=out_uri), inputs={})
+    events = EventLog(out_uri, [(1, 1000.0, {"train/loss": 2.0})])
+    events.scalars(2, {"train/loss": 1.5})
+    events.flush()  # what a reader sees while the run goes on: whole records only
+    assert scalars(out_uri, s3=s3_env)["train/loss"] == [(1, 2.0), (2, 1.5)]
+    events.scalars(3, {"train/loss": 1.25})
+    name = events.close(out)
+    assert name in out.files
+    assert scalars(out_uri, s3=s3_env)["train/loss"] == [(1, 2.0), (2, 1.5), (3, 1.25)]
