@@ -19,6 +19,8 @@ from mysproj.storage import join
 
 GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
 COMPILING_STAGES = ("finetune", "eval-clip", "eval-llava")  # share `<root>/compile-cache` (their compile_cache)
+TRACKED_STAGES = ("finetune", "eval-clip", "eval-llava", "probe")  # write TensorBoard event files (`tensorboard`)
+TRACKING = {"tensorboard": bool}  # the settings of PipelineConfig.tracking and their types
 
 
 @dataclass(kw_only=True)
@@ -44,6 +46,8 @@ class PipelineConfig:
                       "CLS pooling before the projector); overrides still set any one field",
                       choices=recipes.RECIPES)
     overrides: dict = opt(help="per-stage config overrides, JSON {stage: {field: value}}", default_factory=dict)
+    tracking: dict = opt(help="where a run is watched besides its manifests, JSON {tensorboard: true|false} "
+                         "(docs/observability.md)", default_factory=lambda: {"tensorboard": True})
 
     def check(self) -> None:
         for d in self.datasets:
@@ -58,6 +62,11 @@ class PipelineConfig:
             raise ConfigError("config field 'datasets' is empty")
         if not self.seeds:
             raise ConfigError("config field 'seeds' is empty")
+        for key, value in self.tracking.items():
+            if key not in TRACKING:
+                raise ConfigError(f"config field 'tracking' has no setting {key!r}: use {', '.join(TRACKING)}")
+            if not isinstance(value, TRACKING[key]):
+                raise ConfigError(f"config field 'tracking.{key}' = {value!r}: must be true or false")
 
 
 @dataclass
@@ -81,6 +90,8 @@ def build(cfg: PipelineConfig) -> list[Node]:
     def add(name: str, stage: str, config: dict, deps: list[str]) -> str:
         if stage in COMPILING_STAGES:
             config = {**config, "compile_cache": join(root, "compile-cache")}
+        if stage in TRACKED_STAGES:
+            config = {**config, "tensorboard": cfg.tracking.get("tensorboard", True)}
         # the recipe's choices, then what this node is (models, data, seed, the eval mode), then the overrides
         merged = {**recipes.stage_fields(cfg.recipe, stage, config.get("strategy")), **config,
                   **cfg.overrides.get(stage, {})}
