@@ -189,11 +189,12 @@ def test_rbac_is_namespace_scoped_and_minimal():
     role = next(d for d in docs if d["kind"] == "Role")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
     assert set(rules) == {(("batch",), ("jobs",)), (("",), ("pods",)), (("",), ("pods/log",)),
-                          (("",), ("configmaps",))}
+                          (("",), ("configmaps",)), (("",), ("events",))}
     assert set(rules[("batch",), ("jobs",)]["verbs"]) <= {"create", "get", "list", "watch", "delete", "patch"}
     assert set(rules[("",), ("pods",)]["verbs"]) == {"get", "list", "watch"}
     assert rules[("",), ("configmaps",)]["verbs"] == ["get"]
     assert rules[("",), ("configmaps",)]["resourceNames"] == ["run-a-mysproj-pipeline"]
+    assert rules[("",), ("events",)]["verbs"] == ["create", "patch"]  # the run's story on the controller Job
     binding = next(d for d in docs if d["kind"] == "RoleBinding")
     sa = next(d for d in docs if d["kind"] == "ServiceAccount")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "exp"}]
