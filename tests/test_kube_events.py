@@ -33,8 +33,14 @@ def test_the_controller_job_tells_the_story_of_a_run(tmp_path):
     assert _reasons(cluster, "StageDone") == ["stage textures-mini/prep done in 1m23s (12.3 images/s)"]
     retried = _reasons(cluster, "StageRetried")
     assert len(retried) == 1 and "models/tiny" in retried[0] and "exit 137" in retried[0]
+    cluster.finish(jobs["models/clip-tiny"], exit_code=137)
+    cluster.finish(jobs["models/clip-tiny"])  # retried and done between two passes
+    cluster.jobs[jobs["models/clip-tiny"]]["status"]["failed"] = 1
+    ctl.step()
+    assert any("models/clip-tiny: 1 failed attempt(s)" in m for m in _reasons(cluster, "StageRetried"))
+    assert any(m.startswith("stage models/clip-tiny done") for m in _reasons(cluster, "StageDone"))
     ctl.step()  # nothing new happened: nothing told twice
-    assert len(_reasons(cluster, "StageDone")) == 1 and len(_reasons(cluster, "StageRetried")) == 1
+    assert len(_reasons(cluster, "StageDone")) == 2 and len(_reasons(cluster, "StageRetried")) == 2
 
     cluster.jobs[jobs["models/tiny"]]["status"]["conditions"] = [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",

@@ -80,6 +80,13 @@ class EventRecorder:
         for name, st in run.stages.items():
             state = st.state
             jobs = ",".join(j["metadata"]["name"] for j in st.jobs)
+            # A failed attempt the Job retried, also where the retry already finished by this pass.
+            for job, js in zip(st.jobs, st.job_states):
+                failed = int((job.get("status") or {}).get("failed") or 0)
+                if failed and not js.final:
+                    why = js.reason if js.reason.startswith("retrying") else f"{failed} failed attempt(s)"
+                    self.record(f"retried/{name}/{job['metadata']['name']}/{failed}", "StageRetried",
+                                f"stage {name}: {why}; Job {job['metadata']['name']} retried it", warning=True)
             if name in created:
                 self.record(f"started/{name}/{created[name][0]}", "StageStarted",
                             f"stage {name} started: Job {', '.join(created[name])}")
@@ -93,12 +100,6 @@ class EventRecorder:
             elif state.state == "failed" and state.final:
                 self.record(f"failed/{name}/{jobs}", "StageFailed", f"stage {name} failed: {state.reason}",
                             warning=True)
-            for job, js in zip(st.jobs, st.job_states):
-                failed = int((job.get("status") or {}).get("failed") or 0)
-                if failed and js.state in ("pending", "running") and not js.final:
-                    self.record(f"retried/{name}/{job['metadata']['name']}/{failed}", "StageRetried",
-                                f"stage {name}: {js.reason or f'{failed} failed attempt(s)'}; Job "
-                                f"{job['metadata']['name']} retries", warning=True)
 
     def run_done(self, stages: int) -> None:
         self.record("run/complete", "RunComplete", f"run {self.release} complete: {stages} stages")
