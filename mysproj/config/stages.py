@@ -38,6 +38,16 @@ def tensorboard_opt():
                hashed=False)
 
 
+def mlflow_uri_opt():
+    """The `mlflow_uri` field of every stage that logs to MLflow (docs/observability.md)."""
+    return opt(None, help="MLflow tracking server URI (http://host:5000); unset = no MLflow. A server that is down "
+               "costs one warning line, never the stage", hashed=False)
+
+
+def mlflow_experiment_opt():
+    return opt("mysproj", help="MLflow experiment of the run", hashed=False)
+
+
 def direct_load_opt():
     """The `direct_load` field of the stages that load a model onto a GPU."""
     return opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, without a CPU copy "
@@ -162,6 +172,8 @@ class FinetuneConfig:
     log_every: int = opt(10, help="log a progress line every N steps", min=1, hashed=False)
     workers: int = opt(2, help="dataloader workers", min=0, hashed=False)
     tensorboard: bool = tensorboard_opt()
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
 
 
 @dataclass(kw_only=True)
@@ -205,6 +217,8 @@ class EvalClipConfig:
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
     tensorboard: bool = tensorboard_opt()
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
 
 
 @dataclass(kw_only=True)
@@ -248,6 +262,8 @@ class EvalLlavaConfig:
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
     tensorboard: bool = tensorboard_opt()
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
 
 
 @dataclass(kw_only=True)
@@ -278,6 +294,8 @@ class ProbeConfig:
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
     tensorboard: bool = tensorboard_opt()
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
 
 
 @dataclass(kw_only=True)
@@ -286,6 +304,8 @@ class ReportConfig:
 
     runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list, input=True)
     out: str = opt(help="output folder URI")
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
 
     def check(self) -> None:
         if not self.runs:

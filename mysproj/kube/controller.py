@@ -85,6 +85,11 @@ class Controller:
         self.owner = jobspec.owner_reference(own_job) if own_job else None
         # The run's story as Kubernetes Events on this Job (`kubectl describe job`), where there is one.
         self.events = EventRecorder(cluster, own_job, cfg.release) if own_job else None
+        if pipeline.tracking.get("mlflow_uri"):  # one parent before stage Jobs start side by side
+            from mysproj.tracking.mlflow_log import parent_run
+
+            parent_run(pipeline.tracking["mlflow_uri"], pipeline.tracking.get("mlflow_experiment") or "mysproj",
+                       pipeline.root.rstrip("/"), {"mysproj.recipe": pipeline.recipe, "mysproj.release": cfg.release})
         self.names = {n.name: jobspec.job_names(cfg.fullname, n, self.configs[n.name], cfg.finetune_nodes)
                       for n in self.nodes}
         # (node, config hash) -> manifest, positive checks only: a cache, never the source of truth

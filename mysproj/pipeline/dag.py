@@ -20,7 +20,8 @@ from mysproj.storage import join
 GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
 COMPILING_STAGES = ("finetune", "eval-clip", "eval-llava")  # share `<root>/compile-cache` (their compile_cache)
 TRACKED_STAGES = ("finetune", "eval-clip", "eval-llava", "probe")  # write TensorBoard event files (`tensorboard`)
-TRACKING = {"tensorboard": bool}  # the settings of PipelineConfig.tracking and their types
+MLFLOW_STAGES = (*TRACKED_STAGES, "report")  # log to MLflow where `tracking.mlflow_uri` is set
+TRACKING = {"tensorboard": (bool,), "mlflow_uri": (str, type(None)), "mlflow_experiment": (str,)}
 
 
 @dataclass(kw_only=True)
@@ -46,8 +47,9 @@ class PipelineConfig:
                       "CLS pooling before the projector); overrides still set any one field",
                       choices=recipes.RECIPES)
     overrides: dict = opt(help="per-stage config overrides, JSON {stage: {field: value}}", default_factory=dict)
-    tracking: dict = opt(help="where a run is watched besides its manifests, JSON {tensorboard: true|false} "
-                         "(docs/observability.md)", default_factory=lambda: {"tensorboard": True})
+    tracking: dict = opt(help="where a run is watched besides its manifests, JSON {tensorboard: true|false, "
+                         "mlflow_uri: URI|null, mlflow_experiment: name} (docs/observability.md)",
+                         default_factory=lambda: {"tensorboard": True})
 
     def check(self) -> None:
         for d in self.datasets:
@@ -66,7 +68,8 @@ class PipelineConfig:
             if key not in TRACKING:
                 raise ConfigError(f"config field 'tracking' has no setting {key!r}: use {', '.join(TRACKING)}")
             if not isinstance(value, TRACKING[key]):
-                raise ConfigError(f"config field 'tracking.{key}' = {value!r}: must be true or false")
+                kind = "true or false" if TRACKING[key] == (bool,) else "a string"
+                raise ConfigError(f"config field 'tracking.{key}' = {value!r}: must be {kind}")
 
 
 @dataclass
@@ -92,6 +95,9 @@ def build(cfg: PipelineConfig) -> list[Node]:
             config = {**config, "compile_cache": join(root, "compile-cache")}
         if stage in TRACKED_STAGES:
             config = {**config, "tensorboard": cfg.tracking.get("tensorboard", True)}
+        if stage in MLFLOW_STAGES and cfg.tracking.get("mlflow_uri"):
+            config = {**config, "mlflow_uri": cfg.tracking["mlflow_uri"],
+                      "mlflow_experiment": cfg.tracking.get("mlflow_experiment") or "mysproj"}
         # the recipe's choices, then what this node is (models, data, seed, the eval mode), then the overrides
         merged = {**recipes.stage_fields(cfg.recipe, stage, config.get("strategy")), **config,
                   **cfg.overrides.get(stage, {})}

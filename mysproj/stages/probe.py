@@ -95,7 +95,7 @@ def _body(cfg, out) -> dict:
     from mysproj.speed import llava as speed
     from mysproj.speed.device import inference_device
     from mysproj.storage.stage_time import processed
-    from mysproj.tracking.tensorboard import stage_metrics
+    from mysproj.tracking import stage_metrics
 
     data = PreparedData(cfg.data)
     splits = {"train": data.samples("train"), "test": data.samples("test")}
@@ -127,11 +127,11 @@ def _body(cfg, out) -> dict:
         metrics[kind] = m
         log.info("probe %s: %s", kind, short(m))
     out.write_json("metrics.json", metrics)
-    stage_metrics(cfg, out, {f"probe/{kind}_{k}": metrics[kind][k] for kind in ("pre", "post")
-                             for k in ("macro_f1", "accuracy")})
+    tracked = stage_metrics(cfg, out, "probe", {f"probe/{kind}_{k}": metrics[kind][k] for kind in ("pre", "post")
+                                                for k in ("macro_f1", "accuracy")})
     write_predictions(out, [{"image": s.image, "label": s.label, "pre_prediction": preds["pre"][i],
                              "post_prediction": preds["post"][i]} for i, s in enumerate(test)])
-    return {"pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
+    return {**tracked, "pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
             "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"],
             "vision_only": vision_only,
             "processed": processed(sum(len(s) for s in splits.values()), "images")}

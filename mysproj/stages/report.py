@@ -39,6 +39,21 @@ def _body(cfg, out) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         names = plots.write_all(runs, tmp) + loss_plots(trained, tmp)
         out.put_dir(tmp, "plots")
+    tracked = _mlflow(cfg, out) if cfg.mlflow_uri else {}
     log.info("report: %d runs, %d plots -> %s", len(runs), len(names), out.path("report.md"))
-    return {"runs": len(runs), "report": out.path("report.md"), "table1_rows": table1_rows,
+    return {**tracked, "runs": len(runs), "report": out.path("report.md"), "table1_rows": table1_rows,
             "random_weights": any(r.provenance.get("random_weights") for r in runs)}
+
+
+def _mlflow(cfg, out) -> dict:
+    """report.md, results.parquet and the plots as artifacts of the run's MLflow parent run."""
+    import os
+
+    from mysproj.storage import get_file
+    from mysproj.tracking.mlflow_log import report_artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in out.files:
+            if name in ("report.md", "results.parquet") or name.startswith("plots/"):
+                get_file(out.path(name), os.path.join(tmp, name))
+        return {"mlflow": report_artifacts(cfg, tmp)}

@@ -85,8 +85,3 @@ def write_scalars(out, values: Mapping[str, float | None], step: int = 0) -> str
     events.scalars(step, values)
     return events.close(out)
 
-
-def stage_metrics(cfg, out, values: Mapping[str, float | None]) -> None:
-    """An evaluation's or probe's numbers in TensorBoard, where its config (`tensorboard`) asks for it."""
-    if getattr(cfg, "tensorboard", False):
-        write_scalars(out, values)

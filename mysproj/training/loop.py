@@ -52,6 +52,18 @@ def tensorboard_log(cfg, points: list):
     return EventLog(cfg.out, [tuple(p) for p in points])
 
 
+def mlflow_run(cfg, points: list):
+    """The output's MLflow run with the points a resumed run's checkpoint kept, where `mlflow_uri` is set."""
+    if not cfg.mlflow_uri:
+        return None
+    from mysproj.tracking.mlflow_log import stage_run
+
+    run = stage_run(cfg, "finetune")
+    for step, wall, values in points:
+        run.metrics(step, values, wall)
+    return run
+
+
 def train(cfg, out) -> dict:
     import torch
 
@@ -104,6 +116,7 @@ def train(cfg, out) -> dict:
     t0, seen = time.monotonic(), 0
     # TensorBoard: the per-step points kept in each checkpoint rebuild the event file on resume (no step twice).
     events = tensorboard_log(cfg, points) if acc.is_main_process else None
+    tracked = mlflow_run(cfg, points) if acc.is_main_process else None
 
     def save(n: int) -> None:
         checkpoint.save(ctx, n, {"step": n, "metrics": metrics, "scalars": points}, out.inputs)
@@ -130,6 +143,8 @@ def train(cfg, out) -> dict:
         points.append([n, time.time(), values])
         if events is not None:
             events.scalars(n, values, points[-1][1])
+        if tracked is not None:
+            tracked.metrics(n, values, points[-1][1])
         if n % cfg.log_every == 0 or n == total:
             eta = (total - n) * elapsed / max(n - start, 1)
             rec = {"step": n, "total": total, "loss": round(loss, 6), "lr": current_lr,
@@ -141,6 +156,8 @@ def train(cfg, out) -> dict:
                 U.write_text(U.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
                 if events is not None:
                     events.flush()
+                if tracked is not None:
+                    tracked.flush()
         if cfg.save_checkpoints and (n % cfg.checkpoint_every == 0 or n == total):
             save(n)
     acc.wait_for_everyone()
@@ -149,6 +166,8 @@ def train(cfg, out) -> dict:
     summary = export(ctx, out, tokenizer, processor, base_dtype, metrics)
     if events is not None:
         summary["tensorboard"] = events.close(out)
+    if tracked is not None:
+        summary["mlflow"] = tracked.end()
     session.forget_deepspeed()
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
