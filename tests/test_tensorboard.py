@@ -103,3 +103,24 @@ def test_event_files_on_s3_are_read_by_tensorboard_through_s3_endpoint(s3_env, m
     name = events.close(out)
     assert name in out.files
     assert scalars(out_uri, s3=s3_env)["train/loss"] == [(1, 2.0), (2, 1.5), (3, 1.25)]
+
+
+def test_no_tracking_library_is_imported_by_a_stage_that_does_not_log_to_it(tmp_path):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import mysproj.kube.controller, mysproj.kube.status, mysproj.stages.report, mysproj.training.loop
+import mysproj.stages.eval_llava, mysproj.stages.probe, mysproj.stages.eval_clip
+from mysproj.config.stages import EvalClipConfig
+from mysproj.storage.manifest import StageOutput
+from mysproj.tracking import stage_metrics
+cfg = EvalClipConfig(model="m", data="d", out={str(tmp_path / "e")!r}, tensorboard=False)
+out = StageOutput(cfg.out, "eval-clip", cfg, inputs={{}})
+assert stage_metrics(cfg, out, "eval-clip", {{"eval/macro_f1": 1.0}}) == {{}}
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorboard", "mlflow", "wandb"))
+assert not loaded, loaded
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
