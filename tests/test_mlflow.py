@@ -95,16 +95,15 @@ def test_a_server_killed_mid_run_costs_one_warning(tmp_path_factory, tiny_model,
     out = str(tmp_path / "ft")
     try:
         with caplog.at_level(logging.WARNING, logger="mysproj.tracking.mlflow_log"):
-            m = finetune(tiny_model, prep, out, strategy="projector", max_steps=4, checkpoint_every=2,
+            m = finetune(tiny_model, prep, out, strategy="projector", checkpoint_every=2,
                          mlflow_uri=server.uri, mlflow_experiment="killed")
     finally:
         server.stop()
     warnings = [r for r in caplog.records if r.name == "mysproj.tracking.mlflow_log"]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert m["summary"]["steps"] == 4 and m["summary"]["final_loss"] is not None  # the run went on
-    record = m["summary"]["mlflow"]
-    assert record["run_id"] and record["missed"] >= 2 and "ConnectionError" in record["error"] or \
-        "Connection" in record["error"]
+    assert m["summary"]["steps"] == 3 and m["summary"]["final_loss"] is not None  # the run went on to its end
+    record = m["summary"]["mlflow"]  # what was missed, in the manifest
+    assert record["run_id"] and record["missed"] >= 2 and record["error"].startswith("metrics: ")
 
 
 def test_a_server_down_from_the_start_costs_one_warning(tmp_path, caplog):
