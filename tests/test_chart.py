@@ -249,3 +249,21 @@ def test_newer_job_fields_only_where_the_server_has_them():
     current = render("--kube-version", "1.30.0")
     assert all("podFailurePolicy" in j["spec"] for j in [d for d in current if d["kind"] == "Job"]
                + list(stage_jobs(current).values()))
+
+
+def test_tracking_settings_and_credentials_reach_the_pods_only_by_reference():
+    docs = render("--set", "trackingSecret=mlflow-creds", "--set", "pipeline.tracking.mlflow_uri=http://mlflow:5000",
+                  "--set", "pipeline.tracking.tensorboard=false")
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and "pipeline.yaml" in d.get("data", {}))
+    pipeline = yaml.safe_load(cm["data"]["pipeline.yaml"])
+    assert pipeline["tracking"] == {"tensorboard": False, "mlflow_uri": "http://mlflow:5000",
+                                    "mlflow_experiment": "mysproj"}
+    controller = next(d for d in docs if d["kind"] == "Job")
+    templates = [controller, *(yaml.safe_load(cm["data"][k]) for k in cm["data"] if k.startswith("job-"))]
+    for job in templates:
+        env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        token = env["MLFLOW_TRACKING_TOKEN"]
+        assert "value" not in token and token["valueFrom"]["secretKeyRef"] == {
+            "name": "mlflow-creds", "key": "MLFLOW_TRACKING_TOKEN", "optional": True}
+    refused = helm("template", "run-a", str(CHART), "--set", "pipeline.tracking.mlflow=x", check=False)
+    assert refused.returncode != 0 and "mlflow is not allowed" in refused.stderr  # no such tracking setting
