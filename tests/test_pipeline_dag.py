@@ -116,3 +116,9 @@ def test_tracking_reaches_the_stages_that_log_and_rejects_unknown_settings():
         _cfg(tracking={"mlflow": "http://x"}).check()
     with pytest.raises(ConfigError, match="tracking.tensorboard"):
         _cfg(tracking={"tensorboard": "yes"}).check()
+    with pytest.raises(ConfigError, match="holds credentials") as e:
+        _cfg(tracking={"mlflow_uri": "http://user:s3cret@mlflow:5000"}).check()
+    assert "s3cret" not in str(e.value)
+    mlflow = dag.build(_cfg(tracking={"mlflow_uri": "http://mlflow:5000"}))
+    assert {n.stage for n in mlflow if n.config.get("mlflow_uri") == "http://mlflow:5000"} == {
+        "finetune", "eval-clip", "eval-llava", "probe", "report"}

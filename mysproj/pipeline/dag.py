@@ -15,6 +15,7 @@ from mysproj import layout
 from mysproj.config import recipes
 from mysproj.config.fields import ConfigError, opt
 from mysproj.config.stages import DATASETS, STRATEGIES
+from mysproj.errors import has_uri_credentials
 from mysproj.storage import join
 
 GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
@@ -70,6 +71,9 @@ class PipelineConfig:
             if not isinstance(value, TRACKING[key]):
                 kind = "true or false" if TRACKING[key] == (bool,) else "a string"
                 raise ConfigError(f"config field 'tracking.{key}' = {value!r}: must be {kind}")
+        if has_uri_credentials(self.tracking.get("mlflow_uri") or ""):
+            raise ConfigError("config field 'tracking.mlflow_uri' holds credentials: give them as "
+                              "MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD; the chart's trackingSecret) instead")
 
 
 @dataclass
