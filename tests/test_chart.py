@@ -257,7 +257,7 @@ def test_tracking_settings_and_credentials_reach_the_pods_only_by_reference():
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and "pipeline.yaml" in d.get("data", {}))
     pipeline = yaml.safe_load(cm["data"]["pipeline.yaml"])
     assert pipeline["tracking"] == {"tensorboard": False, "mlflow_uri": "http://mlflow:5000",
-                                    "mlflow_experiment": "mysproj"}
+                                    "mlflow_experiment": "mysproj", "wandb_project": None}
     controller = next(d for d in docs if d["kind"] == "Job")
     templates = [controller, *(yaml.safe_load(cm["data"][k]) for k in cm["data"] if k.startswith("job-"))]
     for job in templates:
@@ -265,5 +265,6 @@ def test_tracking_settings_and_credentials_reach_the_pods_only_by_reference():
         token = env["MLFLOW_TRACKING_TOKEN"]
         assert "value" not in token and token["valueFrom"]["secretKeyRef"] == {
             "name": "mlflow-creds", "key": "MLFLOW_TRACKING_TOKEN", "optional": True}
+        assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-creds"
     refused = helm("template", "run-a", str(CHART), "--set", "pipeline.tracking.mlflow=x", check=False)
     assert refused.returncode != 0 and "mlflow is not allowed" in refused.stderr  # no such tracking setting

@@ -44,6 +44,12 @@ def mlflow_uri_opt():
                "costs one warning line, never the stage", hashed=False)
 
 
+def wandb_project_opt():
+    """The `wandb_project` field of every stage that logs to Weights & Biases (docs/observability.md)."""
+    return opt(None, help="Weights & Biases project; unset = no W&B (API key from WANDB_API_KEY only; "
+               "WANDB_MODE=offline writes locally)", hashed=False)
+
+
 def mlflow_experiment_opt():
     return opt("mysproj", help="MLflow experiment of the run", hashed=False)
 
@@ -174,6 +180,7 @@ class FinetuneConfig:
     tensorboard: bool = tensorboard_opt()
     mlflow_uri: str | None = mlflow_uri_opt()
     mlflow_experiment: str = mlflow_experiment_opt()
+    wandb_project: str | None = wandb_project_opt()
 
 
 @dataclass(kw_only=True)
@@ -219,6 +226,7 @@ class EvalClipConfig:
     tensorboard: bool = tensorboard_opt()
     mlflow_uri: str | None = mlflow_uri_opt()
     mlflow_experiment: str = mlflow_experiment_opt()
+    wandb_project: str | None = wandb_project_opt()
 
 
 @dataclass(kw_only=True)
@@ -264,6 +272,7 @@ class EvalLlavaConfig:
     tensorboard: bool = tensorboard_opt()
     mlflow_uri: str | None = mlflow_uri_opt()
     mlflow_experiment: str = mlflow_experiment_opt()
+    wandb_project: str | None = wandb_project_opt()
 
 
 @dataclass(kw_only=True)
@@ -296,6 +305,7 @@ class ProbeConfig:
     tensorboard: bool = tensorboard_opt()
     mlflow_uri: str | None = mlflow_uri_opt()
     mlflow_experiment: str = mlflow_experiment_opt()
+    wandb_project: str | None = wandb_project_opt()
 
 
 @dataclass(kw_only=True)

@@ -22,7 +22,8 @@ GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
 COMPILING_STAGES = ("finetune", "eval-clip", "eval-llava")  # share `<root>/compile-cache` (their compile_cache)
 TRACKED_STAGES = ("finetune", "eval-clip", "eval-llava", "probe")  # write TensorBoard event files (`tensorboard`)
 MLFLOW_STAGES = (*TRACKED_STAGES, "report")  # log to MLflow where `tracking.mlflow_uri` is set
-TRACKING = {"tensorboard": (bool,), "mlflow_uri": (str, type(None)), "mlflow_experiment": (str,)}
+TRACKING = {"tensorboard": (bool,), "mlflow_uri": (str, type(None)), "mlflow_experiment": (str,),
+            "wandb_project": (str, type(None))}
 
 
 @dataclass(kw_only=True)
@@ -49,7 +50,8 @@ class PipelineConfig:
                       choices=recipes.RECIPES)
     overrides: dict = opt(help="per-stage config overrides, JSON {stage: {field: value}}", default_factory=dict)
     tracking: dict = opt(help="where a run is watched besides its manifests, JSON {tensorboard: true|false, "
-                         "mlflow_uri: URI|null, mlflow_experiment: name} (docs/observability.md)",
+                         "mlflow_uri: URI|null, mlflow_experiment: name, wandb_project: name|null} "
+                         "(docs/observability.md)",
                          default_factory=lambda: {"tensorboard": True})
 
     def check(self) -> None:
@@ -99,6 +101,8 @@ def build(cfg: PipelineConfig) -> list[Node]:
             config = {**config, "compile_cache": join(root, "compile-cache")}
         if stage in TRACKED_STAGES:
             config = {**config, "tensorboard": cfg.tracking.get("tensorboard", True)}
+            if cfg.tracking.get("wandb_project"):
+                config = {**config, "wandb_project": cfg.tracking["wandb_project"]}
         if stage in MLFLOW_STAGES and cfg.tracking.get("mlflow_uri"):
             config = {**config, "mlflow_uri": cfg.tracking["mlflow_uri"],
                       "mlflow_experiment": cfg.tracking.get("mlflow_experiment") or "mysproj"}

@@ -1,5 +1,6 @@
 """Where a run's numbers go besides its manifests: TensorBoard event files inside each stage output (on by
-default), MLflow where a tracking server is named. A tracking library is imported only by a stage that logs to it."""
+default), MLflow where a tracking server is named, Weights & Biases where a project is. A tracking library is
+imported only by a stage that logs to it."""
 
 from __future__ import annotations
 
@@ -13,10 +14,23 @@ def stage_metrics(cfg, out, stage: str, values: Mapping[str, float | None]) -> d
         from mysproj.tracking.tensorboard import write_scalars
 
         write_scalars(out, values)
-    if not getattr(cfg, "mlflow_uri", None):
-        return {}
-    from mysproj.tracking.mlflow_log import stage_run
+    kept = {}
+    for name, run in runs(cfg, stage).items():
+        run.metrics(0, values)
+        kept[name] = run.end()
+    return kept
 
-    run = stage_run(cfg, stage)
-    run.metrics(0, values)
-    return {"mlflow": run.end()}
+
+def runs(cfg, stage: str) -> dict:
+    """{"mlflow": run, "wandb": run} of the services `cfg` names (each with metrics, flush, end), none imported
+    otherwise."""
+    found = {}
+    if getattr(cfg, "mlflow_uri", None):
+        from mysproj.tracking.mlflow_log import stage_run
+
+        found["mlflow"] = stage_run(cfg, stage)
+    if getattr(cfg, "wandb_project", None):
+        from mysproj.tracking.wandb_log import stage_run as wandb_run
+
+        found["wandb"] = wandb_run(cfg, stage)
+    return found

@@ -52,16 +52,15 @@ def tensorboard_log(cfg, points: list):
     return EventLog(cfg.out, [tuple(p) for p in points])
 
 
-def mlflow_run(cfg, points: list):
-    """The output's MLflow run with the points a resumed run's checkpoint kept, where `mlflow_uri` is set."""
-    if not cfg.mlflow_uri:
-        return None
-    from mysproj.tracking.mlflow_log import stage_run
+def tracking_runs(cfg, points: list) -> dict:
+    """The output's MLflow / W&B runs (those its config names) with the points a resumed run's checkpoint kept."""
+    from mysproj.tracking import runs
 
-    run = stage_run(cfg, "finetune")
-    for step, wall, values in points:
-        run.metrics(step, values, wall)
-    return run
+    found = runs(cfg, "finetune")
+    for run in found.values():
+        for step, wall, values in points:
+            run.metrics(step, values, wall)
+    return found
 
 
 def train(cfg, out) -> dict:
@@ -116,7 +115,7 @@ def train(cfg, out) -> dict:
     t0, seen = time.monotonic(), 0
     # TensorBoard: the per-step points kept in each checkpoint rebuild the event file on resume (no step twice).
     events = tensorboard_log(cfg, points) if acc.is_main_process else None
-    tracked = mlflow_run(cfg, points) if acc.is_main_process else None
+    tracked = tracking_runs(cfg, points) if acc.is_main_process else {}
 
     def save(n: int) -> None:
         checkpoint.save(ctx, n, {"step": n, "metrics": metrics, "scalars": points}, out.inputs)
@@ -143,8 +142,8 @@ def train(cfg, out) -> dict:
         points.append([n, time.time(), values])
         if events is not None:
             events.scalars(n, values, points[-1][1])
-        if tracked is not None:
-            tracked.metrics(n, values, points[-1][1])
+        for run in tracked.values():
+            run.metrics(n, values, points[-1][1])
         if n % cfg.log_every == 0 or n == total:
             eta = (total - n) * elapsed / max(n - start, 1)
             rec = {"step": n, "total": total, "loss": round(loss, 6), "lr": current_lr,
@@ -156,8 +155,8 @@ def train(cfg, out) -> dict:
                 U.write_text(U.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
                 if events is not None:
                     events.flush()
-                if tracked is not None:
-                    tracked.flush()
+                for run in tracked.values():
+                    run.flush()
         if cfg.save_checkpoints and (n % cfg.checkpoint_every == 0 or n == total):
             save(n)
     acc.wait_for_everyone()
@@ -166,8 +165,8 @@ def train(cfg, out) -> dict:
     summary = export(ctx, out, tokenizer, processor, base_dtype, metrics)
     if events is not None:
         summary["tensorboard"] = events.close(out)
-    if tracked is not None:
-        summary["mlflow"] = tracked.end()
+    for name, run in tracked.items():
+        summary[name] = run.end()
     session.forget_deepspeed()
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)

@@ -127,7 +127,7 @@ seccompProfile:
       key: {{ $.Values.storage.secretAccessKeyKey }}
 {{- end }}
 {{- with .Values.trackingSecret }}
-{{- range $key := list "MLFLOW_TRACKING_TOKEN" "MLFLOW_TRACKING_USERNAME" "MLFLOW_TRACKING_PASSWORD" }}
+{{- range $key := list "MLFLOW_TRACKING_TOKEN" "MLFLOW_TRACKING_USERNAME" "MLFLOW_TRACKING_PASSWORD" "WANDB_API_KEY" }}
 - name: {{ $key }}
   valueFrom:
     secretKeyRef:
