@@ -10,7 +10,7 @@ export PATH := $(TOOLS):$(CURDIR)/$(BIN):$(PATH)
 K8S_CACHE ?= /var/cache/mysproj-k8s
 export K8S_CACHE
 
-.PHONY: venv tools scan-tools demo test test-unit lint images images-test reproduce clean
+.PHONY: venv tools scan-tools mlflow-server demo test test-unit lint images images-test reproduce clean
 
 $(BIN)/.stamp: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,15 @@ $(TOOLS)/checkov: requirements-scan.txt
 
 scan-tools: $(TOOLS)/checkov
 
+# The MLflow tracking server the tests start on loopback, in its own venv: full mlflow pins pyarrow < 26.
+$(TOOLS)/mlflow: requirements-mlflow-server.txt
+	test -x .tools/mlflow/bin/python || $(PY) -m venv .tools/mlflow
+	.tools/mlflow/bin/pip install -q -r requirements-mlflow-server.txt
+	mkdir -p $(TOOLS) && ln -sf $(CURDIR)/.tools/mlflow/bin/mlflow $(TOOLS)/mlflow
+	touch $@
+
+mlflow-server: $(TOOLS)/mlflow
+
 lint: venv
 	$(BIN)/ruff check mysproj jobs tests images
 
@@ -44,7 +53,7 @@ demo: venv
 test-unit: venv
 	$(BIN)/python -m pytest -q -m "not s3 and not kube"
 
-test: venv tools scan-tools lint images-test
+test: venv tools scan-tools mlflow-server lint images-test
 	$(BIN)/python -m pytest -q -rs
 
 # The CPU and GPU images with docker, buildah or podman (whichever works), on the public bases where the builder can

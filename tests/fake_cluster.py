@@ -36,6 +36,7 @@ class FakeCluster:
                                                                   "controller"}}, "status": {"active": 1}}}
         self.pods: dict[str, dict] = {}
         self.stopped: dict[str, dict] = {}
+        self.events: dict[str, dict] = {}  # by name, in creation order
 
     @staticmethod
     def _match(obj, selector):
@@ -74,6 +75,20 @@ class FakeCluster:
     def end_job(self, name, annotations):
         self.stop_job(name, annotations)
         self.jobs[name]["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]
+
+    def create_event(self, body):
+        name = body["metadata"]["name"]
+        if name in self.events:
+            return False
+        self.events[name] = copy.deepcopy(body)
+        return True
+
+    def list_events(self, involved):
+        return [e for e in self.events.values() if e["involvedObject"]["name"] == involved]
+
+    def told(self):
+        """(reason, message) of every Event, in order."""
+        return [(e["reason"], e["message"]) for e in self.events.values()]
 
     # -- what the Job controller and the kubelet would do -------------------------------------------------------
     def finish(self, name, exit_code=0):

@@ -223,11 +223,12 @@ def test_rbac_is_namespace_scoped_and_minimal():
     role = next(d for d in docs if d["kind"] == "Role")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
     assert set(rules) == {(("batch",), ("jobs",)), (("",), ("pods",)), (("",), ("pods/log",)),
-                          (("",), ("configmaps",))}
+                          (("",), ("configmaps",)), (("",), ("events",))}
     assert set(rules[("batch",), ("jobs",)]["verbs"]) <= {"create", "get", "list", "watch", "delete", "patch"}
     assert set(rules[("",), ("pods",)]["verbs"]) == {"get", "list", "watch"}
     assert rules[("",), ("configmaps",)]["verbs"] == ["get"]
     assert rules[("",), ("configmaps",)]["resourceNames"] == ["run-a-mysproj-pipeline"]
+    assert rules[("",), ("events",)]["verbs"] == ["create", "patch"]  # the run's story on the controller Job
     binding = next(d for d in docs if d["kind"] == "RoleBinding")
     sa = next(d for d in docs if d["kind"] == "ServiceAccount")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "exp"}]
@@ -282,3 +283,22 @@ def test_newer_job_fields_only_where_the_server_has_them():
     current = render("--kube-version", "1.30.0")
     assert all("podFailurePolicy" in j["spec"] for j in [d for d in current if d["kind"] == "Job"]
                + list(stage_jobs(current).values()))
+
+
+def test_tracking_settings_and_credentials_reach_the_pods_only_by_reference():
+    docs = render("--set", "trackingSecret=mlflow-creds", "--set", "pipeline.tracking.mlflow_uri=http://mlflow:5000",
+                  "--set", "pipeline.tracking.tensorboard=false")
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and "pipeline.yaml" in d.get("data", {}))
+    pipeline = yaml.safe_load(cm["data"]["pipeline.yaml"])
+    assert pipeline["tracking"] == {"tensorboard": False, "mlflow_uri": "http://mlflow:5000",
+                                    "mlflow_experiment": "mysproj", "wandb_project": None}
+    controller = next(d for d in docs if d["kind"] == "Job")
+    templates = [controller, *(yaml.safe_load(cm["data"][k]) for k in cm["data"] if k.startswith("job-"))]
+    for job in templates:
+        env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        token = env["MLFLOW_TRACKING_TOKEN"]
+        assert "value" not in token and token["valueFrom"]["secretKeyRef"] == {
+            "name": "mlflow-creds", "key": "MLFLOW_TRACKING_TOKEN", "optional": True}
+        assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-creds"
+    refused = helm("template", "run-a", str(CHART), "--set", "pipeline.tracking.mlflow=x", check=False)
+    assert refused.returncode != 0 and "mlflow is not allowed" in refused.stderr  # no such tracking setting

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from stage_runs import kill_after_checkpoint, stage  # noqa: E402
+from stage_runs import kill_after_checkpoint, stage, tensorboard_scalars  # noqa: E402
 
 pytestmark = pytest.mark.s3
 
@@ -35,5 +35,7 @@ def test_finetune_resume_and_merge_on_s3(s3_env, tmp_path, monkeypatch):
     assert m["summary"]["resumed_from"] == 2
     assert _steps(f"{ft}/checkpoints") == {"step-3"}  # keep_checkpoints=1, pruned in the bucket
     assert [json.loads(x)["step"] for x in read_text(f"{ft}/metrics.jsonl").splitlines()] == [1, 2, 3]
+    # TensorBoard's own S3 reader (boto3 with S3_ENDPOINT) sees each step once across the kill
+    assert [s for s, _ in tensorboard_scalars(ft, s3=s3_env)["train/loss"]] == [1, 2, 3]
     merged = stage("merge", base=base, projector=ft, out=f"{root}/textures-mini/ft-projector/seed0/merge")
     assert merged["summary"]["random_weights"] is True and "model.safetensors" in merged["files"]

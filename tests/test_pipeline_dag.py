@@ -1,6 +1,6 @@
 import pytest
 
-from mysproj.config.fields import ConfigError, load_config
+from mysproj.config.fields import ConfigError, config_hash, load_config
 from mysproj.pipeline import dag
 from mysproj.stages.registry import stage_config
 
@@ -97,3 +97,28 @@ def test_the_paper_recipe_is_the_defaults_and_overrides_beat_the_recipe():
     assert {c.image_aspect_ratio for c in _configs(nodes, "finetune", "projector")} == {"square"}
     with pytest.raises(ConfigError, match="recipe"):
         _cfg(recipe="whatever")
+
+
+def test_tracking_reaches_the_stages_that_log_and_rejects_unknown_settings():
+    on = dag.build(_cfg())
+    off = dag.build(_cfg(tracking={"tensorboard": False}))
+    tracked = {n.stage for n in off if n.stage in dag.TRACKED_STAGES}
+    assert tracked == {"finetune", "eval-clip", "eval-llava", "probe"}
+    for a, b in zip(on, off):
+        if a.stage in dag.TRACKED_STAGES:
+            assert stage_config(a.stage, a.config).tensorboard is True
+            assert stage_config(b.stage, b.config).tensorboard is False
+            # an operational switch: the output stays complete whichever way it is set
+            assert config_hash(stage_config(a.stage, a.config)) == config_hash(stage_config(b.stage, b.config))
+        else:
+            assert "tensorboard" not in b.config
+    with pytest.raises(ConfigError, match="tracking.*mlflow"):
+        _cfg(tracking={"mlflow": "http://x"}).check()
+    with pytest.raises(ConfigError, match="tracking.tensorboard"):
+        _cfg(tracking={"tensorboard": "yes"}).check()
+    with pytest.raises(ConfigError, match="holds credentials") as e:
+        _cfg(tracking={"mlflow_uri": "http://user:s3cret@mlflow:5000"}).check()
+    assert "s3cret" not in str(e.value)
+    mlflow = dag.build(_cfg(tracking={"mlflow_uri": "http://mlflow:5000"}))
+    assert {n.stage for n in mlflow if n.config.get("mlflow_uri") == "http://mlflow:5000"} == {
+        "finetune", "eval-clip", "eval-llava", "probe", "report"}

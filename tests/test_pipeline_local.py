@@ -56,6 +56,17 @@ def test_two_slots_run_stages_side_by_side_and_a_failure_stops_its_dependents_on
     spec = json.load(open(root / "logs" / "textures-mini/ft-full/seed0/finetune.json"))
     assert spec["stage"] == "finetune" and spec["config"]["strategy"] == "full"
 
+    # `tensorboard --logdir <root>` shows each fine-tuning's loss and each evaluation's F1, one run per output.
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer().AddRunsFromDirectory(str(root))
+    board.Reload()
+    tags = {run: set(t["scalars"]) for run, t in board.Runs().items()}
+    assert {run for run, t in tags.items() if "train/loss" in t} == {
+        "textures-mini/ft-projector/seed0/finetune", "textures-mini/ft-full/seed0/finetune"}
+    assert {run for run, t in tags.items() if "eval/macro_f1" in t} == {
+        "textures-mini/ft-projector/seed0/eval-llava", "textures-mini/ft-full/seed0/eval-llava"}
+
     # The two fine-tunings became ready together (model and data done) and two device slots were free: they ran
     # at the same time, each in its own slot.
     proj, full = (state[f"textures-mini/ft-{s}/seed0/finetune"] for s in ("projector", "full"))

@@ -1,5 +1,6 @@
 """The report rendered from fixture stage outputs (hand-written metrics files) matches the expected text."""
 
+import json
 import os
 
 import pytest
@@ -241,3 +242,33 @@ def test_uniform_random_row_is_chance_level():
     assert acc[0] == pytest.approx(0.2, abs=0.02)
     assert f1[0] == pytest.approx(0.2, abs=0.03)
     assert uniform_random([run], "plantdoc") == ([], [])
+
+
+def test_report_has_loss_curves_and_a_line_per_fine_tuning(run_root, tmp_path):
+    pytest.importorskip("matplotlib")
+    from mysproj.config.stages import ReportConfig
+    from mysproj.stages import report
+
+    base, prep = os.path.join(run_root, "models/tiny"), os.path.join(run_root, "dtd/prep")
+    for seed, losses in enumerate([(2.5, 1.75, 1.0), (2.25, 1.5, 0.875)]):
+        out = os.path.join(run_root, f"dtd/ft-projector/seed{seed}/finetune")
+
+        def body(o, losses=losses):
+            o.write_text("metrics.jsonl", "".join(json.dumps({"step": 10 * (i + 1), "total": 30, "loss": v}) + "\n"
+                                                  for i, v in enumerate(losses)))
+            return {"steps": 30, "final_loss": losses[-1]}
+
+        run_stage("finetune", FinetuneConfig(model=base, data=prep, seed=seed, out=out), body)
+    out = str(tmp_path / "report")
+    manifest = report.run(ReportConfig(runs=[run_root], out=out))
+    text = open(os.path.join(out, "report.md")).read()
+    assert "## Training" in text
+    assert "- `dtd/ft-projector/seed0/finetune`: projector, 30 steps, final loss 1.0000" in text
+    assert "- `dtd/ft-projector/seed1/finetune`: projector, 30 steps, final loss 0.8750" in text
+    assert "plots/loss_dtd.png" in manifest["files"]
+    with open(os.path.join(out, "plots/loss_dtd.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from mysproj.report.training import trainings
+
+    curves = {t.seed: t.curve for t in trainings([run_root])}
+    assert curves[1] == [(10, 2.25), (20, 1.5), (30, 0.875)]

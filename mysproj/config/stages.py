@@ -31,6 +31,28 @@ def image_backend_opt():
                "levels of 255 apart)", choices=("torchvision", "pil"))
 
 
+def tensorboard_opt():
+    """The `tensorboard` field of every stage that logs metrics (docs/observability.md)."""
+    return opt(True, help="write TensorBoard event files into the output (`tensorboard --logdir <run root>`)",
+               hashed=False)
+
+
+def mlflow_uri_opt():
+    """The `mlflow_uri` field of every stage that logs to MLflow (docs/observability.md)."""
+    return opt(None, help="MLflow tracking server URI (http://host:5000); unset = no MLflow. A server that is down "
+               "costs one warning line, never the stage", hashed=False)
+
+
+def wandb_project_opt():
+    """The `wandb_project` field of every stage that logs to Weights & Biases (docs/observability.md)."""
+    return opt(None, help="Weights & Biases project; unset = no W&B (API key from WANDB_API_KEY only; "
+               "WANDB_MODE=offline writes locally)", hashed=False)
+
+
+def mlflow_experiment_opt():
+    return opt("mysproj", help="MLflow experiment of the run", hashed=False)
+
+
 def direct_load_opt():
     """The `direct_load` field of the stages that load a model onto a GPU."""
     return opt(True, help="GPU runs: the model's safetensors weights read straight onto the GPU, without a CPU copy "
@@ -202,6 +224,10 @@ class FinetuneConfig:
                                  "checkpoint holds the fp32 weights and optimizer state)", hashed=False)
     log_every: int = opt(10, help="log a progress line every N steps", min=1, hashed=False)
     workers: int = opt(2, help="dataloader workers", min=0, hashed=False)
+    tensorboard: bool = tensorboard_opt()
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
+    wandb_project: str | None = wandb_project_opt()
 
 
 @dataclass(kw_only=True)
@@ -247,6 +273,10 @@ class EvalClipConfig:
     batch_size: int = opt(128, help="images per batch", min=1, hashed=False)
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
+    tensorboard: bool = tensorboard_opt()
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
+    wandb_project: str | None = wandb_project_opt()
 
 
 @dataclass(kw_only=True)
@@ -302,6 +332,10 @@ class EvalLlavaConfig:
     batch_size: int = opt(32, help="images per batch", min=1, hashed=False)
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
+    tensorboard: bool = tensorboard_opt()
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
+    wandb_project: str | None = wandb_project_opt()
 
 
 @dataclass(kw_only=True)
@@ -336,6 +370,10 @@ class ProbeConfig:
     batch_size: int = opt(32, help="feature-extraction batch", min=1, hashed=False)
     workers: int = opt(-1, help="decode worker processes; -1 = one per available core (at most 16), 0 = none",
                        min=-1, hashed=False)
+    tensorboard: bool = tensorboard_opt()
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
+    wandb_project: str | None = wandb_project_opt()
 
 
 @dataclass(kw_only=True)
@@ -345,6 +383,8 @@ class ReportConfig:
     runs: list[str] = opt(help="pipeline root URIs (or stage outputs) to gather", default_factory=list, input=True,
                           holds_out=True)
     out: str = opt(help="output folder URI")
+    mlflow_uri: str | None = mlflow_uri_opt()
+    mlflow_experiment: str = mlflow_experiment_opt()
 
     def check(self) -> None:
         if not self.runs:

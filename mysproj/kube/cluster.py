@@ -86,6 +86,24 @@ class Cluster:
     def annotate_job(self, name: str, annotations: dict[str, str]) -> None:
         self.batch.patch_namespaced_job(name, self.namespace, {"metadata": {"annotations": annotations}})
 
+    def create_event(self, body: dict) -> bool:
+        """Create a core/v1 Event; False if one of that name exists already (told before a controller restart)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.create_namespaced_event(self.namespace, body)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def list_events(self, involved: str) -> list[dict]:
+        """The namespace's Events about object `involved` (by name), oldest first."""
+        items = self._plain(self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={involved}"))["items"]
+        return sorted(items, key=lambda e: e.get("firstTimestamp") or e.get("eventTime") or "")
+
     def pod_log(self, pod: str, tail_lines: int | None = None) -> str:
         # The raw response: the client would turn the log's bytes into their Python literal (b'...'), and a log that
         # happens to be valid JSON into an object.

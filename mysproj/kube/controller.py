@@ -23,6 +23,7 @@ import yaml
 from mysproj.config.fields import load_config, opt
 from mysproj.errors import EXIT_BAD_INPUT, BadInput, redact
 from mysproj.kube import jobspec, runstate
+from mysproj.kube.events import EventRecorder
 from mysproj.pipeline import dag
 from mysproj.stages.registry import node_configs
 
@@ -80,7 +81,15 @@ class Controller:
         missing = {jobspec.template_kind(n) for n in self.nodes} - set(self.templates)
         if missing:
             raise BadInput(f"ConfigMap {cfg.configmap} lacks the job template(s) {sorted(missing)}")
-        self.owner = jobspec.owner_reference(cluster.read_job(cfg.controller_job)) if cfg.controller_job else None
+        own_job = cluster.read_job(cfg.controller_job) if cfg.controller_job else None
+        self.owner = jobspec.owner_reference(own_job) if own_job else None
+        # The run's story as Kubernetes Events on this Job (`kubectl describe job`), where there is one.
+        self.events = EventRecorder(cluster, own_job, cfg.release) if own_job else None
+        if pipeline.tracking.get("mlflow_uri"):  # one parent before stage Jobs start side by side
+            from mysproj.tracking.mlflow_log import parent_run
+
+            parent_run(pipeline.tracking["mlflow_uri"], pipeline.tracking.get("mlflow_experiment") or "mysproj",
+                       pipeline.root.rstrip("/"), {"mysproj.recipe": pipeline.recipe, "mysproj.release": cfg.release})
         self.names = {n.name: jobspec.job_names(cfg.fullname, n, self.configs[n.name], cfg.finetune_nodes)
                       for n in self.nodes}
         # (node, config hash) -> manifest, positive checks only: a cache, never the source of truth
@@ -100,6 +109,7 @@ class Controller:
                           and js.state in ("pending", "running"))
         states: dict[str, jobspec.JobState] = {}
         created: list[str] = []
+        created_by_node: dict[str, list[str]] = {}
         for name, st in run.stages.items():
             states[name] = st.state
             if not st.ready:
@@ -110,6 +120,8 @@ class Controller:
                 continue
             made = self._create(st.node, st.cfg)
             created.extend(made)
+            if made:
+                created_by_node[name] = made
             gpu_running += len(self.names[name]) if gpu else 0
             # Not created while an earlier revision's Job holds the name: a later pass creates it.
             states[name] = jobspec.JobState("pending") if made else st.state
@@ -118,6 +130,8 @@ class Controller:
                 if jobspec.ANN_FAILURE not in (job["metadata"].get("annotations") or {}):
                     # Stops 1.20 servers (no podFailurePolicy) from retrying a bad input; keeps the reason.
                     self.cluster.stop_job(job["metadata"]["name"], {jobspec.ANN_FAILURE: st.state.reason[:1000]})
+        if self.events is not None:
+            self.events.observe(run, created_by_node)
         return PassResult(states, created)
 
     def _record_replaced_pods(self, run: runstate.RunState) -> None:
@@ -192,12 +206,16 @@ class Controller:
                     log.error("stage %s failed: %s", name, st.reason)
                 name, st = next(iter(result.failed.items()))
                 reason = f"stage {name}: {st.reason}"
+                if self.events is not None:
+                    self.events.run_failed(reason)
                 if self.cfg.controller_job:
                     self.cluster.end_job(self.cfg.controller_job, {jobspec.ANN_FAILURE: reason[:1000]})
                     self.ended = True
                 raise BadInput(f"run {self.cfg.release} failed: {reason}")
             if result.done:
                 log.info("run %s complete: %d stages", self.cfg.release, len(result.states))
+                if self.events is not None:
+                    self.events.run_done(len(result.states))
                 return 0
             time.sleep(self.cfg.poll_seconds)
 

@@ -17,12 +17,17 @@ from mysproj.config import recipes
 from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
 from mysproj.config.fields import ConfigError, opt
 from mysproj.config.stages import CLIP_ORIGIN, STRATEGIES
+from mysproj.errors import has_uri_credentials
 from mysproj.sources import is_remote
 from mysproj.stages.fetch import output_uri
 from mysproj.storage import join
 
 GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
 COMPILING_STAGES = ("finetune", "eval-clip", "eval-llava")  # share `<root>/compile-cache` (their compile_cache)
+TRACKED_STAGES = ("finetune", "eval-clip", "eval-llava", "probe")  # write TensorBoard event files (`tensorboard`)
+MLFLOW_STAGES = (*TRACKED_STAGES, "report")  # log to MLflow where `tracking.mlflow_uri` is set
+TRACKING = {"tensorboard": (bool,), "mlflow_uri": (str, type(None)), "mlflow_experiment": (str,),
+            "wandb_project": (str, type(None))}
 
 
 @dataclass(kw_only=True)
@@ -56,6 +61,10 @@ class PipelineConfig:
                       "processor; the released batch and data order details); overrides still set any one field",
                       choices=recipes.RECIPES)
     overrides: dict = opt(help="per-stage config overrides, JSON {stage: {field: value}}", default_factory=dict)
+    tracking: dict = opt(help="where a run is watched besides its manifests, JSON {tensorboard: true|false, "
+                         "mlflow_uri: URI|null, mlflow_experiment: name, wandb_project: name|null} "
+                         "(docs/observability.md)",
+                         default_factory=lambda: {"tensorboard": True})
 
     def check(self) -> None:
         for d in self.datasets:
@@ -83,6 +92,15 @@ class PipelineConfig:
             raise ConfigError("config field 'datasets' is empty")
         if not self.seeds:
             raise ConfigError("config field 'seeds' is empty")
+        for key, value in self.tracking.items():
+            if key not in TRACKING:
+                raise ConfigError(f"config field 'tracking' has no setting {key!r}: use {', '.join(TRACKING)}")
+            if not isinstance(value, TRACKING[key]):
+                kind = "true or false" if TRACKING[key] == (bool,) else "a string"
+                raise ConfigError(f"config field 'tracking.{key}' = {value!r}: must be {kind}")
+        if has_uri_credentials(self.tracking.get("mlflow_uri") or ""):
+            raise ConfigError("config field 'tracking.mlflow_uri' holds credentials: give them as "
+                              "MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD; the chart's trackingSecret) instead")
         for name in ("datasets", "seeds", "strategies"):  # a repeat would give two writers of one output
             values = getattr(self, name)
             twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
@@ -159,6 +177,13 @@ def build(cfg: PipelineConfig) -> list[Node]:
     def add(name: str, stage: str, config: dict, deps: list[str], out: str | None = None) -> str:
         if stage in COMPILING_STAGES:
             config = {**config, "compile_cache": join(root, "compile-cache")}
+        if stage in TRACKED_STAGES:
+            config = {**config, "tensorboard": cfg.tracking.get("tensorboard", True)}
+            if cfg.tracking.get("wandb_project"):
+                config = {**config, "wandb_project": cfg.tracking["wandb_project"]}
+        if stage in MLFLOW_STAGES and cfg.tracking.get("mlflow_uri"):
+            config = {**config, "mlflow_uri": cfg.tracking["mlflow_uri"],
+                      "mlflow_experiment": cfg.tracking.get("mlflow_experiment") or "mysproj"}
         # the recipe's choices, then what this node is (models, data, seed, the eval mode), then the overrides
         merged = {**recipes.stage_fields(cfg.recipe, stage, config.get("strategy")), **config,
                   **cfg.overrides.get(stage, {})}

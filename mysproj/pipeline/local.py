@@ -70,6 +70,7 @@ def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1
     configs = registry.node_configs(nodes)
     nodes = select(nodes, only)
     cap = capacity(gpus, finetune_gpus)
+    parent_run(cfg)
     executor = InProcess(configs) if cap.devices == 1 else ChildProcesses(log_dir or default_log_dir(cfg.root), cap)
     progress = _Progress(len(nodes), on_event)
     try:
@@ -77,6 +78,15 @@ def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1
                              complete=lambda n: StageOutput(n.config["out"], n.stage, configs[n.name]).existing())
     finally:
         executor.close()
+
+
+def parent_run(cfg: dag.PipelineConfig) -> None:
+    """The run's MLflow parent run, made once before stages start side by side (each would otherwise make one)."""
+    if cfg.tracking.get("mlflow_uri"):
+        from mysproj.tracking.mlflow_log import parent_run as make
+
+        make(cfg.tracking["mlflow_uri"], cfg.tracking.get("mlflow_experiment") or "mysproj", cfg.root.rstrip("/"),
+             {"mysproj.recipe": cfg.recipe})
 
 
 class _Progress:

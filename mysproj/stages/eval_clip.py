@@ -82,6 +82,7 @@ def _body(cfg, out) -> dict:
     from mysproj.speed import clip as speed
     from mysproj.speed.device import inference_device
     from mysproj.storage.stage_time import processed
+    from mysproj.tracking import stage_metrics
 
     data = PreparedData(cfg.data)
     samples = data.samples(cfg.split)
@@ -117,6 +118,7 @@ def _body(cfg, out) -> dict:
     out.write_json("metrics.json", metrics)
     write_predictions(out, rows)
     log.info("eval-clip: %s", short(metrics))
+    tracked = stage_metrics(cfg, out, "eval-clip", {f"eval/{k}": metrics[k] for k in ("macro_f1", "accuracy")})
     rates = rate.summary()
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n": metrics["n"],
+    return {**tracked, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "n": metrics["n"],
             **rates, "processed": processed(len(rows), "images", rates["images_per_s"]), "device": dev, **paths}

@@ -81,6 +81,7 @@ def _body(cfg, out) -> dict:
     from mysproj.speed import llava as speed
     from mysproj.speed.device import inference_device
     from mysproj.storage.stage_time import processed
+    from mysproj.tracking import stage_metrics
 
     data = PreparedData(cfg.data)
     samples, humans = examples(data, cfg.split, cfg.limit)
@@ -128,10 +129,12 @@ def _body(cfg, out) -> dict:
     out.write_json("metrics.json", metrics)
     write_predictions(out, rows)
     log.info("eval-llava: %s", short(metrics))
+    tracked = stage_metrics(cfg, out, "eval-llava",
+                            {f"eval/{k}": metrics[k] for k in ("macro_f1", "accuracy", "unparsed")})
     rates = rate.summary()
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "unparsed": metrics["unparsed"],
-            "n": metrics["n"], **rates, "processed": processed(len(rows), "images", rates["images_per_s"]),
-            "device": dev, **paths.summary()}
+    return {**tracked, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "unparsed": metrics["unparsed"], "n": metrics["n"], **rates,
+            "processed": processed(len(rows), "images", rates["images_per_s"]), "device": dev, **paths.summary()}
 
 
 def _decoding_text(cfg, stop_rule: str) -> str:

@@ -113,6 +113,7 @@ def _body(cfg, out) -> dict:
     from mysproj.speed import llava as speed
     from mysproj.speed.device import inference_device
     from mysproj.storage.stage_time import processed
+    from mysproj.tracking import stage_metrics
 
     data = PreparedData(cfg.data)
     splits = {"train": data.samples("train"), "test": data.samples("test")}
@@ -149,10 +150,12 @@ def _body(cfg, out) -> dict:
     metrics["pre"] = {**metrics[headline], "vector": cfg.pre_pooling}
     preds["pre"] = preds[headline]
     out.write_json("metrics.json", metrics)
+    tracked = stage_metrics(cfg, out, "probe", {f"probe/{kind}_{k}": metrics[kind][k] for kind in ("pre", "post")
+                                                for k in ("macro_f1", "accuracy")})
     write_predictions(out, [{"image": s.image, "label": s.label, "pre_prediction": preds["pre"][i],
                              "pre_cls_prediction": preds["pre_cls"][i], "pre_mean_prediction": preds["pre_mean"][i],
                              "post_prediction": preds["post"][i]} for i, s in enumerate(test)])
-    return {"pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
+    return {**tracked, "pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
             "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"],
             "pre_cls_macro_f1": metrics["pre_cls"]["macro_f1"], "pre_mean_macro_f1": metrics["pre_mean"]["macro_f1"],
             "pre_pooling": cfg.pre_pooling, "vision_only": vision_only,

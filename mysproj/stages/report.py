@@ -24,19 +24,36 @@ def _body(cfg, out) -> dict:
     from mysproj.report import plots, tables
     from mysproj.report.gather import gather
     from mysproj.report.time_table import time_section
+    from mysproj.report.training import loss_plots, section, trainings
 
     runs = gather(cfg.runs)
     if not runs:
         raise BadInput(f"report: no finished eval-clip/eval-llava/probe outputs under {', '.join(cfg.runs)}; "
                        f"run those stages first")
     text, table1_rows = tables.render(runs)
-    out.write_text("report.md", "\n".join([text, *time_section(cfg.runs)]))
+    trained = trainings(cfg.runs)
+    out.write_text("report.md", "\n".join([text, *section(trained), *time_section(cfg.runs)]))
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(tables.results_rows(runs)), buf)
     out.write_bytes("results.parquet", buf.getvalue())
     with tempfile.TemporaryDirectory() as tmp:
-        names = plots.write_all(runs, tmp)
+        names = plots.write_all(runs, tmp) + loss_plots(trained, tmp)
         out.put_dir(tmp, "plots")
+    tracked = _mlflow(cfg, out) if cfg.mlflow_uri else {}
     log.info("report: %d runs, %d plots -> %s", len(runs), len(names), out.path("report.md"))
-    return {"runs": len(runs), "report": out.path("report.md"), "table1_rows": table1_rows,
+    return {**tracked, "runs": len(runs), "report": out.path("report.md"), "table1_rows": table1_rows,
             "random_weights": any(r.provenance.get("random_weights") for r in runs)}
+
+
+def _mlflow(cfg, out) -> dict:
+    """report.md, results.parquet and the plots as artifacts of the run's MLflow parent run."""
+    import os
+
+    from mysproj.storage import get_file
+    from mysproj.tracking.mlflow_log import report_artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in out.files:
+            if name in ("report.md", "results.parquet") or name.startswith("plots/"):
+                get_file(out.path(name), os.path.join(tmp, name))
+        return {"mlflow": report_artifacts(cfg, tmp)}

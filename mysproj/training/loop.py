@@ -33,6 +33,36 @@ def default_micro_batch(global_batch: int, world: int, requested: int | None, ca
     return b
 
 
+def step_scalars(loss: float, lr: float, grad_norm: float | None, samples_per_s: float, cuda: bool) -> dict:
+    """TensorBoard's points of one optimizer step (the names the HF Trainer's TensorBoard logs use, under train/)."""
+    values = {"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
+              "train/samples_per_s": samples_per_s}
+    if cuda:
+        import torch
+
+        values["train/gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 1024**3
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def tensorboard_log(cfg, points: list):
+    if not cfg.tensorboard:
+        return None
+    from mysproj.tracking.tensorboard import EventLog
+
+    return EventLog(cfg.out, [tuple(p) for p in points])
+
+
+def tracking_runs(cfg, points: list) -> dict:
+    """The output's MLflow / W&B runs (those its config names) with the points a resumed run's checkpoint kept."""
+    from mysproj.tracking import runs
+
+    found = runs(cfg, "finetune")
+    for run in found.values():
+        for step, wall, values in points:
+            run.metrics(step, values, wall)
+    return found
+
+
 def train(cfg, out) -> dict:
     import torch
 
@@ -61,11 +91,12 @@ def train(cfg, out) -> dict:
     lr, projector_lr = strategies.learning_rates(cfg)
     n_trainable = ctx.n_trainable
 
-    start, metrics, resumed_from = 0, [], None
+    start, metrics, resumed_from, points = 0, [], None, []
     done = checkpoint.complete_steps(cfg.out, cfg, out.inputs, report=acc.is_main_process)
     if done:
         state = checkpoint.load(ctx, done[-1])
         start, metrics, resumed_from = state["step"], state["metrics"], done[-1]
+        points = [p for p in state.get("scalars", []) if p[0] <= start]
         with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(start):
@@ -84,9 +115,12 @@ def train(cfg, out) -> dict:
         generator=torch.Generator())  # its own generator: the global RNG (dropout) is left untouched
     batches = iter(loader)
     t0, seen = time.monotonic(), 0
+    # TensorBoard: the per-step points kept in each checkpoint rebuild the event file on resume (no step twice).
+    events = tensorboard_log(cfg, points) if acc.is_main_process else None
+    tracked = tracking_runs(cfg, points) if acc.is_main_process else {}
 
     def save(n: int) -> None:
-        checkpoint.save(ctx, n, {"step": n, "metrics": metrics}, out.inputs)
+        checkpoint.save(ctx, n, {"step": n, "metrics": metrics, "scalars": points}, out.inputs)
         if acc.is_main_process:
             checkpoint.prune(cfg.out, cfg, cfg.keep_checkpoints, out.inputs)
 
@@ -104,9 +138,15 @@ def train(cfg, out) -> dict:
         loss = acc.reduce(step_loss, reduction="sum").item()
         seen += sum(1 for _, counts in samples if counts)
         n = step + 1
+        elapsed = time.monotonic() - t0
+        rate = seen / max(elapsed, 1e-9)
+        values = step_scalars(loss, current_lr, ctx.grad_norm, rate, cuda)
+        points.append([n, time.time(), values])
+        if events is not None:
+            events.scalars(n, values, points[-1][1])
+        for run in tracked.values():
+            run.metrics(n, values, points[-1][1])
         if n % cfg.log_every == 0 or n == total:
-            elapsed = time.monotonic() - t0
-            rate = seen / max(elapsed, 1e-9)
             eta = (total - n) * elapsed / max(n - start, 1)
             rec = {"step": n, "total": total, "loss": round(loss, 6), "lr": current_lr,
                    "samples_per_s": round(rate, 3), "eta_s": round(eta, 1)}
@@ -115,12 +155,20 @@ def train(cfg, out) -> dict:
                 log.info("finetune: step %d/%d loss %.4f lr %.3g %.2f samples/s ETA %.0fs",
                          n, total, loss, current_lr, rate, eta)
                 U.write_text(U.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+                if events is not None:
+                    events.flush()
+                for run in tracked.values():
+                    run.flush()
         if cfg.save_checkpoints and (n % cfg.checkpoint_every == 0 or n == total):
             save(n)
     acc.wait_for_everyone()
     from mysproj.training.export import export
 
     summary = export(ctx, out, tokenizer, processor, base_dtype, metrics)
+    if events is not None:
+        summary["tensorboard"] = events.close(out)
+    for name, run in tracked.items():
+        summary[name] = run.end()
     session.forget_deepspeed()
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)

@@ -34,6 +34,7 @@ class Session:
     trainable: list
     world: int
     shared: Any = None  # SharedPrefixForward where it applies (projector strategy)
+    grad_norm: float | None = None  # global gradient norm of the last optimizer step (before any clipping)
 
     @property
     def n_trainable(self) -> int:
@@ -53,13 +54,26 @@ class Session:
                 scale = self.loss_scale(batch, targets, accumulation)
                 acc.backward(loss_sum * scale)
                 if acc.sync_gradients:
-                    if not self.deepspeed and self.cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+                    if not self.deepspeed:
+                        self.grad_norm = self._grad_norm()
                     self.optimizer.step()
+                    if self.deepspeed:  # the engine computes the norm inside its step (None where it did not)
+                        norm = getattr(self.model, "get_global_grad_norm", lambda: None)()
+                        self.grad_norm = None if norm is None else float(norm)
                     self.optimizer.zero_grad(set_to_none=True)
                 total += loss_sum.detach() * (scale / (self.world * accumulation))
         self.scheduler.step()
         return total
+
+    def _grad_norm(self) -> float | None:
+        """The global norm of the trainable gradients (clipped to `max_grad_norm` where set): what TensorBoard
+        shows as gradient norm."""
+        import torch
+
+        if self.cfg.max_grad_norm > 0:
+            return float(self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     def loss_scale(self, batch, targets: int, accumulation: int) -> float:
         """The factor on a micro-batch's summed token loss before backward. accelerate (or DeepSpeed) divides by

@@ -334,3 +334,24 @@ def test_missing_image_and_root_user_keep_the_pod_waiting_as_a_kubelet_does(kube
     for name in ("never", "ifnotpresent", "rootuser"):
         assert kube.core.read_namespaced_pod(name, kube.namespace).status.phase == "Pending"
         kube.core.delete_namespaced_pod(name, kube.namespace, grace_period_seconds=0)
+
+
+def test_the_controller_events_are_accepted_and_listed_by_the_api_server(kube, monkeypatch):
+    """The Event body mysproj.kube.events writes is valid for a real API server, lands on the Job
+    (`kubectl get events --field-selector involvedObject.name=...`) and is written once per story line."""
+    from mysproj.kube.cluster import Cluster
+    from mysproj.kube.events import EventRecorder
+
+    monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))
+    kube.batch.create_namespaced_job(kube.namespace, job(kube, "story", "print('ok')"))
+    cluster = Cluster(namespace=kube.namespace)
+    recorder = EventRecorder(cluster, cluster.read_job("story"), "r1")
+    recorder.record("started/a", "StageStarted", "stage a started: Job a-1")
+    recorder.record("failed/a", "StageFailed", "stage a failed: bad input (exit 64): no such folder", warning=True)
+    again = EventRecorder(cluster, cluster.read_job("story"), "r1")  # a restarted controller: 409, no error
+    again.record("started/a", "StageStarted", "stage a started: Job a-1")
+    assert not again.warned and not recorder.warned
+    events = {e["reason"]: e for e in cluster.list_events("story")}  # one second apart at most: order by reason
+    assert {r: e["type"] for r, e in events.items()} == {"StageStarted": "Normal", "StageFailed": "Warning"}
+    assert events["StageFailed"]["involvedObject"]["kind"] == "Job"
+    assert events["StageFailed"]["message"].endswith("no such folder")

@@ -85,6 +85,17 @@ def without_bucket_access(env):
             "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+def controller_events(kube, release: str) -> list[tuple[str, str]]:
+    """(reason, message) of the Events on the release's current controller Job, oldest first (what `kubectl get
+    events --field-selector involvedObject.name=<release>-mysproj-controller` lists)."""
+    job = kube.controller_job(release)
+    items = kube.core.list_namespaced_event(kube.namespace,
+                                            field_selector=f"involvedObject.name={job.metadata.name}").items
+    ours = [e for e in items
+            if e.involved_object.uid == job.metadata.uid and e.source.component == "mysproj-controller"]
+    return [(e.reason, e.message) for e in sorted(ours, key=lambda e: e.first_timestamp)]
+
+
 def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_env):
     kube, s3, env = run_env
     notes = install(kube, s3, env, "tiny").stdout
@@ -152,6 +163,16 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     ft = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/textures-mini/ft-projector/seed0/finetune/_SUCCESS.json"))
     assert ft["summary"]["time"]["unit"] == "samples/s" and ft["summary"]["time"]["wall_s"] > 0
     report_md = fs.cat_file(f"{BUCKET}/runs/tiny/report/report.md").decode()
+    assert "## Training" in report_md and "plots/loss_textures-mini.png" in manifest["files"]
+    assert [n for n in ft["files"] if n.startswith("events.out.tfevents.")]  # TensorBoard's, in the manifest
+    # The run's story on the controller Job (`kubectl describe job tiny-mysproj-controller`).
+    story = controller_events(kube, "tiny")
+    nodes = {j.metadata.annotations["mysproj.io/node"] for j in jobs
+             if j.metadata.labels["mysproj.io/stage"] != "controller"}
+    for reason in ("StageStarted", "StageDone"):
+        assert {m.split()[1] for r, m in story if r == reason} == nodes, (reason, story)
+    assert any(r == "StageRetried" and "/finetune" in m for r, m in story), story  # the killed attempt
+    assert [r for r, _ in story].count("RunComplete") == 1, story
     assert "## Time" in report_md and "| `textures-mini/ft-projector/seed0/finetune` | finetune |" in report_md
 
     logs = mysproj(env, "logs", "tiny", "textures-mini/prep", "--namespace", kube.namespace)
@@ -167,6 +188,8 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert kube.wait_for(lambda: finished(kube, "tiny"), 180, "the resumed run") == "Complete", debug(kube, "tiny")
     jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
     assert [j.metadata.labels["mysproj.io/stage"] for j in jobs] == ["controller"]
+    skipped = {m.split()[1] for r, m in controller_events(kube, "tiny") if r == "StageSkipped"}
+    assert skipped == nodes
     resumed = mysproj(env, "status", "tiny", "--namespace", kube.namespace).stdout
     assert "11 reused" in resumed, resumed
 

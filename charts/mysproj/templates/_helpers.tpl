@@ -130,6 +130,16 @@ seccompProfile:
       name: {{ . }}
       key: {{ $.Values.storage.secretAccessKeyKey }}
 {{- end }}
+{{- with .Values.trackingSecret }}
+{{- range $key := list "MLFLOW_TRACKING_TOKEN" "MLFLOW_TRACKING_USERNAME" "MLFLOW_TRACKING_PASSWORD" "WANDB_API_KEY" }}
+- name: {{ $key }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.trackingSecret }}
+      key: {{ $key }}
+      optional: true
+{{- end }}
+{{- end }}
 - name: MYSPROJ_SCRATCH
   value: {{ $scratch | quote }}
 - name: HOME
