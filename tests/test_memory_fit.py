@@ -28,6 +28,17 @@ def test_llava_7b_counts_from_its_config():
     assert mf.params_from_config({**text, "mm_hidden_size": 1024}) == (TRAINABLE, TOTAL)
 
 
+def test_counts_come_from_a_model_folders_config_json_before_loading(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {
+        "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32}, "vision_config": {"hidden_size": 1024, "intermediate_size": 4096,
+                                                      "num_hidden_layers": 24, "patch_size": 14, "image_size": 336}}))
+    assert mf.model_params(str(tmp_path)) == (TRAINABLE, TOTAL)
+    assert mf.model_params(str(tmp_path / "absent")) is None  # the check after loading still runs
+
+
 def test_one_h100_with_128_gib_offloads_the_optimizer_unpinned():
     p = _plan(H100, 128)
     assert (p.deepspeed, p.offload_param, p.pin_memory, p.sub_group_size) == ("zero3-offload", False, False,
@@ -35,6 +46,9 @@ def test_one_h100_with_128_gib_offloads_the_optimizer_unpinned():
     assert 30 * GIB < p.gpu_need < 40 * GIB            # bf16 params + gathered ones + activations
     assert 112 * GIB < p.host_need < 122 * GIB         # 18 B a trained parameter + the process
     mf.check(p)
+    assert p.summary() == {"deepspeed": "zero3-offload", "offload_param": False, "pin_memory": False,
+                           "sub_group_size": mf.SUB_GROUP, "host_source": "the pod's memory limit",
+                           "gpu_need_gib": 35.0, "host_need_gib": 118.1, "gpu_gib": 79.2, "host_gib": 128.0}
     ds = mf.apply({"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": True},
                                          "offload_param": {"device": "cpu", "pin_memory": True}}}, p)
     assert ds["zero_optimization"] == {"offload_optimizer": {"device": "cpu", "pin_memory": False},
@@ -124,3 +138,21 @@ def test_a_limit_above_what_the_machine_has_free_is_not_what_counts(tmp_path):
     _write(tmp_path, "proc/meminfo", MEMINFO)
     _write(tmp_path, "sys/fs/cgroup/memory.max", str(512 * GIB))
     assert mf.host_memory(str(tmp_path)).bytes == 125829120 * 1024
+
+
+def test_the_plan_reaches_the_deepspeed_config_accelerate_gets(monkeypatch, one_process_env):
+    import accelerate
+    import accelerate.utils
+
+    from mysproj.training import session
+
+    built = []
+    monkeypatch.setattr(accelerate.utils, "DeepSpeedPlugin", lambda hf_ds_config: built.append(hf_ds_config))
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: type("A", (), {"num_processes": 1})())
+    session.accelerator("zero3-offload", True, 2, 1, 2, 64, 0.0, False, _plan(H100, 128))
+    zero = built[-1]["zero_optimization"]
+    assert "offload_param" not in zero and zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert zero["sub_group_size"] == mf.SUB_GROUP
+    session.accelerator("zero3-offload", True, 2, 1, 2, 64, 0.0, False, _plan(0, 8, requested="zero3-offload",
+                                                                             cuda=False))
+    assert built[-1]["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}  # as shipped
