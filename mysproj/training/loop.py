@@ -17,7 +17,7 @@ import warnings
 
 from mysproj.storage import uri as U
 from mysproj.storage.stage_time import processed
-from mysproj.training import checkpoint, preemption, session, strategies
+from mysproj.training import checkpoint, memory_fit, preemption, session, strategies
 from mysproj.training.data import MicroBatches, Schedule, TrainSet, collate, load_examples
 
 log = logging.getLogger("mysproj.finetune")
@@ -76,6 +76,13 @@ def train(cfg, out) -> dict:
     micro = default_micro_batch(global_batch, world, cfg.per_device_batch, cfg.max_micro_batch)
     bf16 = session.uses_bf16(cfg, cuda)
 
+    if cuda:  # the memory check from the model's config.json before any weight is read (again once loaded)
+        counts = memory_fit.model_params(cfg.model)
+        if counts:
+            memory_fit.check(memory_fit.plan(
+                trainable=counts[0], total=counts[1], gpu_bytes=torch.cuda.get_device_properties(0).total_memory,
+                host=memory_fit.host_memory(), world=world, strategy=cfg.strategy, requested=cfg.deepspeed,
+                cuda=True))
     data = PreparedData(cfg.data)
     loaded = load_llava(cfg.model, device="cpu", dtype=torch.bfloat16 if bf16 else torch.float32)
     model, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.image_processor
@@ -107,6 +114,8 @@ def train(cfg, out) -> dict:
                  "%s, deepspeed %s, shared prefix %s, %.1fM trainable", cfg.strategy, len(examples), total,
                  global_batch, micro, world, schedule.accumulation, lr, "bf16" if bf16 else "fp32", ds_name or "off",
                  "on" if ctx.shared is not None else "off", n_trainable / 1e6)
+        if ctx.plan is not None and ctx.plan.gpu_bytes:  # GPU runs
+            log.info("finetune: memory: %s", ctx.plan.describe())
 
     loader = torch.utils.data.DataLoader(
         TrainSet(examples, with_backend(processor, cfg.image_backend), cfg.image_aspect_ratio),
@@ -181,6 +190,7 @@ def train(cfg, out) -> dict:
                    tokenization_mismatches=sum(1 for e in examples if e.mismatch),
                    truncated_examples=sum(1 for e in examples if e.truncated),
                    trainable_parameters=n_trainable,
+                   memory_plan=ctx.plan.summary() if ctx.plan is not None and ctx.plan.gpu_bytes else None,
                    final_loss=metrics[-1]["loss"] if metrics else None,
                    samples_per_s=metrics[-1]["samples_per_s"] if metrics else None,
                    processed=processed(total * global_batch, "samples",

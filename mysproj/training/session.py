@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from mysproj.models.conversation import IGNORE_INDEX
-from mysproj.training import strategies
+from mysproj.training import memory_fit, strategies
 from mysproj.training.loss import answer_loss_sum
+from mysproj.training.memory_fit import FULL_BYTES_PER_PARAM, FULL_HEADROOM
 
 log = logging.getLogger("mysproj.finetune")
-FULL_BYTES_PER_PARAM = 16
-FULL_HEADROOM = 20 * 2**30  # frozen tower, activations at micro-batch 16 with checkpointing, allocator slack
 
 
 @dataclass
@@ -35,6 +34,7 @@ class Session:
     world: int
     shared: Any = None  # SharedPrefixForward where it applies (projector strategy)
     grad_norm: float | None = None  # global gradient norm of the last optimizer step (before any clipping)
+    plan: Any = None    # memory_fit.Plan: offloads, pinning, the memory figures behind them
 
     @property
     def n_trainable(self) -> int:
@@ -102,7 +102,7 @@ def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_by
     if strategy != "full":
         return None
     # Full fine-tuning keeps fp32 master weights, fp32 grads and two fp32 Adam states (16 bytes a parameter) plus
-    # checkpointed activations: 7B fits a 141 GB card but not an 80 GB one, which offloads the optimizer.
+    # checkpointed activations: 7B fits a 141 GB card but not an 80 GB one, which offloads (memory_fit.plan: what).
     return None if FULL_BYTES_PER_PARAM * llm_params + FULL_HEADROOM <= gpu_bytes else "zero3-offload"
 
 
@@ -128,7 +128,7 @@ def forget_deepspeed() -> None:
     unset_hf_deepspeed_config()
 
 
-def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda):
+def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda, plan=None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -148,6 +148,8 @@ def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm
             os.environ.setdefault(k, v)
         ds_cfg = filled(ds_name, micro_batch=micro, accumulation=accumulation, world=world, hidden_size=hidden,
                         bf16=bf16, max_grad_norm=max_grad_norm)
+        if ds_name == "zero3-offload" and plan is not None and plan.gpu_need:  # a GPU run sized by memory_fit
+            memory_fit.apply(ds_cfg, plan)
         if ds_name == "zero3-offload":
             ds_cfg["zero_force_ds_cpu_optimizer"] = False
         plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
@@ -173,12 +175,17 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
     if cuda:
         allow_tf32()
     bf16 = uses_bf16(cfg, cuda)
-    ds_name = resolve_deepspeed(cfg.deepspeed, cfg.strategy, cuda, world,
-                                gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
-                                llm_params=sum(p.numel() for p in model.model.language_model.parameters()))
+    trains = (model.model.language_model, model.lm_head, model.model.multi_modal_projector)  # what `full` trains
+    plan = memory_fit.plan(trainable=sum(p.numel() for m in trains for p in m.parameters()),
+                           total=sum(p.numel() for p in model.parameters()),
+                           gpu_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
+                           host=memory_fit.host_memory(), world=world, strategy=cfg.strategy,
+                           requested=cfg.deepspeed, cuda=cuda)
+    memory_fit.check(plan)  # before DeepSpeed allocates anything: a refusal, not the OOM killer
+    ds_name = plan.deepspeed
     lr, projector_lr = strategies.learning_rates(cfg)
     acc = accelerator(ds_name, bf16, accumulation, world, micro, model.config.text_config.hidden_size,
-                      cfg.max_grad_norm, cuda)
+                      cfg.max_grad_norm, cuda, plan)
     torch.manual_seed(cfg.seed)
 
     model = strategies.apply(model, cfg.strategy, cfg)
@@ -201,5 +208,5 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
     shared = speed.for_training(cfg, acc, prepared, llava, ds_name, cuda)
     pixel_dtype = next(unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
     return Session(cfg, acc, prepared, unwrapped, optimizer, scheduler, ds_name, "bf16" if bf16 else "fp32",
-                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world, shared)
+                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world, shared, plan)
 
