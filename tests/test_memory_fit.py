@@ -156,3 +156,25 @@ def test_the_plan_reaches_the_deepspeed_config_accelerate_gets(monkeypatch, one_
     session.accelerator("zero3-offload", True, 2, 1, 2, 64, 0.0, False, _plan(0, 8, requested="zero3-offload",
                                                                              cuda=False))
     assert built[-1]["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}  # as shipped
+
+
+def test_the_session_keeps_its_plan_and_drops_the_optimizer_state_before_the_export(tiny_model, one_process_env):
+    """The plan reaches the session (the fine-tuning summary and its log line read it there), and the optimizer's
+    state goes before the export gathers the model: on one 80 GB card with 128 GiB of host memory the export of a
+    fully fine-tuned 7B does not fit beside Adam's moments (measured, docs/performance.md)."""
+    import torch
+
+    from mysproj.config.stages import FinetuneConfig
+    from mysproj.models.loading import load_llava
+    from mysproj.training import session
+
+    cfg = FinetuneConfig(model=tiny_model, data="unused", out="unused", strategy="projector")
+    ctx = session.build(cfg, load_llava(tiny_model).model, world=1, micro=1, accumulation=1, total_steps=1)
+    assert isinstance(ctx.plan, mf.Plan) and ctx.grad_norm is None
+    params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    ctx.optimizer.step()
+    assert ctx.optimizer.state
+    ctx.release_optimizer()
+    assert not ctx.optimizer.state and not getattr(ctx.optimizer, "optimizer", ctx.optimizer).state

@@ -171,6 +171,7 @@ def train(cfg, out) -> dict:
         if cfg.save_checkpoints and (n % cfg.checkpoint_every == 0 or n == total):
             save(n)
     acc.wait_for_everyone()
+    ctx.release_optimizer()
     from mysproj.training.export import export
 
     summary = export(ctx, out, tokenizer, processor, base_dtype, metrics)

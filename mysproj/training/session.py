@@ -33,8 +33,8 @@ class Session:
     trainable: list
     world: int
     shared: Any = None  # SharedPrefixForward where it applies (projector strategy)
-    grad_norm: float | None = None  # global gradient norm of the last optimizer step (before any clipping)
     plan: Any = None    # memory_fit.Plan: offloads, pinning, the memory figures behind them
+    grad_norm: float | None = None  # global gradient norm of the last optimizer step (before any clipping)
 
     @property
     def n_trainable(self) -> int:
@@ -64,6 +64,24 @@ class Session:
                 total += loss_sum.detach() * (scale / (self.world * accumulation))
         self.scheduler.step()
         return total
+
+    def release_optimizer(self) -> None:
+        """Drop the optimizer's state after the last step (and its checkpoint): exporting the weights does not
+        need it. Adam's two moments are 8 bytes a trained parameter, in host memory when the optimizer is
+        offloaded, and the ZeRO-3 gather of the whole model for the export needs room there (7B on one 80 GB card:
+        the export would not fit beside them)."""
+        inner = self.optimizer
+        while True:
+            state = getattr(inner, "state", None)
+            if isinstance(state, dict):
+                state.clear()
+            nested = getattr(inner, "optimizer", None)
+            if nested is None or nested is inner:
+                break
+            inner = nested
+        import gc
+
+        gc.collect()
 
     def _grad_norm(self) -> float | None:
         """The global norm of the trainable gradients (clipped to `max_grad_norm` where set): what TensorBoard
@@ -208,5 +226,5 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
     shared = speed.for_training(cfg, acc, prepared, llava, ds_name, cuda)
     pixel_dtype = next(unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
     return Session(cfg, acc, prepared, unwrapped, optimizer, scheduler, ds_name, "bf16" if bf16 else "fp32",
-                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world, shared, plan)
+                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world, shared, plan=plan)
 
