@@ -17,6 +17,7 @@ import argparse
 import io
 import ipaddress
 import json
+import shutil
 import signal
 import ssl
 import subprocess
@@ -253,6 +254,8 @@ state = "{d / 'state'}"
             "--container-runtime=remote", f"--container-runtime-endpoint=unix://{self.socket}",
             f"--hostname-override={self.name}", f"--node-ip={self.network.gateway}",
             "--node-labels=" + ",".join(f"{k}={v}" for k, v in labels.items()), "--v=1",
+            # Keep a restarted container's predecessor (and its log, `kubectl logs --previous`) for a while.
+            "--minimum-container-ttl-duration=5m", "--maximum-dead-containers-per-container=2",
         ])
         self._wait_node(timeout)
         if self.gpus:
@@ -341,6 +344,9 @@ state = "{d / 'state'}"
             _stop(self.pids.pop("containerd"), grace)
         self._stop_shims()
         host.unmount_all(str(self.workdir))
+        if not host.mounts_under(str(self.workdir)):
+            # The images' layers and snapshots: gigabytes that no later run reuses.
+            shutil.rmtree(self.workdir / "containerd" / "root", ignore_errors=True)
         self.network.remove()
         problems = host.restore(json.loads((self.workdir / "host.json").read_text())) \
             if (self.workdir / "host.json").exists() else []

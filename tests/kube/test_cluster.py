@@ -25,6 +25,7 @@ def job(kube, name: str, script: str, *, env=None, backoff: int = 0, service_acc
     mounts = {**{v: f"/{v}" for v in volumes}, **{v: f"/{v}" for v in host_paths or {}}}
     container = {"name": "main", "image": kube.images["cpu"], "imagePullPolicy": "Never",
                  "command": ["python", "-c", textwrap.dedent(script)], "env": env or [], "securityContext": HARDENED,
+                 "terminationMessagePolicy": "FallbackToLogsOnError",  # as the chart's: the output's end
                  "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
                  "volumeMounts": [{"name": v, "mountPath": path} for v, path in mounts.items()]}
     pod = {"restartPolicy": "Never", "containers": [container], "terminationGracePeriodSeconds": 2,
