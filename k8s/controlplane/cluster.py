@@ -5,9 +5,10 @@ kube-scheduler as local processes on free ports, stopped by PID.
     python k8s/controlplane/cluster.py down DIR   # stops what `up` started (PIDs in DIR/pids)
 
 Binaries come from `make tools` (k8s/tools/install.sh) in <repo>/.tools/bin. Standard library only, so it runs
-before the venv exists. Auth: an admin bearer token in group system:masters (token file), Node,RBAC authorization,
-a service-account key pair so the token controller and TokenRequest work; serving certs from a private CA.
-No kubelet runs: tests/infra/node_agent.py stands in for the node.
+before the venv exists. Auth: an admin bearer token in group system:masters (token file), Node,RBAC authorization
+with NodeRestriction, a service-account key pair so the token controller and TokenRequest work; serving certs from
+a private CA, and a client cert the API server shows the kubelet (logs, exec). The node is k8s/node/node.py: a real
+kubelet with containerd, whose pods reach the API server on the pod bridge's gateway (`address`, port 443).
 """
 
 from __future__ import annotations
@@ -43,27 +44,39 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_pki(pki: Path) -> None:
-    """CA, a serving cert for 127.0.0.1 (also used by the node stand-in's log endpoint), service-account keys."""
+def sign_cert(pki: Path, name: str, subject: str, ips: tuple[str, ...] = (), dns: tuple[str, ...] = ()) -> None:
+    """pki/<name>.key + pki/<name>.crt signed by pki/ca.*; with IP/DNS names a serving cert, else a client cert."""
+    alt = ",".join([f"IP:{ip}" for ip in ips] + [f"DNS:{d}" for d in dns])
+    usage = "serverAuth" if alt else "clientAuth"
+    (pki / f"{name}.ext").write_text((f"subjectAltName={alt}\n" if alt else "") + f"extendedKeyUsage={usage}\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", cwd=pki)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "30", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=pki)
+
+
+def make_pki(pki: Path, address: str = "127.0.0.1", service_ip: str = SERVICE_IP) -> None:
+    """CA, the API server's serving cert, its client cert for kubelets (system:masters), service-account keys."""
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=mysproj-test-ca",
              "-keyout", "ca.key", "-out", "ca.crt", cwd=pki)
-    san = f"subjectAltName=IP:127.0.0.1,IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default," \
-          "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
-    (pki / "serving.ext").write_text(san + "\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kube-apiserver", "-keyout", "serving.key",
-             "-out", "serving.csr", cwd=pki)
-    _openssl("x509", "-req", "-in", "serving.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "30", "-extfile", "serving.ext", "-out", "serving.crt", cwd=pki)
+    sign_cert(pki, "serving", "/CN=kube-apiserver", ips=tuple(dict.fromkeys(("127.0.0.1", address, service_ip))),
+              dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                   "kubernetes.default.svc.cluster.local"))
+    sign_cert(pki, "kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client")
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
 
-def write_kubeconfig(path: Path, server: str, ca: Path, token: str, namespace: str = "default") -> None:
+def write_kubeconfig(path: Path, server: str, ca: Path, token: str = "", namespace: str = "default",
+                     cert: Path | None = None) -> None:
+    """A token user, or a client-certificate user when `cert` (with the key beside it, .key) is given."""
+    user = {"token": token} if cert is None else {"client-certificate": str(cert),
+                                                   "client-key": str(cert.with_suffix(".key"))}
     cfg = {
         "apiVersion": "v1", "kind": "Config", "current-context": "test",
         "clusters": [{"name": "test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": "user", "user": {"token": token}}],
+        "users": [{"name": "user", "user": user}],
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user", "namespace": namespace}}],
     }
     path.write_text(json.dumps(cfg, indent=1))  # JSON is valid YAML
@@ -72,13 +85,17 @@ def write_kubeconfig(path: Path, server: str, ca: Path, token: str, namespace: s
 
 @dataclass
 class ControlPlane:
-    """One control plane under `workdir`. `start()` returns once /readyz answers; `stop()` kills by PID."""
+    """One control plane under `workdir`. `start()` returns once /readyz answers; `stop()` kills by PID.
+    The API server listens on `address`:`api_port` (a free port when 0); the `kubernetes` Service gets the first
+    address of `service_cidr`."""
 
     workdir: Path
     bin_dir: Path = DEFAULT_BIN
     pids: dict[str, int] = field(default_factory=dict)
     api_port: int = 0
     token: str = ""
+    address: str = "127.0.0.1"
+    service_cidr: str = SERVICE_CIDR
 
     @property
     def kubeconfig(self) -> Path:
@@ -86,7 +103,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.address}:{self.api_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -112,11 +129,11 @@ class ControlPlane:
         for name in COMPONENTS:
             self.binary(name)
         pki = self.workdir / "pki"
-        make_pki(pki)
+        make_pki(pki, self.address, first_address(self.service_cidr))
         self.token = secrets.token_hex(16)
         (self.workdir / "tokens.csv").write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
         etcd_port, etcd_peer = free_port(), free_port()
-        self.api_port = free_port()
+        self.api_port = self.api_port or free_port()
         write_kubeconfig(self.kubeconfig, self.server, self.ca_file, self.token)
         try:
             self._spawn("etcd", [
@@ -130,18 +147,21 @@ class ControlPlane:
             ])
             self._spawn("kube-apiserver", [
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.api_port}",
+                f"--bind-address={self.address}", f"--advertise-address={self.address}",
+                f"--secure-port={self.api_port}",
                 "--insecure-port=0",
                 f"--tls-cert-file={pki / 'serving.crt'}", f"--tls-private-key-file={pki / 'serving.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
                 f"--token-auth-file={self.workdir / 'tokens.csv'}",
-                "--authorization-mode=Node,RBAC", "--allow-privileged=true",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+                "--allow-privileged=true", f"--service-cluster-ip-range={self.service_cidr}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                # The node stand-in serves pod logs over HTTPS with a cert of our CA.
+                # Logs, exec: the API server calls the kubelet, each proving itself with a cert of our CA.
                 f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+                f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'kubelet-client.key'}",
                 "--kubelet-preferred-address-types=InternalIP",
                 "--event-ttl=1h", "--v=1",
             ])
@@ -151,7 +171,7 @@ class ControlPlane:
             self._spawn("kube-controller-manager", [
                 *common, f"--secure-port={free_port()}",
                 f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-                "--use-service-account-credentials=true", f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--use-service-account-credentials=true", f"--service-cluster-ip-range={self.service_cidr}",
                 "--controllers=*", "--concurrent-gc-syncs=5",
                 "--node-monitor-period=1s",  # a new node's not-ready taint goes within a second of Ready
             ])
@@ -194,6 +214,13 @@ class ControlPlane:
             _reap(pid)
         self.pids = {}
         (self.workdir / "pids").unlink(missing_ok=True)
+
+
+def first_address(cidr: str) -> str:
+    """The `kubernetes` Service's address: the first host address of the service range."""
+    import ipaddress
+
+    return str(next(ipaddress.ip_network(cidr).hosts()))
 
 
 def _signal(pid: int, sig: int) -> None:

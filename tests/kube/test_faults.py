@@ -51,7 +51,7 @@ def run_env(kube, s3_server):
         "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
     env = {**kube.env, **s3_server.env(), "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
     env.pop("MYSPROJ_S3_ENDPOINT", None)
-    sets = [f"storage.endpoint={s3_server.endpoint}", f"storage.bucket={BUCKET}", *SETS, *kube.image_sets]
+    sets = [f"storage.endpoint={kube.s3_endpoint}", f"storage.bucket={BUCKET}", *SETS, *kube.image_sets]
     return kube, s3_server, env, sets
 
 

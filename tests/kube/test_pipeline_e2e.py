@@ -44,7 +44,7 @@ def helm(env, *args, check=True):
 
 def install(kube, s3, env, release, *extra, verb="install"):
     return helm(env, verb, release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
-                "--namespace", kube.namespace, *kube.image_values, "--set", f"storage.endpoint={s3.endpoint}",
+                "--namespace", kube.namespace, *kube.image_values, "--set", f"storage.endpoint={kube.s3_endpoint}",
                 "--set", f"storage.bucket={BUCKET}", *extra)
 
 

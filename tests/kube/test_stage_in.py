@@ -46,7 +46,8 @@ def test_a_release_naming_only_an_origin_fetches_it_once_and_resumes_a_killed_fe
                                                                                   tmp_path):
     kube, s3, env = run_env
     data = dtd_archive(tmp_path)
-    url = pod_origin.add(ARCHIVE, data) + f"#sha256={hashlib.sha256(data).hexdigest()}"
+    url = pod_origin.add(ARCHIVE, data).replace("127.0.0.1", kube.origin_host)
+    url += f"#sha256={hashlib.sha256(data).hexdigest()}"
     # the server answers the size probe and one piece, then holds the next request until released
     pod_origin.faults.release.clear()
     pod_origin.faults.hold[ARCHIVE] = 2
