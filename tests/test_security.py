@@ -100,7 +100,9 @@ def rendered(tmp_path_factory) -> Path:
     values = [None, *sorted(CHART.glob("values-*.yaml"))]
     for v in values:
         name = "values" if v is None else v.stem
-        args = [_helm(), "template", "scan", str(CHART), "--namespace", "mysproj-runs"]
+        # CrisisMMD's terms accepted (the examples leave that to the user); the NetworkPolicy scanned too
+        args = [_helm(), "template", "scan", str(CHART), "--namespace", "mysproj-runs",
+                "--set", "pipeline.accept_terms={crisismmd}", "--set", "networkPolicy.enabled=true"]
         result = subprocess.run(args + ([] if v is None else ["-f", str(v)]), capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         docs = [d for d in yaml.safe_load_all(result.stdout) if d]

@@ -46,6 +46,12 @@ NON_FIELD_ENV = {
     "MYSPROJ_KUBECONFIG": "kubeconfig secret (CI)",
     "MYSPROJ_S3_ACCESS_KEY_ID": "bucket credentials (CI secret)",
     "MYSPROJ_S3_SECRET_ACCESS_KEY": "bucket credentials (CI secret)",
+    "MYSPROJ_FETCH_CACHE": "where stage commands keep origins they fetch (mysproj/stages/fetch.py)",
+    "MYSPROJ_FETCH_RETRY_SECONDS": "how long one download request may keep failing (mysproj/sources)",
+    "MYSPROJ_GITHUB_URL": "GitHub's web address for github:// origins: a mirror (mysproj/sources/github.py)",
+    "MYSPROJ_GITHUB_API_URL": "GitHub's API address for github:// origins: a mirror (mysproj/sources/github.py)",
+    "MYSPROJ_IMAGE": "the image a stage runs in, as an MLflow tag (mysproj/tracking)",
+    "MYSPROJ_KUBE_NODE": "the Kubernetes test tier's node: standin or kubelet (tests, k8s/)",
 }
 _CONFIG_CLASSES: set[type] = set()  # every config class this process has built flags or configs for
 _WARNED_ENV: set[str] = set()
