@@ -139,3 +139,15 @@ def test_continuations_match_training_targets(loaded):
     tok, cfg = loaded.tokenizer, loaded.model.config
     ex = training_example(tok, "<image>\nWhich texture?", "star field", cfg.image_token_id)
     assert [t for t in ex.labels if t != -100] == scoring.continuation_ids(tok, "star field")
+
+
+def test_a_prompt_and_answer_beyond_the_models_context_is_refused_before_any_image(tmp_path, prep_uri,
+                                                                                  llava_tiny_uri, capsys):
+    from stage_runs import cli
+
+    out = tmp_path / "eval"
+    rc, errors, _ = cli(["eval-llava", "--model", llava_tiny_uri, "--data", prep_uri, "--out", out,
+                         "--max-new-tokens", 2048, "--workers", 0], capsys)
+    assert rc == 64 and len(errors) == 1
+    assert "over the model's context of 2048" in errors[0] and "--max-new-tokens" in errors[0]
+    assert not (out / "_SUCCESS.json").exists()

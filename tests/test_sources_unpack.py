@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import os
 import tarfile
@@ -13,6 +14,36 @@ import pytest
 from mysproj.errors import BadInput
 from mysproj.sources import unpack
 from mysproj.sources.unpack import kind
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["tarfile-filters", "own-checks"])
+def tar_filters(request, monkeypatch):
+    """Every case with tarfile's `data` filter and with the checks made where the interpreter has none (Debian
+    12's Python 3.11.2, the offline image base)."""
+    module = importlib.import_module("mysproj.sources.unpack")  # the package exports the function by that name
+    if request.param and not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python has no tarfile filters")
+    monkeypatch.setattr(module, "HAS_FILTERS", request.param)
+    return request.param
+
+
+def test_devices_set_id_bits_and_owners_do_not_come_from_an_archive(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("bin/tool")
+        info.size, info.mode, info.uid, info.gid = 4, 0o6777, 4242, 4242
+        t.addfile(info, io.BytesIO(b"tool"))
+    out = tmp_path / "out"
+    assert unpack(_write(tmp_path, "a.tar", buf.getvalue()), str(out)) == ["bin/tool"]
+    st = os.stat(out / "bin" / "tool")
+    assert not st.st_mode & 0o6022 and st.st_uid == os.getuid()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("dev/null-ish")
+        info.type = tarfile.CHRTYPE
+        t.addfile(info)
+    with pytest.raises(BadInput, match="device"):
+        unpack(_write(tmp_path, "b.tar", buf.getvalue()), str(tmp_path / "out2"))
 
 
 def _write(tmp_path, name: str, data: bytes) -> str:

@@ -75,6 +75,11 @@ def unpack(archive: str, dest: str, *, into: str = "") -> list[str]:
     return [prefix + n for n in _untar(archive, target)]
 
 
+# tarfile's extraction filters came with Python 3.12 and 3.11.4; Debian 12's 3.11.2 (the offline image base) lacks
+# them, so there the members are made safe here the way the `data` filter would.
+HAS_FILTERS = hasattr(tarfile, "data_filter")
+
+
 def _untar(archive: str, target: str) -> list[str]:
     with tarfile.open(archive, "r:*") as t:
         members = []
@@ -86,7 +91,15 @@ def _untar(archive: str, target: str) -> list[str]:
                 _check_link(archive, m.name, m.linkname)
             elif m.islnk():
                 _check_name(archive, m.linkname)
+            elif not (m.isfile() or m.isdir()):
+                raise BadInput(f"{archive}: member {m.name!r} is a device or a pipe; refusing to unpack this archive")
+            if not HAS_FILTERS:  # no set-id bits, no writes for others, no owners taken from the archive
+                m.mode = (m.mode & 0o755) | (0o600 if m.isfile() else 0o700)
+                m.uid, m.gid, m.uname, m.gname = os.getuid(), os.getgid(), "", ""
             members.append(m)
+        if not HAS_FILTERS:
+            t.extractall(target, members=members)
+            return sorted(m.name for m in members if m.isfile() or m.islnk())
         try:
             t.extractall(target, members=members, filter="data")
         except tarfile.FilterError as e:

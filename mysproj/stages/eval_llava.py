@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+from mysproj.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,6 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], pixel_values, m
 
 def examples(data, split: str, limit: int | None):
     """(samples, human prompts) in the order of `llava_<split>.json`."""
-    from mysproj.errors import BadInput
 
     by_image = {s.image: s for s in data.samples(split)}
     records = data.llava_records(split)[: limit or None]
@@ -98,6 +99,10 @@ def _body(cfg, out) -> dict:
     sampled = decoding.samples(cfg)
     log.info("eval-llava: %d examples, %d classes, mode %s (%s), %s weights on %s", len(samples), len(data.classes),
              cfg.mode, _decoding_text(cfg, stop_rule), "random" if loaded.random_weights else "loaded", dev)
+
+    longest = max(range(len(humans)), key=lambda i: len(humans[i]))
+    check_context(model.config, len(prompt_ids(tok, llava_v1_prompt(humans[longest]), image_token, n_image)),
+                  cfg.max_new_tokens if cfg.mode == "generate" else max(len(c) for c in conts), samples[longest])
 
     transform = image_transform(with_backend(loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio)
     rows: list[dict] = []
@@ -150,6 +155,16 @@ def _decoding_text(cfg, stop_rule: str) -> str:
 def _row(sample, prediction, **extra) -> dict:
     return {"image": sample.image, "label": sample.label, "prediction": prediction,
             "correct": prediction == sample.label, **extra}
+
+
+def check_context(config, prompt_tokens: int, answer_tokens: int, sample) -> None:
+    """`BadInput` before any image is read when the longest prompt (the image's tokens expanded) and the answer it
+    may get do not fit the model's context: positions past it would be garbage, not an error."""
+    context = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    if context and prompt_tokens + answer_tokens > context:
+        raise BadInput(f"eval-llava: the prompt of {sample.image} is {prompt_tokens} tokens "
+                       f"(the image's included) and its answer up to {answer_tokens}, over the model's context of "
+                       f"{context}; lower --max-new-tokens, or shorten the prompt (fewer classes, a shorter --task)")
 
 
 def generate(model, batch, pixel_values, max_new_tokens: int, pad_id: int, tokenizer) -> list[str]:
