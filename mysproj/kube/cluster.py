@@ -23,7 +23,8 @@ class Cluster:
             in_cluster_ns = _read(_SA_NAMESPACE)
         except config.ConfigException:
             try:
-                config.load_kube_config(context=context)
+                # $KUBECONFIG as it is now: the client library reads it once, when it is first imported
+                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context)
             except (config.ConfigException, FileNotFoundError, TypeError) as e:
                 raise BadInput(f"no Kubernetes credentials: not in a pod and no kubeconfig ({e}); "
                                "set KUBECONFIG") from None
