@@ -73,7 +73,7 @@ def _listing(uri: str, exclude: str | None) -> dict[str, dict]:
                 if skip and (full + "/").startswith(skip) or not os.path.isfile(full):
                     continue
                 rel = os.path.relpath(full, path).replace(os.sep, "/")
-                _utf8_name(full)
+                refuse_undecodable_name(full)
                 found[rel] = {"size": os.path.getsize(full), "path": full, "tag": None}
         return found
     info = U.with_retry(f"listing {uri}", lambda: fs.find(path, detail=True, withdirs=False))
@@ -90,8 +90,8 @@ def _listing(uri: str, exclude: str | None) -> dict[str, dict]:
     return found
 
 
-def _utf8_name(path: str) -> None:
-    """`BadInput` for a local name that is not UTF-8 (Python carries its bytes as lone surrogates, which no
+def refuse_undecodable_name(path: str) -> None:
+    """`BadInput` for a name that is not UTF-8 (Python carries its bytes as lone surrogates, which no
     manifest, JSON or database can hold)."""
     try:
         path.encode("utf-8")

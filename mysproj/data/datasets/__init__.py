@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from mysproj.config.datasets import RECORDS
 from mysproj.errors import BadInput
 from mysproj.storage import exists, is_local, join, list_dirs, local_path
+from mysproj.storage.digest import refuse_undecodable_name
 
 READERS = {name: d.reader for name, d in RECORDS.items()}
 
@@ -55,13 +56,8 @@ def refuse_undecodable_names(candidates: list[Candidate]) -> None:
     """`BadInput` for the first image whose path or class is not valid UTF-8 (Python carries such bytes as lone
     surrogates, which no manifest, JSON or Parquet file can hold)."""
     for c in candidates:
-        for text in (c.image, c.label):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                raise BadInput(f"{shown}: a file or folder name that is not UTF-8; rename it (e.g. convmv -f latin1 "
-                               f"-t utf8)") from None
+        refuse_undecodable_name(c.image)
+        refuse_undecodable_name(c.label)
 
 
 def refuse_links_out_of(root: str, candidates: list[Candidate]) -> None:
