@@ -118,3 +118,22 @@ def test_a_server_down_from_the_start_costs_one_warning(tmp_path, caplog):
         record = run.end()
     assert len([r for r in caplog.records if r.name == "mysproj.tracking.mlflow_log"]) == 1
     assert record["run_id"] is None and record["error"] and record["uri"] == down
+
+
+def test_a_rerun_of_an_output_replaces_its_child(mlflow_server, tmp_path):
+    """A stage run again at the same output with the same config (its input changed, or --force) leaves one
+    child: the output holds only the last attempt's result."""
+    from mysproj.config.stages import EvalLlavaConfig
+    from mysproj.tracking.mlflow_log import stage_run
+
+    cfg = EvalLlavaConfig(model="m", data="d", out=str(tmp_path / "run/dtd/zero-shot/eval-llava"),
+                          mlflow_uri=mlflow_server.uri, mlflow_experiment="rerun")
+    ids = []
+    for f1 in (0.25, 0.5):
+        run = stage_run(cfg, "eval-llava")
+        run.metrics(0, {"eval/macro_f1": f1})
+        ids.append(run.end()["run_id"])
+    client = _client(mlflow_server)
+    children = _runs(client, "rerun", f"tags.`mysproj.output` = '{cfg.out}'")
+    assert [c.info.run_id for c in children] == [ids[1]] and children[0].data.metrics["eval/macro_f1"] == 0.5
+    assert len(_runs(client, "rerun", "tags.`mysproj.kind` = 'parent'")) == 1

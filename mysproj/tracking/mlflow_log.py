@@ -109,8 +109,9 @@ class Tracker:
 
 
 class StageRun:
-    """One stage output's child run. A new attempt (a resumed fine-tuning, a re-run) replaces the unfinished runs
-    of earlier attempts, which are deleted: the points its checkpoint kept are logged again, none twice."""
+    """One stage output's child run. A new attempt (a resumed fine-tuning, a re-run after a config or an input
+    changed) replaces the runs of earlier attempts at the same output, which are deleted: the output holds only
+    this attempt's result, and the points a checkpoint kept are logged again, none twice."""
 
     def __init__(self, tracker: Tracker, cfg, stage: str):
         from mysproj.config.fields import config_hash, config_to_dict
@@ -123,8 +124,7 @@ class StageRun:
         if parent is None:
             return
         for old in tracker._search(f"tags.`{OUTPUT_TAG}` = '{cfg.out}'"):
-            if old.info.status != "FINISHED" or old.data.tags.get("mysproj.config_hash") != config_hash(cfg):
-                tracker.call("delete old attempt", lambda old=old: tracker.client.delete_run(old.info.run_id))
+            tracker.call("delete old attempt", lambda old=old: tracker.client.delete_run(old.info.run_id))
         tags = {"mlflow.parentRunId": parent, OUTPUT_TAG: cfg.out, "mysproj.run_path": rel, "mysproj.stage": stage,
                 "mysproj.config_hash": config_hash(cfg), **_code_tags()}
         run = tracker.call("create run", lambda: tracker.client.create_run(tracker.experiment_id(), run_name=rel,
