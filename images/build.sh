@@ -27,6 +27,7 @@ if [ "$REVISION" != unknown ] && ! git diff --quiet HEAD -- 2>/dev/null; then
     REVISION="$REVISION-dirty"
 fi
 LABELS=(--label "org.opencontainers.image.revision=$REVISION" --label "org.opencontainers.image.version=$VERSION")
+LABELS+=(--build-arg "GIT_SHA=$REVISION")  # and as MYSPROJ_GIT_SHA inside: manifests and MLflow tags name it
 
 # Lowered rlimits: podman's defaults raise them above what some hosts allow (then every RUN fails).
 OCI_FLAGS=(--layers --isolation chroot --ulimit nofile=1024:1024 --ulimit nproc=4096:4096)

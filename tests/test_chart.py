@@ -300,5 +300,7 @@ def test_tracking_settings_and_credentials_reach_the_pods_only_by_reference():
         assert "value" not in token and token["valueFrom"]["secretKeyRef"] == {
             "name": "mlflow-creds", "key": "MLFLOW_TRACKING_TOKEN", "optional": True}
         assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-creds"
+        # the image a pod runs in, for the MLflow runs' `mysproj.image` tag
+        assert env["MYSPROJ_IMAGE"]["value"] == job["spec"]["template"]["spec"]["containers"][0]["image"]
     refused = helm("template", "run-a", str(CHART), "--set", "pipeline.tracking.mlflow=x", check=False)
     assert refused.returncode != 0 and "mlflow is not allowed" in refused.stderr  # no such tracking setting

@@ -112,6 +112,7 @@ def test_build_script_uses_whichever_builder_works(tmp_path, engine):
     assert "--build-arg BASE=python:3.11.11-slim-bookworm" in calls[0]
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     assert f"--label org.opencontainers.image.revision={head}" in calls[0]
+    assert f"--build-arg GIT_SHA={head}" in calls[0]  # MYSPROJ_GIT_SHA inside: manifests and MLflow name it
     if engine != "docker":  # rlimits low enough for hosts where podman's defaults fail, pip settings of the host
         assert "--ulimit nofile=1024:1024" in calls[0] and "--build-arg PIP_CONFIG_FILE=/run/mysproj-build" in calls[0]
 

@@ -267,6 +267,8 @@ spec:
             {{- include "mysproj.containerSecurityContext" $root | nindent 12 }}
           env:
             {{- include "mysproj.env" $root | nindent 12 }}
+            - name: MYSPROJ_IMAGE
+              value: {{ include "mysproj.image" (dict "image" $image "root" $root) | quote }}
             {{- if eq $kind "finetune" }}
             - name: MYSPROJ_NPROC_PER_NODE
               value: {{ $gpus | quote }}
