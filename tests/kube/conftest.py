@@ -9,6 +9,9 @@ namespace. See k8s/README.md. The node is chosen by MYSPROJ_KUBE_NODE:
 - `standin` (the default): the node stand-in tests/infra/node_agent.py, every pod a podman container in a network
   namespace where only the API server and S3 are reachable (on 127.0.0.1).
 
+Either way the pods also reach the tests' own loopback servers, `pod_origin` (a dataset site) and `pod_mlflow` (an
+MLflow tracking server), at `kube.origin_host`.
+
     def test_x(kube):
         kube.batch.create_namespaced_job(kube.namespace, body)   # image: kube.images["cpu"]
         subprocess.run(["helm", "install", ..., *kube.image_values], env=kube.env)  # KUBECONFIG, helm, the venv
@@ -213,17 +216,30 @@ def pod_origin():
 
 
 @pytest.fixture(scope="session")
-def kube_cluster(tmp_path_factory, container_images, s3_server, pod_origin):
+def pod_mlflow(tmp_path_factory):
+    """An MLflow tracking server for the pods (tests/mlflow_server.py): its port is reserved now and reached by the
+    pods from the cluster's start (as `pod_origin`'s, at `kube.origin_host`), the server itself started by the test
+    that calls `start()`, so only that test pays for it."""
+    from loopback_ports import free_ports
+    from mlflow_server import MlflowServer, mlflow_binary
+
+    server = MlflowServer(mlflow_binary() or "", str(tmp_path_factory.mktemp("mlflow-pods")), free_ports(1)[0])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory, container_images, s3_server, pod_origin, pod_mlflow):
     """The session's control plane + node; use the module-scoped `kube` in tests."""
     _ensure_tools()
     if s3_server.proc is None or s3_server.proc.poll() is not None:
         s3_server.start()
     root = tmp_path_factory.mktemp("kube")
-    origin_port = pod_origin.server.server_address[1]
+    loopback_ports = [pod_origin.server.server_address[1], pod_mlflow.port]  # served on the host's 127.0.0.1
     if NODE_KIND == "kubelet":
-        yield from _kubelet_cluster(root, container_images, s3_server, origin_port)
+        yield from _kubelet_cluster(root, container_images, s3_server, loopback_ports)
     elif NODE_KIND == "standin":
-        yield from _standin_cluster(root, container_images, s3_server, origin_port)
+        yield from _standin_cluster(root, container_images, s3_server, loopback_ports)
     else:
         pytest.fail(f"MYSPROJ_KUBE_NODE={NODE_KIND!r}: use kubelet or standin")
 
@@ -240,15 +256,16 @@ def _clients(kubeconfig: Path) -> dict:
             "batch": client.BatchV1Api(api), "rbac": client.RbacAuthorizationV1Api(api), "node": NODE}
 
 
-def _kubelet_cluster(root: Path, container_images: dict, s3_server, origin_port: int):
+def _kubelet_cluster(root: Path, container_images: dict, s3_server, loopback_ports: list[int]):
     started = time.monotonic()
     cp, node = node_mod.up(root, TOOLS, [container_images["cpu"]])
     s3_port = s3_server.ports["s3.port"]
-    forwarder = origin = importing = None
+    forwarders = []
+    importing = None
     try:
         importing = _ImportThread(node, [container_images["gpu"]])
-        forwarder = Forwarder((node.network.gateway, s3_port), ("127.0.0.1", s3_port))
-        origin = Forwarder((node.network.gateway, origin_port), ("127.0.0.1", origin_port))
+        for port in (s3_port, *loopback_ports):
+            forwarders.append(Forwarder((node.network.gateway, port), ("127.0.0.1", port)))
         print(f"\n[kube] control plane + kubelet node up in {time.monotonic() - started:.1f} s (CPU image copied "
               f"in {node.imported[container_images['cpu']]:.0f} s)", file=sys.stderr)
         yield Kube(**_clients(cp.kubeconfig), server=cp.server, node_dir=node.workdir, controlplane_dir=cp.workdir,
@@ -258,9 +275,8 @@ def _kubelet_cluster(root: Path, container_images: dict, s3_server, origin_port:
         if importing is not None:
             importing.join()
             print(f"[kube] GPU image copied into containerd in {importing.took:.0f} s", file=sys.stderr)
-        for f in (forwarder, origin):
-            if f:
-                f.close()
+        for f in forwarders:
+            f.close()
         problems = node.stop()  # before the control plane: pods are deleted through it
         cp.stop()
         if problems:
@@ -293,7 +309,7 @@ class StandIn:
             return None
 
 
-def _standin_cluster(root: Path, container_images: dict, s3_server, origin_port: int):
+def _standin_cluster(root: Path, container_images: dict, s3_server, loopback_ports: list[int]):
     cluster_mod = node_mod.cluster
     started = time.monotonic()
     cp = cluster_mod.ControlPlane(root / "controlplane", TOOLS).start()
@@ -303,7 +319,7 @@ def _standin_cluster(root: Path, container_images: dict, s3_server, origin_port:
     netns = f"mysproj-pods-{os.getpid()}"
     cmd = [sys.executable, str(AGENT), "--kubeconfig", str(cp.kubeconfig), "--state-dir", str(agent_dir),
            "--node", NODE, "--gpus", "8", "--gpu-product", GPU_PRODUCT, "--containers", "--netns", netns,
-           "--forward-port", str(s3_server.ports["s3.port"]), "--forward-port", str(origin_port),
+           *(a for port in (s3_server.ports["s3.port"], *loopback_ports) for a in ("--forward-port", str(port))),
            "--tls-cert", str(cp.workdir / "pki" / "serving.crt"), "--tls-key", str(cp.workdir / "pki" / "serving.key")]
     with open(agent_dir / "agent.log", "ab") as out:
         agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)

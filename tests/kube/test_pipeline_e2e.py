@@ -2,9 +2,10 @@
 of the DAG as a real Job, each pod a real container of the project's images under the chart's securityContext (the
 CPU image for the controller, prep and report, the GPU image for the rest, on the CPU here), a killed stage is retried
 by its Job, a deleted pod is replaced and leaves a trace, `mysproj status` shows the run (with or without the
-bucket's credentials in the user's shell), the report lands in the bucket, a re-install reuses every output, a
-`helm upgrade` with changed values runs the changed stages, and `helm uninstall` leaves nothing behind. A bad-input
-stage fails the run with its reason."""
+bucket's credentials in the user's shell), the report lands in the bucket, the run is one MLflow parent run with a
+child per stage output on a real tracking server the pods reach, a re-install reuses every output, a `helm upgrade`
+with changed values runs the changed stages, and `helm uninstall` leaves nothing behind. A bad-input stage fails the
+run with its reason."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow_server import mlflow_binary
+
+from mysproj.pipeline.dag import TRACKED_STAGES
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3]
 
@@ -46,6 +50,34 @@ def install(kube, s3, env, release, *extra, verb="install"):
     return helm(env, verb, release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
                 "--namespace", kube.namespace, *kube.image_values, "--set", f"storage.endpoint={kube.s3_endpoint}",
                 "--set", f"storage.bucket={BUCKET}", *extra)
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(kube, pod_mlflow):
+    """The tests' MLflow server (SQLite store, artifacts proxied by the server: the pods share no filesystem with
+    it) as the pods reach it; the tests read it at `pod_mlflow.uri`."""
+    if not mlflow_binary():
+        pytest.fail("no `mlflow` server binary: run `make mlflow-server`")
+    pod_mlflow.start()
+    return pod_mlflow.uri.replace("127.0.0.1", kube.origin_host)
+
+
+def mlflow_runs(uri: str, root: str):
+    """(the MlflowClient, the parent runs of run root `root`, {run path: child run} of the first) on the server."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("mysproj")
+    assert experiment is not None, "no MLflow experiment `mysproj`"
+    parents = client.search_runs([experiment.experiment_id],
+                                 f"tags.`mysproj.kind` = 'parent' and tags.`mysproj.root` = '{root}'")
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'") if parents else []
+    by_path: dict = {}
+    for child in children:
+        by_path.setdefault(child.data.tags["mysproj.run_path"], []).append(child)
+    assert all(len(runs) == 1 for runs in by_path.values()), {p: len(r) for p, r in by_path.items()}
+    return client, parents, {p: runs[0] for p, runs in by_path.items()}
 
 
 def mysproj(env, *args):
@@ -96,9 +128,11 @@ def controller_events(kube, release: str) -> list[tuple[str, str]]:
     return [(e.reason, e.message) for e in sorted(ours, key=lambda e: e.first_timestamp)]
 
 
-def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_env):
+def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_env, mlflow_uri, pod_mlflow,
+                                                                           tmp_path):
     kube, s3, env = run_env
-    notes = install(kube, s3, env, "tiny").stdout
+    tracked = ("--set", f"pipeline.tracking.mlflow_uri={mlflow_uri}")
+    notes = install(kube, s3, env, "tiny", *tracked).stdout
     assert "mysproj status tiny" in notes and "kubectl get jobs" in notes
     assert f"mysproj logs tiny textures-mini/prep --namespace {kube.namespace}" in notes
 
@@ -175,6 +209,36 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert [r for r, _ in story].count("RunComplete") == 1, story
     assert "## Time" in report_md and "| `textures-mini/ft-projector/seed0/finetune` | finetune |" in report_md
 
+    # MLflow: one parent run for the release, one child per fine-tuning, evaluation and probe output (the killed
+    # fine-tuning attempt's unfinished child replaced by the retry's) with the stage's config as params and its
+    # metrics, and the report's files uploaded by the report pod as the parent's artifacts.
+    root = f"s3://{BUCKET}/runs/tiny"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    client, parents, children = mlflow_runs(pod_mlflow.uri, root)
+    assert len(parents) == 1 and parents[0].data.tags["mysproj.release"] == "tiny", parents
+    parent = parents[0].info.run_id
+    tracked_nodes = {j.metadata.annotations["mysproj.io/node"] for j in jobs
+                     if j.metadata.labels["mysproj.io/stage"] in TRACKED_STAGES}
+    assert set(children) == tracked_nodes and len(tracked_nodes) == 6, sorted(children)
+    for path, child in children.items():
+        done = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/{path}/_SUCCESS.json"))
+        assert child.info.status == "FINISHED" and child.data.tags["mysproj.config_hash"] == done["config_hash"]
+        assert done["summary"]["mlflow"] == {"uri": mlflow_uri, "run_id": child.info.run_id, "missed": 0,
+                                                 "error": None}, path
+        assert child.data.params["out"] == f"{root}/{path}" and child.data.metrics, path
+        # tagged with the image the pod ran and the git revision that image was built from
+        assert child.data.tags["mysproj.image"] == kube.images["gpu"], child.data.tags
+        assert child.data.tags["mlflow.source.git.commit"].removesuffix("-dirty") == head, child.data.tags
+    ft_child = children["textures-mini/ft-projector/seed0/finetune"]
+    assert ft_child.data.params["strategy"] == "projector" and ft_child.data.params["max_steps"] == "2"
+    assert [m.step for m in client.get_metric_history(ft_child.info.run_id, "train/loss")] == [1, 2]
+    assert "eval/macro_f1" in children["textures-mini/ft-projector/seed0/eval-llava"].data.metrics
+    assert "probe/post_macro_f1" in children["textures-mini/zero-shot/seed0/probe"].data.metrics
+    assert {"report/report.md", "report/results.parquet"} <= {a.path for a in client.list_artifacts(parent, "report")}
+    assert "report/plots/loss_textures-mini.png" in {a.path for a in client.list_artifacts(parent, "report/plots")}
+    uploaded = Path(client.download_artifacts(parent, "report/report.md", str(tmp_path))).read_text()
+    assert uploaded == report_md
+
     logs = mysproj(env, "logs", "tiny", "textures-mini/prep", "--namespace", kube.namespace)
     prep = next(j.metadata.name for j in jobs if j.metadata.labels["mysproj.io/stage"] == "prep")
     pod = kube.pods(f"job-name={prep}")[0].metadata.name
@@ -184,7 +248,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     kube.wait_for(lambda: not leftovers(kube, "tiny"), 120, "the garbage collector to remove every object")
 
     # A re-install of the same values reuses every complete output: only the controller runs.
-    install(kube, s3, env, "tiny")
+    install(kube, s3, env, "tiny", *tracked)
     assert kube.wait_for(lambda: finished(kube, "tiny"), 180, "the resumed run") == "Complete", debug(kube, "tiny")
     jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
     assert [j.metadata.labels["mysproj.io/stage"] for j in jobs] == ["controller"]
@@ -194,7 +258,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert "11 reused" in resumed, resumed
 
     # `helm upgrade` with a changed value: the next revision's controller runs the changed stage.
-    install(kube, s3, env, "tiny", "--set", "pipeline.overrides.finetune.max_steps=3", verb="upgrade")
+    install(kube, s3, env, "tiny", *tracked, "--set", "pipeline.overrides.finetune.max_steps=3", verb="upgrade")
     assert kube.wait_for(lambda: finished(kube, "tiny", revision=2), RUN_TIMEOUT, "the upgraded run") == "Complete", \
         debug(kube, "tiny")
     jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
@@ -209,6 +273,12 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     upgraded = mysproj(env, "status", "tiny", "--namespace", kube.namespace).stdout
     ft_row = next(ln for ln in upgraded.splitlines() if ln.startswith("textures-mini/ft-projector/seed0/finetune"))
     assert ft_row.split()[1:3] == [ft[0].metadata.name, "complete"], upgraded
+    # Still one parent and one child per output in MLflow: each stage that ran again replaced its child.
+    client, parents, again = mlflow_runs(pod_mlflow.uri, root)
+    assert len(parents) == 1 and parents[0].info.run_id == parent and set(again) == tracked_nodes
+    ft_child = again["textures-mini/ft-projector/seed0/finetune"]
+    assert ft_child.data.params["max_steps"] == "3" and ft_child.info.run_id == manifest["summary"]["mlflow"]["run_id"]
+    assert [m.step for m in client.get_metric_history(ft_child.info.run_id, "train/loss")] == [1, 2, 3]
     helm(env, "uninstall", "tiny", "--namespace", kube.namespace)
     kube.wait_for(lambda: not leftovers(kube, "tiny"), 120, "the garbage collector to remove every object")
 
