@@ -137,3 +137,46 @@ def test_a_rerun_of_an_output_replaces_its_child(mlflow_server, tmp_path):
     children = _runs(client, "rerun", f"tags.`mysproj.output` = '{cfg.out}'")
     assert [c.info.run_id for c in children] == [ids[1]] and children[0].data.metrics["eval/macro_f1"] == 0.5
     assert len(_runs(client, "rerun", "tags.`mysproj.kind` = 'parent'")) == 1
+
+
+def test_a_server_that_refuses_gets_one_request_and_costs_one_warning(tmp_path, caplog):
+    """A server that answers every request with 503 (an overloaded proxy in front of MLflow; MLflow's client would
+    retry it with backoff for minutes): one request, no retry, nothing after it, one warning."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mysproj.config.stages import EvalLlavaConfig
+    from mysproj.tracking.mlflow_log import stage_run
+
+    seen = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def _refuse(self):
+            seen.append(self.path)
+            body = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "try later"}'
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    cfg = EvalLlavaConfig(model="m", data="d", out=str(tmp_path / "dtd/zero-shot/eval-llava"), mlflow_uri=uri)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mysproj.tracking.mlflow_log"):
+            run = stage_run(cfg, "eval-llava")
+            run.metrics(0, {"eval/macro_f1": 0.5})
+            record = run.end()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(seen) == 1, seen
+    assert len([r for r in caplog.records if r.name == "mysproj.tracking.mlflow_log"]) == 1
+    assert record["run_id"] is None and record["error"].startswith("experiment: ") and record["missed"] >= 1
