@@ -80,6 +80,13 @@ def mlflow_runs(uri: str, root: str):
     return client, parents, {p: runs[0] for p, runs in by_path.items()}
 
 
+def image_revision(image: str) -> str:
+    """The git revision a test image was built from (its OCI label, which tests/test_container_images.py checks)."""
+    return subprocess.run(["podman", "image", "inspect", "--format",
+                           '{{index .Labels "org.opencontainers.image.revision"}}', image],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def mysproj(env, *args):
     return subprocess.run([sys.executable, "-m", "mysproj.cli", *args], env=env, capture_output=True, text=True,
                           cwd=REPO)
@@ -213,7 +220,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     # fine-tuning attempt's unfinished child replaced by the retry's) with the stage's config as params and its
     # metrics, and the report's files uploaded by the report pod as the parent's artifacts.
     root = f"s3://{BUCKET}/runs/tiny"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    built_from = image_revision(kube.images["gpu"])
     client, parents, children = mlflow_runs(pod_mlflow.uri, root)
     assert len(parents) == 1 and parents[0].data.tags["mysproj.release"] == "tiny", parents
     parent = parents[0].info.run_id
@@ -228,7 +235,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
         assert child.data.params["out"] == f"{root}/{path}" and child.data.metrics, path
         # tagged with the image the pod ran and the git revision that image was built from
         assert child.data.tags["mysproj.image"] == kube.images["gpu"], child.data.tags
-        assert child.data.tags["mlflow.source.git.commit"].removesuffix("-dirty") == head, child.data.tags
+        assert child.data.tags["mlflow.source.git.commit"] == built_from, child.data.tags
     ft_child = children["textures-mini/ft-projector/seed0/finetune"]
     assert ft_child.data.params["strategy"] == "projector" and ft_child.data.params["max_steps"] == "2"
     assert [m.step for m in client.get_metric_history(ft_child.info.run_id, "train/loss")] == [1, 2]
