@@ -100,20 +100,36 @@ def tensorboard_scalars(logdir: str, s3=None) -> dict[str, list[tuple[int, float
     """{tag: [(step, value)]} of the event files directly in `logdir`, read by TensorBoard's own reader; for an
     s3:// URI, in a fresh process the way `S3_ENDPOINT=... tensorboard --logdir s3://...` reads it (TensorBoard
     binds its S3 client's endpoint when it is imported): boto3 pointed at `s3` (an S3Server) by S3_ENDPOINT only."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     code = ("import json, sys\n"
             "from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n"
             "acc = EventAccumulator(sys.argv[1], size_guidance={'scalars': 0})\n"
             "acc.Reload()\n"
             "print(json.dumps({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()['scalars']}))\n")
+    found = _tensorboard_reads(code, logdir, s3)
+    return {tag: [tuple(p) for p in points] for tag, points in found.items()}
+
+
+def tensorboard_runs(root: str, s3=None) -> dict[str, list[str]]:
+    """{run: scalar tags} of what `tensorboard --logdir <root>` shows (its multiplexer walks the root), for an
+    s3:// root read as `tensorboard_scalars` reads one."""
+    code = ("import json, sys\n"
+            "from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer\n"
+            "mux = EventMultiplexer().AddRunsFromDirectory(sys.argv[1])\n"
+            "mux.Reload()\n"
+            "print(json.dumps({r: sorted(t['scalars']) for r, t in mux.Runs().items()}))\n")
+    return _tensorboard_reads(code, root, s3)
+
+
+def _tensorboard_reads(code: str, logdir: str, s3):
+    import json
+    import os
+    import subprocess
+    import sys
+
     env = dict(os.environ)
     if s3 is not None:
         for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MYSPROJ_S3_ENDPOINT"):
             env.pop(name, None)
         env["S3_ENDPOINT"] = s3.endpoint
     done = subprocess.run([sys.executable, "-c", code, logdir], env=env, capture_output=True, text=True, check=True)
-    return {tag: [tuple(p) for p in points] for tag, points in json.loads(done.stdout).items()}
+    return json.loads(done.stdout)

@@ -10,7 +10,7 @@ pytest.importorskip("tensorboard")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from stage_runs import finetune, kill_after_checkpoint, stage  # noqa: E402
+from stage_runs import finetune, kill_after_checkpoint, stage, tensorboard_runs  # noqa: E402
 from stage_runs import tensorboard_scalars as scalars  # noqa: E402
 
 
@@ -103,6 +103,9 @@ def test_event_files_on_s3_are_read_by_tensorboard_through_s3_endpoint(s3_env, m
     name = events.close(out)
     assert name in out.files
     assert scalars(out_uri, s3=s3_env)["train/loss"] == [(1, 2.0), (2, 1.5), (3, 1.25)]
+    # `S3_ENDPOINT=... tensorboard --logdir s3://<run root>`: the output is one run, named by its path below the root
+    root = out_uri.removesuffix("/dtd/ft-projector/seed0/finetune")
+    assert tensorboard_runs(root, s3=s3_env) == {"dtd/ft-projector/seed0/finetune": ["train/loss"]}
 
 
 def test_no_tracking_library_is_imported_by_a_stage_that_does_not_log_to_it(tmp_path):
