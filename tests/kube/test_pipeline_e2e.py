@@ -231,7 +231,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
         done = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/{path}/_SUCCESS.json"))
         assert child.info.status == "FINISHED" and child.data.tags["mysproj.config_hash"] == done["config_hash"]
         assert done["summary"]["mlflow"] == {"uri": mlflow_uri, "run_id": child.info.run_id, "missed": 0,
-                                                 "error": None}, path
+                                             "error": None}, path
         assert child.data.params["out"] == f"{root}/{path}" and child.data.metrics, path
         # tagged with the image the pod ran and the git revision that image was built from
         assert child.data.tags["mysproj.image"] == kube.images["gpu"], child.data.tags
@@ -306,6 +306,12 @@ def test_bad_input_fails_the_run_with_its_reason(run_env):
     assert "mysproj.io/failure" in prep.items[0].metadata.annotations  # stopped: bad input is never retried
     assert not kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/stage=finetune,"
                                               "mysproj.io/run=bad").items  # nothing downstream ever started
+    # `kubectl describe job bad-mysproj-controller` tells it too: the stage's failure with its reason line.
+    story = controller_events(kube, "bad")
+    failed = [m for r, m in story if r == "StageFailed"]
+    assert len(failed) == 1 and failed[0].startswith("stage dtd/prep failed: "), story
+    assert "exit 64" in failed[0] and "no-such-dtd" in failed[0], story
+    assert [r for r, _ in story].count("RunFailed") == 1, story
 
     status = mysproj(env, "status", "bad", "--namespace", kube.namespace)
     assert status.returncode == 1
