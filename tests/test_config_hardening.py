@@ -175,6 +175,18 @@ def test_a_dtd_split_file_with_a_bom_gives_no_invisible_class(tmp_path):
     assert len(data.samples("train")) + len(data.samples("test")) == len(_dtd_without_bom(tmp_path))
 
 
+def test_a_dtd_split_file_in_latin_1_is_one_line(tmp_path, capsys):
+    from dataset_layouts import make_dtd
+
+    src = make_dtd(str(tmp_path / "src"), classes=("banded", "blotchy"), per_split=2)
+    labels = Path(src) / "labels" / "train1.txt"
+    labels.write_bytes(labels.read_bytes() + "banded/caf\u00e9.jpg\n".encode("latin-1"))
+    assert cli.main(["prep", "--dataset", "dtd", "--source", src, "--out", str(tmp_path / "o"),
+                     "--workers", "1"]) == EXIT_BAD_INPUT
+    assert f"{labels}: the text is not UTF-8: byte 0xe9" in _one_error(capsys)
+    assert not (tmp_path / "o" / "_SUCCESS.json").exists()
+
+
 def test_run_warns_about_stage_variables_it_does_not_apply(caplog):
     env = {"MYSPROJ_LR": "0.1", "MYSPROJ_ROOT": "r", "MYSPROJ_MAX_PER_CLASS": "3"}
     with caplog.at_level(logging.WARNING):
