@@ -228,10 +228,10 @@ runner.wait()
 @pytest.mark.timeout(900)
 def test_a_runner_killed_with_sigkill_mid_finetune_then_run_again_completes_with_one_writer(tmp_path):
     """`kill -9` of `mysproj run --gpus 2` while its fine-tuning child trains, and at once the same run again: the
-    child stops (parent-death signal), the re-run waits for its lease where it still stops, and ends with every
-    output verified; no process of the killed run outlives the re-run."""
+    child stops at a step (parent-death signal), the re-run waits for its lease while it stops, and ends with
+    every output verified; no process of the killed run outlives the re-run."""
     root = tmp_path / "root"
-    overrides = {**OVERRIDES, "finetune": {**OVERRIDES["finetune"], "max_steps": 40}}
+    overrides = {**OVERRIDES, "finetune": {**OVERRIDES["finetune"], "epochs": 10, "max_steps": 12, "log_every": 1}}
     argv = _run_argv(str(root), gpus=2, overrides=overrides)
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -240,16 +240,17 @@ def test_a_runner_killed_with_sigkill_mid_finetune_then_run_again_completes_with
         assert first.poll() is None, (tmp_path / "first.log").read_text()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-        training = [p for p in (root / "logs").rglob("*finetune*.log") if "steps of" in p.read_text(errors="replace")]
+        training = [p for p in (root / "logs").rglob("*finetune*.log")
+                    if "finetune: step 1/" in p.read_text(errors="replace")]
     first.send_signal(signal.SIGKILL)
     first.wait()
     finetune = root / str(training[0].relative_to(root / "logs"))[: -len(".log")]  # a child's log: its output path
     assert not (finetune / M.MANIFEST).exists()  # killed while it was writing
     again = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
-    # fine-tuning done by the re-run: the killed run's child stopped (had it trained on, its output would be
-    # complete by the time the re-run got its lease, and skipped)
     assert "6 stages" in again.stdout and "4 done, 2 skipped" in again.stdout, again.stdout
+    # the killed run's child stopped on the parent-death signal, at a step (both runs' children append to this log)
+    assert "stopped: " in training[0].read_text(errors="replace")
     assert len(_outputs_verified(str(root))) == 6
     left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _alive(int(pid), str(root))]
     assert not left, left
