@@ -37,6 +37,65 @@ def no_space(e: BaseException) -> str | None:
     return None
 
 
+def vanished(e: BaseException) -> str | None:
+    """The one line for a file that is gone (deleted or moved while a stage read it: a raw image, a model shard):
+    bad input, as no retry brings it back; None for any other error."""
+    if not isinstance(e, FileNotFoundError):
+        return None
+    name = e.filename or _quoted_path(str(e)) or str(e) or "a file"
+    return (f"{name}: no such file (deleted or moved while the stage was reading its inputs?); restore it, or "
+            f"re-run the stage that writes it, then run this again")
+
+
+# torch re-raises an exception of a DataLoader worker as the same type holding a multi-line text: this header,
+# the worker's whole traceback, and last the original `type: message`.
+_WORKER_HEADER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def from_worker(e: BaseException) -> BaseException:
+    """`e` as it was raised inside a DataLoader worker (same type, its own message only); any other exception
+    as it is. So a missing image is one line naming it, not a page of the worker's traceback."""
+    text = str(e)
+    if not _WORKER_HEADER.match(text):
+        return e
+    kind = type(e)
+    name = kind.__qualname__
+    if kind.__module__ not in ("builtins", "__main__"):  # as the traceback module names the type
+        name = f"{kind.__module__}.{name}"
+    at = text.rfind(f"\n{name}: ")
+    if at < 0:
+        return e
+    try:
+        plain = kind(text[at + len(name) + 3:].strip())
+    except Exception:  # noqa: BLE001 - a type that takes other arguments: keep torch's text
+        return e
+    if isinstance(plain, FileNotFoundError):  # a bare OSError text: keep the name for `vanished`
+        plain.filename = plain.filename or _quoted_path(str(plain))
+    return plain
+
+
+def _quoted_path(text: str) -> str | None:
+    m = re.search(r"No such file or directory: '(.+)'", text)
+    return m.group(1) if m else None
+
+
+def worker_errors(batches):
+    """Iterate a DataLoader (or an iterator over one) re-raising its workers' exceptions as `from_worker` makes
+    them."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            plain = from_worker(e)
+            if plain is e:
+                raise
+            raise plain from None
+        yield batch
+
+
 class Preempted(Exception):
     """The process was asked to stop (SIGTERM) and stopped cleanly at a point it can resume from."""
 

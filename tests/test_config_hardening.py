@@ -138,6 +138,55 @@ def test_only_naming_no_stage_is_refused():
         local.select(nodes, ["texures-mini"])
 
 
+def _dtd_without_bom(tmp_path) -> list:
+    from dataset_layouts import make_dtd
+    from prep_helpers import run_prep
+
+    from mysproj.data.prepared import PreparedData
+
+    src = make_dtd(str(tmp_path / "plain-src"), classes=("banded", "blotchy"), per_split=2)
+    run_prep(tmp_path / "plain", dataset="dtd", source=src)
+    data = PreparedData(str(tmp_path / "plain"))
+    return data.samples("train") + data.samples("test")
+
+
+@pytest.mark.parametrize("plan", [[], ["--plan"]])
+def test_run_with_an_only_naming_no_stage_is_one_line_and_runs_nothing(tmp_path, capsys, plan):
+    root = tmp_path / "root"
+    assert cli.main(["run", "--root", str(root), "--gpus", "1", "--only", "texures-mini", *plan]) == EXIT_BAD_INPUT
+    assert "--only 'texures-mini' names no stage of this pipeline; stages: models/tiny, " in _one_error(capsys)
+    assert not root.exists()
+
+
+def test_a_dtd_split_file_with_a_bom_gives_no_invisible_class(tmp_path):
+    """The first line of a split file saved with a byte order mark names the class as the others do."""
+    from dataset_layouts import make_dtd
+    from prep_helpers import run_prep
+
+    src = make_dtd(str(tmp_path / "src"), classes=("banded", "blotchy"), per_split=2)
+    for split in ("train1.txt", "val1.txt", "test1.txt"):
+        labels = Path(src) / "labels" / split
+        labels.write_bytes(b"\xef\xbb\xbf" + labels.read_bytes())
+    run_prep(tmp_path / "o", dataset="dtd", source=src)
+    from mysproj.data.prepared import PreparedData
+
+    data = PreparedData(str(tmp_path / "o"))
+    assert data.classes == ["banded", "blotchy"]
+    assert len(data.samples("train")) + len(data.samples("test")) == len(_dtd_without_bom(tmp_path))
+
+
+def test_a_dtd_split_file_in_latin_1_is_one_line(tmp_path, capsys):
+    from dataset_layouts import make_dtd
+
+    src = make_dtd(str(tmp_path / "src"), classes=("banded", "blotchy"), per_split=2)
+    labels = Path(src) / "labels" / "train1.txt"
+    labels.write_bytes(labels.read_bytes() + "banded/caf\u00e9.jpg\n".encode("latin-1"))
+    assert cli.main(["prep", "--dataset", "dtd", "--source", src, "--out", str(tmp_path / "o"),
+                     "--workers", "1"]) == EXIT_BAD_INPUT
+    assert f"{labels}: the text is not UTF-8: byte 0xe9" in _one_error(capsys)
+    assert not (tmp_path / "o" / "_SUCCESS.json").exists()
+
+
 def test_run_warns_about_stage_variables_it_does_not_apply(caplog):
     env = {"MYSPROJ_LR": "0.1", "MYSPROJ_ROOT": "r", "MYSPROJ_MAX_PER_CLASS": "3"}
     with caplog.at_level(logging.WARNING):

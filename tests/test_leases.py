@@ -148,9 +148,22 @@ def test_lease_settings_with_bad_values_are_one_line(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------ two `mysproj run` on one root
 
-def _run_argv(root: str) -> list[str]:
-    return [sys.executable, "-m", "mysproj", "run", "--root", root, "--gpus", "1", "--strategies", "projector",
-            "--no-zero-shot", "--no-probe", "--overrides", json.dumps(OVERRIDES)]
+def _run_argv(root: str, gpus: int = 1, overrides: dict = OVERRIDES) -> list[str]:
+    return [sys.executable, "-m", "mysproj", "run", "--root", root, "--gpus", str(gpus), "--strategies", "projector",
+            "--no-zero-shot", "--no-probe", "--overrides", json.dumps(overrides)]
+
+
+def _outputs_verified(root: str) -> list[str]:
+    """The stage outputs below `root`, each file read back and checked against its manifest; no temporary file
+    or lease left anywhere."""
+    names = [f[: -len("/" + M.MANIFEST)] for f in U.list_files(root) if f.endswith("/" + M.MANIFEST)
+             and "/checkpoints/" not in f]
+    for name in names:  # every file of every output as its manifest says
+        out = M.StageInput(U.join(root, name))
+        for f in out.files:
+            out.read_bytes(f)
+    assert not [f for f in U.list_files(root) if ".tmp-" in f or f.endswith(lease.LEASE)]
+    return names
 
 
 def _two_runs_at_once(root: str, tmp_path, env: dict) -> None:
@@ -163,14 +176,8 @@ def _two_runs_at_once(root: str, tmp_path, env: dict) -> None:
         f.seek(0)
         texts.append(f.read())
     assert codes == [0, 0], texts
-    names = [f[: -len("/" + M.MANIFEST)] for f in U.list_files(root) if f.endswith("/" + M.MANIFEST)
-             and "/checkpoints/" not in f]
+    names = _outputs_verified(root)
     assert len(names) == 6, names  # models/tiny, prep, finetune, merge, eval-llava, report
-    for name in names:  # every file of every output as its manifest says
-        out = M.StageInput(U.join(root, name))
-        for f in out.files:
-            out.read_bytes(f)
-    assert not [f for f in U.list_files(root) if ".tmp-" in f or f.endswith(lease.LEASE)]
     # each stage was written by one run: the other skipped it (complete) or waited for it, then skipped it
     for name in names:
         wrote = sum(t.count(f": wrote {U.join(root, name)} (") for t in texts)
@@ -216,6 +223,37 @@ runner.wait()
     if alive:
         os.kill(child, signal.SIGKILL)  # clean up where the runner failed to
     assert not alive
+
+
+@pytest.mark.timeout(900)
+def test_a_runner_killed_with_sigkill_mid_finetune_then_run_again_completes_with_one_writer(tmp_path):
+    """`kill -9` of `mysproj run --gpus 2` while its fine-tuning child trains, and at once the same run again: the
+    child stops at a step (parent-death signal), the re-run waits for its lease while it stops, and ends with
+    every output verified; no process of the killed run outlives the re-run."""
+    root = tmp_path / "root"
+    overrides = {**OVERRIDES, "finetune": {**OVERRIDES["finetune"], "epochs": 10, "max_steps": 12, "log_every": 1}}
+    argv = _run_argv(str(root), gpus=2, overrides=overrides)
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline, training = time.monotonic() + 600, []
+    while not training:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        training = [p for p in (root / "logs").rglob("*finetune*.log")
+                    if "finetune: step 1/" in p.read_text(errors="replace")]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finetune = root / str(training[0].relative_to(root / "logs"))[: -len(".log")]  # a child's log: its output path
+    assert not (finetune / M.MANIFEST).exists()  # killed while it was writing
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "6 stages" in again.stdout and "4 done, 2 skipped" in again.stdout, again.stdout
+    # the killed run's child stopped on the parent-death signal, at a step (both runs' children append to this log)
+    assert "stopped: " in training[0].read_text(errors="replace")
+    assert len(_outputs_verified(str(root))) == 6
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and _alive(int(pid), str(root))]
+    assert not left, left
 
 
 def _alive(pid: int, marker: str) -> bool:

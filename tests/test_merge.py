@@ -172,3 +172,21 @@ def test_merge_reusing_copies_inside_the_object_store(s3_env, tiny_sharded, tmp_
     full = str(tmp_path / "full")
     stage("merge", base=local_base, projector=bin_path, out=full, reuse_base=False)
     _same_model(f"{root}/merge", full)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_merge_run_again_leaves_no_temporary_file(tiny_model, tiny_sharded, tmp_path, sharded):
+    """merge re-run over its own output (`--force`, and a changed projector) with the base's files linked in:
+    the output holds exactly its manifest's files, no `*.tmp-*` beside them."""
+    from mysproj import cli
+
+    base = _sharded_base(tiny_sharded) if sharded else tiny_model
+    bin_path = _bare_projector(base, tmp_path / "mm_projector.bin")
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", base, "--projector", bin_path, "--out", out]
+    assert cli.main([str(a) for a in argv]) == 0
+    assert cli.main([str(a) for a in argv + ["--force"]]) == 0
+    torch.save({k: v + 1 for k, v in torch.load(bin_path, weights_only=True).items()}, bin_path)
+    assert cli.main([str(a) for a in argv]) == 0
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert on_disk == sorted([*json.load(open(out / "_SUCCESS.json"))["files"], "_SUCCESS.json"])

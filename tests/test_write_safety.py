@@ -74,6 +74,15 @@ def test_a_home_relative_path_is_expanded():
     assert U.local_path("~/x") == os.path.join(os.path.expanduser("~"), "x")
 
 
+def test_an_out_under_home_is_written_there(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["prep", "--dataset", "textures-mini", "--out", "~/p", "--max-per-class", "2",
+                     "--workers", "1"]) == 0
+    assert M.StageInput(str(tmp_path / "home" / "p"), "prep").files
+    assert not (tmp_path / "~").exists()
+
+
 def test_copying_a_file_again_leaves_no_temporary_link(tmp_path):
     src, dst = tmp_path / "a" / "f", tmp_path / "b" / "f"
     src.parent.mkdir()

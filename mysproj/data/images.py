@@ -65,7 +65,7 @@ def open_rgb(source: str | bytes | os.PathLike, *, max_pixels: int = DEFAULT_MAX
             img.load()  # truncated data fails here
             return to_rgb(img)
     except FileNotFoundError:
-        raise BadImage(f"{name}: no such file") from None
+        raise BadImage(f"{name}: no such file (deleted or moved?); restore it or correct the path") from None
     except IsADirectoryError:
         raise BadImage(f"{name}: is a folder, not an image file") from None
     except Image.UnidentifiedImageError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mysproj.data.image_checks import effective_workers
+from mysproj.errors import worker_errors
 
 
 class SampleImages:
@@ -46,4 +47,4 @@ def image_batches(data, samples, transform: Callable | None, batch_size: int, wo
     loader = DataLoader(SampleImages(data, samples, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, persistent_workers=False,
                         prefetch_factor=2 if workers else None, pin_memory=torch.cuda.is_available())
-    yield from loader
+    yield from worker_errors(loader)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from mysproj.errors import BadInput
+from mysproj.errors import BadInput, worker_errors
 from mysproj.evaluation.batches import decode_workers
 
 # Frame types nvJPEG and libjpeg decode as PIL does: baseline, extended sequential, progressive (Huffman coded).
@@ -280,7 +280,7 @@ class DeviceBatches:
         # On a GPU the batch is decoded and preprocessed on a side stream: its buffers then never reuse memory
         # that kernels still queued on the compute stream (the previous batch's encode) are using.
         side = torch.cuda.Stream(self.device) if cuda else None
-        for batch in loader:
+        for batch in worker_errors(loader):
             with torch.cuda.stream(side) if cuda else nullcontext():
                 pixels = self.decode(batch)
             if cuda:

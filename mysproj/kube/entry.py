@@ -27,7 +27,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from mysproj.config import load_config
-from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact
+from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact, vanished
 from mysproj.kube.jobspec import FAILURE_RECORD
 from mysproj.stages import registry
 
@@ -82,10 +82,12 @@ def _write_record(exit_code: int, error: str) -> None:
 
 
 def deployment_problem(stage: str, e: Exception) -> str | None:
-    """The one line for a failure no retry can fix (bad input, an image without a module the stage needs, a write
-    to the read-only root file system), or None for a failure worth retrying."""
+    """The one line for a failure no retry can fix (bad input, a file gone while the stage ran, an image without a
+    module the stage needs, a write to the read-only root file system), or None for a failure worth retrying."""
     if isinstance(e, BadInput):
         return str(e)
+    if vanished(e):
+        return vanished(e)
     if isinstance(e, ModuleNotFoundError):
         return (f"stage {stage}: this image lacks the Python module {e.name!r} ({e}); run the stage in an image that "
                 "has it (the chart's images.gpu for every stage that needs torch)")

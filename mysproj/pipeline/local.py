@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from mysproj.errors import EXIT_BAD_INPUT, BadInput
+from mysproj.errors import EXIT_BAD_INPUT, BadInput, vanished
 from mysproj.pipeline import dag, schedule
 from mysproj.stages import registry
 from mysproj.storage import is_local, local_path
@@ -118,6 +118,8 @@ class InProcess:
             self._ended = schedule.Finished(node.name, True, manifest=manifest)
         except BadInput as e:
             self._ended = schedule.Finished(node.name, False, str(e), bad_input=True)
+        except FileNotFoundError as e:  # an input gone while the stage read it: as bad input, one line
+            self._ended = schedule.Finished(node.name, False, vanished(e), bad_input=True)
         except Exception as e:  # noqa: BLE001 - one stage's crash must not stop the stages that do not need it
             log.exception("%s: crashed", node.name)
             self._ended = schedule.Finished(node.name, False, f"{type(e).__name__}: {e}")

@@ -31,9 +31,15 @@ def fetch(uri: str, sha256: str | None = None) -> str:
     remote ones are downloaded once into the cache, keyed by content hash when known."""
     if U.is_local(uri):
         path = U.local_path(uri)
+        missing = (f"{uri}: file is missing (deleted or moved after its manifest was written); restore it, or "
+                   f"re-run the stage that writes it")
         if not os.path.exists(path):
-            raise IncompleteOutput(f"{uri}: file is missing; re-run the stage that writes it")
-        if sha256 and sha256_file(path) != sha256:
+            raise IncompleteOutput(missing)
+        try:
+            digest = sha256_file(path) if sha256 else None
+        except FileNotFoundError:  # gone between the check and the read
+            raise IncompleteOutput(missing) from None
+        if sha256 and digest != sha256:
             raise IncompleteOutput(f"{uri}: sha256 does not match its manifest; the file is corrupt or was "
                                    f"changed after the stage finished; re-run the stage")
         return path

@@ -15,6 +15,7 @@ import os
 import time
 import warnings
 
+from mysproj.errors import worker_errors
 from mysproj.storage import uri as U
 from mysproj.storage.stage_time import processed
 from mysproj.training import checkpoint, memory_fit, preemption, session, strategies
@@ -122,7 +123,7 @@ def train(cfg, out) -> dict:
         batch_sampler=MicroBatches(schedule, cfg.seed, acc.process_index, start),
         collate_fn=collate(tokenizer.pad_token_id), num_workers=cfg.workers, pin_memory=cuda,
         generator=torch.Generator())  # its own generator: the global RNG (dropout) is left untouched
-    batches = iter(loader)
+    batches = worker_errors(loader)
     t0, seen = time.monotonic(), 0
     # TensorBoard: the per-step points kept in each checkpoint rebuild the event file on resume (no step twice).
     events = tensorboard_log(cfg, points) if acc.is_main_process else None
