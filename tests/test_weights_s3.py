@@ -6,7 +6,6 @@ where the network has to misbehave."""
 import os
 
 import pytest
-
 from cutting_proxy import CuttingProxy
 from stage_runs import stage, tiny_in_shards
 

@@ -158,8 +158,13 @@ def load_streamed(inp: StageInput, *, device: str = "cpu", dtype=None) -> Loaded
     """`load_llava` of an HF-layout stage output in S3: the weights streamed into memory and straight onto
     `device` (`mysproj.models.stream_load`), the model built around them without another copy."""
     import torch
-    from transformers import (AutoImageProcessor, AutoTokenizer, GenerationConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     from mysproj.models.conversion import legacy_to_current
     from mysproj.models.stream_load import read_state_dict
