@@ -112,7 +112,7 @@ def merge(cfg, out: StageOutput) -> dict:
         _check_shape(cfg, name, tensor, state[name].shape)
         state[name] = tensor.to(state[name].dtype)
     with out.staging() as tmp:
-        save_hf_model(state, base.model.config, base.tokenizer, base.image_processor, tmp)
+        save_hf_model(state, base.model.config, base.tokenizer, base.image_processor, tmp, on_file=out.sender(tmp))
         _save_mm_projector(projector, {k: state[k].dtype for k in projector}, tmp)
         out.put_dir(tmp, move=True)
     return {"base": cfg.base, "projector": cfg.projector, "base_layout": base.layout,

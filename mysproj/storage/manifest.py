@@ -89,6 +89,8 @@ class StageOutput:
         self.reason: str | None = None  # why `existing()` found nothing to reuse (None: no output there yet)
         self._inputs = inputs
         self._found: Any = _UNREAD  # the manifest `existing()` read (None: there was none), for `begin` to reuse
+        self._early: dict = {}  # local path -> upload started by `sender` before `put_dir`
+        self._sending = None
 
     @property
     def inputs(self) -> dict:
@@ -198,10 +200,36 @@ class StageOutput:
                 full = os.path.join(root, n)
                 rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
                 files.append((full, f"{prefix}/{rel}" if prefix else rel))
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
-            hashes = list(pool.map(sha256_file, [full for full, _ in files]))
-        for (full, name), sha in zip(files, hashes):
-            self.put_file(full, name, sha, move=move)
+        early = {full: self._early.pop(full) for full, _ in files if full in self._early}
+        files = [(full, name) for full, name in files if full not in early]
+        if s3_upload.is_s3(self.uri):
+            # each file hashed and uploaded by one worker (its upload is concurrent in itself): a shard's hashing
+            # overlaps another's upload, and the parts in flight stay a few GB
+            with ThreadPoolExecutor(max_workers=max(1, min(2, len(files)))) as pool:
+                list(pool.map(lambda item: self.put_file(*item), files))
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
+                hashes = list(pool.map(sha256_file, [full for full, _ in files]))
+            for (full, name), sha in zip(files, hashes):
+                self.put_file(full, name, sha, move=move)
+        for future in early.values():
+            future.result()
+
+    def sender(self, local_dir: str, prefix: str = ""):
+        """A callback `f(path)` for a writer of files into `local_dir` (a `staging()` folder): each finished file is
+        stored at once, in the background, while the writer goes on (s3 outputs; elsewhere it does nothing, the
+        move of `put_dir` costs nothing). `put_dir(local_dir)` then waits for those instead of storing them again."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def send(path: str) -> None:
+            if not s3_upload.is_s3(self.uri):
+                return
+            if self._sending is None:
+                self._sending = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-out")
+            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            self._early[path] = self._sending.submit(self.put_file, path, f"{prefix}/{rel}" if prefix else rel)
+
+        return send
 
     @contextlib.contextmanager
     def staging(self):
