@@ -200,8 +200,9 @@ class StageOutput:
                 full = os.path.join(root, n)
                 rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
                 files.append((full, f"{prefix}/{rel}" if prefix else rel))
-        early = {full: self._early.pop(full) for full, _ in files if full in self._early}
-        files = [(full, name) for full, name in files if full not in early]
+        inside = os.path.join(os.path.abspath(local_dir), "")
+        early = {path: self._early.pop(path) for path in list(self._early) if path.startswith(inside)}
+        files = [(full, name) for full, name in files if os.path.abspath(full) not in early]
         if s3_upload.is_s3(self.uri):
             # each file hashed and uploaded by one worker (its upload is concurrent in itself): a shard's hashing
             # overlaps another's upload, and the parts in flight stay a few GB
@@ -217,9 +218,14 @@ class StageOutput:
 
     def sender(self, local_dir: str, prefix: str = ""):
         """A callback `f(path)` for a writer of files into `local_dir` (a `staging()` folder): each finished file is
-        stored at once, in the background, while the writer goes on (s3 outputs; elsewhere it does nothing, the
-        move of `put_dir` costs nothing). `put_dir(local_dir)` then waits for those instead of storing them again."""
+        stored at once, in the background, while the writer goes on, and then removed (s3 outputs: a model's
+        shards never all sit on local disk together; elsewhere it does nothing, the move of `put_dir` costs
+        nothing). `put_dir(local_dir)` then waits for those instead of storing them again."""
         from concurrent.futures import ThreadPoolExecutor
+
+        def store(path: str, name: str) -> None:
+            self.put_file(path, name)
+            os.remove(path)
 
         def send(path: str) -> None:
             if not s3_upload.is_s3(self.uri):
@@ -227,7 +233,7 @@ class StageOutput:
             if self._sending is None:
                 self._sending = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-out")
             rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
-            self._early[path] = self._sending.submit(self.put_file, path, f"{prefix}/{rel}" if prefix else rel)
+            self._early[os.path.abspath(path)] = self._sending.submit(store, path, f"{prefix}/{rel}" if prefix else rel)
 
         return send
 
