@@ -1,7 +1,8 @@
 """`mysproj bench weights`: how fast a model's weights move between a bucket and this machine, as the stages move
 them: written by `model init` (concurrent multipart uploads), read as concurrent ranged GETs into host memory, and
 into pinned host memory and on to the GPU, each verified per part against the manifest; and the same GETs without
-verification, to tell the hashing's share. GB/s of the weights' bytes; one JSON line per measurement, a table last.
+verification, to tell the hashing's share; beside raw loopback TCP over as many connections, the bound of any
+server on this machine. GB/s of the weights' bytes; one JSON line per measurement, a table last.
 
     mysproj bench weights --preset llava-1.5-7b                  # a SeaweedFS server on loopback, under --work
     mysproj bench weights --preset tiny --device cpu              # seconds, on a laptop
@@ -52,6 +53,48 @@ def _raw_reads(inp, names: list[str]) -> tuple[int, float]:
     return total, time.perf_counter() - t0
 
 
+def loopback(nbytes: int, connections: int) -> tuple[int, float]:
+    """Bytes over `connections` loopback TCP connections at once, sender to receiver's memory: what the machine's
+    loopback allows the S3 server and this client, whatever either does."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port, each = listener.getsockname()[1], nbytes // connections
+    block = memoryview(bytes(8 << 20))
+
+    def serve() -> None:
+        for _ in range(connections):
+            conn, _ = listener.accept()
+            threading.Thread(target=send, args=(conn,), daemon=True).start()
+
+    def send(conn) -> None:
+        with conn:
+            left = each
+            while left:
+                left -= conn.send(block[:min(left, len(block))])
+
+    def receive(into: memoryview) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            got = 0
+            while got < len(into):
+                n = c.recv_into(into[got:])
+                if not n:
+                    raise ConnectionError("loopback sender stopped early")
+                got += n
+
+    threading.Thread(target=serve, daemon=True).start()
+    buffers = [memoryview(bytearray(each)) for _ in range(connections)]
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=receive, args=(b,)) for b in buffers]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    listener.close()
+    return each * connections, time.perf_counter() - t0
+
+
 def measure(bucket: str, preset: str, device: str, repeat: int) -> list[dict]:
     import torch
 
@@ -69,7 +112,9 @@ def measure(bucket: str, preset: str, device: str, repeat: int) -> list[dict]:
     inp = StageInput(uri)
     names = sorted(n for n in inp.files if n.endswith(".safetensors"))
     nbytes = sum(int(inp.files[n]["size"]) for n in names)
-    rows = [_line("upload (model init, multipart)", nbytes, manifest["summary"]["time"]["transfer_out_s"], **facts)]
+    rows = [_line("loopback TCP (the bound of a server on this machine)",
+                  *loopback(min(max(nbytes, 256 << 20), 8 << 30), settings.connections), **facts),
+            _line("upload (model init, multipart)", nbytes, manifest["summary"]["time"]["transfer_out_s"], **facts)]
     for _ in range(repeat):
         rows.append(_line("bucket -> host memory, unverified", *_raw_reads(inp, names), **facts))
     for _ in range(repeat):
