@@ -60,6 +60,17 @@ def test_a_model_in_the_bucket_loads_the_same_tensors_without_a_local_copy(s3_mo
     assert cached and not cached & {inp.files[s]["sha256"] for s in shards}  # config and tokenizer only
 
 
+def test_the_probes_vision_only_load_streams_too(s3_model, tiny_sharded, tmp_path):
+    from mysproj.models.vision_only import load_vision
+
+    inp, shards = _shards(s3_model)
+    got, want = (load_vision(u).model for u in (s3_model, tiny_sharded))
+    for part in ("vision_tower", "multi_modal_projector"):
+        _same(getattr(got.model, part).state_dict(), getattr(want.model, part).state_dict())
+    cached = {f for _, _, files in os.walk(tmp_path / "cache") for f in files}
+    assert not cached & {inp.files[s]["sha256"] for s in shards}
+
+
 def test_a_corrupt_part_is_refused_naming_the_shard(s3_model, small_parts):
     from mysproj.errors import IncompleteOutput
 
