@@ -231,7 +231,7 @@ class StageOutput:
             if not s3_upload.is_s3(self.uri):
                 return
             if self._sending is None:
-                self._sending = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stage-out")
+                self._sending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-out")
             rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
             self._early[os.path.abspath(path)] = self._sending.submit(store, path, f"{prefix}/{rel}" if prefix else rel)
 

@@ -66,7 +66,8 @@ _LOCK = threading.Lock()
 
 
 def client(connections: int):
-    """A botocore S3 client with a connection pool of `connections`, one per process, credential set and size."""
+    """A botocore S3 client, one per process, credential set and transfer width; its pool holds the connections of
+    a few transfers at once (a stage uploads one file while it hashes and sends the next)."""
     import botocore.session
     from botocore.config import Config
 
@@ -78,7 +79,7 @@ def client(connections: int):
             region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
             found = _CLIENTS[key] = session.create_client(
                 "s3", endpoint_url=U.s3_endpoint() or None, region_name=region,
-                config=Config(max_pool_connections=connections, connect_timeout=5, read_timeout=60,
+                config=Config(max_pool_connections=4 * connections, connect_timeout=5, read_timeout=60,
                               retries={"max_attempts": 3, "mode": "standard"}))
         return found
 
