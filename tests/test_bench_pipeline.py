@@ -148,10 +148,11 @@ def test_bench_pipeline_with_weights_in_a_bucket_splits_each_stages_transfers(tm
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("MYSPROJ_CACHE_DIR", str(tmp_path / "cache"))
     work = tmp_path / "bench"
-    assert cli.main(["bench", "pipeline", "--dataset-shape", "dtd", "--model-preset", "tiny", "--classes", "2",
-                     "--per-class", "6", "--strategies", "projector", "--gpus", "1", "--work", str(work),
-                     "--weights-in", "s3", "--set", "finetune.max_steps=1", "--set", "probe.max_epochs=1",
-                     "--set", "eval-llava.max_new_tokens=2"]) == 0
+    argv = ["bench", "pipeline", "--dataset-shape", "dtd", "--model-preset", "tiny", "--classes", "2",
+            "--per-class", "6", "--strategies", "projector", "--gpus", "1", "--work", str(work),
+            "--weights-in", "s3", "--set", "finetune.max_steps=1", "--set", "probe.max_epochs=1",
+            "--set", "eval-llava.max_new_tokens=2"]
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads((work / "bench.json").read_text())
     assert result["weights_in"] == "s3" and result["root"] == "s3://mysproj-bench/run"
@@ -164,3 +165,8 @@ def test_bench_pipeline_with_weights_in_a_bucket_splits_each_stages_transfers(tm
         assert t["transfer_in_s"] + t["compute_s"] + t["transfer_out_s"] == pytest.approx(t["wall_s"], abs=0.01)
     assert "weights in s3" in printed and "compute s" in printed
     assert "AWS_ENDPOINT_URL" not in os.environ  # the server's environment is gone with it
+
+    # a run cut short goes on with --resume: the server starts again on the same data, the stages are kept
+    assert cli.main([*argv, "--resume"]) == 0
+    resumed = json.loads((work / "bench.json").read_text())
+    assert {r["state"] for r in resumed["rows"]} == {"skipped"}

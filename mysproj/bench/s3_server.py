@@ -60,14 +60,46 @@ def _ready(endpoint: str, deadline: float, proc: subprocess.Popen, logs: str) ->
             time.sleep(0.3)
 
 
+def _credentials(folder: str) -> dict[str, str]:
+    """The server's credentials: made once per folder and kept there (owner-only), so that a server started again
+    on the same data (`--resume`) takes the same ones."""
+    path = os.path.join(folder, "credentials")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(16))
+    with open(path) as f:
+        return {"AWS_ACCESS_KEY_ID": "mysproj-bench", "AWS_SECRET_ACCESS_KEY": f.read().strip()}
+
+
+def _stop_left_over(pid_file: str) -> None:
+    """A server an earlier run started here and could not stop (the run was killed): stopped by its PID."""
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"weed" not in f.read():
+                return
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass  # no pid file, or the process is gone
+
+
 @contextmanager
 def seaweedfs(folder: str, bucket: str):
-    """Yields `s3://bucket` on a fresh `weed mini` storing under `folder`; stopped (by its PID) afterwards."""
+    """Yields `s3://bucket` on a `weed mini` storing under `folder` (its data kept for a later run); stopped (by its
+    PID) afterwards."""
     ports = dict(zip(_PORTS, _free_ports(len(_PORTS))))
     data, logs, tmp = (os.path.join(folder, d) for d in ("data", "logs", "tmp"))
     for d in (data, logs, tmp):
         os.makedirs(d, exist_ok=True)
-    creds = {"AWS_ACCESS_KEY_ID": "mysproj-bench", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16)}
+    pid_file = os.path.join(folder, "weed.pid")
+    _stop_left_over(pid_file)
+    creds = _credentials(folder)
     cmd = [weed_binary(), f"-logdir={logs}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
            "-master.volumeSizeLimitMB=1024", "-volume.max=500",
@@ -78,13 +110,16 @@ def seaweedfs(folder: str, bucket: str):
     with open(os.path.join(logs, "weed-mini.out"), "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=folder,  # nosec B603
                                 env={**os.environ, "TMPDIR": tmp, **creds})
+    with open(pid_file, "w") as f:
+        f.write(str(proc.pid))
     try:
         os.environ.update({**creds, "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
         _ready(endpoint, time.monotonic() + 120, proc, logs)
         import botocore.session
 
-        botocore.session.get_session().create_client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        s3 = botocore.session.get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=bucket)
         yield f"s3://{bucket}"
     finally:
         proc.send_signal(signal.SIGTERM)
