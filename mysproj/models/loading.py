@@ -147,8 +147,9 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
 
 def streamable(uri: str) -> StageInput | None:
     """The HF-layout model stage output at an s3 `uri`, whose weights `load_streamed` reads without a local copy;
-    None for anything else (loaded through the local cache)."""
-    if not s3_transfer.is_s3(uri):
+    None for anything else (loaded through the local cache), and in a run of several processes on one machine (the
+    ranks of a fine-tuning), which share one cached copy instead of each holding and fetching its own."""
+    if not s3_transfer.is_s3(uri) or int(os.environ.get("LOCAL_WORLD_SIZE") or 1) > 1:
         return None
     inp = hf_model_output(uri)
     return inp if inp is not None and any(n.endswith(".safetensors") and "/" not in n for n in inp.files) else None
