@@ -19,6 +19,7 @@ directly: its synchronous client releases the GIL while it reads a socket, so th
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -206,8 +207,6 @@ def _head(s3, bucket: str, key: str, uri: str) -> dict:
 def download(uri: str, local: str, *, sha256: str | None = None, parts: dict | None = None,
              size: int | None = None, settings: TransferSettings | None = None) -> None:
     """`uri` into local file `local` (complete or absent): ranged GETs written straight into the mapped file."""
-    import mmap
-
     if size is None:
         settings = settings or TransferSettings.from_env()
         bucket, key = bucket_key(uri)

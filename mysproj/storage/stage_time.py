@@ -89,7 +89,8 @@ def time_entry(summary: dict, wall_s: float, gpus: int, transfers: dict[str, flo
     count, unit = work.get("count"), work.get("unit")
     rate = work.get("per_s") or (count / wall_s if count and wall_s > 0 else None)
     t_in, t_out = (min(wall_s, (transfers or {}).get(d, 0.0)) for d in ("in", "out"))
-    return {"wall_s": round(wall_s, 3), "gpu_s": round(wall_s * gpus, 3),
+    # GPU-seconds from the rounded wall time, so that gpu_s is exactly GPUs x wall_s as recorded
+    return {"wall_s": round(wall_s, 3), "gpu_s": round(round(wall_s, 3) * gpus, 3),
             "throughput": round(rate, 3) if rate else None, "unit": f"{unit}/s" if rate else None,
             "transfer_in_s": round(t_in, 3), "compute_s": round(max(0.0, wall_s - t_in - t_out), 3),
             "transfer_out_s": round(t_out, 3)}
