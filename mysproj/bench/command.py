@@ -46,6 +46,10 @@ def add_command(sub, parser_class) -> None:
 
     pipeline.add_arguments(bsub.add_parser("pipeline", help="the whole job on a dataset-shaped fixture, timed "
                                                             "stage by stage", description=pipeline.__doc__))
+    from mysproj.bench import weights
+
+    weights.add_arguments(bsub.add_parser("weights", help="GB/s of a model's weights bucket -> host memory -> GPU "
+                                                          "(and the upload)", description=weights.__doc__))
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:

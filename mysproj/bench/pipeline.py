@@ -10,11 +10,18 @@ printed last and written as JSON, in the format `mysproj run --plan --stage-time
     mysproj bench pipeline --dataset-shape dtd --gpus 1
     mysproj bench pipeline --model-preset tiny --classes 3 --per-class 6 \\
         --set finetune.max_steps=2                                          # the same command, seconds on a CPU
+    mysproj bench pipeline --dataset-shape dtd --gpus 1 --weights-in s3     # every stage output in a bucket
+
+`--weights-in s3` puts the run root (every stage output: the models, their fine-tunes and merges, and the rest)
+in a bucket, as a user's run on Kubernetes has it; the fixture's raw dataset stays on local disk. Without
+`--bucket`, a SeaweedFS server (`mysproj.bench.s3_server`) is started on loopback for the run, storing under
+`<work>/seaweedfs`. Each stage's `time` then splits into input transfer, compute and output transfer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -48,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a stage config field for every stage of that kind, e.g. finetune.max_steps=2; repeatable")
     p.add_argument("--log", default=None, help="JSON lines, one per stage start and end (default: <work>/bench.log)")
     p.add_argument("--json-out", default=None, help="the results as JSON (default: <work>/bench.json)")
+    p.add_argument("--weights-in", choices=("local", "s3"), default="local",
+                   help="where the run root (every model and other stage output) lives: local disk, or a bucket")
+    p.add_argument("--bucket", default=None, help="with --weights-in s3: an existing bucket URI, reached with the "
+                                                  "environment's endpoint and credentials (default: a SeaweedFS "
+                                                  "server on loopback for the run, under <work>/seaweedfs)")
     p.add_argument("--fixture-workers", type=int, default=None, help="processes writing the fixture (default: all "
                                                                       "cores)")
     p.set_defaults(func=run_command)
@@ -148,7 +160,8 @@ def rows(outcome, root: str) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    head = ["stage output", "slot", "start s", "wall s", "in stage s", "GPU-s", "throughput"]
+    head = ["stage output", "slot", "start s", "wall s", "in stage s", "in s", "compute s", "out s", "GPU-s",
+            "throughput"]
     body = []
     for r in result["rows"]:
         t = r["stage_time"] or {}
@@ -156,12 +169,16 @@ def table(result: dict) -> str:
         wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}"
         body.append([f"{r['name']} ({r['state']})" if r["state"] != "done" else r["name"], r["slot"] or "-",
                      "-" if r["start_s"] is None else f"{r['start_s']:.1f}", wall,
-                     f"{t['wall_s']:.1f}" if t else "-", f"{t['gpu_s']:.1f}" if t else "-", rate])
+                     f"{t['wall_s']:.1f}" if t else "-",
+                     *(f"{t[k]:.1f}" if t.get(k) is not None else "-"
+                       for k in ("transfer_in_s", "compute_s", "transfer_out_s")),
+                     f"{t['gpu_s']:.1f}" if t else "-", rate])
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     total = result["total"]
     images = " / ".join(f"{n} {split}" for split, n in result["fixture"]["images"].items())
     lines = [f"bench pipeline | {result['dataset_shape']}: {result['fixture']['classes']} classes, {images} | "
-             f"{result['model_preset']} | {result['card']} | {result['gpus']} device slot(s)"]
+             f"{result['model_preset']} | {result['card']} | {result['gpus']} device slot(s) | weights in "
+             f"{result.get('weights_in', 'local')}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(x, widths)) for x in [head, *body]]
     lines.append(f"total: {total['wall_s']:.1f} s wall ({total['wall_s'] / 60:.1f} min), {total['gpu_s']:.1f} "
                  f"GPU-seconds, {total['stages']} stages ({total['failed']} failed, {total['blocked']} not run)")
@@ -169,18 +186,29 @@ def table(result: dict) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from mysproj.bench.measurement import card_name
-    from mysproj.pipeline import local, stage_times
-    from mysproj.storage import write_text
+    from mysproj.bench.s3_server import seaweedfs
+    from mysproj.storage import join, remove
 
     for flag in ("classes", "per_class", "gpus", "finetune_gpus"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
     work = os.path.abspath(args.work)
     source, desc = fixture(args, work)
-    root = os.path.join(work, "run")
-    if not args.resume:
-        shutil.rmtree(root, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        root = os.path.join(work, "run")
+        if args.weights_in == "s3":
+            root = join(args.bucket or stack.enter_context(seaweedfs(os.path.join(work, "seaweedfs"), "mysproj-bench")),
+                        "run")
+        if not args.resume:
+            remove(root, recursive=True)
+        return _run(args, work, root, source, desc)
+
+
+def _run(args, work: str, root: str, source: str, desc: dict) -> int:
+    from mysproj.bench.measurement import card_name
+    from mysproj.pipeline import local, stage_times
+    from mysproj.storage import write_text
+
     cfg = pipeline_config(args, root, source)
     gpus = args.gpus if args.gpus is not None else max(1, local.visible_gpus())
     events = EventLog(args.log or os.path.join(work, "bench.log"))
@@ -195,7 +223,7 @@ def run_command(args: argparse.Namespace) -> int:
     times = stage_times.summarise([(r["name"], outcome.manifests[r["name"]], r["wall_s"] if r["state"] == "done"
                                     else None) for r in result_rows if r["state"] in ("done", "skipped")])
     result = {**times.as_json(), "bench": "pipeline", "dataset_shape": args.dataset_shape, "fixture": desc,
-              "model_preset": args.model_preset, "card": card,
+              "model_preset": args.model_preset, "card": card, "weights_in": args.weights_in,
               "gpus": gpus, "finetune_gpus": args.finetune_gpus, "root": root, "rows": result_rows,
               "total": {"wall_s": outcome.wall_s, "stages": len(outcome.events),
                         "gpu_s": sum((r["stage_time"] or {}).get("gpu_s") or 0.0 for r in result_rows),

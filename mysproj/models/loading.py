@@ -18,7 +18,7 @@ from typing import Any
 
 from mysproj.errors import BadInput
 from mysproj.models.integrity import check_model_folder
-from mysproj.storage import cache
+from mysproj.storage import cache, s3_transfer
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput
 
@@ -109,10 +109,13 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
     whole model first."""
     import torch
 
-    folder, summary = materialize(uri)
-    config = _read_config(folder, uri)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
+    streamed = streamable(uri)
+    if streamed is not None:
+        return load_streamed(streamed, device=device, dtype=None if dtype == "auto" else dtype)
+    folder, summary = materialize(uri)
+    config = _read_config(folder, uri)
     if is_original_layout(config):
         model, tokenizer, processor = load_original(folder, config, vision_tower, uri)
         if dtype is not None and dtype != "auto":
@@ -140,6 +143,58 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
         layout = "hf"
     model = model.to(device).eval()
     return LoadedLlava(model, tokenizer, processor, bool(summary.get("random_weights", False)), str(uri), layout)
+
+
+def streamable(uri: str) -> StageInput | None:
+    """The HF-layout model stage output at an s3 `uri`, whose weights `load_streamed` reads without a local copy;
+    None for anything else (loaded through the local cache), and in a run of several processes on one machine (the
+    ranks of a fine-tuning), which share one cached copy instead of each holding and fetching its own."""
+    if not s3_transfer.is_s3(uri) or int(os.environ.get("LOCAL_WORLD_SIZE") or 1) > 1:
+        return None
+    inp = hf_model_output(uri)
+    return inp if inp is not None and any(n.endswith(".safetensors") and "/" not in n for n in inp.files) else None
+
+
+def load_streamed(inp: StageInput, *, device: str = "cpu", dtype=None) -> LoadedLlava:
+    """`load_llava` of an HF-layout stage output in S3: the weights streamed into memory and straight onto
+    `device` (`mysproj.models.stream_load`), the model built around them without another copy."""
+    import torch
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        GenerationConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    from mysproj.models.conversion import legacy_to_current
+    from mysproj.models.stream_load import read_state_dict
+
+    names = sorted(n for n in inp.files if "/" not in n and n != MANIFEST)
+    weights = [n for n in names if n.endswith(".safetensors")]
+    folder = inp.local_dir(names=[n for n in names if n not in weights and not n.endswith((".bin", ".jsonl"))])
+    config = _read_config(folder, inp.uri)
+    if config.get("model_type") != "llava":
+        raise BadInput(f"{inp.uri}: config.json model_type is '{config.get('model_type')}', not a LLaVA model")
+    state, _ = read_state_dict(inp, weights, device=device, dtype=dtype)
+    hf_config = LlavaConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(hf_config)
+    try:
+        model.load_state_dict(legacy_to_current(state), strict=True, assign=True)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise BadInput(f"{inp.uri}: its weights do not fit its config.json ({first})") from None
+    del state
+    _tie_buffers(model)
+    if os.path.exists(os.path.join(folder, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    _record_dtype(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    model = model.to(device).eval()
+    summary = inp.manifest.get("summary", {})
+    return LoadedLlava(model, tokenizer, processor, bool(summary.get("random_weights", False)), inp.uri, "hf")
 
 
 def _find_vision_tower(folder: str, config: dict, vision_tower: str | None, what: str) -> str:

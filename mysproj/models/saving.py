@@ -16,10 +16,13 @@ SHARD_BYTES = 5 * 1024**3
 OWN_SHARD_PREFIX = "model.multi_modal_projector."
 
 
-def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None = None, dtype=None) -> list[str]:
+def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None = None, dtype=None,
+                    on_file=None) -> list[str]:
     """Safetensors shards named like transformers' (`model.safetensors` or `model-0000i-of-0000n.safetensors`).
     Tensors move to the CPU one shard at a time, so a model on the GPU never needs a whole CPU copy; `dtype`:
-    floating-point tensors are cast to it on their own device first (half the bytes to move for fp32 weights)."""
+    floating-point tensors are cast to it on their own device first (half the bytes to move for fp32 weights).
+    `on_file(path)`: called as each shard is complete (`StageOutput.sender`: its upload starts while the next is
+    written)."""
     from safetensors.torch import save_file
 
     max_shard_bytes = max_shard_bytes or SHARD_BYTES
@@ -48,6 +51,8 @@ def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None 
     def write(names: list[str], fname: str) -> None:
         save_file({k: stored(state_dict[k]).to("cpu").contiguous() for k in names}, os.path.join(out_dir, fname),
                   metadata={"format": "pt"})
+        if on_file is not None:
+            on_file(os.path.join(out_dir, fname))
 
     if len(shards) == 1:
         write(shards[0], "model.safetensors")
@@ -90,8 +95,8 @@ def save_processing(tokenizer, image_processor, config, out_dir: str) -> None:
 
 
 def save_hf_model(state_dict: dict, config, tokenizer, image_processor, out_dir: str,
-                  extra_config: dict | None = None, dtype=None) -> None:
-    """A complete HF-layout model folder (`dtype`: as in `save_state_dict`)."""
+                  extra_config: dict | None = None, dtype=None, on_file=None) -> None:
+    """A complete HF-layout model folder (`dtype`, `on_file`: as in `save_state_dict`)."""
     os.makedirs(out_dir, exist_ok=True)
     config = config.__class__.from_dict(config.to_dict())
     dtypes = {dtype or t.dtype for t in state_dict.values() if t.is_floating_point()}
@@ -101,5 +106,5 @@ def save_hf_model(state_dict: dict, config, tokenizer, image_processor, out_dir:
         setattr(config, k, v)
     config.architectures = ["LlavaForConditionalGeneration"]
     config.save_pretrained(out_dir)
-    save_state_dict(state_dict, out_dir, dtype=dtype)
+    save_state_dict(state_dict, out_dir, dtype=dtype, on_file=on_file)
     save_processing(tokenizer, image_processor, config, out_dir)

@@ -16,6 +16,8 @@ import os
 
 from mysproj.models.conversion import current_name
 from mysproj.models.loading import INDEX, LoadedLlava, _tie_buffers, hf_model_output
+from mysproj.models.stream_load import read_state_dict
+from mysproj.storage import s3_transfer
 from mysproj.storage.manifest import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -44,14 +46,19 @@ def load_vision(uri: str, *, device: str = "cpu", dtype=None):
     needed = _weight_files(inp)
     if not needed:
         return None
+    streamed = s3_transfer.is_s3(uri)  # the shards read straight into memory, not into the local cache
     names = [n for n in inp.files if "/" not in n and n != MANIFEST
-             and (not n.endswith((".safetensors", ".bin")) or n in needed)]
+             and (not n.endswith((".safetensors", ".bin")) or (n in needed and not streamed))]
     folder = inp.local_dir(names=names)
     config = LlavaConfig.from_pretrained(folder)
     if config.model_type != "llava":
         return None
     state = {}
-    for f in sorted(needed):
+    if streamed:
+        got, _ = read_state_dict(inp, sorted(needed), device=str(device))
+        state = {current_name(k): v for k, v in got.items() if current_name(k).startswith(PREFIXES)}
+        del got
+    for f in sorted(needed) if not streamed else []:
         with safe_open(os.path.join(folder, f), "pt", device=str(device)) as weights:
             state.update({current_name(k): weights.get_tensor(k) for k in weights.keys()
                           if current_name(k).startswith(PREFIXES)})

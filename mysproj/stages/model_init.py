@@ -42,7 +42,8 @@ def run(cfg) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         log.info("model-init: %s, %.1fM parameters (random), writing %s", cfg.preset, n_params / 1e6, out.uri)
         with out.staging() as tmp:  # the weights go to the CPU a shard at a time, straight from the model
-            save_hf_model(model.state_dict(), _config_of(cfg.preset, tokenizer), tokenizer, processor, tmp)
+            save_hf_model(model.state_dict(), _config_of(cfg.preset, tokenizer), tokenizer, processor, tmp,
+                          on_file=out.sender(tmp))
             del model
             out.put_dir(tmp, move=True)
         return {"preset": cfg.preset, "random_weights": True, "parameters": n_params, "dtype": dtype,

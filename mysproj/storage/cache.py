@@ -9,6 +9,7 @@ import shutil
 import tempfile
 
 from mysproj.errors import IncompleteOutput
+from mysproj.storage import s3_transfer
 from mysproj.storage import uri as U
 
 
@@ -26,9 +27,10 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def fetch(uri: str, sha256: str | None = None) -> str:
+def fetch(uri: str, sha256: str | None = None, *, parts: dict | None = None, size: int | None = None) -> str:
     """A local path holding `uri`'s bytes. Local files are used in place (verified when a hash is given);
-    remote ones are downloaded once into the cache, keyed by content hash when known."""
+    remote ones are downloaded once into the cache, keyed by content hash when known (s3: concurrent ranged
+    GETs, verified per part where `parts` gives the part digests, see `mysproj.storage.s3_transfer`)."""
     if U.is_local(uri):
         path = U.local_path(uri)
         missing = (f"{uri}: file is missing (deleted or moved after its manifest was written); restore it, or "
@@ -46,6 +48,10 @@ def fetch(uri: str, sha256: str | None = None) -> str:
     key = sha256 or hashlib.sha256(uri.encode()).hexdigest()
     target = os.path.join(cache_dir(), "blobs", key[:2], key)
     if os.path.exists(target):
+        return target
+    if s3_transfer.is_s3(uri):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        s3_transfer.download(uri, target, sha256=sha256, parts=parts, size=size)
         return target
     tmp = target + ".part"
     U.get_file(uri, tmp)

@@ -29,11 +29,11 @@ from typing import Any
 from mysproj import __version__
 from mysproj.config import config_hash, config_to_dict
 from mysproj.errors import BadInput, IncompleteOutput
-from mysproj.storage import cache, lease
+from mysproj.storage import cache, lease, s3_upload
 from mysproj.storage import uri as U
 from mysproj.storage.cache import sha256_file
 from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests
-from mysproj.storage.stage_time import GpuUse, time_entry
+from mysproj.storage.stage_time import GpuUse, time_entry, transfer_seconds
 
 log = logging.getLogger(__name__)
 # `--force`: run even when the output is complete, and replace a complete output of another stage.
@@ -89,6 +89,8 @@ class StageOutput:
         self.reason: str | None = None  # why `existing()` found nothing to reuse (None: no output there yet)
         self._inputs = inputs
         self._found: Any = _UNREAD  # the manifest `existing()` read (None: there was none), for `begin` to reuse
+        self._early: dict = {}  # local path -> upload started by `sender` before `put_dir`
+        self._sending = None
 
     @property
     def inputs(self) -> dict:
@@ -153,8 +155,9 @@ class StageOutput:
     def path(self, name: str) -> str:
         return U.join(self.uri, name)
 
-    def _record(self, name: str, size: int, sha: str) -> None:
-        self.files[name] = {"size": size, "sha256": sha}
+    def _record(self, name: str, size: int, sha: str, parts: dict | None = None) -> None:
+        """`parts`: the part digests of an object uploaded in parts (`mysproj.storage.s3_transfer`)."""
+        self.files[name] = {"size": size, "sha256": sha, **({"parts": parts} if parts else {})}
 
     def write_bytes(self, name: str, data: bytes) -> str:
         U.write_bytes(self.path(name), data)
@@ -170,8 +173,12 @@ class StageOutput:
     def put_file(self, local: str, name: str, sha256: str | None = None, move: bool = False) -> str:
         """Store `local` as `name`; `sha256` if already known; `move`: the local file may be taken (`uri.put_file`)."""
         size, sha = os.path.getsize(local), sha256 or sha256_file(local)
-        U.put_file(local, self.path(name), move=move)
-        self._record(name, size, sha)
+        parts = None
+        if s3_upload.is_s3(self.uri):
+            parts = s3_upload.upload(local, self.path(name))
+        else:
+            U.put_file(local, self.path(name), move=move)
+        self._record(name, size, sha, parts)
         return self.path(name)
 
     def copy_file(self, src_uri: str, name: str, entry: dict) -> str:
@@ -179,7 +186,8 @@ class StageOutput:
         sha256) instead of being re-read and re-hashed; readers verify it as any other file. Returns how it was
         copied (`uri.copy`)."""
         how = U.copy(src_uri, self.path(name))
-        self._record(name, int(entry["size"]), entry["sha256"])
+        # part digests hold for a byte-for-byte copy (a server-side copy or a transfer alike)
+        self._record(name, int(entry["size"]), entry["sha256"], entry.get("parts"))
         return how
 
     def put_dir(self, local_dir: str, prefix: str = "", move: bool = False) -> None:
@@ -192,10 +200,42 @@ class StageOutput:
                 full = os.path.join(root, n)
                 rel = os.path.relpath(full, local_dir).replace(os.sep, "/")
                 files.append((full, f"{prefix}/{rel}" if prefix else rel))
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
-            hashes = list(pool.map(sha256_file, [full for full, _ in files]))
-        for (full, name), sha in zip(files, hashes):
-            self.put_file(full, name, sha, move=move)
+        inside = os.path.join(os.path.abspath(local_dir), "")
+        early = {path: self._early.pop(path) for path in list(self._early) if path.startswith(inside)}
+        files = [(full, name) for full, name in files if os.path.abspath(full) not in early]
+        if s3_upload.is_s3(self.uri):
+            # each file hashed and uploaded by one worker (its upload is concurrent in itself): a shard's hashing
+            # overlaps another's upload, and the parts in flight stay a few GB
+            with ThreadPoolExecutor(max_workers=max(1, min(2, len(files)))) as pool:
+                list(pool.map(lambda item: self.put_file(*item), files))
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
+                hashes = list(pool.map(sha256_file, [full for full, _ in files]))
+            for (full, name), sha in zip(files, hashes):
+                self.put_file(full, name, sha, move=move)
+        for future in early.values():
+            future.result()
+
+    def sender(self, local_dir: str, prefix: str = ""):
+        """A callback `f(path)` for a writer of files into `local_dir` (a `staging()` folder): each finished file is
+        stored at once, in the background, while the writer goes on, and then removed (s3 outputs: a model's
+        shards never all sit on local disk together; elsewhere it does nothing, the move of `put_dir` costs
+        nothing). `put_dir(local_dir)` then waits for those instead of storing them again."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def store(path: str, name: str) -> None:
+            self.put_file(path, name)
+            os.remove(path)
+
+        def send(path: str) -> None:
+            if not s3_upload.is_s3(self.uri):
+                return
+            if self._sending is None:
+                self._sending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-out")
+            rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            self._early[os.path.abspath(path)] = self._sending.submit(store, path, f"{prefix}/{rel}" if prefix else rel)
+
+        return send
 
     @contextlib.contextmanager
     def staging(self):
@@ -257,11 +297,13 @@ def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], 
         if out.reason:
             log.info("%s: %s runs again: %s", stage, out.uri, out.reason)
         gpus = GpuUse()
+        moved = transfer_seconds()
         t0 = time.monotonic()
         summary = body(out) or {}
         wall_s = time.monotonic() - t0
         summary.setdefault("seconds", round(wall_s, 3))
-        summary["time"] = time_entry(summary, wall_s, gpus.held())
+        moved = {d: s - moved[d] for d, s in transfer_seconds().items()}
+        summary["time"] = time_entry(summary, wall_s, gpus.held(), moved)
         held.check()
         manifest = out.commit(summary)
     log.info("%s: wrote %s (%d files)", stage, out.uri, len(out.files))
@@ -320,7 +362,7 @@ class StageInput:
     def local_path(self, name: str) -> str:
         """A verified local copy (cached by content hash; local outputs are verified in place)."""
         entry = self._entry(name)
-        return cache.fetch(self.path(name), entry["sha256"])
+        return cache.fetch(self.path(name), entry["sha256"], parts=entry.get("parts"), size=entry.get("size"))
 
     def local_dir(self, prefix: str = "", names: list[str] | None = None) -> str:
         """Materialise every manifest file under `prefix` (or only `names`, which lie under it) into one local

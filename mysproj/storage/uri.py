@@ -21,6 +21,7 @@ from typing import TypeVar
 import fsspec
 
 from mysproj.errors import BadInput, StorageError, has_uri_credentials, redact
+from mysproj.storage.stage_time import transfer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -197,7 +198,10 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = split(uri)
     try:
-        return with_retry(f"reading {uri}", lambda: fs.cat_file(path))
+        if is_local(uri):
+            return with_retry(f"reading {uri}", lambda: fs.cat_file(path))
+        with transfer("in"):
+            return with_retry(f"reading {uri}", lambda: fs.cat_file(path))
     except FileNotFoundError:
         raise BadInput(f"{uri}: no such file") from None
     except IsADirectoryError:
@@ -249,7 +253,8 @@ def write_bytes(uri: str, data: bytes) -> None:
 
         _local_write(uri, path, write)
         return
-    with_retry(f"writing {uri}", lambda: fs.pipe_file(path, data))
+    with transfer("out"):
+        with_retry(f"writing {uri}", lambda: fs.pipe_file(path, data))
 
 
 def _discard(tmp: str) -> None:
@@ -296,7 +301,8 @@ def put_file(local: str, uri: str, move: bool = False) -> None:
                 pass
         _local_write(uri, path, lambda tmp: shutil.copyfile(local, tmp))
         return
-    with_retry(f"uploading {local} to {uri}", lambda: fs.put_file(local, path))
+    with transfer("out"):
+        with_retry(f"uploading {local} to {uri}", lambda: fs.put_file(local, path))
 
 
 def get_file(uri: str, local: str) -> None:
@@ -304,7 +310,8 @@ def get_file(uri: str, local: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with_retry(f"downloading {uri}", lambda: fs.get_file(path, tmp))
+        with transfer("in"):
+            with_retry(f"downloading {uri}", lambda: fs.get_file(path, tmp))
         os.replace(tmp, local)
     except FileNotFoundError:
         raise BadInput(f"{uri}: no such file") from None
@@ -336,7 +343,8 @@ def copy(src: str, dst: str) -> str:
     src_fs, src_path = split(src)
     dst_fs, dst_path = split(dst)
     if src_fs is dst_fs:
-        with_retry(f"copying {src} to {dst}", lambda: src_fs.copy(src_path, dst_path))
+        with transfer("out"):
+            with_retry(f"copying {src} to {dst}", lambda: src_fs.copy(src_path, dst_path))
         return "server"
     import tempfile
 

@@ -56,7 +56,8 @@ def export(ctx, out, tokenizer, processor, base_dtype, metrics: list[dict]) -> d
                 else:
                     merged = {base_name(k): v for k, v in state.items()}
                 # cast where the weights are and moved to the CPU a shard at a time (save_state_dict)
-                save_hf_model(merged, config, tokenizer, processor, tmp, dtype=base_dtype)
+                save_hf_model(merged, config, tokenizer, processor, tmp, dtype=base_dtype,
+                              on_file=out.sender(tmp))
             out.put_dir(tmp, move=True)
             files = sorted(out.files)
         out.write_text("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
