@@ -84,9 +84,10 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mysproj", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for stage, (cls, _) in STAGES.items():
+    for stage, record in STAGES.items():
         if stage == "model-init":
             continue
+        cls = record.config
         p = sub.add_parser(stage, help=(cls.__doc__ or stage).splitlines()[0])
         p.add_argument("--config", default=None, help="YAML file with field: value pairs")
         p.add_argument("--force", action="store_true", help="run even if --out holds a complete output (of this "
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     init = msub.add_parser("init", help="write a random-weight model of a preset architecture")
     init.add_argument("--config", default=None)
     init.add_argument("--force", action="store_true", help="run even if --out holds a complete output")
-    add_arguments(init, STAGES["model-init"][0])
+    add_arguments(init, STAGES["model-init"].config)
     init.set_defaults(func=_stage_command("model-init"))
     for module in COMMAND_MODULES:
         module.add_command(sub, _Parser)

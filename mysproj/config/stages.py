@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
+from mysproj.config.datasets import RECORDS
 from mysproj.config.fields import ConfigError, opt
 
 CRISISMMD_DEFAULT_CLASSES = ["affected_individuals", "infrastructure_and_utility_damage",
                              "rescue_volunteering_or_donation_effort", "vehicle_damage"]
-TASK_PHRASES = {name: d.task for name, d in RECORDS.items()}
 STRATEGIES = ("projector", "full", "lora")
 
 
@@ -94,7 +93,7 @@ class FetchConfig:
 class PrepConfig:
     """Prepare a dataset: samples, seed-format CSVs, LLaVA JSONs with the paper's prompt, classes, report."""
 
-    dataset: str = opt(help="dataset layout to read", choices=DATASETS)
+    dataset: str = opt(help="dataset layout to read", choices=RECORDS)  # the live records
     out: str = opt(help="output folder URI")
     source: str | None = opt(None, help="dataset root URI or origin (https://…#sha256=…, github://, kaggle://); not "
                              "needed for textures-mini", input=True, fetch="dataset")
@@ -122,7 +121,7 @@ class PrepConfig:
     workers: int = opt(0, help="decode/hash worker processes; 0 = all cores", min=0, hashed=False)
 
     def check(self) -> None:
-        if self.dataset not in EMBEDDED and not self.source:
+        if not RECORDS[self.dataset].embedded and not self.source:
             raise ConfigError(f"config field 'source' is required for dataset '{self.dataset}': pass --source URI")
         for name in ("train_split", "test_split"):
             value = getattr(self, name)

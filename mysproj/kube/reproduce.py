@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 from mysproj.kube import helm as H
 
@@ -108,7 +109,7 @@ def run(ns, out=print) -> int:
     out(f"reproduce: report fetched to {dest}/ (report.md, results.parquet, plots/)")
     out("\nTable 1 (ours, the paper's in parentheses):")
     out(table1_text(manifest, dest))
-    random_weights = bool((manifest.get("summary") or {}).get("random_weights")) \
+    random_weights = summary_of(manifest).random_weights \
         or any(r.get("random_weights") for r in result_rows)
     checks = comparison.compare(result_rows, ns.dataset, tolerance)
     matched, line = comparison.verdict(checks, random_weights)

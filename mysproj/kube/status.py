@@ -18,13 +18,13 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 from mysproj.kube import jobspec, runstate
 from mysproj.kube.controller import read_pipeline
 from mysproj.pipeline import dag
 from mysproj.stages.registry import node_configs
 from mysproj.storage import join, read_text
-from mysproj.storage.stage_time import summary_time
 from mysproj.storage.uri import is_local, s3_endpoint, split
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def progress(out: str) -> str:
 def stage_time(manifest: dict | None) -> tuple[float | None, str]:
     """(wall seconds, "<throughput> <unit>") of a finished stage from its manifest's summary; older manifests have
     no `time` entry (only `seconds`), and a stage without a natural unit has no throughput."""
-    timing = summary_time((manifest or {}).get("summary") or {})
+    timing = summary_of(manifest).timing
     wall = timing.get("wall_s")
     rate, unit = timing.get("throughput"), timing.get("unit")
     wall = float(wall) if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None

@@ -25,7 +25,8 @@ def _json_type(tp) -> str | list[str]:
 
 def stage_overrides_schema() -> dict:
     stages = {}
-    for stage, (cls, _) in STAGES.items():
+    for stage, record in STAGES.items():
+        cls = record.config
         hints = typing.get_type_hints(cls)
         props = {}
         for f in dataclasses.fields(cls):

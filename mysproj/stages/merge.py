@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 
+from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 from mysproj.models.loading import INDEX, hf_model_output
 from mysproj.storage import cache
@@ -39,7 +40,7 @@ def read_projector(uri: str) -> dict:
     if inp is not None:
         if "projector.safetensors" not in inp.files:
             raise BadInput(f"{uri}: finetune output has no projector.safetensors (strategy "
-                           f"{inp.manifest.get('summary', {}).get('strategy')}); merge needs a projector fine-tune")
+                           f"{getattr(summary_of(inp.manifest), 'strategy', None)}); merge needs a projector fine-tune")
         path = inp.local_path("projector.safetensors")
         safetensors = True  # the cached copy of a remote file has no extension
     elif uri.endswith((".bin", ".safetensors", ".pt")):
@@ -176,7 +177,7 @@ def merge_reusing(cfg, out: StageOutput, projector: dict, inp: StageInput) -> di
     log.info("merge: rewrote %s, reused %d files of %s (%s)", ", ".join(sorted(rewrite)), len(carried), inp.uri,
              ", ".join(f"{how.count(h)} by {h}" for h in sorted(set(how))))
     return {"base": cfg.base, "projector": cfg.projector, "base_layout": "hf",
-            "random_weights": bool(inp.manifest.get("summary", {}).get("random_weights", False)),
+            "random_weights": summary_of(inp.manifest).random_weights,
             "replaced": sorted(projector), "layout": "hf", "rewritten": sorted(rewrite),
             "reused": {"files": len(carried), "bytes": sum(int(inp.files[n]["size"]) for n in carried),
                        "by": sorted(set(how))}}
