@@ -1,4 +1,4 @@
-"""Fine-tuning as the seed scripts ran it: no gradient clipping (plain loop and the DeepSpeed config the trainer
+"""Fine-tuning as the released scripts ran it: no gradient clipping (plain loop and the DeepSpeed config the trainer
 builds) and the HF Trainer's loss (mean over micro-batches of each one's token-mean), with the global-batch token
 mean as the option; exact values on a tiny model on the CPU."""
 

@@ -207,7 +207,7 @@ def training_compile_cache(cfg) -> str | None:
 def checkpointing(cfg) -> bool:
     """Activation checkpointing only where memory needs it: projector-only training keeps no optimizer state for
     the LLM and its activations fit (43 GiB at micro-batch 16), so it skips the recomputation; a micro-batch cap
-    above 16 (the seed's 32 per device, which pretrain.sh ran with checkpointing) would not fit without it."""
+    above 16 (the released code's 32 per device, which pretrain.sh ran with checkpointing) would not fit without it."""
     if cfg.gradient_checkpointing is not None:
         return cfg.gradient_checkpointing
     return cfg.strategy != "projector" or getattr(cfg, "max_micro_batch", 16) > 16

@@ -13,7 +13,7 @@ Launch (the same code everywhere; the global batch stays fixed, gradient accumul
     torchrun --nnodes M --nproc-per-node N --node-rank $NODE_RANK --rdzv-backend c10d \\
         --rdzv-endpoint $MASTER_ADDR:29500 -m mysproj.cli finetune --strategy full --model ... --data ... --out ...
 
-Expected wall-clock (spec §3): the paper's runs took ~1 h on 2x A100-80G for ~15k examples. Re-running the same
+Expected wall-clock (docs/paper.md): the paper's runs took ~1 h on 2x A100-80G for ~15k examples. Re-running the same
 command after a crash resumes from the newest checkpoint under `<out>/checkpoints/` (same data order, same result).
 """
 

@@ -1,4 +1,4 @@
-"""Stage `merge`: a tuned projector put back into its base model (the seed's update_model.sh, done right).
+"""Stage `merge`: a tuned projector put back into its base model (the released code's update_model.sh, done right).
 
 Writes an HF-layout model (safetensors, config, tokenizer, processor) that `LlavaForConditionalGeneration
 .from_pretrained` loads, plus `mm_projector.bin` in the original key names. The projector is the tuned one (cast

@@ -2,8 +2,8 @@
 
     mysproj prep --dataset dtd --source s3://data/dtd --out s3://runs/r1/dtd/prep
 
-Outputs (manifest last): samples.parquet, train.csv / test.csv (the seed's `imagefilename,label`),
-llava_train.json / llava_test.json (the seed's conversation format with the paper's prompt), classes.json and
+Outputs (manifest last): samples.parquet, train.csv / test.csv (the released code's `imagefilename,label`),
+llava_train.json / llava_test.json (the released code's conversation format with the paper's prompt), classes.json and
 prep_report.json (counts per split and class; every skipped file and why).
 """
 

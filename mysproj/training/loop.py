@@ -1,7 +1,7 @@
 """The fine-tuning loop: one code path for a CPU process, one GPU, and torchrun on many GPUs/nodes (accelerate, with
 DeepSpeed ZeRO on GPUs when distributed).
 
-Loss (`loss_normalization`): by default the HF Trainer's, as the seed scripts trained: each micro-batch's mean token
+Loss (`loss_normalization`): by default the HF Trainer's, as the released scripts trained: each micro-batch's mean token
 cross-entropy over its answer tokens, averaged over the micro-batches of every process and accumulation step; or
 the mean over the answer tokens of the whole global batch (every rank computes the step's target-token count from
 the data order, so gradient accumulation and the number of GPUs do not change the result).

@@ -1,6 +1,6 @@
-"""What trains in each strategy (spec §1.5), and how the trained model is exported.
+"""What trains in each strategy (docs/paper.md#the-released-scripts), and how the trained model is exported.
 
-- `projector` (FT-Proj, the seed's pretrain.sh with `tune_mm_mlp_adapter`): only the 2-layer projector.
+- `projector` (FT-Proj, the released code's pretrain.sh with `tune_mm_mlp_adapter`): only the 2-layer projector.
 - `full` (FT-E2E, finetune_task.sh): projector + the whole LLM; the CLIP tower stays frozen.
 - `lora` (finetune_task_lora.sh): LoRA (r 128, alpha 256) on every LLM linear layer + the full projector, the
   projector at its own lr (2e-5).
@@ -46,13 +46,13 @@ def apply(model, strategy: str, cfg):
 
 
 def learning_rates(cfg) -> tuple[float, float]:
-    """(lr, projector lr for lora): the config's, else the strategy's default and the seed's mm_projector_lr."""
+    """(lr, projector lr for lora): the config's, else the strategy's default and the released mm_projector_lr."""
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.strategy]
     return lr, cfg.projector_lr if cfg.projector_lr is not None else 2e-5
 
 
 def param_groups(model, strategy: str, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
-    """AdamW groups; for lora the projector gets `projector_lr` (the seed's mm_projector_lr)."""
+    """AdamW groups; for lora the projector gets `projector_lr` (the released code's mm_projector_lr)."""
     proj, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

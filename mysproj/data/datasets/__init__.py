@@ -1,4 +1,4 @@
-"""One small reader per on-disk layout (docs/datasets.md), named by the dataset's record. Each `scan(cfg, out)`
+"""One small reader per on-disk layout (docs/paper.md), named by the dataset's record. Each `scan(cfg, out)`
 lists candidate images with their normalised labels -- no decoding yet -- and reports what it skipped;
 `mysproj.stages.prep` checks every image and writes the outputs. Readers raise `BadInput` for problems that make
 the dataset itself wrong (a missing split file, an empty class folder, a path escaping the root); single bad files
