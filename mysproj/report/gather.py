@@ -93,7 +93,9 @@ def gather(roots: list[str]) -> list[Run]:
         for uri, where in located:
             if not STAGES[where["stage"]].reported:
                 continue
-            out = StageInput(uri, expect_stage=where["stage"])
+            out = StageInput.if_complete(uri, expect_stage=where["stage"])
+            if out is None:  # its manifest is damaged: an incomplete output (`read_manifest` said so)
+                continue
             cfg = out.manifest.get("config") or {}
             prov = lineage.provenance(cfg.get("model"), cache)
             prov["data"] = cfg.get("data")

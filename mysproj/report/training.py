@@ -36,7 +36,9 @@ def trainings(roots: list[str]) -> list[Training]:
         for uri, where in _locate(root):
             if where["stage"] != "finetune":
                 continue
-            out = StageInput(uri, expect_stage="finetune")
+            out = StageInput.if_complete(uri, expect_stage="finetune")
+            if out is None:  # its manifest is damaged: an incomplete output (`read_manifest` said so)
+                continue
             summary = summary_of(out.manifest)
             curve = []
             if "metrics.jsonl" in out.files:
