@@ -15,19 +15,19 @@ import traceback
 from collections.abc import Callable
 
 from mysproj.bench import command as bench_command
+from mysproj.commands import ask, reproduce, show_example
+from mysproj.commands import status as status_command
 from mysproj.config.fields import add_arguments
 from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact
-from mysproj.kube import command as kube_command
-from mysproj.kube import reproduce
 from mysproj.kube.entry import deployment_problem, prepare_scratch
 from mysproj.pipeline import command as pipeline_command
-from mysproj.stages import ask, show_example
 from mysproj.stages.registry import STAGES, stage_config
 
-# Commands beyond the per-stage ones, each in its own module with `add_command(subparsers, parser_class)`.
+# Commands beyond the per-stage ones (mysproj.commands: they write no stage output), each in its own module with
+# `add_command(subparsers, parser_class)`.
 COMMAND_MODULES = (
     pipeline_command,   # mysproj run
-    kube_command,       # mysproj status / logs
+    status_command,     # mysproj status / logs
     reproduce,          # mysproj reproduce
     bench_command,      # mysproj bench
     ask,                # mysproj ask
