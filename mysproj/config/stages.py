@@ -16,6 +16,19 @@ from mysproj.config.fields import ConfigError, opt
 CRISISMMD_DEFAULT_CLASSES = ["affected_individuals", "infrastructure_and_utility_damage",
                              "rescue_volunteering_or_donation_effort", "vehicle_damage"]
 STRATEGIES = ("projector", "full", "lora")
+# Fine-tuning defaults per strategy, the released scripts' (pretrain.sh, finetune_task.sh, finetune_task_lora.sh on
+# 2 GPUs): the one place they live; `lr`, `projector_lr` and `global_batch` unset mean these.
+DEFAULT_LR = {"projector": 1e-3, "full": 2e-5, "lora": 2e-4}
+DEFAULT_PROJECTOR_LR = 2e-5  # lora's projector group (the released mm_projector_lr)
+DEFAULT_GLOBAL_BATCH = {"projector": 64, "full": 32, "lora": 32}
+
+
+def _short(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-") if isinstance(value, float) else str(value)
+
+
+def _per_strategy(values: dict) -> str:
+    return ", ".join(f"{_short(v)} {s}" for s, v in values.items())
 
 
 def compile_cache_opt():
@@ -159,7 +172,7 @@ class FinetuneConfig:
     strategy: str = opt("projector", help="what trains", choices=STRATEGIES)
     conv: str = opt("v1", help="conversation format: v1 = LLaVA's vicuna_v1 with the prompt (paper; the released "
                     "finetune_task.sh) or plain (the released pretrain.sh: prompt dropped)", choices=("v1", "plain"))
-    global_batch: int | None = opt(None, help="global batch; default 64 projector, 32 full/lora", min=1)
+    global_batch: int | None = opt(None, help=f"global batch; default {_per_strategy(DEFAULT_GLOBAL_BATCH)}", min=1)
     per_device_batch: int | None = opt(None, help="micro-batch per device; default: the largest divisor of "
                                        "global_batch / processes up to max_micro_batch", min=1)
     max_micro_batch: int = opt(16, help="cap of the default micro-batch (the released pretrain.sh ran 32 per device, "
@@ -169,9 +182,9 @@ class FinetuneConfig:
                     "released scripts' HF Trainer)", choices=("masked", "repeat"))
     group_by_length: bool = opt(False, help="each step's micro-batches of similar length, as LLaVA's "
                                 "group_by_modality_length (the released code's finetune_task.sh sets it)")
-    lr: float | None = opt(None, help="learning rate; default 1e-3 projector, 2e-5 full, 2e-4 lora",
-                           min=0.0, max=1.0)
-    projector_lr: float | None = opt(None, help="projector lr for lora (default 2e-5)", min=0.0, max=1.0)
+    lr: float | None = opt(None, help=f"learning rate; default {_per_strategy(DEFAULT_LR)}", min=0.0, max=1.0)
+    projector_lr: float | None = opt(None, help=f"projector lr for lora (default {_short(DEFAULT_PROJECTOR_LR)})",
+                                     min=0.0, max=1.0)
     weight_decay: float = opt(0.0, help="AdamW weight decay", min=0.0, max=1.0)
     warmup_ratio: float = opt(0.03, help="linear warmup fraction of steps", min=0.0, max=1.0)
     epochs: float = opt(1.0, help="epochs over the train split", min=0.0)
