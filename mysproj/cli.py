@@ -15,19 +15,19 @@ import traceback
 from collections.abc import Callable
 
 from mysproj.bench import command as bench_command
+from mysproj.commands import ask, reproduce, show_example
+from mysproj.commands import status as status_command
 from mysproj.config.fields import add_arguments
 from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact
-from mysproj.kube import command as kube_command
-from mysproj.kube import reproduce
 from mysproj.kube.entry import deployment_problem, prepare_scratch
 from mysproj.pipeline import command as pipeline_command
-from mysproj.stages import ask, show_example
 from mysproj.stages.registry import STAGES, stage_config
 
-# Commands beyond the per-stage ones, each in its own module with `add_command(subparsers, parser_class)`.
+# Commands beyond the per-stage ones (mysproj.commands: they write no stage output), each in its own module with
+# `add_command(subparsers, parser_class)`.
 COMMAND_MODULES = (
     pipeline_command,   # mysproj run
-    kube_command,       # mysproj status / logs
+    status_command,     # mysproj status / logs
     reproduce,          # mysproj reproduce
     bench_command,      # mysproj bench
     ask,                # mysproj ask
@@ -84,9 +84,10 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mysproj", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for stage, (cls, _) in STAGES.items():
+    for stage, record in STAGES.items():
         if stage == "model-init":
             continue
+        cls = record.config
         p = sub.add_parser(stage, help=(cls.__doc__ or stage).splitlines()[0])
         p.add_argument("--config", default=None, help="YAML file with field: value pairs")
         p.add_argument("--force", action="store_true", help="run even if --out holds a complete output (of this "
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     init = msub.add_parser("init", help="write a random-weight model of a preset architecture")
     init.add_argument("--config", default=None)
     init.add_argument("--force", action="store_true", help="run even if --out holds a complete output")
-    add_arguments(init, STAGES["model-init"][0])
+    add_arguments(init, STAGES["model-init"].config)
     init.set_defaults(func=_stage_command("model-init"))
     for module in COMMAND_MODULES:
         module.add_command(sub, _Parser)

@@ -16,13 +16,20 @@ all use this one convention:
 
 from __future__ import annotations
 
+import functools
 import re
 
+from mysproj.config.registry import STAGES
 from mysproj.storage import join
 
 ZERO_SHOT = "zero-shot"
-_PATTERN = re.compile(r"^(?P<dataset>[^/]+)/(?P<setting>zero-shot|ft-[a-z]+)"
-                      r"(?:/seed(?P<seed>\d+))?/(?P<stage>[a-z-]+)$")
+
+
+@functools.cache
+def _pattern(stages: tuple[str, ...]) -> re.Pattern:
+    names = "|".join(re.escape(s) for s in sorted(stages, key=len, reverse=True))
+    return re.compile(rf"^(?P<dataset>[^/]+)/(?P<setting>zero-shot|ft-[a-z]+)(?:/seed(?P<seed>\d+))?"
+                      rf"/(?P<stage>{names})$")
 
 
 def setting_for(strategy: str | None) -> str:
@@ -40,8 +47,9 @@ def stage_uri(root: str, dataset: str, stage: str, setting: str | None = None, s
 
 
 def parse(rel_path: str) -> dict | None:
-    """{'dataset', 'setting', 'seed', 'stage'} for a path relative to a run root, or None."""
-    m = _PATTERN.match(rel_path.strip("/"))
+    """{'dataset', 'setting', 'seed', 'stage'} for a path relative to a run root, or None (also where the last
+    part names no registered stage)."""
+    m = _pattern(tuple(STAGES)).match(rel_path.strip("/"))
     if not m:
         return None
     d = m.groupdict()

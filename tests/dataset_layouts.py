@@ -1,4 +1,4 @@
-"""Build the real on-disk layouts of the paper's datasets (spec §0) in a temp dir, with small generated images
+"""Build the real on-disk layouts of the paper's datasets (docs/paper.md) in a temp dir, with small generated images
 and a few corrupt / non-image files, for the prep tests (the layout writers are the library's)."""
 
 from __future__ import annotations

@@ -58,6 +58,9 @@ class FakeCluster:
     def list_pods(self, selector):
         return [copy.deepcopy(p) for p in self.pods.values() if self._match(p, selector)]
 
+    def pod_log(self, name, tail_lines=None):
+        return f"log of {name}\n"
+
     def create_job(self, body):
         name = body["metadata"]["name"]
         if name in self.jobs:

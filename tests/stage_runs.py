@@ -11,7 +11,7 @@ def stage(stage_name: str, **fields):
     from mysproj.config.fields import load_config
     from mysproj.stages.registry import STAGES, run
 
-    return run(stage_name, load_config(STAGES[stage_name][0], overrides=fields))
+    return run(stage_name, load_config(STAGES[stage_name].config, overrides=fields))
 
 
 def tiny_in_shards(out: str) -> dict:

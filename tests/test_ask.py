@@ -14,8 +14,8 @@ def image_path(prep_uri):
 
 
 def test_prompt_is_llava_v1_with_history():
+    from mysproj.commands.ask import Session
     from mysproj.models.conversation import SYSTEM_LLAVA_V1, llava_v1_prompt
-    from mysproj.stages.ask import Session
 
     s = Session(model=None, tokenizer=None, pixels=None, device="cpu")
     assert s.prompt("What is this?") == llava_v1_prompt("<image>\nWhat is this?")
@@ -32,7 +32,7 @@ def test_ask_streams_the_greedy_answer(llava_tiny_uri, image_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out.strip()
 
-    from mysproj.stages.ask import answer, open_session
+    from mysproj.commands.ask import answer, open_session
 
     class Recorder:
         def __init__(self):
@@ -55,7 +55,7 @@ def test_ask_streams_the_greedy_answer(llava_tiny_uri, image_path, capsys):
 
 def test_interactive_loop_keeps_history(llava_tiny_uri, image_path, monkeypatch, capsys):
     from mysproj.cli import main
-    from mysproj.stages import ask
+    from mysproj.commands import ask
 
     seen = []
     real = ask.answer

@@ -16,7 +16,7 @@ import yaml
 
 from mysproj.config.fields import load_config
 from mysproj.kube import jobspec
-from mysproj.kube.values_schema import stage_overrides_schema
+from mysproj.kube.values_schema import dataset_names, stage_overrides_schema
 from mysproj.pipeline import dag
 from mysproj.stages.registry import stage_config
 
@@ -137,6 +137,9 @@ def test_schema_is_strict_at_every_level_and_follows_the_dataclasses():
     assert set(pipeline) == {f.name for f in dataclasses.fields(dag.PipelineConfig)}
     assert pipeline["overrides"] == stage_overrides_schema(), (
         "a stage config changed: run `python -m mysproj.kube.values_schema charts/mysproj/values.schema.json`")
+    for name in ("datasets", "accept_terms"):
+        assert pipeline[name]["items"]["enum"] == dataset_names(), (
+            "a dataset record changed: run `python -m mysproj.kube.values_schema charts/mysproj/values.schema.json`")
 
 
 def test_pipeline_config_is_the_dataclass_with_the_run_root():

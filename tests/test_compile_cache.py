@@ -74,14 +74,17 @@ def test_a_failed_stage_stores_nothing(tmp_path, monkeypatch):
 
 
 def test_the_pipeline_shares_one_cache_among_compiling_stages():
-    from mysproj.pipeline.dag import COMPILING_STAGES, PipelineConfig, build
+    from mysproj.config.registry import stages_where
+    from mysproj.pipeline.dag import PipelineConfig, build
 
+    compiling = stages_where("compiles")
+    assert compiling == ("finetune", "eval-clip", "eval-llava")
     nodes = build(PipelineConfig(root="s3://b/run", overrides={"eval-clip": {"compile_cache": "s3://b/other"}}))
     for n in nodes:
         want = ("s3://b/other" if n.stage == "eval-clip" else "s3://b/run/compile-cache") \
-            if n.stage in COMPILING_STAGES else None
+            if n.stage in compiling else None
         assert n.config.get("compile_cache") == want, n.name
-    assert {n.stage for n in nodes} >= set(COMPILING_STAGES)
+    assert {n.stage for n in nodes} >= set(compiling)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""eval-llava's decoding choices: sampling as the seed's cli.py (seeded, reproducible), the line-break stop for
+"""eval-llava's decoding choices: sampling as the released code's cli.py (seeded, reproducible), the line-break stop for
 models fine-tuned with conv=plain (in the greedy loop and in transformers' generate), and the pipeline running
 a sampled zero-shot evaluation once per seed."""
 

@@ -33,7 +33,7 @@ def test_eval_clip_end_to_end(tmp_path, prep_uri, clip_tiny_uri, protocol):
 
 
 def test_paper_protocol_is_argmax_over_photo_template(tmp_path, prep_uri, clip_tiny_uri):
-    """Recompute the seed script's prediction one image at a time, the slow way, and compare."""
+    """Recompute the released script's prediction one image at a time, the slow way, and compare."""
     from mysproj.data.prepared import PreparedData
     from mysproj.models.clip import load_clip
 
@@ -254,7 +254,7 @@ def _eval(tmp_path, name: str, prep: str, model: str, **fields):
 
 def test_decode_device_agrees_with_cpu(tmp_path, jpeg_prep, clip_tiny_uri):
     """The stage end to end on photos: same predictions and scores with decode=device (a worker process sends
-    the bytes; 5 JPEGs decoded as tensors, 3 files through PIL) as with the seed's PIL path."""
+    the bytes; 5 JPEGs decoded as tensors, 3 files through PIL) as with the released code's PIL path."""
     _, cpu_metrics, cpu_rows = _eval(tmp_path, "cpu", jpeg_prep, clip_tiny_uri, workers=0, batch_size=3)
     summary, metrics, rows = _eval(tmp_path, "device", jpeg_prep, clip_tiny_uri, workers=1, batch_size=3,
                                    decode="device")
@@ -305,12 +305,12 @@ def test_fast_tower_agrees_with_the_model_forward(tmp_path, jpeg_prep, clip_tiny
     assert worst < 1e-5, worst
 
 
-# ------------------------------------------------------------------ EXIF orientation (the seed's pipeline load_image)
+# ------------------------------------------------------------------ EXIF orientation (the released pipeline load_image)
 
 @pytest.fixture
 def exif_prep(tmp_path_factory):
     """One JPEG whose EXIF tag says "rotate 90° clockwise to show" (orientation 6) and a PNG of the same decoded
-    pixels turned upright: the seed's `pipeline(...)` loads both as the same image."""
+    pixels turned upright: the released code's `pipeline(...)` loads both as the same image."""
     import io
 
     from PIL import Image, ImageOps

@@ -123,7 +123,7 @@ def test_a_missing_command_module_fails_loudly():
     code = ("import sys, importlib.abc\n"
             "class Gone(importlib.abc.MetaPathFinder):\n"
             "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'mysproj.stages.ask':\n"
+            "        if name == 'mysproj.commands.ask':\n"
             "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
             "sys.meta_path.insert(0, Gone())\n"
             "import mysproj.cli\n")

@@ -15,7 +15,7 @@ from fake_cluster import complete_output, make_controller
 from mysproj.config.fields import config_hash, load_config
 from mysproj.errors import EXIT_BAD_INPUT
 from mysproj.kube import controller as C
-from mysproj.kube import jobspec, status
+from mysproj.kube import jobspec, table, watch
 from mysproj.pipeline import dag
 from mysproj.stages.registry import stage_config
 from mysproj.storage import join, write_text
@@ -132,13 +132,13 @@ def test_bad_input_exit_fails_the_run_even_without_pod_failure_policy(tmp_path):
     reason = result.failed["textures-mini/prep"].reason
     assert "exit 64" in reason and "no such folder" in reason
     assert cluster.stopped[prep][jobspec.ANN_FAILURE] == reason  # no more retries, reason kept on the Job
-    rows = {r.node: r for r in status.collect(cluster, "r1")}
+    rows = {r.node: r for r in table.collect(cluster, "r1")}
     assert rows["textures-mini/prep"].state == "failed" and "no such folder" in rows["textures-mini/prep"].reason
     assert rows["report"].state == "waiting"
     assert C.main(ctl.cfg, cluster) == EXIT_BAD_INPUT
     # The controller Job itself ends now, with the reason, rather than being retried by a 1.20 server.
     assert "no such folder" in cluster.jobs["r1-controller"]["metadata"]["annotations"][jobspec.ANN_FAILURE]
-    rows = {r.node: r for r in status.collect(cluster, "r1")}
+    rows = {r.node: r for r in table.collect(cluster, "r1")}
     assert rows["controller"].state == "failed" and "textures-mini/prep" in rows["controller"].reason
 
 
@@ -178,18 +178,19 @@ def test_status_table_and_progress(tmp_path):
     ft_out = ctl.configs["textures-mini/ft-projector/seed0/finetune"].out
     write_text(join(ft_out, "metrics.jsonl"), '{"step": 1, "total": 2, "loss": 3.5}\n'
                '{"step": 2, "total": 2, "loss": 2.25, "samples_per_s": 4.0, "eta_s": 75}\n')
-    rows = {r.node: r for r in status.collect(cluster, "r1")}
+    rows = {r.node: r for r in table.collect(cluster, "r1")}
     assert rows["textures-mini/prep"].state == "reused"
     ft = rows["textures-mini/ft-projector/seed0/finetune"]
     assert ft.state == "running" and ft.progress == "step 2/2 loss 2.25 4 samples/s eta 1m15s"
-    text = status.render(list(rows.values()))
+    text = table.render(list(rows.values()))
     assert text.splitlines()[0].split() == ["STAGE", "JOB", "STATE", "START", "DURATION", "THROUGHPUT", "PROGRESS",
                                              "REASON"]
-    assert status.show(cluster, "r1", out=lambda s: None) == 0
+    assert watch.show(cluster, "r1", out=lambda s: None) == 0
 
 
 def test_controller_and_status_never_import_torch():
-    code = ("import sys; import mysproj.kube.controller, mysproj.kube.status, mysproj.kube.command; "
+    code = ("import sys; import mysproj.kube.controller, mysproj.kube.watch, mysproj.kube.logs; "
+            "import mysproj.commands.status; "
             "bad = [m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ import socket
 import pytest
 from fake_cluster import TEMPLATE, complete_output, make_controller
 
-from mysproj.kube import jobspec, runstate, status
+from mysproj.kube import bucket, jobspec, runstate, table, watch
 from mysproj.storage.manifest import StageOutput
 
 FT = "textures-mini/ft-projector/seed0/finetune"
@@ -20,7 +20,7 @@ READY = ("textures-mini/prep", "models/tiny", "models/clip-tiny")
 
 
 def rows_of(cluster, **kw):
-    return {r.node: r for r in status.collect(cluster, "r1", **kw)}
+    return {r.node: r for r in table.collect(cluster, "r1", **kw)}
 
 
 def test_status_and_the_controller_agree_when_a_job_of_an_earlier_config_is_left(tmp_path):
@@ -41,7 +41,38 @@ def test_status_and_the_controller_agree_when_a_job_of_an_earlier_config_is_left
     row = rows_of(cluster)[FT]
     assert (row.state, row.job) == ("running", ctl.names[FT][0])
     assert ctl.step().states[FT].state == row.state
-    assert status.show(cluster, "r1", out=lambda s: None) == 0
+    assert watch.show(cluster, "r1", out=lambda s: None) == 0
+
+
+def test_logs_picks_the_jobs_the_run_state_counts(tmp_path):
+    """`mysproj logs` reads the same run state as `mysproj status`: a Job of an earlier config of the node is left
+    out, a node, a stage kind, a Job name and 'controller' each name their Jobs."""
+    from mysproj.errors import BadInput
+    from mysproj.kube import logs
+
+    ctl, cluster = make_controller(tmp_path)
+    for node in READY:
+        complete_output(ctl, node)
+    node = next(n for n in ctl.nodes if n.name == FT)
+    earlier = dataclasses.replace(ctl.configs[FT], max_steps=1)
+    old = jobspec.job_names("r1-mysproj", node, earlier)[0]
+    cluster.jobs[old] = {**jobspec.stage_job(TEMPLATE, name=old, node=node, cfg=earlier, owner=None, gpu=True),
+                         "status": {"failed": 1}}
+    cluster.start(old)
+    ctl.step()
+    current = ctl.names[FT][0]
+    pod = cluster.start(current)
+    printed: list[str] = []
+    assert logs.logs(cluster, "r1", FT, out=printed.append) == 0
+    assert printed == [f"== {current} / {pod}", f"log of {pod}"]
+    for name in ("finetune", current):
+        assert [j["metadata"]["name"] for j in logs.chosen_jobs(table.read_run(cluster, "r1", bucket=False), name)] \
+            == [current]
+    printed.clear()
+    logs.logs(cluster, "r1", "controller", out=printed.append)
+    assert printed == ["== r1-controller: no pod yet"]
+    with pytest.raises(BadInput, match="no Job for stage 'report'"):  # it waits for the evaluations
+        logs.logs(cluster, "r1", "report", out=printed.append)
 
 
 def test_an_earlier_revisions_jobs_never_count_and_its_controller_stands_down(tmp_path):
@@ -119,7 +150,7 @@ def test_finished_stages_show_their_own_time_and_throughput(tmp_path):
     cluster.finish(ft)
     row = rows_of(cluster)[FT]
     assert (row.state, row.duration, row.throughput) == ("complete", "0m12s", "4.5 samples/s")
-    line = next(ln for ln in status.render(list(rows_of(cluster).values())).splitlines() if ln.startswith(FT))
+    line = next(ln for ln in table.render(list(rows_of(cluster).values())).splitlines() if ln.startswith(FT))
     assert "0m12s" in line and "4.5 samples/s" in line
 
 
@@ -143,7 +174,7 @@ def test_without_the_bucket_the_cluster_view_still_shows(tmp_path, monkeypatch):
     assert rows["textures-mini/prep"].state == "running" and "retrying" in rows["textures-mini/prep"].reason
     assert rows["models/tiny"].state == "unknown"  # reused or never started: only the bucket knows
     assert rows[FT].state == "waiting"  # prep has not finished
-    assert status.render(list(rows.values())).splitlines()[-1] == "2 running, 2 unknown, 8 waiting"
+    assert table.render(list(rows.values())).splitlines()[-1] == "2 running, 2 unknown, 8 waiting"
 
 
 def _template(endpoint: str) -> dict:
@@ -164,16 +195,21 @@ def test_bucket_access_uses_the_releases_endpoint_and_says_what_is_missing(s3_se
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     # Credentials but no endpoint in this shell: the release's endpoint, not AWS.
-    assert status.bucket_access(root, _template(s3_server.endpoint)) == ""
-    assert os.environ["MYSPROJ_S3_ENDPOINT"] == s3_server.endpoint
+    access = bucket.bucket_access(root, _template(s3_server.endpoint))
+    assert access.problem == "" and access.settings == {"MYSPROJ_S3_ENDPOINT": s3_server.endpoint,
+                                                         "AWS_DEFAULT_REGION": "us-east-1"}
+    assert "MYSPROJ_S3_ENDPOINT" not in os.environ  # the diagnosis changes nothing in this process
+    with bucket.using(access.settings):
+        assert os.environ["MYSPROJ_S3_ENDPOINT"] == s3_server.endpoint
+    assert "MYSPROJ_S3_ENDPOINT" not in os.environ and "AWS_DEFAULT_REGION" not in os.environ
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    assert status.bucket_access(root, _template(s3_server.endpoint)) == \
+    assert bucket.bucket_access(root, _template(s3_server.endpoint)).problem == \
         f"{s3_server.endpoint} refused this shell's S3 credentials (access denied)"
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    assert status.bucket_access(root, _template(s3_server.endpoint)) == (
+    assert bucket.bucket_access(root, _template(s3_server.endpoint)).problem == (
         "no S3 credentials in this shell: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the run's pods read them "
         "from Secret mysproj-s3)")
 
@@ -183,7 +219,7 @@ def test_bucket_access_uses_the_releases_endpoint_and_says_what_is_missing(s3_se
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     monkeypatch.setenv("MYSPROJ_S3_ENDPOINT", closed)  # this shell's choice wins over the release's
-    why = status.bucket_access(root, _template(s3_server.endpoint))
+    why = bucket.bucket_access(root, _template(s3_server.endpoint)).problem
     assert why.startswith(f"{closed} is not reachable from here (") and "MYSPROJ_S3_ENDPOINT" in why, why
 
 
@@ -211,8 +247,8 @@ def test_a_watch_checks_each_complete_output_once(tmp_path, monkeypatch):
         cluster.jobs["r1-controller"]["status"] = {"succeeded": 1,
                                                    "conditions": [{"type": "Complete", "status": "True"}]}
 
-    monkeypatch.setattr(status.time, "sleep", next_poll)
-    state, rows = status.wait(cluster, "r1", timeout=60, interval=10, out=lambda s: None)
+    monkeypatch.setattr(watch.time, "sleep", next_poll)
+    state, rows = watch.wait(cluster, "r1", timeout=60, interval=10, out=lambda s: None)
     assert state == "complete" and len(polls) == 1
     done = {ctl.configs[n].out.rstrip("/") for n in (*READY, FT)}
     assert done <= set(polls[0])

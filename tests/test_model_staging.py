@@ -118,7 +118,7 @@ def test_fetch_output_is_a_model_like_model_init(staged, tmp_path):
     vision-only load and merge's reuse of the base's shards all take it."""
     from mysproj.models.loading import hf_model_output, load_llava, materialize
     from mysproj.models.vision_only import load_vision
-    from mysproj.report.gather import model_provenance
+    from mysproj.storage.lineage import provenance as model_provenance
     from mysproj.storage.manifest import StageOutput
 
     folder, summary = staged
@@ -127,7 +127,7 @@ def test_fetch_output_is_a_model_like_model_init(staged, tmp_path):
     out.begin()
     out.put_dir(folder)
     out.commit(summary)
-    assert materialize(uri)[1]["layout"] == "hf" and hf_model_output(uri) is not None
+    assert materialize(uri)[1].layout == "hf" and hf_model_output(uri) is not None
     full = load_llava(uri, direct=True)
     assert full.random_weights is False and model_provenance(uri)["random_weights"] is False
     vision = load_vision(uri)

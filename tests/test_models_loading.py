@@ -52,7 +52,7 @@ def test_llava_7b_preset_has_the_real_architecture():
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
     proj = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
-    assert proj == 20_979_712  # spec §3: 1024*4096+4096 + 4096*4096+4096
+    assert proj == 20_979_712  # docs/paper.md#llava-15-internals: 1024*4096+4096 + 4096*4096+4096
     assert cfg.text_config.vocab_size == 32064 and cfg.image_seq_length == 576
     assert cfg.text_config.num_hidden_layers == 32 and cfg.text_config.hidden_size == 4096
     assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14

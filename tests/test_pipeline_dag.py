@@ -2,7 +2,7 @@ import pytest
 
 from mysproj.config.fields import ConfigError, config_hash, load_config
 from mysproj.pipeline import dag
-from mysproj.stages.registry import stage_config
+from mysproj.stages.registry import STAGES, stage_config
 
 
 def _cfg(**kw):
@@ -82,10 +82,9 @@ def test_the_released_recipe_sets_every_choice_at_once():
 
 def test_the_paper_recipe_is_the_defaults_and_overrides_beat_the_recipe():
     from mysproj.config.fields import config_hash
-    from mysproj.stages.registry import STAGES
 
     for n in dag.build(_cfg(root="/r")):
-        cls = STAGES[n.stage][0]
+        cls = STAGES[n.stage].config
         structural = {k: v for k, v in n.config.items() if k not in dag.recipes.stage_fields(
             "paper", n.stage, n.config.get("strategy"))}
         assert config_hash(stage_config(n.stage, n.config)) == config_hash(
@@ -102,10 +101,10 @@ def test_the_paper_recipe_is_the_defaults_and_overrides_beat_the_recipe():
 def test_tracking_reaches_the_stages_that_log_and_rejects_unknown_settings():
     on = dag.build(_cfg())
     off = dag.build(_cfg(tracking={"tensorboard": False}))
-    tracked = {n.stage for n in off if n.stage in dag.TRACKED_STAGES}
+    tracked = {n.stage for n in off if STAGES[n.stage].tracked}
     assert tracked == {"finetune", "eval-clip", "eval-llava", "probe"}
     for a, b in zip(on, off):
-        if a.stage in dag.TRACKED_STAGES:
+        if STAGES[a.stage].tracked:
             assert stage_config(a.stage, a.config).tensorboard is True
             assert stage_config(b.stage, b.config).tensorboard is False
             # an operational switch: the output stays complete whichever way it is set

@@ -1,5 +1,5 @@
 """image_backend=pil: LLaVA's images prepared by CLIPImageProcessorPil (the PIL resize of the transformers the
-seed scripts pinned) instead of transformers 5's torchvision-backed CLIPImageProcessor."""
+released scripts pinned) instead of transformers 5's torchvision-backed CLIPImageProcessor."""
 
 import os
 

@@ -203,9 +203,9 @@ def test_eval_llava_feeds_the_upstream_ids(sp_llava, prep_uri, tmp_path, monkeyp
 
 
 def test_ask_feeds_the_upstream_ids(sp_llava, prep_uri):
+    from mysproj.commands.ask import answer, open_session
     from mysproj.data.prepared import PreparedData
     from mysproj.models.conversation import llava_v1_prompt
-    from mysproj.stages.ask import answer, open_session
 
     uri, sp, image = sp_llava
     data = PreparedData(prep_uri)

@@ -12,8 +12,8 @@ from mysproj.training.data import Schedule
 def test_micro_batch_cap_and_its_checkpointing():
     from types import SimpleNamespace
 
-    from mysproj.speed.llava import checkpointing
     from mysproj.training.loop import default_micro_batch
+    from mysproj.training.setup import checkpointing
 
     assert default_micro_batch(64, 2, None) == 16
     assert default_micro_batch(64, 2, None, cap=32) == 32   # pretrain.sh: 32 per device on 2 GPUs

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from mysproj.commands import reproduce as R
 from mysproj.errors import BadInput
 from mysproj.kube import helm as H
-from mysproj.kube import reproduce as R
 from mysproj.report import comparison as C
 from mysproj.report import paper as P
 

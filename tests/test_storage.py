@@ -69,6 +69,26 @@ def test_same_config_is_skipped_and_other_config_reruns(tmp_path):
     assert M.StageInput(str(tmp_path / "o")).read_text("a.txt") == "2"
 
 
+@pytest.mark.parametrize("damage", [b"{\"stage\": \"prep\", \"fi", b"\xff\xfe", b"[1, 2]"])
+def test_a_damaged_manifest_is_an_incomplete_output_everywhere(tmp_path, caplog, damage):
+    """One rule: a manifest that is not a JSON object counts as none. The stage runs again and replaces it, a
+    reader of the output as an input refuses it, the report's walkers pass over it; a warning names the file."""
+    from mysproj.report.gather import gather
+    from mysproj.storage.stage_time import recorded
+
+    out = tmp_path / "run" / "textures-mini" / "zero-shot" / "eval-clip"
+    M.run_stage("prep", _cfg(out), lambda o: o.write_text("a.txt", "first") and None)
+    (out / M.MANIFEST).write_bytes(damage)
+    with caplog.at_level("WARNING", logger="mysproj.storage.manifest"):
+        assert M.read_manifest(str(out)) is None
+    assert "damaged" in caplog.text and M.MANIFEST in caplog.text
+    with pytest.raises(IncompleteOutput, match="or a damaged one"):
+        M.StageInput(str(out))
+    assert recorded(str(tmp_path / "run")) == [] and gather([str(tmp_path / "run")]) == []
+    again = M.run_stage("prep", _cfg(out), lambda o: o.write_text("a.txt", "second") and None)
+    assert not again.get("skipped") and M.StageInput(str(out)).read_text("a.txt") == "second"
+
+
 def test_a_stage_run_reads_its_output_manifest_once(tmp_path, monkeypatch):
     reads = []
     real = M.read_manifest

@@ -114,7 +114,7 @@ def test_no_tracking_library_is_imported_by_a_stage_that_does_not_log_to_it(tmp_
 
     code = f"""
 import sys
-import mysproj.kube.controller, mysproj.kube.status, mysproj.stages.report, mysproj.training.loop
+import mysproj.kube.controller, mysproj.kube.watch, mysproj.stages.report, mysproj.training.loop
 import mysproj.stages.eval_llava, mysproj.stages.probe, mysproj.stages.eval_clip
 from mysproj.config.stages import EvalClipConfig
 from mysproj.storage.manifest import StageOutput

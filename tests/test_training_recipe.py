@@ -1,4 +1,4 @@
-"""Fine-tuning as the seed scripts ran it: no gradient clipping (plain loop and the DeepSpeed config the trainer
+"""Fine-tuning as the released scripts ran it: no gradient clipping (plain loop and the DeepSpeed config the trainer
 builds) and the HF Trainer's loss (mean over micro-batches of each one's token-mean), with the global-batch token
 mean as the option; exact values on a tiny model on the CPU."""
 
@@ -80,7 +80,7 @@ def test_the_deepspeed_config_the_trainer_builds_has_no_clipping(monkeypatch, on
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: type("A", (), {"num_processes": 1})())
     for name in ("zero2", "zero3", "zero3-offload"):
         session.accelerator(name, False, 2, 1, 2, 64, _config().max_grad_norm, False)
-        # explicit: an absent key meant 0 in the DeepSpeed the seed pinned, but means 1.0 from DeepSpeed 0.19.3 on
+        # explicit: an absent key meant 0 in the DeepSpeed the scripts pinned, but means 1.0 from DeepSpeed 0.19.3 on
         assert built[-1]["gradient_clipping"] == 0.0, name
         assert built[-1]["zero_optimization"]["stage"] in (2, 3)
     session.accelerator("zero2", False, 2, 1, 2, 64, 1.0, False)

@@ -7,7 +7,7 @@ workers read sha256-verified bytes and the batch is decoded and preprocessed on 
 pipelined loop (`zero_shot_probs`: batch k encodes while batch k+1 decodes). One timed step = one batch: the
 wall-clock interval between consecutive results, the GPU drained before the first timed step and after the last
 (`time_steps(clock="pipelined")`), so decode waits count and the overlap the stage gets is kept.
-baseline: the seed's `zero_shot_inference.py`: transformers' `zero-shot-image-classification` pipeline on a
+baseline: the released code's `zero_shot_inference.py`: transformers' `zero-shot-image-classification` pipeline on a
 `CLIPModel` of the same architecture, called once per image file with the class names (class prompts re-encoded
 every call), fp32 as the pipeline defaults; one timed step = one image.
 """
@@ -198,4 +198,4 @@ def _baseline(args, config, paths: list[str], names: list[str]) -> Measurement:
     if len(results) != warm + n or len(results[-1]) != len(names):
         raise RuntimeError("eval-clip baseline: the pipeline returned unexpected results")
     return Measurement("baseline", "transformers pipeline('zero-shot-image-classification'), one image per call "
-                       "(seed zero_shot_inference.py), fp32", 1, 1, timing, 0.0, unit="images")
+                       "(the released zero_shot_inference.py), fp32", 1, 1, timing, 0.0, unit="images")

@@ -6,7 +6,7 @@ ours: the eval-llava stage's batch functions on a random-weight model in the sta
 `mysproj.evaluation.scoring.score_continuations`). Inputs are what the stage's loader hands them: left-padded
 prompt ids (`--prompt-tokens` text tokens around the 576 image tokens) and preprocessed pixels; decode is measured
 by eval-clip / probe-features. baseline: plain `model.generate(max_new_tokens=--new-tokens)` in bf16 at batch 1
-(how the seed's cli.py is used) and at `--batch-size`.
+(how the released code's cli.py is used) and at `--batch-size`.
 
 The random model's `</s>` row of lm_head is zeroed (logit exactly 0, below the maximum of the other random
 logits) so every answer is exactly `--new-tokens` long, as the measured shape requires, in ours and baseline.

@@ -24,8 +24,8 @@ from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 from mysproj.errors import BadInput
 from mysproj.models import compile_cache
-from mysproj.speed.llava import checkpointing
 from mysproj.training.session import build as build_session
+from mysproj.training.setup import checkpointing
 
 log = logging.getLogger("mysproj.bench")
 DISTINCT_BATCHES = 2  # batches cycled through (data variety is irrelevant to speed; memory is not)

@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 
+from mysproj.config.registry import summary_of
 from mysproj.data.shapes import SHAPES
 from mysproj.errors import BadInput
 
@@ -141,8 +142,8 @@ class EventLog:
         line = {"t": round(time.time(), 3), "name": e.name, "stage": e.stage, "state": e.state, "slot": e.slot,
                 "start_s": e.start, "end_s": e.end, "wall_s": e.seconds, "error": e.error}
         if e.state == "done":
-            summary = (e.manifest or {}).get("summary") or {}
-            line.update(time=summary.get("time"), processed=summary.get("processed"))
+            summary = summary_of(e.manifest)
+            line.update(time=summary.time or None, processed=summary.processed)
         self._write(line)
 
 
@@ -152,9 +153,9 @@ def rows(outcome, root: str) -> list[dict]:
     out = []
     for e in sorted(outcome.events, key=lambda e: (e.start is None, e.start or 0.0)):
         m = outcome.manifests.get(e.name) or {}
-        summary = m.get("summary") or {}
+        summary = summary_of(m)
         out.append({"name": e.name, "stage": e.stage, "state": e.state, "slot": e.slot, "start_s": e.start,
-                    "wall_s": e.seconds, "stage_time": summary.get("time"), "processed": summary.get("processed"),
+                    "wall_s": e.seconds, "stage_time": summary.time or None, "processed": summary.processed,
                     "out": join(root, e.name)})
     return out
 

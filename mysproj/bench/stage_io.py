@@ -14,6 +14,8 @@ import os
 import shutil
 import time
 
+from mysproj.config.registry import summary_of
+
 
 def _projector_file(base: str, path: str) -> None:
     """A bare mm_projector.bin of the base's shapes (random values, the base's dtype)."""
@@ -33,7 +35,7 @@ def _stage(name: str, **fields) -> dict:
 
     manifest = run(name, stage_config(name, fields, env=os.environ))
     return {"stage": name, **{k: v for k, v in fields.items() if k not in ("out", "base", "projector")},
-            "seconds": manifest["summary"]["seconds"], "reused": manifest["summary"].get("reused")}
+            "seconds": summary_of(manifest).seconds, "reused": summary_of(manifest).get("reused")}
 
 
 def main(argv: list[str] | None = None) -> None:

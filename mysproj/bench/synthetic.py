@@ -63,7 +63,7 @@ def jpeg_bytes(images, quality: int = 90) -> list[bytes]:
 
 
 def write_jpegs(folder: str, n: int, width: int, height: int, seed: int = 0) -> list[str]:
-    """`n` JPEG files under `folder` (the paths the seed's pipeline call and the stage's decoder read)."""
+    """`n` JPEG files under `folder` (the paths the released code's pipeline call and the stage's decoder read)."""
     import os
 
     os.makedirs(folder, exist_ok=True)

@@ -1,7 +1,7 @@
 """The pipeline's `recipe`: where the paper's text and the released code disagree, which one the stages follow.
 
-`paper` (the default) follows the paper's text (spec §6); `released` follows the seed's scripts as shipped
-(spec §1, §7). Each choice is an ordinary stage field: the recipe only sets its value in the DAG, and
+`paper` (the default) follows the paper's text; `released` follows the released scripts as shipped (docs/recipe.md,
+docs/paper.md). Each choice is an ordinary stage field: the recipe only sets its value in the DAG, and
 `pipeline.overrides` still override any one of them. Where the source shows what the paper's own runs did (no
 gradient clipping, the HF Trainer's loss, the vicuna_v1 training prompt, tokenizer_image_token) both recipes do
 it, and the fields say so, so a report can name every departure. No ML imports: the controller reads this.

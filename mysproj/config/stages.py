@@ -1,7 +1,8 @@
 """One config dataclass per stage. CLI flags (`--field-name`), env vars (`MYSPROJ_FIELD_NAME`), YAML keys and the
 Helm chart's per-stage values all map onto these fields. No ML imports here: the controller reads them too.
 
-Defaults are the paper's (../shared/spec/paper.md §6); every ambiguity upstream left open is an option.
+Defaults follow the paper's text; every question the paper and its released code leave open is an option
+(docs/recipe.md#decisions-left-open-upstream).
 """
 
 from __future__ import annotations
@@ -9,13 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
+from mysproj.config.datasets import RECORDS
 from mysproj.config.fields import ConfigError, opt
 
 CRISISMMD_DEFAULT_CLASSES = ["affected_individuals", "infrastructure_and_utility_damage",
                              "rescue_volunteering_or_donation_effort", "vehicle_damage"]
-TASK_PHRASES = {name: d.task for name, d in RECORDS.items()}
 STRATEGIES = ("projector", "full", "lora")
+# Fine-tuning defaults per strategy, the released scripts' (pretrain.sh, finetune_task.sh, finetune_task_lora.sh on
+# 2 GPUs): the one place they live; `lr`, `projector_lr` and `global_batch` unset mean these.
+DEFAULT_LR = {"projector": 1e-3, "full": 2e-5, "lora": 2e-4}
+DEFAULT_PROJECTOR_LR = 2e-5  # lora's projector group (the released mm_projector_lr)
+DEFAULT_GLOBAL_BATCH = {"projector": 64, "full": 32, "lora": 32}
+
+
+def _short(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-") if isinstance(value, float) else str(value)
+
+
+def _per_strategy(values: dict) -> str:
+    return ", ".join(f"{_short(v)} {s}" for s, v in values.items())
 
 
 def compile_cache_opt():
@@ -27,7 +40,7 @@ def compile_cache_opt():
 def image_backend_opt():
     """The `image_backend` field of the stages that feed LLaVA images."""
     return opt("torchvision", help="CLIP image processor implementation: torchvision (transformers 5's default) "
-               "or pil (CLIPImageProcessorPil: the PIL resize of the transformers the seed scripts pinned, 1-2 "
+               "or pil (CLIPImageProcessorPil: the PIL resize of the transformers the released scripts pinned, 1-2 "
                "levels of 255 apart)", choices=("torchvision", "pil"))
 
 
@@ -92,17 +105,17 @@ class FetchConfig:
 
 @dataclass(kw_only=True)
 class PrepConfig:
-    """Prepare a dataset: samples, seed-format CSVs, LLaVA JSONs with the paper's prompt, classes, report."""
+    """Prepare a dataset: samples, CSVs in the released format, LLaVA JSONs with the paper's prompt, classes, report."""
 
-    dataset: str = opt(help="dataset layout to read", choices=DATASETS)
+    dataset: str = opt(help="dataset layout to read", choices=RECORDS)  # the live records
     out: str = opt(help="output folder URI")
     source: str | None = opt(None, help="dataset root URI or origin (https://…#sha256=…, github://, kaggle://); not "
                              "needed for textures-mini", input=True, fetch="dataset")
     seed: int = opt(0, help="seed for the per-example class-order shuffle in the prompt", min=0)
-    label_underscores: str = opt("space", help="label rule: underscores to spaces (paper) or deleted (seed "
-                                 "format script)", choices=("space", "delete"))
-    task: str | None = opt(None, help="task phrase in the prompt; default per dataset (spec §6.6)")
-    prompt_style: str = opt("paper", help="prompt ending: paper (Sec. 2 text) or code (seed script, adds "
+    label_underscores: str = opt("space", help="label rule: underscores to spaces (paper) or deleted (the "
+                                 "released format script)", choices=("space", "delete"))
+    task: str | None = opt(None, help="task phrase in the prompt; default per dataset (docs/recipe.md)")
+    prompt_style: str = opt("paper", help="prompt ending: paper (Sec. 2 text) or code (the released script, adds "
                             "'\\n\\nOutput:')", choices=("paper", "code"))
     dtd_split: int = opt(1, help="DTD split number (labels/train<N>.txt, test<N>.txt)", min=1, max=10)
     crisismmd_label_column: str = opt("label_image", help="CrisisMMD TSV label column",
@@ -122,7 +135,7 @@ class PrepConfig:
     workers: int = opt(0, help="decode/hash worker processes; 0 = all cores", min=0, hashed=False)
 
     def check(self) -> None:
-        if self.dataset not in EMBEDDED and not self.source:
+        if not RECORDS[self.dataset].embedded and not self.source:
             raise ConfigError(f"config field 'source' is required for dataset '{self.dataset}': pass --source URI")
         for name in ("train_split", "test_split"):
             value = getattr(self, name)
@@ -157,21 +170,21 @@ class FinetuneConfig:
     data: str = opt(help="prep output URI", input=True)
     out: str = opt(help="output folder URI")
     strategy: str = opt("projector", help="what trains", choices=STRATEGIES)
-    conv: str = opt("v1", help="conversation format: v1 = LLaVA's vicuna_v1 with the prompt (paper; the seed's "
-                    "finetune_task.sh) or plain (the seed's pretrain.sh: prompt dropped)", choices=("v1", "plain"))
-    global_batch: int | None = opt(None, help="global batch; default 64 projector, 32 full/lora", min=1)
+    conv: str = opt("v1", help="conversation format: v1 = LLaVA's vicuna_v1 with the prompt (paper; the released "
+                    "finetune_task.sh) or plain (the released pretrain.sh: prompt dropped)", choices=("v1", "plain"))
+    global_batch: int | None = opt(None, help=f"global batch; default {_per_strategy(DEFAULT_GLOBAL_BATCH)}", min=1)
     per_device_batch: int | None = opt(None, help="micro-batch per device; default: the largest divisor of "
                                        "global_batch / processes up to max_micro_batch", min=1)
-    max_micro_batch: int = opt(16, help="cap of the default micro-batch (the seed's pretrain.sh ran 32 per device, "
+    max_micro_batch: int = opt(16, help="cap of the default micro-batch (the released pretrain.sh ran 32 per device, "
                                "with activation checkpointing, which a cap above 16 turns on by default)", min=1)
     fill: str = opt("masked", help="the epoch's last step, filled up to the global batch with samples from the "
                     "start: masked (they add no loss) or repeat (they count, as accelerate's even_batches in the "
-                    "seed's HF Trainer)", choices=("masked", "repeat"))
+                    "released scripts' HF Trainer)", choices=("masked", "repeat"))
     group_by_length: bool = opt(False, help="each step's micro-batches of similar length, as LLaVA's "
-                                "group_by_modality_length (the seed's finetune_task.sh sets it)")
-    lr: float | None = opt(None, help="learning rate; default 1e-3 projector, 2e-5 full, 2e-4 lora",
-                           min=0.0, max=1.0)
-    projector_lr: float | None = opt(None, help="projector lr for lora (default 2e-5)", min=0.0, max=1.0)
+                                "group_by_modality_length (the released code's finetune_task.sh sets it)")
+    lr: float | None = opt(None, help=f"learning rate; default {_per_strategy(DEFAULT_LR)}", min=0.0, max=1.0)
+    projector_lr: float | None = opt(None, help=f"projector lr for lora (default {_short(DEFAULT_PROJECTOR_LR)})",
+                                     min=0.0, max=1.0)
     weight_decay: float = opt(0.0, help="AdamW weight decay", min=0.0, max=1.0)
     warmup_ratio: float = opt(0.03, help="linear warmup fraction of steps", min=0.0, max=1.0)
     epochs: float = opt(1.0, help="epochs over the train split", min=0.0)
@@ -181,16 +194,16 @@ class FinetuneConfig:
     deepspeed: str = opt("auto", help="auto = ZeRO-2 projector, ZeRO-3 full/lora when distributed on GPU; "
                          "full on one GPU: ZeRO-3 with the optimizer offloaded to the CPU",
                          choices=("auto", "none", "zero2", "zero3", "zero3-offload"))
-    max_grad_norm: float = opt(0.0, help="clip gradients to this global norm; 0 = off, as the seed scripts ran "
+    max_grad_norm: float = opt(0.0, help="clip gradients to this global norm; 0 = off, as the released scripts ran "
                                "(their DeepSpeed configs set no gradient_clipping, which their DeepSpeed read as 0)",
                                min=0.0)
     loss_normalization: str = opt("micro-batch", help="micro-batch = the mean over micro-batches (all devices and "
                                   "accumulation steps) of each micro-batch's mean token loss, as the HF Trainer of "
-                                  "the seed scripts; global-batch = the mean over every answer token of the global "
+                                  "the released scripts; global-batch = the mean over every answer token of the global "
                                   "batch (the same result for any micro-batch size and GPU count)",
                                   choices=("micro-batch", "global-batch"))
     gradient_checkpointing: bool | None = opt(None, help="activation checkpointing in the LLM; default: on for "
-                                              "full/lora (as the seed scripts), off for projector, whose "
+                                              "full/lora (as the released scripts), off for projector, whose "
                                               "activations fit (no recomputation); the same result either way",
                                               hashed=False)
     checkpoint_layers: int | None = opt(None, help="with checkpointing on, checkpoint only the first N decoder "
@@ -232,7 +245,7 @@ class FinetuneConfig:
 
 @dataclass(kw_only=True)
 class MergeConfig:
-    """Write an HF-layout model: the base with a tuned projector (the seed's update_model.sh, done right)."""
+    """Write an HF-layout model: the base with a tuned projector (the released code's update_model.sh, done right)."""
 
     base: str = opt(help="base model URI or hf:// origin", input=True, fetch="llava")
     projector: str = opt(help="finetune output URI (projector strategy) or a mm_projector.bin/safetensors URI",
@@ -248,7 +261,7 @@ class MergeConfig:
 class EvalClipConfig:
     """CLIP zero-shot classification of a prepared split (Table 1's CLIP row)."""
 
-    RESULT_VERSION: ClassVar[int] = 1  # images turned upright by their EXIF orientation, as the seed's pipeline
+    RESULT_VERSION: ClassVar[int] = 1  # images turned upright by their EXIF orientation, as the released pipeline
 
     model: str = opt(help="CLIP weights URI (open_clip or HF CLIP layout), a model-init output or hf:// origin",
                      input=True, fetch="clip")
@@ -258,11 +271,11 @@ class EvalClipConfig:
                         "open_clip's template ensemble", choices=("paper", "openclip"))
     arch: str = opt("ViT-L-14-336", help="open_clip architecture name when the URI holds bare weights")
     split: str = opt("test", help="split evaluated", choices=("train", "test"))
-    decode: str = opt("cpu", help="cpu = PIL in the DataLoader workers (the seed's preprocessing); device = "
+    decode: str = opt("cpu", help="cpu = PIL in the DataLoader workers (the released code's preprocessing); device = "
                       "JPEGs decoded in batches on the model's device (nvJPEG on a GPU) and resized, cropped and "
                       "normalised there as tensors (PIL's result within rounding); other files still go through "
                       "PIL", choices=("cpu", "device"))
-    precision: str = opt("fp32", help="image tower weights and activations: fp32 (the seed's) or bf16 (text "
+    precision: str = opt("fp32", help="image tower weights and activations: fp32 (the released code's) or bf16 (text "
                          "embeddings stay fp32)", choices=("fp32", "bf16"))
     fast_tower: bool = opt(True, help="the image tower as mysproj's own functions over the model's weights (same "
                            "arithmetic, no attention layout copies, the last block at the class token only); "
@@ -294,9 +307,9 @@ class EvalLlavaConfig:
     mode: str = opt("generate", help="generate = decoded answer + parser (paper); scoring = rank classes by "
                     "log-likelihood", choices=("generate", "scoring"))
     split: str = opt("test", help="split evaluated", choices=("train", "test"))
-    max_new_tokens: int = opt(32, help="generation budget (the seed's cli.py: 512)", min=1, max=2048)
+    max_new_tokens: int = opt(32, help="generation budget (the released code's cli.py: 512)", min=1, max=2048)
     temperature: float = opt(0.0, help="generate mode: 0 = greedy (paper protocol); > 0 samples at this "
-                             "temperature, seeded by seed (the seed's cli.py: 0.2, top-k 50)", min=0.0, max=10.0)
+                             "temperature, seeded by seed (the released cli.py: 0.2, top-k 50)", min=0.0, max=10.0)
     top_p: float | None = opt(None, help="sampling: nucleus mass kept; unset = 1.0 (cli.py passes none)",
                               min=0.0, max=1.0)
     seed: int = opt(0, help="sampling: seed of the draws (each batch from seed and its first example, so the same "

@@ -1,7 +1,7 @@
 """Image decoding shared by prep (checking every file once) and the stages that feed models.
 
 LLaVA-1.5 pads images to a square with the CLIP mean colour before the CLIP processor (`image_aspect_ratio=pad`,
-spec §6.8); `expand2square` is that step, byte-for-byte the upstream function.
+docs/recipe.md); `expand2square` is that step, byte-for-byte the released code's function.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def exif_orientation(raw: bytes) -> int:
 
 class ExifUpright:
     """A transform applied after `ImageOps.exif_transpose`: the image as a camera's orientation tag says to show
-    it, as transformers' `load_image` (the seed's CLIP zero-shot pipeline) loads it. LLaVA's own loading
+    it, as transformers' `load_image` (the released code's CLIP zero-shot pipeline) loads it. LLaVA's own loading
     (`Image.open(...).convert('RGB')`) does not, so only CLIP zero-shot uses this."""
 
     def __init__(self, transform):

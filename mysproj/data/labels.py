@@ -1,6 +1,6 @@
-"""Label strings from folder names / dataset label columns (spec §1.1, §1.3, §6.7).
+"""Label strings from folder names / dataset label columns (docs/paper.md#the-released-scripts).
 
-The seed's format script deletes underscores (`Bell_pepper leaf spot` -> `Bellpepper leaf spot`); its probe
+The released code's format script deletes underscores (`Bell_pepper leaf spot` -> `Bellpepper leaf spot`); its probe
 script and the paper's Figure 3 turn them into spaces. Spaces are the default, `delete` the option. Case is kept.
 """
 

@@ -1,4 +1,4 @@
-"""Write the paper's datasets in their real on-disk layouts (spec §0) from generated images: the whole-job
+"""Write the paper's datasets in their real on-disk layouts (docs/paper.md) from generated images: the whole-job
 benchmark's fixtures (`mysproj.data.shapes`) and the prep tests' small cases use the same writers.
 
 Every writer takes `image(n) -> bytes`, the encoded image for a unique index `n` (a module-level function or a

@@ -1,6 +1,6 @@
-"""The paper's classification prompt (spec §1.1), with the class order re-shuffled for every example.
+"""The paper's classification prompt (docs/paper.md), with the class order re-shuffled for every example.
 
-The seed script ends the prompt with "\\n\\nOutput:"; the paper's text (Sec. 2) does not. `style="paper"` (the
+The released script ends the prompt with "\\n\\nOutput:"; the paper's text (Sec. 2) does not. `style="paper"` (the
 default) follows the paper, `style="code"` the script.
 """
 
@@ -13,7 +13,7 @@ _CODE_SUFFIX = "\n\nOutput:"
 
 
 def classes_string(classes: list[str], rng: random.Random) -> str:
-    """Classes in a fresh random order, each in double quotes, joined with ', ' (as the seed script)."""
+    """Classes in a fresh random order, each in double quotes, joined with ', ' (as the released script)."""
     order = list(classes)
     rng.shuffle(order)
     return ", ".join(f'"{c}"' for c in order)
@@ -33,7 +33,7 @@ def split_rng(seed: int, split: str) -> random.Random:
 
 
 def llava_records(samples, classes: list[str], task: str, rng: random.Random, style: str = "paper") -> list[dict]:
-    """The seed's fine-tuning JSON records: 9-digit zero-padded ids, one human and one gpt turn each."""
+    """The released code's fine-tuning JSON records: 9-digit zero-padded ids, one human and one gpt turn each."""
     return [{"id": f"{i:09d}", "image": s.image,
              "conversations": [{"from": "human", "value": classification_prompt(task, classes, rng, style)},
                                {"from": "gpt", "value": s.label}]}

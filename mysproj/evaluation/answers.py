@@ -1,4 +1,4 @@
-"""Free-text LLaVA answer -> class label (spec §6.5; upstream never released one).
+"""Free-text LLaVA answer -> class label (docs/recipe.md#decisions-left-open-upstream; the released code has none).
 
 Both sides are normalised the same way: lower case, quotes and punctuation to spaces, underscores to spaces,
 whitespace collapsed. Then, in order:

@@ -1,4 +1,4 @@
-"""eval-llava's decoding choices: greedy (the paper's protocol here) or sampled as the seed's `llava/serve/cli.py`
+"""eval-llava's decoding choices: greedy (the paper's protocol here) or sampled as the released `llava/serve/cli.py`
 (`temperature` > 0: `do_sample=True`, `temperature`, `max_new_tokens`), and where an answer stops.
 
 Answers stop at `</s>`; `stop=newline` (what `auto` picks for a model fine-tuned with `conv=plain`, whose training

@@ -1,5 +1,5 @@
 """The one metrics module every eval and probe uses: sklearn's semantics (macro averages with
-zero_division=0, as the seed's CLIP script computes them), written as the `metrics.json` block.
+zero_division=0, as the released code's CLIP script computes them), written as the `metrics.json` block.
 
 A prediction of `None` (or any string outside `labels`) is an unparsed answer: it counts as wrong for every
 class, is tallied in `unparsed`, and gets its own confusion-matrix column so nothing is silently dropped.
@@ -64,6 +64,6 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], 
 
 
 def short(metrics: dict) -> str:
-    """One log line: the headline numbers to 4 dp, as the seed script prints them."""
+    """One log line: the headline numbers to 4 dp, as the released script prints them."""
     return (f"n={metrics['n']} acc={metrics['accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f} "
             f"P={metrics['macro_precision']:.4f} R={metrics['macro_recall']:.4f} unparsed={metrics['unparsed']}")

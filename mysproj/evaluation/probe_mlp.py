@@ -1,4 +1,4 @@
-"""The paper's richness probes: an independent MLP trained on frozen image features (spec §1.3).
+"""The paper's richness probes: an independent MLP trained on frozen image features (docs/paper.md).
 
 Shapes are the released ones, hidden widths fixed; only the input width (1024 pre / 4096 post on LLaVA-1.5-7B,
 smaller on the tiny preset) and the class count vary:
@@ -6,7 +6,7 @@ smaller on the tiny preset) and the class count vary:
     pre  (A.3): in-2000-3600-1024-600-256-C
     post (A.2, `mlp_model2`): in-2048-1536-1024-512-256-C
 
-Two training protocols, because the paper and its code disagree (spec §5.3):
+Two training protocols, because the paper and its code disagree (docs/recipe.md):
     paper: Adam lr 1e-4, batch 128, early stopping on the loss of a validation split carved from train
            (stratified where possible), patience epochs, best weights restored;
     code:  Adam lr 1e-3, batch 32, exactly `max_epochs` (100) epochs, no early stopping (the released script).

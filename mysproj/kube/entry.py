@@ -194,5 +194,5 @@ def main(argv: list[str], script: str) -> int:
                 print(f"error: rank 0 ({master}) did not resolve; retrying the pod", file=sys.stderr)
                 return EXIT_RETRYABLE
             os.execv(relaunch[0], relaunch)  # nosec B606 - torchrun re-runs this entry point, an argv list
-    config_class = registry.STAGES[stage][0]
+    config_class = registry.STAGES[stage].config
     return run_job(stage, lambda: registry.run(stage, load_config(config_class, env=os.environ)))

@@ -15,9 +15,9 @@ import logging
 import socket
 from datetime import datetime, timezone
 
+from mysproj.config.registry import summary_of
 from mysproj.kube import jobspec
 from mysproj.kube.runstate import RunState, complete_output
-from mysproj.storage.stage_time import summary_time
 
 log = logging.getLogger(__name__)
 SOURCE = "mysproj-controller"
@@ -31,7 +31,7 @@ def _seconds(secs: float) -> str:
 
 def done_message(node: str, manifest: dict | None) -> str:
     """`stage X done in 1m02s (12.3 samples/s)` from the output's manifest (its `time` entry)."""
-    timing = summary_time((manifest or {}).get("summary") or {})
+    timing = summary_of(manifest).timing
     text = f"stage {node} done"
     wall = timing.get("wall_s")
     if isinstance(wall, (int, float)) and not isinstance(wall, bool):

@@ -67,7 +67,7 @@ def complete_output(node: dag.Node, cfg: Any) -> dict | None:
     """The manifest of `node`'s output where it is complete with this config: what `run_stage` skips on."""
     try:
         return StageOutput(cfg.out, node.stage, cfg).existing()
-    except BadInput:  # an unreadable manifest: the stage writes it again
+    except BadInput:  # an input that cannot be digested now: the stage's own run says why
         return None
 
 

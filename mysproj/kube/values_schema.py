@@ -11,6 +11,7 @@ import json
 import sys
 import typing
 
+from mysproj.config.datasets import RECORDS
 from mysproj.config.fields import _unwrap_optional
 from mysproj.stages.registry import STAGES
 
@@ -25,7 +26,8 @@ def _json_type(tp) -> str | list[str]:
 
 def stage_overrides_schema() -> dict:
     stages = {}
-    for stage, (cls, _) in STAGES.items():
+    for stage, record in STAGES.items():
+        cls = record.config
         hints = typing.get_type_hints(cls)
         props = {}
         for f in dataclasses.fields(cls):
@@ -42,10 +44,19 @@ def stage_overrides_schema() -> dict:
     return {"type": "object", "additionalProperties": False, "properties": stages}
 
 
+def dataset_names() -> list[str]:
+    """The datasets the chart accepts in `pipeline.datasets` and `pipeline.accept_terms`: one per record."""
+    return list(RECORDS)
+
+
 def update(path: str) -> None:
+    """Write the parts of the chart's schema that come from the registries: stage overrides and dataset names."""
     with open(path) as f:
         schema = json.load(f)
-    schema["properties"]["pipeline"]["properties"]["overrides"] = stage_overrides_schema()
+    pipeline = schema["properties"]["pipeline"]["properties"]
+    pipeline["overrides"] = stage_overrides_schema()
+    for name in ("datasets", "accept_terms"):
+        pipeline[name]["items"]["enum"] = dataset_names()
     with open(path, "w") as f:
         json.dump(schema, f, indent=2)
         f.write("\n")

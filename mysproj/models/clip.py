@@ -1,5 +1,5 @@
 """CLIP for the zero-shot baseline: random-weight presets written in open_clip's own folder layout, and one
-loader for open_clip weights or a Hugging Face `CLIPModel` folder (run through transformers, as the seed's
+loader for open_clip weights or a Hugging Face `CLIPModel` folder (run through transformers, as the released code's
 `pipeline("zero-shot-image-classification")` does). Nothing is fetched from a hub.
 
     write_random_clip("clip-tiny", out)            # open_clip_config.json + open_clip_model.safetensors

@@ -1,10 +1,10 @@
-"""LLaVA-1.5 conversations and image tensors, as the released code builds them (spec §1.5, §1.6, §3, §7).
+"""LLaVA-1.5 conversations and image tensors, as the released code builds them (docs/paper.md, docs/recipe.md).
 
 - Training, `conv="v1"` (finetune_task.sh's `--version v1`): LLaVA's `conv_vicuna_v1`, "<system> USER:
   <image>\\n<prompt> ASSISTANT: <label></s>", with the labels `preprocess_v1` computes (below).
 - Training, `conv="plain"` (pretrain.sh's `--version plain`): the human turn becomes just `<image>`, then
   "<label>\\n", the label and the newline supervised (`preprocess_plain`).
-- Evaluation and `mysproj ask` (the seed's `llava/serve/cli.py` on a model named "...v1..."): `conv_llava_v1`, the
+- Evaluation and `mysproj ask` (the released `llava/serve/cli.py` on a model named "...v1..."): `conv_llava_v1`, the
   same template with another system sentence ("human" where vicuna_v1 says "user"), as upstream trains and
   evaluates.
 

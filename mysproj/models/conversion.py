@@ -1,4 +1,4 @@
-"""Original LLaVA layout (liuhaotian/llava-v1.5-7b + a separate CLIP tower) <-> HF layout (llava-hf), spec §3.
+"""Original LLaVA layout (liuhaotian/llava-v1.5-7b + a separate CLIP tower) <-> HF layout (llava-hf), docs/paper.md.
 
 Original keys: `model.mm_projector.{0,2}.*`, `model.vision_tower.vision_tower.vision_model.*`, `model.layers.*`,
 `model.embed_tokens.*`, `model.norm.*`, `lm_head.*`. transformers' `convert_llava_weights_to_hf.py` maps them

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mysproj.config.registry import stages_where, summary_of
+from mysproj.config.summaries import FinetuneSummary, ModelSummary
 from mysproj.errors import BadInput
 from mysproj.models.integrity import check_model_folder
 from mysproj.storage import cache, s3_transfer
@@ -23,7 +25,6 @@ from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput
 
 log = logging.getLogger(__name__)
-MODEL_STAGES = ("model-init", "merge", "finetune", "fetch")
 INDEX = "model.safetensors.index.json"
 
 
@@ -37,14 +38,14 @@ class LoadedLlava:
     layout: str = "hf"
 
 
-def materialize(uri: str) -> tuple[str, dict]:
-    """(local folder with the model files, manifest summary or {}). Stage outputs: only root-level files,
-    each verified against the manifest; plain folders: everything under them."""
+def materialize(uri: str) -> tuple[str, ModelSummary]:
+    """(local folder with the model files, its manifest's summary; an empty one for a plain folder). Stage
+    outputs: only root-level files, each verified against the manifest; plain folders: everything under them."""
     uri = str(uri).rstrip("/")
-    inp = StageInput.if_complete(uri, expect_stage=MODEL_STAGES)
+    inp = StageInput.if_complete(uri, expect_stage=stages_where("model"))
     if inp is not None:
-        summary = inp.manifest.get("summary", {})
-        if inp.manifest["stage"] == "finetune" and summary.get("strategy") == "projector":
+        summary = summary_of(inp.manifest)
+        if isinstance(summary, FinetuneSummary) and summary.strategy == "projector":
             raise BadInput(f"{uri} is a projector-only fine-tune (no full model): merge it into its base first "
                            f"with `mysproj merge --base BASE --projector {uri} --out URI`")
         names = sorted(n for n in inp.files if "/" not in n and n != MANIFEST)
@@ -61,14 +62,14 @@ def materialize(uri: str) -> tuple[str, dict]:
         if folder is None:
             raise BadInput(f"{uri}: no such model folder (nothing stored under it)")
     check_model_folder(folder, uri)
-    return folder, {}
+    return folder, ModelSummary()
 
 
 def hf_model_output(uri: str) -> StageInput | None:
     """The model stage output at `uri` when it is in the HF layout with safetensors weights (config.json and an
     index or model.safetensors), else None."""
-    inp = StageInput.if_complete(str(uri).rstrip("/"), expect_stage=MODEL_STAGES)
-    if inp is None or inp.manifest.get("summary", {}).get("layout") != "hf" or "config.json" not in inp.files:
+    inp = StageInput.if_complete(str(uri).rstrip("/"), expect_stage=stages_where("model"))
+    if inp is None or getattr(summary_of(inp.manifest), "layout", None) != "hf" or "config.json" not in inp.files:
         return None
     return inp if INDEX in inp.files or "model.safetensors" in inp.files else None
 
@@ -142,7 +143,7 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
                            f"complete?") from None
         layout = "hf"
     model = model.to(device).eval()
-    return LoadedLlava(model, tokenizer, processor, bool(summary.get("random_weights", False)), str(uri), layout)
+    return LoadedLlava(model, tokenizer, processor, summary.random_weights, str(uri), layout)
 
 
 def streamable(uri: str) -> StageInput | None:

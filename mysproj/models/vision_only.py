@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 
+from mysproj.config.registry import summary_of
 from mysproj.models.conversion import current_name
 from mysproj.models.loading import INDEX, LoadedLlava, _tie_buffers, hf_model_output
 from mysproj.models.stream_load import read_state_dict
@@ -42,7 +43,7 @@ def load_vision(uri: str, *, device: str = "cpu", dtype=None):
     inp = hf_model_output(uri)
     if inp is None:
         return None
-    summary = inp.manifest.get("summary", {})
+    summary = summary_of(inp.manifest)
     needed = _weight_files(inp)
     if not needed:
         return None
@@ -77,4 +78,4 @@ def load_vision(uri: str, *, device: str = "cpu", dtype=None):
     model.to(dtype or next(iter(state.values())).dtype)  # the language model's meta tensors follow, as data-free
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    return LoadedLlava(model.eval(), tokenizer, processor, bool(summary.get("random_weights", False)), uri, "hf")
+    return LoadedLlava(model.eval(), tokenizer, processor, summary.random_weights, uri, "hf")

@@ -7,6 +7,7 @@ import logging
 import os
 
 from mysproj.config.fields import add_arguments, env_name, load_config
+from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 from mysproj.pipeline.dag import PipelineConfig
 from mysproj.storage import join
@@ -46,8 +47,8 @@ def warn_stage_env(env) -> list[str]:
 
     own = {env_name(f.name) for f in dataclasses.fields(PipelineConfig)}
     stages: dict[str, list[str]] = {}
-    for stage, (cls, _) in STAGES.items():
-        for f in dataclasses.fields(cls):
+    for stage, record in STAGES.items():
+        for f in dataclasses.fields(record.config):
             if env_name(f.name) in env and env_name(f.name) not in own:
                 stages.setdefault(f.name, []).append(stage)
     for name, where in sorted(stages.items()):
@@ -91,7 +92,7 @@ def _run(ns) -> int:
     report = outcome.manifests.get("report")
     if report:
         print(f"report: {join(cfg.root, 'report', 'report.md')}")
-        table = (report.get("summary") or {}).get("table1_rows")
+        table = summary_of(report).table1_rows
         if table:
             print(table)
     return local.exit_code(outcome)

@@ -14,18 +14,15 @@ from dataclasses import dataclass, field
 
 from mysproj import layout
 from mysproj.config import recipes
-from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
+from mysproj.config.datasets import RECORDS
 from mysproj.config.fields import ConfigError, opt
+from mysproj.config.registry import STAGES
 from mysproj.config.stages import CLIP_ORIGIN, STRATEGIES
 from mysproj.errors import has_uri_credentials
 from mysproj.sources import is_remote
 from mysproj.stages.fetch import output_uri
 from mysproj.storage import join
 
-GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
-COMPILING_STAGES = ("finetune", "eval-clip", "eval-llava")  # share `<root>/compile-cache` (their compile_cache)
-TRACKED_STAGES = ("finetune", "eval-clip", "eval-llava", "probe")  # write TensorBoard event files (`tensorboard`)
-MLFLOW_STAGES = (*TRACKED_STAGES, "report")  # log to MLflow where `tracking.mlflow_uri` is set
 TRACKING = {"tensorboard": (bool,), "mlflow_uri": (str, type(None)), "mlflow_experiment": (str,),
             "wandb_project": (str, type(None))}
 
@@ -68,23 +65,23 @@ class PipelineConfig:
 
     def check(self) -> None:
         for d in self.datasets:
-            if d not in DATASETS:
-                raise ConfigError(f"config field 'datasets' = {d!r}: must be one of {', '.join(DATASETS)}")
+            if d not in RECORDS:
+                raise ConfigError(f"config field 'datasets' = {d!r}: must be one of {', '.join(RECORDS)}")
             record = RECORDS[d]
             if d in self.sources:
                 parts = self.source_list(d)
                 if len(parts) > 1 and not all(is_remote(p) for p in parts):
                     raise ConfigError(f"config field 'sources' for '{d}': a list must hold origin URIs only "
                                       f"(https://, github://, hf://, kaggle://)")
-            elif d not in EMBEDDED and not record.origin:
+            elif not record.embedded and not record.origin:
                 raise ConfigError(f"config field 'sources' has no entry for dataset '{d}': add {d}: <URI>")
             elif record.terms and d not in self.accept_terms:
                 raise ConfigError(f"dataset '{d}' is published on terms you must accept first ({record.terms}): "
                                   f"read them, then add {d} to accept_terms (Helm: pipeline.accept_terms), or "
                                   f"name your own copy in sources")
         for d in self.accept_terms:
-            if d not in DATASETS:
-                raise ConfigError(f"config field 'accept_terms' = {d!r}: must be one of {', '.join(DATASETS)}")
+            if d not in RECORDS:
+                raise ConfigError(f"config field 'accept_terms' = {d!r}: must be one of {', '.join(RECORDS)}")
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise ConfigError(f"config field 'strategies' = {s!r}: must be one of {', '.join(STRATEGIES)}")
@@ -125,7 +122,6 @@ def check_overrides(overrides: dict) -> None:
     import dataclasses
 
     from mysproj.config.fields import closest
-    from mysproj.stages.registry import STAGES
 
     for stage, fields in overrides.items():
         if stage not in STAGES:
@@ -133,7 +129,7 @@ def check_overrides(overrides: dict) -> None:
                               f"stages: {', '.join(STAGES)}")
         if not isinstance(fields, dict):
             raise ConfigError(f"config field 'overrides.{stage}' = {fields!r}: expected a mapping of field: value")
-        names = {f.name for f in dataclasses.fields(STAGES[stage][0])}
+        names = {f.name for f in dataclasses.fields(STAGES[stage].config)}
         for key in fields:
             if key not in names:
                 raise ConfigError(f"config field 'overrides.{stage}': {key!r} is not a field of {stage}"
@@ -164,8 +160,7 @@ class Node:
 
     @property
     def gpu(self) -> bool:
-        return self.stage in GPU_STAGES or (self.stage == "model-init" and self.config.get("preset") in
-                                            ("llava-1.5-7b",))
+        return STAGES[self.stage].needs_gpu(self.config)
 
 
 def build(cfg: PipelineConfig) -> list[Node]:
@@ -175,13 +170,14 @@ def build(cfg: PipelineConfig) -> list[Node]:
     nodes: list[Node] = []
 
     def add(name: str, stage: str, config: dict, deps: list[str], out: str | None = None) -> str:
-        if stage in COMPILING_STAGES:
+        record = STAGES[stage]
+        if record.compiles:  # one torch.compile cache for the run (their compile_cache)
             config = {**config, "compile_cache": join(root, "compile-cache")}
-        if stage in TRACKED_STAGES:
+        if record.tracked:
             config = {**config, "tensorboard": cfg.tracking.get("tensorboard", True)}
             if cfg.tracking.get("wandb_project"):
                 config = {**config, "wandb_project": cfg.tracking["wandb_project"]}
-        if stage in MLFLOW_STAGES and cfg.tracking.get("mlflow_uri"):
+        if record.mlflow and cfg.tracking.get("mlflow_uri"):
             config = {**config, "mlflow_uri": cfg.tracking["mlflow_uri"],
                       "mlflow_experiment": cfg.tracking.get("mlflow_experiment") or "mysproj"}
         # the recipe's choices, then what this node is (models, data, seed, the eval mode), then the overrides
@@ -223,7 +219,7 @@ def build(cfg: PipelineConfig) -> list[Node]:
     for ds in cfg.datasets:
         prep_cfg = {"dataset": ds}
         source_deps: list[str] = []
-        if ds not in EMBEDDED or ds in cfg.sources:
+        if not RECORDS[ds].embedded or ds in cfg.sources:
             prep_cfg["source"], source_deps = fetched(cfg.source_list(ds), "dataset")
         prep = add(f"{ds}/prep", "prep", prep_cfg, source_deps)
         data = join(root, prep)

@@ -21,6 +21,8 @@ import statistics
 from dataclasses import dataclass, field
 
 from mysproj import layout
+from mysproj.config.registry import summary_of
+from mysproj.config.summaries import PrepSummary
 from mysproj.data.shapes import SHAPES
 from mysproj.errors import BadInput
 from mysproj.pipeline.dag import Node
@@ -95,14 +97,14 @@ def summarise(outputs: list[tuple[str, dict, float | None]]) -> StageTimes:
     groups: dict[str, list[Record]] = {}
     times = StageTimes()
     for folder, m, observed in outputs:
-        summary = m.get("summary") or {}
+        summary = summary_of(m)
         ds = dataset_of(folder)
-        if m.get("stage") == "prep" and ds:
-            times.datasets[ds] = {"train": summary.get("train", 0), "test": summary.get("test", 0)}
-        t = summary.get("time")
+        if isinstance(summary, PrepSummary) and ds:
+            times.datasets[ds] = {"train": summary.train, "test": summary.test}
+        t = summary.time
         if not t:
             continue
-        rec = Record(observed if observed is not None else t["wall_s"], (summary.get("processed") or {}).get("count"),
+        rec = Record(observed if observed is not None else t["wall_s"], (summary.processed or {}).get("count"),
                      t.get("throughput"), t["gpu_s"] / t["wall_s"] if t["wall_s"] else 0.0)
         k = kind(m.get("stage", ""), m.get("config") or {})
         groups.setdefault(f"{k}@{ds}" if ds else k, []).append(rec)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 
 
@@ -32,7 +33,7 @@ def fetch_report(root: str, dest: Path) -> tuple[dict, list[dict]]:
 
 def table1_text(manifest: dict, dest: Path) -> str:
     """Table 1's rows as report.md prints them: from the report's summary, else from the fetched report.md."""
-    text = (manifest.get("summary") or {}).get("table1_rows")
+    text = summary_of(manifest).table1_rows
     if text:
         return text
     md = (dest / "report.md").read_text() if (dest / "report.md").exists() else ""

@@ -14,13 +14,13 @@ import logging
 from dataclasses import dataclass, field
 
 from mysproj import layout
+from mysproj.config.registry import STAGES
 from mysproj.errors import BadInput
-from mysproj.storage import join, list_files
+from mysproj.storage import join, lineage, list_files
 from mysproj.storage.digest import manifest_digest
 from mysproj.storage.manifest import MANIFEST, StageInput, read_manifest
 
 log = logging.getLogger(__name__)
-REPORTED_STAGES = ("eval-clip", "eval-llava", "probe")
 
 
 @dataclass
@@ -61,39 +61,10 @@ def _locate(uri: str) -> list[tuple[str, dict]]:
     return found
 
 
-def model_provenance(model_uri: str | None, _depth: int = 0) -> dict:
-    """Follow a model URI back through merge/finetune outputs to its base; `random_weights` comes from the
-    model-init manifest's summary, None when the base is not a stage output (weights brought by the user)."""
-    info = {"model": model_uri, "random_weights": None, "chain": []}
-    if not model_uri or _depth > 5:
-        return info
-    m = read_manifest(model_uri)
-    if m is None:
-        return info
-    stage = m.get("stage")
-    cfg = m.get("config") or {}
-    info["chain"] = [stage]
-    if stage == "model-init":
-        info["random_weights"] = bool((m.get("summary") or {}).get("random_weights", True))
-        info["preset"] = cfg.get("preset")
-        return info
-    if stage == "fetch":  # weights downloaded and staged: real ones unless its summary says otherwise
-        info["random_weights"] = bool((m.get("summary") or {}).get("random_weights", False))
-        return info
-    parent = cfg.get("base") if stage == "merge" else cfg.get("model")
-    up = model_provenance(parent, _depth + 1)
-    info["random_weights"] = up["random_weights"]
-    info["chain"] += up["chain"]
-    info["base"] = up["model"] if not up.get("base") else up["base"]
-    if up.get("preset"):
-        info["preset"] = up["preset"]
-    return info
-
-
-def _prep_of(data_uri: str | None) -> tuple[str | None, str | None]:
+def _prep_of(data_uri: str | None, cache: dict) -> tuple[str | None, str | None]:
     """(dataset, content digest) of the prep output at `data_uri`; Nones where it is not there any more."""
-    m = read_manifest(data_uri) if data_uri else None
-    return ((m or {}).get("config", {}).get("dataset"), manifest_digest(m) if m else None)
+    node = lineage.stage_config(data_uri, cache)
+    return (node["config"].get("dataset"), manifest_digest(node["manifest"])) if node else (None, None)
 
 
 def _split_by_content(runs: list[Run]) -> None:
@@ -114,18 +85,21 @@ def _split_by_content(runs: list[Run]) -> None:
 
 def gather(roots: list[str]) -> list[Run]:
     runs: list[Run] = []
+    cache: dict = {}  # manifests read once, however many runs descend from them
     for root in roots:
         located = _locate(root)
         if not located:
             log.warning("report: no finished stage outputs under %s", root)
         for uri, where in located:
-            if where["stage"] not in REPORTED_STAGES:
+            if not STAGES[where["stage"]].reported:
                 continue
-            out = StageInput(uri, expect_stage=where["stage"])
+            out = StageInput.if_complete(uri, expect_stage=where["stage"])
+            if out is None:  # its manifest is damaged: an incomplete output (`read_manifest` said so)
+                continue
             cfg = out.manifest.get("config") or {}
-            prov = model_provenance(cfg.get("model"))
+            prov = lineage.provenance(cfg.get("model"), cache)
             prov["data"] = cfg.get("data")
-            prov["prep_dataset"], prov["prep_digest"] = _prep_of(cfg.get("data"))
+            prov["prep_dataset"], prov["prep_digest"] = _prep_of(cfg.get("data"), cache)
             dataset = prov["prep_dataset"] or where["dataset"]
             if dataset != where["dataset"]:
                 log.warning("report: %s lies under '%s' but read a '%s' prep output (%s); reported as %s", uri,

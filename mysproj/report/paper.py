@@ -1,17 +1,21 @@
-"""The paper's published numbers (spec §2; arXiv 2402.16832 = ACL 2024, identical), shown beside ours.
+"""The paper's published numbers (docs/paper.md; arXiv 2402.16832 = ACL 2024, identical), shown beside ours.
 
 Values are (macro-F1, accuracy) on the test split, averaged by the authors over 5 seeds.
 """
 
 from __future__ import annotations
 
+from mysproj.config.datasets import RECORDS
+
 TASKS = ("Agriculture", "Textures", "Dermatology", "Humanitarian")
 TASK_ABBREV = {"Agriculture": "Agri", "Textures": "Tex", "Dermatology": "Derm", "Humanitarian": "Hum"}
 
-# Our dataset names -> the paper's task. textures-mini is the synthetic stand-in for DTD: the paper's
-# Textures numbers are shown beside it for orientation only.
-DATASET_TASK = {"plantdoc": "Agriculture", "dtd": "Textures", "textures-mini": "Textures",
-                "dermnet": "Dermatology", "crisismmd": "Humanitarian"}
+
+def task_of(dataset: str) -> str | None:
+    """The paper's task whose numbers are shown beside our dataset (its record's `paper_task`), or None."""
+    record = RECORDS.get(dataset)
+    return record.paper_task if record else None
+
 
 # Table 1 rows: model -> task -> (F1, Acc)
 TABLE1 = {
@@ -55,5 +59,5 @@ SETTING_NAMES = {"zero-shot": "Original", "ft-projector": "FT-Proj", "ft-full": 
 
 def table1_value(row: str, dataset: str) -> tuple[float, float] | None:
     """The paper's (F1, Acc) for a Table 1 row on our dataset's task, or None (no such row, task or dataset)."""
-    task = DATASET_TASK.get(dataset)
+    task = task_of(dataset)
     return TABLE1.get(row, {}).get(task) if task else None

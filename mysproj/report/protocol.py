@@ -60,8 +60,8 @@ def _ran(run: Run) -> str:
 
 def protocol_lines(runs: list[Run]) -> list[str]:
     cache: dict = {}
-    lines = ["Recipe per run: `paper` = the paper's text, `released` = the seed's scripts as shipped (docs/recipe.md); "
-             "then every choice that departs from the paper's text.", ""]
+    lines = ["Recipe per run: `paper` = the paper's text, `released` = the released scripts as shipped "
+             "(docs/recipe.md); then every choice that departs from the paper's text.", ""]
     for r in runs:
         choices = run_choices(r, cache)
         departures = _departures(choices)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import statistics
 
+from mysproj.config.datasets import RECORDS
 from mysproj.report import paper as P
 from mysproj.report.gather import Run
 
-DATASET_ORDER = ("plantdoc", "dtd", "textures-mini", "dermnet", "crisismmd")
 TABLE1_ROWS = (  # (row name, stage, setting)
     ("CLIP zero-shot", "eval-clip", "zero-shot"),
     ("LLaVA-1.5 zero-shot", "eval-llava", "zero-shot"),
@@ -21,9 +21,16 @@ TABLE1_ROWS = (  # (row name, stage, setting)
 TABLE2_SETTINGS = ("zero-shot", "ft-projector", "ft-full", "ft-lora")
 
 
+def dataset_order() -> list[str]:
+    """The datasets with a paper task in the paper's task order (records in their order within a task)."""
+    names = [d for d in RECORDS if P.task_of(d)]
+    return sorted(names, key=lambda d: P.TASKS.index(P.task_of(d)))
+
+
 def datasets_of(runs: list[Run]) -> list[str]:
     present = {r.dataset for r in runs}
-    return [d for d in DATASET_ORDER if d in present] + sorted(present - set(DATASET_ORDER))
+    order = dataset_order()
+    return [d for d in order if d in present] + sorted(present - set(order))
 
 
 def values(runs: list[Run], dataset: str, stage: str, setting: str, key: str, block: str | None = None) -> list:
@@ -62,7 +69,7 @@ def _row(cells: list[str]) -> str:
 
 
 def _task(dataset: str) -> str | None:
-    return P.DATASET_TASK.get(dataset)
+    return P.task_of(dataset)
 
 
 def uniform_random(runs: list[Run], dataset: str, draws: int = 100, seed: int = 0) -> tuple[list, list]:

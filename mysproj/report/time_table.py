@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from mysproj.storage.stage_time import recorded, summary_time
+from mysproj.config.registry import summary_of
+from mysproj.storage.stage_time import recorded
 
 
 @dataclass
@@ -28,7 +29,7 @@ def stage_times(roots: list[str]) -> list[StageTime]:
     rows = []
     for root in roots:
         for folder, m in recorded(root):
-            t = summary_time(m.get("summary") or {})
+            t = summary_of(m).timing
             if not t or m.get("stage") == "report":
                 continue
             name = folder if len(roots) == 1 else f"{root.rstrip('/')}/{folder}".rstrip("/")

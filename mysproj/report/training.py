@@ -9,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.report.gather import _locate
 from mysproj.storage.manifest import StageInput
@@ -35,8 +36,10 @@ def trainings(roots: list[str]) -> list[Training]:
         for uri, where in _locate(root):
             if where["stage"] != "finetune":
                 continue
-            out = StageInput(uri, expect_stage="finetune")
-            summary = out.manifest.get("summary") or {}
+            out = StageInput.if_complete(uri, expect_stage="finetune")
+            if out is None:  # its manifest is damaged: an incomplete output (`read_manifest` said so)
+                continue
+            summary = summary_of(out.manifest)
             curve = []
             if "metrics.jsonl" in out.files:
                 try:
@@ -49,7 +52,7 @@ def trainings(roots: list[str]) -> list[Training]:
             name = "/".join(uri.rstrip("/").split("/")[-(3 if where["seed"] is None else 4):])
             found.append(Training(name, where["dataset"], where["setting"], where["seed"],
                                   (out.manifest.get("config") or {}).get("strategy", where["setting"]),
-                                  summary.get("steps"), summary.get("final_loss"), curve))
+                                  summary.steps, summary.final_loss, curve))
     found.sort(key=lambda t: (t.dataset, t.setting, -1 if t.seed is None else t.seed, t.name))
     return found
 

@@ -2,7 +2,7 @@
 on by a field of the stage's config.
 
 - `decode=device`: JPEG batches decoded, resized and normalised on the model's device
-  (`mysproj.evaluation.device_decode`); `cpu`: PIL in the DataLoader workers, the seed's preprocessing.
+  (`mysproj.evaluation.device_decode`); `cpu`: PIL in the DataLoader workers, the released code's preprocessing.
 - `precision=bf16`: the image tower's weights and activations in bf16 (the text embeddings stay fp32).
 - `fast_tower` (default): the image tower as `mysproj.models.clip_tower` (the model's arithmetic without its layout
   copies, the last block at the class token), where it covers the model; else the model's `encode_image`.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def allow_tf32() -> None:
-    """fp32 matmuls and convolutions on TF32 tensor cores, as the seed scripts' `--tf32 True`."""
+    """fp32 matmuls and convolutions on TF32 tensor cores, as the released scripts' `--tf32 True`."""
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -1,5 +1,5 @@
-"""LLaVA's speed paths: the on/off rules and the setup of every one, for evaluation (eval-llava, probe) and for
-fine-tuning (`training.session`). Each is switched on by a field of the stage's config.
+"""LLaVA's speed paths: the on/off rules and the setup of every one, for evaluation (eval-llava, probe), and FP8 and
+compiled layers for fine-tuning. Each is switched on by a field of the stage's config.
 
 Both:
 - `fp8`: the language model's frozen Linear layers compute in FP8 (e4m3, rowwise scales; `mysproj.models.fp8`) on
@@ -16,11 +16,10 @@ Evaluation:
 - compiled layers in scoring mode only; `shared_prefix` (scoring): `SharedPrefixForward`; `static_decode`
   (generate): `GreedyDecoder`, with `cuda_graphs` and `compile_prefill` on GPUs.
 
-Fine-tuning:
-- activation checkpointing only where memory needs it; `cast_on_gpu`: the cast to fp32 master weights on the card;
+Fine-tuning (`apply(..., training=True)`, called by `mysproj.training.setup`, which also holds the other
+fine-tuning paths: activation checkpointing, `cast_on_gpu`, `shared_prefix`):
 - `fp8_backward`: only the input-gradient matmuls through the frozen layers run in FP8 (the forward, and so every
-  loss, is the model's own precision);
-- `shared_prefix` (projector strategy): `SharedPrefixForward` where nothing in the setup rules it out.
+  loss, is the model's own precision).
 """
 
 from __future__ import annotations
@@ -193,69 +192,3 @@ def for_eval(cfg, model, tokenizer, dev: str) -> EvalPaths:
     """Apply eval-llava's paths to a loaded `model` in place (FP8, compiled layers) and build its forwards."""
     layers = apply(model, fp8=cfg.fp8, compile=eval_compiles(cfg, dev))
     return EvalPaths(layers, scoring_forward(cfg, model, dev), greedy_decoder(cfg, model, dev, tokenizer))
-
-
-# --------------------------------------------------------------------------------------------------- fine-tuning
-
-def training_compile_cache(cfg) -> str | None:
-    """`cfg.compile_cache` where fine-tuning compiles layers (GPUs)."""
-    import torch
-
-    return cfg.compile_cache if cfg.compile and torch.cuda.is_available() else None
-
-
-def checkpointing(cfg) -> bool:
-    """Activation checkpointing only where memory needs it: projector-only training keeps no optimizer state for
-    the LLM and its activations fit (43 GiB at micro-batch 16), so it skips the recomputation; a micro-batch cap
-    above 16 (the seed's 32 per device, which pretrain.sh ran with checkpointing) would not fit without it."""
-    if cfg.gradient_checkpointing is not None:
-        return cfg.gradient_checkpointing
-    return cfg.strategy != "projector" or getattr(cfg, "max_micro_batch", 16) > 16
-
-
-def apply_checkpointing(cfg, model) -> None:
-    """Turn on activation checkpointing in the LLM where `checkpointing(cfg)`, in its first
-    `cfg.checkpoint_layers` layers where set."""
-    if not checkpointing(cfg):
-        return
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
-    llm = llava.model.language_model
-    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.checkpoint_layers is not None:  # the rest keep their activations: no recomputation there
-        for i, layer in enumerate(llm.layers):
-            layer.gradient_checkpointing = i < cfg.checkpoint_layers
-
-
-def place_before_cast(cfg, model, device, cuda: bool) -> None:
-    """`cast_on_gpu` (runs without DeepSpeed): the model moves to the GPU in its stored dtype before the trained
-    weights become fp32, so half the bytes move and the cast runs on the card."""
-    if cuda and cfg.cast_on_gpu:
-        model.to(device)
-
-
-def shared_prefix(cfg, acc, prepared, llava, ds_name, cuda):
-    """The projector strategy's SharedPrefixForward, where it applies. Not under DDP, whose gradient all-reduce is
-    armed by its own forward (DeepSpeed's hooks sit on the parameters), nor ZeRO-3 (parameters gathered per
-    module call), nor with checkpointing (the layer functions keep their activations)."""
-    import torch
-
-    from mysproj.models.shared_prefix import SharedPrefixForward
-
-    if cfg.strategy != "projector" or not cfg.shared_prefix:
-        return None
-    reason = ("checkpointing is on" if checkpointing(cfg) else
-              "DDP" if isinstance(prepared, torch.nn.parallel.DistributedDataParallel) else
-              "ZeRO-3" if ds_name in ZERO3 else
-              "the language model is not a frozen Llama" if not SharedPrefixForward.supports(llava) else None)
-    if reason:
-        log.info("shared_prefix: off (%s); the model's own forward runs", reason)
-        return None
-    return SharedPrefixForward(llava, compile=cfg.compile and cuda, autocast=acc.autocast)
-
-
-def for_training(cfg, acc, prepared, llava, ds_name, cuda: bool):
-    """After `accelerator.prepare` (the weights are on the card, and the swapped/compiled modules hold no trained
-    parameter): FP8 and compiled layers applied to `llava` in place; returns the SharedPrefixForward or None."""
-    apply(llava, fp8=cfg.fp8, compile=cfg.compile and cuda, sharded=ds_name in ZERO3, training=True,
-          fp8_backward=cfg.fp8_backward)
-    return shared_prefix(cfg, acc, prepared, llava, ds_name, cuda)

@@ -1,6 +1,6 @@
 """`mysproj eval-clip`: CLIP zero-shot classification of a prepared split (Table 1's CLIP row).
 
-protocol `paper` is the seed's `zero_shot_inference.py`: candidate labels = the lower-cased labels present in
+protocol `paper` is the released code's `zero_shot_inference.py`: candidate labels = the lower-cased labels present in
 the evaluated split, one prompt "This is a photo of {}." each (the HF pipeline's default template), CLIP's
 resize + centre crop, argmax of the image-text similarity. protocol `openclip` averages open_clip's 80
 ImageNet templates per class instead. Metrics are computed on the prepared labels (same classes, original case).
@@ -91,7 +91,7 @@ def _body(cfg, out) -> dict:
     dev = inference_device()
     clip = load_clip(cfg.model, cfg.arch, device=dev)
     present = {s.label for s in samples}
-    labels = [c for c in data.classes if c in present]  # the seed's candidates: labels of the evaluated split
+    labels = [c for c in data.classes if c in present]  # the released code's candidates: labels of the evaluated split
     names = [c.lower() for c in labels]
     text = class_embeddings(clip, names, cfg.protocol, dev)
     tower = speed.image_tower(clip, cfg)

@@ -5,7 +5,7 @@ Each test record's human turn (the same prompt as training, class order shuffled
 
 mode `generate` (the paper's protocol): greedy decoding of at most `max_new_tokens` (`static_decode`: mysproj's
 own loop, `mysproj.evaluation.greedy`, the same tokens as transformers' `generate`), or sampling at `temperature`
-as the seed's `cli.py` (`mysproj.evaluation.decoding`), then the answer parser (exact / contained / close match /
+as the released `cli.py` (`mysproj.evaluation.decoding`), then the answer parser (exact / contained / close match /
 unparsed). mode `scoring`: the class whose answer " <label></s>"
 has the highest log-likelihood after the prompt (never unparsed; see `mysproj.evaluation.scoring`). Loading and
 the speed paths (precision, fp8, compiled layers, shared_prefix, static_decode) are `mysproj.speed.llava`'s.

@@ -13,7 +13,7 @@ Launch (the same code everywhere; the global batch stays fixed, gradient accumul
     torchrun --nnodes M --nproc-per-node N --node-rank $NODE_RANK --rdzv-backend c10d \\
         --rdzv-endpoint $MASTER_ADDR:29500 -m mysproj.cli finetune --strategy full --model ... --data ... --out ...
 
-Expected wall-clock (spec §3): the paper's runs took ~1 h on 2x A100-80G for ~15k examples. Re-running the same
+Expected wall-clock (docs/paper.md): the paper's runs took ~1 h on 2x A100-80G for ~15k examples. Re-running the same
 command after a crash resumes from the newest checkpoint under `<out>/checkpoints/` (same data order, same result).
 """
 
@@ -49,7 +49,7 @@ def run(cfg) -> dict:
 def _train(cfg, out, rank0: bool) -> dict:
     """Training with the compile cache where layers compile (GPUs); every rank loads it, rank 0 stores."""
     from mysproj.models import compile_cache
-    from mysproj.speed import llava as speed
+    from mysproj.training import setup
     from mysproj.training.loop import train
 
-    return compile_cache.run_with(speed.training_compile_cache(cfg), lambda: train(cfg, out), store=rank0)
+    return compile_cache.run_with(setup.compile_cache(cfg), lambda: train(cfg, out), store=rank0)

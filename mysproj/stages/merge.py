@@ -1,4 +1,4 @@
-"""Stage `merge`: a tuned projector put back into its base model (the seed's update_model.sh, done right).
+"""Stage `merge`: a tuned projector put back into its base model (the released code's update_model.sh, done right).
 
 Writes an HF-layout model (safetensors, config, tokenizer, processor) that `LlavaForConditionalGeneration
 .from_pretrained` loads, plus `mm_projector.bin` in the original key names. The projector is the tuned one (cast
@@ -18,6 +18,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 from mysproj.models.loading import INDEX, hf_model_output
 from mysproj.storage import cache
@@ -40,7 +41,7 @@ def read_projector(uri: str) -> dict:
     if inp is not None:
         if "projector.safetensors" not in inp.files:
             raise BadInput(f"{uri}: finetune output has no projector.safetensors (strategy "
-                           f"{inp.manifest.get('summary', {}).get('strategy')}); merge needs a projector fine-tune")
+                           f"{getattr(summary_of(inp.manifest), 'strategy', None)}); merge needs a projector fine-tune")
         path = inp.local_path("projector.safetensors")
         safetensors = True  # the cached copy of a remote file has no extension
     elif uri.endswith((".bin", ".safetensors", ".pt")):
@@ -179,7 +180,7 @@ def merge_reusing(cfg, out: StageOutput, projector: dict, inp: StageInput) -> di
     log.info("merge: rewrote %s, reused %d files of %s (%s)", ", ".join(sorted(rewrite)), len(carried), inp.uri,
              ", ".join(f"{how.count(h)} by {h}" for h in sorted(set(how))))
     return {"base": cfg.base, "projector": cfg.projector, "base_layout": "hf",
-            "random_weights": bool(inp.manifest.get("summary", {}).get("random_weights", False)),
+            "random_weights": summary_of(inp.manifest).random_weights,
             "replaced": sorted(projector), "layout": "hf", "rewritten": sorted(rewrite),
             "reused": {"files": len(carried), "bytes": sum(int(inp.files[n]["size"]) for n in carried),
                        "by": sorted(set(how))}}

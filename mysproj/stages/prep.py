@@ -2,8 +2,8 @@
 
     mysproj prep --dataset dtd --source s3://data/dtd --out s3://runs/r1/dtd/prep
 
-Outputs (manifest last): samples.parquet, train.csv / test.csv (the seed's `imagefilename,label`),
-llava_train.json / llava_test.json (the seed's conversation format with the paper's prompt), classes.json and
+Outputs (manifest last): samples.parquet, train.csv / test.csv (the released code's `imagefilename,label`),
+llava_train.json / llava_test.json (the released code's conversation format with the paper's prompt), classes.json and
 prep_report.json (counts per split and class; every skipped file and why).
 """
 
@@ -17,7 +17,8 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from mysproj.config.stages import TASK_PHRASES, PrepConfig
+from mysproj.config.datasets import RECORDS
+from mysproj.config.stages import PrepConfig
 from mysproj.data.datasets import Candidate, Listing, scan
 from mysproj.data.image_checks import check_images
 from mysproj.data.labels import ordered_classes
@@ -150,7 +151,7 @@ def prepare(cfg: PrepConfig, out: StageOutput) -> dict:
     listing = scan(cfg, out)
     samples = _check(listing, cfg)
     classes = ordered_classes(s.label for s in samples)
-    task = cfg.task or TASK_PHRASES[cfg.dataset]
+    task = cfg.task or RECORDS[cfg.dataset].task
     report = _report(cfg, listing, samples, classes)
     for split, missing in report["classes_missing_in_split"].items():
         log.warning("prep: no %s images for class(es) %s (kept in the other split)", split, ", ".join(missing))

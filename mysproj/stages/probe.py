@@ -4,7 +4,7 @@
 Features per image (train and test split), from one pass of LLaVA's vision tower + projector:
     pre_cls  = CLIP's pooled image representation: the last layer's CLS after the post-LayerNorm (`pooler_output`);
     pre_mean = mean of the layer `vision_feature_layer` (-2) patch features, i.e. of the tokens the projector consumes;
-    post     = the projector output mean-pooled over all image tokens (the seed's `torch.mean(dim=1)`).
+    post     = the projector output mean-pooled over all image tokens (the released code's `torch.mean(dim=1)`).
 The released probe script reads one 1024-d vector per image whose extractor was never released, so both readings
 of "pre" are probed, each by its own MLP; `pre_pooling` names the headline one (`pre`, Table 3's first columns).
 They are stored in the output (`features/<split>.safetensors` + `features/<split>.parquet`), then

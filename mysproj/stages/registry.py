@@ -1,5 +1,5 @@
-"""Stage name -> (config class, implementation). Implementations are imported lazily so that the CLI, the
-job entrypoints and the controller can parse configs without importing torch."""
+"""Configs and runs of the stages the registry (`mysproj.config.registry`) lists. Implementations are imported
+lazily so that the CLI, the job entrypoints and the controller can parse configs without importing torch."""
 
 from __future__ import annotations
 
@@ -7,20 +7,10 @@ import importlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from mysproj.config import stages as C
 from mysproj.config.fields import load_config
+from mysproj.config.registry import STAGES
 
-STAGES: dict[str, tuple[type, str]] = {
-    "fetch": (C.FetchConfig, "mysproj.stages.fetch:run"),
-    "prep": (C.PrepConfig, "mysproj.stages.prep:run"),
-    "model-init": (C.ModelInitConfig, "mysproj.stages.model_init:run"),
-    "finetune": (C.FinetuneConfig, "mysproj.stages.finetune:run"),
-    "merge": (C.MergeConfig, "mysproj.stages.merge:run"),
-    "eval-clip": (C.EvalClipConfig, "mysproj.stages.eval_clip:run"),
-    "eval-llava": (C.EvalLlavaConfig, "mysproj.stages.eval_llava:run"),
-    "probe": (C.ProbeConfig, "mysproj.stages.probe:run"),
-    "report": (C.ReportConfig, "mysproj.stages.report:run"),
-}
+__all__ = ["STAGES", "implementation", "node_configs", "run", "stage_config"]
 
 
 def stage_config(stage: str, overrides: dict[str, Any] | None = None, *, yaml_file: str | None = None,
@@ -28,7 +18,7 @@ def stage_config(stage: str, overrides: dict[str, Any] | None = None, *, yaml_fi
     """The validated config of `stage`: defaults < YAML file < `env` (`MYSPROJ_<FIELD>`) < overrides < CLI values.
     `env` defaults to none at all: a DAG node's or a benchmark's config is exactly what it is given, whatever the
     process environment holds; the command line passes `os.environ`."""
-    return load_config(STAGES[stage][0], yaml_file=yaml_file, cli=cli, env={} if env is None else env,
+    return load_config(STAGES[stage].config, yaml_file=yaml_file, cli=cli, env={} if env is None else env,
                        overrides=overrides)
 
 
@@ -38,8 +28,7 @@ def node_configs(nodes: Iterable[Any]) -> dict[str, Any]:
 
 
 def implementation(stage: str) -> Callable[[Any], dict]:
-    module, func = STAGES[stage][1].split(":")
-    return getattr(importlib.import_module(module), func)
+    return importlib.import_module(STAGES[stage].module).run
 
 
 def run(stage: str, cfg: Any, *, force: bool = False) -> dict:

@@ -60,14 +60,22 @@ def _now() -> str:
 
 
 def read_manifest(out_uri: str) -> dict | None:
+    """The manifest of the output at `out_uri`, or None where the output is not complete. The one rule for a
+    damaged manifest (not a JSON object: a torn write by another tool, a damaged object) is the rule for a missing
+    one: the output is incomplete. Its stage runs again and replaces it; readers of it as an input refuse it;
+    the report, the run state and the planner pass over it. A warning names the file."""
     target = U.join(out_uri, MANIFEST)
     if not U.exists(target):
         return None
     try:
-        return json.loads(U.read_text(target))
+        manifest = json.loads(U.read_bytes(target))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IncompleteOutput(f"{target}: manifest is not valid JSON; delete the folder and re-run its stage") \
-            from None
+        manifest = None
+    if not isinstance(manifest, dict):
+        log.warning("%s: damaged (not a JSON object); the output counts as incomplete and its stage runs again",
+                    target)
+        return None
+    return manifest
 
 
 class StageOutput:
@@ -323,8 +331,8 @@ class StageInput:
         self.uri = str(uri).rstrip("/")
         m = manifest if manifest is not None else read_manifest(self.uri)
         if m is None:
-            raise IncompleteOutput(
-                f"{self.uri} is not a complete stage output (no {MANIFEST}); run the stage that writes it first")
+            raise IncompleteOutput(f"{self.uri} is not a complete stage output (no {MANIFEST}, or a damaged one); run "
+                                   f"the stage that writes it first")
         stages = (expect_stage,) if isinstance(expect_stage, str) else expect_stage
         if stages and m.get("stage") not in stages:
             raise IncompleteOutput(f"{self.uri} holds a '{m.get('stage')}' output; expected {' or '.join(stages)}")

@@ -96,15 +96,6 @@ def time_entry(summary: dict, wall_s: float, gpus: int, transfers: dict[str, flo
             "transfer_out_s": round(t_out, 3)}
 
 
-def summary_time(summary: dict) -> dict:
-    """A manifest summary's `time` entry; an older manifest has only its wall seconds (`seconds`); {} without
-    either."""
-    entry = summary.get("time") if isinstance(summary.get("time"), dict) else {}
-    if "wall_s" not in entry and "seconds" in summary:
-        entry = {**entry, "wall_s": summary["seconds"]}
-    return entry
-
-
 def recorded(root: str) -> list[tuple[str, dict]]:
     """(folder relative to `root`, manifest) of every complete stage output below `root`, in path order."""
     from mysproj.storage import join, list_files

@@ -1,6 +1,6 @@
-"""The seed's DeepSpeed configs (LLaVA `scripts/zero2.json`, `zero3.json`, `zero3_offload.json`), values as shipped,
+"""The released DeepSpeed configs (LLaVA `scripts/zero2.json`, `zero3.json`, `zero3_offload.json`), values as shipped,
 with their "auto" entries filled the way the HF Trainer fills them (batch sizes from the run, bucket sizes from
-the model's hidden size). The seed's configs have no `gradient_clipping` key, which the HF Trainer fills only where
+the model's hidden size). The released configs have no `gradient_clipping` key, which the HF Trainer fills only where
 it says "auto", so the DeepSpeed they pinned (0.12.6) kept its default 0: no clipping. DeepSpeed 0.19.3 made the
 default 1.0, so the key is always written: `max_grad_norm`, 0 = off."""
 

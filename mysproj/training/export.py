@@ -1,7 +1,7 @@
-"""What a finished fine-tune writes at its output root (spec §1.4-1.5, §6.10).
+"""What a finished fine-tune writes at its output root (docs/paper.md#the-released-scripts).
 
 - projector: `projector.safetensors` (HF names) and `mm_projector.bin` (original LLaVA names
-  `model.mm_projector.{0,2}.{weight,bias}`, what the seed's merge script reads), plus `projector_config.json`.
+  `model.mm_projector.{0,2}.{weight,bias}`, what the released code's merge script reads), plus `projector_config.json`.
 - full: an HF-layout model (safetensors, config, tokenizer, processor).
 - lora: the same with the adapters merged in, and `adapter/` (peft adapter + the trained projector).
 Exported weights are in the base model's dtype.

@@ -1,7 +1,7 @@
 """The fine-tuning loop: one code path for a CPU process, one GPU, and torchrun on many GPUs/nodes (accelerate, with
 DeepSpeed ZeRO on GPUs when distributed).
 
-Loss (`loss_normalization`): by default the HF Trainer's, as the seed scripts trained: each micro-batch's mean token
+Loss (`loss_normalization`): by default the HF Trainer's, as the released scripts trained: each micro-batch's mean token
 cross-entropy over its answer tokens, averaged over the micro-batches of every process and accumulation step; or
 the mean over the answer tokens of the whole global batch (every rank computes the step's target-token count from
 the data order, so gradient accumulation and the number of GPUs do not change the result).
@@ -14,11 +14,14 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
+from typing import Any
 
+from mysproj.config.stages import DEFAULT_GLOBAL_BATCH
 from mysproj.errors import worker_errors
 from mysproj.storage import uri as U
 from mysproj.storage.stage_time import processed
-from mysproj.training import checkpoint, memory_fit, preemption, session, strategies
+from mysproj.training import checkpoint, memory_fit, preemption, session
 from mysproj.training.data import MicroBatches, Schedule, TrainSet, collate, load_examples
 
 log = logging.getLogger("mysproj.finetune")
@@ -64,19 +67,51 @@ def tracking_runs(cfg, points: list) -> dict:
     return found
 
 
+@dataclass
+class _Run:
+    """What the parts of one fine-tuning run share: the set-up, the data, and the progress so far."""
+
+    cfg: Any
+    out: Any                  # the stage output (its `inputs` key the checkpoints)
+    ctx: session.Session
+    loaded: Any               # models.loading.LoadedLlava
+    base_dtype: Any
+    examples: list
+    schedule: Schedule
+    global_batch: int
+    micro: int
+    world: int
+    cuda: bool
+    bf16: bool
+    start: int = 0
+    resumed_from: int | None = None
+    metrics: list = field(default_factory=list)  # the logged steps (metrics.jsonl)
+    points: list = field(default_factory=list)   # every step's scalars [step, wall time, values]
+    events: Any = None                           # the TensorBoard event log (main process, where on)
+    tracked: dict = field(default_factory=dict)  # MLflow / W&B runs (main process)
+
+
 def train(cfg, out) -> dict:
+    """Fine-tune as `cfg` says, resuming from the newest complete checkpoint; returns the manifest summary."""
+    run = _prepare(cfg, out)
+    _resume(run)
+    _log_start(run)
+    _steps(run)
+    return _finish(run)
+
+
+def _prepare(cfg, out) -> _Run:
+    """The model loaded, the examples and the step schedule, and the session set up on them."""
     import torch
 
     from mysproj.data.prepared import PreparedData
     from mysproj.models.loading import load_llava
-    from mysproj.models.processors import with_backend
 
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    global_batch = cfg.global_batch or strategies.DEFAULT_GLOBAL_BATCH[cfg.strategy]
+    global_batch = cfg.global_batch or DEFAULT_GLOBAL_BATCH[cfg.strategy]
     micro = default_micro_batch(global_batch, world, cfg.per_device_batch, cfg.max_micro_batch)
     bf16 = session.uses_bf16(cfg, cuda)
-
     if cuda:  # the memory check from the model's config.json before any weight is read (again once loaded)
         counts = memory_fit.model_params(cfg.model)
         if counts:
@@ -86,115 +121,155 @@ def train(cfg, out) -> dict:
                 cuda=True))
     data = PreparedData(cfg.data)
     loaded = load_llava(cfg.model, device="cpu", dtype=torch.bfloat16 if bf16 else torch.float32)
-    model, tokenizer, processor = loaded.model, loaded.tokenizer, loaded.image_processor
+    model = loaded.model
     base_dtype = model.get_input_embeddings().weight.dtype
-    examples = load_examples(data, tokenizer, model.config, conv=cfg.conv, max_length=cfg.model_max_length)
+    examples = load_examples(data, loaded.tokenizer, model.config, conv=cfg.conv, max_length=cfg.model_max_length)
     schedule = Schedule(len(examples), global_batch, micro, world, cfg.epochs, cfg.max_steps, fill=cfg.fill,
                         lengths=tuple(e.words for e in examples) if cfg.group_by_length else None)
     schedule.check()
-    total = schedule.total_steps
     ctx = session.build(cfg, model, world=world, micro=micro, accumulation=schedule.accumulation,
-                        total_steps=total)
-    acc, scheduler, ds_name = ctx.accelerator, ctx.scheduler, ctx.deepspeed
-    lr, projector_lr = strategies.learning_rates(cfg)
-    n_trainable = ctx.n_trainable
+                        total_steps=schedule.total_steps)
+    return _Run(cfg, out, ctx, loaded, base_dtype, examples, schedule, global_batch, micro, world, cuda, bf16)
 
-    start, metrics, resumed_from, points = 0, [], None, []
-    done = checkpoint.complete_steps(cfg.out, cfg, out.inputs, report=acc.is_main_process)
-    if done:
-        state = checkpoint.load(ctx, done[-1])
-        start, metrics, resumed_from = state["step"], state["metrics"], done[-1]
-        points = [p for p in state.get("scalars", []) if p[0] <= start]
-        with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start):
-                scheduler.step()
-        log.info("finetune: resumed from checkpoint step %d of %d", start, total)
-    if acc.is_main_process:
-        log.info("finetune: %s on %d examples, %d steps of %d (%d per device x %d processes x %d accumulation), lr %g, "
-                 "%s, deepspeed %s, shared prefix %s, %.1fM trainable", cfg.strategy, len(examples), total,
-                 global_batch, micro, world, schedule.accumulation, lr, "bf16" if bf16 else "fp32", ds_name or "off",
-                 "on" if ctx.shared is not None else "off", n_trainable / 1e6)
-        if ctx.plan is not None and ctx.plan.gpu_bytes:  # GPU runs
-            log.info("finetune: memory: %s", ctx.plan.describe())
 
-    loader = torch.utils.data.DataLoader(
-        TrainSet(examples, with_backend(processor, cfg.image_backend), cfg.image_aspect_ratio),
-        batch_sampler=MicroBatches(schedule, cfg.seed, acc.process_index, start),
-        collate_fn=collate(tokenizer.pad_token_id), num_workers=cfg.workers, pin_memory=cuda,
+def _resume(run: _Run) -> None:
+    """Continue from the newest complete checkpoint, if any: its step, metrics and scalars, the schedule at it."""
+    cfg, acc = run.cfg, run.ctx.accelerator
+    done = checkpoint.complete_steps(cfg.out, cfg, run.out.inputs, report=acc.is_main_process)
+    if not done:
+        return
+    state = checkpoint.load(run.ctx, done[-1])
+    run.start, run.metrics, run.resumed_from = state["step"], state["metrics"], done[-1]
+    run.points = [p for p in state.get("scalars", []) if p[0] <= run.start]
+    with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is intended
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(run.start):
+            run.ctx.scheduler.step()
+    log.info("finetune: resumed from checkpoint step %d of %d", run.start, run.schedule.total_steps)
+
+
+def _log_start(run: _Run) -> None:
+    cfg, ctx = run.cfg, run.ctx
+    if not ctx.accelerator.is_main_process:
+        return
+    log.info("finetune: %s on %d examples, %d steps of %d (%d per device x %d processes x %d accumulation), lr %g, "
+             "%s, deepspeed %s, shared prefix %s, %.1fM trainable", cfg.strategy, len(run.examples),
+             run.schedule.total_steps, run.global_batch, run.micro, run.world, run.schedule.accumulation,
+             ctx.rates.lr, "bf16" if run.bf16 else "fp32", ctx.deepspeed or "off",
+             "on" if ctx.shared is not None else "off", ctx.n_trainable / 1e6)
+    if ctx.plan is not None and ctx.plan.gpu_bytes:  # GPU runs
+        log.info("finetune: memory: %s", ctx.plan.describe())
+
+
+def _loader(run: _Run):
+    import torch
+
+    from mysproj.models.processors import with_backend
+
+    cfg = run.cfg
+    return torch.utils.data.DataLoader(
+        TrainSet(run.examples, with_backend(run.loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio),
+        batch_sampler=MicroBatches(run.schedule, cfg.seed, run.ctx.accelerator.process_index, run.start),
+        collate_fn=collate(run.loaded.tokenizer.pad_token_id), num_workers=cfg.workers, pin_memory=run.cuda,
         generator=torch.Generator())  # its own generator: the global RNG (dropout) is left untouched
-    batches = worker_errors(loader)
+
+
+def _steps(run: _Run) -> None:
+    """The optimizer steps from `run.start` on: each one logged, tracked and checkpointed as the config says."""
+    cfg, ctx, schedule = run.cfg, run.ctx, run.schedule
+    acc, total = ctx.accelerator, schedule.total_steps
+    batches = worker_errors(_loader(run))
     t0, seen = time.monotonic(), 0
     # TensorBoard: the per-step points kept in each checkpoint rebuild the event file on resume (no step twice).
-    events = tensorboard_log(cfg, points) if acc.is_main_process else None
-    tracked = tracking_runs(cfg, points) if acc.is_main_process else {}
-
-    def save(n: int) -> None:
-        checkpoint.save(ctx, n, {"step": n, "metrics": metrics, "scalars": points}, out.inputs)
-        if acc.is_main_process:
-            checkpoint.prune(cfg.out, cfg, cfg.keep_checkpoints, out.inputs)
+    run.events = tensorboard_log(cfg, run.points) if acc.is_main_process else None
+    run.tracked = tracking_runs(cfg, run.points) if acc.is_main_process else {}
 
     def save_before_stopping(n: int) -> bool:
         if cfg.save_checkpoints and n % cfg.checkpoint_every:
-            save(n)
+            _save(run, n)
         return cfg.save_checkpoints
 
-    for step in preemption.StopOnSigterm(acc).steps(start, total, save_before_stopping):
+    for step in preemption.StopOnSigterm(acc).steps(run.start, total, save_before_stopping):
         samples = schedule.step_samples(cfg.seed, step)
-        targets = sum(examples[i].n_targets for i, counts in samples if counts)
+        targets = sum(run.examples[i].n_targets for i, counts in samples if counts)
         micro_batches = [next(batches) for _ in range(schedule.accumulation)]
-        current_lr = scheduler.get_last_lr()[0]
-        step_loss = ctx.step(micro_batches, targets)
-        loss = acc.reduce(step_loss, reduction="sum").item()
+        current_lr = ctx.scheduler.get_last_lr()[0]
+        loss = acc.reduce(ctx.step(micro_batches, targets), reduction="sum").item()
         seen += sum(1 for _, counts in samples if counts)
         n = step + 1
         elapsed = time.monotonic() - t0
         rate = seen / max(elapsed, 1e-9)
-        values = step_scalars(loss, current_lr, ctx.grad_norm, rate, cuda)
-        points.append([n, time.time(), values])
-        if events is not None:
-            events.scalars(n, values, points[-1][1])
-        for run in tracked.values():
-            run.metrics(n, values, points[-1][1])
+        _record(run, n, step_scalars(loss, current_lr, ctx.grad_norm, rate, run.cuda))
         if n % cfg.log_every == 0 or n == total:
-            eta = (total - n) * elapsed / max(n - start, 1)
-            rec = {"step": n, "total": total, "loss": round(loss, 6), "lr": current_lr,
-                   "samples_per_s": round(rate, 3), "eta_s": round(eta, 1)}
-            metrics.append(rec)
-            if acc.is_main_process:
-                log.info("finetune: step %d/%d loss %.4f lr %.3g %.2f samples/s ETA %.0fs",
-                         n, total, loss, current_lr, rate, eta)
-                U.write_text(U.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
-                if events is not None:
-                    events.flush()
-                for run in tracked.values():
-                    run.flush()
+            eta = (total - n) * elapsed / max(n - run.start, 1)
+            _log_step(run, {"step": n, "total": total, "loss": round(loss, 6), "lr": current_lr,
+                            "samples_per_s": round(rate, 3), "eta_s": round(eta, 1)})
         if cfg.save_checkpoints and (n % cfg.checkpoint_every == 0 or n == total):
-            save(n)
+            _save(run, n)
     acc.wait_for_everyone()
-    ctx.release_optimizer()
+
+
+def _record(run: _Run, n: int, values: dict) -> None:
+    """One step's scalars: kept for the checkpoint, written to TensorBoard and the tracking runs."""
+    run.points.append([n, time.time(), values])
+    if run.events is not None:
+        run.events.scalars(n, values, run.points[-1][1])
+    for tracked in run.tracked.values():
+        tracked.metrics(n, values, run.points[-1][1])
+
+
+def _log_step(run: _Run, rec: dict) -> None:
+    """A logged step: metrics.jsonl rewritten, one log line, the event file and tracking runs flushed."""
+    run.metrics.append(rec)
+    if not run.ctx.accelerator.is_main_process:
+        return
+    log.info("finetune: step %d/%d loss %.4f lr %.3g %.2f samples/s ETA %.0fs", rec["step"], rec["total"],
+             rec["loss"], rec["lr"], rec["samples_per_s"], rec["eta_s"])
+    U.write_text(U.join(run.cfg.out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in run.metrics))
+    if run.events is not None:
+        run.events.flush()
+    for tracked in run.tracked.values():
+        tracked.flush()
+
+
+def _save(run: _Run, n: int) -> None:
+    cfg = run.cfg
+    checkpoint.save(run.ctx, n, {"step": n, "metrics": run.metrics, "scalars": run.points}, run.out.inputs)
+    if run.ctx.accelerator.is_main_process:
+        checkpoint.prune(cfg.out, cfg, cfg.keep_checkpoints, run.out.inputs)
+
+
+def _finish(run: _Run) -> dict:
+    """The trained weights exported and the run's summary (the manifest's)."""
+    import torch
+
     from mysproj.training.export import export
 
-    summary = export(ctx, out, tokenizer, processor, base_dtype, metrics)
-    if events is not None:
-        summary["tensorboard"] = events.close(out)
-    for name, run in tracked.items():
-        summary[name] = run.end()
+    ctx = run.ctx
+    ctx.release_optimizer()
+    summary = export(ctx, run.out, run.loaded.tokenizer, run.loaded.image_processor, run.base_dtype, run.metrics)
+    if run.events is not None:
+        summary["tensorboard"] = run.events.close(run.out)
+    for name, tracked in run.tracked.items():
+        summary[name] = tracked.end()
     session.forget_deepspeed()
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
-    summary.update(strategy=cfg.strategy, steps=total, resumed_from=resumed_from, base_model=cfg.model,
-                   data=cfg.data, random_weights=loaded.random_weights, global_batch=global_batch,
-                   per_device_batch=micro, accumulation=schedule.accumulation, world_size=world, lr=lr,
-                   projector_lr=projector_lr if cfg.strategy == "lora" else None, precision="bf16" if bf16 else "fp32",
-                   deepspeed=ds_name, shared_prefix=ctx.shared is not None, conv=cfg.conv, examples=len(examples),
-                   fill=cfg.fill, group_by_length=cfg.group_by_length,
-                   tokenization_mismatches=sum(1 for e in examples if e.mismatch),
-                   truncated_examples=sum(1 for e in examples if e.truncated),
-                   trainable_parameters=n_trainable,
-                   memory_plan=ctx.plan.summary() if ctx.plan is not None and ctx.plan.gpu_bytes else None,
-                   final_loss=metrics[-1]["loss"] if metrics else None,
-                   samples_per_s=metrics[-1]["samples_per_s"] if metrics else None,
-                   processed=processed(total * global_batch, "samples",
-                                       metrics[-1]["samples_per_s"] if metrics else None))
+    summary.update(_facts(run))
     return summary
+
+
+def _facts(run: _Run) -> dict:
+    cfg, ctx, examples, last = run.cfg, run.ctx, run.examples, (run.metrics[-1] if run.metrics else {})
+    total = run.schedule.total_steps
+    return dict(strategy=cfg.strategy, steps=total, resumed_from=run.resumed_from, base_model=cfg.model,
+                data=cfg.data, random_weights=run.loaded.random_weights, global_batch=run.global_batch,
+                per_device_batch=run.micro, accumulation=run.schedule.accumulation, world_size=run.world,
+                lr=ctx.rates.lr, projector_lr=ctx.rates.projector_lr if cfg.strategy == "lora" else None,
+                precision="bf16" if run.bf16 else "fp32", deepspeed=ctx.deepspeed,
+                shared_prefix=ctx.shared is not None, conv=cfg.conv, examples=len(examples), fill=cfg.fill,
+                group_by_length=cfg.group_by_length, tokenization_mismatches=sum(1 for e in examples if e.mismatch),
+                truncated_examples=sum(1 for e in examples if e.truncated), trainable_parameters=ctx.n_trainable,
+                memory_plan=ctx.plan.summary() if ctx.plan is not None and ctx.plan.gpu_bytes else None,
+                final_loss=last.get("loss"), samples_per_s=last.get("samples_per_s"),
+                processed=processed(total * run.global_batch, "samples", last.get("samples_per_s")))

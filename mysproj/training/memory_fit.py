@@ -132,7 +132,7 @@ def plan(*, trainable: int, total: int, gpu_bytes: int, host: HostMemory, world:
     """The DeepSpeed config, offloads and pinning of a run. Only full fine-tuning on one card that cannot hold its
     fp32 state offloads: the optimizer only where the card holds the bf16 parameters, pinned only where
     everything fits in PIN_SHARE of the host (pinned pages cannot be swapped or reclaimed), else not pinned.
-    `requested` other than auto is kept (`zero3-offload` offloads both, as the seed's config)."""
+    `requested` other than auto is kept (`zero3-offload` offloads both, as the released code's config)."""
     from mysproj.training.session import resolve_deepspeed
 
     name = resolve_deepspeed(requested, strategy, cuda, world, gpu_bytes=gpu_bytes, llm_params=trainable)

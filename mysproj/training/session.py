@@ -1,18 +1,18 @@
 """One fine-tuning run's trainable state, built the same way for the stage (`loop.train`) and for
-`mysproj bench finetune`: strategy freezing, fp32 master weights for what trains, activation checkpointing,
-FP8 and compiled layers where asked, AdamW + cosine schedule, accelerate / DeepSpeed; and the optimizer step.
+`mysproj bench finetune`: the memory plan and the accelerator (accelerate / DeepSpeed), then the model set up in
+one fixed order (`mysproj.training.setup`: freezing, casts, checkpointing, optimizer, wrapping, FP8 and compiled
+layers); and the optimizer step.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from mysproj.models.conversation import IGNORE_INDEX
-from mysproj.training import memory_fit, strategies
+from mysproj.training import memory_fit, setup
 from mysproj.training.loss import answer_loss_sum
 from mysproj.training.memory_fit import FULL_BYTES_PER_PARAM, FULL_HEADROOM
 
@@ -35,6 +35,7 @@ class Session:
     shared: Any = None  # SharedPrefixForward where it applies (projector strategy)
     plan: Any = None    # memory_fit.Plan: offloads, pinning, the memory figures behind them
     grad_norm: float | None = None  # global gradient norm of the last optimizer step (before any clipping)
+    rates: Any = None   # setup.LearningRates: the run's learning rates, resolved once
 
     @property
     def n_trainable(self) -> int:
@@ -124,20 +125,6 @@ def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_by
     return None if FULL_BYTES_PER_PARAM * llm_params + FULL_HEADROOM <= gpu_bytes else "zero3-offload"
 
 
-def cosine_with_warmup(optimizer, warmup: int, total: int):
-    """transformers' get_cosine_schedule_with_warmup (linear warmup, half-cosine to 0), without importing the
-    Trainer stack it lives in."""
-    import torch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def forget_deepspeed() -> None:
     """accelerate registers the DeepSpeed config with transformers globally; with ZeRO-3 every model built later in
     this process would be partitioned. Drop it once a run is over (merge or eval may follow in-process)."""
@@ -183,10 +170,10 @@ def uses_bf16(cfg, cuda: bool) -> bool:
 
 
 def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps: int) -> Session:
-    """`model` (LlavaForConditionalGeneration, on the CPU or already on the card) -> a ready Session."""
+    """`model` (LlavaForConditionalGeneration, on the CPU or already on the card) -> a ready Session: the memory
+    plan, the accelerator, then the model set up in `mysproj.training.setup`'s order."""
     import torch
 
-    from mysproj.speed import llava as speed
     from mysproj.speed.device import allow_tf32
 
     cuda = torch.cuda.is_available()
@@ -201,30 +188,11 @@ def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps:
                            requested=cfg.deepspeed, cuda=cuda)
     memory_fit.check(plan)  # before DeepSpeed allocates anything: a refusal, not the OOM killer
     ds_name = plan.deepspeed
-    lr, projector_lr = strategies.learning_rates(cfg)
     acc = accelerator(ds_name, bf16, accumulation, world, micro, model.config.text_config.hidden_size,
                       cfg.max_grad_norm, cuda, plan)
-    torch.manual_seed(cfg.seed)
-
-    model = strategies.apply(model, cfg.strategy, cfg)
-    if not ds_name:
-        speed.place_before_cast(cfg, model, acc.device, cuda)
-        for p in model.parameters():  # fp32 master weights for what trains; frozen weights stay in bf16
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-    speed.apply_checkpointing(cfg, model)
-    model.train()
-    groups = strategies.param_groups(model, cfg.strategy, lr, projector_lr, cfg.weight_decay)
-    # foreach's temporaries would cost another copy of the trained weights (on the card, or in CPU memory when
-    # offloaded); the fused kernel has none.
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
-                                  foreach=False, fused=cuda and ds_name != "zero3-offload")
-    scheduler = cosine_with_warmup(optimizer, math.ceil(total_steps * cfg.warmup_ratio), total_steps)
-    prepared, optimizer = acc.prepare(model, optimizer)
-    unwrapped = acc.unwrap_model(prepared)
-    llava = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-    shared = speed.for_training(cfg, acc, prepared, llava, ds_name, cuda)
-    pixel_dtype = next(unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
-    return Session(cfg, acc, prepared, unwrapped, optimizer, scheduler, ds_name, "bf16" if bf16 else "fp32",
-                   pixel_dtype, [p for p in prepared.parameters() if p.requires_grad], world, shared, plan=plan)
-
+    torch.manual_seed(cfg.seed)  # LoRA's new weights are drawn in the set-up
+    done = setup.set_up(cfg, model, acc, ds_name=ds_name, cuda=cuda, total_steps=total_steps)
+    pixel_dtype = next(done.unwrapped.parameters()).dtype if ds_name else (torch.bfloat16 if bf16 else torch.float32)
+    return Session(cfg, acc, done.model, done.unwrapped, done.optimizer, done.scheduler, ds_name,
+                   "bf16" if bf16 else "fp32", pixel_dtype, [p for p in done.model.parameters() if p.requires_grad],
+                   world, done.shared, plan=plan, rates=done.rates)

@@ -1,9 +1,11 @@
-"""What trains in each strategy (spec §1.5), and how the trained model is exported.
+"""What trains in each strategy (docs/paper.md#the-released-scripts), and how the trained model is exported.
 
-- `projector` (FT-Proj, the seed's pretrain.sh with `tune_mm_mlp_adapter`): only the 2-layer projector.
+- `projector` (FT-Proj, the released code's pretrain.sh with `tune_mm_mlp_adapter`): only the 2-layer projector.
 - `full` (FT-E2E, finetune_task.sh): projector + the whole LLM; the CLIP tower stays frozen.
 - `lora` (finetune_task_lora.sh): LoRA (r 128, alpha 256) on every LLM linear layer + the full projector, the
-  projector at its own lr (2e-5).
+  projector at its own lr (`projector_lr`).
+
+The learning rates and global batches these get by default: `mysproj.config.stages.DEFAULT_*`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ VISION_PREFIX = "model.vision_tower."
 # LLaVA's find_all_linear_names: every Linear of the LLM (not the tower, projector or lm_head).
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
-DEFAULT_LR = {"projector": 1e-3, "full": 2e-5, "lora": 2e-4}
-DEFAULT_GLOBAL_BATCH = {"projector": 64, "full": 32, "lora": 32}
 
 
 def base_name(name: str) -> str:
@@ -45,14 +45,8 @@ def apply(model, strategy: str, cfg):
     return model
 
 
-def learning_rates(cfg) -> tuple[float, float]:
-    """(lr, projector lr for lora): the config's, else the strategy's default and the seed's mm_projector_lr."""
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.strategy]
-    return lr, cfg.projector_lr if cfg.projector_lr is not None else 2e-5
-
-
 def param_groups(model, strategy: str, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
-    """AdamW groups; for lora the projector gets `projector_lr` (the seed's mm_projector_lr)."""
+    """AdamW groups; for lora the projector gets `projector_lr` (the released code's mm_projector_lr)."""
     proj, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow_server import mlflow_binary
 
-from mysproj.pipeline.dag import TRACKED_STAGES
+from mysproj.config.registry import stages_where
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3]
 
@@ -225,7 +225,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert len(parents) == 1 and parents[0].data.tags["mysproj.release"] == "tiny", parents
     parent = parents[0].info.run_id
     tracked_nodes = {j.metadata.annotations["mysproj.io/node"] for j in jobs
-                     if j.metadata.labels["mysproj.io/stage"] in TRACKED_STAGES}
+                     if j.metadata.labels["mysproj.io/stage"] in stages_where("tracked")}
     assert set(children) == tracked_nodes and len(tracked_nodes) == 6, sorted(children)
     for path, child in children.items():
         done = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/{path}/_SUCCESS.json"))

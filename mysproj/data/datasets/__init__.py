@@ -1,7 +1,8 @@
-"""One small reader per on-disk layout (spec §0). Each `scan(cfg, out)` lists candidate images with their
-normalised labels -- no decoding yet -- and reports what it skipped; `mysproj.stages.prep` checks every image
-and writes the outputs. Readers raise `BadInput` for problems that make the dataset itself wrong (a missing split
-file, an empty class folder, a path escaping the root); single bad files are skipped and reported instead.
+"""One small reader per on-disk layout (docs/paper.md), named by the dataset's record. Each `scan(cfg, out)`
+lists candidate images with their normalised labels -- no decoding yet -- and reports what it skipped;
+`mysproj.stages.prep` checks every image and writes the outputs. Readers raise `BadInput` for problems that make
+the dataset itself wrong (a missing split file, an empty class folder, a path escaping the root); single bad files
+are skipped and reported instead.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from mysproj.config.datasets import RECORDS
 from mysproj.errors import BadInput
 from mysproj.storage import exists, is_local, join, list_dirs, local_path
 from mysproj.storage.digest import refuse_undecodable_name
-
-READERS = {name: d.reader for name, d in RECORDS.items()}
 
 
 @dataclass
@@ -45,7 +44,7 @@ def scan(cfg, out) -> Listing:
     if cfg.source:
         # Sample URIs must work from any working directory (and on another pod): make local roots absolute.
         cfg = dataclasses.replace(cfg, source=absolute_uri(cfg.source))
-    listing = importlib.import_module(READERS[cfg.dataset]).scan(cfg, out)
+    listing = importlib.import_module(RECORDS[cfg.dataset].reader).scan(cfg, out)
     if cfg.source:
         refuse_links_out_of(cfg.source, listing.candidates)
     refuse_undecodable_names(listing.candidates)

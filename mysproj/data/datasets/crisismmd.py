@@ -1,6 +1,6 @@
 """CrisisMMD v2.0, humanitarian task: images `data_image/<event>/<date>/<tweetid>_<n>.jpg`, split files
 `crisismmd_datasplit_all/task_humanitarian_text_img_{train,test}.tsv` (tab-separated, header, 9 columns; `image`
-is relative to the dataset root). The label column, a merge map and the kept class subset are options (spec §0);
+is relative to the dataset root). The label column, a merge map and the kept class subset are options (docs/paper.md);
 the default keeps the paper's 4 classes from `label_image`. The dev split is not used (the paper reports
 train/test only)."""
 

@@ -1,4 +1,4 @@
-"""`mysproj ask --model URI --image URI [--prompt TEXT]`: the seed README's check that a model works
+"""`mysproj ask --model URI --image URI [--prompt TEXT]`: the released README's check that a model works
 (`python -m llava.serve.cli`): one image, the `llava_v1` conversation, the answer streamed token by token.
 Without `--prompt` it is an interactive loop (empty line or EOF ends it), keeping the conversation history as
 LLaVA's CLI does. Sampling defaults are that CLI's (temperature 0.2, 512 new tokens); `--temperature 0` is greedy.

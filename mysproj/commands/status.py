@@ -1,4 +1,5 @@
-"""`mysproj status RELEASE [--watch]` and `mysproj logs RELEASE STAGE` (registered in mysproj/cli.py)."""
+"""`mysproj status RELEASE [--watch]` and `mysproj logs RELEASE STAGE` (registered in mysproj/cli.py): the table
+is `mysproj.kube.table`'s, the polling `mysproj.kube.watch`'s, the logs `mysproj.kube.logs`'."""
 
 from __future__ import annotations
 
@@ -22,14 +23,14 @@ def add_command(sub, parser_class) -> None:
 
 
 def _status(ns) -> int:
-    from mysproj.kube import status
+    from mysproj.kube import watch
     from mysproj.kube.cluster import Cluster
 
-    return status.show(Cluster(ns.namespace, ns.context), ns.release, watch=ns.watch, interval=ns.interval)
+    return watch.show(Cluster(ns.namespace, ns.context), ns.release, watch=ns.watch, interval=ns.interval)
 
 
 def _logs(ns) -> int:
-    from mysproj.kube import status
+    from mysproj.kube import logs
     from mysproj.kube.cluster import Cluster
 
-    return status.logs(Cluster(ns.namespace, ns.context), ns.release, ns.stage, tail=ns.tail)
+    return logs.logs(Cluster(ns.namespace, ns.context), ns.release, ns.stage, tail=ns.tail)

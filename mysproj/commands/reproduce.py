@@ -2,7 +2,7 @@
 current kube context.
 
 1. `helm install` a fresh release of `charts/mysproj` with the dataset's values file (`mysproj.kube.helm`);
-2. wait for the run, printing the `mysproj status` table whenever a stage changes state (`status.wait`);
+2. wait for the run, printing the `mysproj status` table whenever a stage changes state (`kube.watch.wait`);
 3. fetch `report/` (report.md, results.parquet, plots) from object storage into a local folder
    (`mysproj.report.fetch`);
 4. print Table 1 and compare each metric with the paper's (`mysproj.report.comparison`) under the values file's
@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 from mysproj.kube import helm as H
 
@@ -63,11 +64,10 @@ def add_command(sub, parser_class) -> None:
 
 
 def run(ns, out=print) -> int:
-    from mysproj.kube import status
+    from mysproj.kube import bucket
     from mysproj.kube.cluster import Cluster
     from mysproj.kube.controller import read_pipeline
-    from mysproj.report import comparison
-    from mysproj.report.fetch import fetch_report, table1_text
+    from mysproj.kube.table import find_configmap
 
     if not _DATASET.match(ns.dataset):
         raise BadInput(f"--dataset {ns.dataset!r}: expected a dataset name such as dtd")
@@ -86,15 +86,25 @@ def run(ns, out=print) -> int:
         # Helm refuses bad values (schema), an existing release name, an unreachable cluster: nothing was started.
         why = "; ".join(ln.strip() for ln in (result.stderr or result.stdout).splitlines() if ln.strip())
         raise BadInput(f"helm install {release} failed: {why.removeprefix('Error: ')}")
-    pipeline, templates = read_pipeline(cluster, status.find_configmap(cluster, release))
-    problem = status.bucket_access(pipeline.root, templates.get("cpu"))
-    if problem:  # the report could not be fetched: say so now, not after the run
-        raise BadInput(f"bucket {pipeline.root} not read: {problem}; the release {release} keeps running "
+    pipeline, templates = read_pipeline(cluster, find_configmap(cluster, release))
+    access = bucket.bucket_access(pipeline.root, templates.get("cpu"))
+    if access.problem:  # the report could not be fetched: say so now, not after the run
+        raise BadInput(f"bucket {pipeline.root} not read: {access.problem}; the release {release} keeps running "
                        f"(mysproj status {release} -n {namespace})")
     out(f"reproduce: release {release} installed in namespace {namespace}; waiting "
         f"(also: mysproj status {release} -n {namespace} --watch)")
+    with bucket.using(access.settings):  # the run's bucket, as its pods reach it, for the wait and the report
+        return _follow(ns, out, cluster, release, pipeline.root, tolerance)
 
-    state, rows = status.wait(cluster, release, ns.timeout, ns.interval, out)
+
+def _follow(ns, out, cluster, release: str, root: str, tolerance: float) -> int:
+    """Wait for the run, then fetch its report and compare it with the paper's; the exit code says how it went."""
+    from mysproj.kube import watch
+    from mysproj.report import comparison
+    from mysproj.report.fetch import fetch_report, table1_text
+
+    namespace = cluster.namespace
+    state, rows = watch.wait(cluster, release, ns.timeout, ns.interval, out)
     if state != "complete":
         failed = [r for r in rows if r.state == "failed"]
         why = "; ".join(f"{r.node}: {r.reason}" for r in failed) or "no stage failed"
@@ -104,11 +114,11 @@ def run(ns, out=print) -> int:
         return EXIT_RUN_FAILED
 
     dest = Path(ns.out or f"reproduce-{release}")
-    manifest, result_rows = fetch_report(pipeline.root, dest)
+    manifest, result_rows = fetch_report(root, dest)
     out(f"reproduce: report fetched to {dest}/ (report.md, results.parquet, plots/)")
     out("\nTable 1 (ours, the paper's in parentheses):")
     out(table1_text(manifest, dest))
-    random_weights = bool((manifest.get("summary") or {}).get("random_weights")) \
+    random_weights = summary_of(manifest).random_weights \
         or any(r.get("random_weights") for r in result_rows)
     checks = comparison.compare(result_rows, ns.dataset, tolerance)
     matched, line = comparison.verdict(checks, random_weights)
