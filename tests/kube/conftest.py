@@ -24,7 +24,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -80,7 +79,6 @@ class Kube:
     s3_endpoint: str          # the session's S3 server as pods reach it
     origin_host: str          # the host part of `pod_origin`'s URLs as pods reach them
     runtime: object           # k8s/node/node.py Node, or the stand-in's StandIn: container PIDs
-    importing: threading.Thread | None = None  # the GPU image's copy into containerd, under way
     namespace: str = "default"
     gpu_product: str = GPU_PRODUCT  # the node's nvidia.com/gpu.product label
     wait_for = staticmethod(wait_for)
@@ -112,14 +110,6 @@ class Kube:
 
         wait_for(default_sa_has_token, 30, f"the default ServiceAccount token of {name}")
         return name
-
-    def wait_for_images(self) -> None:
-        """Block until every image is in the node's containerd (the multi-GB GPU image is copied in the
-        background while CPU-only tests run)."""
-        if self.importing is not None:
-            self.importing.join()
-            if self.importing.error:
-                raise self.importing.error
 
     def _status(self, pod: str, container: str | None, namespace: str | None):
         from kubernetes.client.rest import ApiException
@@ -242,22 +232,19 @@ def _clients(kubeconfig: Path) -> dict:
 
 def _kubelet_cluster(root: Path, container_images: dict, s3_server, origin_port: int):
     started = time.monotonic()
-    cp, node = node_mod.up(root, TOOLS, [container_images["cpu"]])
+    cp, node = node_mod.up(root, TOOLS, [container_images["cpu"], container_images["gpu"]])
     s3_port = s3_server.ports["s3.port"]
-    forwarder = origin = importing = None
+    forwarder = origin = None
     try:
-        importing = _ImportThread(node, [container_images["gpu"]])
         forwarder = Forwarder((node.network.gateway, s3_port), ("127.0.0.1", s3_port))
         origin = Forwarder((node.network.gateway, origin_port), ("127.0.0.1", origin_port))
-        print(f"\n[kube] control plane + kubelet node up in {time.monotonic() - started:.1f} s (CPU image copied "
-              f"in {node.imported[container_images['cpu']]:.0f} s)", file=sys.stderr)
+        linked = ", ".join(f"{name} {took:.1f} s" for name, took in node.imported.items())
+        print(f"\n[kube] control plane + kubelet node up in {time.monotonic() - started:.1f} s (images: {linked})",
+              file=sys.stderr)
         yield Kube(**_clients(cp.kubeconfig), server=cp.server, node_dir=node.workdir, controlplane_dir=cp.workdir,
                    images=container_images, s3_endpoint=f"http://{node.network.gateway}:{s3_port}",
-                   origin_host=node.network.gateway, runtime=node, importing=importing)
+                   origin_host=node.network.gateway, runtime=node)
     finally:
-        if importing is not None:
-            importing.join()
-            print(f"[kube] GPU image copied into containerd in {importing.took:.0f} s", file=sys.stderr)
         for f in (forwarder, origin):
             if f:
                 f.close()
@@ -335,28 +322,10 @@ def _standin_cluster(root: Path, container_images: dict, s3_server, origin_port:
         cp.stop()
 
 
-class _ImportThread(threading.Thread):
-    def __init__(self, node, images: list[str]):
-        super().__init__(name="image-import", daemon=True)
-        self.node, self.images, self.error, self.took = node, images, None, 0.0
-        self.start()
-
-    def run(self) -> None:
-        started = time.monotonic()
-        try:
-            self.node.import_images(self.images)
-        except Exception as e:  # noqa: BLE001 - raised again in the tests that need the image
-            self.error = e
-        self.took = time.monotonic() - started
-
-
 @pytest.fixture(scope="module")
 def kube(kube_cluster, request):
     """`kube_cluster` with a fresh namespace for this test module (deleted afterwards; the real namespace
-    controller and the kubelet clean its pods up). A module that sets `CPU_IMAGE_ONLY = True` starts before the GPU
-    image is in the node."""
-    if not getattr(request.module, "CPU_IMAGE_ONLY", False):
-        kube_cluster.wait_for_images()
+    controller and the kubelet clean its pods up)."""
     ns = kube_cluster.new_namespace(request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:40].lower())
     yield dataclasses.replace(kube_cluster, namespace=ns)
     kube_cluster.core.delete_namespace(ns)

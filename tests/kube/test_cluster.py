@@ -13,7 +13,6 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.kube
-CPU_IMAGE_ONLY = True  # runs while the GPU image is still being copied into the node
 
 HARDENED = {"runAsNonRoot": True, "runAsUser": 1000, "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
