@@ -95,6 +95,20 @@ def remove_cni_results(keep: list[str]) -> list[str]:
     return problems
 
 
+def leftovers(before: dict) -> list[str]:
+    """What differs now from `before` in what the node may change (other runtimes' namespaces and results aside)."""
+    now = snapshot()
+    found = [f"sysctl {name} is {now['sysctls'][name]}, was {value}" for name, value in before["sysctls"].items()
+             if value is not None and now["sysctls"][name] != value]
+    found += [f"{p} left behind" for p in now["paths"] if p not in before["paths"]]
+    found += [f"cgroup {c} left behind" for c in now["cgroups"] if c not in before["cgroups"]]
+    found += [f"network namespace {n} left behind" for n in now["netns"]
+              if n.startswith("cni-") and n not in before["netns"]]
+    found += [f"{CNI_RESULTS / r} left behind" for r in now["cni_results"]
+              if r.startswith(CNI_NETWORK) and r not in before.get("cni_results", [])]
+    return found
+
+
 def restore(before: dict) -> list[str]:
     """Put back what `snapshot()` saw (the node's processes must be gone); returns what could not be undone."""
     problems = []

@@ -343,6 +343,7 @@ state = "{d / 'state'}"
         self.workdir = Path(self.workdir).resolve()
         saved = json.loads((self.workdir / "node.json").read_text()) if (self.workdir / "node.json").exists() else {}
         self.pids = self.pids or saved.get("pids", {})
+        started = dict(self.pids)
         if "kubelet" in self.pids:
             self.delete_all_pods()
             _stop(self.pids.pop("kubelet"), grace)
@@ -358,22 +359,34 @@ state = "{d / 'state'}"
             # The images' layers and snapshots: gigabytes that no later run reuses.
             shutil.rmtree(self.workdir / "containerd" / "root", ignore_errors=True)
         self.network.remove()
-        problems = host.restore(json.loads((self.workdir / "host.json").read_text())) \
-            if (self.workdir / "host.json").exists() else []
+        before = json.loads((self.workdir / "host.json").read_text()) if (self.workdir / "host.json").exists() else {}
+        problems = host.restore(before) if before else []
+        # Checked, not assumed: what is still there now.
+        problems += [p for p in host.leftovers(before) if p not in problems] if before else []
+        problems += [f"mount {m} left behind" for m in host.mounts_under(str(self.workdir))]
+        if subprocess.run(["ip", "link", "show", self.network.bridge], capture_output=True).returncode == 0:
+            problems.append(f"bridge {self.network.bridge} left behind")
+        problems += [f"{name} (pid {pid}) still running" for name, pid in started.items() if _alive(pid)]
+        problems += [f"containerd shim (pid {pid}) still running" for pid in self._shims()]
         self._save()
         (self.workdir / "teardown.log").write_text("\n".join(problems) + "\n")
         return problems
 
     def _stop_shims(self) -> None:
+        for pid in self._shims():
+            _stop(pid, 2)
+
+    def _shims(self) -> list[int]:
         """containerd's shims outlive it by design; ours are the ones started with our socket's address."""
-        mine = str(self.socket)
+        mine, found = str(self.socket).encode(), []
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and mine.encode() in argv:
-                _stop(int(proc.name), 2)
+            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and mine in argv:
+                found.append(int(proc.name))
+        return found
 
 
 def _alive(pid: int) -> bool:
