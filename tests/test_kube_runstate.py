@@ -131,6 +131,23 @@ def test_a_deleted_and_replaced_pod_leaves_a_trace(tmp_path):
                                    jobspec.JobState("complete")) == []
 
 
+def test_a_pod_its_deletion_ended_counts_as_replaced_not_one_that_had_failed_before(tmp_path):
+    """A kubelet reports the process its SIGTERM ended as Failed while the pod object is still being deleted."""
+    ctl, cluster = make_controller(tmp_path)
+    ctl.step()
+    prep = cluster.stage_jobs()["textures-mini/prep"]
+
+    def deleted_pod(name: str, finished_at: str) -> dict:
+        return {"metadata": {"name": name, "deletionTimestamp": "2026-01-01T00:00:30Z",
+                             "deletionGracePeriodSeconds": 30},
+                "status": {"phase": "Failed", "containerStatuses": [
+                    {"state": {"terminated": {"exitCode": 143, "finishedAt": finished_at}}}]}}
+
+    # Deleted at 00:00:00 with 30 s of grace: ended at 00:00:02 by the SIGTERM, or at 23:59:50 on its own.
+    pods = [deleted_pod("by-sigterm", "2026-01-01T00:00:02Z"), deleted_pod("failed-first", "2025-12-31T23:59:50Z")]
+    assert runstate.being_replaced(cluster.jobs[prep], pods, jobspec.JobState("running")) == [
+        ("by-sigterm", "pod by-sigterm deleted while Running at 2026-01-01T00:00:30Z")]
+
 def test_finished_stages_show_their_own_time_and_throughput(tmp_path):
     ctl, cluster = make_controller(tmp_path)
     complete_output(ctl, "textures-mini/prep", {"time": {"wall_s": 65.2, "gpu_s": 0.0, "throughput": 812.4,

@@ -21,6 +21,8 @@ SYSCTLS = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/pa
 FIXED_PATHS = ("/var/lib/kubelet", "/var/log/pods", "/var/log/containers", "/var/lib/cni", "/run/containerd")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NETNS = Path("/run/netns")
+CNI_RESULTS = Path("/var/lib/cni/results")
+CNI_NETWORK = "mysproj-pods"  # the name in the node's CNI config (k8s/node/node.py)
 
 
 def _read(path: Path) -> str | None:
@@ -38,6 +40,7 @@ def snapshot() -> dict:
         "cgroups": [str(d) for d in CGROUP_ROOT.glob("*/kubepods*")],
         "netns": sorted(p.name for p in NETNS.glob("*")) if NETNS.is_dir() else [],
         "netns_dir": NETNS.is_dir(),
+        "cni_results": sorted(p.name for p in CNI_RESULTS.glob("*")),
     }
 
 
@@ -78,12 +81,41 @@ def remove_cgroups(keep: list[str]) -> list[str]:
     return left
 
 
+def remove_cni_results(keep: list[str]) -> list[str]:
+    """The CNI plugins' cached results of the node's sandboxes (in a folder other runtimes may share: only the
+    node's network's entries and their sandboxes' loopback entries go)."""
+    ours = {p.name[len(CNI_NETWORK) + 1:].rsplit("-", 1)[0] for p in CNI_RESULTS.glob(f"{CNI_NETWORK}-*")}
+    problems = []
+    for p in CNI_RESULTS.glob("*"):
+        if p.name not in keep and any(p.name in (f"{CNI_NETWORK}-{i}-eth0", f"cni-loopback-{i}-lo") for i in ours):
+            try:
+                p.unlink()
+            except OSError as e:
+                problems.append(f"{p}: {e}")
+    return problems
+
+
+def leftovers(before: dict) -> list[str]:
+    """What differs now from `before` in what the node may change (other runtimes' namespaces and results aside)."""
+    now = snapshot()
+    found = [f"sysctl {name} is {now['sysctls'][name]}, was {value}" for name, value in before["sysctls"].items()
+             if value is not None and now["sysctls"][name] != value]
+    found += [f"{p} left behind" for p in now["paths"] if p not in before["paths"]]
+    found += [f"cgroup {c} left behind" for c in now["cgroups"] if c not in before["cgroups"]]
+    found += [f"network namespace {n} left behind" for n in now["netns"]
+              if n.startswith("cni-") and n not in before["netns"]]
+    found += [f"{CNI_RESULTS / r} left behind" for r in now["cni_results"]
+              if r.startswith(CNI_NETWORK) and r not in before.get("cni_results", [])]
+    return found
+
+
 def restore(before: dict) -> list[str]:
     """Put back what `snapshot()` saw (the node's processes must be gone); returns what could not be undone."""
     problems = []
     for name in sorted(p for p in (NETNS.glob("cni-*") if NETNS.is_dir() else []) if p.name not in before["netns"]):
         subprocess.run(["ip", "netns", "del", name.name], capture_output=True)
     unmount_all(*[p for p in FIXED_PATHS if p not in before["paths"]])
+    problems += remove_cni_results(before.get("cni_results", []))
     problems += [f"cgroup {d} not removed" for d in remove_cgroups(before["cgroups"])]
     for path in FIXED_PATHS:
         if path not in before["paths"] and os.path.lexists(path):

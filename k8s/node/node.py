@@ -5,8 +5,8 @@ machine, pods on a private bridge whose gateway address is also the API server's
     python3 k8s/node/node.py down DIR                    # stops both by PID and puts the machine back
 
 Binaries come from `make tools` (k8s/tools/install.sh): kubelet and the control plane in <repo>/.tools/bin,
-containerd, runc, CNI plugins and catatonit from Debian. Images are copied from the local podman storage into the
-node's containerd (`podman save | ctr images import`): no registry is involved, pods use pull policy Never or
+containerd, runc, CNI plugins and catatonit from Debian. Images go from the local podman storage into the node's
+containerd as hard links (k8s/node/image_links.py): no registry is involved, pods use pull policy Never or
 IfNotPresent. Everything the node writes lives under DIR except what k8s/node/host.py records and restores.
 Standard library only, so it runs before the venv exists.
 """
@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "controlplane")]
 import cluster  # noqa: E402  (k8s/controlplane/cluster.py)
 import host  # noqa: E402
+import image_links  # noqa: E402
 
 NODE_NAME = "gpu-node-0"
 PAUSE_IMAGE = "localhost/mysproj-pause:catatonit"
@@ -203,21 +204,30 @@ state = "{d / 'state'}"
         return self
 
     def import_images(self, images: list[str]) -> dict[str, float]:
-        """Copy images from podman's storage into containerd; seconds each took."""
+        """Make podman's images images of the node's containerd; seconds each took. Hard links into containerd's
+        snapshots (k8s/node/image_links.py: seconds) where podman's storage allows, else a full copy
+        (`podman save | ctr images import`: minutes for a multi-GB image)."""
         took = {}
         for image in images:
             started = time.monotonic()
-            save = subprocess.Popen(["podman", "save", "--format", "docker-archive", image], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)
-            load = self.ctr("images", "import", "-", stdin=save.stdout, capture_output=True)
-            save.stdout.close()
-            err = save.stderr.read().decode(errors="replace")
-            if save.wait() != 0 or load.returncode != 0:
-                raise RuntimeError(f"importing {image} into containerd failed: {err} "
-                                   f"{load.stderr.decode(errors='replace')}")
+            try:
+                image_links.link_image(self.ctr, image)
+            except (RuntimeError, subprocess.CalledProcessError) as e:
+                print(f"node: {image} copied, not linked ({e})", file=sys.stderr)
+                self._copy_image(image)
             took[image] = time.monotonic() - started
         self.imported.update(took)
         return took
+
+    def _copy_image(self, image: str) -> None:
+        save = subprocess.Popen(["podman", "save", "--format", "docker-archive", image], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        load = self.ctr("images", "import", "-", stdin=save.stdout, capture_output=True)
+        save.stdout.close()
+        err = save.stderr.read().decode(errors="replace")
+        if save.wait() != 0 or load.returncode != 0:
+            raise RuntimeError(f"importing {image} into containerd failed: {err} "
+                               f"{load.stderr.decode(errors='replace')}")
 
     def start_kubelet(self, timeout: float = 90) -> Node:
         pki = self.cp.workdir / "pki"
@@ -333,6 +343,7 @@ state = "{d / 'state'}"
         self.workdir = Path(self.workdir).resolve()
         saved = json.loads((self.workdir / "node.json").read_text()) if (self.workdir / "node.json").exists() else {}
         self.pids = self.pids or saved.get("pids", {})
+        started = dict(self.pids)
         if "kubelet" in self.pids:
             self.delete_all_pods()
             _stop(self.pids.pop("kubelet"), grace)
@@ -348,22 +359,34 @@ state = "{d / 'state'}"
             # The images' layers and snapshots: gigabytes that no later run reuses.
             shutil.rmtree(self.workdir / "containerd" / "root", ignore_errors=True)
         self.network.remove()
-        problems = host.restore(json.loads((self.workdir / "host.json").read_text())) \
-            if (self.workdir / "host.json").exists() else []
+        before = json.loads((self.workdir / "host.json").read_text()) if (self.workdir / "host.json").exists() else {}
+        problems = host.restore(before) if before else []
+        # Checked, not assumed: what is still there now.
+        problems += [p for p in host.leftovers(before) if p not in problems] if before else []
+        problems += [f"mount {m} left behind" for m in host.mounts_under(str(self.workdir))]
+        if subprocess.run(["ip", "link", "show", self.network.bridge], capture_output=True).returncode == 0:
+            problems.append(f"bridge {self.network.bridge} left behind")
+        problems += [f"{name} (pid {pid}) still running" for name, pid in started.items() if _alive(pid)]
+        problems += [f"containerd shim (pid {pid}) still running" for pid in self._shims()]
         self._save()
         (self.workdir / "teardown.log").write_text("\n".join(problems) + "\n")
         return problems
 
     def _stop_shims(self) -> None:
+        for pid in self._shims():
+            _stop(pid, 2)
+
+    def _shims(self) -> list[int]:
         """containerd's shims outlive it by design; ours are the ones started with our socket's address."""
-        mine = str(self.socket)
+        mine, found = str(self.socket).encode(), []
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and mine.encode() in argv:
-                _stop(int(proc.name), 2)
+            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and mine in argv:
+                found.append(int(proc.name))
+        return found
 
 
 def _alive(pid: int) -> bool:

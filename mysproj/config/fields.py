@@ -51,7 +51,6 @@ NON_FIELD_ENV = {
     "MYSPROJ_GITHUB_URL": "GitHub's web address for github:// origins: a mirror (mysproj/sources/github.py)",
     "MYSPROJ_GITHUB_API_URL": "GitHub's API address for github:// origins: a mirror (mysproj/sources/github.py)",
     "MYSPROJ_IMAGE": "the image a stage runs in, as an MLflow tag (mysproj/tracking)",
-    "MYSPROJ_KUBE_NODE": "the Kubernetes test tier's node: standin or kubelet (tests, k8s/)",
     "MYSPROJ_S3_CONNECTIONS": "concurrent connections of one S3 transfer (mysproj/storage/s3_transfer.py)",
     "MYSPROJ_S3_PART_MIB": "part size of S3 ranged reads, multipart uploads and part digests (storage)",
 }

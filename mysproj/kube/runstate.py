@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from mysproj.config.fields import config_hash
@@ -172,11 +173,30 @@ def being_replaced(job: dict, pods: list[dict], state: jobspec.JobState) -> list
     for p in pods:
         meta, status = p.get("metadata") or {}, p.get("status") or {}
         phase = status.get("phase") or "Pending"
+        if phase == "Failed" and ended_by_deletion(p):
+            phase = "Running"  # a kubelet reports the process its SIGTERM ended as a failure
         if meta.get("deletionTimestamp") and phase not in ("Succeeded", "Failed"):
             disruption = next((c for c in status.get("conditions") or [] if c.get("type") == "DisruptionTarget"), {})
             why = (status.get("reason") or disruption.get("reason") or "deleted").lower()
             found.append((meta["name"], f"pod {meta['name']} {why} while {phase} at {meta['deletionTimestamp']}"))
     return found
+
+
+def ended_by_deletion(pod: dict) -> bool:
+    """Whether a pod being deleted stopped because of its deletion: a container of it ended after the deletion was
+    asked for (its deletionTimestamp less the grace period the deletion gave it)."""
+    meta = pod.get("metadata") or {}
+    if not meta.get("deletionTimestamp"):
+        return False
+    try:
+        asked = datetime.fromisoformat(meta["deletionTimestamp"]) \
+            - timedelta(seconds=int(meta.get("deletionGracePeriodSeconds") or 0))
+        ends = [datetime.fromisoformat(c["state"]["terminated"]["finishedAt"])
+                for c in (pod.get("status") or {}).get("containerStatuses") or []
+                if ((c.get("state") or {}).get("terminated") or {}).get("finishedAt")]
+    except (TypeError, ValueError):
+        return False
+    return any(end >= asked for end in ends)
 
 
 def _replaced_pods(job: dict, pods: list[dict], state: jobspec.JobState) -> tuple[int, str]:

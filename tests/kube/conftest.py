@@ -1,13 +1,9 @@
 """The `kube` fixture: a real Kubernetes v1.20.2 cluster on this machine, shared by the whole session: etcd,
-kube-apiserver, kube-controller-manager, kube-scheduler, and one node whose pods run in the project's images
-(`kube.images`: the CPU and GPU images of this work tree, built by `make images-test`). Each test module gets a fresh
-namespace. See k8s/README.md. The node is chosen by MYSPROJ_KUBE_NODE:
-
-- `kubelet`: a real kubelet with containerd (k8s/node/node.py), the images copied into containerd. Pods sit on a
-  private bridge: they reach the API server through the `kubernetes` Service and the session's S3 server at
-  `kube.s3_endpoint`, both on the bridge's gateway.
-- `standin` (the default): the node stand-in tests/infra/node_agent.py, every pod a podman container in a network
-  namespace where only the API server and S3 are reachable (on 127.0.0.1).
+kube-apiserver, kube-controller-manager, kube-scheduler, and a real kubelet with containerd as its node
+(k8s/node/node.py), whose pods run in the project's images (`kube.images`: the CPU and GPU images of this work tree,
+built by `make images-test` and linked into containerd). Pods sit on a private bridge: they reach the API server
+through the `kubernetes` Service and the session's S3 server at `kube.s3_endpoint`, both on the bridge's gateway.
+Each test module gets a fresh namespace. See k8s/README.md.
 
 Either way the pods also reach the tests' own loopback servers, `pod_origin` (a dataset site) and `pod_mlflow` (an
 MLflow tracking server), at `kube.origin_host`.
@@ -27,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -48,9 +43,7 @@ def _load(name: str, path: Path):
 node_mod = _load("mysproj_test_node", REPO / "k8s" / "node" / "node.py")
 Forwarder = _load("mysproj_test_forward", Path(__file__).parent / "forward.py").Forwarder
 NODE = node_mod.NODE_NAME
-GPU_PRODUCT = "NVIDIA-A100-SXM4-80GB"
-NODE_KIND = os.environ.get("MYSPROJ_KUBE_NODE", "standin")
-AGENT = REPO / "tests" / "infra" / "node_agent.py"
+GPU_PRODUCT = node_mod.Node.gpu_product
 
 
 def wait_for(predicate, timeout: float = 60, what: str = "condition", interval: float = 0.2):
@@ -82,8 +75,7 @@ class Kube:
     images: dict[str, str]    # {"cpu": name, "gpu": name}, present in the node's containerd
     s3_endpoint: str          # the session's S3 server as pods reach it
     origin_host: str          # the host part of `pod_origin`'s URLs as pods reach them
-    runtime: object           # k8s/node/node.py Node, or the stand-in's StandIn: container PIDs
-    importing: threading.Thread | None = None  # the GPU image's copy into containerd, under way
+    runtime: object           # k8s/node/node.py Node: container PIDs
     namespace: str = "default"
     gpu_product: str = GPU_PRODUCT  # the node's nvidia.com/gpu.product label
     wait_for = staticmethod(wait_for)
@@ -116,14 +108,6 @@ class Kube:
         wait_for(default_sa_has_token, 30, f"the default ServiceAccount token of {name}")
         return name
 
-    def wait_for_images(self) -> None:
-        """Block until every image is in the node's containerd (the multi-GB GPU image is copied in the
-        background while CPU-only tests run)."""
-        if self.importing is not None:
-            self.importing.join()
-            if self.importing.error:
-                raise self.importing.error
-
     def _status(self, pod: str, container: str | None, namespace: str | None):
         from kubernetes.client.rest import ApiException
 
@@ -135,17 +119,11 @@ class Kube:
             raise
         return next((s for s in p.status.container_statuses or [] if container in (None, s.name)), None)
 
-    @property
-    def real_node(self) -> bool:
-        return not isinstance(self.runtime, StandIn)
-
     def pod_log(self, pod: str, container: str | None = None, namespace: str | None = None) -> str:
         """What the pod's container printed, through the API server and the kubelet (`kubectl logs`); after a
         restart in place, the previous run's output first."""
         from kubernetes.client.rest import ApiException
 
-        if not self.real_node:
-            return self.runtime.pod_log(namespace or self.namespace, pod, container)
         status = self._status(pod, container, namespace)
         if status is None:
             return ""
@@ -161,8 +139,6 @@ class Kube:
 
     def container_pid(self, pod: str, container: str | None = None, namespace: str | None = None) -> int | None:
         """The host PID of the pod's running container's first process, None when it is not running."""
-        if not self.real_node:
-            return self.runtime.container_pid(namespace or self.namespace, pod, container)
         status = self._status(pod, container, namespace)
         if status is None or not status.state.running or not status.container_id:
             return None
@@ -196,7 +172,7 @@ _counter = itertools.count()
 
 def _ensure_tools() -> None:
     needed = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "helm", "kubectl"]
-    needed += ["kubelet"] if NODE_KIND == "kubelet" else []
+    needed += ["kubelet"]
     if all(os.access(TOOLS / b, os.X_OK) for b in needed):
         return
     result = subprocess.run(["bash", str(REPO / "k8s" / "tools" / "install.sh")], capture_output=True, text=True)
@@ -236,12 +212,7 @@ def kube_cluster(tmp_path_factory, container_images, s3_server, pod_origin, pod_
         s3_server.start()
     root = tmp_path_factory.mktemp("kube")
     loopback_ports = [pod_origin.server.server_address[1], pod_mlflow.port]  # served on the host's 127.0.0.1
-    if NODE_KIND == "kubelet":
-        yield from _kubelet_cluster(root, container_images, s3_server, loopback_ports)
-    elif NODE_KIND == "standin":
-        yield from _standin_cluster(root, container_images, s3_server, loopback_ports)
-    else:
-        pytest.fail(f"MYSPROJ_KUBE_NODE={NODE_KIND!r}: use kubelet or standin")
+    yield from _kubelet_cluster(root, container_images, s3_server, loopback_ports)
 
 
 def _clients(kubeconfig: Path) -> dict:
@@ -258,121 +229,33 @@ def _clients(kubeconfig: Path) -> dict:
 
 def _kubelet_cluster(root: Path, container_images: dict, s3_server, loopback_ports: list[int]):
     started = time.monotonic()
-    cp, node = node_mod.up(root, TOOLS, [container_images["cpu"]])
+    cp, node = node_mod.up(root, TOOLS, [container_images["cpu"], container_images["gpu"]])
     s3_port = s3_server.ports["s3.port"]
     forwarders = []
-    importing = None
     try:
-        importing = _ImportThread(node, [container_images["gpu"]])
         for port in (s3_port, *loopback_ports):
             forwarders.append(Forwarder((node.network.gateway, port), ("127.0.0.1", port)))
-        print(f"\n[kube] control plane + kubelet node up in {time.monotonic() - started:.1f} s (CPU image copied "
-              f"in {node.imported[container_images['cpu']]:.0f} s)", file=sys.stderr)
+        linked = ", ".join(f"{name} {took:.1f} s" for name, took in node.imported.items())
+        print(f"\n[kube] control plane + kubelet node up in {time.monotonic() - started:.1f} s (images: {linked})",
+              file=sys.stderr)
         yield Kube(**_clients(cp.kubeconfig), server=cp.server, node_dir=node.workdir, controlplane_dir=cp.workdir,
                    images=container_images, s3_endpoint=f"http://{node.network.gateway}:{s3_port}",
-                   origin_host=node.network.gateway, runtime=node, importing=importing)
+                   origin_host=node.network.gateway, runtime=node)
     finally:
-        if importing is not None:
-            importing.join()
-            print(f"[kube] GPU image copied into containerd in {importing.took:.0f} s", file=sys.stderr)
         for f in forwarders:
             f.close()
+        started = time.monotonic()
         problems = node.stop()  # before the control plane: pods are deleted through it
         cp.stop()
-        if problems:
-            print("[kube] teardown left: " + "; ".join(problems), file=sys.stderr)
-
-
-class StandIn:
-    """The node stand-in's side of the fixture: its log files and PID files."""
-
-    def __init__(self, agent_dir: Path):
-        sys.path.insert(0, str(AGENT.parent))  # the stand-in's modules import each other by name
-        self.agent_dir = agent_dir
-        self.runner = _load("mysproj_test_pod_runner", AGENT.parent / "pod_runner.py")
-        self.pods = _load("pod_containers", AGENT.parent / "pod_containers.py")
-
-    def log_path(self, namespace: str, pod: str, container: str | None) -> Path:
-        d = self.runner.pod_dir(self.agent_dir, namespace, pod)
-        logs = [d / f"{container}.log"] if container else sorted(d.glob("*.log"))
-        return logs[0] if logs else d / "missing.log"
-
-    def pod_log(self, namespace: str, pod: str, container: str | None) -> str:
-        path = self.log_path(namespace, pod, container)
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def container_pid(self, namespace: str, pod: str, container: str | None) -> int | None:
-        pids = sorted(self.runner.pod_dir(self.agent_dir, namespace, pod).glob(f"{container or '*'}.pid"))
-        try:
-            return int(pids[0].read_text()) if pids else None
-        except (OSError, ValueError):
-            return None
-
-
-def _standin_cluster(root: Path, container_images: dict, s3_server, loopback_ports: list[int]):
-    cluster_mod = node_mod.cluster
-    started = time.monotonic()
-    cp = cluster_mod.ControlPlane(root / "controlplane", TOOLS).start()
-    agent_dir = root / "agent"
-    agent_dir.mkdir()
-    standin = StandIn(agent_dir)
-    netns = f"mysproj-pods-{os.getpid()}"
-    cmd = [sys.executable, str(AGENT), "--kubeconfig", str(cp.kubeconfig), "--state-dir", str(agent_dir),
-           "--node", NODE, "--gpus", "8", "--gpu-product", GPU_PRODUCT, "--containers", "--netns", netns,
-           *(a for port in (s3_server.ports["s3.port"], *loopback_ports) for a in ("--forward-port", str(port))),
-           "--tls-cert", str(cp.workdir / "pki" / "serving.crt"), "--tls-key", str(cp.workdir / "pki" / "serving.key")]
-    with open(agent_dir / "agent.log", "ab") as out:
-        agent = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
-    try:
-        clients = _clients(cp.kubeconfig)
-
-        def node_ready():
-            if agent.poll() is not None:
-                raise RuntimeError(f"node agent exited: {(agent_dir / 'agent.log').read_text()[-3000:]}")
-            nodes = clients["core"].list_node(field_selector=f"metadata.name={NODE}").items
-            conds = nodes[0].status.conditions or [] if nodes else []
-            ready = any(c.type == "Ready" and c.status == "True" for c in conds)
-            return ready and not any(t.key.startswith("node.kubernetes.io/") for t in nodes[0].spec.taints or [])
-
-        wait_for(node_ready, 60, f"node {NODE} Ready and untainted")
-        print(f"\n[kube] control plane + node stand-in up in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        yield Kube(**clients, server=cp.server, node_dir=agent_dir, controlplane_dir=cp.workdir,
-                   images=container_images, s3_endpoint=s3_server.endpoint, origin_host="127.0.0.1", runtime=standin)
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
-        # What a killed agent may have left: its containers and its network namespace.
-        standin.pods.Podman(None, f"io.mysproj.node-agent={agent_dir.resolve()}").remove_all()
-        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        cp.stop()
-
-
-class _ImportThread(threading.Thread):
-    def __init__(self, node, images: list[str]):
-        super().__init__(name="image-import", daemon=True)
-        self.node, self.images, self.error, self.took = node, images, None, 0.0
-        self.start()
-
-    def run(self) -> None:
-        started = time.monotonic()
-        try:
-            self.node.import_images(self.images)
-        except Exception as e:  # noqa: BLE001 - raised again in the tests that need the image
-            self.error = e
-        self.took = time.monotonic() - started
+        print(f"[kube] teardown took {time.monotonic() - started:.1f} s", file=sys.stderr)
+        # The machine as it was: sysctls, fixed paths, cgroups, namespaces, mounts, the bridge, no process left.
+        assert not problems, "the node's teardown left: " + "; ".join(problems)
 
 
 @pytest.fixture(scope="module")
 def kube(kube_cluster, request):
     """`kube_cluster` with a fresh namespace for this test module (deleted afterwards; the real namespace
-    controller and the kubelet clean its pods up). A module that sets `CPU_IMAGE_ONLY = True` starts before the GPU
-    image is in the node."""
-    if not getattr(request.module, "CPU_IMAGE_ONLY", False):
-        kube_cluster.wait_for_images()
+    controller and the kubelet clean its pods up)."""
     ns = kube_cluster.new_namespace(request.module.__name__.rsplit(".", 1)[-1].replace("_", "-")[:40].lower())
     yield dataclasses.replace(kube_cluster, namespace=ns)
     kube_cluster.core.delete_namespace(ns)

@@ -63,8 +63,6 @@ def quantity(text: str) -> int:
 
 
 def test_a_stage_pod_runs_as_the_chart_says_and_gets_its_grace_period(kube):
-    if not kube.real_node:
-        pytest.skip("needs a real kubelet (MYSPROJ_KUBE_NODE=kubelet)")
     template, values = chart_template(kube, "finetune", f"finetune.terminationGracePeriodSeconds={GRACE}",
                                       "storage.credentialsSecret=")  # the probe reads no bucket
     job = copy.deepcopy(template)
