@@ -6,11 +6,12 @@ Defaults are the paper's (../shared/spec/paper.md §6); every ambiguity upstream
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
-from mysproj.config.fields import ConfigError, opt
+from mysproj.config.fields import ConfigError, opt, register_config_classes
 
 CRISISMMD_DEFAULT_CLASSES = ["affected_individuals", "infrastructure_and_utility_damage",
                              "rescue_volunteering_or_donation_effort", "vehicle_damage"]
@@ -389,3 +390,6 @@ class ReportConfig:
     def check(self) -> None:
         if not self.runs:
             raise ConfigError("config field 'runs' is empty: pass --runs URI[,URI...]")
+
+
+register_config_classes(*(c for c in list(globals().values()) if isinstance(c, type) and dataclasses.is_dataclass(c)))

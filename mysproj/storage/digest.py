@@ -24,6 +24,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 
+from mysproj.errors import IncompleteOutput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
 
@@ -51,10 +52,15 @@ def _digest_lines(lines: Iterator[str]) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(uri: str) -> dict | None:
-    from mysproj.storage.manifest import read_manifest
-
-    return read_manifest(uri)
+def read_manifest(out_uri: str) -> dict | None:
+    target = U.join(out_uri, MANIFEST)
+    if not U.exists(target):
+        return None
+    try:
+        return json.loads(U.read_text(target))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IncompleteOutput(f"{target}: manifest is not valid JSON; delete the folder and re-run its stage") \
+            from None
 
 
 def _listing(uri: str, exclude: str | None) -> dict[str, dict]:
@@ -118,7 +124,7 @@ def input_digest(uri: str, *, exclude: str | None = None) -> str | None:
     """The content digest of what is stored at `uri` (see the module docstring); `exclude` (the reading stage's own
     output, when it lies below `uri`) is left out. None when nothing is stored there."""
     uri = str(uri).rstrip("/")
-    manifest = _read_manifest(uri)
+    manifest = read_manifest(uri)
     if manifest is not None:
         return manifest_digest(manifest)
     files = _listing(uri, exclude)
@@ -126,7 +132,7 @@ def input_digest(uri: str, *, exclude: str | None = None) -> str | None:
         return None
     outputs = _top_manifests(list(files))
     if outputs:
-        digests = {f: manifest_digest(_read_manifest(U.join(uri, f)) or {}) for f in outputs}
+        digests = {f: manifest_digest(read_manifest(U.join(uri, f)) or {}) for f in outputs}
         return _digest_lines(f"{f}\t{d}" for f, d in sorted(digests.items()))
     if U.is_local(uri):
         hashes = local_hashes({rel: e["path"] for rel, e in files.items()})
@@ -146,8 +152,6 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
     """sha256 of local files, each read only when it is new or changed since it was last hashed. One process at a
     time hashes (the ranks of a fine-tuning run all check the same base model: one reads it, the others find it
     cached)."""
-    from mysproj.storage.manifest import sha256_file
-
     db_path = os.path.join(cache.cache_dir(), "file-hashes.sqlite")
     out: dict[str, str] = {}
     with open(db_path + ".lock", "w") as lock:
@@ -167,7 +171,7 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
             if row and row[0] == stamp:
                 out[rel] = row[1]
                 continue
-            out[rel] = sha256_file(real)
+            out[rel] = cache.sha256_file(real)
             fresh.append((real, stamp, out[rel]))
         if db is not None:
             with db:
@@ -181,7 +185,7 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
 
 def input_digests(cfg, *, exclude: str | None = None) -> dict:
     """{field: digest} for the config fields declared as inputs (`opt(..., input=True)`); list fields give a list."""
-    from mysproj.config.fields import input_fields
+    from mysproj.storage.config_key import input_fields
 
     digests: dict = {}
     for name, value in input_fields(cfg).items():

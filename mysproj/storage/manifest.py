@@ -27,12 +27,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mysproj import __version__
-from mysproj.config import config_hash, config_to_dict
 from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.storage import cache, lease
 from mysproj.storage import uri as U
 from mysproj.storage.cache import sha256_file
-from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests
+from mysproj.storage.config_key import config_hash, config_to_dict
+from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests, read_manifest
 from mysproj.storage.stage_time import GpuUse, time_entry
 
 log = logging.getLogger(__name__)
@@ -57,17 +57,6 @@ def code_version() -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def read_manifest(out_uri: str) -> dict | None:
-    target = U.join(out_uri, MANIFEST)
-    if not U.exists(target):
-        return None
-    try:
-        return json.loads(U.read_text(target))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IncompleteOutput(f"{target}: manifest is not valid JSON; delete the folder and re-run its stage") \
-            from None
 
 
 class StageOutput:
