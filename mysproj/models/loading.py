@@ -18,6 +18,7 @@ from typing import Any
 
 from mysproj.errors import BadInput
 from mysproj.models.integrity import check_model_folder
+from mysproj.models.original_layout import convert_original, read_model_config
 from mysproj.storage import cache
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput
@@ -73,14 +74,6 @@ def hf_model_output(uri: str) -> StageInput | None:
     return inp if INDEX in inp.files or "model.safetensors" in inp.files else None
 
 
-def _read_config(folder: str, what: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        raise BadInput(f"{what}: no config.json; expected an HF-layout or original LLaVA model folder")
-    with open(path) as f:
-        return json.load(f)
-
-
 def is_original_layout(config: dict) -> bool:
     archs = config.get("architectures") or []
     return "mm_projector_type" in config or "mm_vision_tower" in config or any("LlavaLlama" in a for a in archs) \
@@ -110,7 +103,7 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
     import torch
 
     folder, summary = materialize(uri)
-    config = _read_config(folder, uri)
+    config = read_model_config(folder, uri)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     if is_original_layout(config):
@@ -154,32 +147,12 @@ def _find_vision_tower(folder: str, config: dict, vision_tower: str | None, what
                    f"folder (e.g. a local copy of openai/clip-vit-large-patch14-336) as the vision tower")
 
 
-def _vision_config(tower_dir: str):
-    from transformers import CLIPVisionConfig
-
-    cfg = _read_config(tower_dir, tower_dir)
-    cfg = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
-    keep = {k: v for k, v in cfg.items() if k in CLIPVisionConfig().to_dict() and k not in ("model_type",)}
-    return CLIPVisionConfig(**keep)
-
-
-def _text_config(config: dict):
-    from transformers import LlamaConfig
-
-    known = LlamaConfig().to_dict()
-    skip = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
-    keep = {k: v for k, v in config.items() if k in known and k not in skip}
-    keep["tie_word_embeddings"] = False
-    return LlamaConfig(**keep)
-
-
 def load_original(folder: str, config: dict, vision_tower: str | None, what: str):
     """Convert an original LLaVA folder exactly as transformers' `convert_llava_weights_to_hf.py` does (see
     `original_layout`; `stage_llava` writes the same conversion to safetensors)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from mysproj.models.original_layout import convert_original
 
     tower_dir = _find_vision_tower(folder, config, vision_tower, what)
     conv = convert_original(folder, config, tower_dir, what)  # names and shapes checked against the architecture

@@ -14,7 +14,6 @@ from typing import Any
 from mysproj.models.conversation import IGNORE_INDEX
 from mysproj.training import memory_fit, strategies
 from mysproj.training.loss import answer_loss_sum
-from mysproj.training.memory_fit import FULL_BYTES_PER_PARAM, FULL_HEADROOM
 
 log = logging.getLogger("mysproj.finetune")
 
@@ -103,25 +102,6 @@ class Session:
             return self.world * accumulation / max(targets, 1)
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         return 1.0 / n if n else 0.0
-
-
-def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_bytes: int = 0,
-                      llm_params: int = 0) -> str | None:
-    """The DeepSpeed config to use, or None. `auto` uses DeepSpeed on GPUs only; naming a stage also works on
-    CPUs (DeepSpeed's CPU accelerator), which is how the tests run this code path."""
-    if choice != "auto":
-        return None if choice == "none" else choice
-    if not cuda:
-        return None
-    if strategy == "projector":
-        return "zero2" if world > 1 else None
-    if world > 1:
-        return "zero3"
-    if strategy != "full":
-        return None
-    # Full fine-tuning keeps fp32 master weights, fp32 grads and two fp32 Adam states (16 bytes a parameter) plus
-    # checkpointed activations: 7B fits a 141 GB card but not an 80 GB one, which offloads (memory_fit.plan: what).
-    return None if FULL_BYTES_PER_PARAM * llm_params + FULL_HEADROOM <= gpu_bytes else "zero3-offload"
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
