@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mysproj import cli
+from mysproj import cli, process
 from mysproj.config.fields import ConfigError, load_config
 from mysproj.config.stages import FinetuneConfig, PrepConfig
 from mysproj.errors import EXIT_BAD_INPUT, BadInput, StorageError
@@ -126,7 +126,7 @@ def test_a_junk_retry_budget_is_one_line_naming_it(tmp_path, capsys, monkeypatch
 
 def test_a_junk_log_level_is_one_warning(capsys, monkeypatch):
     monkeypatch.setenv("MYSPROJ_LOG_LEVEL", "LOUD")
-    cli.setup_logging()
+    process.setup_logging()
     err = capsys.readouterr().err
     assert "MYSPROJ_LOG_LEVEL='LOUD' is not a log level" in err and "Traceback" not in err
 
