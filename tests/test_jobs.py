@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mysproj.errors import EXIT_BAD_INPUT, BadInput
 from mysproj import process
+from mysproj.errors import EXIT_BAD_INPUT, BadInput
 from mysproj.kube import entry
 
 REPO = Path(__file__).resolve().parents[1]

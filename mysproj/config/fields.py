@@ -40,8 +40,6 @@ NON_FIELD_ENV = {
     "MYSPROJ_LEASE_WAIT_SECONDS": "how long a writer waits for another's output lease (mysproj/storage/lease.py)",
     "MYSPROJ_JOB_NAME": "the stage Job's name (failure records)",
     "MYSPROJ_NODE": "the DAG node a stage Job runs (failure records)",
-    "MYSPROJ_BENCH": "benchmark Job switch (chart)",
-    "MYSPROJ_BENCH_ARGS": "benchmark Job arguments (chart)",
     "MYSPROJ_REGISTRY": "image registry prefix (CI)",
     "MYSPROJ_KUBECONFIG": "kubeconfig secret (CI)",
     "MYSPROJ_S3_ACCESS_KEY_ID": "bucket credentials (CI secret)",
