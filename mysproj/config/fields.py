@@ -307,3 +307,13 @@ def load_yaml(text: str, path: str, error=None):
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise error(f"config file {path}: not valid YAML{where}: {what}; fix it") from None
+
+
+def read_values(path) -> dict:
+    """A Helm values file of the chart (a path or a storage URI) as a mapping."""
+    from mysproj.storage import read_text
+
+    values = load_yaml(read_text(str(path)), str(path), BadInput) or {}
+    if not isinstance(values, dict):
+        raise BadInput(f"{path}: a values file must be a YAML mapping")
+    return values

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 
-from mysproj.config.fields import add_arguments, env_name, load_config
+from mysproj.config.fields import add_arguments, env_name, load_config, read_values
 from mysproj.errors import BadInput
 from mysproj.pipeline.dag import PipelineConfig
 from mysproj.storage import join
@@ -59,8 +59,6 @@ def warn_stage_env(env) -> list[str]:
 def _values_pipeline(path: str | None) -> dict:
     if not path:
         return {}
-    from mysproj.kube.helm import read_values
-
     section = read_values(path).get("pipeline")
     if not isinstance(section, dict):
         raise BadInput(f"values file {path}: no `pipeline:` mapping; pass a values file of charts/mysproj")
