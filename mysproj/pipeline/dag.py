@@ -19,7 +19,7 @@ from mysproj.config.fields import ConfigError, opt
 from mysproj.config.stages import CLIP_ORIGIN, STRATEGIES
 from mysproj.errors import has_uri_credentials
 from mysproj.sources import is_remote
-from mysproj.stages.fetch import output_uri
+from mysproj.sources.fetched import output_uri
 from mysproj.storage import join
 
 GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}

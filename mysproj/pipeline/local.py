@@ -32,9 +32,7 @@ JOB_RECORD_VARS = ("MYSPROJ_OUT", "MYSPROJ_JOB_NAME", "MYSPROJ_NODE")  # a stage
 
 
 def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return registry.visible_gpus()
 
 
 def capacity(gpus: int, finetune_gpus: int = 1) -> schedule.Capacity:

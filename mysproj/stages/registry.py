@@ -1,5 +1,7 @@
-"""Stage name -> (config class, implementation). Implementations are imported lazily so that the CLI, the
-job entrypoints and the controller can parse configs without importing torch."""
+"""Stage name -> (config class, implementation), and the one lazy boundary to the torch side: everything above it
+(the CLI, the job entry points, the controller, the pipeline) reaches torch code only through `load`, by name, so
+it parses configs and plans runs without importing torch (the contracts in pyproject.toml check it). Below the
+boundary, imports sit at module top."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 from mysproj.config import stages as C
 from mysproj.config.fields import load_config
+from mysproj.storage.manifest import forcing
 
 STAGES: dict[str, tuple[type, str]] = {
     "fetch": (C.FetchConfig, "mysproj.stages.fetch:run"),
@@ -37,17 +40,24 @@ def node_configs(nodes: Iterable[Any]) -> dict[str, Any]:
     return {n.name: stage_config(n.stage, n.config) for n in nodes}
 
 
-def implementation(stage: str) -> Callable[[Any], dict]:
-    module, func = STAGES[stage][1].split(":")
+def load(target: str) -> Callable:
+    """The function `module:name` names, its module imported now (the lazy boundary)."""
+    module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def implementation(stage: str) -> Callable[[Any], dict]:
+    return load(STAGES[stage][1])
+
+
+def visible_gpus() -> int:
+    return load("mysproj.speed.device:visible_gpus")()
 
 
 def run(stage: str, cfg: Any, *, force: bool = False) -> dict:
     """Run one stage in-process; returns its manifest. `force` runs it even where its output is complete, also
     over another stage's complete output. Inputs named by a remote origin are fetched first (`stages.fetch`)."""
-    from mysproj.stages.fetch import stage_remote_inputs
-    from mysproj.storage.manifest import forcing
-
-    cfg = stage_remote_inputs(cfg)  # outside `forcing`: --force re-runs this stage, not the downloads of its inputs
+    # Outside `forcing`: --force re-runs this stage, not the downloads of its inputs.
+    cfg = load("mysproj.stages.fetch:stage_remote_inputs")(cfg)
     with forcing(force):
         return implementation(stage)(cfg)
