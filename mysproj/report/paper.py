@@ -5,9 +5,6 @@ Values are (macro-F1, accuracy) on the test split, averaged by the authors over 
 
 from __future__ import annotations
 
-TASKS = ("Agriculture", "Textures", "Dermatology", "Humanitarian")
-TASK_ABBREV = {"Agriculture": "Agri", "Textures": "Tex", "Dermatology": "Derm", "Humanitarian": "Hum"}
-
 # Our dataset names -> the paper's task. textures-mini is the synthetic stand-in for DTD: the paper's
 # Textures numbers are shown beside it for orientation only.
 DATASET_TASK = {"plantdoc": "Agriculture", "dtd": "Textures", "textures-mini": "Textures",
