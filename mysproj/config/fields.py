@@ -14,7 +14,6 @@ import difflib
 import json
 import logging
 import math
-import os
 import types
 import typing
 from typing import Any
@@ -225,13 +224,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def load_config(cls, *, yaml_file: str | None = None, cli: dict[str, Any] | None = None,
                 env: typing.Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None):
-    """Build and validate `cls` from default < YAML < env < overrides < CLI."""
+    """Build and validate `cls` from default < YAML < env < overrides < CLI. One rule for the environment, the
+    same for every command: `MYSPROJ_<FIELD>` variables count only where a command's face passes `env=os.environ`
+    (a stage command, a Job's entry point, `mysproj run` for the pipeline's own fields); without `env` nothing is
+    read from the process environment, so a DAG node's or a benchmark's config is exactly what it is given."""
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     raw: dict[str, Any] = {}
     if yaml_file:
         raw.update(_read_yaml(yaml_file, names, cls.__name__))
-    env = os.environ if env is None else env
+    env = {} if env is None else env
     _CONFIG_CLASSES.add(cls)
     warn_unknown_env(env)
     for name in names:

@@ -69,7 +69,8 @@ def _run(ns) -> int:
     from mysproj.pipeline import local, plan, stage_times
 
     values = {k: v for k, v in vars(ns).items() if k not in RUN_OPTIONS}
-    cfg = load_config(PipelineConfig, yaml_file=ns.config, overrides=_values_pipeline(ns.values), cli=values)
+    cfg = load_config(PipelineConfig, yaml_file=ns.config, overrides=_values_pipeline(ns.values), cli=values,
+                      env=os.environ)
     warn_stage_env(os.environ)
     only = ns.only.split(",") if ns.only else None
     gpus = ns.gpus if ns.gpus is not None else max(1, local.visible_gpus())

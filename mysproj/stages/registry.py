@@ -31,7 +31,7 @@ def stage_config(stage: str, overrides: dict[str, Any] | None = None, *, yaml_fi
     """The validated config of `stage`: defaults < YAML file < `env` (`MYSPROJ_<FIELD>`) < overrides < CLI values.
     `env` defaults to none at all: a DAG node's or a benchmark's config is exactly what it is given, whatever the
     process environment holds; the command line passes `os.environ`."""
-    return load_config(STAGES[stage][0], yaml_file=yaml_file, cli=cli, env={} if env is None else env,
+    return load_config(STAGES[stage][0], yaml_file=yaml_file, cli=cli, env=env,
                        overrides=overrides)
 
 
