@@ -127,7 +127,8 @@ def forget_deepspeed() -> None:
 
 
 def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda, plan=None):
-    from accelerate import Accelerator
+    import accelerate
+    import accelerate.utils
     from accelerate.state import AcceleratorState, GradientState
 
     if world == 1:  # accelerate keeps its state per process: a second run in-process may differ (tests, DS on/off)
@@ -136,8 +137,6 @@ def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm
         forget_deepspeed()
     plugin = None
     if ds_name:
-        from accelerate.utils import DeepSpeedPlugin
-
         from mysproj.training.deepspeed_configs import filled
 
         # A single GPU without a launcher still needs a (1-process) process group for DeepSpeed.
@@ -150,9 +149,9 @@ def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm
             memory_fit.apply(ds_cfg, plan)
         if ds_name == "zero3-offload":
             ds_cfg["zero_force_ds_cpu_optimizer"] = False
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=accumulation,
-                      deepspeed_plugin=plugin, cpu=not cuda and not ds_name)
+        plugin = accelerate.utils.DeepSpeedPlugin(hf_ds_config=ds_cfg)
+    acc = accelerate.Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=accumulation,
+                                 deepspeed_plugin=plugin, cpu=not cuda and not ds_name)
     if acc.num_processes != world:
         raise RuntimeError(f"accelerate sees {acc.num_processes} processes but WORLD_SIZE is {world}")
     return acc
