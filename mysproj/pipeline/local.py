@@ -27,7 +27,7 @@ from mysproj.pipeline import dag, schedule
 from mysproj.stages import registry
 from mysproj.storage import is_local, local_path
 from mysproj.storage.manifest import StageOutput, read_manifest
-from mysproj.tracking.mlflow_log import parent_run as make
+from mysproj.tracking import mlflow_log
 
 log = logging.getLogger(__name__)
 JOB_RECORD_VARS = ("MYSPROJ_OUT", "MYSPROJ_JOB_NAME", "MYSPROJ_NODE")  # a stage Job's, naming its failure record
@@ -83,8 +83,8 @@ def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1
 def parent_run(cfg: dag.PipelineConfig) -> None:
     """The run's MLflow parent run, made once before stages start side by side (each would otherwise make one)."""
     if cfg.tracking.get("mlflow_uri"):
-        make(cfg.tracking["mlflow_uri"], cfg.tracking.get("mlflow_experiment") or "mysproj", cfg.root.rstrip("/"),
-             {"mysproj.recipe": cfg.recipe})
+        mlflow_log.parent_run(cfg.tracking["mlflow_uri"], cfg.tracking.get("mlflow_experiment") or "mysproj",
+                              cfg.root.rstrip("/"), {"mysproj.recipe": cfg.recipe})
 
 
 class _Progress:
