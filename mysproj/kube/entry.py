@@ -1,8 +1,8 @@
 """The Kubernetes Job entry point of every stage, `python -u jobs/stage.py <stage>`: MYSPROJ_* env -> the stage's
-config -> the same library call the CLI makes. It owns logging, scratch folders on the pod's emptyDir, the
-exit-code contract (0 done, 64 bad input/config: never retried, anything else: retryable) and a failure record
-`<out>/_FAILURE.json` that the controller and `mysproj status` show as the reason (where no kubelet reports the
-container's exit code or termination message, the record still does).
+config -> the same library call the CLI makes, under the contract every mysproj process follows
+(`mysproj.process`: logging, scratch folders on the pod's emptyDir, exit codes 0 / 64 never retried / 143 / 1
+retryable, and the failure record `<out>/_FAILURE.json` that the controller and `mysproj status` show as the
+reason where no kubelet reports the container's exit code or termination message).
 
 Fine-tuning is launched explicitly (the chart sets the env; the command stays `jobs/stage.py finetune`):
 - 1 GPU per pod, 1 node: the stage runs in this process.
