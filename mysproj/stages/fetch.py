@@ -79,7 +79,7 @@ def _place(cfg: FetchConfig, origins: list, fetched: list[str], folder: str) -> 
                     shutil.move(path, os.path.join(target, name))
                     names.append(name)
         return {"unpacked_files": len(names)}
-    from mysproj.models import snapshot  # noqa: PLC0415 - torch side: only model fetches need it (the CPU image fetches datasets); torch: only model fetches need it
+    from mysproj.models import snapshot  # noqa: PLC0415 - torch side: only model fetches need it (the CPU image fetches datasets)
 
     if len(fetched) != 1:
         raise BadInput(f"fetch: a {cfg.content} model comes from one origin; got {len(fetched)} in 'source'")

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import accelerate
+import accelerate.utils
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -130,8 +132,6 @@ def forget_deepspeed() -> None:
 
 
 def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda, plan=None):
-    import accelerate  # noqa: PLC0415 - CLASH-between-functions accelerate
-    import accelerate.utils  # noqa: PLC0415 - CLASH-between-functions accelerate
 
     if world == 1:  # accelerate keeps its state per process: a second run in-process may differ (tests, DS on/off)
         AcceleratorState._reset_state(reset_partial_state=True)
