@@ -20,7 +20,6 @@ import os
 import tempfile
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, pipeline
 
 from mysproj.bench import flops as F
@@ -148,6 +147,7 @@ def open_clip_dims(model) -> dict:
 
 def hf_clip_tokenizer():
     """transformers' CLIPTokenizer over open_clip's shipped BPE vocabulary (OpenAI CLIP's; no hub needed)."""
+    from open_clip.tokenizer import SimpleTokenizer  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
     bpe = SimpleTokenizer()
     vocab = dict(bpe.encoder)

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import open_clip
 import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
@@ -62,6 +61,7 @@ class LoadedClip:
 
 def write_random_clip(preset: str, out) -> dict:
     """Write a random-weight open_clip model of `preset` into the StageOutput `out`; returns the summary."""
+    import open_clip  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
     if preset not in PRESETS:
         raise BadInput(f"unknown CLIP preset '{preset}'; known: {', '.join(PRESETS)}")
@@ -118,6 +118,7 @@ def _is_torchscript(path: str) -> bool:
 
 def load_clip(uri: str, arch: str = "ViT-L-14-336", *, device: str = "cpu") -> LoadedClip:
     """Load CLIP from `uri` (see the module docstring for the layouts); the model is in eval mode on `device`."""
+    import open_clip  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
     path = _materialise(uri)
     if os.path.isdir(path):
@@ -153,6 +154,8 @@ def load_clip(uri: str, arch: str = "ViT-L-14-336", *, device: str = "cpu") -> L
 
 
 def _load_hf(path: str, uri: str, device: str) -> LoadedClip:
+    import open_clip  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
+
     model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
     size = model.config.vision_config.image_size
     if os.path.exists(os.path.join(path, "preprocessor_config.json")):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from mysproj.data.prepared import PreparedData
 from mysproj.errors import BadInput
@@ -43,6 +42,7 @@ def run(cfg) -> dict:
 def templates(protocol: str) -> list:
     if protocol == "paper":
         return [PAPER_TEMPLATE.format]
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
     return list(OPENAI_IMAGENET_TEMPLATES)
 
