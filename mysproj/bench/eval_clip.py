@@ -52,6 +52,7 @@ def class_names(n: int) -> list[str]:
 
 
 def run(args) -> BenchReport:
+
     preset = CLIP_PRESET[args.preset]
     workers = os.cpu_count() if args.workers is None else args.workers
     names = class_names(args.classes)

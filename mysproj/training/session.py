@@ -132,6 +132,7 @@ def forget_deepspeed() -> None:
 
 
 def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda, plan=None):
+
     if world == 1:  # accelerate keeps its state per process: a second run in-process may differ (tests, DS on/off)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
