@@ -19,7 +19,7 @@ from mysproj.kube import command as kube_command
 from mysproj.kube import reproduce
 from mysproj.pipeline import command as pipeline_command
 from mysproj.process import setup_logging
-from mysproj.stages import ask, registry, show_example
+from mysproj.stages import ask, show_example
 from mysproj.stages.registry import STAGES, stage_config
 
 # Commands beyond the per-stage ones, each in its own module with `add_command(subparsers, parser_class)`.
@@ -42,6 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def run(ns: argparse.Namespace) -> int:
+        from mysproj.stages import registry
+
         values = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "force", "sub")}
         cfg = stage_config(stage, yaml_file=ns.config, cli=values, env=os.environ)
         manifest = registry.run(stage, cfg, force=ns.force)

@@ -21,12 +21,8 @@ import os
 import shutil
 import time
 
-from mysproj.config.fields import load_config
-from mysproj.data.shapes import SHAPES, write_dataset
+from mysproj.data.shapes import SHAPES
 from mysproj.errors import BadInput
-from mysproj.pipeline import local, stage_times
-from mysproj.pipeline.dag import PipelineConfig
-from mysproj.storage import join, write_text
 
 log = logging.getLogger("mysproj.bench")
 CLIP_FOR = {"llava-1.5-7b": "clip-vit-l-14-336", "tiny": "clip-tiny"}
@@ -72,6 +68,7 @@ def overrides(sets: list[str], seed_overrides: dict) -> dict:
 def fixture(args, work: str) -> tuple[str, dict]:
     """The fixture's prep source URI (written unless a complete one with the same parameters is there) and its
     description."""
+    from mysproj.data.shapes import write_dataset
 
     shape = SHAPES[args.dataset_shape]
     desc = {"dataset": shape.dataset, "classes": len(shape.counts(args.classes, args.per_class)["train"]),
@@ -96,6 +93,9 @@ def fixture(args, work: str) -> tuple[str, dict]:
 
 
 def pipeline_config(args, root: str, source: str):
+    from mysproj.config.fields import load_config
+    from mysproj.pipeline.dag import PipelineConfig
+
     shape = SHAPES[args.dataset_shape]
     ds = shape.dataset
     # as a user's run with the resumable checkpoints of a 7B full fine-tune (fp32 weights and Adam state) switched off
@@ -135,6 +135,8 @@ class EventLog:
 
 
 def rows(outcome, root: str) -> list[dict]:
+    from mysproj.storage import join
+
     out = []
     for e in sorted(outcome.events, key=lambda e: (e.start is None, e.start or 0.0)):
         m = outcome.manifests.get(e.name) or {}
@@ -167,7 +169,9 @@ def table(result: dict) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from mysproj.bench.measurement import card_name  # noqa: PLC0415 - torch side: the card's name, once the run is done
+    from mysproj.bench.measurement import card_name
+    from mysproj.pipeline import local, stage_times
+    from mysproj.storage import write_text
 
     for flag in ("classes", "per_class", "gpus", "finetune_gpus"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

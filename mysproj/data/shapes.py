@@ -14,9 +14,6 @@ import io
 import os
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image
-
 from mysproj.data import layouts
 
 DTD_CLASSES = (
@@ -94,7 +91,8 @@ SHAPES = {
 
 @functools.cache
 def _photo(name: str):
-    from skimage import data  # noqa: PLC0415 - only the embedded texture photos
+    import numpy as np
+    from skimage import data
 
     img = getattr(data, name)()
     img = img[0] if isinstance(img, tuple) else img  # stereo pairs: the left view
@@ -106,6 +104,8 @@ def _photo(name: str):
 def photo_jpeg(n: int, sides: tuple[int, int] = (300, 640), seed: int = 0) -> bytes:
     """A photo-like JPEG for index `n`: a random crop of a scikit-image photo, zoomed, flipped and tinted, of a
     random size within `sides` (the same bytes for the same arguments)."""
+    import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng([seed, n])
     src = _photo(PHOTOS[int(rng.integers(len(PHOTOS)))])

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-from torch.utils.data import DataLoader
-
 from mysproj.data.image_checks import effective_workers
 
 
@@ -42,6 +39,8 @@ def decode_workers(requested: int) -> int:
 
 def image_batches(data, samples, transform: Callable | None, batch_size: int, workers: int):
     """Yield (list of transformed images, list of sample indices) in sample order."""
+    import torch
+    from torch.utils.data import DataLoader
 
     workers = decode_workers(workers)
     loader = DataLoader(SampleImages(data, samples, transform), batch_size=batch_size, shuffle=False,

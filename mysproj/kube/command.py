@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from mysproj.kube import status
-from mysproj.kube.cluster import Cluster
-
 
 def add_command(sub, parser_class) -> None:
     p = sub.add_parser("status", help="one row per stage Job of a Kubernetes run: state, start, duration, progress")
@@ -25,8 +22,14 @@ def add_command(sub, parser_class) -> None:
 
 
 def _status(ns) -> int:
+    from mysproj.kube import status
+    from mysproj.kube.cluster import Cluster
+
     return status.show(Cluster(ns.namespace, ns.context), ns.release, watch=ns.watch, interval=ns.interval)
 
 
 def _logs(ns) -> int:
+    from mysproj.kube import status
+    from mysproj.kube.cluster import Cluster
+
     return status.logs(Cluster(ns.namespace, ns.context), ns.release, ns.stage, tail=ns.tail)

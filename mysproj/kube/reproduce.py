@@ -23,11 +23,6 @@ from pathlib import Path
 from mysproj.config.fields import read_values
 from mysproj.errors import BadInput
 from mysproj.kube import helm as H
-from mysproj.kube import status
-from mysproj.kube.cluster import Cluster
-from mysproj.kube.controller import read_pipeline
-from mysproj.report import comparison
-from mysproj.report.fetch import fetch_report, table1_text
 
 EXIT_MISMATCH = 1
 EXIT_RUN_FAILED = 2
@@ -69,6 +64,12 @@ def add_command(sub, parser_class) -> None:
 
 
 def run(ns, out=print) -> int:
+    from mysproj.kube import status
+    from mysproj.kube.cluster import Cluster
+    from mysproj.kube.controller import read_pipeline
+    from mysproj.report import comparison
+    from mysproj.report.fetch import fetch_report, table1_text
+
     if not _DATASET.match(ns.dataset):
         raise BadInput(f"--dataset {ns.dataset!r}: expected a dataset name such as dtd")
     chart = Path(ns.chart)

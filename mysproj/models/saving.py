@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers import LlavaProcessor
-
 SHARD_BYTES = 5 * 1024**3
 # Tensors that a later stage replaces on their own (merge: the tuned projector) get a shard of their own in a sharded
 # model, so that replacing them rewrites a few MB and the other shards can be reused as they are.
@@ -24,6 +20,7 @@ def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None 
     """Safetensors shards named like transformers' (`model.safetensors` or `model-0000i-of-0000n.safetensors`).
     Tensors move to the CPU one shard at a time, so a model on the GPU never needs a whole CPU copy; `dtype`:
     floating-point tensors are cast to it on their own device first (half the bytes to move for fp32 weights)."""
+    from safetensors.torch import save_file
 
     max_shard_bytes = max_shard_bytes or SHARD_BYTES
     os.makedirs(out_dir, exist_ok=True)
@@ -68,6 +65,8 @@ def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None 
 def replace_tensors(src: str, dst: str, replacements: dict) -> dict:
     """Safetensors file `dst` = `src` with the tensors named in `replacements` replaced (cast to `src`'s dtypes);
     every other tensor and the header metadata as stored. Returns {replaced name: its dtype in `src`}."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     with safe_open(src, "pt") as f:
         metadata = f.metadata()
@@ -81,6 +80,7 @@ def replace_tensors(src: str, dst: str, replacements: dict) -> dict:
 
 def save_processing(tokenizer, image_processor, config, out_dir: str) -> None:
     """Tokenizer, CLIP image processor and a `LlavaProcessor` config, as llava-hf ships them."""
+    from transformers import LlavaProcessor
 
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=config.vision_config.patch_size,

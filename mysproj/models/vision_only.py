@@ -14,10 +14,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch
-from safetensors import safe_open
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
-
 from mysproj.models.conversion import current_name
 from mysproj.models.loading import INDEX, LoadedLlava, _tie_buffers, hf_model_output
 from mysproj.storage.manifest import MANIFEST
@@ -36,6 +32,9 @@ def _weight_files(inp) -> set[str]:
 def load_vision(uri: str, *, device: str = "cpu", dtype=None):
     """A `LoadedLlava` whose model holds only its vision tower and projector (on `device`, in `dtype` or the
     stored dtype), or None where only the whole model can be loaded."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
     uri = str(uri).rstrip("/")
     inp = hf_model_output(uri)

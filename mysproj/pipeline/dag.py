@@ -10,18 +10,16 @@ graph this module builds, so the two paths run exactly the same stages with exac
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from mysproj import layout
 from mysproj.config import recipes
 from mysproj.config.datasets import DATASETS, EMBEDDED, RECORDS
-from mysproj.config.fields import ConfigError, closest, opt
+from mysproj.config.fields import ConfigError, opt
 from mysproj.config.stages import CLIP_ORIGIN, STRATEGIES
 from mysproj.errors import has_uri_credentials
 from mysproj.sources import is_remote
 from mysproj.sources.fetched import output_uri
-from mysproj.stages.registry import STAGES
 from mysproj.storage import join
 
 GPU_STAGES = {"finetune", "merge", "eval-clip", "eval-llava", "probe"}
@@ -124,6 +122,10 @@ class PipelineConfig:
 def check_overrides(overrides: dict) -> None:
     """Every `overrides` key a stage, every value a mapping of that stage's fields: a misspelt one would be
     ignored."""
+    import dataclasses
+
+    from mysproj.config.fields import closest
+    from mysproj.stages.registry import STAGES
 
     for stage, fields in overrides.items():
         if stage not in STAGES:

@@ -11,10 +11,10 @@ from mysproj.report.paper import SETTING_NAMES
 
 
 def _plt():
-    import matplotlib  # noqa: PLC0415 - a slow import: only the report's plots
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415 - a slow import: only the report's plots
+    import matplotlib.pyplot as plt
 
     return plt
 

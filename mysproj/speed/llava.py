@@ -29,14 +29,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from mysproj.evaluation.greedy import GreedyDecoder, unsupported
-from mysproj.models.fp8 import convert_frozen_linears, fp8_capable
-from mysproj.models.loading import load_llava
-from mysproj.models.shared_prefix import SharedPrefixForward
-from mysproj.models.vision_only import load_vision
-
 log = logging.getLogger(__name__)
 FP8_EXCLUDE = ("lm_head", "multi_modal_projector", "vision_tower")
 FP8_MIN_FEATURES = 1024  # below this the per-call quantization passes cost more than the FP8 GEMM saves
@@ -46,12 +38,15 @@ ZERO3 = ("zero3", "zero3-offload")
 # --------------------------------------------------------------------------------------------------- FP8, compile
 
 def device_name(llava) -> str:
+    import torch
+
     device = next(llava.parameters()).device
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def fp8_supported(llava) -> bool:
     """An A100 would keep an FP8 copy of the weights for nothing; CPUs qualify, which is how tests run the path."""
+    from mysproj.models.fp8 import fp8_capable
 
     device = next(llava.parameters()).device
     return fp8_capable(device.type, device.index)
@@ -77,6 +72,8 @@ def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: b
                     "own precision", device_name(llava))
         fp8 = fp8_backward = False
     if fp8 or fp8_backward:
+        from mysproj.models.fp8 import convert_frozen_linears
+
         trained = [n for n, p in llava.model.language_model.named_parameters() if p.requires_grad]
         if trained:
             log.warning("fp8: %d language-model tensors train (strategy full/lora); only frozen Linear layers "
@@ -103,6 +100,8 @@ def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: b
 # --------------------------------------------------------------------------------------------------- evaluation
 
 def dtype_for(precision: str, dev: str):
+    import torch
+
     if precision == "auto":
         return torch.float16 if dev == "cuda" else torch.float32  # fp16 as LLaVA's own inference
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
@@ -112,6 +111,8 @@ def load(cfg, dev: str, *, vision_only: bool = False):
     """The `LoadedLlava` of `cfg.model` on `dev` in `cfg.precision`'s dtype: only its vision tower and projector
     where `vision_only` and the model's output allows it, else the whole model (read straight onto a GPU where
     `cfg.direct_load`)."""
+    from mysproj.models.loading import load_llava
+    from mysproj.models.vision_only import load_vision
 
     dtype = dtype_for(cfg.precision, dev)
     loaded = load_vision(cfg.model, device=dev, dtype=dtype) if vision_only else None
@@ -137,6 +138,7 @@ def prefill_compiles(cfg, dev: str) -> bool:
 
 def eval_compile_cache(cfg) -> str | None:
     """`cfg.compile_cache` where an eval-llava run compiles anything (GPUs: scoring's layers, generate's prefill)."""
+    import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.compile_cache if eval_compiles(cfg, dev) or prefill_compiles(cfg, dev) else None
@@ -144,6 +146,7 @@ def eval_compile_cache(cfg) -> str | None:
 
 def scoring_forward(cfg, model, dev: str):
     """The scoring mode's SharedPrefixForward (`score_continuations(..., fast=)`), or None."""
+    from mysproj.models.shared_prefix import SharedPrefixForward
 
     if cfg.mode != "scoring" or not cfg.shared_prefix:
         return None
@@ -155,6 +158,7 @@ def scoring_forward(cfg, model, dev: str):
 
 def greedy_decoder(cfg, model, dev: str, tokenizer):
     """The generate mode's GreedyDecoder (`static_decode`), or None where transformers' generate runs."""
+    from mysproj.evaluation.greedy import GreedyDecoder, unsupported
 
     if cfg.mode != "generate" or not cfg.static_decode:
         return None
@@ -195,6 +199,7 @@ def for_eval(cfg, model, tokenizer, dev: str) -> EvalPaths:
 
 def training_compile_cache(cfg) -> str | None:
     """`cfg.compile_cache` where fine-tuning compiles layers (GPUs)."""
+    import torch
 
     return cfg.compile_cache if cfg.compile and torch.cuda.is_available() else None
 
@@ -232,6 +237,9 @@ def shared_prefix(cfg, acc, prepared, llava, ds_name, cuda):
     """The projector strategy's SharedPrefixForward, where it applies. Not under DDP, whose gradient all-reduce is
     armed by its own forward (DeepSpeed's hooks sit on the parameters), nor ZeRO-3 (parameters gathered per
     module call), nor with checkpointing (the layer functions keep their activations)."""
+    import torch
+
+    from mysproj.models.shared_prefix import SharedPrefixForward
 
     if cfg.strategy != "projector" or not cfg.shared_prefix:
         return None

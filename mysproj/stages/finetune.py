@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import os
 
-from mysproj.models import compile_cache
-from mysproj.speed import llava as speed
 from mysproj.storage.manifest import StageOutput, run_stage
-from mysproj.training.loop import train
 
 STAGE = "finetune"
 
@@ -51,5 +48,8 @@ def run(cfg) -> dict:
 
 def _train(cfg, out, rank0: bool) -> dict:
     """Training with the compile cache where layers compile (GPUs); every rank loads it, rank 0 stores."""
+    from mysproj.models import compile_cache
+    from mysproj.speed import llava as speed
+    from mysproj.training.loop import train
 
     return compile_cache.run_with(speed.training_compile_cache(cfg), lambda: train(cfg, out), store=rank0)

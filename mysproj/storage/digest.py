@@ -24,10 +24,9 @@ import os
 import sqlite3
 from collections.abc import Iterator
 
-from mysproj.errors import BadInput, IncompleteOutput
+from mysproj.errors import IncompleteOutput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
-from mysproj.storage.config_key import input_fields
 
 log = logging.getLogger(__name__)
 MANIFEST = "_SUCCESS.json"
@@ -103,6 +102,8 @@ def refuse_undecodable_name(path: str) -> None:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
+        from mysproj.errors import BadInput
+
         shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         raise BadInput(f"{shown}: a file or folder name that is not UTF-8; rename it (e.g. convmv -f latin1 -t "
                        f"utf8)") from None
@@ -184,6 +185,7 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
 
 def input_digests(cfg, *, exclude: str | None = None) -> dict:
     """{field: digest} for the config fields declared as inputs (`opt(..., input=True)`); list fields give a list."""
+    from mysproj.storage.config_key import input_fields
 
     digests: dict = {}
     for name, value in input_fields(cfg).items():

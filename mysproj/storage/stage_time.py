@@ -13,9 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-from mysproj.storage import join, list_files
-from mysproj.storage.digest import MANIFEST, read_manifest
-
 UNITS = ("images", "samples", "MB")
 
 
@@ -69,6 +66,8 @@ def summary_time(summary: dict) -> dict:
 
 def recorded(root: str) -> list[tuple[str, dict]]:
     """(folder relative to `root`, manifest) of every complete stage output below `root`, in path order."""
+    from mysproj.storage import join, list_files
+    from mysproj.storage.digest import MANIFEST, read_manifest
 
     found = []
     for rel in list_files(root):

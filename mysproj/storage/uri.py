@@ -13,8 +13,6 @@ import errno
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -287,6 +285,8 @@ def put_file(local: str, uri: str, move: bool = False) -> None:
     local file system, so nothing is copied)."""
     fs, path = split(uri)
     if is_local(uri):
+        import shutil
+
         if move:
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -318,6 +318,8 @@ def copy(src: str, dst: str) -> str:
     server-side copy within one object store; otherwise a download and an upload. Returns how: link, server or
     transfer."""
     if is_local(src) and is_local(dst):
+        import shutil
+
         source, path = local_path(src), local_path(dst)
         how = "link"
 
@@ -336,6 +338,7 @@ def copy(src: str, dst: str) -> str:
     if src_fs is dst_fs:
         with_retry(f"copying {src} to {dst}", lambda: src_fs.copy(src_path, dst_path))
         return "server"
+    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mysproj-copy-") as tmp:
         local = os.path.join(tmp, "file")

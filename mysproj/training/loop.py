@@ -15,18 +15,10 @@ import os
 import time
 import warnings
 
-import torch
-
-from mysproj.data.prepared import PreparedData
-from mysproj.models.loading import load_llava
-from mysproj.models.processors import with_backend
 from mysproj.storage import uri as U
 from mysproj.storage.stage_time import processed
-from mysproj.tracking import runs
-from mysproj.tracking.tensorboard import EventLog
 from mysproj.training import checkpoint, memory_fit, preemption, session, strategies
 from mysproj.training.data import MicroBatches, Schedule, TrainSet, collate, load_examples
-from mysproj.training.export import export
 
 log = logging.getLogger("mysproj.finetune")
 
@@ -46,6 +38,8 @@ def step_scalars(loss: float, lr: float, grad_norm: float | None, samples_per_s:
     values = {"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
               "train/samples_per_s": samples_per_s}
     if cuda:
+        import torch
+
         values["train/gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 1024**3
     return {k: v for k, v in values.items() if v is not None}
 
@@ -53,12 +47,14 @@ def step_scalars(loss: float, lr: float, grad_norm: float | None, samples_per_s:
 def tensorboard_log(cfg, points: list):
     if not cfg.tensorboard:
         return None
+    from mysproj.tracking.tensorboard import EventLog
 
     return EventLog(cfg.out, [tuple(p) for p in points])
 
 
 def tracking_runs(cfg, points: list) -> dict:
     """The output's MLflow / W&B runs (those its config names) with the points a resumed run's checkpoint kept."""
+    from mysproj.tracking import runs
 
     found = runs(cfg, "finetune")
     for run in found.values():
@@ -68,6 +64,12 @@ def tracking_runs(cfg, points: list) -> dict:
 
 
 def train(cfg, out) -> dict:
+    import torch
+
+    from mysproj.data.prepared import PreparedData
+    from mysproj.models.loading import load_llava
+    from mysproj.models.processors import with_backend
+
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = cfg.global_batch or strategies.DEFAULT_GLOBAL_BATCH[cfg.strategy]
@@ -170,6 +172,7 @@ def train(cfg, out) -> dict:
             save(n)
     acc.wait_for_everyone()
     ctx.release_optimizer()
+    from mysproj.training.export import export
 
     summary = export(ctx, out, tokenizer, processor, base_dtype, metrics)
     if events is not None:
