@@ -6,9 +6,7 @@ writes the same numbers as JSON (a local path or any fsspec URI).
     mysproj bench finetune --preset llava-1.5-7b --strategy full --baseline --json-out bench-ft.json
     mysproj bench eval-llava --preset llava-1.5-7b --mode scoring --batch-size 64 --baseline
     mysproj bench finetune --preset tiny --device cpu --steps 3 --warmup 1        # seconds, on a laptop
-As a Kubernetes Job: `python -m mysproj.bench.command` (= `run_from_env()`) with
-MYSPROJ_BENCH=finetune and MYSPROJ_BENCH_ARGS="--preset llava-1.5-7b --baseline --json-out s3://..." (see
-`run_from_env`). Method and FLOP formulas: docs/performance.md. `mysproj bench pipeline` times the whole job
+Method and FLOP formulas: docs/performance.md. `mysproj bench pipeline` times the whole job
 instead (`mysproj.bench.pipeline`; docs/performance.md).
 """
 
@@ -18,8 +16,6 @@ import argparse
 import importlib
 import logging
 import os
-import shlex
-import sys
 
 from mysproj.bench.flops import DEFAULT_PEAK_TFLOPS
 
@@ -146,21 +142,3 @@ def run(args: argparse.Namespace) -> int:
         log.info("bench: wrote %s", args.json_out)
     print(report.table())
     return 0
-
-
-def run_from_env(environ=None) -> int:
-    """Entry point for a Kubernetes Job: MYSPROJ_BENCH names the sub-benchmark, MYSPROJ_BENCH_ARGS holds its
-    flags (shell-quoted), e.g. MYSPROJ_BENCH=finetune MYSPROJ_BENCH_ARGS="--strategy full --baseline --json-out
-    s3://bucket/bench/ft.json". Exits like the CLI (64 on bad input)."""
-    from mysproj import cli
-
-    env = os.environ if environ is None else environ
-    name = env.get("MYSPROJ_BENCH", "")
-    if name not in (*BENCHMARKS, "pipeline"):
-        print(f"error: MYSPROJ_BENCH={name!r}: expected one of {', '.join(BENCHMARKS)}, pipeline", file=sys.stderr)
-        return 64
-    return cli.main(["bench", name, *shlex.split(env.get("MYSPROJ_BENCH_ARGS", ""))])
-
-
-if __name__ == "__main__":
-    sys.exit(run_from_env())

@@ -100,7 +100,7 @@ def checkpointed(cfg, config) -> str:
 
 def _ours(args, device: str, layout, n_world: int, rank: int):
     cfg = finetune_config(args, n_world)
-    model, _, load_dtype = build_model(args, device)
+    model, _, _ = build_model(args, device)
     dims = F.LlavaDims.from_config(model.config)
     micro = cfg.per_device_batch
     if args.batch_size % micro:

@@ -97,10 +97,11 @@ def _load_quantized(model_uri: str, quant):
     import torch
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-    from mysproj.models.loading import _read_config, is_original_layout, materialize
+    from mysproj.models.loading import is_original_layout, materialize
+    from mysproj.models.original_layout import read_model_config
 
     folder, _ = materialize(model_uri)
-    if is_original_layout(_read_config(folder, model_uri)):
+    if is_original_layout(read_model_config(folder, model_uri)):
         raise BadInput(f"{model_uri}: 4/8-bit loading needs an HF-layout model (convert the original layout with "
                        f"`mysproj merge` or load it without quantization)")
     model = LlavaForConditionalGeneration.from_pretrained(folder, quantization_config=quant, dtype=torch.float16,

@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from mysproj.config.fields import read_values
 from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 from mysproj.kube import helm as H
@@ -73,7 +74,7 @@ def run(ns, out=print) -> int:
         raise BadInput(f"--dataset {ns.dataset!r}: expected a dataset name such as dtd")
     chart = Path(ns.chart)
     vfile = H.values_file(ns.dataset, ns.values, chart)
-    tolerance = H.release_tolerance(H.read_values(vfile), chart, ns.tolerance)
+    tolerance = H.release_tolerance(read_values(vfile), chart, ns.tolerance)
     seeds = parse_seeds(ns.seeds)
     release = H.check_release(ns.release or H.default_release(ns.dataset))
     cluster = Cluster(ns.namespace, ns.context)

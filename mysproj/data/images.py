@@ -21,10 +21,6 @@ if TYPE_CHECKING:
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_MEAN_RGB = tuple(int(x * 255) for x in CLIP_MEAN)
 
-# Files with these extensions are expected to be images; anything else is still tried, and reported if it
-# does not decode ("not an image").
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
 # Decompression-bomb guard: an image declaring more pixels than this in its header is refused before it is
 # decoded (prep's `max_image_pixels` sets it for a dataset; PreparedData passes prep's value on).
 DEFAULT_MAX_PIXELS = 100_000_000

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger(__name__)
-STOPS = ("auto", "eos", "newline")
 # cli.py sets no top_k: the transformers it pinned (4.37) then kept the 50 most likely tokens (GenerationConfig's
 # default then; transformers 5 leaves it unset)
 SAMPLING_TOP_K = 50

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 UNPARSED = "<unparsed>"
-METRIC_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
 
 
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> dict:

@@ -125,7 +125,3 @@ def _read(path: str) -> str | None:
             return f.read().strip() or None
     except OSError:
         return None
-
-
-def env_namespace() -> str | None:
-    return os.environ.get("MYSPROJ_NAMESPACE") or None

@@ -236,9 +236,7 @@ def main(cfg: ControllerConfig, cluster=None) -> int:
     try:
         controller = Controller(cfg, cluster)
         return controller.run()
-    except BadInput as e:
-        log.error("%s", e)
-        print(f"error: {redact(e)}", flush=True)
+    except BadInput as e:  # the process contract prints it and exits 64 (jobs/controller.py)
         if cfg.controller_job and not getattr(controller, "ended", False):
             # Bad values or config (found before any stage ran): end our own Job now, with the reason, as a stage
             # failure does; servers without podFailurePolicy (1.20) would otherwise restart us with backoff.
@@ -247,4 +245,4 @@ def main(cfg: ControllerConfig, cluster=None) -> int:
                 cluster.end_job(cfg.controller_job, {jobspec.ANN_FAILURE: reason[:1000]})
             except Exception as end_error:  # noqa: BLE001 - the exit code still says it; the Job retries at worst
                 log.warning("could not end Job %s: %s", cfg.controller_job, end_error)
-        return EXIT_BAD_INPUT
+        raise

@@ -20,6 +20,7 @@ from mysproj.config.registry import stages_where, summary_of
 from mysproj.config.summaries import FinetuneSummary, ModelSummary
 from mysproj.errors import BadInput
 from mysproj.models.integrity import check_model_folder
+from mysproj.models.original_layout import convert_original, read_model_config
 from mysproj.storage import cache, s3_transfer
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput
@@ -74,14 +75,6 @@ def hf_model_output(uri: str) -> StageInput | None:
     return inp if INDEX in inp.files or "model.safetensors" in inp.files else None
 
 
-def _read_config(folder: str, what: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        raise BadInput(f"{what}: no config.json; expected an HF-layout or original LLaVA model folder")
-    with open(path) as f:
-        return json.load(f)
-
-
 def is_original_layout(config: dict) -> bool:
     archs = config.get("architectures") or []
     return "mm_projector_type" in config or "mm_vision_tower" in config or any("LlavaLlama" in a for a in archs) \
@@ -116,7 +109,7 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
     if streamed is not None:
         return load_streamed(streamed, device=device, dtype=None if dtype == "auto" else dtype)
     folder, summary = materialize(uri)
-    config = _read_config(folder, uri)
+    config = read_model_config(folder, uri)
     if is_original_layout(config):
         model, tokenizer, processor = load_original(folder, config, vision_tower, uri)
         if dtype is not None and dtype != "auto":
@@ -174,7 +167,7 @@ def load_streamed(inp: StageInput, *, device: str = "cpu", dtype=None) -> Loaded
     names = sorted(n for n in inp.files if "/" not in n and n != MANIFEST)
     weights = [n for n in names if n.endswith(".safetensors")]
     folder = inp.local_dir(names=[n for n in names if n not in weights and not n.endswith((".bin", ".jsonl"))])
-    config = _read_config(folder, inp.uri)
+    config = read_model_config(folder, inp.uri)
     if config.get("model_type") != "llava":
         raise BadInput(f"{inp.uri}: config.json model_type is '{config.get('model_type')}', not a LLaVA model")
     state, _ = read_state_dict(inp, weights, device=device, dtype=dtype)
@@ -210,32 +203,12 @@ def _find_vision_tower(folder: str, config: dict, vision_tower: str | None, what
                    f"folder (e.g. a local copy of openai/clip-vit-large-patch14-336) as the vision tower")
 
 
-def _vision_config(tower_dir: str):
-    from transformers import CLIPVisionConfig
-
-    cfg = _read_config(tower_dir, tower_dir)
-    cfg = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
-    keep = {k: v for k, v in cfg.items() if k in CLIPVisionConfig().to_dict() and k not in ("model_type",)}
-    return CLIPVisionConfig(**keep)
-
-
-def _text_config(config: dict):
-    from transformers import LlamaConfig
-
-    known = LlamaConfig().to_dict()
-    skip = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
-    keep = {k: v for k, v in config.items() if k in known and k not in skip}
-    keep["tie_word_embeddings"] = False
-    return LlamaConfig(**keep)
-
-
 def load_original(folder: str, config: dict, vision_tower: str | None, what: str):
     """Convert an original LLaVA folder exactly as transformers' `convert_llava_weights_to_hf.py` does (see
     `original_layout`; `stage_llava` writes the same conversion to safetensors)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from mysproj.models.original_layout import convert_original
 
     tower_dir = _find_vision_tower(folder, config, vision_tower, what)
     conv = convert_original(folder, config, tower_dir, what)  # names and shapes checked against the architecture

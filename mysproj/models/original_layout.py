@@ -12,6 +12,7 @@ it loads, so the model has one dtype.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,33 @@ from mysproj.models.weights_io import aligned_order, open_weights, specs_of, wei
 
 EMBED = "model.language_model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
+
+
+def read_model_config(folder: str, what: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise BadInput(f"{what}: no config.json; expected an HF-layout or original LLaVA model folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _vision_config(tower_dir: str):
+    from transformers import CLIPVisionConfig
+
+    cfg = read_model_config(tower_dir, tower_dir)
+    cfg = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
+    keep = {k: v for k, v in cfg.items() if k in CLIPVisionConfig().to_dict() and k not in ("model_type",)}
+    return CLIPVisionConfig(**keep)
+
+
+def _text_config(config: dict):
+    from transformers import LlamaConfig
+
+    known = LlamaConfig().to_dict()
+    skip = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
+    keep = {k: v for k, v in config.items() if k in known and k not in skip}
+    keep["tie_word_embeddings"] = False
+    return LlamaConfig(**keep)
 
 
 @dataclass
@@ -115,7 +143,6 @@ def convert_original(folder: str, config: dict, tower_dir: str, what: str) -> Or
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig
 
     from mysproj.models import conversion
-    from mysproj.models.loading import _text_config, _vision_config
     from mysproj.models.presets import image_processor as default_processor
     from mysproj.models.presets import pad_vocab
     from mysproj.models.tokenizer import IMAGE_TOKEN, ensure_llava_tokens

@@ -8,8 +8,6 @@ settings on the PIL implementation.
 
 from __future__ import annotations
 
-BACKENDS = ("torchvision", "pil")
-
 
 def with_backend(processor, backend: str):
     """`processor` itself, or (`pil`) a `CLIPImageProcessorPil` with its settings."""

@@ -38,10 +38,11 @@ _GROUPS = (OWN_SHARD_PREFIX, "model.vision_tower.")
 
 def stage_llava(snapshot: str, out_dir: str, *, tower: str | None = None, max_shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the snapshot's model into `out_dir` (see the module docstring); returns the manifest summary."""
-    from mysproj.models.loading import _find_vision_tower, _read_config, is_original_layout, materialize
+    from mysproj.models.loading import _find_vision_tower, is_original_layout, materialize
+    from mysproj.models.original_layout import read_model_config
 
     folder, _ = materialize(snapshot)
-    config = _read_config(folder, snapshot)
+    config = read_model_config(folder, snapshot)
     if is_original_layout(config):
         from mysproj.models.original_layout import convert_original
 

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 
-from mysproj.config.fields import add_arguments, env_name, load_config
+from mysproj.config.fields import add_arguments, env_name, load_config, read_values
 from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
 from mysproj.pipeline.dag import PipelineConfig
@@ -60,8 +60,6 @@ def warn_stage_env(env) -> list[str]:
 def _values_pipeline(path: str | None) -> dict:
     if not path:
         return {}
-    from mysproj.kube.helm import read_values
-
     section = read_values(path).get("pipeline")
     if not isinstance(section, dict):
         raise BadInput(f"values file {path}: no `pipeline:` mapping; pass a values file of charts/mysproj")
@@ -72,7 +70,8 @@ def _run(ns) -> int:
     from mysproj.pipeline import local, plan, stage_times
 
     values = {k: v for k, v in vars(ns).items() if k not in RUN_OPTIONS}
-    cfg = load_config(PipelineConfig, yaml_file=ns.config, overrides=_values_pipeline(ns.values), cli=values)
+    cfg = load_config(PipelineConfig, yaml_file=ns.config, overrides=_values_pipeline(ns.values), cli=values,
+                      env=os.environ)
     warn_stage_env(os.environ)
     only = ns.only.split(",") if ns.only else None
     gpus = ns.gpus if ns.gpus is not None else max(1, local.visible_gpus())

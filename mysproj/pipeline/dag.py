@@ -20,7 +20,7 @@ from mysproj.config.registry import STAGES
 from mysproj.config.stages import CLIP_ORIGIN, STRATEGIES
 from mysproj.errors import has_uri_credentials
 from mysproj.sources import is_remote
-from mysproj.stages.fetch import output_uri
+from mysproj.sources.fetched import output_uri
 from mysproj.storage import join
 
 TRACKING = {"tensorboard": (bool,), "mlflow_uri": (str, type(None)), "mlflow_experiment": (str,),

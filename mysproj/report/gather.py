@@ -110,3 +110,7 @@ def gather(roots: list[str]) -> list[Run]:
     _split_by_content(runs)
     runs.sort(key=lambda r: (r.dataset, r.setting, r.stage, -1 if r.seed is None else r.seed, r.uri))
     return runs
+
+
+def run_name(r: Run) -> str:
+    return f"{r.dataset}/{r.setting}{'' if r.seed is None else f'/seed{r.seed}'}/{r.stage}"

@@ -5,8 +5,7 @@ read, and the fine-tune behind its model), so two reports can be compared withou
 from __future__ import annotations
 
 from mysproj.config.recipes import RECIPES, Choice, applicable
-from mysproj.report.gather import Run
-from mysproj.report.tables import run_name
+from mysproj.report.gather import Run, run_name
 from mysproj.storage.lineage import finetune_config
 from mysproj.storage.lineage import stage_config as _config
 

@@ -9,7 +9,8 @@ import statistics
 
 from mysproj.config.datasets import RECORDS
 from mysproj.report import paper as P
-from mysproj.report.gather import Run
+from mysproj.report.gather import Run, run_name
+from mysproj.report.protocol import protocol_lines
 
 TABLE1_ROWS = (  # (row name, stage, setting)
     ("CLIP zero-shot", "eval-clip", "zero-shot"),
@@ -196,10 +197,6 @@ def _weights(prov: dict) -> str:
     return "weights as given"
 
 
-def run_name(r: Run) -> str:
-    return f"{r.dataset}/{r.setting}{'' if r.seed is None else f'/seed{r.seed}'}/{r.stage}"
-
-
 def provenance_lines(runs: list[Run]) -> list[str]:
     lines = []
     for r in runs:
@@ -246,8 +243,6 @@ def render(runs: list[Run]) -> tuple[str, str]:
     unparsed = unparsed_lines(runs)
     if unparsed:
         out += ["## Unparsed LLaVA answers", "", *unparsed, ""]
-    from mysproj.report.protocol import protocol_lines
-
     out += ["## Protocol", "", *protocol_lines(runs), ""]
     out += ["## Provenance", "", *provenance_lines(runs), ""]
     return "\n".join(out), "\n".join(t1)

@@ -19,3 +19,9 @@ def inference_device() -> str:
         allow_tf32()
         return "cuda"
     return "cpu"
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

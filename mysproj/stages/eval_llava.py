@@ -34,14 +34,13 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], pixel_values, m
                      stop=None) -> list[str]:
     """Answers for prompt ids: greedy from `decoder` (a GreedyDecoder) or transformers' generate, which also samples
     (`temperature` > 0). `stop`: a `decoding.NewlineStop`, whose answers are cut at their first line."""
-    from mysproj.evaluation import decoding
-    from mysproj.evaluation.scoring import left_pad
+    from mysproj.evaluation import decoding, scoring
 
     if decoder is not None and temperature == 0:
         answers = tokenizer.batch_decode(decoder(prompts, pixel_values, max_new_tokens, stop),
                                          skip_special_tokens=True)
     else:
-        answers = decoding.generate(model, left_pad(prompts, pad_id, pixel_values.device), pixel_values,
+        answers = decoding.generate(model, scoring.left_pad(prompts, pad_id, pixel_values.device), pixel_values,
                                     max_new_tokens, pad_id, tokenizer, temperature=temperature, top_p=top_p,
                                     seed=seed, stop=stop)
     return [decoding.first_line(a) for a in answers] if stop is not None else answers

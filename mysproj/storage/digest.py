@@ -24,6 +24,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 
+from mysproj.errors import IncompleteOutput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
 
@@ -51,10 +52,23 @@ def _digest_lines(lines: Iterator[str]) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(uri: str) -> dict | None:
-    from mysproj.storage.manifest import read_manifest
-
-    return read_manifest(uri)
+def read_manifest(out_uri: str) -> dict | None:
+    """The manifest of the output at `out_uri`, or None where the output is not complete. The one rule for a
+    damaged manifest (not a JSON object: a torn write by another tool, a damaged object) is the rule for a missing
+    one: the output is incomplete. Its stage runs again and replaces it; readers of it as an input refuse it;
+    the report, the run state and the planner pass over it. A warning names the file."""
+    target = U.join(out_uri, MANIFEST)
+    if not U.exists(target):
+        return None
+    try:
+        manifest = json.loads(U.read_bytes(target))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        log.warning("%s: damaged (not a JSON object); the output counts as incomplete and its stage runs again",
+                    target)
+        return None
+    return manifest
 
 
 def _listing(uri: str, exclude: str | None) -> dict[str, dict]:
@@ -118,7 +132,7 @@ def input_digest(uri: str, *, exclude: str | None = None) -> str | None:
     """The content digest of what is stored at `uri` (see the module docstring); `exclude` (the reading stage's own
     output, when it lies below `uri`) is left out. None when nothing is stored there."""
     uri = str(uri).rstrip("/")
-    manifest = _read_manifest(uri)
+    manifest = read_manifest(uri)
     if manifest is not None:
         return manifest_digest(manifest)
     files = _listing(uri, exclude)
@@ -126,7 +140,7 @@ def input_digest(uri: str, *, exclude: str | None = None) -> str | None:
         return None
     outputs = _top_manifests(list(files))
     if outputs:
-        digests = {f: manifest_digest(_read_manifest(U.join(uri, f)) or {}) for f in outputs}
+        digests = {f: manifest_digest(read_manifest(U.join(uri, f)) or {}) for f in outputs}
         return _digest_lines(f"{f}\t{d}" for f, d in sorted(digests.items()))
     if U.is_local(uri):
         hashes = local_hashes({rel: e["path"] for rel, e in files.items()})
@@ -146,8 +160,6 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
     """sha256 of local files, each read only when it is new or changed since it was last hashed. One process at a
     time hashes (the ranks of a fine-tuning run all check the same base model: one reads it, the others find it
     cached)."""
-    from mysproj.storage.manifest import sha256_file
-
     db_path = os.path.join(cache.cache_dir(), "file-hashes.sqlite")
     out: dict[str, str] = {}
     with open(db_path + ".lock", "w") as lock:
@@ -167,7 +179,7 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
             if row and row[0] == stamp:
                 out[rel] = row[1]
                 continue
-            out[rel] = sha256_file(real)
+            out[rel] = cache.sha256_file(real)
             fresh.append((real, stamp, out[rel]))
         if db is not None:
             with db:
@@ -181,7 +193,7 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
 
 def input_digests(cfg, *, exclude: str | None = None) -> dict:
     """{field: digest} for the config fields declared as inputs (`opt(..., input=True)`); list fields give a list."""
-    from mysproj.config.fields import input_fields
+    from mysproj.storage.config_key import input_fields
 
     digests: dict = {}
     for name, value in input_fields(cfg).items():

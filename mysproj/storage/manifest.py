@@ -27,12 +27,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mysproj import __version__
-from mysproj.config import config_hash, config_to_dict
 from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.storage import cache, lease, s3_upload
 from mysproj.storage import uri as U
 from mysproj.storage.cache import sha256_file
-from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests
+from mysproj.storage.config_key import config_hash, config_to_dict
+from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests, read_manifest
 from mysproj.storage.stage_time import GpuUse, time_entry, transfer_seconds
 
 log = logging.getLogger(__name__)
@@ -57,25 +57,6 @@ def code_version() -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def read_manifest(out_uri: str) -> dict | None:
-    """The manifest of the output at `out_uri`, or None where the output is not complete. The one rule for a
-    damaged manifest (not a JSON object: a torn write by another tool, a damaged object) is the rule for a missing
-    one: the output is incomplete. Its stage runs again and replaces it; readers of it as an input refuse it;
-    the report, the run state and the planner pass over it. A warning names the file."""
-    target = U.join(out_uri, MANIFEST)
-    if not U.exists(target):
-        return None
-    try:
-        manifest = json.loads(U.read_bytes(target))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        manifest = None
-    if not isinstance(manifest, dict):
-        log.warning("%s: damaged (not a JSON object); the output counts as incomplete and its stage runs again",
-                    target)
-        return None
-    return manifest
 
 
 class StageOutput:

@@ -99,7 +99,7 @@ def time_entry(summary: dict, wall_s: float, gpus: int, transfers: dict[str, flo
 def recorded(root: str) -> list[tuple[str, dict]]:
     """(folder relative to `root`, manifest) of every complete stage output below `root`, in path order."""
     from mysproj.storage import join, list_files
-    from mysproj.storage.manifest import MANIFEST, read_manifest
+    from mysproj.storage.digest import MANIFEST, read_manifest
 
     found = []
     for rel in list_files(root):

@@ -14,7 +14,6 @@ from typing import Any
 from mysproj.models.conversation import IGNORE_INDEX
 from mysproj.training import memory_fit, setup
 from mysproj.training.loss import answer_loss_sum
-from mysproj.training.memory_fit import FULL_BYTES_PER_PARAM, FULL_HEADROOM
 
 log = logging.getLogger("mysproj.finetune")
 
@@ -106,25 +105,6 @@ class Session:
         return 1.0 / n if n else 0.0
 
 
-def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_bytes: int = 0,
-                      llm_params: int = 0) -> str | None:
-    """The DeepSpeed config to use, or None. `auto` uses DeepSpeed on GPUs only; naming a stage also works on
-    CPUs (DeepSpeed's CPU accelerator), which is how the tests run this code path."""
-    if choice != "auto":
-        return None if choice == "none" else choice
-    if not cuda:
-        return None
-    if strategy == "projector":
-        return "zero2" if world > 1 else None
-    if world > 1:
-        return "zero3"
-    if strategy != "full":
-        return None
-    # Full fine-tuning keeps fp32 master weights, fp32 grads and two fp32 Adam states (16 bytes a parameter) plus
-    # checkpointed activations: 7B fits a 141 GB card but not an 80 GB one, which offloads (memory_fit.plan: what).
-    return None if FULL_BYTES_PER_PARAM * llm_params + FULL_HEADROOM <= gpu_bytes else "zero3-offload"
-
-
 def forget_deepspeed() -> None:
     """accelerate registers the DeepSpeed config with transformers globally; with ZeRO-3 every model built later in
     this process would be partitioned. Drop it once a run is over (merge or eval may follow in-process)."""
@@ -134,7 +114,8 @@ def forget_deepspeed() -> None:
 
 
 def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda, plan=None):
-    from accelerate import Accelerator
+    import accelerate
+    import accelerate.utils
     from accelerate.state import AcceleratorState, GradientState
 
     if world == 1:  # accelerate keeps its state per process: a second run in-process may differ (tests, DS on/off)
@@ -143,8 +124,6 @@ def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm
         forget_deepspeed()
     plugin = None
     if ds_name:
-        from accelerate.utils import DeepSpeedPlugin
-
         from mysproj.training.deepspeed_configs import filled
 
         # A single GPU without a launcher still needs a (1-process) process group for DeepSpeed.
@@ -157,9 +136,9 @@ def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm
             memory_fit.apply(ds_cfg, plan)
         if ds_name == "zero3-offload":
             ds_cfg["zero_force_ds_cpu_optimizer"] = False
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=accumulation,
-                      deepspeed_plugin=plugin, cpu=not cuda and not ds_name)
+        plugin = accelerate.utils.DeepSpeedPlugin(hf_ds_config=ds_cfg)
+    acc = accelerate.Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=accumulation,
+                                 deepspeed_plugin=plugin, cpu=not cuda and not ds_name)
     if acc.num_processes != world:
         raise RuntimeError(f"accelerate sees {acc.num_processes} processes but WORLD_SIZE is {world}")
     return acc
