@@ -37,3 +37,19 @@ attempts
 original_to_hf
 read_weights
 write_original
+
+# The extension API (docs/extending.md): a new stage's record and a new dataset's record are added with these; the
+# tests' toy stage uses them.
+register
+unregister
+
+# Typed summary fields (mysproj.config.summaries): the keys of a manifest's summary, which the stages write as JSON
+# and `summary_of` reads back; no code reads these by attribute (people read them in the manifest).
+bytes_total
+reused
+accuracy
+macro_f1
+pre_macro_f1
+post_macro_f1
+pre_accuracy
+post_accuracy

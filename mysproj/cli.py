@@ -19,6 +19,7 @@ from mysproj.config.fields import add_arguments
 from mysproj.errors import EXIT_BAD_INPUT, redact
 from mysproj.pipeline import command as pipeline_command
 from mysproj.process import setup_logging
+from mysproj.stages import registry
 from mysproj.stages.registry import STAGES, stage_config
 
 # Commands beyond the per-stage ones (mysproj.commands: they write no stage output), each in its own module with
@@ -42,8 +43,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def run(ns: argparse.Namespace) -> int:
-        from mysproj.stages import registry
-
         values = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "force", "sub")}
         cfg = stage_config(stage, yaml_file=ns.config, cli=values, env=os.environ)
         manifest = registry.run(stage, cfg, force=ns.force)

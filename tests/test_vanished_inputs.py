@@ -72,10 +72,10 @@ def test_finetune_image_gone_after_it_started(own_prep, tiny_model, tmp_path, ca
 def test_a_file_gone_under_a_library_is_one_line(own_prep, tmp_path, capsys, monkeypatch):
     """A library's own `open` of a file that is gone (no check of mysproj's in between): the command line and a
     stage Job each print one line naming it, exit 64; the in-process runner counts it as bad input."""
-    from mysproj.process import run_stage
     from mysproj.models import clip
     from mysproj.pipeline import dag
     from mysproj.pipeline.local import InProcess
+    from mysproj.process import run_stage
     from mysproj.stages import registry
 
     (tmp_path / "clip").mkdir()

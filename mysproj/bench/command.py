@@ -17,7 +17,11 @@ import importlib
 import logging
 import os
 
+from mysproj.bench import pipeline, weights
 from mysproj.bench.flops import DEFAULT_PEAK_TFLOPS
+from mysproj.errors import BadInput
+from mysproj.stages.registry import stage_config
+from mysproj.storage import write_bytes
 
 log = logging.getLogger("mysproj.bench")
 
@@ -38,11 +42,9 @@ def add_command(sub, parser_class) -> None:
     for name in BENCHMARKS:
         add_arguments(bsub.add_parser(name, help=f"benchmark {name}"), name)
     p.set_defaults(func=run)
-    from mysproj.bench import pipeline
 
     pipeline.add_arguments(bsub.add_parser("pipeline", help="the whole job on a dataset-shaped fixture, timed "
                                                             "stage by stage", description=pipeline.__doc__))
-    from mysproj.bench import weights
 
     weights.add_arguments(bsub.add_parser("weights", help="GB/s of a model's weights bucket -> host memory -> GPU "
                                                           "(and the upload)", description=weights.__doc__))
@@ -95,16 +97,13 @@ def _field_value(text: str) -> tuple[str, str]:
 
 def ours_config(stage: str, fields: dict, args: argparse.Namespace):
     """The config of the stage measured, for ours: `fields` with the `--set FIELD=VALUE` values on top."""
-    from mysproj.stages.registry import stage_config
 
     return stage_config(stage, {**fields, **dict(args.set or [])})
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults that depend on the machine or the benchmark."""
-    import torch
-
-    from mysproj.errors import BadInput
+    import torch  # noqa: PLC0415 - torch: only once a benchmark runs (the CLI imports this module for its arguments)
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,8 +135,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     text = report.to_json()
     if args.json_out:
-        from mysproj.storage import write_bytes
-
         write_bytes(args.json_out, text.encode())
         log.info("bench: wrote %s", args.json_out)
     print(report.table())

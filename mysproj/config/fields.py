@@ -18,7 +18,10 @@ import types
 import typing
 from typing import Any
 
+import yaml
+
 from mysproj.errors import BadInput, has_uri_credentials, redact
+from mysproj.storage import read_text
 from mysproj.storage.config_key import config_hash, config_to_dict, input_fields  # noqa: F401 - the config API
 
 log = logging.getLogger(__name__)
@@ -260,8 +263,6 @@ def load_config(cls, *, yaml_file: str | None = None, cli: dict[str, Any] | None
 
 
 def _read_yaml(path: str, names: set[str], cls_name: str) -> dict[str, Any]:
-    from mysproj.storage import read_text
-
     data = load_yaml(read_text(path), path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of field: value at the top level")
@@ -284,7 +285,6 @@ def closest(name: str, known: typing.Iterable[str]) -> str:
 def _no_alias_loader():
     """`yaml.SafeLoader` without aliases: a few bytes of `&a [*b, *b, ...]` expand to gigabytes (a "billion
     laughs"), and no config of this project needs one."""
-    import yaml
 
     class Loader(yaml.SafeLoader):
         def compose_node(self, parent, index):
@@ -300,7 +300,6 @@ def _no_alias_loader():
 
 def load_yaml(text: str, path: str, error=None):
     """`text` of config file `path` parsed safely (no aliases); one `error` (default `ConfigError`) line otherwise."""
-    import yaml
 
     error = error or ConfigError
     try:
@@ -314,7 +313,6 @@ def load_yaml(text: str, path: str, error=None):
 
 def read_values(path) -> dict:
     """A Helm values file of the chart (a path or a storage URI) as a mapping."""
-    from mysproj.storage import read_text
 
     values = load_yaml(read_text(str(path)), str(path), BadInput) or {}
     if not isinstance(values, dict):

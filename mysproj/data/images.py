@@ -12,6 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+from PIL import Image, ImageOps
+
 from mysproj.errors import BadInput
 
 if TYPE_CHECKING:
@@ -31,8 +34,6 @@ class BadImage(BadInput):
 
 
 def _pil():
-    from PIL import Image
-
     # PIL's own guard only raises at twice its limit and only warns below; `open_rgb` checks the header
     # against an exact limit itself, before any pixel is decoded.
     Image.MAX_IMAGE_PIXELS = None
@@ -75,7 +76,6 @@ def to_rgb(img):
     float images (0..1) to black; those are scaled to 0..255 here (16-bit and 32-bit integers from 0..65535, floats
     from 0..1 where they lie in it). Transparent pixels (RGBA, LA, a palette with transparency) are composited onto
     white instead of showing whatever colour they hide."""
-    import numpy as np
 
     Image = _pil()
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
@@ -152,6 +152,4 @@ class ExifUpright:
         self.transform = transform
 
     def __call__(self, img):
-        from PIL import ImageOps
-
         return self.transform(ImageOps.exif_transpose(img))

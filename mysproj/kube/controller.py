@@ -23,9 +23,11 @@ import yaml
 from mysproj.config.fields import load_config, opt
 from mysproj.errors import EXIT_BAD_INPUT, BadInput, redact
 from mysproj.kube import jobspec, runstate
+from mysproj.kube.cluster import Cluster
 from mysproj.kube.events import EventRecorder
 from mysproj.pipeline import dag
 from mysproj.stages.registry import node_configs
+from mysproj.tracking.mlflow_log import parent_run
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_ERRORS = 30
@@ -86,7 +88,6 @@ class Controller:
         # The run's story as Kubernetes Events on this Job (`kubectl describe job`), where there is one.
         self.events = EventRecorder(cluster, own_job, cfg.release) if own_job else None
         if pipeline.tracking.get("mlflow_uri"):  # one parent before stage Jobs start side by side
-            from mysproj.tracking.mlflow_log import parent_run
 
             parent_run(pipeline.tracking["mlflow_uri"], pipeline.tracking.get("mlflow_experiment") or "mysproj",
                        pipeline.root.rstrip("/"), {"mysproj.recipe": pipeline.recipe, "mysproj.release": cfg.release})
@@ -229,8 +230,6 @@ def _summary(states: dict[str, jobspec.JobState]) -> str:
 
 def main(cfg: ControllerConfig, cluster=None) -> int:
     if cluster is None:
-        from mysproj.kube.cluster import Cluster
-
         cluster = Cluster(namespace=cfg.namespace)
     controller = None
     try:

@@ -16,11 +16,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
 from mysproj.config.registry import stages_where, summary_of
 from mysproj.config.summaries import FinetuneSummary, ModelSummary
 from mysproj.errors import BadInput
+from mysproj.models import conversion
+from mysproj.models.conversion import legacy_to_current
 from mysproj.models.integrity import check_model_folder
 from mysproj.models.original_layout import convert_original, read_model_config
+from mysproj.models.stream_load import read_state_dict
+from mysproj.models.weights_io import open_weights, weight_files
 from mysproj.storage import cache, s3_transfer
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput
@@ -83,7 +91,6 @@ def is_original_layout(config: dict) -> bool:
 
 def read_weights(folder: str, what: str) -> dict:
     """Every tensor in a folder's safetensors files, else its `pytorch_model*.bin` (weights_only)."""
-    from mysproj.models.weights_io import open_weights, weight_files
 
     out = {}
     for path in weight_files(folder, what):
@@ -101,7 +108,6 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
     """The model (eval mode, on `device`, in `dtype` or the stored dtype), tokenizer and image processor.
     `direct` (HF layout): the weights are read from safetensors straight onto `device`, without a CPU copy of the
     whole model first."""
-    import torch
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -117,8 +123,6 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
         _record_dtype(model)
         layout = "original"
     else:
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
-
         if not _has_weights(folder):
             raise BadInput(f"{uri}: no model weights (*.safetensors or pytorch_model*.bin) next to config.json")
         if config.get("model_type") != "llava":
@@ -152,17 +156,6 @@ def streamable(uri: str) -> StageInput | None:
 def load_streamed(inp: StageInput, *, device: str = "cpu", dtype=None) -> LoadedLlava:
     """`load_llava` of an HF-layout stage output in S3: the weights streamed into memory and straight onto
     `device` (`mysproj.models.stream_load`), the model built around them without another copy."""
-    import torch
-    from transformers import (
-        AutoImageProcessor,
-        AutoTokenizer,
-        GenerationConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    from mysproj.models.conversion import legacy_to_current
-    from mysproj.models.stream_load import read_state_dict
 
     names = sorted(n for n in inp.files if "/" not in n and n != MANIFEST)
     weights = [n for n in names if n.endswith(".safetensors")]
@@ -206,8 +199,6 @@ def _find_vision_tower(folder: str, config: dict, vision_tower: str | None, what
 def load_original(folder: str, config: dict, vision_tower: str | None, what: str):
     """Convert an original LLaVA folder exactly as transformers' `convert_llava_weights_to_hf.py` does (see
     `original_layout`; `stage_llava` writes the same conversion to safetensors)."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
 
 
     tower_dir = _find_vision_tower(folder, config, vision_tower, what)
@@ -259,10 +250,6 @@ def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_
     `model.safetensors`, `mm_projector.bin`) and its CLIP tower in `vision_tower/`. `bin_shards`: the weights as
     released instead, torch pickles `pytorch_model-0000i-of-0000n.bin` (+ index) and
     `vision_tower/pytorch_model.bin`."""
-    import torch
-    from safetensors.torch import save_file
-
-    from mysproj.models import conversion
 
     main, tower = conversion.split_original(conversion.hf_to_original(state_dict))
     os.makedirs(os.path.join(out_dir, "vision_tower"), exist_ok=True)

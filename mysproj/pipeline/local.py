@@ -10,6 +10,7 @@ Each child's output goes to `<log dir>/<stage output path>.log`.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from mysproj.pipeline import dag, schedule
 from mysproj.stages import registry
 from mysproj.storage import is_local, local_path
 from mysproj.storage.manifest import StageOutput, read_manifest
+from mysproj.tracking import mlflow_log
 
 log = logging.getLogger(__name__)
 JOB_RECORD_VARS = ("MYSPROJ_OUT", "MYSPROJ_JOB_NAME", "MYSPROJ_NODE")  # a stage Job's, naming its failure record
@@ -81,8 +83,6 @@ def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1
 def parent_run(cfg: dag.PipelineConfig) -> None:
     """The run's MLflow parent run, made once before stages start side by side (each would otherwise make one)."""
     if cfg.tracking.get("mlflow_uri"):
-        from mysproj.tracking import mlflow_log
-
         mlflow_log.parent_run(cfg.tracking["mlflow_uri"], cfg.tracking.get("mlflow_experiment") or "mysproj",
                               cfg.root.rstrip("/"), {"mysproj.recipe": cfg.recipe})
 
@@ -208,7 +208,6 @@ def _die_with_parent() -> None:
     signal), so no stage goes on writing after its runner is gone. SIGTERM, not SIGKILL: torchrun passes it on to
     its workers, and fine-tuning stops at a step it can resume from. The output's lease keeps a re-run from
     writing beside a child still stopping."""
-    import ctypes
 
     pr_set_pdeathsig = 1
     try:

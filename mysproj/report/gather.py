@@ -14,9 +14,10 @@ import logging
 from dataclasses import dataclass, field
 
 from mysproj import layout
+from mysproj.config import lineage
 from mysproj.config.registry import STAGES
 from mysproj.errors import BadInput
-from mysproj.storage import join, lineage, list_files
+from mysproj.storage import join, list_files
 from mysproj.storage.digest import manifest_digest
 from mysproj.storage.manifest import MANIFEST, StageInput, read_manifest
 

@@ -5,9 +5,11 @@ no timestamps, so the same inputs render the same file."""
 
 from __future__ import annotations
 
+import random
 import statistics
 
 from mysproj.config.datasets import RECORDS
+from mysproj.evaluation.metrics import classification_metrics
 from mysproj.report import paper as P
 from mysproj.report.gather import Run, run_name
 from mysproj.report.protocol import protocol_lines
@@ -76,9 +78,6 @@ def _task(dataset: str) -> str | None:
 def uniform_random(runs: list[Run], dataset: str, draws: int = 100, seed: int = 0) -> tuple[list, list]:
     """Our "Random (Uniform)" row: macro-F1 and accuracy of uniformly random guesses over the classes, on the
     test labels of one of the dataset's evaluations (their per-class support), averaged over seeded draws."""
-    import random
-
-    from mysproj.evaluation.metrics import classification_metrics
 
     for r in runs:
         per_class = r.metrics.get("per_class") or {}

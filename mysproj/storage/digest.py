@@ -24,9 +24,10 @@ import os
 import sqlite3
 from collections.abc import Iterator
 
-from mysproj.errors import IncompleteOutput
+from mysproj.errors import BadInput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
+from mysproj.storage.config_key import input_fields
 
 log = logging.getLogger(__name__)
 MANIFEST = "_SUCCESS.json"
@@ -71,6 +72,18 @@ def read_manifest(out_uri: str) -> dict | None:
     return manifest
 
 
+def recorded(root: str) -> list[tuple[str, dict]]:
+    """(folder relative to `root`, manifest) of every complete stage output below `root`, in path order."""
+    found = []
+    for rel in U.list_files(root):
+        if rel == MANIFEST or rel.endswith("/" + MANIFEST):
+            folder = rel[: -len(MANIFEST)].rstrip("/")
+            manifest = read_manifest(U.join(root, folder) if folder else root)
+            if manifest is not None:
+                found.append((folder, manifest))
+    return found
+
+
 def _listing(uri: str, exclude: str | None) -> dict[str, dict]:
     """{relative name: {"size", "path", "tag"}} of every file at or below `uri`, `exclude` and what is below it left
     out. `tag` is the object store's content tag (None for local files)."""
@@ -110,8 +123,6 @@ def refuse_undecodable_name(path: str) -> None:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        from mysproj.errors import BadInput
-
         shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         raise BadInput(f"{shown}: a file or folder name that is not UTF-8; rename it (e.g. convmv -f latin1 -t "
                        f"utf8)") from None
@@ -193,7 +204,6 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
 
 def input_digests(cfg, *, exclude: str | None = None) -> dict:
     """{field: digest} for the config fields declared as inputs (`opt(..., input=True)`); list fields give a list."""
-    from mysproj.storage.config_key import input_fields
 
     digests: dict = {}
     for name, value in input_fields(cfg).items():

@@ -15,11 +15,14 @@ all of them, pinned per tensor, then a flat pinned copy of the trainable ones). 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
 
 from mysproj.errors import BadInput
+from mysproj.storage import uri as U
+from mysproj.storage.manifest import StageInput
 
 GIB = 2**30
 FULL_BYTES_PER_PARAM = 16       # fp32 weights, grads and two Adam states on the card
@@ -233,10 +236,6 @@ def params_from_config(config: dict) -> tuple[int, int]:
 def model_params(uri: str) -> tuple[int, int] | None:
     """`params_from_config` of the model at `uri` from its config.json alone, before any weight is read; None
     where it cannot be read that way (the check after loading still runs)."""
-    import json
-
-    from mysproj.storage import uri as U
-    from mysproj.storage.manifest import StageInput
 
     try:
         inp = StageInput.if_complete(str(uri).rstrip("/"))

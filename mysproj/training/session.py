@@ -6,13 +6,22 @@ layers); and the optimizer step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import accelerate
+import accelerate.utils
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
 from mysproj.models.conversation import IGNORE_INDEX
+from mysproj.speed.device import allow_tf32
 from mysproj.training import memory_fit, setup
+from mysproj.training.deepspeed_configs import filled
 from mysproj.training.loss import answer_loss_sum
 
 log = logging.getLogger("mysproj.finetune")
@@ -44,7 +53,6 @@ class Session:
         """One optimizer step over this rank's micro-batches; `targets` = supervised tokens of the global batch.
         Returns this rank's share of the step's loss (a 0-dim tensor, not synchronised): summed over the ranks,
         the loss whose gradient the step took."""
-        import torch
 
         acc, accumulation = self.accelerator, len(micro_batches)
         total = torch.zeros((), device=acc.device)
@@ -79,14 +87,12 @@ class Session:
             if nested is None or nested is inner:
                 break
             inner = nested
-        import gc
 
         gc.collect()
 
     def _grad_norm(self) -> float | None:
         """The global norm of the trainable gradients (clipped to `max_grad_norm` where set): what TensorBoard
         shows as gradient norm."""
-        import torch
 
         if self.cfg.max_grad_norm > 0:
             return float(self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
@@ -108,24 +114,17 @@ class Session:
 def forget_deepspeed() -> None:
     """accelerate registers the DeepSpeed config with transformers globally; with ZeRO-3 every model built later in
     this process would be partitioned. Drop it once a run is over (merge or eval may follow in-process)."""
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
 
 
 def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda, plan=None):
-    import accelerate
-    import accelerate.utils
-    from accelerate.state import AcceleratorState, GradientState
-
     if world == 1:  # accelerate keeps its state per process: a second run in-process may differ (tests, DS on/off)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         forget_deepspeed()
     plugin = None
     if ds_name:
-        from mysproj.training.deepspeed_configs import filled
-
         # A single GPU without a launcher still needs a (1-process) process group for DeepSpeed.
         for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                      ("MASTER_PORT", "29511")):
@@ -151,9 +150,6 @@ def uses_bf16(cfg, cuda: bool) -> bool:
 def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps: int) -> Session:
     """`model` (LlavaForConditionalGeneration, on the CPU or already on the card) -> a ready Session: the memory
     plan, the accelerator, then the model set up in `mysproj.training.setup`'s order."""
-    import torch
-
-    from mysproj.speed.device import allow_tf32
 
     cuda = torch.cuda.is_available()
     if cuda:
