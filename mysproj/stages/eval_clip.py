@@ -21,8 +21,8 @@ from mysproj.errors import BadInput
 from mysproj.evaluation.metrics import classification_metrics, short
 from mysproj.evaluation.predictions import write_predictions
 from mysproj.evaluation.throughput import Throughput
+from mysproj.models import clip as clip_models
 from mysproj.models import compile_cache
-from mysproj.models.clip import load_clip
 from mysproj.progress import Progress
 from mysproj.speed import clip as speed
 from mysproj.speed.device import inference_device
@@ -87,7 +87,7 @@ def _body(cfg, out) -> dict:
     if not samples:
         raise BadInput(f"{cfg.data}: split '{cfg.split}' has no samples")
     dev = inference_device()
-    clip = load_clip(cfg.model, cfg.arch, device=dev)
+    clip = clip_models.load_clip(cfg.model, cfg.arch, device=dev)
     present = {s.label for s in samples}
     labels = [c for c in data.classes if c in present]  # the released code's candidates: labels of the evaluated split
     names = [c.lower() for c in labels]
