@@ -44,8 +44,11 @@ $(TOOLS)/mlflow: requirements-mlflow-server.txt
 
 mlflow-server: $(TOOLS)/mlflow
 
+# ruff; the import contracts in pyproject.toml (layers, no torch in config/storage/pipeline/kube, no cycle); vulture.
 lint: venv
 	$(BIN)/ruff check mysproj jobs tests images
+	$(BIN)/lint-imports
+	$(BIN)/vulture
 
 demo: venv
 	$(BIN)/mysproj run --config mysproj/pipeline/presets/demo.yaml

@@ -7,20 +7,19 @@ Bad input of any kind prints one `error:` line and exits with EXIT_BAD_INPUT (ne
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
-import traceback
 from collections.abc import Callable
 
+from mysproj import process
 from mysproj.bench import command as bench_command
 from mysproj.commands import ask, reproduce, show_example
 from mysproj.commands import status as status_command
 from mysproj.config.fields import add_arguments
-from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact
-from mysproj.kube.entry import deployment_problem, prepare_scratch
+from mysproj.errors import EXIT_BAD_INPUT, redact
 from mysproj.pipeline import command as pipeline_command
+from mysproj.process import setup_logging
+from mysproj.stages import registry
 from mysproj.stages.registry import STAGES, stage_config
 
 # Commands beyond the per-stage ones (mysproj.commands: they write no stage output), each in its own module with
@@ -42,36 +41,8 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
-class _RedactingFormatter(logging.Formatter):
-    def format(self, record):
-        return redact(super().format(record))
-
-
-def _print_redacted_traceback(kind, value, tb) -> None:
-    print(redact("".join(traceback.format_exception(kind, value, tb))), file=sys.stderr, end="", flush=True)
-
-
-def setup_logging() -> None:
-    """Log lines, and the traceback of an exception nobody caught, printed with secrets redacted: whatever a
-    library put into a message (botocore echoes URIs and bucket names) never shows a credential."""
-    sys.excepthook = _print_redacted_traceback
-    raw = os.environ.get("MYSPROJ_LOG_LEVEL", "INFO")
-    level = raw.strip().upper() or "INFO"
-    known = level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-    logging.basicConfig(level=level if known else "INFO", stream=sys.stderr, force=True)
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    if not known:  # a junk value must not stop every command, --help included
-        logging.getLogger("mysproj").warning("MYSPROJ_LOG_LEVEL=%r is not a log level (DEBUG, INFO, WARNING, ERROR, "
-                                             "CRITICAL); using INFO", raw)
-    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "PIL", "httpx", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def run(ns: argparse.Namespace) -> int:
-        from mysproj.stages import registry
-
         values = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "force", "sub")}
         cfg = stage_config(stage, yaml_file=ns.config, cli=values, env=os.environ)
         manifest = registry.run(stage, cfg, force=ns.force)
@@ -108,35 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        prepare_scratch()
-        return int(ns.func(ns) or 0)
-    except BadInput as e:
-        print(f"error: {redact(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
-    except StorageError as e:  # a retry may help (the endpoint back, space freed): not exit 64
-        print(f"error: {redact(e)}", file=sys.stderr)
-        return 1
-    except (ModuleNotFoundError, OSError) as e:  # in a container: a module the image lacks, a read-only root
-        if no_space(e):  # written outside the storage layer (a library saving a file): still one line
-            print(f"error: {redact(no_space(e))}", file=sys.stderr)
-            return 1
-        problem = deployment_problem(ns.command, e)
-        if problem is None:
-            raise
-        print(f"error: {redact(problem)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        return 130
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    ns = build_parser().parse_args(argv)
+    return process.run(ns.command, lambda: ns.func(ns))
 
 
 if __name__ == "__main__":

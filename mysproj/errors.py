@@ -3,6 +3,7 @@ applies to what it prints."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -29,7 +30,6 @@ class StorageError(OSError):
 
 def no_space(e: BaseException) -> str | None:
     """The one line for a write that failed on a full disk or quota (a retry may help once space is freed)."""
-    import errno
 
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         where = f" writing {e.filename}" if e.filename else ""

@@ -158,13 +158,10 @@ def test_bad_arguments_exit_64(tmp_path):
     assert e.value.code == 64
 
 
-def test_run_from_env(tmp_path):
-    from mysproj.bench.command import run_from_env
-
-    assert run_from_env({"MYSPROJ_BENCH": "nope"}) == 64
+def test_json_out(tmp_path):
     out = tmp_path / "probe.json"
-    args = " ".join(TINY) + f" --batch-size 2 --image-px 40x30 --json-out {out}"
-    assert run_from_env({"MYSPROJ_BENCH": "probe-features", "MYSPROJ_BENCH_ARGS": args}) == 0
+    assert cli.main(["bench", "probe-features", *TINY, "--batch-size", "2", "--image-px", "40x30",
+                     "--json-out", str(out)]) == 0
     assert json.loads(out.read_text())["bench"] == "probe-features"
 
 

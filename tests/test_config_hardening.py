@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mysproj import cli
+from mysproj import cli, process
 from mysproj.config.fields import ConfigError, load_config
 from mysproj.config.stages import FinetuneConfig, PrepConfig
 from mysproj.errors import EXIT_BAD_INPUT, BadInput, StorageError
@@ -126,7 +126,7 @@ def test_a_junk_retry_budget_is_one_line_naming_it(tmp_path, capsys, monkeypatch
 
 def test_a_junk_log_level_is_one_warning(capsys, monkeypatch):
     monkeypatch.setenv("MYSPROJ_LOG_LEVEL", "LOUD")
-    cli.setup_logging()
+    process.setup_logging()
     err = capsys.readouterr().err
     assert "MYSPROJ_LOG_LEVEL='LOUD' is not a log level" in err and "Traceback" not in err
 
@@ -235,3 +235,18 @@ def test_a_junk_job_setting_is_one_line_naming_it(var, value, monkeypatch, capsy
                        "2" if var != "MYSPROJ_NPROC_PER_NODE" else value)
     assert entry.main(["finetune"], str(REPO / "jobs" / "stage.py")) == EXIT_BAD_INPUT
     assert f"{var}={value!r}: expected" in _one_error(capsys)
+
+
+def test_mysproj_run_says_it_does_not_apply_MYSPROJ_LR_where_a_stage_command_does(tmp_path, capsys, monkeypatch):
+    """One rule for the environment: a stage command applies MYSPROJ_LR; `mysproj run` applies only the pipeline's
+    own variables and names every other one it was given in one warning line (not a silent default)."""
+    from mysproj.stages.registry import stage_config
+
+    monkeypatch.setenv("MYSPROJ_LR", "0.5")
+    assert stage_config("finetune", {"model": "m", "data": "d", "out": "o"}, env=os.environ).lr == 0.5
+    fields = {"model": "m", "data": "d", "out": "o"}
+    assert stage_config("finetune", fields).lr != 0.5  # no env given: none read, by either builder
+    assert load_config(FinetuneConfig, overrides=fields).lr != 0.5
+    assert cli.main(["run", "--root", str(tmp_path / "r"), "--only", "no-such-stage"]) == EXIT_BAD_INPUT
+    lines = [line for line in capsys.readouterr().err.splitlines() if "MYSPROJ_LR" in line]
+    assert len(lines) == 1 and "`mysproj run` does not apply stage variables (ignored)" in lines[0], lines

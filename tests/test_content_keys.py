@@ -14,7 +14,7 @@ from stage_runs import error_lines
 from mysproj.cli import main
 from mysproj.config.fields import load_config
 from mysproj.config.stages import PrepConfig
-from mysproj.storage import digest
+from mysproj.storage import cache, digest
 from mysproj.storage import manifest as M
 
 PREP = ["prep", "--dataset", "textures-mini", "--patch-size", "48", "--workers", "1"]
@@ -102,8 +102,8 @@ def test_outside_folder_is_hashed_once_and_a_changed_file_is_seen(tmp_path, monk
 
     src = make_imagefolder(str(tmp_path / "src"), {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
     hashed = []
-    real = M.sha256_file
-    monkeypatch.setattr(M, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    real = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
     cfg = _prep_cfg(src, tmp_path / "out")
     prep.run(cfg)
     assert len(hashed) == 6

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mysproj import process
 from mysproj.errors import EXIT_BAD_INPUT, BadInput
 from mysproj.kube import entry
 
@@ -43,25 +44,25 @@ def test_exit_codes_and_failure_record(job_env):
     def crash():
         raise RuntimeError("connection reset")
 
-    assert entry.run_job("prep", bad) == EXIT_BAD_INPUT
+    assert process.run_stage("prep", bad) == EXIT_BAD_INPUT
     assert _record(job_env) == {**_record(job_env), "exit_code": 64, "error": "source s3://x: no such folder",
                                 "job": "r1-prep-abc"}
-    assert entry.run_job("prep", crash) == entry.EXIT_RETRYABLE
+    assert process.run_stage("prep", crash) == process.EXIT_RETRYABLE
     assert _record(job_env)["exit_code"] == 1 and "connection reset" in _record(job_env)["error"]
-    assert entry.run_job("prep", lambda: {"stage": "prep"}) == 0
+    assert process.run_stage("prep", lambda: {"stage": "prep"}) == 0
     assert _record(job_env) is None  # a stale reason never outlives a successful attempt
 
 
 def test_only_rank_zero_writes_the_record(job_env, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    assert entry.run_job("finetune", lambda: (_ for _ in ()).throw(BadInput("x"))) == EXIT_BAD_INPUT
+    assert process.run_stage("finetune", lambda: (_ for _ in ()).throw(BadInput("x"))) == EXIT_BAD_INPUT
     assert _record(job_env) is None
 
 
 def test_scratch_folders_are_created(tmp_path):
     env = {"MYSPROJ_SCRATCH": str(tmp_path), "HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp"),
            "MPLCONFIGDIR": str(tmp_path / "cache" / "mpl")}
-    entry.prepare_scratch(env)
+    process.prepare_scratch(env)
     assert all(Path(env[k]).is_dir() for k in ("HOME", "TMPDIR", "MPLCONFIGDIR"))
 
 
@@ -147,12 +148,12 @@ def test_a_missing_module_or_a_read_only_root_is_final_with_one_line(job_env, ca
     def read_only():
         raise OSError(30, "Read-only file system", "/app/cache")
 
-    assert entry.run_job("eval-clip", lacks_torch) == EXIT_BAD_INPUT
+    assert process.run_stage("eval-clip", lacks_torch) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         "error: stage eval-clip: this image lacks the Python module 'torch' (No module named 'torch'); run the stage "
         "in an image that has it (the chart's images.gpu for every stage that needs torch)"]
     assert _record(job_env)["exit_code"] == EXIT_BAD_INPUT and "'torch'" in _record(job_env)["error"]
-    assert entry.run_job("prep", read_only) == EXIT_BAD_INPUT
+    assert process.run_stage("prep", read_only) == EXIT_BAD_INPUT
     assert "/app/cache is on the read-only root file system" in _record(job_env)["error"]
-    assert entry.run_job("prep", lambda: (_ for _ in ()).throw(ConnectionResetError(104, "reset"))) == 1
+    assert process.run_stage("prep", lambda: (_ for _ in ()).throw(ConnectionResetError(104, "reset"))) == 1

@@ -12,6 +12,7 @@ import sys
 import pytest
 from fake_cluster import complete_output, make_controller
 
+from mysproj import process
 from mysproj.config.fields import config_hash, load_config
 from mysproj.errors import EXIT_BAD_INPUT
 from mysproj.kube import controller as C
@@ -135,7 +136,7 @@ def test_bad_input_exit_fails_the_run_even_without_pod_failure_policy(tmp_path):
     rows = {r.node: r for r in table.collect(cluster, "r1")}
     assert rows["textures-mini/prep"].state == "failed" and "no such folder" in rows["textures-mini/prep"].reason
     assert rows["report"].state == "waiting"
-    assert C.main(ctl.cfg, cluster) == EXIT_BAD_INPUT
+    assert process.run("controller", lambda: C.main(ctl.cfg, cluster)) == EXIT_BAD_INPUT  # as jobs/controller.py
     # The controller Job itself ends now, with the reason, rather than being retried by a 1.20 server.
     assert "no such folder" in cluster.jobs["r1-controller"]["metadata"]["annotations"][jobspec.ANN_FAILURE]
     rows = {r.node: r for r in table.collect(cluster, "r1")}

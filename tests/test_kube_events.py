@@ -7,6 +7,7 @@ import logging
 
 from fake_cluster import complete_output, make_controller
 
+from mysproj import process
 from mysproj.kube import controller as C
 
 
@@ -45,7 +46,7 @@ def test_the_controller_job_tells_the_story_of_a_run(tmp_path):
     cluster.jobs[jobs["models/tiny"]]["status"]["conditions"] = [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
          "message": "Job has reached the specified backoff limit"}]
-    assert C.main(ctl.cfg, cluster) == 64
+    assert process.run("controller", lambda: C.main(ctl.cfg, cluster)) == 64  # as jobs/controller.py runs it
     failed = [e for e in cluster.events.values() if e["reason"] == "StageFailed"]
     assert len(failed) == 1 and failed[0]["type"] == "Warning"
     assert failed[0]["message"].startswith("stage models/tiny failed: Job has reached the specified backoff limit")

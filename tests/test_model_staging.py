@@ -116,9 +116,9 @@ class _FetchConfig:
 def test_fetch_output_is_a_model_like_model_init(staged, tmp_path):
     """A `fetch` stage output holding the staged folder: materialize, direct safetensors loads, the probe's
     vision-only load and merge's reuse of the base's shards all take it."""
+    from mysproj.config.lineage import provenance as model_provenance
     from mysproj.models.loading import hf_model_output, load_llava, materialize
     from mysproj.models.vision_only import load_vision
-    from mysproj.storage.lineage import provenance as model_provenance
     from mysproj.storage.manifest import StageOutput
 
     folder, summary = staged

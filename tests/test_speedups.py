@@ -72,7 +72,7 @@ def test_loss_at_label_positions_equals_full_logits_loss():
     ("lora", 1, 79.2, None),
 ])
 def test_auto_deepspeed_follows_card_memory(strategy, world, gpu_gib, expected):
-    from mysproj.training.session import resolve_deepspeed
+    from mysproj.training.memory_fit import resolve_deepspeed
 
     assert resolve_deepspeed("auto", strategy, True, world, gpu_bytes=int(gpu_gib * GIB),
                              llm_params=6_738_415_616) == expected

@@ -74,7 +74,7 @@ def test_a_damaged_manifest_is_an_incomplete_output_everywhere(tmp_path, caplog,
     """One rule: a manifest that is not a JSON object counts as none. The stage runs again and replaces it, a
     reader of the output as an input refuses it, the report's walkers pass over it; a warning names the file."""
     from mysproj.report.gather import gather
-    from mysproj.storage.stage_time import recorded
+    from mysproj.storage.digest import recorded
 
     out = tmp_path / "run" / "textures-mini" / "zero-shot" / "eval-clip"
     M.run_stage("prep", _cfg(out), lambda o: o.write_text("a.txt", "first") and None)

@@ -47,7 +47,7 @@ def test_eval_image_gone_read_in_a_worker(own_prep, clip_tiny_uri, tmp_path, cap
 def test_finetune_image_gone_after_it_started(own_prep, tiny_model, tmp_path, capsys, monkeypatch):
     """The image is deleted after fine-tuning has resolved and verified every image, as a run would see a file
     deleted while it trains; the Job's entry point reports it."""
-    from mysproj.kube.entry import run_job
+    from mysproj.process import run_stage
     from mysproj.training import loop
 
     gone = []
@@ -61,7 +61,7 @@ def test_finetune_image_gone_after_it_started(own_prep, tiny_model, tmp_path, ca
     load_examples = loop.load_examples
     monkeypatch.setattr(loop, "load_examples", load_then_delete)
     capsys.readouterr()
-    rc = run_job("finetune", lambda: stage("finetune", model=tiny_model, data=own_prep, out=str(tmp_path / "ft"),
+    rc = run_stage("finetune", lambda: stage("finetune", model=tiny_model, data=own_prep, out=str(tmp_path / "ft"),
                                            **{**FINETUNE_DEFAULTS, "workers": 1, "max_steps": 2}))
     out, err = capsys.readouterr()
     assert rc == EXIT_BAD_INPUT
@@ -72,10 +72,10 @@ def test_finetune_image_gone_after_it_started(own_prep, tiny_model, tmp_path, ca
 def test_a_file_gone_under_a_library_is_one_line(own_prep, tmp_path, capsys, monkeypatch):
     """A library's own `open` of a file that is gone (no check of mysproj's in between): the command line and a
     stage Job each print one line naming it, exit 64; the in-process runner counts it as bad input."""
-    from mysproj.kube.entry import run_job
     from mysproj.models import clip
     from mysproj.pipeline import dag
     from mysproj.pipeline.local import InProcess
+    from mysproj.process import run_stage
     from mysproj.stages import registry
 
     (tmp_path / "clip").mkdir()
@@ -86,7 +86,7 @@ def test_a_file_gone_under_a_library_is_one_line(own_prep, tmp_path, capsys, mon
     rc, errors, printed = cli(["eval-clip", *(f"--{k}={v}" for k, v in fields.items())], capsys)
     assert rc == EXIT_BAD_INPUT
     _one_line_naming(errors, printed, weights)
-    rc = run_job("eval-clip", lambda: stage("eval-clip", **fields))
+    rc = run_stage("eval-clip", lambda: stage("eval-clip", **fields))
     out, err = capsys.readouterr()
     assert rc == EXIT_BAD_INPUT
     _one_line_naming([line for line in err.splitlines() if line.startswith("error:")], out + err, weights)

@@ -6,9 +6,7 @@ writes the same numbers as JSON (a local path or any fsspec URI).
     mysproj bench finetune --preset llava-1.5-7b --strategy full --baseline --json-out bench-ft.json
     mysproj bench eval-llava --preset llava-1.5-7b --mode scoring --batch-size 64 --baseline
     mysproj bench finetune --preset tiny --device cpu --steps 3 --warmup 1        # seconds, on a laptop
-As a Kubernetes Job: `python -m mysproj.bench.command` (= `run_from_env()`) with
-MYSPROJ_BENCH=finetune and MYSPROJ_BENCH_ARGS="--preset llava-1.5-7b --baseline --json-out s3://..." (see
-`run_from_env`). Method and FLOP formulas: docs/performance.md. `mysproj bench pipeline` times the whole job
+Method and FLOP formulas: docs/performance.md. `mysproj bench pipeline` times the whole job
 instead (`mysproj.bench.pipeline`; docs/performance.md).
 """
 
@@ -18,10 +16,12 @@ import argparse
 import importlib
 import logging
 import os
-import shlex
-import sys
 
+from mysproj.bench import pipeline, weights
 from mysproj.bench.flops import DEFAULT_PEAK_TFLOPS
+from mysproj.errors import BadInput
+from mysproj.stages.registry import stage_config
+from mysproj.storage import write_bytes
 
 log = logging.getLogger("mysproj.bench")
 
@@ -42,11 +42,9 @@ def add_command(sub, parser_class) -> None:
     for name in BENCHMARKS:
         add_arguments(bsub.add_parser(name, help=f"benchmark {name}"), name)
     p.set_defaults(func=run)
-    from mysproj.bench import pipeline
 
     pipeline.add_arguments(bsub.add_parser("pipeline", help="the whole job on a dataset-shaped fixture, timed "
                                                             "stage by stage", description=pipeline.__doc__))
-    from mysproj.bench import weights
 
     weights.add_arguments(bsub.add_parser("weights", help="GB/s of a model's weights bucket -> host memory -> GPU "
                                                           "(and the upload)", description=weights.__doc__))
@@ -99,16 +97,13 @@ def _field_value(text: str) -> tuple[str, str]:
 
 def ours_config(stage: str, fields: dict, args: argparse.Namespace):
     """The config of the stage measured, for ours: `fields` with the `--set FIELD=VALUE` values on top."""
-    from mysproj.stages.registry import stage_config
 
     return stage_config(stage, {**fields, **dict(args.set or [])})
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill defaults that depend on the machine or the benchmark."""
-    import torch
-
-    from mysproj.errors import BadInput
+    import torch  # noqa: PLC0415 - torch: only once a benchmark runs (the CLI imports this module for its arguments)
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,27 +135,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     text = report.to_json()
     if args.json_out:
-        from mysproj.storage import write_bytes
-
         write_bytes(args.json_out, text.encode())
         log.info("bench: wrote %s", args.json_out)
     print(report.table())
     return 0
-
-
-def run_from_env(environ=None) -> int:
-    """Entry point for a Kubernetes Job: MYSPROJ_BENCH names the sub-benchmark, MYSPROJ_BENCH_ARGS holds its
-    flags (shell-quoted), e.g. MYSPROJ_BENCH=finetune MYSPROJ_BENCH_ARGS="--strategy full --baseline --json-out
-    s3://bucket/bench/ft.json". Exits like the CLI (64 on bad input)."""
-    from mysproj import cli
-
-    env = os.environ if environ is None else environ
-    name = env.get("MYSPROJ_BENCH", "")
-    if name not in (*BENCHMARKS, "pipeline"):
-        print(f"error: MYSPROJ_BENCH={name!r}: expected one of {', '.join(BENCHMARKS)}, pipeline", file=sys.stderr)
-        return 64
-    return cli.main(["bench", name, *shlex.split(env.get("MYSPROJ_BENCH_ARGS", ""))])
-
-
-if __name__ == "__main__":
-    sys.exit(run_from_env())

@@ -19,11 +19,19 @@ import logging
 import os
 import tempfile
 
+import torch
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, pipeline
+
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.command import ours_config
 from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
+from mysproj.config.stages import ModelInitConfig
+from mysproj.data.prepared import PreparedData, Sample
+from mysproj.models.clip import load_clip
+from mysproj.speed import clip as speed
+from mysproj.stages import eval_clip, model_init
 
 log = logging.getLogger("mysproj.bench")
 CLIP_PRESET = {"tiny": "clip-tiny", "llava-1.5-7b": "clip-vit-l-14-336"}
@@ -44,7 +52,6 @@ def class_names(n: int) -> list[str]:
 
 
 def run(args) -> BenchReport:
-
     preset = CLIP_PRESET[args.preset]
     workers = os.cpu_count() if args.workers is None else args.workers
     names = class_names(args.classes)
@@ -75,8 +82,6 @@ def run(args) -> BenchReport:
 
 def _random_clip(preset: str, out_dir: str, seed: int) -> str:
     """The `model-init` stage's random CLIP, written where `load_clip` reads stage outputs."""
-    from mysproj.config.stages import ModelInitConfig
-    from mysproj.stages import model_init
 
     model_init.run(ModelInitConfig(preset=preset, out=out_dir, seed=seed))
     return out_dir
@@ -85,7 +90,6 @@ def _random_clip(preset: str, out_dir: str, seed: int) -> str:
 def synthetic_prepared(paths: list[str], n: int):
     """(`PreparedData`, `n` samples cycling over local JPEG files) without a prep output: the reader's own
     `open_image`/`local_image` (fetch with sha256 verification, then `open_rgb`) decode them."""
-    from mysproj.data.prepared import PreparedData, Sample
 
     data = PreparedData.__new__(PreparedData)  # no prep output behind it; only the decode methods are used
     data.classes, data.task, data.dataset, data._table = [], "synthetic", "synthetic", None
@@ -98,10 +102,6 @@ def synthetic_prepared(paths: list[str], n: int):
 
 
 def _ours(args, model_dir: str, paths: list[str], names: list[str], workers: int):
-    from mysproj.models.clip import load_clip
-    from mysproj.speed import clip as speed
-    from mysproj.stages import eval_clip
-
     n = args.batch_size * (args.warmup + args.steps + (1 if args.profile else 0))
     cfg = ours_config("eval-clip", {"model": model_dir, "data": "bench:synthetic", "out": "bench:none",
                                     "batch_size": args.batch_size, "workers": workers}, args)
@@ -147,8 +147,7 @@ def open_clip_dims(model) -> dict:
 
 def hf_clip_tokenizer():
     """transformers' CLIPTokenizer over open_clip's shipped BPE vocabulary (OpenAI CLIP's; no hub needed)."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
+    from open_clip.tokenizer import SimpleTokenizer  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
     bpe = SimpleTokenizer()
     vocab = dict(bpe.encoder)
@@ -160,7 +159,6 @@ def hf_clip_tokenizer():
 
 def hf_clip_config(arch: dict, clip_model):
     """A transformers `CLIPConfig` of the same architecture as the open_clip model (text tower included)."""
-    from transformers import CLIPConfig
 
     text = clip_model.transformer if hasattr(clip_model, "transformer") else None
     t_width = text.width if text is not None else 768
@@ -177,9 +175,6 @@ def hf_clip_config(arch: dict, clip_model):
 
 
 def _baseline(args, config, paths: list[str], names: list[str]) -> Measurement:
-    import torch
-    from transformers import CLIPImageProcessor, CLIPModel, pipeline
-
     torch.manual_seed(args.seed)
     with torch.device(args.device):
         model = CLIPModel(config).eval()

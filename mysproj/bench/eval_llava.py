@@ -18,21 +18,24 @@ import hashlib
 import json
 import logging
 
+import torch
+
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.command import ours_config
 from mysproj.bench.eval_clip import class_names
 from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
+from mysproj.evaluation.scoring import continuation_ids, left_pad, score_continuations
+from mysproj.models.presets import build_random_llava
+from mysproj.speed import llava as speed
+from mysproj.stages.eval_llava import generate_answers
 
 log = logging.getLogger("mysproj.bench")
 
 
 def build_model(args, dtype):
     """(model, tokenizer): the preset with random weights on the card, `</s>` never the greedy choice."""
-    import torch
-
-    from mysproj.models.presets import build_random_llava
 
     model, tokenizer, _ = build_random_llava(args.preset, seed=args.seed, dtype=str(dtype).split(".")[-1],
                                              device=args.device)
@@ -43,7 +46,6 @@ def build_model(args, dtype):
 
 def prompt_batch(config, layout, batch: int, seed: int, device: str, pad_id: int):
     """The stage's left-padded `Batch` over synthetic prompt ids laid out like llava_v1 prompts."""
-    from mysproj.evaluation.scoring import left_pad
 
     ids = synthetic.token_batch(config, layout, batch, seed=seed)["input_ids"]
     return left_pad(ids.tolist(), pad_id, device)
@@ -56,8 +58,6 @@ def eval_config(args):
 
 
 def run(args) -> BenchReport:
-    from mysproj.speed import llava as speed
-
     cfg = eval_config(args)
     layout = synthetic.TokenLayout.with_text(args.prompt_tokens)
     dtype = speed.dtype_for(cfg.precision, args.device)
@@ -88,17 +88,12 @@ def run(args) -> BenchReport:
 
 
 def _continuations(tokenizer, n: int) -> list[list[int]]:
-    from mysproj.evaluation.scoring import continuation_ids
-
     return [continuation_ids(tokenizer, name) for name in class_names(n)]
 
 
 def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
     """The stage's batch step; with fp8/compile on, the same batch's answers are first taken from the model as
     loaded, and the share of answers the faster model reproduces is reported (`same_answers`)."""
-    from mysproj.evaluation.scoring import score_continuations
-    from mysproj.speed import llava as speed
-    from mysproj.stages.eval_llava import generate_answers
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     batch = prompt_batch(model.config, layout, args.batch_size, args.seed, args.device, pad_id)
@@ -138,16 +133,12 @@ def _ours(args, cfg, model, tok, layout, conts, dtype) -> Measurement:
 
 
 def _baseline(args, layout) -> list[Measurement]:
-    import torch
-
     model, tok = build_model(args, torch.bfloat16 if args.device == "cuda" else torch.float32)
     return [_plain_generate(args, model, tok.pad_token_id, layout, variant, b)
             for variant, b in (("baseline-b1", 1), ("baseline", args.batch_size))]
 
 
 def _plain_generate(args, model, pad_id: int, layout, variant: str, b: int) -> Measurement:
-    import torch
-
     batch = prompt_batch(model.config, layout, b, args.seed, args.device, pad_id)
     pixels = synthetic.pixel_batch(model.config, b, seed=args.seed).to(args.device, model.dtype)
     lengths = []

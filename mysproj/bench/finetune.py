@@ -17,6 +17,8 @@ import logging
 import os
 import time
 
+import torch
+
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.command import ours_config
@@ -24,6 +26,7 @@ from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 from mysproj.errors import BadInput
 from mysproj.models import compile_cache
+from mysproj.models.presets import build_random_llava
 from mysproj.training.session import build as build_session
 from mysproj.training.setup import checkpointing
 
@@ -37,9 +40,6 @@ def world() -> tuple[int, int]:
 
 def build_model(args, device: str):
     """(model, tokenizer) of the preset with random weights, created on `device` in the stage's load dtype."""
-    import torch
-
-    from mysproj.models.presets import build_random_llava
 
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model, tokenizer, _ = build_random_llava(args.preset, seed=args.seed, dtype=dtype, device=device)
@@ -56,8 +56,6 @@ def batches(config, layout, batch: int, seed: int, device: str, pixel_dtype) -> 
 
 
 def run(args) -> BenchReport:
-    import torch
-
     n_world, rank = world()
     device = args.device
     if device == "cuda" and n_world > 1:
@@ -100,7 +98,7 @@ def checkpointed(cfg, config) -> str:
 
 def _ours(args, device: str, layout, n_world: int, rank: int):
     cfg = finetune_config(args, n_world)
-    model, _, load_dtype = build_model(args, device)
+    model, _, _ = build_model(args, device)
     dims = F.LlavaDims.from_config(model.config)
     micro = cfg.per_device_batch
     if args.batch_size % micro:
@@ -134,7 +132,6 @@ def _ours(args, device: str, layout, n_world: int, rank: int):
 
 def _baseline(args, device: str, layout) -> Measurement:
     """Plain transformers: the model's own loss, backward, fused AdamW on bf16 weights (fp32 on CPU)."""
-    import torch
 
     model, _, dtype = build_model(args, device)
     model.requires_grad_(False)

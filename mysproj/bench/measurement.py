@@ -8,7 +8,10 @@ import os
 import platform
 from dataclasses import dataclass, field
 
+import torch
+
 from mysproj.bench.flops import mfu
+from mysproj.bench.profile import summary
 from mysproj.bench.timing import Timing
 
 
@@ -87,15 +90,11 @@ class BenchReport:
             lines.append("same answers as the model without fp8/compile: " + ", ".join(agreement))
         for m in self.measurements:
             if m.timing.profile is not None:
-                from mysproj.bench.profile import summary
-
                 lines.append(summary(m.variant, m.timing.profile))
         return "\n".join(lines)
 
 
 def card_name(device: str) -> str:
-    import torch
-
     if device.startswith("cuda"):
         n = int(os.environ.get("WORLD_SIZE", "1"))  # cards this run uses (one per process), not the host's
         name = torch.cuda.get_device_name()

@@ -28,9 +28,14 @@ import os
 import shutil
 import time
 
+from mysproj.bench.s3_server import seaweedfs
+from mysproj.config.fields import load_config
 from mysproj.config.registry import summary_of
-from mysproj.data.shapes import SHAPES
+from mysproj.data.shapes import SHAPES, write_dataset
 from mysproj.errors import BadInput
+from mysproj.pipeline import local, stage_times
+from mysproj.pipeline.dag import PipelineConfig
+from mysproj.storage import join, remove, write_text
 
 log = logging.getLogger("mysproj.bench")
 CLIP_FOR = {"llava-1.5-7b": "clip-vit-l-14-336", "tiny": "clip-tiny"}
@@ -81,7 +86,6 @@ def overrides(sets: list[str], seed_overrides: dict) -> dict:
 def fixture(args, work: str) -> tuple[str, dict]:
     """The fixture's prep source URI (written unless a complete one with the same parameters is there) and its
     description."""
-    from mysproj.data.shapes import write_dataset
 
     shape = SHAPES[args.dataset_shape]
     desc = {"dataset": shape.dataset, "classes": len(shape.counts(args.classes, args.per_class)["train"]),
@@ -106,9 +110,6 @@ def fixture(args, work: str) -> tuple[str, dict]:
 
 
 def pipeline_config(args, root: str, source: str):
-    from mysproj.config.fields import load_config
-    from mysproj.pipeline.dag import PipelineConfig
-
     shape = SHAPES[args.dataset_shape]
     ds = shape.dataset
     # as a user's run with the resumable checkpoints of a 7B full fine-tune (fp32 weights and Adam state) switched off
@@ -148,8 +149,6 @@ class EventLog:
 
 
 def rows(outcome, root: str) -> list[dict]:
-    from mysproj.storage import join
-
     out = []
     for e in sorted(outcome.events, key=lambda e: (e.start is None, e.start or 0.0)):
         m = outcome.manifests.get(e.name) or {}
@@ -187,9 +186,6 @@ def table(result: dict) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from mysproj.bench.s3_server import seaweedfs
-    from mysproj.storage import join, remove
-
     for flag in ("classes", "per_class", "gpus", "finetune_gpus"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise BadInput(f"--{flag.replace('_', '-')} must be >= 1")
@@ -206,9 +202,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run(args, work: str, root: str, source: str, desc: dict) -> int:
-    from mysproj.bench.measurement import card_name
-    from mysproj.pipeline import local, stage_times
-    from mysproj.storage import write_text
+    from mysproj.bench.measurement import card_name  # noqa: PLC0415 - torch side: the card's name, once the run is done
 
     cfg = pipeline_config(args, root, source)
     gpus = args.gpus if args.gpus is not None else max(1, local.visible_gpus())

@@ -13,27 +13,31 @@ import logging
 import os
 import tempfile
 
+import torch
+
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
 from mysproj.bench.eval_clip import synthetic_prepared
 from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
+from mysproj.data.images import expand2square, open_rgb
+from mysproj.evaluation.batches import image_batches
+from mysproj.models.conversation import image_transform
+from mysproj.models.presets import build_random_llava
+from mysproj.speed.llava import dtype_for
+from mysproj.stages import probe
 
 log = logging.getLogger("mysproj.bench")
 UNIQUE_IMAGES = 256
 
 
 def build_model(args, dtype):
-    from mysproj.models.presets import build_random_llava
-
     model, _, processor = build_random_llava(args.preset, seed=args.seed, dtype=str(dtype).split(".")[-1],
                                              device=args.device)
     return model.eval(), processor
 
 
 def run(args) -> BenchReport:
-    from mysproj.speed.llava import dtype_for
-
     workers = os.cpu_count() or 1
     dtype = dtype_for("auto", args.device)
     with tempfile.TemporaryDirectory(prefix="mysproj-bench-probe-") as tmp:
@@ -56,12 +60,6 @@ def run(args) -> BenchReport:
 
 
 def _ours(args, model, processor, paths, n: int, workers: int) -> Measurement:
-    import torch
-
-    from mysproj.evaluation.batches import image_batches
-    from mysproj.models.conversation import image_transform
-    from mysproj.stages import probe
-
     data, samples = synthetic_prepared(paths, n)
     transform = image_transform(processor, "pad")
     batches = iter(image_batches(data, samples, transform, args.batch_size, workers))
@@ -80,10 +78,6 @@ def _ours(args, model, processor, paths, n: int, workers: int) -> Measurement:
 
 
 def _baseline(args, paths) -> Measurement:
-    import torch
-
-    from mysproj.data.images import expand2square, open_rgb
-
     model, processor = build_model(args, torch.bfloat16 if args.device == "cuda" else torch.float32)
     cfg = model.config
     background = tuple(int(x * 255) for x in processor.image_mean)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 KINDS = (  # first match wins; names are lower-cased kernel or operator names. Inductor names its kernels after
     # the ops they fuse ("triton_poi_fused__scaled_dot_product_..."), and cuDNN's attention kernels carry "sm90", so
     # Triton goes first and attention before the matmuls.
@@ -33,8 +36,6 @@ def kernel_kind(name: str) -> str:
 
 def profile_step(step: Callable[[], object], device: str) -> dict:
     """Run `step()` once under the profiler; returns {"ms": total, "kinds": {kind: ms}, "top": [[ms, calls, name]]}."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]

@@ -15,6 +15,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+import botocore.session
+
 from mysproj.errors import BadInput
 
 _PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
@@ -45,8 +47,6 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _ready(endpoint: str, deadline: float, proc: subprocess.Popen, logs: str) -> None:
-    import botocore.session
-
     s3 = botocore.session.get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1")
     while True:
         if proc.poll() is not None:
@@ -115,7 +115,6 @@ def seaweedfs(folder: str, bucket: str):
     try:
         os.environ.update({**creds, "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"})
         _ready(endpoint, time.monotonic() + 120, proc, logs)
-        import botocore.session
 
         s3 = botocore.session.get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1")
         if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:

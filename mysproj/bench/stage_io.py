@@ -14,15 +14,17 @@ import os
 import shutil
 import time
 
+import torch
+
 from mysproj.config.registry import summary_of
+from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL
+from mysproj.models.loading import load_llava
+from mysproj.models.vision_only import load_vision
+from mysproj.stages.registry import run, stage_config
 
 
 def _projector_file(base: str, path: str) -> None:
     """A bare mm_projector.bin of the base's shapes (random values, the base's dtype)."""
-    import torch
-
-    from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL
-    from mysproj.models.vision_only import load_vision
 
     state = load_vision(base).model.state_dict()  # the projector's shapes and dtype, without reading the LLM
     g = torch.Generator().manual_seed(0)
@@ -31,16 +33,12 @@ def _projector_file(base: str, path: str) -> None:
 
 
 def _stage(name: str, **fields) -> dict:
-    from mysproj.stages.registry import run, stage_config
-
     manifest = run(name, stage_config(name, fields, env=os.environ))
     return {"stage": name, **{k: v for k, v in fields.items() if k not in ("out", "base", "projector")},
             "seconds": summary_of(manifest).seconds, "reused": summary_of(manifest).get("reused")}
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llava-1.5-7b")
     p.add_argument("--root", required=True, help="a scratch folder (removed afterwards)")
@@ -53,8 +51,6 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(_stage("merge", base=f"{root}/base", projector=f"{root}/mm_projector.bin",
                                     out=f"{root}/merge-{reuse}", reuse_base=reuse)), flush=True)
         if torch.cuda.is_available():
-            from mysproj.models.loading import load_llava
-
             for direct in (False, True, False, True):  # twice each: the first pair also warms the page cache
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -64,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
                                   "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
                 del model
                 torch.cuda.empty_cache()
-            from mysproj.models.vision_only import load_vision
 
             torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -9,7 +9,12 @@ classification question after it, and the answer (label + `</s>`) last.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
 
 TEXT_BEFORE_IMAGE = 35  # "<s> A chat between ... questions. USER:" in Vicuna's tokenizer
 
@@ -32,16 +37,12 @@ class TokenLayout:
 
 
 def rng(seed: int):
-    import numpy as np
-
     return np.random.default_rng(seed)
 
 
 def random_images(n: int, width: int, height: int, seed: int = 0) -> list:
     """`n` PIL RGB images of smooth random colour fields plus noise (JPEG-compressible like photos, so encoded
     sizes and decode cost are realistic; pure noise would be several times larger)."""
-    import numpy as np
-    from PIL import Image
 
     g = rng(seed)
     images = []
@@ -64,7 +65,6 @@ def jpeg_bytes(images, quality: int = 90) -> list[bytes]:
 
 def write_jpegs(folder: str, n: int, width: int, height: int, seed: int = 0) -> list[str]:
     """`n` JPEG files under `folder` (the paths the released code's pipeline call and the stage's decoder read)."""
-    import os
 
     os.makedirs(folder, exist_ok=True)
     paths = []
@@ -81,7 +81,6 @@ def token_batch(config, layout: TokenLayout, batch: int, seed: int = 0, *, label
     times after `layout.before_image` text tokens (the same in every row and every batch: one system prompt), an
     all-ones `attention_mask` and, with `labels`, labels that supervise only the last `layout.answer` tokens
     (-100 elsewhere, as the training collator masks the prompt)."""
-    import torch
 
     text_cfg = config.text_config
     image_id = config.image_token_index
@@ -111,7 +110,6 @@ def token_batch(config, layout: TokenLayout, batch: int, seed: int = 0, *, label
 def pixel_batch(config, batch: int, seed: int = 0, dtype=None):
     """Normalised pixel values [batch, 3, S, S] as the CLIP processor would give (for steps that do not measure
     decode: the training step and the eval batch function receive preprocessed tensors from their loaders)."""
-    import torch
 
     size = config.vision_config.image_size
     g = torch.Generator().manual_seed(seed)

@@ -8,10 +8,15 @@ min/max kept so a noisy run is visible. Peak memory is `torch.cuda.max_memory_al
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
+
+from mysproj.bench.profile import profile_step
 
 
 @dataclass
@@ -31,8 +36,6 @@ class Timing:
 
 
 def synchronize(device: str) -> None:
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -48,7 +51,6 @@ def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps
     draining it every step would serialise the overlap being measured; a step's time is the interval between
     consecutive results, so the steps add up to the run) or "auto" (events on CUDA, wall on CPU). `profile`: one
     more step afterwards, untimed, under the profiler (`Timing.profile`)."""
-    import torch
 
     if steps < 1:
         raise ValueError("steps must be >= 1")
@@ -86,17 +88,12 @@ def time_steps(step: Callable[[int], object], *, device: str, warmup: int, steps
     if cuda:
         timing.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        from mysproj.bench.profile import profile_step
-
         timing.profile = profile_step(lambda: step(warmup + steps), device)
     return timing
 
 
 def free_memory(device: str) -> None:
     """Drop cached blocks between ours and the baseline so one's peak does not hide in the other's numbers."""
-    import gc
-
-    import torch
 
     gc.collect()
     if device.startswith("cuda"):

@@ -6,11 +6,14 @@ LLaVA's CLI does. Sampling defaults are that CLI's (temperature 0.2, 512 new tok
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from mysproj.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from mysproj.errors import BadInput
+from mysproj.storage import read_bytes
 
 
 def add_command(sub, parser_class) -> None:
@@ -41,7 +44,7 @@ class Session:
 
     def prompt(self, question: str) -> str:
         """The llava_v1 conversation with the image in the first user turn (SeparatorStyle.TWO)."""
-        from mysproj.models.conversation import SYSTEM_LLAVA_V1, v1_text
+        from mysproj.models.conversation import SYSTEM_LLAVA_V1, v1_text  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
 
         turns = [*self.history, (question, None)]
         return v1_text(SYSTEM_LLAVA_V1, [(f"<image>\n{q}" if i == 0 else q, a) for i, (q, a) in enumerate(turns)])
@@ -51,9 +54,8 @@ def quantization(load_4bit: bool, load_8bit: bool):
     """A BitsAndBytesConfig, or None; BadInput with what is missing where quantization cannot work."""
     if not (load_4bit or load_8bit):
         return None
-    import importlib.util
 
-    import torch
+    import torch  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
 
     flag = "--load-4bit" if load_4bit else "--load-8bit"
     missing = [what for what, ok in (("the bitsandbytes package (pip install bitsandbytes)",
@@ -62,7 +64,7 @@ def quantization(load_4bit: bool, load_8bit: bool):
     if missing:
         raise BadInput(f"{flag} needs {' and '.join(missing)}; run without {flag} to load the full-precision "
                        f"weights")
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
 
     if load_4bit:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16,
@@ -72,17 +74,15 @@ def quantization(load_4bit: bool, load_8bit: bool):
 
 def open_session(model_uri: str, image_uri: str, *, vision_tower: str | None = None, aspect: str = "pad",
                  load_4bit: bool = False, load_8bit: bool = False, max_pixels: int | None = None) -> Session:
-    import torch
+    import torch  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
 
-    from mysproj.data.images import DEFAULT_MAX_PIXELS, open_rgb
-    from mysproj.models.conversation import pixel_values
-    from mysproj.storage import read_bytes
+    from mysproj.models.conversation import pixel_values  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
 
     quant = quantization(load_4bit, load_8bit)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     image = open_rgb(read_bytes(image_uri), name=image_uri, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     if quant is None:
-        from mysproj.models.loading import load_llava
+        from mysproj.models.loading import load_llava  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
 
         loaded = load_llava(model_uri, device=device, dtype=torch.float16 if device == "cuda" else None,
                             vision_tower=vision_tower)
@@ -94,13 +94,14 @@ def open_session(model_uri: str, image_uri: str, *, vision_tower: str | None = N
 
 
 def _load_quantized(model_uri: str, quant):
-    import torch
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+    import torch  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
 
-    from mysproj.models.loading import _read_config, is_original_layout, materialize
+    from mysproj.models.loading import is_original_layout, materialize  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
+    from mysproj.models.original_layout import read_model_config  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
 
     folder, _ = materialize(model_uri)
-    if is_original_layout(_read_config(folder, model_uri)):
+    if is_original_layout(read_model_config(folder, model_uri)):
         raise BadInput(f"{model_uri}: 4/8-bit loading needs an HF-layout model (convert the original layout with "
                        f"`mysproj merge` or load it without quantization)")
     model = LlavaForConditionalGeneration.from_pretrained(folder, quantization_config=quant, dtype=torch.float16,
@@ -112,10 +113,10 @@ def _load_quantized(model_uri: str, quant):
 def answer(session: Session, question: str, *, temperature: float = 0.2, max_new_tokens: int = 512,
            streamer=None) -> str:
     """Generate (streaming into `streamer` when given), record the turn, return the answer text."""
-    import torch
-    from transformers import GenerationConfig
+    import torch  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
+    from transformers import GenerationConfig  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
 
-    from mysproj.models.prompt_ids import prompt_ids
+    from mysproj.models.prompt_ids import prompt_ids  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
 
     tok, cfg = session.tokenizer, session.model.config
     ids = torch.tensor([prompt_ids(tok, session.prompt(question), cfg.image_token_id, cfg.image_seq_length)],
@@ -133,7 +134,7 @@ def answer(session: Session, question: str, *, temperature: float = 0.2, max_new
 
 
 def _run(ns) -> int:
-    from transformers import TextStreamer
+    from transformers import TextStreamer  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
 
     session = open_session(ns.model, ns.image, vision_tower=ns.vision_tower, aspect=ns.image_aspect_ratio,
                            load_4bit=ns.load_4bit, load_8bit=ns.load_8bit, max_pixels=ns.max_image_pixels)

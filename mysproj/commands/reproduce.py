@@ -20,9 +20,16 @@ import re
 import sys
 from pathlib import Path
 
+from mysproj.config.fields import read_values
 from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
+from mysproj.kube import bucket, watch
 from mysproj.kube import helm as H
+from mysproj.kube.cluster import Cluster
+from mysproj.kube.controller import read_pipeline
+from mysproj.kube.table import find_configmap
+from mysproj.report import comparison
+from mysproj.report.fetch import fetch_report, table1_text
 
 EXIT_MISMATCH = 1
 EXIT_RUN_FAILED = 2
@@ -64,16 +71,11 @@ def add_command(sub, parser_class) -> None:
 
 
 def run(ns, out=print) -> int:
-    from mysproj.kube import bucket
-    from mysproj.kube.cluster import Cluster
-    from mysproj.kube.controller import read_pipeline
-    from mysproj.kube.table import find_configmap
-
     if not _DATASET.match(ns.dataset):
         raise BadInput(f"--dataset {ns.dataset!r}: expected a dataset name such as dtd")
     chart = Path(ns.chart)
     vfile = H.values_file(ns.dataset, ns.values, chart)
-    tolerance = H.release_tolerance(H.read_values(vfile), chart, ns.tolerance)
+    tolerance = H.release_tolerance(read_values(vfile), chart, ns.tolerance)
     seeds = parse_seeds(ns.seeds)
     release = H.check_release(ns.release or H.default_release(ns.dataset))
     cluster = Cluster(ns.namespace, ns.context)
@@ -99,9 +101,6 @@ def run(ns, out=print) -> int:
 
 def _follow(ns, out, cluster, release: str, root: str, tolerance: float) -> int:
     """Wait for the run, then fetch its report and compare it with the paper's; the exit code says how it went."""
-    from mysproj.kube import watch
-    from mysproj.report import comparison
-    from mysproj.report.fetch import fetch_report, table1_text
 
     namespace = cluster.namespace
     state, rows = watch.wait(cluster, release, ns.timeout, ns.interval, out)

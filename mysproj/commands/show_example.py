@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
+from mysproj.config.recipes import stage_fields
+from mysproj.data.prepared import PreparedData
 from mysproj.errors import BadInput
 from mysproj.models import integrity
+from mysproj.storage import cache
+from mysproj.storage import uri as U
+from mysproj.storage.manifest import MANIFEST, StageInput
 
 WEIGHT_SUFFIXES = integrity.WEIGHT_SUFFIXES + (".safetensors.index.json", ".bin.index.json")
 
@@ -40,9 +46,6 @@ def add_command(sub, parser_class) -> None:
 def tokenizer_folder(uri: str) -> str:
     """A local folder with the model's config and tokenizer files, without its weights (a local stage output:
     its own folder, only those files verified)."""
-    from mysproj.storage import cache
-    from mysproj.storage import uri as U
-    from mysproj.storage.manifest import MANIFEST, StageInput
 
     uri = str(uri).rstrip("/")
     inp = StageInput.if_complete(uri)
@@ -65,9 +68,9 @@ def tokenizer_folder(uri: str) -> str:
 def load_tokenizer(uri: str):
     """(tokenizer, image token id) of a LLaVA model in the HF or the original layout (`<image>` added to an
     original-layout tokenizer as the conversion to the HF layout adds it)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 - torch: the CLI imports this module to build its arguments
 
-    from mysproj.models.tokenizer import IMAGE_TOKEN, ensure_llava_tokens
+    from mysproj.models.tokenizer import IMAGE_TOKEN, ensure_llava_tokens  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
 
     folder = tokenizer_folder(uri)
     try:
@@ -84,13 +87,10 @@ def load_tokenizer(uri: str):
 def choices(model: str, split: str, recipe: str = "paper", strategy: str = "projector") -> dict:
     """The recipe's values of the stage this split feeds (finetune for train, eval-llava for test); for test also
     where answers stop (`stop=auto` read from the fine-tune behind `model`)."""
-    from types import SimpleNamespace
-
-    from mysproj.config.recipes import stage_fields
 
     if split == "train":
         return stage_fields(recipe, "finetune", strategy)
-    from mysproj.evaluation.decoding import resolve_stop
+    from mysproj.evaluation.decoding import resolve_stop  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
 
     return {**stage_fields(recipe, "eval-llava"), "stop": resolve_stop(SimpleNamespace(stop="auto", model=model))}
 
@@ -98,9 +98,8 @@ def choices(model: str, split: str, recipe: str = "paper", strategy: str = "proj
 def example(model: str, data: str, split: str = "train", index: int = 0, conv: str = "v1",
             max_length: int = 2048) -> dict:
     """{"text", "input_ids", "labels" (train only), "split", "conv"} of record `index` of `llava_<split>.json`."""
-    from mysproj.data.prepared import PreparedData
-    from mysproj.models.conversation import EVAL_CONV, TRAIN_CONVS, llava_v1_prompt, training_example
-    from mysproj.models.prompt_ids import prompt_ids
+    from mysproj.models.conversation import EVAL_CONV, TRAIN_CONVS, llava_v1_prompt, training_example  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
+    from mysproj.models.prompt_ids import prompt_ids  # noqa: PLC0415 - torch side: the CLI imports this module to build its arguments
 
     records = PreparedData(data).llava_records(split)
     if not 0 <= index < len(records):

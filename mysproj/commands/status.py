@@ -3,6 +3,9 @@ is `mysproj.kube.table`'s, the polling `mysproj.kube.watch`'s, the logs `mysproj
 
 from __future__ import annotations
 
+from mysproj.kube import logs, watch
+from mysproj.kube.cluster import Cluster
+
 
 def add_command(sub, parser_class) -> None:
     p = sub.add_parser("status", help="one row per stage Job of a Kubernetes run: state, start, duration, progress")
@@ -23,14 +26,8 @@ def add_command(sub, parser_class) -> None:
 
 
 def _status(ns) -> int:
-    from mysproj.kube import watch
-    from mysproj.kube.cluster import Cluster
-
     return watch.show(Cluster(ns.namespace, ns.context), ns.release, watch=ns.watch, interval=ns.interval)
 
 
 def _logs(ns) -> int:
-    from mysproj.kube import logs
-    from mysproj.kube.cluster import Cluster
-
     return logs.logs(Cluster(ns.namespace, ns.context), ns.release, ns.stage, tail=ns.tail)

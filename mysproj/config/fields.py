@@ -11,16 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
 import json
 import logging
 import math
-import os
 import types
 import typing
 from typing import Any
 
+import yaml
+
 from mysproj.errors import BadInput, has_uri_credentials, redact
+from mysproj.storage import read_text
+from mysproj.storage.config_key import config_hash, config_to_dict, input_fields  # noqa: F401 - the config API
 
 log = logging.getLogger(__name__)
 ENV_PREFIX = "MYSPROJ_"
@@ -40,8 +42,6 @@ NON_FIELD_ENV = {
     "MYSPROJ_LEASE_WAIT_SECONDS": "how long a writer waits for another's output lease (mysproj/storage/lease.py)",
     "MYSPROJ_JOB_NAME": "the stage Job's name (failure records)",
     "MYSPROJ_NODE": "the DAG node a stage Job runs (failure records)",
-    "MYSPROJ_BENCH": "benchmark Job switch (chart)",
-    "MYSPROJ_BENCH_ARGS": "benchmark Job arguments (chart)",
     "MYSPROJ_REGISTRY": "image registry prefix (CI)",
     "MYSPROJ_KUBECONFIG": "kubeconfig secret (CI)",
     "MYSPROJ_S3_ACCESS_KEY_ID": "bucket credentials (CI secret)",
@@ -151,11 +151,6 @@ def _type_name(tp) -> str:
     return f"{name} or none" if optional else name
 
 
-def input_fields(cfg) -> dict[str, Any]:
-    """{name: URI or list of URIs} of the fields declared `input=True`."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("input")}
-
-
 def field_fetch_content(cfg, name: str) -> str | None:
     """What an origin URI given for input field `name` holds (`opt(fetch=...)`), or None where none is accepted."""
     return next(f.metadata.get("fetch") for f in dataclasses.fields(cfg) if f.name == name)
@@ -194,13 +189,17 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def register_config_classes(*classes: type) -> None:
+    """Make every field of `classes` a known variable for `warn_unknown_env` (config.stages registers every stage's
+    config when the config package is imported, so they are known whichever one is being loaded)."""
+    _CONFIG_CLASSES.update(classes)
+
+
 def warn_unknown_env(env: typing.Mapping[str, str]) -> None:
     """Warn once per process about each MYSPROJ_* variable that is neither a field of any config class nor in
     NON_FIELD_ENV, naming the closest known name: a misspelt variable would otherwise be ignored silently."""
-    from mysproj.config import stages  # the stage configs are always known, whichever one is being loaded
-
     known = set(NON_FIELD_ENV)
-    for cls in _CONFIG_CLASSES | {c for c in vars(stages).values() if dataclasses.is_dataclass(c)}:
+    for cls in _CONFIG_CLASSES:
         known.update(env_name(f.name) for f in dataclasses.fields(cls))
     for name in sorted(env):
         if name.startswith(ENV_PREFIX) and name not in known and name not in _WARNED_ENV:
@@ -229,13 +228,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def load_config(cls, *, yaml_file: str | None = None, cli: dict[str, Any] | None = None,
                 env: typing.Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None):
-    """Build and validate `cls` from default < YAML < env < overrides < CLI."""
+    """Build and validate `cls` from default < YAML < env < overrides < CLI. One rule for the environment, the
+    same for every command: `MYSPROJ_<FIELD>` variables count only where a command's face passes `env=os.environ`
+    (a stage command, a Job's entry point, `mysproj run` for the pipeline's own fields); without `env` nothing is
+    read from the process environment, so a DAG node's or a benchmark's config is exactly what it is given."""
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     raw: dict[str, Any] = {}
     if yaml_file:
         raw.update(_read_yaml(yaml_file, names, cls.__name__))
-    env = os.environ if env is None else env
+    env = {} if env is None else env
     _CONFIG_CLASSES.add(cls)
     warn_unknown_env(env)
     for name in names:
@@ -261,8 +263,6 @@ def load_config(cls, *, yaml_file: str | None = None, cli: dict[str, Any] | None
 
 
 def _read_yaml(path: str, names: set[str], cls_name: str) -> dict[str, Any]:
-    from mysproj.storage import read_text
-
     data = load_yaml(read_text(path), path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of field: value at the top level")
@@ -285,7 +285,6 @@ def closest(name: str, known: typing.Iterable[str]) -> str:
 def _no_alias_loader():
     """`yaml.SafeLoader` without aliases: a few bytes of `&a [*b, *b, ...]` expand to gigabytes (a "billion
     laughs"), and no config of this project needs one."""
-    import yaml
 
     class Loader(yaml.SafeLoader):
         def compose_node(self, parent, index):
@@ -301,7 +300,6 @@ def _no_alias_loader():
 
 def load_yaml(text: str, path: str, error=None):
     """`text` of config file `path` parsed safely (no aliases); one `error` (default `ConfigError`) line otherwise."""
-    import yaml
 
     error = error or ConfigError
     try:
@@ -313,19 +311,10 @@ def load_yaml(text: str, path: str, error=None):
         raise error(f"config file {path}: not valid YAML{where}: {what}; fix it") from None
 
 
-def config_to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def read_values(path) -> dict:
+    """A Helm values file of the chart (a path or a storage URI) as a mapping."""
 
-
-def config_hash(cfg) -> str:
-    """Hash of the fields that change a stage's result (output locations, operational knobs and input URIs
-    excluded: inputs count by their content, `StageOutput.inputs`, so a path spelt another way or a moved run root
-    re-runs nothing), and of the config class's RESULT_VERSION where it sets one (raised when the same fields
-    come to give other results)."""
-    hashed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-              if f.metadata.get("hashed", True) and f.name != "out" and not f.metadata.get("input")}
-    version = getattr(type(cfg), "RESULT_VERSION", None)
-    if version is not None:
-        hashed["_result_version"] = version
-    blob = json.dumps(hashed, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    values = load_yaml(read_text(str(path)), str(path), BadInput) or {}
+    if not isinstance(values, dict):
+        raise BadInput(f"{path}: a values file must be a YAML mapping")
+    return values

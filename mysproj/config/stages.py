@@ -7,11 +7,12 @@ Defaults follow the paper's text; every question the paper and its released code
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 from mysproj.config.datasets import RECORDS
-from mysproj.config.fields import ConfigError, opt
+from mysproj.config.fields import ConfigError, opt, register_config_classes
 
 CRISISMMD_DEFAULT_CLASSES = ["affected_individuals", "infrastructure_and_utility_damage",
                              "rescue_volunteering_or_donation_effort", "vehicle_damage"]
@@ -402,3 +403,6 @@ class ReportConfig:
     def check(self) -> None:
         if not self.runs:
             raise ConfigError("config field 'runs' is empty: pass --runs URI[,URI...]")
+
+
+register_config_classes(*(c for c in list(globals().values()) if isinstance(c, type) and dataclasses.is_dataclass(c)))

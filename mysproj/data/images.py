@@ -12,6 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+from PIL import Image, ImageOps
+
 from mysproj.errors import BadInput
 
 if TYPE_CHECKING:
@@ -20,10 +23,6 @@ if TYPE_CHECKING:
 # CLIP's per-channel mean; LLaVA fills the padding with it scaled to 0..255 -> (122, 116, 104).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_MEAN_RGB = tuple(int(x * 255) for x in CLIP_MEAN)
-
-# Files with these extensions are expected to be images; anything else is still tried, and reported if it
-# does not decode ("not an image").
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Decompression-bomb guard: an image declaring more pixels than this in its header is refused before it is
 # decoded (prep's `max_image_pixels` sets it for a dataset; PreparedData passes prep's value on).
@@ -35,8 +34,6 @@ class BadImage(BadInput):
 
 
 def _pil():
-    from PIL import Image
-
     # PIL's own guard only raises at twice its limit and only warns below; `open_rgb` checks the header
     # against an exact limit itself, before any pixel is decoded.
     Image.MAX_IMAGE_PIXELS = None
@@ -79,7 +76,6 @@ def to_rgb(img):
     float images (0..1) to black; those are scaled to 0..255 here (16-bit and 32-bit integers from 0..65535, floats
     from 0..1 where they lie in it). Transparent pixels (RGBA, LA, a palette with transparency) are composited onto
     white instead of showing whatever colour they hide."""
-    import numpy as np
 
     Image = _pil()
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
@@ -156,6 +152,4 @@ class ExifUpright:
         self.transform = transform
 
     def __call__(self, img):
-        from PIL import ImageOps
-
         return self.transform(ImageOps.exif_transpose(img))

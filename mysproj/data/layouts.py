@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 
 ImageSource = Callable[[int], bytes]
 CRISISMMD_TSV_HEADER = ["event_name", "tweet_id", "image_id", "tweet_text", "image", "label", "label_text",
@@ -34,7 +35,6 @@ def write_images(files: list[tuple[str, int]], image: ImageSource, workers: int 
         for job in jobs:
             _encode(job)
         return
-    from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers) as pool:
         for _ in pool.map(_encode, jobs, chunksize=max(1, len(jobs) // (workers * 8))):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow.parquet as pq
+
+from mysproj.data.images import DEFAULT_MAX_PIXELS, open_rgb
 from mysproj.storage import cache
 from mysproj.storage.manifest import StageInput
 
@@ -40,8 +43,6 @@ class PreparedData:
 
     def _samples_table(self):
         if self._table is None:
-            import pyarrow.parquet as pq
-
             self._table = pq.read_table(self.input.local_path("samples.parquet")).to_pylist()
         return self._table
 
@@ -60,6 +61,4 @@ class PreparedData:
         return cache.fetch(sample.image, sample.sha256)
 
     def open_image(self, sample: Sample):
-        from mysproj.data.images import DEFAULT_MAX_PIXELS, open_rgb
-
         return open_rgb(self.local_image(sample), max_pixels=self.max_pixels or DEFAULT_MAX_PIXELS)

@@ -13,6 +13,9 @@ import functools
 import io
 import os
 
+import numpy as np
+from PIL import Image
+
 from mysproj.config.dataset_shapes import Shape
 from mysproj.config.datasets import RECORDS
 from mysproj.data import layouts
@@ -29,8 +32,7 @@ SHAPES: dict[str, Shape] = {name: d.fixture for name, d in RECORDS.items() if d.
 
 @functools.cache
 def _photo(name: str):
-    import numpy as np
-    from skimage import data
+    from skimage import data  # noqa: PLC0415 - only the embedded texture photos
 
     img = getattr(data, name)()
     img = img[0] if isinstance(img, tuple) else img  # stereo pairs: the left view
@@ -42,8 +44,6 @@ def _photo(name: str):
 def photo_jpeg(n: int, sides: tuple[int, int] = (300, 640), seed: int = 0) -> bytes:
     """A photo-like JPEG for index `n`: a random crop of a scikit-image photo, zoomed, flipped and tinted, of a
     random size within `sides` (the same bytes for the same arguments)."""
-    import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng([seed, n])
     src = _photo(PHOTOS[int(rng.integers(len(PHOTOS)))])

@@ -69,7 +69,3 @@ class AnswerParser:
             return Parsed(None, "unparsed")
         best = [k for k, v in scores.items() if v == top]
         return Parsed(self.by_norm[best[0]], "close") if len(best) == 1 else Parsed(None, "unparsed")
-
-
-def parse_answer(answer: str, classes: list[str], close_match: float = 0.8) -> Parsed:
-    return AnswerParser(classes, close_match)(answer)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+from torch.utils.data import DataLoader
+
 from mysproj.data.image_checks import effective_workers
 from mysproj.errors import worker_errors
 
@@ -40,8 +43,6 @@ def decode_workers(requested: int) -> int:
 
 def image_batches(data, samples, transform: Callable | None, batch_size: int, workers: int):
     """Yield (list of transformed images, list of sample indices) in sample order."""
-    import torch
-    from torch.utils.data import DataLoader
 
     workers = decode_workers(workers)
     loader = DataLoader(SampleImages(data, samples, transform), batch_size=batch_size, shuffle=False,

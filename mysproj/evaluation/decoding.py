@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 
+import torch
+from transformers import GenerationConfig, StoppingCriteriaList
+
+from mysproj.config.lineage import finetune_config
+
 log = logging.getLogger(__name__)
-STOPS = ("auto", "eos", "newline")
 # cli.py sets no top_k: the transformers it pinned (4.37) then kept the 50 most likely tokens (GenerationConfig's
 # default then; transformers 5 leaves it unset)
 SAMPLING_TOP_K = 50
@@ -25,7 +29,6 @@ def resolve_stop(cfg) -> str:
     """`eos` or `newline`: `auto` reads the fine-tune behind the model (its own manifest, or through a merge)."""
     if cfg.stop != "auto":
         return cfg.stop
-    from mysproj.storage.lineage import finetune_config
 
     tuned = finetune_config(cfg.model, {})
     return "newline" if tuned is not None and tuned.get("conv") == "plain" else "eos"
@@ -64,8 +67,6 @@ class _RowsStop:
         self.stop, self.width, self.ends = stop, width, {}
 
     def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
         done = []
         for r, row in enumerate(input_ids):
             if r not in self.ends and self.stop(row[self.width:-1].tolist(), int(row[-1])):
@@ -78,8 +79,6 @@ def generate(model, batch, pixel_values, max_new_tokens: int, pad_id: int, token
              top_p: float | None = None, seed: int | None = None, stop: NewlineStop | None = None) -> list[str]:
     """Answers (text after the prompt, special tokens dropped) of transformers' generate for a left-padded batch:
     greedy, or sampled at `temperature` (and `top_p`) from `seed` (one generator state per batch)."""
-    import torch
-    from transformers import GenerationConfig, StoppingCriteriaList
 
     sample = temperature > 0
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1, pad_token_id=pad_id,

@@ -18,12 +18,20 @@ PIL in the main process.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from mysproj.data.images import ExifUpright, exif_orientation, open_rgb
 from mysproj.errors import BadInput, worker_errors
 from mysproj.evaluation.batches import decode_workers
 
@@ -48,7 +56,6 @@ class PixelSpec:
 def pixel_spec(preprocess: Callable) -> PixelSpec:
     """Read the spec off a loaded CLIP's `preprocess` (a torchvision Compose from open_clip, or `load_clip`'s
     wrapper around an HF `CLIPImageProcessor`); `BadInput` if it does something the tensor path does not."""
-    import inspect
 
     if inspect.isfunction(preprocess):
         processor = inspect.getclosurevars(preprocess).nonlocals.get("processor")
@@ -71,8 +78,6 @@ def _mode(interpolation: int | str) -> str:
 
 
 def _torchvision_spec(preprocess) -> PixelSpec:
-    from torchvision import transforms as T
-
     found = {}
     passive = ("MaybeConvertMode", "MaybeToTensor", "ToTensor", "_convert_to_rgb")
     for t in getattr(preprocess, "transforms", None) or [preprocess]:
@@ -122,8 +127,6 @@ def _offset(size: int, crop: int, floor: bool) -> int:
 
 
 def _resample(x, size: tuple[int, int], mode: str):
-    import torch.nn.functional as F
-
     return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True).clamp_(0, 255).round_()
 
 
@@ -144,7 +147,6 @@ def resize_crop(x, spec: PixelSpec):
 
 def normalise(x, spec: PixelSpec):
     """ToTensor's /255 then Normalize, in the same order of float32 operations."""
-    import torch
 
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device)[:, None, None]
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device)[:, None, None]
@@ -153,7 +155,6 @@ def normalise(x, spec: PixelSpec):
 
 def preprocess_decoded(images: list, spec: PixelSpec):
     """Decoded [3, h, w] uint8 images (any sizes, one device) -> [n, 3, *crop] float32 model input."""
-    import torch
 
     out = torch.empty((len(images), 3, *spec.crop), device=images[0].device)
     by_size = defaultdict(list)
@@ -197,7 +198,6 @@ def is_device_jpeg(raw: bytes) -> bool:
 def decode_jpegs(blobs: list, device) -> list:
     """[3, H, W] uint8 RGB images on `device`, None for a file the decoder refuses (one bad file fails a
     whole batched call, so the batch is then decoded file by file)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
@@ -235,8 +235,6 @@ class EncodedImages:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from mysproj.data.images import ExifUpright, exif_orientation, open_rgb
-
         path = self.data.local_image(self.samples[i])
         with open(path, "rb") as f:
             raw = f.read()
@@ -247,8 +245,6 @@ class EncodedImages:
 
 
 def collate_encoded(items) -> EncodedBatch:
-    import torch
-
     jpegs = [(k, path, raw) for k, (_, path, raw, _) in enumerate(items) if raw is not None]
     pil = [(k, px) for k, (_, _, _, px) in enumerate(items) if px is not None]
     blob = bytearray().join(raw for _, _, raw in jpegs)
@@ -269,9 +265,6 @@ class DeviceBatches:
         self.device_images = self.pil_images = 0
 
     def __iter__(self) -> Iterator[tuple]:
-        import torch
-        from torch.utils.data import DataLoader
-
         # No pin_memory: the JPEG bytes go to the decoder, which stages them in its own pinned buffers.
         loader = DataLoader(EncodedImages(self.data, self.samples, self.preprocess), batch_size=self.batch_size,
                             shuffle=False, num_workers=self.workers, collate_fn=collate_encoded,
@@ -290,10 +283,6 @@ class DeviceBatches:
             yield pixels, batch.indices
 
     def decode(self, batch: EncodedBatch):
-        import torch
-
-        from mysproj.data.images import ExifUpright, open_rgb
-
         out = torch.empty((len(batch.indices), 3, *self.spec.crop), device=self.device)
         rows = list(batch.pil_rows)
         if rows:

@@ -23,6 +23,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from mysproj.models.shared_prefix import SharedPrefixForward, cached_layer_step
+
 log = logging.getLogger(__name__)
 SLOT_MULTIPLE = 64  # cache slots are rounded up, so batches whose prompts differ by a few tokens share a workspace
 # GenerationConfig fields that add a logits processor to greedy search, with the values that leave it out.
@@ -37,7 +41,6 @@ def unsupported(llava) -> str | None:
     """Why this model's greedy answers cannot come from `GreedyDecoder` (None: they can): its layer functions are
     LlamaDecoderLayer's, and plain greedy search is argmax only, so a generation config that adds a logits
     processor (a repetition penalty, suppressed tokens, ...) needs transformers' generate."""
-    from mysproj.models.shared_prefix import SharedPrefixForward
 
     if not SharedPrefixForward.supports(llava):
         return "the language model is not a frozen Llama"
@@ -64,7 +67,6 @@ class Workspace:
 
 def decode_step(llava, ws: Workspace) -> None:
     """Feed `ws.tokens` and replace them with the greedy next tokens, one slot further."""
-    from mysproj.models.shared_prefix import cached_layer_step
 
     lm = llava.model.language_model
     ws.visible.index_fill_(-1, ws.slot, True)
@@ -84,8 +86,6 @@ class GreedyDecoder:
 
     def __init__(self, llava, *, eos_id: int, pad_id: int, max_rows: int, cuda_graphs: bool = False,
                  compile_prefill: bool = False):
-        from mysproj.models.shared_prefix import SharedPrefixForward
-
         self.llava, self.eos_id, self.pad_id, self.max_rows = llava, eos_id, pad_id, max_rows
         self.fast = SharedPrefixForward(llava, compile=compile_prefill)
         self.device = llava.lm_head.weight.device
@@ -96,7 +96,6 @@ class GreedyDecoder:
 
     def __call__(self, prompts: list[list[int]], pixel_values, max_new_tokens: int, stop=None) -> list[list[int]]:
         """`stop(answer_ids, token)`: a row also ends where it returns True (the token is not kept)."""
-        import torch
 
         with torch.no_grad():
             return self._decode(prompts, pixel_values, max_new_tokens, stop)
@@ -132,7 +131,6 @@ class GreedyDecoder:
 
     def workspace(self, rows: int, slots: int) -> Workspace:
         """The workspace of `rows` rows; all are rebuilt (graphs too) when a batch needs more slots."""
-        import torch
 
         if slots > self.slots:
             self.spaces.clear()
@@ -154,7 +152,6 @@ class GreedyDecoder:
     def _prefill(self, ws: Workspace, prompts, pixel_values) -> None:
         """Fill the cache with the prompts and set each row's first generated token; rows past len(prompts) copy
         row 0 (their answers are never read, but they must attend to something)."""
-        import torch
 
         n, lengths = len(prompts), [len(p) for p in prompts]
         width = max(lengths)
@@ -201,7 +198,6 @@ class GreedyDecoder:
     def _capture(self, ws: Workspace) -> None:
         """Run this step eagerly on a side stream (as CUDA graph capture asks: it also warms up cuBLAS and the
         allocator), then record the step; recording executes nothing, so the state moves on by one step only."""
-        import torch
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -224,7 +220,6 @@ class GreedyDecoder:
     def _move(self, ws: Workspace, rows: list[int]) -> Workspace:
         """The state of `rows` of `ws` copied into the smaller workspace that fits them (padded with copies of the
         first)."""
-        import torch
 
         new = self.workspace(self.bucket(len(rows)), self.slots)
         index = torch.tensor(rows + [rows[0]] * (new.rows - len(rows)), device=self.device)

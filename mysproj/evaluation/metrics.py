@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 UNPARSED = "<unparsed>"
-METRIC_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
 
 
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> dict:
@@ -21,7 +22,6 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], 
     default label set (`labels=None`), so a class absent from the test split and never predicted (PlantDoc's
     train-only class) does not add a zero -- i.e. `sklearn.metrics.f1_score(y_true, y_pred, labels=active,
     average='macro', zero_division=0)`. Unparsed answers are misses for recall, never a class of their own."""
-    import numpy as np
 
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 
 def write_predictions(out, rows: list[dict], name: str = "predictions.parquet") -> None:
     """`rows` (one dict per example) as a parquet file of the stage output `out`."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)

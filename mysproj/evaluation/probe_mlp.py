@@ -17,6 +17,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+import torch.nn as nn
+from sklearn.model_selection import train_test_split
+
 log = logging.getLogger(__name__)
 
 PRE_HIDDEN = (2000, 3600, 1024, 600, 256)
@@ -36,7 +41,6 @@ PROTOCOLS = {"paper": Protocol(lr=1e-4, batch_size=128, early_stopping=True),
 
 def build_mlp(kind: str, in_features: int, num_classes: int):
     """`kind` = "pre" or "post": Linear-ReLU stacks ending in a bare Linear to the class logits."""
-    import torch.nn as nn
 
     hidden = {"pre": PRE_HIDDEN, "post": POST_HIDDEN}[kind]
     layers: list = []
@@ -50,8 +54,6 @@ def build_mlp(kind: str, in_features: int, num_classes: int):
 
 def _validation_split(y, fraction: float, seed: int):
     """Indices (train, val); stratified when every class has at least two examples."""
-    import numpy as np
-    from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
     counts = np.bincount(y)
@@ -66,9 +68,6 @@ def _validation_split(y, fraction: float, seed: int):
 def train_probe(kind: str, x_train, y_train, num_classes: int, *, protocol: str = "paper", seed: int = 0,
                 max_epochs: int = 100, patience: int = 5, val_fraction: float = 0.1, device: str = "cpu"):
     """Train one probe; returns (model in eval mode, history dict). `x_*` float arrays, `y_*` int class ids."""
-    import numpy as np
-    import torch
-    import torch.nn as nn
 
     proto = PROTOCOLS[protocol]
     torch.manual_seed(seed)
@@ -126,9 +125,6 @@ def train_probe(kind: str, x_train, y_train, num_classes: int, *, protocol: str 
 
 
 def predict(model, x, device: str = "cpu", batch_size: int = 1024):
-    import numpy as np
-    import torch
-
     out = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from mysproj.models.conversation import SYSTEM_LLAVA_V1, llava_v1_prompt, v1_text
+from mysproj.models.prompt_ids import prompt_ids
+
 
 @dataclass
 class Batch:
@@ -22,8 +27,6 @@ class Batch:
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> Batch:
-    import torch
-
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -37,8 +40,6 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> Batch:
 def continuation_ids(tokenizer, label: str) -> list[int]:
     """The answer tokens as training supervises them: the ids that " <label></s>" adds after "ASSISTANT:" in a
     llava_v1 conversation (so a sentencepiece tokenizer's word-initial `▁` is there, and no extra one)."""
-    from mysproj.models.conversation import SYSTEM_LLAVA_V1, llava_v1_prompt, v1_text
-    from mysproj.models.prompt_ids import prompt_ids
 
     question = "Which class?"
     head = prompt_ids(tokenizer, llava_v1_prompt(question))
@@ -53,7 +54,6 @@ def _scoring_block(conts: list[list[int]], prefix_mask, dtype):
     """The input block after the prefix (2-D mask [B, L]): every continuation but its last token (`</s>`, which
     predicts nothing scored), end to end (S tokens). Returns input ids [S], offset in segment [S] and the
     additive 4-D mask [B, 1, L + S, L + S]."""
-    import torch
 
     device = prefix_mask.device
     ids, seg, off = [], [], []
@@ -81,7 +81,6 @@ def _targets(conts: list[list[int]], device):
     """For every scored token (all of every continuation, end to end): its id, its segment, and the kept logits
     row that predicts it: row 0 (the last prefix position) for a first token, else row 1 + the block index of
     the same segment's previous token."""
-    import torch
 
     tok, seg, rows, start = [], [], [], 0
     for k, c in enumerate(conts):
@@ -96,7 +95,6 @@ def score_continuations(model, batch: Batch, pixel_values, conts: list[list[int]
     """(scores [B, K] = sum of log p(continuation k | prefix), prefix next-token logits [B, V]). `fast` (a
     `SharedPrefixForward` of `model`) computes the same logits without the system prompt's rows (their keys and
     values are kept across batches) and with the last layer at the read rows only, where the batch allows."""
-    import torch
 
     if any(len(c) < 2 for c in conts):
         raise ValueError("each continuation ends with </s> after at least one label token")

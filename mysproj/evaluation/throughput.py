@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 
 class Throughput:
     """images/s over the whole loop and after the first batch (worker start-up and CUDA warm-up excluded)."""
 
     def __init__(self):
-        import time
-
         self._clock = time.monotonic
         self.t0 = self._clock()
         self.t_first = None

@@ -16,7 +16,7 @@ class Cluster:
     $KUBECONFIG / ~/.kube/config (for `mysproj status` on a laptop)."""
 
     def __init__(self, namespace: str | None = None, context: str | None = None):
-        from kubernetes import client, config
+        from kubernetes import client, config  # noqa: PLC0415 - a slow import: only commands that talk to a cluster
 
         try:
             config.load_incluster_config()
@@ -61,7 +61,7 @@ class Cluster:
 
     def create_job(self, body: dict) -> bool:
         """Create the Job; False if one of that name exists already (a restarted controller re-creating it)."""
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415 - a slow import: only commands that talk to a cluster
 
         try:
             self.batch.create_namespaced_job(self.namespace, body)
@@ -89,7 +89,7 @@ class Cluster:
 
     def create_event(self, body: dict) -> bool:
         """Create a core/v1 Event; False if one of that name exists already (told before a controller restart)."""
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415 - a slow import: only commands that talk to a cluster
 
         try:
             self.core.create_namespaced_event(self.namespace, body)
@@ -125,7 +125,3 @@ def _read(path: str) -> str | None:
             return f.read().strip() or None
     except OSError:
         return None
-
-
-def env_namespace() -> str | None:
-    return os.environ.get("MYSPROJ_NAMESPACE") or None

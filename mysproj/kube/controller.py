@@ -23,9 +23,11 @@ import yaml
 from mysproj.config.fields import load_config, opt
 from mysproj.errors import EXIT_BAD_INPUT, BadInput, redact
 from mysproj.kube import jobspec, runstate
+from mysproj.kube.cluster import Cluster
 from mysproj.kube.events import EventRecorder
 from mysproj.pipeline import dag
 from mysproj.stages.registry import node_configs
+from mysproj.tracking.mlflow_log import parent_run
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_ERRORS = 30
@@ -86,7 +88,6 @@ class Controller:
         # The run's story as Kubernetes Events on this Job (`kubectl describe job`), where there is one.
         self.events = EventRecorder(cluster, own_job, cfg.release) if own_job else None
         if pipeline.tracking.get("mlflow_uri"):  # one parent before stage Jobs start side by side
-            from mysproj.tracking.mlflow_log import parent_run
 
             parent_run(pipeline.tracking["mlflow_uri"], pipeline.tracking.get("mlflow_experiment") or "mysproj",
                        pipeline.root.rstrip("/"), {"mysproj.recipe": pipeline.recipe, "mysproj.release": cfg.release})
@@ -229,16 +230,12 @@ def _summary(states: dict[str, jobspec.JobState]) -> str:
 
 def main(cfg: ControllerConfig, cluster=None) -> int:
     if cluster is None:
-        from mysproj.kube.cluster import Cluster
-
         cluster = Cluster(namespace=cfg.namespace)
     controller = None
     try:
         controller = Controller(cfg, cluster)
         return controller.run()
-    except BadInput as e:
-        log.error("%s", e)
-        print(f"error: {redact(e)}", flush=True)
+    except BadInput as e:  # the process contract prints it and exits 64 (jobs/controller.py)
         if cfg.controller_job and not getattr(controller, "ended", False):
             # Bad values or config (found before any stage ran): end our own Job now, with the reason, as a stage
             # failure does; servers without podFailurePolicy (1.20) would otherwise restart us with backoff.
@@ -247,4 +244,4 @@ def main(cfg: ControllerConfig, cluster=None) -> int:
                 cluster.end_job(cfg.controller_job, {jobspec.ANN_FAILURE: reason[:1000]})
             except Exception as end_error:  # noqa: BLE001 - the exit code still says it; the Job retries at worst
                 log.warning("could not end Job %s: %s", cfg.controller_job, end_error)
-        return EXIT_BAD_INPUT
+        raise

@@ -14,7 +14,6 @@ import yaml
 
 from mysproj.errors import BadInput
 from mysproj.report.comparison import DEFAULT_TOLERANCE
-from mysproj.storage import read_text
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CHART = REPO / "charts" / "mysproj"
@@ -28,16 +27,6 @@ def values_file(dataset: str, given: str | None, chart: Path) -> Path:
         hint = "" if given else f"; pass --values FILE (examples in {chart}: {examples})"
         raise BadInput(f"values file {path} not found{hint}")
     return path
-
-
-def read_values(path: Path | str) -> dict:
-    """A Helm values file (a path or a storage URI) as a mapping."""
-    from mysproj.config.fields import load_yaml
-
-    values = load_yaml(read_text(str(path)), str(path), BadInput) or {}
-    if not isinstance(values, dict):
-        raise BadInput(f"{path}: a values file must be a YAML mapping")
-    return values
 
 
 def tolerance_of(values: dict, override: float | None) -> float:

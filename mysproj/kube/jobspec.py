@@ -18,6 +18,7 @@ from typing import Any
 from mysproj.config.fields import config_hash, env_name
 from mysproj.errors import EXIT_BAD_INPUT
 from mysproj.pipeline.dag import Node
+from mysproj.process import FAILURE_RECORD  # noqa: F401 - runstate reads it as jobspec.FAILURE_RECORD
 
 MAX_JOB_NAME = 52  # pods get "<job>-<5 chars>"; hostnames and the `job-name` label stay within 63
 LABEL_RUN = "mysproj.io/run"
@@ -27,7 +28,6 @@ LABEL_RANK = "mysproj.io/rank"
 ANN_NODE = "mysproj.io/node"
 ANN_HASH = "mysproj.io/config-hash"
 ANN_FAILURE = "mysproj.io/failure"
-FAILURE_RECORD = "_FAILURE.json"  # written by jobs/stage.py next to the stage output when a stage fails
 
 
 def entry_args(stage: str) -> list[str]:

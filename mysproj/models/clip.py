@@ -20,11 +20,19 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
 from mysproj.errors import BadInput
+from mysproj.models.integrity import check_model_folder, check_weights_file
+from mysproj.storage import cache, is_local, local_path, split
+from mysproj.storage.manifest import StageInput
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +61,7 @@ class LoadedClip:
 
 def write_random_clip(preset: str, out) -> dict:
     """Write a random-weight open_clip model of `preset` into the StageOutput `out`; returns the summary."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
+    import open_clip  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
     if preset not in PRESETS:
         raise BadInput(f"unknown CLIP preset '{preset}'; known: {', '.join(PRESETS)}")
@@ -83,9 +89,6 @@ def write_random_clip(preset: str, out) -> dict:
 
 def _materialise(uri: str) -> str:
     """A local file or folder with the model's bytes (stage outputs verified; remote folders cached)."""
-    from mysproj.models.integrity import check_model_folder, check_weights_file
-    from mysproj.storage import cache, is_local, local_path, split
-    from mysproj.storage.manifest import StageInput
 
     inp = StageInput.if_complete(uri)
     if inp is not None:
@@ -107,8 +110,6 @@ def _materialise(uri: str) -> str:
 
 
 def _is_torchscript(path: str) -> bool:
-    import zipfile
-
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -117,7 +118,7 @@ def _is_torchscript(path: str) -> bool:
 
 def load_clip(uri: str, arch: str = "ViT-L-14-336", *, device: str = "cpu") -> LoadedClip:
     """Load CLIP from `uri` (see the module docstring for the layouts); the model is in eval mode on `device`."""
-    import open_clip
+    import open_clip  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
     path = _materialise(uri)
     if os.path.isdir(path):
@@ -153,9 +154,6 @@ def load_clip(uri: str, arch: str = "ViT-L-14-336", *, device: str = "cpu") -> L
 
 
 def _load_hf(path: str, uri: str, device: str) -> LoadedClip:
-    import torch
-    from transformers import CLIPImageProcessor, CLIPModel
-
     model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
     size = model.config.vision_config.image_size
     if os.path.exists(os.path.join(path, "preprocessor_config.json")):
@@ -167,14 +165,12 @@ def _load_hf(path: str, uri: str, device: str) -> LoadedClip:
         return processor(images=img, return_tensors="pt")["pixel_values"][0]
 
     if any(os.path.exists(os.path.join(path, n)) for n in ("tokenizer.json", "vocab.json")):
-        from transformers import AutoTokenizer
-
         hf_tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
 
         def tokenizer(texts):
             return hf_tok(list(texts), padding=True, truncation=True, return_tensors="pt")["input_ids"]
     else:
-        import open_clip
+        import open_clip  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
         tokenizer = open_clip.get_tokenizer("ViT-L-14-336",
                                             context_length=model.config.text_config.max_position_embeddings)

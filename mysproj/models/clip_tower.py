@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 
@@ -108,7 +109,6 @@ def _norm_of(ln) -> Norm:
 
 def _open_clip_parts(visual):
     """The open_clip VisionTransformer's weights, or None where its forward is not the plain CLIP one."""
-    from torch import nn
 
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     if (not blocks or getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", None) != "tok"

@@ -18,6 +18,8 @@ import hashlib
 import logging
 import re
 
+import torch
+
 from mysproj.storage import uri as U
 
 log = logging.getLogger(__name__)
@@ -25,10 +27,9 @@ log = logging.getLogger(__name__)
 
 def environment() -> str:
     """The folder name of the blobs this process can use: artifacts are valid for one torch, Triton and device."""
-    import torch
 
     try:
-        import triton
+        import triton  # noqa: PLC0415 - optional: the except clause handles its absence
 
         triton_version = triton.__version__
     except ImportError:
@@ -43,7 +44,6 @@ def _keys(info) -> set[str]:
 
 def load(uri: str) -> set[str]:
     """Load every blob stored for this environment; returns the keys of the artifacts loaded."""
-    import torch
 
     folder = U.join(uri, environment())
     keys: set[str] = set()
@@ -70,7 +70,7 @@ def _forget_recorded() -> None:
     since the process began, so a stage run after others in one process (the local runner's) would otherwise store
     their artifacts again, and report a blob when it compiled nothing. torch has no public call for it."""
     try:
-        from torch.compiler._cache import CacheArtifactManager
+        from torch.compiler._cache import CacheArtifactManager  # noqa: PLC0415 - optional: the except clause handles its absence
     except ImportError:
         return
     CacheArtifactManager.clear()
@@ -78,7 +78,6 @@ def _forget_recorded() -> None:
 
 def save(uri: str, known: set[str]) -> str | None:
     """Store what this process compiled, unless all of it was loaded; returns the blob's name or None."""
-    import torch
 
     saved = torch.compiler.save_cache_artifacts()
     if saved is None or _keys(saved[1]) <= known:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from mysproj.data.images import expand2square
 from mysproj.models.prompt_ids import IMAGE_TOKEN, expand_image_tokens, prompt_ids
 
 SYSTEM_VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -114,8 +115,6 @@ def v1_labels(tokenizer, text: str, ids: list[int], image_token_id: int,
 
 
 def pad_to_square(img, image_processor):
-    from mysproj.data.images import expand2square
-
     background = tuple(int(x * 255) for x in image_processor.image_mean)
     return expand2square(img, background)
 

@@ -110,17 +110,6 @@ def hf_to_original(state_dict: dict) -> dict:
     return out
 
 
-def clip_vision_to_original(state_dict: dict) -> dict:
-    """A CLIP checkpoint (CLIPModel or CLIPVisionModel, with or without the `vision_model.` prefix) as the
-    original LLaVA vision-tower keys; the text tower and projections are dropped."""
-    out = {}
-    for key, value in state_dict.items():
-        name = clip_vision_name_to_original(key)
-        if name is not None:
-            out[name] = value
-    return out
-
-
 def clip_vision_name_to_original(key: str) -> str | None:
     """A CLIP checkpoint key's original LLaVA vision-tower name; None for the text tower, the projections and
     position-id buffers."""

@@ -16,10 +16,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
 from mysproj.config.registry import stages_where, summary_of
 from mysproj.config.summaries import FinetuneSummary, ModelSummary
 from mysproj.errors import BadInput
+from mysproj.models import conversion
+from mysproj.models.conversion import legacy_to_current
 from mysproj.models.integrity import check_model_folder
+from mysproj.models.original_layout import convert_original, read_model_config
+from mysproj.models.stream_load import read_state_dict
+from mysproj.models.weights_io import open_weights, weight_files
 from mysproj.storage import cache, s3_transfer
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput
@@ -74,14 +83,6 @@ def hf_model_output(uri: str) -> StageInput | None:
     return inp if INDEX in inp.files or "model.safetensors" in inp.files else None
 
 
-def _read_config(folder: str, what: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        raise BadInput(f"{what}: no config.json; expected an HF-layout or original LLaVA model folder")
-    with open(path) as f:
-        return json.load(f)
-
-
 def is_original_layout(config: dict) -> bool:
     archs = config.get("architectures") or []
     return "mm_projector_type" in config or "mm_vision_tower" in config or any("LlavaLlama" in a for a in archs) \
@@ -90,7 +91,6 @@ def is_original_layout(config: dict) -> bool:
 
 def read_weights(folder: str, what: str) -> dict:
     """Every tensor in a folder's safetensors files, else its `pytorch_model*.bin` (weights_only)."""
-    from mysproj.models.weights_io import open_weights, weight_files
 
     out = {}
     for path in weight_files(folder, what):
@@ -108,7 +108,6 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
     """The model (eval mode, on `device`, in `dtype` or the stored dtype), tokenizer and image processor.
     `direct` (HF layout): the weights are read from safetensors straight onto `device`, without a CPU copy of the
     whole model first."""
-    import torch
 
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -116,7 +115,7 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
     if streamed is not None:
         return load_streamed(streamed, device=device, dtype=None if dtype == "auto" else dtype)
     folder, summary = materialize(uri)
-    config = _read_config(folder, uri)
+    config = read_model_config(folder, uri)
     if is_original_layout(config):
         model, tokenizer, processor = load_original(folder, config, vision_tower, uri)
         if dtype is not None and dtype != "auto":
@@ -124,8 +123,6 @@ def load_llava(uri: str, *, device: str = "cpu", dtype=None, vision_tower: str |
         _record_dtype(model)
         layout = "original"
     else:
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
-
         if not _has_weights(folder):
             raise BadInput(f"{uri}: no model weights (*.safetensors or pytorch_model*.bin) next to config.json")
         if config.get("model_type") != "llava":
@@ -159,22 +156,11 @@ def streamable(uri: str) -> StageInput | None:
 def load_streamed(inp: StageInput, *, device: str = "cpu", dtype=None) -> LoadedLlava:
     """`load_llava` of an HF-layout stage output in S3: the weights streamed into memory and straight onto
     `device` (`mysproj.models.stream_load`), the model built around them without another copy."""
-    import torch
-    from transformers import (
-        AutoImageProcessor,
-        AutoTokenizer,
-        GenerationConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    from mysproj.models.conversion import legacy_to_current
-    from mysproj.models.stream_load import read_state_dict
 
     names = sorted(n for n in inp.files if "/" not in n and n != MANIFEST)
     weights = [n for n in names if n.endswith(".safetensors")]
     folder = inp.local_dir(names=[n for n in names if n not in weights and not n.endswith((".bin", ".jsonl"))])
-    config = _read_config(folder, inp.uri)
+    config = read_model_config(folder, inp.uri)
     if config.get("model_type") != "llava":
         raise BadInput(f"{inp.uri}: config.json model_type is '{config.get('model_type')}', not a LLaVA model")
     state, _ = read_state_dict(inp, weights, device=device, dtype=dtype)
@@ -210,32 +196,10 @@ def _find_vision_tower(folder: str, config: dict, vision_tower: str | None, what
                    f"folder (e.g. a local copy of openai/clip-vit-large-patch14-336) as the vision tower")
 
 
-def _vision_config(tower_dir: str):
-    from transformers import CLIPVisionConfig
-
-    cfg = _read_config(tower_dir, tower_dir)
-    cfg = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
-    keep = {k: v for k, v in cfg.items() if k in CLIPVisionConfig().to_dict() and k not in ("model_type",)}
-    return CLIPVisionConfig(**keep)
-
-
-def _text_config(config: dict):
-    from transformers import LlamaConfig
-
-    known = LlamaConfig().to_dict()
-    skip = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
-    keep = {k: v for k, v in config.items() if k in known and k not in skip}
-    keep["tie_word_embeddings"] = False
-    return LlamaConfig(**keep)
-
-
 def load_original(folder: str, config: dict, vision_tower: str | None, what: str):
     """Convert an original LLaVA folder exactly as transformers' `convert_llava_weights_to_hf.py` does (see
     `original_layout`; `stage_llava` writes the same conversion to safetensors)."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
 
-    from mysproj.models.original_layout import convert_original
 
     tower_dir = _find_vision_tower(folder, config, vision_tower, what)
     conv = convert_original(folder, config, tower_dir, what)  # names and shapes checked against the architecture
@@ -286,10 +250,6 @@ def write_original(state_dict: dict, hf_config, tokenizer, image_processor, out_
     `model.safetensors`, `mm_projector.bin`) and its CLIP tower in `vision_tower/`. `bin_shards`: the weights as
     released instead, torch pickles `pytorch_model-0000i-of-0000n.bin` (+ index) and
     `vision_tower/pytorch_model.bin`."""
-    import torch
-    from safetensors.torch import save_file
-
-    from mysproj.models import conversion
 
     main, tower = conversion.split_original(conversion.hf_to_original(state_dict))
     os.makedirs(os.path.join(out_dir, "vision_tower"), exist_ok=True)

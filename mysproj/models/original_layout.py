@@ -12,15 +12,53 @@ it loads, so the model has one dtype.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
 from mysproj.errors import BadInput
+from mysproj.models import conversion
+from mysproj.models.presets import image_processor as default_processor
+from mysproj.models.presets import pad_vocab
+from mysproj.models.tokenizer import IMAGE_TOKEN, ensure_llava_tokens
 from mysproj.models.weights_io import aligned_order, open_weights, specs_of, weight_files
 
 EMBED = "model.language_model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
+
+
+def read_model_config(folder: str, what: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise BadInput(f"{what}: no config.json; expected an HF-layout or original LLaVA model folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _vision_config(tower_dir: str):
+    cfg = read_model_config(tower_dir, tower_dir)
+    cfg = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
+    keep = {k: v for k, v in cfg.items() if k in CLIPVisionConfig().to_dict() and k not in ("model_type",)}
+    return CLIPVisionConfig(**keep)
+
+
+def _text_config(config: dict):
+    known = LlamaConfig().to_dict()
+    skip = {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype"}
+    keep = {k: v for k, v in config.items() if k in known and k not in skip}
+    keep["tie_word_embeddings"] = False
+    return LlamaConfig(**keep)
 
 
 @dataclass
@@ -43,7 +81,6 @@ class TensorPlan:
 
     def tensors(self):
         """(name, tensor) pairs, one input file open at a time."""
-        import torch
 
         for i, (path, what) in enumerate(self.files):
             mine = [e for e in self.entries if e.file == i]
@@ -86,7 +123,6 @@ def weights_in(folder: str, what: str) -> list[tuple[str, str]]:
 def new_token_rows(emb, rows: int):
     """(embedding rows, lm_head rows) for the `rows - len(emb)` new tokens, as transformers' LLaVA conversion
     samples them (seeded, so a conversion is reproducible)."""
-    import torch
 
     n = emb.shape[0]
     mu = emb.float().mean(0)
@@ -112,13 +148,6 @@ def convert_original(folder: str, config: dict, tower_dir: str, what: str) -> Or
     """The conversion of an original-layout folder (`config`: its config.json) with its CLIP tower folder. Every
     weights file is opened (pickles checked) and the names and shapes checked against the architecture before
     any tensor is read."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaConfig
-
-    from mysproj.models import conversion
-    from mysproj.models.loading import _text_config, _vision_config
-    from mysproj.models.presets import image_processor as default_processor
-    from mysproj.models.presets import pad_vocab
-    from mysproj.models.tokenizer import IMAGE_TOKEN, ensure_llava_tokens
 
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise BadInput(f"{what}: mm_projector_type '{config['mm_projector_type']}' is not LLaVA-1.5's mlp2x_gelu")
@@ -177,8 +206,6 @@ def convert_original(folder: str, config: dict, tower_dir: str, what: str) -> Or
 
 def check_architecture(plan: TensorPlan, llava_cfg, what: str) -> None:
     """The plan's names and shapes are exactly the parameters of the model `llava_cfg` describes."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(llava_cfg)

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from mysproj.models.tokenizer import build_tokenizer
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -56,7 +61,6 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
 
 def llava_config(preset: Preset, tokenizer):
     """The `LlavaConfig` of a preset for a given tokenizer (its `<image>`/`<pad>` ids go into the config)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vocab = preset.vocab_size or pad_vocab(len(tokenizer))
     if vocab < len(tokenizer):
@@ -73,7 +77,6 @@ def llava_config(preset: Preset, tokenizer):
 
 def image_processor(image_size: int):
     """CLIP preprocessing at `image_size` (resize shortest edge + centre crop, CLIP mean/std), as llava-hf ships."""
-    from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(size={"shortest_edge": image_size},
                               crop_size={"height": image_size, "width": image_size},
@@ -84,10 +87,6 @@ def image_processor(image_size: int):
 
 def build_random_llava(preset_name: str, seed: int = 0, dtype: str = "float32", device: str | None = None):
     """(model, tokenizer, image_processor) with random weights; `device=None` picks CUDA when available."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from mysproj.models.tokenizer import build_tokenizer
 
     preset = PRESETS[preset_name]
     tokenizer = build_tokenizer(preset.tokenizer_vocab)

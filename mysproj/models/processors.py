@@ -8,20 +8,19 @@ settings on the PIL implementation.
 
 from __future__ import annotations
 
-BACKENDS = ("torchvision", "pil")
+from transformers import CLIPImageProcessor, CLIPImageProcessorPil
+
+from mysproj.errors import BadInput
 
 
 def with_backend(processor, backend: str):
     """`processor` itself, or (`pil`) a `CLIPImageProcessorPil` with its settings."""
     if backend == "torchvision":
         return processor
-    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
     if isinstance(processor, CLIPImageProcessorPil):
         return processor
     if not isinstance(processor, CLIPImageProcessor):
-        from mysproj.errors import BadInput
-
         raise BadInput(f"image_backend=pil: the model's image processor is a {type(processor).__name__}, not a "
                        f"CLIPImageProcessor; use image_backend=torchvision")
     settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}

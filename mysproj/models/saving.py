@@ -10,6 +10,10 @@ from __future__ import annotations
 import json
 import os
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LlavaProcessor
+
 SHARD_BYTES = 5 * 1024**3
 # Tensors that a later stage replaces on their own (merge: the tuned projector) get a shard of their own in a sharded
 # model, so that replacing them rewrites a few MB and the other shards can be reused as they are.
@@ -23,7 +27,6 @@ def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None 
     floating-point tensors are cast to it on their own device first (half the bytes to move for fp32 weights).
     `on_file(path)`: called as each shard is complete (`StageOutput.sender`: its upload starts while the next is
     written)."""
-    from safetensors.torch import save_file
 
     max_shard_bytes = max_shard_bytes or SHARD_BYTES
     os.makedirs(out_dir, exist_ok=True)
@@ -70,8 +73,6 @@ def save_state_dict(state_dict: dict, out_dir: str, max_shard_bytes: int | None 
 def replace_tensors(src: str, dst: str, replacements: dict) -> dict:
     """Safetensors file `dst` = `src` with the tensors named in `replacements` replaced (cast to `src`'s dtypes);
     every other tensor and the header metadata as stored. Returns {replaced name: its dtype in `src`}."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with safe_open(src, "pt") as f:
         metadata = f.metadata()
@@ -85,7 +86,6 @@ def replace_tensors(src: str, dst: str, replacements: dict) -> dict:
 
 def save_processing(tokenizer, image_processor, config, out_dir: str) -> None:
     """Tokenizer, CLIP image processor and a `LlavaProcessor` config, as llava-hf ships them."""
-    from transformers import LlavaProcessor
 
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=config.vision_config.patch_size,

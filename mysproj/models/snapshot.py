@@ -25,10 +25,23 @@ import logging
 import os
 import shutil
 
+from transformers import LlavaConfig
+
 from mysproj.errors import BadInput
-from mysproj.models.original_layout import TensorPlan, plan_files, weights_in
-from mysproj.models.saving import OWN_SHARD_PREFIX, SHARD_BYTES
+from mysproj.models.clip import _materialise
+from mysproj.models.conversion import current_name
+from mysproj.models.loading import _find_vision_tower, is_original_layout, materialize
+from mysproj.models.original_layout import (
+    TensorPlan,
+    check_architecture,
+    convert_original,
+    plan_files,
+    read_model_config,
+    weights_in,
+)
+from mysproj.models.saving import OWN_SHARD_PREFIX, SHARD_BYTES, save_processing
 from mysproj.models.weights_io import SafetensorsWriter, aligned_order, open_weights, specs_of, weight_files
+from mysproj.storage.manifest import MANIFEST
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
@@ -38,21 +51,14 @@ _GROUPS = (OWN_SHARD_PREFIX, "model.vision_tower.")
 
 def stage_llava(snapshot: str, out_dir: str, *, tower: str | None = None, max_shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the snapshot's model into `out_dir` (see the module docstring); returns the manifest summary."""
-    from mysproj.models.loading import _find_vision_tower, _read_config, is_original_layout, materialize
 
     folder, _ = materialize(snapshot)
-    config = _read_config(folder, snapshot)
+    config = read_model_config(folder, snapshot)
     if is_original_layout(config):
-        from mysproj.models.original_layout import convert_original
-
         tower_dir = _find_vision_tower(folder, config, tower, snapshot)
         conv = convert_original(folder, config, tower_dir, snapshot)
         plan, source = conv.plan, "original"
     elif config.get("model_type") == "llava":
-        from transformers import LlavaConfig
-
-        from mysproj.models.original_layout import check_architecture
-
         plan = plan_files(weights_in(folder, snapshot), _hf_name)
         # from_pretrained would fill a missing tensor with random values and only warn: refuse it here
         check_architecture(plan, LlavaConfig.from_pretrained(folder, local_files_only=True), snapshot)
@@ -80,7 +86,6 @@ def stage_llava(snapshot: str, out_dir: str, *, tower: str | None = None, max_sh
 
 def _hf_name(key: str) -> str | None:
     """An HF-layout key's current module name; None for non-persistent buffers some checkpoints carry."""
-    from mysproj.models.conversion import current_name
 
     return None if key.endswith((".inv_freq", ".position_ids")) else current_name(key)
 
@@ -133,8 +138,6 @@ def write_plan(plan: TensorPlan, out_dir: str, max_shard_bytes: int = SHARD_BYTE
 
 
 def _write_processing(conv, dtypes: list[str], out_dir: str) -> None:
-    from mysproj.models.saving import save_processing
-
     config = conv.config.__class__.from_dict(conv.config.to_dict())
     if len(dtypes) == 1:
         config.dtype = dtypes[0]  # `from_pretrained(dtype="auto")` loads in it, as the conversion gave it
@@ -149,7 +152,6 @@ def _is_weights(name: str) -> bool:
 
 def _copy_other_files(folder: str, out_dir: str) -> list[str]:
     """Top-level files other than weights (config, tokenizer, processor files), as they are."""
-    from mysproj.storage.manifest import MANIFEST
 
     copied = []
     for name in sorted(os.listdir(folder)):
@@ -188,7 +190,6 @@ def stage_clip(snapshot: str, out_dir: str) -> dict:
     """An HF CLIP (`config.json` model_type clip) or open_clip (`open_clip_config.json`) folder with safetensors
     weights: each `.bin` written as a safetensors file of the same tensors under the same keys, one file at a time;
     config, processor and tokenizer files copied."""
-    from mysproj.models.clip import _materialise
 
     folder = _materialise(snapshot)
     if not os.path.isdir(folder):

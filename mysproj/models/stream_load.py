@@ -10,6 +10,8 @@ import logging
 import threading
 import time
 
+import torch
+
 from mysproj.errors import IncompleteOutput
 from mysproj.models.weights_io import _ST_DTYPES
 from mysproj.storage import s3_transfer
@@ -25,8 +27,6 @@ class _Staging:
         self.pinned, self.buffer = pinned, None
 
     def get(self, size: int):
-        import torch
-
         if self.buffer is None or self.buffer.numel() < size:
             self.buffer = None
             self.buffer = torch.empty(max(size, 1), dtype=torch.uint8, pin_memory=self.pinned)
@@ -36,7 +36,6 @@ class _Staging:
 def _tensors(raw, what: str, dtype=None) -> dict:
     """Every tensor of a safetensors file whose bytes are `raw` (a uint8 tensor on any device), each in storage of
     its own (a clone: a view would tie every weight to the shard's buffer), cast to `dtype` where floating point."""
-    import torch
 
     try:
         n = int.from_bytes(bytes(raw[:8].cpu().numpy()), "little")
@@ -57,7 +56,6 @@ def _tensors(raw, what: str, dtype=None) -> dict:
 def read_state_dict(inp: StageInput, names: list[str], device: str = "cpu", dtype=None) -> tuple[dict, dict]:
     """({tensor name: tensor on `device`}, {"bytes", "seconds"}) of the safetensors files `names` of stage output
     `inp` in S3, each verified against its manifest entry as it streams."""
-    import torch
 
     on_gpu = str(device).startswith("cuda") and torch.cuda.is_available()
     staging = _Staging(pinned=on_gpu)

@@ -10,6 +10,9 @@ gives the same `tokenizer.json`.
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AddedToken, PreTrainedTokenizerFast
+
 SPECIALS = ("<unk>", "<s>", "</s>")
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -47,7 +50,6 @@ The quick brown fox jumps over the lazy dog. What is shown in the picture? Descr
 def train_bpe(vocab_size: int = 1024, llava_tokens: bool = True):
     """A `tokenizers.Tokenizer` with the layout above; deterministic for a given `vocab_size`. Without
     `llava_tokens` it is a plain Llama-style vocabulary, like Vicuna's before LLaVA's conversion."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,7 +69,6 @@ def train_bpe(vocab_size: int = 1024, llava_tokens: bool = True):
 
 def build_tokenizer(vocab_size: int = 1024, llava_tokens: bool = True):
     """A transformers fast tokenizer (`AutoTokenizer.from_pretrained(dir)` loads what `save_pretrained` writes)."""
-    from transformers import PreTrainedTokenizerFast
 
     extra = dict(pad_token=PAD_TOKEN, extra_special_tokens={"image_token": IMAGE_TOKEN}) if llava_tokens else {}
     return PreTrainedTokenizerFast(
@@ -77,7 +78,6 @@ def build_tokenizer(vocab_size: int = 1024, llava_tokens: bool = True):
 
 def ensure_llava_tokens(tokenizer) -> list[str]:
     """Add `<image>` and `<pad>` where missing, as transformers' LLaVA conversion does; returns what was added."""
-    from transformers import AddedToken
 
     added = []
     vocab = tokenizer.get_vocab()

@@ -14,6 +14,10 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+from safetensors import safe_open
+from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
 from mysproj.config.registry import summary_of
 from mysproj.models.conversion import current_name
 from mysproj.models.loading import INDEX, LoadedLlava, _tie_buffers, hf_model_output
@@ -35,9 +39,6 @@ def _weight_files(inp) -> set[str]:
 def load_vision(uri: str, *, device: str = "cpu", dtype=None):
     """A `LoadedLlava` whose model holds only its vision tower and projector (on `device`, in `dtype` or the
     stored dtype), or None where only the whole model can be loaded."""
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
     uri = str(uri).rstrip("/")
     inp = hf_model_output(uri)

@@ -16,6 +16,9 @@ import os
 import re
 from contextlib import contextmanager
 
+import torch
+from safetensors import safe_open
+
 from mysproj.errors import BadInput
 from mysproj.models.integrity import check_weights_file
 
@@ -63,8 +66,6 @@ def _first_line(e: Exception) -> str:
 @contextmanager
 def open_weights(path: str, what: str | None = None):
     """A `WeightsFile` for a safetensors file or a torch pickle (weights_only; mmap where the file allows it)."""
-    import torch
-    from safetensors import safe_open
 
     what = what or path
     check_weights_file(path, what)
@@ -106,7 +107,6 @@ def open_weights(path: str, what: str | None = None):
 
 def specs_of(f: WeightsFile) -> dict:
     """{name: (shape, torch dtype)} without reading tensor data where the format allows."""
-    import torch
 
     if f._tensors is not None:
         return {k: (tuple(t.shape), t.dtype) for k, t in f._tensors.items()}
@@ -175,6 +175,4 @@ def _numel(shape) -> int:
 
 
 def _byte_dtype():
-    import torch
-
     return torch.uint8

@@ -6,10 +6,12 @@ import dataclasses
 import logging
 import os
 
-from mysproj.config.fields import add_arguments, env_name, load_config
+from mysproj.config.fields import add_arguments, env_name, load_config, read_values
 from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
+from mysproj.pipeline import local, plan, stage_times
 from mysproj.pipeline.dag import PipelineConfig
+from mysproj.stages.registry import STAGES
 from mysproj.storage import join
 
 RUN_OPTIONS = ("command", "config", "values", "func", "only", "gpus", "finetune_gpus", "log_dir", "plan",
@@ -43,7 +45,6 @@ log = logging.getLogger(__name__)
 def warn_stage_env(env) -> list[str]:
     """One warning per `MYSPROJ_<field>` variable of a stage field that `mysproj run` does not apply (it applies
     only the pipeline's own fields; a stage field is set for the run under `overrides`). Returns the names."""
-    from mysproj.stages.registry import STAGES
 
     own = {env_name(f.name) for f in dataclasses.fields(PipelineConfig)}
     stages: dict[str, list[str]] = {}
@@ -60,8 +61,6 @@ def warn_stage_env(env) -> list[str]:
 def _values_pipeline(path: str | None) -> dict:
     if not path:
         return {}
-    from mysproj.kube.helm import read_values
-
     section = read_values(path).get("pipeline")
     if not isinstance(section, dict):
         raise BadInput(f"values file {path}: no `pipeline:` mapping; pass a values file of charts/mysproj")
@@ -69,10 +68,9 @@ def _values_pipeline(path: str | None) -> dict:
 
 
 def _run(ns) -> int:
-    from mysproj.pipeline import local, plan, stage_times
-
     values = {k: v for k, v in vars(ns).items() if k not in RUN_OPTIONS}
-    cfg = load_config(PipelineConfig, yaml_file=ns.config, overrides=_values_pipeline(ns.values), cli=values)
+    cfg = load_config(PipelineConfig, yaml_file=ns.config, overrides=_values_pipeline(ns.values), cli=values,
+                      env=os.environ)
     warn_stage_env(os.environ)
     only = ns.only.split(",") if ns.only else None
     gpus = ns.gpus if ns.gpus is not None else max(1, local.visible_gpus())

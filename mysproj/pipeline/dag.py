@@ -10,17 +10,18 @@ graph this module builds, so the two paths run exactly the same stages with exac
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from mysproj import layout
 from mysproj.config import recipes
 from mysproj.config.datasets import RECORDS
-from mysproj.config.fields import ConfigError, opt
+from mysproj.config.fields import ConfigError, closest, opt
 from mysproj.config.registry import STAGES
 from mysproj.config.stages import CLIP_ORIGIN, STRATEGIES
 from mysproj.errors import has_uri_credentials
 from mysproj.sources import is_remote
-from mysproj.stages.fetch import output_uri
+from mysproj.sources.fetched import output_uri
 from mysproj.storage import join
 
 TRACKING = {"tensorboard": (bool,), "mlflow_uri": (str, type(None)), "mlflow_experiment": (str,),
@@ -119,9 +120,6 @@ class PipelineConfig:
 def check_overrides(overrides: dict) -> None:
     """Every `overrides` key a stage, every value a mapping of that stage's fields: a misspelt one would be
     ignored."""
-    import dataclasses
-
-    from mysproj.config.fields import closest
 
     for stage, fields in overrides.items():
         if stage not in STAGES:

@@ -10,6 +10,7 @@ Each child's output goes to `<log dir>/<stage output path>.log`.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -26,15 +27,14 @@ from mysproj.pipeline import dag, schedule
 from mysproj.stages import registry
 from mysproj.storage import is_local, local_path
 from mysproj.storage.manifest import StageOutput, read_manifest
+from mysproj.tracking import mlflow_log
 
 log = logging.getLogger(__name__)
 JOB_RECORD_VARS = ("MYSPROJ_OUT", "MYSPROJ_JOB_NAME", "MYSPROJ_NODE")  # a stage Job's, naming its failure record
 
 
 def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return registry.visible_gpus()
 
 
 def capacity(gpus: int, finetune_gpus: int = 1) -> schedule.Capacity:
@@ -83,10 +83,8 @@ def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1
 def parent_run(cfg: dag.PipelineConfig) -> None:
     """The run's MLflow parent run, made once before stages start side by side (each would otherwise make one)."""
     if cfg.tracking.get("mlflow_uri"):
-        from mysproj.tracking.mlflow_log import parent_run as make
-
-        make(cfg.tracking["mlflow_uri"], cfg.tracking.get("mlflow_experiment") or "mysproj", cfg.root.rstrip("/"),
-             {"mysproj.recipe": cfg.recipe})
+        mlflow_log.parent_run(cfg.tracking["mlflow_uri"], cfg.tracking.get("mlflow_experiment") or "mysproj",
+                              cfg.root.rstrip("/"), {"mysproj.recipe": cfg.recipe})
 
 
 class _Progress:
@@ -153,7 +151,7 @@ class ChildProcesses:
 
     def _env(self, node: dag.Node, devices: tuple[int, ...]) -> dict:
         ids = [self._device_ids[d] if self._device_ids else str(d) for d in devices]
-        # The child's config comes from its spec alone. Without a stage Job's variables, its `run_job` writes no
+        # The child's config comes from its spec alone. Without a stage Job's variables, its `run_stage` writes no
         # failure record into whatever folder this shell's MYSPROJ_OUT happens to name.
         env = {k: v for k, v in os.environ.items() if k not in JOB_RECORD_VARS}
         # A CPU stage sees no GPU, so it cannot take memory on a device another stage holds.
@@ -210,7 +208,6 @@ def _die_with_parent() -> None:
     signal), so no stage goes on writing after its runner is gone. SIGTERM, not SIGKILL: torchrun passes it on to
     its workers, and fine-tuning stops at a step it can resume from. The output's lease keeps a re-run from
     writing beside a child still stopping."""
-    import ctypes
 
     pr_set_pdeathsig = 1
     try:

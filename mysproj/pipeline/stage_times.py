@@ -27,7 +27,7 @@ from mysproj.data.shapes import SHAPES
 from mysproj.errors import BadInput
 from mysproj.pipeline.dag import Node
 from mysproj.storage import read_text
-from mysproj.storage.stage_time import recorded
+from mysproj.storage.digest import recorded
 
 
 @dataclass

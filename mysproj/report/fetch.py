@@ -7,16 +7,16 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
+from mysproj.storage import join
+from mysproj.storage.manifest import StageInput
 
 
 def fetch_report(root: str, dest: Path) -> tuple[dict, list[dict]]:
     """Copy the run's verified report (report.md, results.parquet, plots/) into `dest`; (manifest, result rows)."""
-    import pyarrow.parquet as pq
-
-    from mysproj.storage import join
-    from mysproj.storage.manifest import StageInput
 
     report = StageInput(join(root, "report"), expect_stage="report")  # refuses a report without its manifest
     dest.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,10 @@ import logging
 from dataclasses import dataclass, field
 
 from mysproj import layout
+from mysproj.config import lineage
 from mysproj.config.registry import STAGES
 from mysproj.errors import BadInput
-from mysproj.storage import join, lineage, list_files
+from mysproj.storage import join, list_files
 from mysproj.storage.digest import manifest_digest
 from mysproj.storage.manifest import MANIFEST, StageInput, read_manifest
 
@@ -110,3 +111,7 @@ def gather(roots: list[str]) -> list[Run]:
     _split_by_content(runs)
     runs.sort(key=lambda r: (r.dataset, r.setting, r.stage, -1 if r.seed is None else r.seed, r.uri))
     return runs
+
+
+def run_name(r: Run) -> str:
+    return f"{r.dataset}/{r.setting}{'' if r.seed is None else f'/seed{r.seed}'}/{r.stage}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 from mysproj.config.datasets import RECORDS
 
 TASKS = ("Agriculture", "Textures", "Dermatology", "Humanitarian")
-TASK_ABBREV = {"Agriculture": "Agri", "Textures": "Tex", "Dermatology": "Derm", "Humanitarian": "Hum"}
 
 
 def task_of(dataset: str) -> str | None:

@@ -11,10 +11,10 @@ from mysproj.report.paper import SETTING_NAMES
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - a slow import: only the report's plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - a slow import: only the report's plots
 
     return plt
 

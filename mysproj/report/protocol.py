@@ -4,11 +4,10 @@ read, and the fine-tune behind its model), so two reports can be compared withou
 
 from __future__ import annotations
 
+from mysproj.config.lineage import finetune_config
+from mysproj.config.lineage import stage_config as _config
 from mysproj.config.recipes import RECIPES, Choice, applicable
-from mysproj.report.gather import Run
-from mysproj.report.tables import run_name
-from mysproj.storage.lineage import finetune_config
-from mysproj.storage.lineage import stage_config as _config
+from mysproj.report.gather import Run, run_name
 
 # Which prep choices bear on a run: CLIP reads only the label strings; a probe of an untuned model reads neither.
 PREP_CHOICES = {"eval-clip": ("label rule",), "eval-llava": ("prompt ending", "label rule")}

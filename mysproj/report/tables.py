@@ -5,11 +5,14 @@ no timestamps, so the same inputs render the same file."""
 
 from __future__ import annotations
 
+import random
 import statistics
 
 from mysproj.config.datasets import RECORDS
+from mysproj.evaluation.metrics import classification_metrics
 from mysproj.report import paper as P
-from mysproj.report.gather import Run
+from mysproj.report.gather import Run, run_name
+from mysproj.report.protocol import protocol_lines
 
 TABLE1_ROWS = (  # (row name, stage, setting)
     ("CLIP zero-shot", "eval-clip", "zero-shot"),
@@ -75,9 +78,6 @@ def _task(dataset: str) -> str | None:
 def uniform_random(runs: list[Run], dataset: str, draws: int = 100, seed: int = 0) -> tuple[list, list]:
     """Our "Random (Uniform)" row: macro-F1 and accuracy of uniformly random guesses over the classes, on the
     test labels of one of the dataset's evaluations (their per-class support), averaged over seeded draws."""
-    import random
-
-    from mysproj.evaluation.metrics import classification_metrics
 
     for r in runs:
         per_class = r.metrics.get("per_class") or {}
@@ -196,10 +196,6 @@ def _weights(prov: dict) -> str:
     return "weights as given"
 
 
-def run_name(r: Run) -> str:
-    return f"{r.dataset}/{r.setting}{'' if r.seed is None else f'/seed{r.seed}'}/{r.stage}"
-
-
 def provenance_lines(runs: list[Run]) -> list[str]:
     lines = []
     for r in runs:
@@ -246,8 +242,6 @@ def render(runs: list[Run]) -> tuple[str, str]:
     unparsed = unparsed_lines(runs)
     if unparsed:
         out += ["## Unparsed LLaVA answers", "", *unparsed, ""]
-    from mysproj.report.protocol import protocol_lines
-
     out += ["## Protocol", "", *protocol_lines(runs), ""]
     out += ["## Provenance", "", *provenance_lines(runs), ""]
     return "\n".join(out), "\n".join(t1)

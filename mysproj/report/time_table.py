@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mysproj.config.registry import summary_of
-from mysproj.storage.stage_time import recorded
+from mysproj.storage.digest import recorded
 
 
 @dataclass

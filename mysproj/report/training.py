@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.report.gather import _locate
+from mysproj.report.plots import _plt
 from mysproj.storage.manifest import StageInput
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ def section(runs: list[Training]) -> list[str]:
 
 def loss_plots(runs: list[Training], folder: str) -> list[str]:
     """One PNG per dataset with a loss curve per fine-tuning run; returns the file names."""
-    from mysproj.report.plots import _plt
 
     names = []
     for dataset in sorted({t.dataset for t in runs if t.curve}):

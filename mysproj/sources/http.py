@@ -8,6 +8,7 @@ keeps failing for less than `retry_seconds`; refusals (401/403/404/410) and HTML
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -294,7 +295,6 @@ class Engine:
         self.range_url = url
         meta = {"url": _show(self.url), "size": total, "chunk_size": self.chunk_size}
         meta_uri = storage.join(parts_uri, "parts.json")
-        import json
 
         done_parts: set[int] = set()
         if storage.exists(meta_uri) and json.loads(storage.read_text(meta_uri)) == meta:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from mysproj.errors import BadInput, redact
 from mysproj.sources import http, verify
+from mysproj.sources.unpack import _check_name
 from mysproj.storage import uri as storage
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def _token(env: Mapping[str, str]) -> str | None:
 @contextlib.contextmanager
 def _errors(origin, what: str, endpoint: str):
     """The hub's exceptions as one `BadInput` line (never with the token)."""
-    from huggingface_hub import errors as hf
+    from huggingface_hub import errors as hf  # noqa: PLC0415 - only fetches from the Hub
 
     rev = origin.revision or "main"
     try:
@@ -62,8 +63,8 @@ def _errors(origin, what: str, endpoint: str):
 
 def _call(origin, env, what: str, fn, retry_seconds: float | None = None):
     """A hub API call, retried on 5xx and connection failures for `retry_seconds`."""
-    import httpx
-    from huggingface_hub import errors as hf
+    import httpx  # noqa: PLC0415 - only fetches over https
+    from huggingface_hub import errors as hf  # noqa: PLC0415 - only fetches from the Hub
 
     budget = http.RETRY_SECONDS if retry_seconds is None else retry_seconds
     deadline, delay = time.monotonic() + budget, 0.5
@@ -83,7 +84,7 @@ def _call(origin, env, what: str, fn, retry_seconds: float | None = None):
 
 
 def _api(env: Mapping[str, str]):
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # noqa: PLC0415 - only fetches from the Hub
 
     return HfApi(endpoint=_endpoint(env), token=_token(env))
 
@@ -98,9 +99,7 @@ def resolve_commit(origin, *, env: Mapping[str, str] = os.environ, retry_seconds
 
 def list_files(origin, commit: str, *, env: Mapping[str, str] = os.environ, retry_seconds: float | None = None):
     """[(path, size, {"sha256": lfs} or {"git-sha1": blob id})] of the repository at `commit`."""
-    from huggingface_hub.hf_api import RepoFile
-
-    from mysproj.sources.unpack import _check_name
+    from huggingface_hub.hf_api import RepoFile  # noqa: PLC0415 - only fetches from the Hub
 
     api = _api(env)
     entries = _call(origin, env, "listing the files", lambda: list(api.list_repo_tree(
@@ -120,8 +119,8 @@ def list_files(origin, commit: str, *, env: Mapping[str, str] = os.environ, retr
 def download(origin, dest: str, *, parts_uri: str | None, env: Mapping[str, str] = os.environ,
              log: logging.Logger = log, **engine) -> dict:
     """Every file of the repository at the (resolved) commit into `dest`, verified."""
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub import hf_hub_url  # noqa: PLC0415 - only fetches from the Hub
+    from huggingface_hub.utils import build_hf_headers  # noqa: PLC0415 - only fetches from the Hub
 
     t0 = time.monotonic()
     retry = engine.get("retry_seconds")

@@ -7,6 +7,7 @@ verifies the bytes (the transports live in `http`, `hub` and `kaggle` beside thi
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from mysproj.errors import BadInput, has_uri_credentials, redact
+from mysproj.sources import github, http, hub, kaggle
+from mysproj.storage.uri import check_uri
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,6 @@ class Origin:
 
     def wants(self, path: str) -> bool:
         """Whether a repository file belongs to this origin (its include/exclude globs)."""
-        import fnmatch
 
         if self.include and not any(fnmatch.fnmatchcase(path, g) for g in self.include):
             return False
@@ -191,7 +193,6 @@ def parse(uri: str) -> Origin:
         return Origin("github", base, into=frag.get("into", ""), repo=repo, revision=rev or None)
     if "#" in uri and "://" not in uri:
         raise BadInput(f"{uri}: '#' pins and into= apply to http(s), hf:// and kaggle:// sources only")
-    from mysproj.storage.uri import check_uri
 
     check_uri(uri)
     return Origin("storage", uri)
@@ -201,16 +202,10 @@ def resolve(origin: Origin, *, env: Mapping[str, str] = os.environ) -> Origin:
     """`origin` pinned as far as its origin can tell: a hub revision becomes its full commit, a Kaggle dataset
     gets its current version number. http without a sha256 stays unpinned (download records its digest)."""
     if origin.scheme == "hf" and not origin.pinned:
-        from mysproj.sources import hub
-
         return replace(origin, revision=hub.resolve_commit(origin, env=env))
     if origin.scheme == "github" and not origin.pinned:
-        from mysproj.sources import github
-
         return replace(origin, revision=github.resolve_commit(origin, env=env))
     if origin.scheme == "kaggle" and not origin.pinned:
-        from mysproj.sources import kaggle
-
         return replace(origin, revision=kaggle.current_version(origin, env=env))
     return origin
 
@@ -222,20 +217,12 @@ def download(origin: Origin, dest: str, *, parts_uri: str | None = None, env: Ma
     `parts_uri` (a path or s3://...) keeps partial bytes across a killed process; None = a temporary folder.
     `engine`: `chunk_size`, `connections`, `retry_seconds` for the ranged HTTP engine."""
     if origin.scheme == "http":
-        from mysproj.sources import http
-
         return http.download_origin(origin, dest, parts_uri=parts_uri, env=env, log=log, **engine)
     if origin.scheme == "hf":
-        from mysproj.sources import hub
-
         return hub.download(origin, dest, parts_uri=parts_uri, env=env, log=log, **engine)
     if origin.scheme == "github":
-        from mysproj.sources import github
-
         return github.download(origin, dest, parts_uri=parts_uri, env=env, log=log, **engine)
     if origin.scheme == "kaggle":
-        from mysproj.sources import kaggle
-
         return kaggle.download(origin, dest, parts_uri=parts_uri, env=env, log=log, **engine)
     return {"origin": origin.uri, "revision": None, "files": {}, "bytes_fetched": 0, "bytes_total": 0,
             "seconds": 0.0, "mb_per_s": 0.0, "verified": "read in place"}

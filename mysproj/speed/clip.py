@@ -14,6 +14,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
+from mysproj.data.images import ExifUpright
+from mysproj.evaluation.batches import image_batches
+from mysproj.evaluation.device_decode import DeviceBatches
+from mysproj.models.clip_tower import ClipTower
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +34,6 @@ class ImageTower:
 
     def embed(self, pixels, device):
         """[n, D] float32 unit image embeddings of a batch of pixels, left on `device` (not synchronised)."""
-        import torch
 
         n = pixels.shape[0]
         pixels = pixels.to(device=device, dtype=self.dtype, non_blocking=True)
@@ -51,9 +57,6 @@ def image_tower(clip, cfg) -> ImageTower:
     """Cast the image tower to `cfg.precision`, in place, and pick its forward: `ClipTower` where `cfg.fast_tower`
     and it covers the model, else the model's `encode_image`; `cfg.compile` compiles the blocks of either. Call
     after the class embeddings are computed: the text tower is left as loaded."""
-    import torch
-
-    from mysproj.models.clip_tower import ClipTower
 
     modules, blocks = _tower_modules(clip)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -82,19 +85,12 @@ def image_tower(clip, cfg) -> ImageTower:
 def pixel_batches(clip, data, samples, cfg, device: str):
     """Iterable of (pixels [n, 3, S, S], sample indices) by `cfg.decode`; `DeviceBatches` counts its decoders."""
     if cfg.decode == "device":
-        from mysproj.evaluation.device_decode import DeviceBatches
-
         return DeviceBatches(data, samples, clip.preprocess, batch_size=cfg.batch_size, workers=cfg.workers,
                              device=device)
     return _pil_batches(clip, data, samples, cfg)
 
 
 def _pil_batches(clip, data, samples, cfg):
-    import torch
-
-    from mysproj.data.images import ExifUpright
-    from mysproj.evaluation.batches import image_batches
-
     for images, idx in image_batches(data, samples, ExifUpright(clip.preprocess), cfg.batch_size, cfg.workers):
         yield torch.stack(images), idx
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 
 def allow_tf32() -> None:
     """fp32 matmuls and convolutions on TF32 tensor cores, as the released scripts' `--tf32 True`."""
-    import torch
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -13,9 +14,12 @@ def allow_tf32() -> None:
 
 def inference_device() -> str:
     """"cuda" where a GPU is visible (TF32 allowed), else "cpu"."""
-    import torch
 
     if torch.cuda.is_available():
         allow_tf32()
         return "cuda"
     return "cpu"
+
+
+def visible_gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -28,6 +28,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from mysproj.evaluation.greedy import GreedyDecoder, unsupported
+from mysproj.models.fp8 import convert_frozen_linears, fp8_capable
+from mysproj.models.loading import load_llava
+from mysproj.models.shared_prefix import SharedPrefixForward
+from mysproj.models.vision_only import load_vision
+
 log = logging.getLogger(__name__)
 FP8_EXCLUDE = ("lm_head", "multi_modal_projector", "vision_tower")
 FP8_MIN_FEATURES = 1024  # below this the per-call quantization passes cost more than the FP8 GEMM saves
@@ -37,15 +45,12 @@ ZERO3 = ("zero3", "zero3-offload")
 # --------------------------------------------------------------------------------------------------- FP8, compile
 
 def device_name(llava) -> str:
-    import torch
-
     device = next(llava.parameters()).device
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def fp8_supported(llava) -> bool:
     """An A100 would keep an FP8 copy of the weights for nothing; CPUs qualify, which is how tests run the path."""
-    from mysproj.models.fp8 import fp8_capable
 
     device = next(llava.parameters()).device
     return fp8_capable(device.type, device.index)
@@ -71,8 +76,6 @@ def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: b
                     "own precision", device_name(llava))
         fp8 = fp8_backward = False
     if fp8 or fp8_backward:
-        from mysproj.models.fp8 import convert_frozen_linears
-
         trained = [n for n, p in llava.model.language_model.named_parameters() if p.requires_grad]
         if trained:
             log.warning("fp8: %d language-model tensors train (strategy full/lora); only frozen Linear layers "
@@ -99,8 +102,6 @@ def apply(llava, *, fp8: bool, compile: bool, sharded: bool = False, training: b
 # --------------------------------------------------------------------------------------------------- evaluation
 
 def dtype_for(precision: str, dev: str):
-    import torch
-
     if precision == "auto":
         return torch.float16 if dev == "cuda" else torch.float32  # fp16 as LLaVA's own inference
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
@@ -110,8 +111,6 @@ def load(cfg, dev: str, *, vision_only: bool = False):
     """The `LoadedLlava` of `cfg.model` on `dev` in `cfg.precision`'s dtype: only its vision tower and projector
     where `vision_only` and the model's output allows it, else the whole model (read straight onto a GPU where
     `cfg.direct_load`)."""
-    from mysproj.models.loading import load_llava
-    from mysproj.models.vision_only import load_vision
 
     dtype = dtype_for(cfg.precision, dev)
     loaded = load_vision(cfg.model, device=dev, dtype=dtype) if vision_only else None
@@ -137,7 +136,6 @@ def prefill_compiles(cfg, dev: str) -> bool:
 
 def eval_compile_cache(cfg) -> str | None:
     """`cfg.compile_cache` where an eval-llava run compiles anything (GPUs: scoring's layers, generate's prefill)."""
-    import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.compile_cache if eval_compiles(cfg, dev) or prefill_compiles(cfg, dev) else None
@@ -145,7 +143,6 @@ def eval_compile_cache(cfg) -> str | None:
 
 def scoring_forward(cfg, model, dev: str):
     """The scoring mode's SharedPrefixForward (`score_continuations(..., fast=)`), or None."""
-    from mysproj.models.shared_prefix import SharedPrefixForward
 
     if cfg.mode != "scoring" or not cfg.shared_prefix:
         return None
@@ -157,7 +154,6 @@ def scoring_forward(cfg, model, dev: str):
 
 def greedy_decoder(cfg, model, dev: str, tokenizer):
     """The generate mode's GreedyDecoder (`static_decode`), or None where transformers' generate runs."""
-    from mysproj.evaluation.greedy import GreedyDecoder, unsupported
 
     if cfg.mode != "generate" or not cfg.static_decode:
         return None

@@ -14,15 +14,27 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
+from mysproj.data.prepared import PreparedData
+from mysproj.errors import BadInput
+from mysproj.evaluation.metrics import classification_metrics, short
+from mysproj.evaluation.predictions import write_predictions
+from mysproj.evaluation.throughput import Throughput
+from mysproj.models import clip as clip_models
+from mysproj.models import compile_cache
+from mysproj.progress import Progress
+from mysproj.speed import clip as speed
+from mysproj.speed.device import inference_device
+from mysproj.storage.manifest import run_stage
+from mysproj.storage.stage_time import processed
+from mysproj.tracking import stage_metrics
+
 log = logging.getLogger(__name__)
 PAPER_TEMPLATE = "This is a photo of {}."
 
 
 def run(cfg) -> dict:
-    from mysproj.models import compile_cache
-    from mysproj.speed import clip as speed
-    from mysproj.storage.manifest import run_stage
-
     cache = speed.compile_cache_uri(cfg)
     return run_stage("eval-clip", cfg, lambda out: compile_cache.run_with(cache, lambda: _body(cfg, out)))
 
@@ -30,14 +42,13 @@ def run(cfg) -> dict:
 def templates(protocol: str) -> list:
     if protocol == "paper":
         return [PAPER_TEMPLATE.format]
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES  # noqa: PLC0415 - open_clip imports wandb (where installed) when imported: only where it is used
 
     return list(OPENAI_IMAGENET_TEMPLATES)
 
 
 def class_embeddings(clip, names: list[str], protocol: str, device: str, batch: int = 256):
     """[len(names), D] unit text embeddings; a template ensemble is the renormalised mean over templates."""
-    import torch
 
     temps = templates(protocol)
     texts = [t(n) for n in names for t in temps]
@@ -52,7 +63,6 @@ def class_embeddings(clip, names: list[str], protocol: str, device: str, batch: 
 
 def classify_batch(pixels, text, tower):
     """[n, classes] softmax over image-text similarities, left on the device (not synchronised)."""
-    import torch
 
     img = tower.embed(pixels, text.device)
     with torch.no_grad():
@@ -72,24 +82,12 @@ def zero_shot_probs(text, batches, tower):
 
 
 def _body(cfg, out) -> dict:
-    from mysproj.data.prepared import PreparedData
-    from mysproj.errors import BadInput
-    from mysproj.evaluation.metrics import classification_metrics, short
-    from mysproj.evaluation.predictions import write_predictions
-    from mysproj.evaluation.throughput import Throughput
-    from mysproj.models.clip import load_clip
-    from mysproj.progress import Progress
-    from mysproj.speed import clip as speed
-    from mysproj.speed.device import inference_device
-    from mysproj.storage.stage_time import processed
-    from mysproj.tracking import stage_metrics
-
     data = PreparedData(cfg.data)
     samples = data.samples(cfg.split)
     if not samples:
         raise BadInput(f"{cfg.data}: split '{cfg.split}' has no samples")
     dev = inference_device()
-    clip = load_clip(cfg.model, cfg.arch, device=dev)
+    clip = clip_models.load_clip(cfg.model, cfg.arch, device=dev)
     present = {s.label for s in samples}
     labels = [c for c in data.classes if c in present]  # the released code's candidates: labels of the evaluated split
     names = [c.lower() for c in labels]

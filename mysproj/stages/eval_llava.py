@@ -15,16 +15,31 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
+from mysproj.data.prepared import PreparedData
 from mysproj.errors import BadInput
+from mysproj.evaluation import decoding, scoring
+from mysproj.evaluation.answers import AnswerParser
+from mysproj.evaluation.batches import image_batches
+from mysproj.evaluation.metrics import classification_metrics, short
+from mysproj.evaluation.predictions import write_predictions
+from mysproj.evaluation.throughput import Throughput
+from mysproj.models import compile_cache
+from mysproj.models.conversation import image_transform, llava_v1_prompt
+from mysproj.models.processors import with_backend
+from mysproj.models.prompt_ids import prompt_ids
+from mysproj.progress import Progress
+from mysproj.speed import llava as speed
+from mysproj.speed.device import inference_device
+from mysproj.storage.manifest import run_stage
+from mysproj.storage.stage_time import processed
+from mysproj.tracking import stage_metrics
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg) -> dict:
-    from mysproj.models import compile_cache
-    from mysproj.speed import llava as speed
-    from mysproj.storage.manifest import run_stage
-
     cache = speed.eval_compile_cache(cfg)
     return run_stage("eval-llava", cfg, lambda out: compile_cache.run_with(cache, lambda: _body(cfg, out)))
 
@@ -34,14 +49,12 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], pixel_values, m
                      stop=None) -> list[str]:
     """Answers for prompt ids: greedy from `decoder` (a GreedyDecoder) or transformers' generate, which also samples
     (`temperature` > 0). `stop`: a `decoding.NewlineStop`, whose answers are cut at their first line."""
-    from mysproj.evaluation import decoding
-    from mysproj.evaluation.scoring import left_pad
 
     if decoder is not None and temperature == 0:
         answers = tokenizer.batch_decode(decoder(prompts, pixel_values, max_new_tokens, stop),
                                          skip_special_tokens=True)
     else:
-        answers = decoding.generate(model, left_pad(prompts, pad_id, pixel_values.device), pixel_values,
+        answers = decoding.generate(model, scoring.left_pad(prompts, pad_id, pixel_values.device), pixel_values,
                                     max_new_tokens, pad_id, tokenizer, temperature=temperature, top_p=top_p,
                                     seed=seed, stop=stop)
     return [decoding.first_line(a) for a in answers] if stop is not None else answers
@@ -66,24 +79,6 @@ def examples(data, split: str, limit: int | None):
 
 
 def _body(cfg, out) -> dict:
-    import torch
-
-    from mysproj.data.prepared import PreparedData
-    from mysproj.evaluation import decoding, scoring
-    from mysproj.evaluation.answers import AnswerParser
-    from mysproj.evaluation.batches import image_batches
-    from mysproj.evaluation.metrics import classification_metrics, short
-    from mysproj.evaluation.predictions import write_predictions
-    from mysproj.evaluation.throughput import Throughput
-    from mysproj.models.conversation import image_transform, llava_v1_prompt
-    from mysproj.models.processors import with_backend
-    from mysproj.models.prompt_ids import prompt_ids
-    from mysproj.progress import Progress
-    from mysproj.speed import llava as speed
-    from mysproj.speed.device import inference_device
-    from mysproj.storage.stage_time import processed
-    from mysproj.tracking import stage_metrics
-
     data = PreparedData(cfg.data)
     samples, humans = examples(data, cfg.split, cfg.limit)
     dev = inference_device()
@@ -169,6 +164,5 @@ def check_context(config, prompt_tokens: int, answer_tokens: int, sample) -> Non
 
 def generate(model, batch, pixel_values, max_new_tokens: int, pad_id: int, tokenizer) -> list[str]:
     """Greedy answers of transformers' generate for a left-padded batch (`decoding.generate`)."""
-    from mysproj.evaluation import decoding
 
     return decoding.generate(model, batch, pixel_values, max_new_tokens, pad_id, tokenizer)

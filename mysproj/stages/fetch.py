@@ -11,7 +11,6 @@ resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from mysproj import sources
 from mysproj.config.fields import field_fetch_content, input_fields
 from mysproj.config.stages import CLIP_ORIGIN, FetchConfig
 from mysproj.errors import BadInput
+from mysproj.sources.fetched import output_uri
 from mysproj.storage import cache
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import StageInput, run_stage
@@ -29,15 +29,6 @@ from mysproj.storage.stage_time import processed
 
 log = logging.getLogger(__name__)
 PARTIAL = "_partial"
-
-
-def output_uri(cache_root: str, source: list[str], content: str, tower: str | None = None) -> str:
-    """Where the fetch of `source` lives below a cache root: named by the origins as pinned (and the tower a LLaVA
-    in the original layout is completed with), so equal origins share one output."""
-    origins = [sources.parse(u) for u in source]
-    blob = "\n".join([content, *(o.key() for o in origins), tower or ""])
-    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return U.join(cache_root, "sources", f"{origins[0].name()}-{key}")
 
 
 def run(cfg: FetchConfig) -> dict:
@@ -88,7 +79,7 @@ def _place(cfg: FetchConfig, origins: list, fetched: list[str], folder: str) -> 
                     shutil.move(path, os.path.join(target, name))
                     names.append(name)
         return {"unpacked_files": len(names)}
-    from mysproj.models import snapshot  # torch: only model fetches need it
+    from mysproj.models import snapshot  # noqa: PLC0415 - torch side: only model fetches need it (the CPU image fetches datasets)
 
     if len(fetched) != 1:
         raise BadInput(f"fetch: a {cfg.content} model comes from one origin; got {len(fetched)} in 'source'")

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import os
 
+from mysproj.models import compile_cache
 from mysproj.storage.manifest import StageOutput, run_stage
+from mysproj.training import setup
+from mysproj.training.loop import train
 
 STAGE = "finetune"
 
@@ -48,8 +51,5 @@ def run(cfg) -> dict:
 
 def _train(cfg, out, rank0: bool) -> dict:
     """Training with the compile cache where layers compile (GPUs); every rank loads it, rank 0 stores."""
-    from mysproj.models import compile_cache
-    from mysproj.training import setup
-    from mysproj.training.loop import train
 
     return compile_cache.run_with(setup.compile_cache(cfg), lambda: train(cfg, out), store=rank0)

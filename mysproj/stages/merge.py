@@ -18,9 +18,16 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from mysproj.config.registry import summary_of
 from mysproj.errors import BadInput
-from mysproj.models.loading import INDEX, hf_model_output
+from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL, current_name, projector_to_hf
+from mysproj.models.integrity import check_weights_file
+from mysproj.models.loading import INDEX, hf_model_output, load_llava
+from mysproj.models.saving import replace_tensors, save_hf_model
 from mysproj.storage import cache
 from mysproj.storage import uri as U
 from mysproj.storage.manifest import MANIFEST, StageInput, StageOutput, run_stage
@@ -31,10 +38,6 @@ NOT_CARRIED = (MANIFEST, "mm_projector.bin", "metrics.jsonl")  # written anew, o
 
 def read_projector(uri: str) -> dict:
     """Projector tensors under HF names from a finetune output or a bare weights file."""
-    import torch
-    from safetensors.torch import load_file
-
-    from mysproj.models.conversion import projector_to_hf
 
     uri = str(uri).rstrip("/")
     inp = StageInput.if_complete(uri, expect_stage="finetune")
@@ -67,7 +70,6 @@ _FINETUNE_MARKS = ("metrics.jsonl", "checkpoints", "_FAILURE.json")
 def _bare_projector_file(uri: str) -> str:
     """A local, checked copy of a projector file given by itself. Inside a complete stage output it is verified by
     that output's manifest; inside an unfinished fine-tune (no manifest yet) it is refused."""
-    from mysproj.models.integrity import check_weights_file
 
     folder, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
     parent = StageInput.if_complete(folder)
@@ -92,18 +94,11 @@ def _check_shape(cfg, name: str, tensor, base_shape) -> None:
 
 
 def _save_mm_projector(projector: dict, dtypes: dict, folder: str) -> None:
-    import torch
-
-    from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL
-
     torch.save({PROJECTOR_HF_TO_ORIGINAL[k]: v.to(dtypes[k]) for k, v in projector.items()},
                os.path.join(folder, "mm_projector.bin"))
 
 
 def merge(cfg, out: StageOutput) -> dict:
-    from mysproj.models.loading import load_llava
-    from mysproj.models.saving import save_hf_model
-
     projector = read_projector(cfg.projector)
     base_output = reusable_base(cfg.base) if cfg.reuse_base else None
     if base_output is not None:
@@ -132,9 +127,6 @@ def reusable_base(uri: str) -> StageInput | None:
 def _projector_files(inp: StageInput, projector: dict, single: str | None) -> dict[str, dict[str, str]]:
     """{weights file: {name stored in it: projector name}} for the files that hold a projector tensor (`single`:
     the local copy of the base's model.safetensors where it has no index)."""
-    from safetensors import safe_open
-
-    from mysproj.models.conversion import current_name
 
     if single is None:
         stored = inp.read_json(INDEX)["weight_map"]
@@ -155,9 +147,6 @@ def _projector_files(inp: StageInput, projector: dict, single: str | None) -> di
 
 def merge_reusing(cfg, out: StageOutput, projector: dict, inp: StageInput) -> dict:
     """The `reuse_base` path (module docstring)."""
-    from safetensors import safe_open
-
-    from mysproj.models.saving import replace_tensors
 
     # fetched and verified once: a base without an index is read for its names and then rewritten
     single = None if INDEX in inp.files else inp.local_path("model.safetensors")

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from mysproj.models.clip import write_random_clip
+from mysproj.models.presets import PRESETS, build_random_llava, llava_config
+from mysproj.models.saving import save_hf_model
 from mysproj.storage.manifest import StageOutput, run_stage
 
 log = logging.getLogger(__name__)
@@ -19,8 +22,6 @@ CLIP_PRESETS = ("clip-tiny", "clip-vit-l-14-336")
 
 def run(cfg) -> dict:
     if cfg.preset in CLIP_PRESETS:
-        from mysproj.models.clip import write_random_clip
-
         def clip_body(out: StageOutput) -> dict:
             # write_random_clip reads out.cfg.dtype as a torch dtype name. Resolve "auto" here, not before
             # run_stage: the manifest's config hash must be that of the requested config, or a re-run never skips.
@@ -33,10 +34,7 @@ def run(cfg) -> dict:
         return run_stage("model-init", cfg, clip_body)
 
     def body(out: StageOutput) -> dict:
-        from mysproj.models.saving import save_hf_model
-
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cfg.preset == "llava-1.5-7b" else "float32")
-        from mysproj.models.presets import build_random_llava
 
         model, tokenizer, processor = build_random_llava(cfg.preset, cfg.seed, dtype)
         n_params = sum(p.numel() for p in model.parameters())
@@ -53,6 +51,4 @@ def run(cfg) -> dict:
 
 
 def _config_of(preset_name: str, tokenizer):
-    from mysproj.models.presets import PRESETS, llava_config
-
     return llava_config(PRESETS[preset_name], tokenizer)

@@ -17,6 +17,9 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from mysproj.config.datasets import RECORDS
 from mysproj.config.stages import PrepConfig
 from mysproj.data.datasets import Candidate, Listing, scan
@@ -24,6 +27,7 @@ from mysproj.data.image_checks import check_images
 from mysproj.data.labels import ordered_classes
 from mysproj.data.prompts import llava_records, split_rng
 from mysproj.errors import BadInput
+from mysproj.evaluation.answers import normalise
 from mysproj.storage.manifest import StageOutput, run_stage
 from mysproj.storage.stage_time import processed
 
@@ -94,7 +98,6 @@ def _check(listing: Listing, cfg: PrepConfig) -> list[PreparedSample]:
 def _check_distinguishable(classes: list[str], cfg: PrepConfig) -> None:
     """Evaluation matches answers to class names after `normalise` (lower case, a-z and 0-9 only): a name that is
     empty there (non-Latin letters only) or two names that become the same text could never be told apart."""
-    from mysproj.evaluation.answers import normalise
 
     seen: dict[str, str] = {}
     for c in classes:
@@ -109,9 +112,6 @@ def _check_distinguishable(classes: list[str], cfg: PrepConfig) -> None:
 
 
 def _parquet(samples: list[PreparedSample]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cols = ("split", "image", "label", "label_id", "sha256", "width", "height", "relpath")
     table = pa.table({c: [getattr(s, c) for s in samples] for c in cols})
     buf = io.BytesIO()

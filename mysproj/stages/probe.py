@@ -14,16 +14,35 @@ and (a copy of the headline one) `pre` block.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
+
+from mysproj.data.prepared import PreparedData
+from mysproj.errors import BadInput
+from mysproj.evaluation import probe_mlp
+from mysproj.evaluation.batches import image_batches
+from mysproj.evaluation.metrics import classification_metrics, short
+from mysproj.evaluation.predictions import write_predictions
+from mysproj.models.conversation import image_transform
+from mysproj.models.processors import with_backend
+from mysproj.progress import Progress
+from mysproj.speed import llava as speed
+from mysproj.speed.device import inference_device
+from mysproj.storage.manifest import run_stage
+from mysproj.storage.stage_time import processed
+from mysproj.tracking import stage_metrics
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg) -> dict:
-    from mysproj.storage.manifest import run_stage
-
     return run_stage("probe", cfg, lambda out: _body(cfg, out))
 
 
@@ -33,7 +52,6 @@ PRE_KINDS = ("pre_cls", "pre_mean")
 def image_feature_set(model, pixel_values) -> dict:
     """{'pre_cls': [B, D_vision], 'pre_mean': [B, D_vision], 'post': [B, D_text]} float32 features for a batch of
     images, all from one forward pass of the vision tower and the projector."""
-    import torch
 
     cfg = model.config
     layer = cfg.vision_feature_layer
@@ -63,12 +81,6 @@ FEATURE_KINDS = (*PRE_KINDS, "post")
 
 def extract(loaded, data, samples, cfg, dev):
     """{'pre_cls', 'pre_mean': [N, Dv], 'post': [N, Dt]} float32 CPU tensors in sample order."""
-    import torch
-
-    from mysproj.evaluation.batches import image_batches
-    from mysproj.models.conversation import image_transform
-    from mysproj.models.processors import with_backend
-    from mysproj.progress import Progress
 
     model = loaded.model
     transform = image_transform(with_backend(loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio)
@@ -84,13 +96,6 @@ def extract(loaded, data, samples, cfg, dev):
 
 
 def _save_features(out, split: str, samples, feats: dict, pre_pooling: str) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from safetensors.torch import save_file
-
     labels = torch.tensor([s.label_id for s in samples], dtype=torch.long)
     tensors = {k: feats[k].contiguous() for k in FEATURE_KINDS}
     tensors["pre"] = feats[f"pre_{pre_pooling}"].clone()  # the headline vector, under its older name
@@ -105,16 +110,6 @@ def _save_features(out, split: str, samples, feats: dict, pre_pooling: str) -> N
 
 
 def _body(cfg, out) -> dict:
-    from mysproj.data.prepared import PreparedData
-    from mysproj.errors import BadInput
-    from mysproj.evaluation import probe_mlp
-    from mysproj.evaluation.metrics import classification_metrics, short
-    from mysproj.evaluation.predictions import write_predictions
-    from mysproj.speed import llava as speed
-    from mysproj.speed.device import inference_device
-    from mysproj.storage.stage_time import processed
-    from mysproj.tracking import stage_metrics
-
     data = PreparedData(cfg.data)
     splits = {"train": data.samples("train"), "test": data.samples("test")}
     for name, samples in splits.items():

@@ -1,5 +1,7 @@
-"""Configs and runs of the stages the registry (`mysproj.config.registry`) lists. Implementations are imported
-lazily so that the CLI, the job entrypoints and the controller can parse configs without importing torch."""
+"""Configs and runs of the stages the registry (`mysproj.config.registry`) lists, and the one lazy boundary to the
+torch side: everything above it (the CLI, the job entry points, the controller, the pipeline) reaches torch code only
+through `load`, by name, so it parses configs and plans runs without importing torch (the contracts in pyproject.toml
+check it). Below the boundary, imports sit at module top."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from typing import Any
 
 from mysproj.config.fields import load_config
 from mysproj.config.registry import STAGES
+from mysproj.storage.manifest import forcing
 
-__all__ = ["STAGES", "implementation", "node_configs", "run", "stage_config"]
+__all__ = ["STAGES", "implementation", "load", "node_configs", "run", "stage_config", "visible_gpus"]
 
 
 def stage_config(stage: str, overrides: dict[str, Any] | None = None, *, yaml_file: str | None = None,
@@ -18,7 +21,7 @@ def stage_config(stage: str, overrides: dict[str, Any] | None = None, *, yaml_fi
     """The validated config of `stage`: defaults < YAML file < `env` (`MYSPROJ_<FIELD>`) < overrides < CLI values.
     `env` defaults to none at all: a DAG node's or a benchmark's config is exactly what it is given, whatever the
     process environment holds; the command line passes `os.environ`."""
-    return load_config(STAGES[stage].config, yaml_file=yaml_file, cli=cli, env={} if env is None else env,
+    return load_config(STAGES[stage].config, yaml_file=yaml_file, cli=cli, env=env,
                        overrides=overrides)
 
 
@@ -27,16 +30,24 @@ def node_configs(nodes: Iterable[Any]) -> dict[str, Any]:
     return {n.name: stage_config(n.stage, n.config) for n in nodes}
 
 
+def load(target: str) -> Callable:
+    """The function `module:name` names, its module imported now (the lazy boundary)."""
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
 def implementation(stage: str) -> Callable[[Any], dict]:
-    return importlib.import_module(STAGES[stage].module).run
+    return load(f"{STAGES[stage].module}:run")
+
+
+def visible_gpus() -> int:
+    return load("mysproj.speed.device:visible_gpus")()
 
 
 def run(stage: str, cfg: Any, *, force: bool = False) -> dict:
     """Run one stage in-process; returns its manifest. `force` runs it even where its output is complete, also
     over another stage's complete output. Inputs named by a remote origin are fetched first (`stages.fetch`)."""
-    from mysproj.stages.fetch import stage_remote_inputs
-    from mysproj.storage.manifest import forcing
-
-    cfg = stage_remote_inputs(cfg)  # outside `forcing`: --force re-runs this stage, not the downloads of its inputs
+    # Outside `forcing`: --force re-runs this stage, not the downloads of its inputs.
+    cfg = load("mysproj.stages.fetch:stage_remote_inputs")(cfg)
     with forcing(force):
         return implementation(stage)(cfg)

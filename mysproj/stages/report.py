@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import tempfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mysproj.errors import BadInput
+from mysproj.report import plots, tables
+from mysproj.report.gather import gather
+from mysproj.report.time_table import time_section
+from mysproj.report.training import loss_plots, section, trainings
+from mysproj.storage import get_file
+from mysproj.storage.manifest import run_stage
+from mysproj.tracking.mlflow_log import report_artifacts
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg) -> dict:
-    from mysproj.storage.manifest import run_stage
-
     return run_stage("report", cfg, lambda out: _body(cfg, out))
 
 
 def _body(cfg, out) -> dict:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from mysproj.errors import BadInput
-    from mysproj.report import plots, tables
-    from mysproj.report.gather import gather
-    from mysproj.report.time_table import time_section
-    from mysproj.report.training import loss_plots, section, trainings
-
     runs = gather(cfg.runs)
     if not runs:
         raise BadInput(f"report: no finished eval-clip/eval-llava/probe outputs under {', '.join(cfg.runs)}; "
@@ -47,10 +48,6 @@ def _body(cfg, out) -> dict:
 
 def _mlflow(cfg, out) -> dict:
     """report.md, results.parquet and the plots as artifacts of the run's MLflow parent run."""
-    import os
-
-    from mysproj.storage import get_file
-    from mysproj.tracking.mlflow_log import report_artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in out.files:

@@ -24,8 +24,10 @@ import os
 import sqlite3
 from collections.abc import Iterator
 
+from mysproj.errors import BadInput
 from mysproj.storage import cache
 from mysproj.storage import uri as U
+from mysproj.storage.config_key import input_fields
 
 log = logging.getLogger(__name__)
 MANIFEST = "_SUCCESS.json"
@@ -51,10 +53,35 @@ def _digest_lines(lines: Iterator[str]) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(uri: str) -> dict | None:
-    from mysproj.storage.manifest import read_manifest
+def read_manifest(out_uri: str) -> dict | None:
+    """The manifest of the output at `out_uri`, or None where the output is not complete. The one rule for a
+    damaged manifest (not a JSON object: a torn write by another tool, a damaged object) is the rule for a missing
+    one: the output is incomplete. Its stage runs again and replaces it; readers of it as an input refuse it;
+    the report, the run state and the planner pass over it. A warning names the file."""
+    target = U.join(out_uri, MANIFEST)
+    if not U.exists(target):
+        return None
+    try:
+        manifest = json.loads(U.read_bytes(target))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        log.warning("%s: damaged (not a JSON object); the output counts as incomplete and its stage runs again",
+                    target)
+        return None
+    return manifest
 
-    return read_manifest(uri)
+
+def recorded(root: str) -> list[tuple[str, dict]]:
+    """(folder relative to `root`, manifest) of every complete stage output below `root`, in path order."""
+    found = []
+    for rel in U.list_files(root):
+        if rel == MANIFEST or rel.endswith("/" + MANIFEST):
+            folder = rel[: -len(MANIFEST)].rstrip("/")
+            manifest = read_manifest(U.join(root, folder) if folder else root)
+            if manifest is not None:
+                found.append((folder, manifest))
+    return found
 
 
 def _listing(uri: str, exclude: str | None) -> dict[str, dict]:
@@ -96,8 +123,6 @@ def refuse_undecodable_name(path: str) -> None:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        from mysproj.errors import BadInput
-
         shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         raise BadInput(f"{shown}: a file or folder name that is not UTF-8; rename it (e.g. convmv -f latin1 -t "
                        f"utf8)") from None
@@ -118,7 +143,7 @@ def input_digest(uri: str, *, exclude: str | None = None) -> str | None:
     """The content digest of what is stored at `uri` (see the module docstring); `exclude` (the reading stage's own
     output, when it lies below `uri`) is left out. None when nothing is stored there."""
     uri = str(uri).rstrip("/")
-    manifest = _read_manifest(uri)
+    manifest = read_manifest(uri)
     if manifest is not None:
         return manifest_digest(manifest)
     files = _listing(uri, exclude)
@@ -126,7 +151,7 @@ def input_digest(uri: str, *, exclude: str | None = None) -> str | None:
         return None
     outputs = _top_manifests(list(files))
     if outputs:
-        digests = {f: manifest_digest(_read_manifest(U.join(uri, f)) or {}) for f in outputs}
+        digests = {f: manifest_digest(read_manifest(U.join(uri, f)) or {}) for f in outputs}
         return _digest_lines(f"{f}\t{d}" for f, d in sorted(digests.items()))
     if U.is_local(uri):
         hashes = local_hashes({rel: e["path"] for rel, e in files.items()})
@@ -146,8 +171,6 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
     """sha256 of local files, each read only when it is new or changed since it was last hashed. One process at a
     time hashes (the ranks of a fine-tuning run all check the same base model: one reads it, the others find it
     cached)."""
-    from mysproj.storage.manifest import sha256_file
-
     db_path = os.path.join(cache.cache_dir(), "file-hashes.sqlite")
     out: dict[str, str] = {}
     with open(db_path + ".lock", "w") as lock:
@@ -167,7 +190,7 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
             if row and row[0] == stamp:
                 out[rel] = row[1]
                 continue
-            out[rel] = sha256_file(real)
+            out[rel] = cache.sha256_file(real)
             fresh.append((real, stamp, out[rel]))
         if db is not None:
             with db:
@@ -181,7 +204,6 @@ def local_hashes(paths: dict[str, str]) -> dict[str, str]:
 
 def input_digests(cfg, *, exclude: str | None = None) -> dict:
     """{field: digest} for the config fields declared as inputs (`opt(..., input=True)`); list fields give a list."""
-    from mysproj.config.fields import input_fields
 
     digests: dict = {}
     for name, value in input_fields(cfg).items():

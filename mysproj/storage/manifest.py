@@ -13,26 +13,30 @@ holding one), and writes only while it holds the output's lease (`mysproj.storag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
 
 from mysproj import __version__
-from mysproj.config import config_hash, config_to_dict
 from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.storage import cache, lease, s3_upload
 from mysproj.storage import uri as U
 from mysproj.storage.cache import sha256_file
-from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests
+from mysproj.storage.config_key import config_hash, config_to_dict
+from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests, read_manifest
 from mysproj.storage.stage_time import GpuUse, time_entry, transfer_seconds
 
 log = logging.getLogger(__name__)
@@ -57,25 +61,6 @@ def code_version() -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def read_manifest(out_uri: str) -> dict | None:
-    """The manifest of the output at `out_uri`, or None where the output is not complete. The one rule for a
-    damaged manifest (not a JSON object: a torn write by another tool, a damaged object) is the rule for a missing
-    one: the output is incomplete. Its stage runs again and replaces it; readers of it as an input refuse it;
-    the report, the run state and the planner pass over it. A warning names the file."""
-    target = U.join(out_uri, MANIFEST)
-    if not U.exists(target):
-        return None
-    try:
-        manifest = json.loads(U.read_bytes(target))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        manifest = None
-    if not isinstance(manifest, dict):
-        log.warning("%s: damaged (not a JSON object); the output counts as incomplete and its stage runs again",
-                    target)
-        return None
-    return manifest
 
 
 class StageOutput:
@@ -111,7 +96,6 @@ class StageOutput:
         """`BadInput` where writing the output would change an input: `out` equal to or inside an input (a model
         folder without a manifest would be overwritten), or an input inside `out`. A field declared
         `opt(..., holds_out=True)` (report's run roots) may hold the output: its digest leaves the output out."""
-        import dataclasses
 
         out = U.canonical(self.uri)
         for f in dataclasses.fields(self.cfg):
@@ -200,7 +184,6 @@ class StageOutput:
 
     def put_dir(self, local_dir: str, prefix: str = "", move: bool = False) -> None:
         """Store every file under `local_dir` (hashed in parallel: a model's shards are GBs each)."""
-        from concurrent.futures import ThreadPoolExecutor
 
         files = []
         for root, _, names in os.walk(local_dir):
@@ -229,7 +212,6 @@ class StageOutput:
         stored at once, in the background, while the writer goes on, and then removed (s3 outputs: a model's
         shards never all sit on local disk together; elsewhere it does nothing, the move of `put_dir` costs
         nothing). `put_dir(local_dir)` then waits for those instead of storing them again."""
-        from concurrent.futures import ThreadPoolExecutor
 
         def store(path: str, name: str) -> None:
             self.put_file(path, name)
@@ -250,8 +232,6 @@ class StageOutput:
         """A local folder to write files into before `put_dir(folder, move=True)`: inside the output folder when
         that is local (handing a file over is then a rename, not a copy of GBs; leftovers of a killed writer are
         removed here), else a temporary folder."""
-        import shutil
-        import tempfile
 
         if U.is_local(self.uri):
             root = U.local_path(self.uri)
@@ -375,7 +355,6 @@ class StageInput:
     def local_dir(self, prefix: str = "", names: list[str] | None = None) -> str:
         """Materialise every manifest file under `prefix` (or only `names`, which lie under it) into one local
         folder (e.g. a model directory). Local outputs are the folder itself, verified in place."""
-        from concurrent.futures import ThreadPoolExecutor
 
         if names is None:
             names = [n for n in self.files if not prefix or n.startswith(prefix.rstrip("/") + "/")]

@@ -26,8 +26,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import botocore.session
+from botocore.config import Config
+
 from mysproj.errors import BadInput, IncompleteOutput
 from mysproj.storage import uri as U
+from mysproj.storage.stage_time import transfer
 
 CONNECTIONS_ENV, PART_MIB_ENV = "MYSPROJ_S3_CONNECTIONS", "MYSPROJ_S3_PART_MIB"
 
@@ -69,8 +73,6 @@ _LOCK = threading.Lock()
 def client(connections: int):
     """A botocore S3 client, one per process, credential set and transfer width; its pool holds the connections of
     a few transfers at once (a stage uploads one file while it hashes and sends the next)."""
-    import botocore.session
-    from botocore.config import Config
 
     key = (os.getpid(), connections, tuple(os.environ.get(k) for k in U._CLIENT_ENV))
     with _LOCK:
@@ -149,7 +151,6 @@ def read_into(uri: str, buffer, *, sha256: str | None = None, parts: dict | None
     each part against `parts` (`{"bytes": part size, "sha256": [...]}`, as a manifest records them), else the whole
     against `sha256`. `on_part(start, end)` is called (from a worker thread) once a part's bytes are in and verified.
     Returns the bytes read."""
-    from mysproj.storage.stage_time import transfer
 
     settings = settings or TransferSettings.from_env()
     view = memoryview(buffer).cast("B")

@@ -4,6 +4,7 @@ The object appears only when the upload completes; a failed upload is aborted, l
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,9 +57,7 @@ def upload(local: str, uri: str, settings: TransferSettings | None = None) -> di
                 Bucket=bucket, Key=key, UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": i + 1, "ETag": etag} for i, (_, etag) in enumerate(done)]}))
         except BaseException:
-            try:
+            with contextlib.suppress(Exception):  # the upload's own error is the one to report
                 s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-            except Exception:  # noqa: BLE001 - the upload's own error is the one to report
-                pass
             raise
     return {"bytes": part, "sha256": [sha for shas, _ in done for sha in shas]}

@@ -94,18 +94,3 @@ def time_entry(summary: dict, wall_s: float, gpus: int, transfers: dict[str, flo
             "throughput": round(rate, 3) if rate else None, "unit": f"{unit}/s" if rate else None,
             "transfer_in_s": round(t_in, 3), "compute_s": round(max(0.0, wall_s - t_in - t_out), 3),
             "transfer_out_s": round(t_out, 3)}
-
-
-def recorded(root: str) -> list[tuple[str, dict]]:
-    """(folder relative to `root`, manifest) of every complete stage output below `root`, in path order."""
-    from mysproj.storage import join, list_files
-    from mysproj.storage.manifest import MANIFEST, read_manifest
-
-    found = []
-    for rel in list_files(root):
-        if rel == MANIFEST or rel.endswith("/" + MANIFEST):
-            folder = rel[: -len(MANIFEST)].rstrip("/")
-            manifest = read_manifest(join(root, folder) if folder else root)
-            if manifest is not None:
-                found.append((folder, manifest))
-    return found

@@ -13,6 +13,8 @@ import errno
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -290,8 +292,6 @@ def put_file(local: str, uri: str, move: bool = False) -> None:
     local file system, so nothing is copied)."""
     fs, path = split(uri)
     if is_local(uri):
-        import shutil
-
         if move:
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -325,8 +325,6 @@ def copy(src: str, dst: str) -> str:
     server-side copy within one object store; otherwise a download and an upload. Returns how: link, server or
     transfer."""
     if is_local(src) and is_local(dst):
-        import shutil
-
         source, path = local_path(src), local_path(dst)
         how = "link"
 
@@ -346,7 +344,6 @@ def copy(src: str, dst: str) -> str:
         with transfer("out"):
             with_retry(f"copying {src} to {dst}", lambda: src_fs.copy(src_path, dst_path))
         return "server"
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mysproj-copy-") as tmp:
         local = os.path.join(tmp, "file")

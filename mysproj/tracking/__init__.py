@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from mysproj.tracking.mlflow_log import stage_run
+from mysproj.tracking.tensorboard import write_scalars
+from mysproj.tracking.wandb_log import stage_run as wandb_run
+
 
 def stage_metrics(cfg, out, stage: str, values: Mapping[str, float | None]) -> dict:
     """An evaluation's or probe's numbers to TensorBoard and MLflow, as its config asks; returns what its
     manifest's summary keeps about it ({} or {"mlflow": ...})."""
     if getattr(cfg, "tensorboard", False):
-        from mysproj.tracking.tensorboard import write_scalars
-
         write_scalars(out, values)
     kept = {}
     for name, run in runs(cfg, stage).items():
@@ -26,11 +28,7 @@ def runs(cfg, stage: str) -> dict:
     otherwise."""
     found = {}
     if getattr(cfg, "mlflow_uri", None):
-        from mysproj.tracking.mlflow_log import stage_run
-
         found["mlflow"] = stage_run(cfg, stage)
     if getattr(cfg, "wandb_project", None):
-        from mysproj.tracking.wandb_log import stage_run as wandb_run
-
         found["wandb"] = wandb_run(cfg, stage)
     return found

@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mysproj import layout
+from mysproj.config.fields import config_hash, config_to_dict
 from mysproj.errors import redact
+from mysproj.storage.manifest import code_version
 
 log = logging.getLogger(__name__)
 ROOT_TAG, KIND_TAG, OUTPUT_TAG = "mysproj.root", "mysproj.kind", "mysproj.output"
@@ -37,8 +39,6 @@ def root_and_path(out_uri: str) -> tuple[str, str]:
 
 
 def _code_tags() -> dict[str, str]:
-    from mysproj.storage.manifest import code_version
-
     tags = {"mysproj.code_version": code_version()}
     for env, tag in (("MYSPROJ_GIT_SHA", "mlflow.source.git.commit"), ("MYSPROJ_IMAGE", "mysproj.image")):
         if os.environ.get(env):
@@ -54,7 +54,7 @@ class Tracker:
         # Fail fast: MLflow's default is several retries with backoff (minutes against a server that is gone).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # noqa: PLC0415 - only where tracking.mlflow_uri is set
 
         self.uri, self.experiment = uri, experiment
         self.client = MlflowClient(tracking_uri=uri)
@@ -114,8 +114,6 @@ class StageRun:
     this attempt's result, and the points a checkpoint kept are logged again, none twice."""
 
     def __init__(self, tracker: Tracker, cfg, stage: str):
-        from mysproj.config.fields import config_hash, config_to_dict
-
         self.tracker = tracker
         root, rel = root_and_path(cfg.out)
         self.run_id: str | None = None
@@ -132,7 +130,7 @@ class StageRun:
         if run is None:
             return
         self.run_id = run.info.run_id
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # noqa: PLC0415 - only where tracking.mlflow_uri is set
 
         params = [Param(k, str(v)[:MAX_PARAM]) for k, v in sorted(config_to_dict(cfg).items())]
         for i in range(0, len(params), 100):
@@ -148,7 +146,7 @@ class StageRun:
     def flush(self) -> None:
         if self.run_id is None or not self._points:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # noqa: PLC0415 - only where tracking.mlflow_uri is set
 
         points, self._points = self._points, []
         for i in range(0, len(points), 1000):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
@@ -30,8 +31,8 @@ class EventLog:
     """Scalar points of one stage output; `points` are earlier ones to keep: (step, wall time, {tag: value})."""
 
     def __init__(self, out_uri: str, points: Iterable[tuple[int, float, Mapping[str, float]]] = ()):
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
+        from tensorboard.compat.proto import event_pb2  # noqa: PLC0415 - not in the CPU image: only the torch stages write event files
+        from tensorboard.summary.writer.record_writer import RecordWriter  # noqa: PLC0415 - not in the CPU image: only the torch stages write event files
 
         self._event_pb2 = event_pb2
         self.uri = out_uri
@@ -53,7 +54,7 @@ class EventLog:
 
     def scalars(self, step: int, values: Mapping[str, float | None], wall_time: float | None = None) -> None:
         """One point per tag at `step` (None values are left out)."""
-        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.compat.proto import summary_pb2  # noqa: PLC0415 - not in the CPU image: only the torch stages write event files
 
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(v))
                                              for tag, v in values.items() if v is not None])
@@ -73,7 +74,6 @@ class EventLog:
             out.put_file(self.local, self.name)
         else:
             U.put_file(self.local, U.join(self.uri, self.name))
-        import shutil
 
         shutil.rmtree(self._dir, ignore_errors=True)
         return self.name

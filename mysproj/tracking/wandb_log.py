@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from mysproj.config.fields import config_hash, config_to_dict
 from mysproj.errors import redact
 from mysproj.tracking.mlflow_log import root_and_path
 
@@ -18,8 +19,6 @@ log = logging.getLogger(__name__)
 
 class WandbRun:
     def __init__(self, cfg, stage: str):
-        from mysproj.config.fields import config_hash, config_to_dict
-
         self.run = None
         self.error: str | None = None
         self.missed = 0
@@ -30,7 +29,7 @@ class WandbRun:
                                                config_hash(cfg)))
 
     def _init(self, project, rel, root, stage, config, digest):
-        import wandb
+        import wandb  # noqa: PLC0415 - optional: only where tracking.wandb_project is set (not in the CPU image)
 
         self.run = wandb.init(project=project, name=rel, group=root, job_type=stage, config=config,
                               tags=[stage, f"config-{digest}"], reinit="create_new",

@@ -9,11 +9,16 @@ node's first rank uploads its files and rank 0 writes the manifest once all of t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+
+import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
 
 from mysproj.storage import cache
 from mysproj.storage import uri as U
@@ -57,8 +62,6 @@ def local_dir(out_uri: str, step: int) -> str:
 
 
 def config_key(out_uri: str) -> str:
-    import hashlib
-
     return hashlib.sha256(out_uri.encode()).hexdigest()[:16]
 
 
@@ -74,7 +77,6 @@ def save(ctx, step: int, state: dict, inputs: dict) -> None:
         shutil.rmtree(local, ignore_errors=True)
         os.makedirs(local, exist_ok=True)
     acc.wait_for_everyone()
-    import torch
 
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -83,8 +85,6 @@ def save(ctx, step: int, state: dict, inputs: dict) -> None:
     if ctx.deepspeed:
         ctx.model.save_checkpoint(local, tag="ds", exclude_frozen_parameters=True, save_latest=False)
     elif acc.is_main_process:
-        from safetensors.torch import save_file
-
         trainable = {n: p.detach().cpu().contiguous() for n, p in ctx.unwrapped.named_parameters() if p.requires_grad}
         save_file(trainable, os.path.join(local, "trainable.safetensors"))
         torch.save({"optimizer": ctx.optimizer.state_dict()}, os.path.join(local, "optimizer.pt"))
@@ -103,7 +103,6 @@ def save(ctx, step: int, state: dict, inputs: dict) -> None:
                 if not in_place:
                     U.put_file(full, U.join(target, rel))
                 records[rel] = {"size": os.path.getsize(full), "sha256": sha256_file(full)}
-    from accelerate.utils import gather_object
 
     gathered = gather_object([records]) if acc.num_processes > 1 else [records]
     if acc.is_main_process:
@@ -134,7 +133,6 @@ def prune(out_uri: str, cfg, keep: int, inputs: dict) -> None:
 
 def load(ctx, step: int) -> dict:
     """Restore checkpoint `step` into the prepared model/optimizer; returns its state.json."""
-    import torch
 
     acc = ctx.accelerator
     src = StageInput(step_uri(ctx.cfg.out, step), expect_stage=STAGE)
@@ -154,8 +152,6 @@ def load(ctx, step: int) -> dict:
         ctx.model.load_checkpoint(local, tag="ds", load_module_strict=False, load_optimizer_states=True,
                                   load_lr_scheduler_states=False)
     else:
-        from safetensors.torch import load_file
-
         trainable = load_file(os.path.join(local, "trainable.safetensors"))
         params = dict(ctx.unwrapped.named_parameters())
         with torch.no_grad():

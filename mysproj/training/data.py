@@ -15,8 +15,11 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
+from mysproj.data.images import open_rgb
 from mysproj.errors import BadInput
-from mysproj.models.conversation import IGNORE_INDEX, training_example
+from mysproj.models.conversation import IGNORE_INDEX, pixel_values, training_example
 
 log = logging.getLogger("mysproj.finetune")
 
@@ -134,8 +137,6 @@ class Schedule:
                            f"{self.global_batch // self.world if self.global_batch % self.world == 0 else '?'}")
 
     def order(self, seed: int, epoch: int) -> list[int]:
-        import torch
-
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         return torch.randperm(self.n_examples, generator=g).tolist()
 
@@ -202,9 +203,6 @@ class TrainSet:
         return len(self.examples)
 
     def __getitem__(self, key: tuple[int, bool]) -> dict:
-        from mysproj.data.images import open_rgb
-        from mysproj.models.conversation import pixel_values
-
         index, counts = key
         ex = self.examples[index]
         pixels = pixel_values([open_rgb(ex.image_path)], self.image_processor, self.aspect)[0]
@@ -214,8 +212,6 @@ class TrainSet:
 
 def collate(pad_id: int):
     def fn(items: list[dict]) -> dict:
-        import torch
-
         n = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), n), pad_id, dtype=torch.long)
         labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+from safetensors.torch import save_file
+
+from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL
+from mysproj.models.saving import save_hf_model
 from mysproj.training.strategies import PROJECTOR_PREFIX, adapter_state, base_name, merge_lora
 
 
 def export(ctx, out, tokenizer, processor, base_dtype, metrics: list[dict]) -> dict:
-    import torch
-    from safetensors.torch import save_file
-
-    from mysproj.models.conversion import PROJECTOR_HF_TO_ORIGINAL
-    from mysproj.models.saving import save_hf_model
-
     acc, strategy = ctx.accelerator, ctx.cfg.strategy
     zero3 = bool(ctx.deepspeed and ctx.deepspeed.startswith("zero3"))
     if strategy == "projector" and not zero3:

@@ -17,12 +17,20 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from mysproj.config.stages import DEFAULT_GLOBAL_BATCH
+from mysproj.data.prepared import PreparedData
 from mysproj.errors import worker_errors
+from mysproj.models.loading import load_llava
+from mysproj.models.processors import with_backend
 from mysproj.storage import uri as U
 from mysproj.storage.stage_time import processed
+from mysproj.tracking import runs
+from mysproj.tracking.tensorboard import EventLog
 from mysproj.training import checkpoint, memory_fit, preemption, session
 from mysproj.training.data import MicroBatches, Schedule, TrainSet, collate, load_examples
+from mysproj.training.export import export
 
 log = logging.getLogger("mysproj.finetune")
 
@@ -42,8 +50,6 @@ def step_scalars(loss: float, lr: float, grad_norm: float | None, samples_per_s:
     values = {"train/loss": loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
               "train/samples_per_s": samples_per_s}
     if cuda:
-        import torch
-
         values["train/gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 1024**3
     return {k: v for k, v in values.items() if v is not None}
 
@@ -51,14 +57,12 @@ def step_scalars(loss: float, lr: float, grad_norm: float | None, samples_per_s:
 def tensorboard_log(cfg, points: list):
     if not cfg.tensorboard:
         return None
-    from mysproj.tracking.tensorboard import EventLog
 
     return EventLog(cfg.out, [tuple(p) for p in points])
 
 
 def tracking_runs(cfg, points: list) -> dict:
     """The output's MLflow / W&B runs (those its config names) with the points a resumed run's checkpoint kept."""
-    from mysproj.tracking import runs
 
     found = runs(cfg, "finetune")
     for run in found.values():
@@ -102,10 +106,6 @@ def train(cfg, out) -> dict:
 
 def _prepare(cfg, out) -> _Run:
     """The model loaded, the examples and the step schedule, and the session set up on them."""
-    import torch
-
-    from mysproj.data.prepared import PreparedData
-    from mysproj.models.loading import load_llava
 
     cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -162,10 +162,6 @@ def _log_start(run: _Run) -> None:
 
 
 def _loader(run: _Run):
-    import torch
-
-    from mysproj.models.processors import with_backend
-
     cfg = run.cfg
     return torch.utils.data.DataLoader(
         TrainSet(run.examples, with_backend(run.loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio),
@@ -241,9 +237,6 @@ def _save(run: _Run, n: int) -> None:
 
 def _finish(run: _Run) -> dict:
     """The trained weights exported and the run's summary (the manifest's)."""
-    import torch
-
-    from mysproj.training.export import export
 
     ctx = run.ctx
     ctx.release_optimizer()

@@ -8,6 +8,8 @@ the micro-batch of positions whose next token is supervised). The sum is the sam
 
 from __future__ import annotations
 
+import torch.nn.functional as F
+
 from mysproj.models.conversation import IGNORE_INDEX
 
 
@@ -21,7 +23,6 @@ def answer_loss_sum(model, batch: dict, pixel_dtype, device, shared=None):
     `batch` holds input_ids, attention_mask, pixel_values and labels (right-padded, -100 where unsupervised).
     `shared` (a `SharedPrefixForward`, projector strategy) computes the same logits without the shared prefix's
     and the last layer's unread work, wherever the batch allows it."""
-    import torch.nn.functional as F
 
     labels, ids = batch["labels"], batch["input_ids"]
     keep = supervised_positions(labels)

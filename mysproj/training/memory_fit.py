@@ -15,11 +15,14 @@ all of them, pinned per tensor, then a flat pinned copy of the trainable ones). 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
 
 from mysproj.errors import BadInput
+from mysproj.storage import uri as U
+from mysproj.storage.manifest import StageInput
 
 GIB = 2**30
 FULL_BYTES_PER_PARAM = 16       # fp32 weights, grads and two Adam states on the card
@@ -127,14 +130,31 @@ def host_need(trainable: int, total: int, offload_param: bool, pin: bool, sub_gr
     return HOST_BASE + max(2 * total, need)
 
 
+def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_bytes: int = 0,
+                      llm_params: int = 0) -> str | None:
+    """The DeepSpeed config to use, or None. `auto` uses DeepSpeed on GPUs only; naming a stage also works on
+    CPUs (DeepSpeed's CPU accelerator), which is how the tests run this code path."""
+    if choice != "auto":
+        return None if choice == "none" else choice
+    if not cuda:
+        return None
+    if strategy == "projector":
+        return "zero2" if world > 1 else None
+    if world > 1:
+        return "zero3"
+    if strategy != "full":
+        return None
+    # Full fine-tuning keeps fp32 master weights, fp32 grads and two fp32 Adam states (16 bytes a parameter) plus
+    # checkpointed activations: 7B fits a 141 GB card but not an 80 GB one, which offloads (memory_fit.plan: what).
+    return None if FULL_BYTES_PER_PARAM * llm_params + FULL_HEADROOM <= gpu_bytes else "zero3-offload"
+
+
 def plan(*, trainable: int, total: int, gpu_bytes: int, host: HostMemory, world: int, strategy: str,
          requested: str, cuda: bool) -> Plan:
     """The DeepSpeed config, offloads and pinning of a run. Only full fine-tuning on one card that cannot hold its
     fp32 state offloads: the optimizer only where the card holds the bf16 parameters, pinned only where
     everything fits in PIN_SHARE of the host (pinned pages cannot be swapped or reclaimed), else not pinned.
     `requested` other than auto is kept (`zero3-offload` offloads both, as the released code's config)."""
-    from mysproj.training.session import resolve_deepspeed
-
     name = resolve_deepspeed(requested, strategy, cuda, world, gpu_bytes=gpu_bytes, llm_params=trainable)
     base = dict(gpu_bytes=gpu_bytes, host_bytes=host.bytes, host_source=host.source)
     if not cuda or strategy != "full" or world > 1 or name not in (None, "zero3-offload"):
@@ -216,10 +236,6 @@ def params_from_config(config: dict) -> tuple[int, int]:
 def model_params(uri: str) -> tuple[int, int] | None:
     """`params_from_config` of the model at `uri` from its config.json alone, before any weight is read; None
     where it cannot be read that way (the check after loading still runs)."""
-    import json
-
-    from mysproj.storage import uri as U
-    from mysproj.storage.manifest import StageInput
 
     try:
         inp = StageInput.if_complete(str(uri).rstrip("/"))

@@ -14,6 +14,8 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
+import torch
+
 from mysproj.errors import Preempted
 
 log = logging.getLogger("mysproj.finetune")
@@ -46,7 +48,6 @@ class StopOnSigterm:
         """Whether any rank was asked to stop (a collective: every rank must call it at the same step)."""
         if self.acc.num_processes == 1:
             return self.requested
-        import torch
 
         flag = torch.tensor([1.0 if self.requested else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="max").item() > 0)

@@ -6,15 +6,23 @@ layers); and the optimizer step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import accelerate
+import accelerate.utils
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
 from mysproj.models.conversation import IGNORE_INDEX
+from mysproj.speed.device import allow_tf32
 from mysproj.training import memory_fit, setup
+from mysproj.training.deepspeed_configs import filled
 from mysproj.training.loss import answer_loss_sum
-from mysproj.training.memory_fit import FULL_BYTES_PER_PARAM, FULL_HEADROOM
 
 log = logging.getLogger("mysproj.finetune")
 
@@ -45,7 +53,6 @@ class Session:
         """One optimizer step over this rank's micro-batches; `targets` = supervised tokens of the global batch.
         Returns this rank's share of the step's loss (a 0-dim tensor, not synchronised): summed over the ranks,
         the loss whose gradient the step took."""
-        import torch
 
         acc, accumulation = self.accelerator, len(micro_batches)
         total = torch.zeros((), device=acc.device)
@@ -80,14 +87,12 @@ class Session:
             if nested is None or nested is inner:
                 break
             inner = nested
-        import gc
 
         gc.collect()
 
     def _grad_norm(self) -> float | None:
         """The global norm of the trainable gradients (clipped to `max_grad_norm` where set): what TensorBoard
         shows as gradient norm."""
-        import torch
 
         if self.cfg.max_grad_norm > 0:
             return float(self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
@@ -106,47 +111,20 @@ class Session:
         return 1.0 / n if n else 0.0
 
 
-def resolve_deepspeed(choice: str, strategy: str, cuda: bool, world: int, gpu_bytes: int = 0,
-                      llm_params: int = 0) -> str | None:
-    """The DeepSpeed config to use, or None. `auto` uses DeepSpeed on GPUs only; naming a stage also works on
-    CPUs (DeepSpeed's CPU accelerator), which is how the tests run this code path."""
-    if choice != "auto":
-        return None if choice == "none" else choice
-    if not cuda:
-        return None
-    if strategy == "projector":
-        return "zero2" if world > 1 else None
-    if world > 1:
-        return "zero3"
-    if strategy != "full":
-        return None
-    # Full fine-tuning keeps fp32 master weights, fp32 grads and two fp32 Adam states (16 bytes a parameter) plus
-    # checkpointed activations: 7B fits a 141 GB card but not an 80 GB one, which offloads (memory_fit.plan: what).
-    return None if FULL_BYTES_PER_PARAM * llm_params + FULL_HEADROOM <= gpu_bytes else "zero3-offload"
-
-
 def forget_deepspeed() -> None:
     """accelerate registers the DeepSpeed config with transformers globally; with ZeRO-3 every model built later in
     this process would be partitioned. Drop it once a run is over (merge or eval may follow in-process)."""
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
 
 
 def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm, cuda, plan=None):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
     if world == 1:  # accelerate keeps its state per process: a second run in-process may differ (tests, DS on/off)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         forget_deepspeed()
     plugin = None
     if ds_name:
-        from accelerate.utils import DeepSpeedPlugin
-
-        from mysproj.training.deepspeed_configs import filled
-
         # A single GPU without a launcher still needs a (1-process) process group for DeepSpeed.
         for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                      ("MASTER_PORT", "29511")):
@@ -157,9 +135,9 @@ def accelerator(ds_name, bf16, accumulation, world, micro, hidden, max_grad_norm
             memory_fit.apply(ds_cfg, plan)
         if ds_name == "zero3-offload":
             ds_cfg["zero_force_ds_cpu_optimizer"] = False
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
-    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=accumulation,
-                      deepspeed_plugin=plugin, cpu=not cuda and not ds_name)
+        plugin = accelerate.utils.DeepSpeedPlugin(hf_ds_config=ds_cfg)
+    acc = accelerate.Accelerator(mixed_precision="bf16" if bf16 else "no", gradient_accumulation_steps=accumulation,
+                                 deepspeed_plugin=plugin, cpu=not cuda and not ds_name)
     if acc.num_processes != world:
         raise RuntimeError(f"accelerate sees {acc.num_processes} processes but WORLD_SIZE is {world}")
     return acc
@@ -172,9 +150,6 @@ def uses_bf16(cfg, cuda: bool) -> bool:
 def build(cfg, model, *, world: int, micro: int, accumulation: int, total_steps: int) -> Session:
     """`model` (LlavaForConditionalGeneration, on the CPU or already on the card) -> a ready Session: the memory
     plan, the accelerator, then the model set up in `mysproj.training.setup`'s order."""
-    import torch
-
-    from mysproj.speed.device import allow_tf32
 
     cuda = torch.cuda.is_available()
     if cuda:

@@ -23,7 +23,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mysproj.config.stages import DEFAULT_LR, DEFAULT_PROJECTOR_LR
+from mysproj.models.shared_prefix import SharedPrefixForward
 from mysproj.speed import llava as speed
 from mysproj.speed.llava import ZERO3
 from mysproj.training import strategies
@@ -55,7 +58,6 @@ class SetUp:
 
 def set_up(cfg, model, acc, *, ds_name: str | None, cuda: bool, total_steps: int) -> SetUp:
     """Steps 1-8 above on `model` (LlavaForConditionalGeneration on the CPU, or already on the card)."""
-    import torch
 
     rates = learning_rates(cfg)
     model = strategies.apply(model, cfg.strategy, cfg)                              # 1 freeze
@@ -79,8 +81,6 @@ def set_up(cfg, model, acc, *, ds_name: str | None, cuda: bool, total_steps: int
 
 
 def _optimizer(cfg, model, rates: LearningRates, total_steps: int, *, fused: bool):
-    import torch
-
     groups = strategies.param_groups(model, cfg.strategy, rates.lr, rates.projector_lr, cfg.weight_decay)
     # foreach's temporaries would cost another copy of the trained weights (on the card, or in CPU memory when
     # offloaded); the fused kernel has none.
@@ -92,7 +92,6 @@ def _optimizer(cfg, model, rates: LearningRates, total_steps: int, *, fused: boo
 def cosine_with_warmup(optimizer, warmup: int, total: int):
     """transformers' get_cosine_schedule_with_warmup (linear warmup, half-cosine to 0), without importing the
     Trainer stack it lives in."""
-    import torch
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -105,7 +104,6 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
 
 def compile_cache(cfg) -> str | None:
     """`cfg.compile_cache` where fine-tuning compiles layers (GPUs)."""
-    import torch
 
     return cfg.compile_cache if cfg.compile and torch.cuda.is_available() else None
 
@@ -136,9 +134,6 @@ def shared_prefix(cfg, acc, prepared, llava, ds_name, cuda):
     """The projector strategy's SharedPrefixForward, where it applies. Not under DDP, whose gradient all-reduce is
     armed by its own forward (DeepSpeed's hooks sit on the parameters), nor ZeRO-3 (parameters gathered per
     module call), nor with checkpointing (the layer functions keep their activations)."""
-    import torch
-
-    from mysproj.models.shared_prefix import SharedPrefixForward
 
     if cfg.strategy != "projector" or not cfg.shared_prefix:
         return None

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import re
 
+import torch
+from peft import LoraConfig, get_peft_model
+
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 VISION_PREFIX = "model.vision_tower."
 # LLaVA's find_all_linear_names: every Linear of the LLM (not the tower, projector or lm_head).
@@ -29,8 +32,6 @@ def apply(model, strategy: str, cfg):
     """Set requires_grad per strategy (wrapping LoRA adapters for `lora`); returns the model to train."""
     model.requires_grad_(False)
     if strategy == "lora":
-        from peft import LoraConfig, get_peft_model
-
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                           target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
@@ -63,7 +64,6 @@ def param_groups(model, strategy: str, lr: float, projector_lr: float | None, we
 def merge_lora(state_dict: dict, scaling: float) -> dict:
     """A peft model's full state dict -> the plain model's, with W + scaling * B @ A folded in (peft's merge for
     Linear layers); works on a gathered (ZeRO-3) state dict, no model instance needed."""
-    import torch
 
     out, lora_a, lora_b = {}, {}, {}
     for name, t in state_dict.items():

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from releases import install
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3]
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "mysproj"
 BUCKET = "mysproj-container-faults"
 TIMEOUT = 300
 READ_ONLY_CACHE = {"name": "MYSPROJ_CACHE_DIR", "value": "/app/cache"}  # not below the scratch volume
@@ -30,15 +30,6 @@ def run_env(kube, s3_server):
         "metadata": {"name": "mysproj-s3"}, "type": "Opaque",
         "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
     return kube, s3_server, {**kube.env, **s3_server.env()}
-
-
-def install(kube, s3, env, release: str, *sets: str) -> None:
-    result = subprocess.run(["helm", "install", release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
-                             "--namespace", kube.namespace, *kube.image_values,
-                             "--set", f"storage.endpoint={kube.s3_endpoint}", "--set", f"storage.bucket={BUCKET}",
-                             "--set", "pipeline.zero_shot=false", "--set", "pipeline.probe=false", *sets],
-                            env=env, capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def controller_failed(kube, release: str) -> bool:
@@ -74,7 +65,8 @@ def test_broken_images_and_a_read_only_root_fail_the_run_with_the_reason(run_env
                      ["failed", "exit 64", "/app/cache is on the read-only root file system"]),
     }
     for release, (sets, _, _) in cases.items():
-        install(kube, s3, env, release, *sets)
+        install(kube, env, release, "--set", "pipeline.zero_shot=false", "--set", "pipeline.probe=false", *sets,
+                bucket=BUCKET)
     for release in cases:
         kube.wait_for(lambda r=release: controller_failed(kube, r), TIMEOUT, f"run {release} to fail", interval=1)
     for release, (_, stage, expected) in cases.items():

@@ -19,11 +19,12 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+import releases
+from releases import helm
 
 from mysproj.kube.jobspec import ANN_FAILURE
 
@@ -55,16 +56,8 @@ def run_env(kube, s3_server):
     return kube, s3_server, env, sets
 
 
-def helm(env, *args, check=True):
-    result = subprocess.run(["helm", *args], env=env, capture_output=True, text=True, cwd=REPO)
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 def mysproj(env, *args):
-    return subprocess.run([sys.executable, "-m", "mysproj.cli", *args], env=env, capture_output=True, text=True,
-                          cwd=REPO, timeout=RUN_TIMEOUT)
+    return releases.mysproj(env, *args, timeout=RUN_TIMEOUT)
 
 
 def controller_state(kube, release):

@@ -12,18 +12,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import releases
 from mlflow_server import mlflow_binary
+from releases import helm, mysproj
 
 from mysproj.config.registry import stages_where
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3]
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "mysproj"
 BUCKET = "mysproj-e2e"
 RUN_TIMEOUT = 600
 
@@ -39,17 +38,8 @@ def run_env(kube, s3_server):
     return kube, s3_server, env
 
 
-def helm(env, *args, check=True):
-    result = subprocess.run(["helm", *args], env=env, capture_output=True, text=True, cwd=REPO)
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)}:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def install(kube, s3, env, release, *extra, verb="install"):
-    return helm(env, verb, release, str(CHART), "-f", str(CHART / "values-tiny.yaml"),
-                "--namespace", kube.namespace, *kube.image_values, "--set", f"storage.endpoint={kube.s3_endpoint}",
-                "--set", f"storage.bucket={BUCKET}", *extra)
+def install(kube, env, release, *sets, verb="install"):
+    return releases.install(kube, env, release, *sets, bucket=BUCKET, verb=verb)
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +75,6 @@ def image_revision(image: str) -> str:
     return subprocess.run(["podman", "image", "inspect", "--format",
                            '{{index .Labels "org.opencontainers.image.revision"}}', image],
                           capture_output=True, text=True, check=True).stdout.strip()
-
-
-def mysproj(env, *args):
-    return subprocess.run([sys.executable, "-m", "mysproj.cli", *args], env=env, capture_output=True, text=True,
-                          cwd=REPO)
 
 
 def finished(kube, release, revision=1):
@@ -139,7 +124,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
                                                                            tmp_path):
     kube, s3, env = run_env
     tracked = ("--set", f"pipeline.tracking.mlflow_uri={mlflow_uri}")
-    notes = install(kube, s3, env, "tiny", *tracked).stdout
+    notes = install(kube, env, "tiny", *tracked).stdout
     assert "mysproj status tiny" in notes and "kubectl get jobs" in notes
     assert f"mysproj logs tiny textures-mini/prep --namespace {kube.namespace}" in notes
 
@@ -255,7 +240,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     kube.wait_for(lambda: not leftovers(kube, "tiny"), 120, "the garbage collector to remove every object")
 
     # A re-install of the same values reuses every complete output: only the controller runs.
-    install(kube, s3, env, "tiny", *tracked)
+    install(kube, env, "tiny", *tracked)
     assert kube.wait_for(lambda: finished(kube, "tiny"), 180, "the resumed run") == "Complete", debug(kube, "tiny")
     jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
     assert [j.metadata.labels["mysproj.io/stage"] for j in jobs] == ["controller"]
@@ -265,7 +250,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert "11 reused" in resumed, resumed
 
     # `helm upgrade` with a changed value: the next revision's controller runs the changed stage.
-    install(kube, s3, env, "tiny", *tracked, "--set", "pipeline.overrides.finetune.max_steps=3", verb="upgrade")
+    install(kube, env, "tiny", *tracked, "--set", "pipeline.overrides.finetune.max_steps=3", verb="upgrade")
     assert kube.wait_for(lambda: finished(kube, "tiny", revision=2), RUN_TIMEOUT, "the upgraded run") == "Complete", \
         debug(kube, "tiny")
     jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
@@ -293,7 +278,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
 def test_bad_input_fails_the_run_with_its_reason(run_env):
     kube, s3, env = run_env
     missing = f"s3://{BUCKET}/no-such-dtd"
-    notes = install(kube, s3, env, "bad", "--set", "pipeline.datasets={dtd}", "--set",
+    notes = install(kube, env, "bad", "--set", "pipeline.datasets={dtd}", "--set",
                     f"pipeline.sources.dtd={missing}", "--set", "pipeline.zero_shot=false", "--set",
                     "pipeline.probe=false").stdout
     assert f"mysproj logs bad dtd/prep --namespace {kube.namespace}" in notes  # the release's own first dataset

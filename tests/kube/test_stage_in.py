@@ -13,7 +13,8 @@ import tarfile
 
 import pytest
 from dataset_layouts import make_dtd
-from test_pipeline_e2e import RUN_TIMEOUT, debug, finished, helm, install
+from releases import helm
+from test_pipeline_e2e import RUN_TIMEOUT, debug, finished, install
 from test_pipeline_e2e import run_env as run_env  # noqa: F401 - the module-scoped fixture, used here too
 
 pytestmark = [pytest.mark.kube, pytest.mark.s3]
@@ -51,7 +52,7 @@ def test_a_release_naming_only_an_origin_fetches_it_once_and_resumes_a_killed_fe
     # the server answers the size probe and one piece, then holds the next request until released
     pod_origin.faults.release.clear()
     pod_origin.faults.hold[ARCHIVE] = 2
-    install(kube, s3, env, "stagein", *origin_values(url))
+    install(kube, env, "stagein", *origin_values(url))
 
     def fetching_pod():
         pods = [p for p in kube.pods("mysproj.io/stage=fetch") if kube.is_running(p.metadata.name)]
@@ -77,7 +78,7 @@ def test_a_release_naming_only_an_origin_fetches_it_once_and_resumes_a_killed_fe
 
     # a second release on the same bucket: the fetch is complete in the cache, no fetch Job, no byte served
     served = pod_origin.served(ARCHIVE)
-    install(kube, s3, env, "stagein2", *origin_values(url, "--set", "pipeline.zero_shot=false",
+    install(kube, env, "stagein2", *origin_values(url, "--set", "pipeline.zero_shot=false",
                                                       "--set", "pipeline.probe=false"))
     kube.wait_for(lambda: fs.exists("mysproj-e2e/runs/stagein2/dtd/prep/_SUCCESS.json"), RUN_TIMEOUT,
                   "the second release's prep, from the cached fetch")

@@ -12,6 +12,9 @@ from __future__ import annotations
 import io
 import random
 
+import numpy as np
+from PIL import Image
+
 from mysproj.data.datasets import Candidate, Listing, absolute_uri
 from mysproj.data.labels import normalise_label
 from mysproj.errors import BadInput
@@ -27,9 +30,7 @@ def _tiles(img, size: int) -> list[tuple[int, int]]:
 
 
 def scan(cfg, out) -> Listing:
-    import numpy as np
-    import skimage.data
-    from PIL import Image
+    import skimage.data  # noqa: PLC0415 - only the embedded texture photos
 
     size = cfg.patch_size
     photos = {name: getattr(skimage.data, loader)() for name, loader in SOURCES.items()}

@@ -1,0 +1,1 @@
+"""Metrics, decoding and scoring of the evaluation and probe stages (torch side)."""
