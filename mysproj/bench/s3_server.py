@@ -33,7 +33,8 @@ def weed_binary() -> str:
     return found
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
     socks = []
     try:
         for _ in range(n):
@@ -93,7 +94,7 @@ def _stop_left_over(pid_file: str) -> None:
 def seaweedfs(folder: str, bucket: str):
     """Yields `s3://bucket` on a `weed mini` storing under `folder` (its data kept for a later run); stopped (by its
     PID) afterwards."""
-    ports = dict(zip(_PORTS, _free_ports(len(_PORTS))))
+    ports = dict(zip(_PORTS, free_ports(len(_PORTS))))
     data, logs, tmp = (os.path.join(folder, d) for d in ("data", "logs", "tmp"))
     for d in (data, logs, tmp):
         os.makedirs(d, exist_ok=True)
