@@ -1,4 +1,4 @@
-"""Fault injection that needs no cluster (issue 7 item 3): the real S3 server stopped for ~20 s in the middle of a
+"""Fault injection that needs no cluster: the real S3 server stopped for ~20 s in the middle of a
 stage, a truncated fine-tuning checkpoint (half-written, and committed then truncated), a manifest whose hash does
 not match its file, a dataset path escaping its root through the stage's Job entry point.
 

@@ -1,4 +1,4 @@
-"""The speed paths of issue 6 on CPU: the label-position loss, the memory-aware DeepSpeed choice, and the
+"""The speed paths on CPU: the label-position loss, the memory-aware DeepSpeed choice, and the
 FP8/compile switches wired through the finetune and eval-llava stages (the GPU speed itself is `mysproj bench`'s)."""
 
 import json

@@ -1,4 +1,4 @@
-"""Fault injection on the real control plane and the real S3 server (issue 7 item 3), plus `make reproduce`, the
+"""Fault injection on the real control plane and the real S3 server, plus `make reproduce`, the
 path the reproduce workflow takes.
 
 - `make reproduce` installs release A (undisturbed) while release B of the same dataset runs in the same namespace
