@@ -33,11 +33,35 @@ def weed_binary() -> str:
     return found
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    socks = []
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        for _ in range(n):
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (held open together so they differ), below the kernel's ephemeral
+    range: a server restarted on its port must find it free, and a client retrying a connection to a port in that
+    range while its server is down can be handed that very port as its own (TCP connects to itself) and keep it."""
+    low, _ = _ephemeral_range()
+    rng = secrets.SystemRandom()
+    candidates = rng.sample(range(10000, low), min(max(64, 8 * n), low - 10000)) if low > 10000 + n else []
+    socks: list[socket.socket] = []
+    try:
+        for port in candidates:
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # no room below the ephemeral range: let the kernel choose
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
