@@ -37,6 +37,7 @@ from mysproj.storage import uri as U
 from mysproj.storage.cache import sha256_file
 from mysproj.storage.config_key import config_hash, config_to_dict
 from mysproj.storage.digest import MANIFEST, changed_input, content_digest, input_digests, read_manifest
+from mysproj.storage.s3_transfer import is_s3
 from mysproj.storage.stage_time import GpuUse, time_entry, transfer_seconds
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class StageOutput:
         """Store `local` as `name`; `sha256` if already known; `move`: the local file may be taken (`uri.put_file`)."""
         size, sha = os.path.getsize(local), sha256 or sha256_file(local)
         parts = None
-        if s3_upload.is_s3(self.uri):
+        if is_s3(self.uri):
             parts = s3_upload.upload(local, self.path(name))
         else:
             U.put_file(local, self.path(name), move=move)
@@ -194,7 +195,7 @@ class StageOutput:
         inside = os.path.join(os.path.abspath(local_dir), "")
         early = {path: self._early.pop(path) for path in list(self._early) if path.startswith(inside)}
         files = [(full, name) for full, name in files if os.path.abspath(full) not in early]
-        if s3_upload.is_s3(self.uri):
+        if is_s3(self.uri):
             # each file hashed and uploaded by one worker (its upload is concurrent in itself): a shard's hashing
             # overlaps another's upload, and the parts in flight stay a few GB
             with ThreadPoolExecutor(max_workers=max(1, min(2, len(files)))) as pool:
@@ -218,7 +219,7 @@ class StageOutput:
             os.remove(path)
 
         def send(path: str) -> None:
-            if not s3_upload.is_s3(self.uri):
+            if not is_s3(self.uri):
                 return
             if self._sending is None:
                 self._sending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-out")

@@ -9,10 +9,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from mysproj.storage import uri as U
-from mysproj.storage.s3_transfer import TransferSettings, bucket_key, client, is_s3, part_digests, part_ranges
+from mysproj.storage.s3_transfer import TransferSettings, bucket_key, client, part_digests, part_ranges
 from mysproj.storage.stage_time import transfer
 
-__all__ = ["is_s3", "upload"]
 MIN_PART = 5 * 1024**2  # S3's smallest multipart part (all but the last)
 
 
