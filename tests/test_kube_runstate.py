@@ -23,6 +23,16 @@ def rows_of(cluster, **kw):
     return {r.node: r for r in table.collect(cluster, "r1", **kw)}
 
 
+def _earlier_finetune_job(ctl, cluster, status: dict) -> str:
+    """A finetune Job of an earlier config of the node (another max_steps) left in the namespace, as `status` says."""
+    node = next(n for n in ctl.nodes if n.name == FT)
+    earlier = dataclasses.replace(ctl.configs[FT], max_steps=1)
+    name = jobspec.job_names("r1-mysproj", node, earlier)[0]
+    cluster.jobs[name] = {**jobspec.stage_job(TEMPLATE, name=name, node=node, cfg=earlier, owner=None, gpu=True),
+                          "status": status}
+    return name
+
+
 def test_status_and_the_controller_agree_when_a_job_of_an_earlier_config_is_left(tmp_path):
     """A finetune Job of an earlier install (another max_steps) that failed for bad input is still in the namespace.
     The controller never counted it (its Jobs are named by config); `mysproj status` matched Jobs by node alone
@@ -30,12 +40,8 @@ def test_status_and_the_controller_agree_when_a_job_of_an_earlier_config_is_left
     ctl, cluster = make_controller(tmp_path)
     for node in READY:
         complete_output(ctl, node)
-    node = next(n for n in ctl.nodes if n.name == FT)
-    earlier = dataclasses.replace(ctl.configs[FT], max_steps=1)
-    name = jobspec.job_names("r1-mysproj", node, earlier)[0]
-    cluster.jobs[name] = {**jobspec.stage_job(TEMPLATE, name=name, node=node, cfg=earlier, owner=None, gpu=True),
-                          "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
-                                                                  "reason": "BackoffLimitExceeded"}]}}
+    _earlier_finetune_job(ctl, cluster, {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+                                                                     "reason": "BackoffLimitExceeded"}]})
     result = ctl.step()
     assert result.states[FT].state == "pending" and ctl.names[FT][0] in result.created
     row = rows_of(cluster)[FT]
@@ -53,11 +59,7 @@ def test_logs_picks_the_jobs_the_run_state_counts(tmp_path):
     ctl, cluster = make_controller(tmp_path)
     for node in READY:
         complete_output(ctl, node)
-    node = next(n for n in ctl.nodes if n.name == FT)
-    earlier = dataclasses.replace(ctl.configs[FT], max_steps=1)
-    old = jobspec.job_names("r1-mysproj", node, earlier)[0]
-    cluster.jobs[old] = {**jobspec.stage_job(TEMPLATE, name=old, node=node, cfg=earlier, owner=None, gpu=True),
-                         "status": {"failed": 1}}
+    old = _earlier_finetune_job(ctl, cluster, {"failed": 1})
     cluster.start(old)
     ctl.step()
     current = ctl.names[FT][0]
