@@ -56,8 +56,9 @@ demo: venv
 test-unit: venv
 	$(BIN)/python -m pytest -q -m "not s3 and not kube"
 
+# Everything: the Kubernetes tier as a pytest session of its own beside the other tiers (tests/run_tiers.sh).
 test: venv tools scan-tools mlflow-server lint images-test
-	$(BIN)/python -m pytest -q -rs
+	PY=$(BIN)/python bash tests/run_tiers.sh
 
 # The CPU and GPU images with docker, buildah or podman (whichever works), on the public bases where the builder can
 # pull them, else on a Debian base built here (images/base.sh). Prints the image names.

@@ -153,6 +153,36 @@ class Kube:
         os.kill(pid, sig)
         return pid
 
+    def delete_following(self, pod: str, timeout: float) -> tuple[str, int | None]:
+        """Delete a running pod as a drain or an eviction does, following it to its end: (everything it printed,
+        streamed by `kubectl logs -f` through the API server; its container's exit code as the kubelet reported it
+        before the pod object was removed)."""
+        from kubernetes import watch
+
+        selector = f"metadata.name={pod}"
+        follow = subprocess.Popen(["kubectl", "logs", "-f", pod, "--namespace", self.namespace], env=self.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        exit_code = None
+        try:
+            first = follow.stdout.readline()  # attached (the pod has printed before it is deleted)
+            since = self.core.list_namespaced_pod(self.namespace, field_selector=selector).metadata.resource_version
+            self.core.delete_namespaced_pod(pod, self.namespace)
+            for event in watch.Watch().stream(self.core.list_namespaced_pod, self.namespace, field_selector=selector,
+                                              resource_version=since, timeout_seconds=int(timeout)):
+                for status in event["object"].status.container_statuses or []:
+                    if status.state.terminated is not None:
+                        exit_code = status.state.terminated.exit_code
+                if event["type"] == "DELETED":
+                    break
+            else:
+                raise TimeoutError(f"pod {pod} still there {timeout} s after its deletion")
+            rest, _ = follow.communicate(timeout=30)
+        finally:
+            if follow.poll() is None:
+                follow.kill()
+                follow.wait()
+        return first + rest, exit_code
+
     def is_running(self, pod: str, namespace: str | None = None) -> bool:
         """True once the kubelet reports the pod's container running."""
         return self.container_pid(pod, None, namespace) is not None

@@ -29,3 +29,14 @@ def install(kube, env, release, *sets, bucket: str, verb="install") -> subproces
 def mysproj(env, *args, timeout=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mysproj.cli", *args], env=env, capture_output=True, text=True,
                           cwd=REPO, timeout=timeout)
+
+
+def controller_events(kube, release: str) -> list[tuple[str, str]]:
+    """(reason, message) of the Events on the release's current controller Job, oldest first (what `kubectl get
+    events --field-selector involvedObject.name=<release>-mysproj-controller` lists)."""
+    job = kube.controller_job(release)
+    items = kube.core.list_namespaced_event(kube.namespace,
+                                            field_selector=f"involvedObject.name={job.metadata.name}").items
+    ours = [e for e in items
+            if e.involved_object.uid == job.metadata.uid and e.source.component == "mysproj-controller"]
+    return [(e.reason, e.message) for e in sorted(ours, key=lambda e: e.first_timestamp)]

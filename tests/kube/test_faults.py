@@ -9,8 +9,8 @@ path the reproduce workflow takes.
 - Invalid values: `mysproj reproduce` (through helm's schema check) refuses them with one line before anything exists.
 
 Every case is bounded (pytest-timeout, deadlines on each wait) and reuses the session's cluster and S3 server.
-Cases that need no cluster are in tests/test_faults_local.py; a killed fine-tuning stage and a bad-input stage are
-in tests/kube/test_pipeline_e2e.py.
+Cases that need no cluster are in tests/test_faults_local.py; a preempted fine-tuning stage, a deleted pod and a
+bad-input stage are in tests/kube/test_pipeline_e2e.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import releases
-from releases import helm
+from releases import controller_events, helm
 
 from mysproj.kube.jobspec import ANN_FAILURE
 
@@ -175,6 +175,11 @@ def test_make_reproduce_beside_a_twin_release_with_faults(run_env, tmp_path):
     assert all(j.status.succeeded == 1 for j in stage_jobs)
     for stage in victims:  # the killed attempt, then the retry
         assert any((j.status.failed or 0) >= 1 for j in stage_jobs if j.metadata.labels["mysproj.io/stage"] == stage)
+    # ... and each retry is told on the controller Job (`kubectl describe job twin-b-mysproj-controller`).
+    retried = " ".join(m for r, m in controller_events(kube, "twin-b") if r == "StageRetried")
+    for stage, pod in killed.items():
+        if stage != "controller":
+            assert f"Job {pod.rsplit('-', 1)[0]} retried it" in retried, (stage, retried)
 
     # Same artifacts: the same stage outputs, the same weights and the same metrics as the undisturbed run.
     fs = s3.filesystem()

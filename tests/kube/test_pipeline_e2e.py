@@ -1,23 +1,24 @@
 """End to end on the real control plane and the real S3 server: `helm install` of values-tiny.yaml runs every stage
 of the DAG as a real Job, each pod a real container of the project's images under the chart's securityContext (the
-CPU image for the controller, prep and report, the GPU image for the rest, on the CPU here), a killed stage is retried
-by its Job, a deleted pod is replaced and leaves a trace, `mysproj status` shows the run (with or without the
-bucket's credentials in the user's shell), the report lands in the bucket, the run is one MLflow parent run with a
-child per stage output on a real tracking server the pods reach, a re-install reuses every output, a `helm upgrade`
-with changed values runs the changed stages, and `helm uninstall` leaves nothing behind. A bad-input stage fails the
-run with its reason."""
+CPU image for the controller, prep and report, the GPU image for the rest, on the CPU here), a deleted pod is replaced
+and leaves a trace, a preempted fine-tuning (its pod deleted) checkpoints, exits 143 and resumes in the next pod,
+`mysproj status` shows the run (with or without the bucket's credentials in the user's shell), the report lands in
+the bucket, the run is one MLflow parent run with a child per stage output on a real tracking server the pods reach,
+a re-install reuses every output, a `helm upgrade` with changed values runs the changed stages, and `helm uninstall`
+leaves nothing behind. A bad-input stage fails the run with its reason."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import releases
 from mlflow_server import mlflow_binary
-from releases import helm, mysproj
+from releases import controller_events, helm, mysproj
 
 from mysproj.config.registry import stages_where
 
@@ -25,6 +26,7 @@ pytestmark = [pytest.mark.kube, pytest.mark.s3]
 
 BUCKET = "mysproj-e2e"
 RUN_TIMEOUT = 600
+STEPS = 6  # the fine-tuning's optimizer steps in this run
 
 
 @pytest.fixture(scope="module")
@@ -109,21 +111,13 @@ def without_bucket_access(env):
             "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def controller_events(kube, release: str) -> list[tuple[str, str]]:
-    """(reason, message) of the Events on the release's current controller Job, oldest first (what `kubectl get
-    events --field-selector involvedObject.name=<release>-mysproj-controller` lists)."""
-    job = kube.controller_job(release)
-    items = kube.core.list_namespaced_event(kube.namespace,
-                                            field_selector=f"involvedObject.name={job.metadata.name}").items
-    ours = [e for e in items
-            if e.involved_object.uid == job.metadata.uid and e.source.component == "mysproj-controller"]
-    return [(e.reason, e.message) for e in sorted(ours, key=lambda e: e.first_timestamp)]
-
 
 def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_env, mlflow_uri, pod_mlflow,
                                                                            tmp_path):
     kube, s3, env = run_env
-    tracked = ("--set", f"pipeline.tracking.mlflow_uri={mlflow_uri}")
+    # More optimizer steps than values-tiny.yaml's 2: the fine-tuning pod is preempted between two of them.
+    tracked = ("--set", f"pipeline.tracking.mlflow_uri={mlflow_uri}", "--set",
+               f"pipeline.overrides.finetune.max_steps={STEPS}")
     notes = install(kube, env, "tiny", *tracked).stdout
     assert "mysproj status tiny" in notes and "kubectl get jobs" in notes
     assert f"mysproj logs tiny textures-mini/prep --namespace {kube.namespace}" in notes
@@ -138,13 +132,20 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     deleted = kube.wait_for(model_init_pod_running, RUN_TIMEOUT, "the models/tiny pod to run", interval=0.1)
     kube.core.delete_namespaced_pod(deleted, kube.namespace)
 
-    # Fault injection: kill the fine-tuning process mid-run; its Job must retry it and the run still complete.
-    def finetune_pod_running():
-        pods = [p for p in kube.pods("mysproj.io/stage=finetune") if kube.is_running(p.metadata.name)]
-        return pods[0].metadata.name if pods else None
+    # Preemption: the fine-tuning pod is deleted (as a drain or a spot reclaim does) once it has written its first
+    # checkpoint. SIGTERM: it finishes the step in flight, writes a checkpoint and exits 143; the Job's next pod
+    # resumes from that checkpoint.
+    def finetune_pod_checkpointed():
+        pods = [p.metadata.name for p in kube.pods("mysproj.io/stage=finetune") if kube.is_running(p.metadata.name)]
+        return next((p for p in pods if "finetune: checkpoint step 1 " in kube.pod_log(p)), None)
 
-    victim = kube.wait_for(finetune_pod_running, RUN_TIMEOUT, "the finetune pod to run", interval=0.1)
-    kube.kill(victim)
+    victim = kube.wait_for(finetune_pod_checkpointed, RUN_TIMEOUT, "the finetune pod's first checkpoint",
+                           interval=0.1)
+    preempted, exit_code = kube.delete_following(victim, RUN_TIMEOUT)
+    assert "finetune: SIGTERM received; stopping after the current optimizer step with a checkpoint" in preempted
+    stopped = re.search(rf"fine-tuning stopped after optimizer step (\d+) of {STEPS}, checkpoint step \1 written",
+                        preempted)
+    assert stopped and exit_code == 143, (exit_code, preempted[-3000:])
     assert kube.wait_for(lambda: finished(kube, "tiny"), RUN_TIMEOUT, "the run to finish") == "Complete", \
         debug(kube, "tiny")
 
@@ -154,7 +155,10 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
                       "report"}
     assert len(jobs) == 12  # the controller and the 11 stages of values-tiny.yaml
     ft = next(j for j in jobs if j.metadata.labels["mysproj.io/stage"] == "finetune")
-    assert ft.status.succeeded == 1 and ft.status.failed >= 1  # the killed attempt, then the retry
+    assert ft.status.succeeded == 1
+    resumed_by = [p.metadata.name for p in kube.pods(f"job-name={ft.metadata.name}") if p.metadata.name != victim]
+    assert len(resumed_by) == 1, resumed_by
+    assert f"finetune: resumed from checkpoint step {stopped[1]} of {STEPS}" in kube.pod_log(resumed_by[0])
     # Every pod was a container of the image its kind needs (torch only in the GPU image).
     for pod in kube.pods("mysproj.io/run=tiny"):
         kind = "cpu" if pod.metadata.labels["mysproj.io/stage"] in ("controller", "prep", "report") else "gpu"
@@ -171,8 +175,9 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
             or line.startswith(("report", "controller"))]
     assert len(rows) == 12 and all(r[2] == "complete" for r in rows), status.stdout
     assert {r[1] for r in rows} == {j.metadata.name for j in jobs}  # the same Jobs `kubectl get jobs` lists
-    model_init = next(line for line in status.stdout.splitlines() if line.startswith("models/tiny "))
-    assert f"1 pod(s) replaced (last: pod {deleted} " in model_init, status.stdout
+    for node, pod in (("models/tiny ", deleted), ("textures-mini/ft-projector/seed0/finetune ", victim)):
+        row = next(line for line in status.stdout.splitlines() if line.startswith(node))
+        assert f"1 pod(s) replaced (last: pod {pod} " in row, status.stdout
     # Without credentials: one line says what is missing; the cluster's view is still shown.
     blind = mysproj(without_bucket_access(env), "status", "tiny", "--namespace", kube.namespace)
     assert blind.returncode == 0 and "Traceback" not in blind.stderr, blind.stdout + blind.stderr
@@ -197,12 +202,11 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
              if j.metadata.labels["mysproj.io/stage"] != "controller"}
     for reason in ("StageStarted", "StageDone"):
         assert {m.split()[1] for r, m in story if r == reason} == nodes, (reason, story)
-    assert any(r == "StageRetried" and "/finetune" in m for r, m in story), story  # the killed attempt
     assert [r for r, _ in story].count("RunComplete") == 1, story
     assert "## Time" in report_md and "| `textures-mini/ft-projector/seed0/finetune` | finetune |" in report_md
 
-    # MLflow: one parent run for the release, one child per fine-tuning, evaluation and probe output (the killed
-    # fine-tuning attempt's unfinished child replaced by the retry's) with the stage's config as params and its
+    # MLflow: one parent run for the release, one child per fine-tuning, evaluation and probe output (the preempted
+    # fine-tuning attempt's unfinished child replaced by the resumed one's) with the stage's config as params and its
     # metrics, and the report's files uploaded by the report pod as the parent's artifacts.
     root = f"s3://{BUCKET}/runs/tiny"
     built_from = image_revision(kube.images["gpu"])
@@ -222,8 +226,8 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
         assert child.data.tags["mysproj.image"] == kube.images["gpu"], child.data.tags
         assert child.data.tags["mlflow.source.git.commit"] == built_from, child.data.tags
     ft_child = children["textures-mini/ft-projector/seed0/finetune"]
-    assert ft_child.data.params["strategy"] == "projector" and ft_child.data.params["max_steps"] == "2"
-    assert [m.step for m in client.get_metric_history(ft_child.info.run_id, "train/loss")] == [1, 2]
+    assert ft_child.data.params["strategy"] == "projector" and ft_child.data.params["max_steps"] == str(STEPS)
+    assert [m.step for m in client.get_metric_history(ft_child.info.run_id, "train/loss")] == list(range(1, STEPS + 1))
     assert "eval/macro_f1" in children["textures-mini/ft-projector/seed0/eval-llava"].data.metrics
     assert "probe/post_macro_f1" in children["textures-mini/zero-shot/seed0/probe"].data.metrics
     assert {"report/report.md", "report/results.parquet"} <= {a.path for a in client.list_artifacts(parent, "report")}
@@ -250,7 +254,8 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert "11 reused" in resumed, resumed
 
     # `helm upgrade` with a changed value: the next revision's controller runs the changed stage.
-    install(kube, env, "tiny", *tracked, "--set", "pipeline.overrides.finetune.max_steps=3", verb="upgrade")
+    install(kube, env, "tiny", *tracked, "--set", f"pipeline.overrides.finetune.max_steps={STEPS + 1}",
+            verb="upgrade")
     assert kube.wait_for(lambda: finished(kube, "tiny", revision=2), RUN_TIMEOUT, "the upgraded run") == "Complete", \
         debug(kube, "tiny")
     jobs = kube.batch.list_namespaced_job(kube.namespace, label_selector="mysproj.io/run=tiny").items
@@ -259,9 +264,9 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     ft = [j for j in jobs if j.metadata.labels["mysproj.io/stage"] == "finetune"]
     assert len(ft) == 1 and ft[0].status.succeeded == 1
     ft_env = {e.name: e.value for e in ft[0].spec.template.spec.containers[0].env}
-    assert ft_env["MYSPROJ_MAX_STEPS"] == "3"
+    assert ft_env["MYSPROJ_MAX_STEPS"] == str(STEPS + 1)
     manifest = json.loads(fs.cat_file(f"{BUCKET}/runs/tiny/textures-mini/ft-projector/seed0/finetune/_SUCCESS.json"))
-    assert manifest["config"]["max_steps"] == 3
+    assert manifest["config"]["max_steps"] == STEPS + 1
     upgraded = mysproj(env, "status", "tiny", "--namespace", kube.namespace).stdout
     ft_row = next(ln for ln in upgraded.splitlines() if ln.startswith("textures-mini/ft-projector/seed0/finetune"))
     assert ft_row.split()[1:3] == [ft[0].metadata.name, "complete"], upgraded
@@ -269,8 +274,9 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     client, parents, again = mlflow_runs(pod_mlflow.uri, root)
     assert len(parents) == 1 and parents[0].info.run_id == parent and set(again) == tracked_nodes
     ft_child = again["textures-mini/ft-projector/seed0/finetune"]
-    assert ft_child.data.params["max_steps"] == "3" and ft_child.info.run_id == manifest["summary"]["mlflow"]["run_id"]
-    assert [m.step for m in client.get_metric_history(ft_child.info.run_id, "train/loss")] == [1, 2, 3]
+    assert ft_child.data.params["max_steps"] == str(STEPS + 1)
+    assert ft_child.info.run_id == manifest["summary"]["mlflow"]["run_id"]
+    assert [m.step for m in client.get_metric_history(ft_child.info.run_id, "train/loss")] == list(range(1, STEPS + 2))
     helm(env, "uninstall", "tiny", "--namespace", kube.namespace)
     kube.wait_for(lambda: not leftovers(kube, "tiny"), 120, "the garbage collector to remove every object")
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.kube
 
@@ -92,28 +91,14 @@ def test_a_stage_pod_runs_as_the_chart_says_and_gets_its_grace_period(kube):
 
     # `kubectl logs -f` through the API server while the pod is deleted: SIGTERM, the pod keeps running through
     # its grace period, then the kubelet kills it.
-    follow = subprocess.Popen(["kubectl", "logs", "-f", pod, "--namespace", kube.namespace], env=kube.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kube.wait_for(lambda: kube.pod_log(pod).count("tick") >= 2, 30, "the probe to tick")
     try:
-        kube.wait_for(lambda: kube.pod_log(pod).count("tick") >= 2, 30, "the probe to tick")
-        kube.core.delete_namespaced_pod(pod, kube.namespace)
-
-        def gone():
-            try:
-                kube.core.read_namespaced_pod(pod, kube.namespace)
-                return False
-            except ApiException as e:
-                return e.status == 404
-
-        kube.wait_for(gone, GRACE + 60, "the deleted pod to be killed and removed")
-        streamed, _ = follow.communicate(timeout=30)
+        streamed, exit_code = kube.delete_following(pod, GRACE + 60)
     finally:
-        if follow.poll() is None:
-            follow.kill()
-            follow.wait()
         # The Job would replace the deleted pod with another that never ends.
         kube.batch.delete_namespaced_job("probe-finetune", kube.namespace, propagation_policy="Background")
     assert streamed.startswith("ids "), streamed[:500]
     after = streamed.split("SIGTERM: checkpointing\n", 1)
     assert len(after) == 2, streamed[-2000:]
     assert after[1].count("tick") >= 2, streamed[-2000:]  # it ran on after SIGTERM, within its grace period
+    assert exit_code == 137, exit_code  # then SIGKILL: it never exited on its own
