@@ -18,8 +18,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 # One build at a time on this machine: two builds of the same tag at once (`make test`'s two pytest sessions each
 # make sure the images are there) would race on the tag.
-exec 9>"${TMPDIR:-/tmp}/mysproj-images-build.lock"
-flock 9
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"${TMPDIR:-/tmp}/mysproj-images-build.lock"
+    flock 9
+fi
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' mysproj/__init__.py)
 TAG=${IMAGE_TAG:-$VERSION}
 PREFIX=${IMAGE_REGISTRY:+${IMAGE_REGISTRY%/}/}

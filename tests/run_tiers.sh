@@ -11,12 +11,12 @@ mkdir -p "$LOGS"
 
 # Fixed temporary roots (pytest empties them first): the two sessions never share one, and a node left behind by
 # a killed session is found at a known place (k8s/README.md).
-"$PY" -m pytest -q -rfEs -p no:cacheprovider -m kube --basetemp="${TMPDIR:-/tmp}/mysproj-tests-kube" "$@" \
-    >"$LOGS/kube.log" 2>&1 &
+"$PY" -m pytest -q -rfEs --durations=15 -p no:cacheprovider -m kube \
+    --basetemp="${TMPDIR:-/tmp}/mysproj-tests-kube" "$@" >"$LOGS/kube.log" 2>&1 &
 kube=$!
 trap 'kill -INT "$kube" 2>/dev/null; wait "$kube"; exit 130' INT TERM
 
-"$PY" -m pytest -q -rfEs -m "not kube" --basetemp="${TMPDIR:-/tmp}/mysproj-tests" "$@"
+"$PY" -m pytest -q -rfEs --durations=15 -m "not kube" --basetemp="${TMPDIR:-/tmp}/mysproj-tests" "$@"
 rest=$?
 wait "$kube"
 kube_rc=$?
