@@ -20,6 +20,8 @@ clients with a fixed endpoint (`http://localhost`) reach it through HTTP_PROXY.
 from __future__ import annotations
 
 import http.server
+import select
+import socket
 import threading
 import urllib.parse
 from collections import defaultdict
@@ -173,6 +175,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 f.hold[name] = held - 1
         if held is not None and held <= 0:
             f.release.wait(120)
+            if _client_gone(self.connection):  # killed while held: nothing is sent or counted
+                self.close_connection = True
+                return
         if name in f.html:
             self.send_simple(200, HTML_PAGE, "text/html; charset=utf-8")
             return
@@ -215,3 +220,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """The client closed its end (or its process died) while its request waited: no answer is expected of us."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True

@@ -153,16 +153,19 @@ class Kube:
         os.kill(pid, sig)
         return pid
 
-    def delete_following(self, pod: str, timeout: float) -> tuple[str, int | None]:
-        """Delete a running pod as a drain or an eviction does, following it to its end: (everything it printed,
-        streamed by `kubectl logs -f` through the API server; its container's exit code as the kubelet reported it
-        before the pod object was removed)."""
+    def delete_following(self, pod: str, timeout: float) -> tuple[str, int | None, str]:
+        """Delete a running pod as a drain or an eviction does, following it to its end: (what it printed, streamed
+        by `kubectl logs -f` through the API server; its container's exit code and termination message as the
+        kubelet reported them before the pod object was removed). The stream can miss the last lines: a kubelet
+        following a log that reaches its end checks the container first, and a deleted pod's container is removed
+        soon after it exits. The termination message (FallbackToLogsOnError) is the log's tail, read from the
+        finished file."""
         from kubernetes import watch
 
         selector = f"metadata.name={pod}"
         follow = subprocess.Popen(["kubectl", "logs", "-f", pod, "--namespace", self.namespace], env=self.env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        exit_code = None
+        exit_code, message = None, ""
         try:
             first = follow.stdout.readline()  # attached (the pod has printed before it is deleted)
             since = self.core.list_namespaced_pod(self.namespace, field_selector=selector).metadata.resource_version
@@ -172,6 +175,7 @@ class Kube:
                 for status in event["object"].status.container_statuses or []:
                     if status.state.terminated is not None:
                         exit_code = status.state.terminated.exit_code
+                        message = status.state.terminated.message or ""
                 if event["type"] == "DELETED":
                     break
             else:
@@ -181,7 +185,7 @@ class Kube:
             if follow.poll() is None:
                 follow.kill()
                 follow.wait()
-        return first + rest, exit_code
+        return first + rest, exit_code, message
 
     def is_running(self, pod: str, namespace: str | None = None) -> bool:
         """True once the kubelet reports the pod's container running."""

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.kube, pytest.mark.s3]
 
 BUCKET = "mysproj-e2e"
 RUN_TIMEOUT = 600
-STEPS = 6  # the fine-tuning's optimizer steps in this run
+STEPS = 6  # the fine-tuning's optimizer steps in this run (its epoch has 8 at a global batch of 2, the upgrade runs 7)
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +115,10 @@ def without_bucket_access(env):
 def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_env, mlflow_uri, pod_mlflow,
                                                                            tmp_path):
     kube, s3, env = run_env
-    # More optimizer steps than values-tiny.yaml's 2: the fine-tuning pod is preempted between two of them.
+    # More optimizer steps than values-tiny.yaml's 2 (16 training images, 4 a step): the fine-tuning pod is preempted
+    # between two of them.
     tracked = ("--set", f"pipeline.tracking.mlflow_uri={mlflow_uri}", "--set",
-               f"pipeline.overrides.finetune.max_steps={STEPS}")
+               f"pipeline.overrides.finetune.max_steps={STEPS}", "--set", "pipeline.overrides.finetune.global_batch=2")
     notes = install(kube, env, "tiny", *tracked).stdout
     assert "mysproj status tiny" in notes and "kubectl get jobs" in notes
     assert f"mysproj logs tiny textures-mini/prep --namespace {kube.namespace}" in notes
@@ -141,11 +142,11 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
 
     victim = kube.wait_for(finetune_pod_checkpointed, RUN_TIMEOUT, "the finetune pod's first checkpoint",
                            interval=0.1)
-    preempted, exit_code = kube.delete_following(victim, RUN_TIMEOUT)
-    assert "finetune: SIGTERM received; stopping after the current optimizer step with a checkpoint" in preempted
+    streamed, exit_code, tail = kube.delete_following(victim, RUN_TIMEOUT)
+    assert "finetune: SIGTERM received; stopping after the current optimizer step with a checkpoint" in streamed + tail
     stopped = re.search(rf"fine-tuning stopped after optimizer step (\d+) of {STEPS}, checkpoint step \1 written",
-                        preempted)
-    assert stopped and exit_code == 143, (exit_code, preempted[-3000:])
+                        streamed + tail)
+    assert stopped and exit_code == 143, (exit_code, streamed[-2000:], tail)
     assert kube.wait_for(lambda: finished(kube, "tiny"), RUN_TIMEOUT, "the run to finish") == "Complete", \
         debug(kube, "tiny")
 

@@ -93,7 +93,7 @@ def test_a_stage_pod_runs_as_the_chart_says_and_gets_its_grace_period(kube):
     # its grace period, then the kubelet kills it.
     kube.wait_for(lambda: kube.pod_log(pod).count("tick") >= 2, 30, "the probe to tick")
     try:
-        streamed, exit_code = kube.delete_following(pod, GRACE + 60)
+        streamed, exit_code, _ = kube.delete_following(pod, GRACE + 60)
     finally:
         # The Job would replace the deleted pod with another that never ends.
         kube.batch.delete_namespaced_job("probe-finetune", kube.namespace, propagation_policy="Background")
