@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,41 @@ def test_a_second_writer_of_a_local_output_waits_then_skips_it(tmp_path):
 @pytest.mark.s3
 def test_a_second_writer_of_an_s3_output_waits_then_skips_it(s3_env, tmp_path):
     _second_writer_waits_then_skips(f"{s3_env.create_bucket('leases')}/{tmp_path.name}/o")
+
+
+def _finished_just_before_the_lease_is_taken(out: str, monkeypatch) -> None:
+    """The window two concurrent runs met: this writer found no manifest, then the other one committed and gave its
+    lease back before this one asked for it, so this one took the lease without waiting."""
+    real, bodies = lease.held, []
+
+    def other(o):
+        bodies.append("other")
+        o.write_text("a.txt", "from the other writer")
+
+    def this(o):
+        bodies.append("this")
+        o.write_text("a.txt", "from this writer")
+
+    @contextmanager
+    def the_other_writer_first(uri, stage):
+        monkeypatch.setattr(lease, "held", real)
+        M.run_stage("prep", _cfg(out), other)
+        with real(uri, stage) as h:
+            yield h
+
+    monkeypatch.setattr(lease, "held", the_other_writer_first)
+    result = M.run_stage("prep", _cfg(out), this)
+    assert bodies == ["other"] and result.get("skipped"), bodies
+    assert M.StageInput(out, "prep").read_text("a.txt") == "from the other writer"
+
+
+def test_an_output_finished_just_before_its_local_lease_is_taken_is_skipped(tmp_path, monkeypatch):
+    _finished_just_before_the_lease_is_taken(str(tmp_path / "o"), monkeypatch)
+
+
+@pytest.mark.s3
+def test_an_output_finished_just_before_its_s3_lease_is_taken_is_skipped(s3_env, tmp_path, monkeypatch):
+    _finished_just_before_the_lease_is_taken(f"{s3_env.create_bucket('leases')}/{tmp_path.name}/o", monkeypatch)
 
 
 def test_a_held_lease_past_the_allowed_wait_is_one_line_naming_the_holder(tmp_path, monkeypatch):

@@ -89,7 +89,9 @@ def test_a_damaged_manifest_is_an_incomplete_output_everywhere(tmp_path, caplog,
     assert not again.get("skipped") and M.StageInput(str(out)).read_text("a.txt") == "second"
 
 
-def test_a_stage_run_reads_its_output_manifest_once(tmp_path, monkeypatch):
+def test_a_stage_run_reads_its_output_manifest_before_and_once_more_under_its_lease(tmp_path, monkeypatch):
+    """Before: a complete output is skipped without taking a lease. Under it: another writer may have finished it
+    in between. `begin` reuses the second read."""
     reads = []
     real = M.read_manifest
     monkeypatch.setattr(M, "read_manifest", lambda uri: reads.append(uri) or real(uri))
@@ -98,7 +100,9 @@ def test_a_stage_run_reads_its_output_manifest_once(tmp_path, monkeypatch):
     M.run_stage("prep", _cfg(out, seed=9), lambda o: o.write_text("a.txt", "2") and None)
     with pytest.raises(BadInput, match="holds a complete 'prep' output; refusing to overwrite it with finetune"):
         M.run_stage("finetune", _cfg(out), lambda o: None)
-    assert reads == [out] * 3
+    assert reads == [out] * 6
+    M.run_stage("prep", _cfg(out, seed=9), lambda o: None)  # complete: skipped, no lease
+    assert reads == [out] * 7
 
 
 @pytest.mark.s3

@@ -131,7 +131,7 @@ class LocalLease:
                 continue
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(_holder(self.stage)).encode(), 0)
-            self.fd, self.waited = fd, waiting.logged
+            self.fd = fd
             return
 
     def check(self) -> None:
@@ -228,7 +228,6 @@ class S3Lease:
                 seen = None
                 continue
             waiting.another_round(_describe(raw))
-        self.waited = waiting.logged
         self._thread = threading.Thread(target=self._renew, name="mysproj-lease", daemon=True)
         self._thread.start()
 

@@ -277,8 +277,9 @@ def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], 
         return _skipped(out, done)
     U.make_dirs(out.uri)
     with lease.held(out.uri, stage) as held:
-        # Another writer may have finished it while this one waited for the lease.
-        if not force and held.waited:
+        # Looked again under the lease: another writer may have finished it since the look above, while this one
+        # waited for the lease or just before it took a lease already given back.
+        if not force:
             done = out.existing()
             if done:
                 return _skipped(out, done)
