@@ -180,3 +180,37 @@ def test_a_server_that_refuses_gets_one_request_and_costs_one_warning(tmp_path, 
     assert len(seen) == 1, seen
     assert len([r for r in caplog.records if r.name == "mysproj.tracking.mlflow_log"]) == 1
     assert record["run_id"] is None and record["error"].startswith("experiment: ") and record["missed"] >= 1
+
+
+def test_the_controller_tags_the_parent_a_stage_made_while_the_server_did_not_answer_it(mlflow_server, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """The controller's first call failed (a server still starting, a timeout under load) and a stage that logged
+    meanwhile made the parent without the release's tags: a later pass of the controller adds them."""
+    from fake_cluster import FakeCluster, make_controller
+
+    from mysproj.kube import controller as C
+    from mysproj.tracking.mlflow_log import Tracker
+
+    root = str(tmp_path / "run")
+    real, calls = C.parent_run, []
+
+    def first_call_unanswered(*args):
+        calls.append(args)
+        return "experiment: ConnectionError: timed out" if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(C, "parent_run", first_call_unanswered)
+    monkeypatch.setattr(C, "PARENT_RETRY_SECONDS", 0)
+    pipeline = {"root": root, "strategies": ["projector"], "overrides": {"finetune": {"max_steps": 2}},
+                "tracking": {"mlflow_uri": mlflow_server.uri, "mlflow_experiment": "controller"}}
+    with caplog.at_level(logging.WARNING):
+        ctl, _ = make_controller(tmp_path, FakeCluster(pipeline))
+    assert [r.getMessage() for r in caplog.records if "did not answer" in r.getMessage()] == [
+        f"mlflow: {mlflow_server.uri} did not answer (experiment: ConnectionError: timed out); the run goes on, "
+        f"trying again every 0 s"]
+    made_by_stage = Tracker(mlflow_server.uri, "controller").parent(root)  # no tags: a stage knows no release
+    ctl.step()
+    ctl.step()
+    assert len(calls) == 2  # tried again once, then done
+    parents = _runs(_client(mlflow_server), "controller", "tags.`mysproj.kind` = 'parent'")
+    assert [p.info.run_id for p in parents] == [made_by_stage]
+    assert parents[0].data.tags["mysproj.release"] == "r1" and parents[0].data.tags["mysproj.recipe"]

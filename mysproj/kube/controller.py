@@ -31,6 +31,7 @@ from mysproj.tracking.mlflow_log import parent_run
 
 log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_ERRORS = 30
+PARENT_RETRY_SECONDS = 30  # how often the controller asks MLflow again for the parent run while it does not answer
 
 
 @dataclass(kw_only=True)
@@ -87,10 +88,13 @@ class Controller:
         self.owner = jobspec.owner_reference(own_job) if own_job else None
         # The run's story as Kubernetes Events on this Job (`kubectl describe job`), where there is one.
         self.events = EventRecorder(cluster, own_job, cfg.release) if own_job else None
-        if pipeline.tracking.get("mlflow_uri"):  # one parent before stage Jobs start side by side
-
-            parent_run(pipeline.tracking["mlflow_uri"], pipeline.tracking.get("mlflow_experiment") or "mysproj",
-                       pipeline.root.rstrip("/"), {"mysproj.recipe": pipeline.recipe, "mysproj.release": cfg.release})
+        # MLflow's parent run with the release's tags, made before stage Jobs start side by side. Where the server
+        # does not answer, later passes try again: a stage that logs meanwhile makes the parent without them.
+        self._parent = ((pipeline.tracking["mlflow_uri"], pipeline.tracking.get("mlflow_experiment") or "mysproj",
+                         pipeline.root.rstrip("/"), {"mysproj.recipe": pipeline.recipe, "mysproj.release": cfg.release})
+                        if pipeline.tracking.get("mlflow_uri") else None)
+        self._parent_tried: float | None = None
+        self._tracking_parent()
         self.names = {n.name: jobspec.job_names(cfg.fullname, n, self.configs[n.name], cfg.finetune_nodes)
                       for n in self.nodes}
         # (node, config hash) -> manifest, positive checks only: a cache, never the source of truth
@@ -99,7 +103,23 @@ class Controller:
         self._recorded: set[str] = set()  # pods already recorded as replaced
         self.ended = False  # this controller's own Job was ended with a failure reason
 
+    def _tracking_parent(self) -> None:
+        if self._parent is None or (self._parent_tried is not None
+                                    and time.monotonic() - self._parent_tried < PARENT_RETRY_SECONDS):
+            return
+        first = self._parent_tried is None
+        self._parent_tried = time.monotonic()
+        error = parent_run(*self._parent)
+        if error is None:
+            if not first:
+                log.info("mlflow: parent run of %s made", self._parent[2])
+            self._parent = None
+        elif first:
+            log.warning("mlflow: %s did not answer (%s); the run goes on, trying again every %d s",
+                        redact(self._parent[0]), error, PARENT_RETRY_SECONDS)
+
     def step(self) -> PassResult:
+        self._tracking_parent()
         run = runstate.read(self.cluster, self.cfg.release, self.nodes, self.configs,
                             controller_job=self.cfg.controller_job, complete=self._complete)
         if run.superseded:

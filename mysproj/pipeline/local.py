@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from mysproj.errors import EXIT_BAD_INPUT, BadInput, vanished
+from mysproj.errors import EXIT_BAD_INPUT, BadInput, redact, vanished
 from mysproj.pipeline import dag, schedule
 from mysproj.stages import registry
 from mysproj.storage import is_local, local_path
@@ -82,9 +82,11 @@ def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1
 
 def parent_run(cfg: dag.PipelineConfig) -> None:
     """The run's MLflow parent run, made once before stages start side by side (each would otherwise make one)."""
-    if cfg.tracking.get("mlflow_uri"):
-        mlflow_log.parent_run(cfg.tracking["mlflow_uri"], cfg.tracking.get("mlflow_experiment") or "mysproj",
-                              cfg.root.rstrip("/"), {"mysproj.recipe": cfg.recipe})
+    uri = cfg.tracking.get("mlflow_uri")
+    error = mlflow_log.parent_run(uri, cfg.tracking.get("mlflow_experiment") or "mysproj", cfg.root.rstrip("/"),
+                                  {"mysproj.recipe": cfg.recipe})
+    if error:
+        log.warning("mlflow: %s did not answer (%s); the run goes on, each stage tries it once", redact(uri), error)
 
 
 class _Progress:

@@ -50,7 +50,7 @@ class Tracker:
     """An MLflow client that fails soft: `call` runs one request; after the first failure everything is skipped and
     counted in `missed`."""
 
-    def __init__(self, uri: str, experiment: str = "mysproj"):
+    def __init__(self, uri: str, experiment: str = "mysproj", *, quiet: bool = False):
         # Fail fast: MLflow's default is several retries with backoff (minutes against a server that is gone).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -60,6 +60,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.error: str | None = None
         self.missed = 0
+        self.quiet = quiet  # the caller says what a failure means for it
         self._experiment_id: str | None = None
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -72,8 +73,9 @@ class Tracker:
             first = (str(e).splitlines() or [""])[0][:200]
             self.error = redact(f"{what}: {type(e).__name__}: {first}")
             self.missed += 1
-            log.warning("mlflow: %s did not answer (%s); the stage goes on without MLflow, its manifest says what "
-                        "was missed", redact(self.uri), self.error)
+            if not self.quiet:
+                log.warning("mlflow: %s did not answer (%s); the stage goes on without MLflow, its manifest says "
+                            "what was missed", redact(self.uri), self.error)
             return None
 
     def experiment_id(self) -> str | None:
@@ -91,10 +93,18 @@ class Tracker:
         return self.call("search", lambda: self.client.search_runs([eid], filter_string=filters)) or []
 
     def parent(self, root: str, tags: Mapping[str, str] | None = None) -> str | None:
-        """The parent run of run root `root` (created when there is none); its id, None when MLflow is off."""
+        """The parent run of run root `root` (created when there is none) with `tags` set on it (a stage that found
+        none made it without them); its id, None when MLflow is off."""
         found = self._search(f"tags.`{ROOT_TAG}` = '{root}' and tags.`{KIND_TAG}` = 'parent'")
         if found:
-            return found[0].info.run_id
+            run = found[0]
+            missing = {k: v for k, v in (tags or {}).items() if run.data.tags.get(k) != v}
+            if missing:
+                from mlflow.entities import RunTag  # noqa: PLC0415 - only where tracking.mlflow_uri is set
+
+                self.call("tag parent run", lambda: self.client.log_batch(
+                    run.info.run_id, tags=[RunTag(k, str(v)) for k, v in missing.items()]))
+            return run.info.run_id
         eid = self.experiment_id()
         if eid is None:
             return None
@@ -170,11 +180,15 @@ def stage_run(cfg, stage: str) -> StageRun | None:
     return StageRun(Tracker(uri, getattr(cfg, "mlflow_experiment", None) or "mysproj"), cfg, stage)
 
 
-def parent_run(uri: str | None, experiment: str, root: str, tags: Mapping[str, str] | None = None) -> None:
+def parent_run(uri: str | None, experiment: str, root: str, tags: Mapping[str, str] | None = None) -> str | None:
     """Create the parent run of a run root up front (`mysproj run`, the controller), so stages starting side by
-    side find one parent rather than each making its own."""
-    if uri:
-        Tracker(uri, experiment).parent(root, tags)
+    side find one parent rather than each making its own; or give the one a stage made its `tags`. The error where
+    the server did not answer (nothing logged), else None."""
+    if not uri:
+        return None
+    tracker = Tracker(uri, experiment, quiet=True)
+    tracker.parent(root, tags)
+    return tracker.error
 
 
 def report_artifacts(cfg, folder: str) -> dict | None:

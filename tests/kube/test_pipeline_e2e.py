@@ -212,7 +212,9 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     root = f"s3://{BUCKET}/runs/tiny"
     built_from = image_revision(kube.images["gpu"])
     client, parents, children = mlflow_runs(pod_mlflow.uri, root)
-    assert len(parents) == 1 and parents[0].data.tags["mysproj.release"] == "tiny", parents
+    controller_said = [line for pod in kube.pods("mysproj.io/run=tiny,mysproj.io/stage=controller")
+                       for line in kube.pod_log(pod.metadata.name).splitlines() if "mlflow" in line]
+    assert len(parents) == 1 and parents[0].data.tags.get("mysproj.release") == "tiny", (parents, controller_said)
     parent = parents[0].info.run_id
     tracked_nodes = {j.metadata.annotations["mysproj.io/node"] for j in jobs
                      if j.metadata.labels["mysproj.io/stage"] in stages_where("tracked")}
