@@ -100,6 +100,11 @@ class Preempted(Exception):
     """The process was asked to stop (SIGTERM) and stopped cleanly at a point it can resume from."""
 
 
+class Stopped(BaseException):
+    """SIGTERM outside a stage's own handling (`mysproj.process.run`): the work stops where it is. A BaseException,
+    as KeyboardInterrupt is: no library's `except Exception` may swallow it and carry on."""
+
+
 # `scheme://user:password@host/...`: credentials inside a URI.
 URI_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
 _SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|_KEY$|CREDENTIAL", re.IGNORECASE)

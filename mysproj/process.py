@@ -3,25 +3,39 @@ controller's Job (`jobs/controller.py`) and the local runner's stage processes a
 so the same failure gives the same exit code, the same one line and the same record whichever face ran it.
 
 Exit codes: 0 done; 64 bad input, bad config or a deployment problem (an image without a module, a write to a
-read-only root): retrying cannot help, never retried; 130 interrupted (Ctrl-C); 143 preempted (stopped on SIGTERM
-at a point it resumes from); 1 anything else, retryable. Every line printed is redacted (`mysproj.errors.redact`).
-Where the process has an output (`MYSPROJ_OUT`, set on a stage's Job) rank 0 keeps `<out>/_FAILURE.json`, the
-reason the controller and `mysproj status` show: removed when an attempt starts, written when it fails.
+read-only root): retrying cannot help, never retried; 130 interrupted (Ctrl-C); 143 stopped on SIGTERM (a pod
+deleted, a node drained; fine-tuning at a point it resumes from), retryable; 1 anything else, retryable. Every
+line printed is redacted (`mysproj.errors.redact`). Where the process has an output (`MYSPROJ_OUT`, set on a
+stage's Job) rank 0 keeps `<out>/_FAILURE.json`, the reason the controller and `mysproj status` show: removed when
+an attempt starts, written when it fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
-from mysproj.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadInput, Preempted, StorageError, no_space, redact, vanished
+from mysproj.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_PREEMPTED,
+    BadInput,
+    Preempted,
+    Stopped,
+    StorageError,
+    no_space,
+    redact,
+    vanished,
+)
 from mysproj.storage import uri
 
 EXIT_OK = 0
@@ -90,7 +104,7 @@ def outcome(what: str, e: BaseException) -> tuple[int, str]:
     """(exit code, the line printed) for a failure; a line without `error:`/`stopped:` is a traceback."""
     if isinstance(e, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "stopped: interrupted"
-    if isinstance(e, Preempted):  # stopped on SIGTERM at a resumable point: the retried process resumes
+    if isinstance(e, (Preempted, Stopped)):  # SIGTERM: the retried process resumes or starts again
         return EXIT_PREEMPTED, f"stopped: {redact(e)}"
     line = str(e) if isinstance(e, StorageError) else no_space(e)
     if line is not None:  # retryable (the endpoint back, space freed), and its cause fits one line
@@ -132,17 +146,41 @@ def write_record(exit_code: int, error: str) -> None:
         log.warning("could not write %s: %s", target, e)
 
 
+@contextlib.contextmanager
+def stop_on_sigterm(what: str) -> Iterator[None]:
+    """While active, SIGTERM raises `Stopped` where nothing else handles it. A container's first process is its
+    PID namespace's init, to which the kernel delivers no signal it has no handler for: without one a deleted pod's
+    stage went on for the whole grace period and was killed then, or finished as if nothing had been asked."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(f"SIGTERM received (a pod deleted or a node drained); {what} stopped where it was, and runs "
+                      "again from its start or last checkpoint when retried")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run(what: str, body: Callable[[], int | None]) -> int:
     """Run `body` (the command or stage; `what` names it in messages) under the contract above; its return value
     (None = 0) is the exit code when it returns."""
     clear_record()
     try:
-        prepare_scratch()
-        return int(body() or 0)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure maps to one exit code
+        with stop_on_sigterm(what):
+            prepare_scratch()
+            return int(body() or 0)
+    except (Exception, KeyboardInterrupt, Stopped) as e:  # noqa: BLE001 - every failure maps to one exit code
         code, line = outcome(what, e)
         print(line, file=sys.stderr, flush=True)
-        if code == EXIT_PREEMPTED:
+        if isinstance(e, Stopped):
+            write_record(code, f"stopped: {redact(e)}")
+        elif code == EXIT_PREEMPTED:
             write_record(code, f"preempted: {redact(e)}")
         elif line.startswith("error: "):
             write_record(code, line.removeprefix("error: "))

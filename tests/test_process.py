@@ -70,3 +70,61 @@ def test_a_real_bad_input_ends_alike(tmp_path, monkeypatch, capsys):
     by_cli = _ends(lambda: cli.main(["prep"]), out, capsys)
     by_job = _ends(lambda: entry.main(["prep"], script=str(REPO / "jobs" / "stage.py")), out, capsys)
     assert by_cli == by_job and by_cli[0] == EXIT_BAD_INPUT and by_cli[1][0].startswith("error: ")
+
+
+SLEEPER = """
+import sys, time
+from mysproj import process
+def body():
+    print("working", flush=True)
+    time.sleep(120)
+sys.exit(process.run("sleeper", body))
+"""
+
+
+@pytest.mark.parametrize("as_init", [False, True], ids=["process", "pid-namespace-init"])
+def test_sigterm_stops_the_work_with_exit_143_and_a_record(as_init, tmp_path):
+    """A pod deleted while its stage runs: the kubelet's SIGTERM stops the work at once (143, retryable) with one
+    line and a failure record, also where the process is its PID namespace's init, as a container's first
+    process is (the kernel gives init no signal it has no handler for)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [sys.executable, "-c", SLEEPER]
+    if as_init:
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            pytest.skip("a PID namespace needs root and unshare")
+        argv = ["unshare", "--pid", "--fork", "--kill-child", *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "MYSPROJ_OUT": str(out), "RANK": "0", "NODE_RANK": "0"})
+    try:
+        assert proc.stdout.readline() == "working\n"
+        target = proc.pid
+        if as_init:  # unshare's child: PID 1 of the new namespace
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            target = int(children[0])
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{target}/status").read_text().splitlines())
+            assert status["NSpid"].split()[-1] == "1", status["NSpid"]  # its pid in its own namespace
+        os.kill(target, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert err.splitlines()[-1].startswith("stopped: SIGTERM received (a pod deleted or a node drained); sleeper "), err
+    record = json.loads((out / process.FAILURE_RECORD).read_text())
+    assert record["exit_code"] == EXIT_PREEMPTED and record["error"].startswith("stopped: SIGTERM received"), record
+
+
+def test_run_leaves_sigterm_as_it_found_it():
+    import signal
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert process.run("noop", lambda: 0) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

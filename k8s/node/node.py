@@ -57,7 +57,11 @@ def pick_subnet() -> ipaddress.IPv4Network:
 class PodNetwork:
     """The pods' bridge. Its gateway (.1) is a local address of this machine: the API server and the test's S3
     forwarder listen there. Pods get .128-.254; the Service range is .0/25, so the `kubernetes` Service's address
-    is the gateway itself and in-cluster clients reach the API server without a kube-proxy."""
+    is the gateway itself and in-cluster clients reach the API server without a kube-proxy.
+
+    The bridge has a MAC address of its own: one it picks itself is its ports' lowest, so it changes as pods'
+    veths come and go, and a pod that cached the old one in its ARP table sends into the void until that entry
+    expires (its TCP connections to the API server and the object store stalled for minutes, in backoff)."""
 
     subnet: str
     bridge: str
@@ -67,6 +71,7 @@ class PodNetwork:
         net = pick_subnet()
         self = cls(str(net), f"mysproj-br{net.network_address.packed[2]}")
         for cmd in (["ip", "link", "add", self.bridge, "type", "bridge"],
+                    ["ip", "link", "set", self.bridge, "address", self.mac],
                     ["ip", "addr", "add", f"{self.gateway}/{net.prefixlen}", "dev", self.bridge],
                     ["ip", "link", "set", self.bridge, "up"]):
             subprocess.run(cmd, check=True, capture_output=True)
@@ -75,6 +80,11 @@ class PodNetwork:
     @property
     def gateway(self) -> str:
         return str(ipaddress.ip_network(self.subnet).network_address + 1)
+
+    @property
+    def mac(self) -> str:
+        """The bridge's fixed address: locally administered (02:), then the gateway's four bytes."""
+        return ":".join(["02", "00", *(f"{b:02x}" for b in ipaddress.ip_address(self.gateway).packed)])
 
     @property
     def service_cidr(self) -> str:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -278,7 +279,9 @@ def test_container_runs_under_its_security_context_and_limits(kube):
 def test_pods_reach_the_api_server_and_the_object_store_over_the_pod_network(kube):
     """Each pod has its own network namespace on the node's bridge: it reaches the API server at the `kubernetes`
     Service's address (what in-cluster clients use; the bridge's gateway carries it, there is no kube-proxy) and
-    the S3 server at the endpoint the chart is given; the host's 127.0.0.1 is not the pod's."""
+    the S3 server at the endpoint the chart is given; the host's 127.0.0.1 is not the pod's. The gateway's MAC
+    address, as the pod learnt it, is the bridge's own fixed one: one derived from its ports changes as pods come
+    and go, and pods that cached it lose their connections for minutes."""
     import socket
 
     with socket.socket() as host_only:
@@ -296,6 +299,8 @@ def test_pods_reach_the_api_server_and_the_object_store_over_the_pod_network(kub
                     print(what, "reached")
                 except OSError as e:
                     print(what, "refused", e.errno)
+            with open("/proc/net/arp") as arp:
+                print("arp", [line.split()[:4:3] for line in arp.read().splitlines()[1:]])
         """
         kube.batch.create_namespaced_job(kube.namespace, job(kube, "netcheck", script))
         j = kube.wait_for(lambda: finished(kube, "netcheck"), 60, "job netcheck to finish")
@@ -303,6 +308,10 @@ def test_pods_reach_the_api_server_and_the_object_store_over_the_pod_network(kub
     out = kube.pod_log(only_pod(kube, "netcheck").metadata.name)
     assert "interfaces ['eth0', 'lo']" in out and "api reached" in out and "s3 reached" in out, out
     assert "host-only refused 111" in out, out  # ECONNREFUSED: the pod's own loopback has nothing there
+    network = kube.runtime.network
+    assert f"['{network.gateway}', '{network.mac}']" in out, out
+    # NET_ADDR_SET: the kernel keeps an address it was given whatever ports join or leave the bridge
+    assert Path(f"/sys/class/net/{network.bridge}/addr_assign_type").read_text().strip() == "3"
 
 
 def _waiting_reasons(kube, pod: str) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -104,6 +105,15 @@ def leftovers(kube, release):
             + [c.metadata.name for c in kube.core.list_namespaced_config_map(kube.namespace, label_selector=sel).items])
 
 
+SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def signal_mask(pid: int, field: str) -> int:
+    """A signal mask of a process on this machine (/proc/<pid>/status: SigCgt caught, ShdPnd pending)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status[field], 16)
+
+
 def without_bucket_access(env):
     """The user's shell without any S3 credentials or endpoint."""
     keep = {k: v for k, v in env.items() if not k.startswith("AWS_") and k != "MYSPROJ_S3_ENDPOINT"}
@@ -124,14 +134,20 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
     assert f"mysproj logs tiny textures-mini/prep --namespace {kube.namespace}" in notes
 
     # A pod deleted while it runs (a drain, an eviction) is replaced by its Job; `mysproj status` keeps a trace.
+    # Its work takes a second: the process is frozen (SIGSTOP) once it handles SIGTERM, so the deletion cannot
+    # come after it finished, and thawed once the kubelet's SIGTERM waits for it. It then stops (exit 143).
     def model_init_pod_running():
-        pods = [p for p in kube.pods("mysproj.io/stage=model-init")
-                if p.metadata.annotations["mysproj.io/node"] == "models/tiny" and kube.is_running(p.metadata.name)
-                and kube.pod_log(p.metadata.name)]
-        return pods[0].metadata.name if pods else None
+        pods = [p.metadata.name for p in kube.pods("mysproj.io/stage=model-init")
+                if p.metadata.annotations["mysproj.io/node"] == "models/tiny"]
+        return next(((p, pid) for p in pods if (pid := kube.container_pid(p))), None)
 
-    deleted = kube.wait_for(model_init_pod_running, RUN_TIMEOUT, "the models/tiny pod to run", interval=0.1)
+    deleted, pid = kube.wait_for(model_init_pod_running, RUN_TIMEOUT, "the models/tiny pod to run", interval=0.05)
+    kube.wait_for(lambda: signal_mask(pid, "SigCgt") & SIGTERM_BIT, 60, "models/tiny's process to handle SIGTERM",
+                  interval=0.01)
+    os.kill(pid, signal.SIGSTOP)
     kube.core.delete_namespaced_pod(deleted, kube.namespace)
+    kube.wait_for(lambda: signal_mask(pid, "ShdPnd") & SIGTERM_BIT, 60, "the kubelet's SIGTERM to models/tiny")
+    os.kill(pid, signal.SIGCONT)
 
     # Preemption: the fine-tuning pod is deleted (as a drain or a spot reclaim does) once it has written its first
     # checkpoint. SIGTERM: it finishes the step in flight, writes a checkpoint and exits 143; the Job's next pod
