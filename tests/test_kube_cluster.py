@@ -1,12 +1,14 @@
 """`Cluster`, the controller's and `mysproj status`'s access to the API server, bounds every call: an API server
 that takes a request and never answers (a connection gone dead without a reset) fails the call instead of holding
-the controller's pass for as long as TCP keeps retrying."""
+the controller's pass for as long as TCP keeps retrying. The kubeconfig named by $KUBECONFIG now is the one read,
+its current context's namespace included (the client library fixes its default path when first imported)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 
+import kubernetes.config  # noqa: F401 - imported before a test sets KUBECONFIG, as in a long-lived process
 import pytest
 import urllib3
 

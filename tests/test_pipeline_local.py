@@ -87,15 +87,18 @@ def test_slot_processes_see_their_devices_only(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
     runner = local.ChildProcesses(str(tmp_path), schedule.Capacity(3, 3))
-    gpu = dag.Node("dtd/zero-shot/eval-llava", "eval-llava", {})
-    cpu = dag.Node("dtd/prep", "prep", {})
-    assert runner._env(gpu, (1,))["CUDA_VISIBLE_DEVICES"] == "6"
-    assert runner._env(dag.Node("f", "finetune", {}), (0, 2))["CUDA_VISIBLE_DEVICES"] == "4,7"
-    assert runner._env(cpu, ())["CUDA_VISIBLE_DEVICES"] == ""
-    # A stage Job's variables left in this shell would make the child write a failure record where they point.
-    monkeypatch.setenv("MYSPROJ_OUT", str(tmp_path / "somewhere"))
-    monkeypatch.setenv("MYSPROJ_NODE", "x")
-    assert not set(runner._env(cpu, ())) & {"MYSPROJ_OUT", "MYSPROJ_NODE"}
+    try:
+        gpu = dag.Node("dtd/zero-shot/eval-llava", "eval-llava", {})
+        cpu = dag.Node("dtd/prep", "prep", {})
+        assert runner._env(gpu, (1,))["CUDA_VISIBLE_DEVICES"] == "6"
+        assert runner._env(dag.Node("f", "finetune", {}), (0, 2))["CUDA_VISIBLE_DEVICES"] == "4,7"
+        assert runner._env(cpu, ())["CUDA_VISIBLE_DEVICES"] == ""
+        # A stage Job's variables left in this shell would make the child write a failure record where they point.
+        monkeypatch.setenv("MYSPROJ_OUT", str(tmp_path / "somewhere"))
+        monkeypatch.setenv("MYSPROJ_NODE", "x")
+        assert not set(runner._env(cpu, ())) & {"MYSPROJ_OUT", "MYSPROJ_NODE"}
+    finally:
+        runner.close()  # gives SIGTERM back its handler
 
 
 def test_a_stage_process_exits_like_a_stage_job(tmp_path, monkeypatch, capsys):

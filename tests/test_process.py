@@ -122,9 +122,22 @@ def test_sigterm_stops_the_work_with_exit_143_and_a_record(as_init, tmp_path):
     assert record["exit_code"] == EXIT_PREEMPTED and record["error"].startswith("stopped: SIGTERM received"), record
 
 
-def test_run_leaves_sigterm_as_it_found_it():
+def test_run_handles_sigterm_only_while_it_runs_and_only_where_nothing_else_does():
     import signal
 
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert process.run("noop", lambda: 0) == 0
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    def handler_inside():
+        seen.append(signal.getsignal(signal.SIGTERM))
+
+    def own(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        seen: list = []
+        assert process.run("noop", handler_inside) == 0
+        assert seen[0] not in (signal.SIG_DFL, signal.SIG_IGN) and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        signal.signal(signal.SIGTERM, own)  # a caller's own handler (the local runner's) is left alone
+        assert process.run("noop", handler_inside) == 0
+        assert seen[1] is own and signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)

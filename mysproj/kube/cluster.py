@@ -29,16 +29,17 @@ class Cluster:
             config.load_incluster_config()
             in_cluster_ns = _read(_SA_NAMESPACE)
         except config.ConfigException:
+            # $KUBECONFIG as it is now: the client library reads it once, when it is first imported
+            kubeconfig = os.environ.get("KUBECONFIG") or None
             try:
-                # $KUBECONFIG as it is now: the client library reads it once, when it is first imported
-                config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context)
+                config.load_kube_config(config_file=kubeconfig, context=context)
             except (config.ConfigException, FileNotFoundError, TypeError) as e:
                 raise BadInput(f"no Kubernetes credentials: not in a pod and no kubeconfig ({e}); "
                                "set KUBECONFIG") from None
             in_cluster_ns = None
             if namespace is None:
                 try:
-                    _, active = config.list_kube_config_contexts()
+                    _, active = config.list_kube_config_contexts(config_file=kubeconfig)
                     namespace = (active or {}).get("context", {}).get("namespace")
                 except (config.ConfigException, FileNotFoundError):
                     pass
