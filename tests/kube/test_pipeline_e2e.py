@@ -160,9 +160,12 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
                            interval=0.1)
     streamed, exit_code, tail = kube.delete_following(victim, RUN_TIMEOUT)
     assert "finetune: SIGTERM received; stopping after the current optimizer step with a checkpoint" in streamed + tail
-    stopped = re.search(rf"fine-tuning stopped after optimizer step (\d+) of {STEPS}, checkpoint step \1 written",
-                        streamed + tail)
-    assert stopped and exit_code == 143, (exit_code, streamed[-2000:], tail)
+    stopped = re.search(rf"^stopped: SIGTERM: fine-tuning stopped after optimizer step (\d+) of {STEPS}, checkpoint "
+                        r"step \1 written", streamed + tail, re.MULTILINE)
+    # The exit code as the kubelet reported it. Kubelet v1.20 can remove a deleted pod before it reports the final
+    # status (1.22 made that report come first); then the `stopped:` line says it: the process prints it exactly when
+    # it exits 143 (mysproj.process, tests/test_process.py).
+    assert stopped and exit_code in (143, None), (exit_code, streamed[-2000:], tail)
     assert kube.wait_for(lambda: finished(kube, "tiny"), RUN_TIMEOUT, "the run to finish") == "Complete", \
         debug(kube, "tiny")
 
