@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,19 @@ def signal_mask(pid: int, field: str) -> int:
     return int(status[field], 16)
 
 
+def frozen_handling_sigterm(pid: int) -> bool:
+    """Freeze the process and say whether it handles SIGTERM; thaw it again where it does not. Read while it is
+    stopped, the answer cannot be outdated by the time a SIGTERM comes (a handler seen while it runs can be gone by
+    then, and the kernel drops a SIGTERM to a container's init that has none)."""
+    os.kill(pid, signal.SIGSTOP)
+    while "T (stopped)" not in Path(f"/proc/{pid}/status").read_text():
+        time.sleep(0.001)
+    if signal_mask(pid, "SigCgt") & SIGTERM_BIT:
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
+
+
 def without_bucket_access(env):
     """The user's shell without any S3 credentials or endpoint."""
     keep = {k: v for k, v in env.items() if not k.startswith("AWS_") and k != "MYSPROJ_S3_ENDPOINT"}
@@ -142,9 +156,7 @@ def test_tiny_run_completes_survives_a_kill_resumes_and_uninstalls_cleanly(run_e
         return next(((p, pid) for p in pods if (pid := kube.container_pid(p))), None)
 
     deleted, pid = kube.wait_for(model_init_pod_running, RUN_TIMEOUT, "the models/tiny pod to run", interval=0.05)
-    kube.wait_for(lambda: signal_mask(pid, "SigCgt") & SIGTERM_BIT, 60, "models/tiny's process to handle SIGTERM",
-                  interval=0.01)
-    os.kill(pid, signal.SIGSTOP)
+    kube.wait_for(lambda: frozen_handling_sigterm(pid), 60, "models/tiny's process to handle SIGTERM", interval=0.01)
     kube.core.delete_namespaced_pod(deleted, kube.namespace)
     kube.wait_for(lambda: signal_mask(pid, "ShdPnd") & SIGTERM_BIT, 60, "the kubelet's SIGTERM to models/tiny")
     os.kill(pid, signal.SIGCONT)
