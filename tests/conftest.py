@@ -11,7 +11,8 @@
 - Stage inputs built once per session (on first use): `tiny_model` (the tiny random LLaVA), `tiny_sharded` (the
   same in several shards), `tiny_original` (the same in the original LLaVA layout), `prep` (textures-mini, 6 images
   a class) for the models/finetune/merge tests; `prep_uri` (textures-mini, 4 a class), `llava_tiny_uri` (the
-  `tiny_model` folder) and `clip_tiny_uri` for the eval/probe/report tests. Tests must not change them.
+  `tiny_model` folder) and `clip_tiny_uri` for the eval/probe/report tests; `jpeg_prep`
+  (photos as JPEGs of every kind, tests/photo_files.py) for the decode paths. Tests must not change them.
   `one_process_env` (function): RANK, WORLD_SIZE, MASTER_ADDR... of a 1-process run; `deepspeed_one_process`
   (function): DeepSpeed's CPU accelerator in this process.
 - Stage-in origins on loopback (function): `http_origin` (tests/http_origin.py: a Range-honouring file server with
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from loopback_ports import free_ports
+from photo_files import jpeg_folder
 from stage_runs import stage, tiny_in_shards
 
 _SESSION_CACHE: str | None = None
@@ -326,6 +328,15 @@ def prep(tmp_path_factory) -> str:
 def prep_uri(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("eval-inputs") / "textures-mini" / "prep")
     stage("prep", dataset="textures-mini", out=out, max_per_class=4, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def jpeg_prep(tmp_path_factory) -> str:
+    """A prep output of photos as JPEGs of every kind, a greyscale and a CMYK one and a PNG (tests/photo_files.py)."""
+    root = tmp_path_factory.mktemp("jpeg-folder")
+    out = str(root / "prep")
+    stage("prep", dataset="imagefolder", source=jpeg_folder(str(root)), out=out, workers=1)
     return out
 
 

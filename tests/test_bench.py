@@ -113,6 +113,15 @@ def test_probe_features(tmp_path):
     _check(report, "probe-features", ["ours", "baseline"])
     ours = report["results"][0]
     assert ours["pre_shape"] == [2, 32] and ours["post_shape"] == [2, 64]  # tiny: vision 32, text 64 wide
+    assert report["settings"]["decode"] == "cpu" and ours["device_decoded_images"] == 0
+
+
+def test_probe_features_device_decode(tmp_path):
+    report = _bench(tmp_path, "probe-features", "--batch-size", "2", "--image-px", "80x60", "--set", "decode=device")
+    _check(report, "probe-features", ["ours"])
+    ours = report["results"][0]
+    assert report["settings"]["decode"] == "device" and "decode device" in ours["what"]
+    assert ours["device_decoded_images"] == 2 * (1 + 2)  # warm-up + timed batches, every JPEG on the device
 
 
 @pytest.mark.parametrize("name,extra", [

@@ -6,6 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
+from photo_files import jpeg, photos  # noqa: E402
 from stage_runs import stage  # noqa: E402
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -108,26 +109,6 @@ def test_unrecognised_clip_folder_is_bad_input(tmp_path):
 
 # ------------------------------------------------------------------ decode=device, precision=bf16, compile
 
-def _photos() -> dict:
-    """scikit-image's photos as RGB arrays (the textures are greyscale: repeated into three channels)."""
-    import numpy as np
-    from skimage import data as sk
-
-    grey = {n: getattr(sk, n)() for n in ("brick", "grass", "gravel")}
-    return {**{n: np.stack([a] * 3, axis=-1) for n, a in grey.items()}, "astronaut": sk.astronaut(),
-            "coffee": sk.coffee()}
-
-
-def _jpeg(array, size: tuple[int, int], mode: str = "RGB", **save) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).resize(size, Image.BILINEAR).convert(mode).save(buf, format="JPEG", quality=90, **save)
-    return buf.getvalue()
-
-
 def _pil_vs_tensor(raw: bytes, preprocess, spec):
     """(PIL path pixels, tensor path pixels) of one file, both [3, S, S] normalised."""
     from mysproj.data.images import open_rgb
@@ -152,9 +133,9 @@ def test_tensor_preprocessing_matches_pil_on_photos(size):
     scale = torch.tensor(spec.std)[:, None, None] * 255  # normalised units -> 0-255 levels
     sizes = [(500, 375), (375, 500), (640, 480), (300, 300), (1024, 700), (200, 150)]
     worst_mean = worst_max = 0.0
-    for photo in _photos().values():
+    for photo in photos().values():
         for wh in sizes:
-            want, got = _pil_vs_tensor(_jpeg(photo, wh), preprocess, spec)
+            want, got = _pil_vs_tensor(jpeg(photo, wh), preprocess, spec)
             diff = ((got - want) * scale).abs()
             worst_mean, worst_max = max(worst_mean, float(diff.mean())), max(worst_max, float(diff.max()))
     assert worst_mean < 0.01, worst_mean
@@ -164,13 +145,13 @@ def test_tensor_preprocessing_matches_pil_on_photos(size):
 def test_only_complete_ycbcr_jpegs_go_to_the_device_decoder():
     from mysproj.evaluation.device_decode import is_device_jpeg
 
-    photo = _photos()["coffee"]
-    assert is_device_jpeg(_jpeg(photo, (120, 90)))
-    assert is_device_jpeg(_jpeg(photo, (120, 90), progressive=True))
-    assert is_device_jpeg(_jpeg(photo, (120, 90), subsampling=0))         # 4:4:4
-    assert not is_device_jpeg(_jpeg(photo, (120, 90), mode="L"))          # greyscale
-    assert not is_device_jpeg(_jpeg(photo, (120, 90), mode="CMYK"))
-    assert not is_device_jpeg(_jpeg(photo, (120, 90))[:-300])             # truncated: PIL must see it
+    photo = photos()["coffee"]
+    assert is_device_jpeg(jpeg(photo, (120, 90)))
+    assert is_device_jpeg(jpeg(photo, (120, 90), progressive=True))
+    assert is_device_jpeg(jpeg(photo, (120, 90), subsampling=0))         # 4:4:4
+    assert not is_device_jpeg(jpeg(photo, (120, 90), mode="L"))          # greyscale
+    assert not is_device_jpeg(jpeg(photo, (120, 90), mode="CMYK"))
+    assert not is_device_jpeg(jpeg(photo, (120, 90))[:-300])             # truncated: PIL must see it
     assert not is_device_jpeg(b"\x89PNG\r\n\x1a\n" + bytes(40))
 
 
@@ -180,9 +161,15 @@ def test_a_file_the_device_decoder_refuses_goes_to_pil(tmp_path):
     from open_clip.transform import image_transform
 
     from mysproj.data.images import BadImage
-    from mysproj.evaluation.device_decode import DeviceBatches, collate_encoded, decode_jpegs, is_device_jpeg
+    from mysproj.evaluation.device_decode import (
+        DeviceBatches,
+        clip_pixels,
+        collate_encoded,
+        decode_jpegs,
+        is_device_jpeg,
+    )
 
-    good = _jpeg(_photos()["coffee"], (120, 90))
+    good = jpeg(photos()["coffee"], (120, 90))
     at = good.index(b"\xff\xc4") + 5  # inside the first Huffman table
     bad = good[:at] + bytes(16) + good[at + 16:]
     assert is_device_jpeg(bad)
@@ -190,7 +177,8 @@ def test_a_file_the_device_decoder_refuses_goes_to_pil(tmp_path):
     assert [d is None for d in decoded] == [False, True, False]
 
     (tmp_path / "bad.jpg").write_bytes(bad)
-    batches = DeviceBatches(None, [], image_transform(64, is_train=False), batch_size=2, workers=0, device="cpu")
+    batches = DeviceBatches(None, [], clip_pixels(image_transform(64, is_train=False)), batch_size=2, workers=0,
+                            device="cpu")
     batch = collate_encoded([(0, str(tmp_path / "good.jpg"), good, None), (1, str(tmp_path / "bad.jpg"), bad, None)])
     with pytest.raises(BadImage, match="bad.jpg: corrupt image"):
         batches.decode(batch)
@@ -209,40 +197,8 @@ def test_pixel_spec_of_an_hf_processor():
     spec = pixel_spec(preprocess)
     assert (spec.resize, spec.crop, spec.mode, spec.crop_floor) == (40, (32, 32), "bicubic", True)
     assert spec.mean == tuple(processor.image_mean)
-    want, got = _pil_vs_tensor(_jpeg(_photos()["astronaut"], (97, 75)), preprocess, spec)
+    want, got = _pil_vs_tensor(jpeg(photos()["astronaut"], (97, 75)), preprocess, spec)
     assert float((got - want).abs().max()) < 0.02  # HF resizes uint8 tensors the PIL way too
-
-
-@pytest.fixture
-def jpeg_prep(tmp_path_factory):
-    """An imagefolder prep output of photos: RGB JPEGs (baseline, progressive, 4:4:4, several sizes) and, in
-    the test split, a greyscale JPEG, a CMYK JPEG and a PNG, which decode=device hands to PIL."""
-    root = tmp_path_factory.mktemp("jpeg-folder")
-    photos = _photos()
-    files = {
-        "test/brick": [("a.jpg", _jpeg(photos["brick"], (500, 375))), ("b.jpg", _jpeg(photos["brick"], (90, 130))),
-                       ("grey.jpg", _jpeg(photos["brick"], (100, 100), mode="L"))],
-        "test/coffee": [("a.jpg", _jpeg(photos["coffee"], (400, 300), progressive=True)),
-                        ("cmyk.jpg", _jpeg(photos["coffee"], (160, 120), mode="CMYK")),
-                        ("c.png", None)],
-        "test/astronaut": [("a.jpg", _jpeg(photos["astronaut"], (256, 256), subsampling=0)),
-                           ("b.jpg", _jpeg(photos["astronaut"], (300, 170)))],
-        "train/brick": [("t.jpg", _jpeg(photos["brick"], (64, 64)))],
-        "train/coffee": [("t.jpg", _jpeg(photos["coffee"], (64, 64)))],
-        "train/astronaut": [("t.jpg", _jpeg(photos["astronaut"], (64, 64)))],
-    }
-    for folder, items in files.items():
-        os.makedirs(root / "src" / folder)
-        for name, raw in items:
-            if raw is None:
-                from PIL import Image
-
-                Image.fromarray(photos["coffee"]).resize((130, 170)).save(root / "src" / folder / name)
-            else:
-                (root / "src" / folder / name).write_bytes(raw)
-    out = str(root / "prep")
-    stage("prep", dataset="imagefolder", source=str(root / "src"), out=out, workers=1)
-    return out
 
 
 def _eval(tmp_path, name: str, prep: str, model: str, **fields):
@@ -319,7 +275,7 @@ def exif_prep(tmp_path_factory):
     exif = Image.Exif()
     exif[0x0112] = 6
     buf = io.BytesIO()
-    Image.fromarray(_photos()["astronaut"]).resize((240, 120)).save(buf, format="JPEG", quality=90,
+    Image.fromarray(photos()["astronaut"]).resize((240, 120)).save(buf, format="JPEG", quality=90,
                                                                     exif=exif.tobytes())
     for folder in ("test/astronaut", "train/astronaut", "test/coffee", "train/coffee"):
         os.makedirs(root / "src" / folder)
@@ -329,7 +285,7 @@ def exif_prep(tmp_path_factory):
     assert upright.size == (120, 240)
     upright.save(root / "src/test/astronaut/upright.png")
     for folder in ("train/astronaut", "train/coffee", "test/coffee"):
-        (root / "src" / folder / "c.jpg").write_bytes(_jpeg(_photos()["coffee"], (64, 64)))
+        (root / "src" / folder / "c.jpg").write_bytes(jpeg(photos()["coffee"], (64, 64)))
     out = str(root / "prep")
     stage("prep", dataset="imagefolder", source=str(root / "src"), out=out, workers=1)
     return out

@@ -1,7 +1,8 @@
 """`mysproj bench probe-features`: pre- and post-projection features of JPEG images, decode included.
 
-ours: the probe stage's path per batch: `image_batches` (decode + LLaVA `pad` preprocessing in DataLoader
-workers, through `PreparedData.open_image`) and `stages.probe.image_features` on a random-weight model in the
+ours: the probe stage's path per batch: `speed.llava.pixel_batches` (its `decode` field: `cpu`, decode + LLaVA
+`pad` preprocessing in DataLoader workers through `PreparedData.open_image`; `--set decode=device`, JPEG batches
+decoded, padded and preprocessed on the device) and `stages.probe.image_features` on a random-weight model in the
 stage's dtype. One timed step = one batch, wall clock with the GPU drained (decode waits count).
 baseline: plain transformers at the same batch size, decoded and preprocessed in the main process:
 `open_rgb` + `expand2square` + the CLIP image processor, then `model.model.get_image_features`, bf16.
@@ -17,14 +18,13 @@ import torch
 
 from mysproj.bench import flops as F
 from mysproj.bench import synthetic
+from mysproj.bench.command import ours_config
 from mysproj.bench.eval_clip import synthetic_prepared
 from mysproj.bench.measurement import BenchReport, Measurement, card_name
 from mysproj.bench.timing import free_memory, time_steps
 from mysproj.data.images import expand2square, open_rgb
-from mysproj.evaluation.batches import image_batches
-from mysproj.models.conversation import image_transform
 from mysproj.models.presets import build_random_llava
-from mysproj.speed.llava import dtype_for
+from mysproj.speed.llava import dtype_for, pixel_batches
 from mysproj.stages import probe
 
 log = logging.getLogger("mysproj.bench")
@@ -46,7 +46,9 @@ def run(args) -> BenchReport:
         model, processor = build_model(args, dtype)
         dims = F.LlavaDims.from_config(model.config)
         flops = F.probe_features(dims)
-        measurements = [_ours(args, model, processor, paths, n, workers)]
+        cfg = ours_config("probe", {"model": "bench:random", "data": "bench:synthetic", "out": "bench:none",
+                                    "batch_size": args.batch_size, "workers": workers}, args)
+        measurements = [_ours(args, cfg, model, processor, paths, n)]
         del model
         free_memory(args.device)
         if args.baseline:
@@ -54,27 +56,29 @@ def run(args) -> BenchReport:
             free_memory(args.device)
     for m in measurements:
         m.flops_per_item = flops["total"]
-    settings = {"image_px": args.image_px, "decode_workers": workers, "dtype": str(dtype).split(".")[-1]}
+    settings = {"image_px": args.image_px, "decode_workers": workers, "dtype": str(dtype).split(".")[-1],
+                "decode": cfg.decode, "overrides": dict(args.set or [])}
     return BenchReport("probe-features", args.preset, args.device, card_name(args.device), args.peak_tflops,
                        settings, flops, measurements)
 
 
-def _ours(args, model, processor, paths, n: int, workers: int) -> Measurement:
+def _ours(args, cfg, model, processor, paths, n: int) -> Measurement:
     data, samples = synthetic_prepared(paths, n)
-    transform = image_transform(processor, "pad")
-    batches = iter(image_batches(data, samples, transform, args.batch_size, workers))
+    batches = pixel_batches(cfg, processor, data, samples, args.device, model.dtype)
+    pixel_iter = iter(batches)
     shapes = []
 
     def step(_):
-        pixels, _idx = next(batches)
-        pre, post = probe.image_features(model, torch.stack(pixels).to(args.device, model.dtype))
+        pixels, _idx = next(pixel_iter)
+        pre, post = probe.image_features(model, pixels)
         shapes.append((tuple(pre.shape), tuple(post.shape)))
 
     timing = time_steps(step, device=args.device, warmup=args.warmup, steps=args.steps, clock="wall",
                         profile=args.profile)
-    return Measurement("ours", f"stage probe.image_features, {workers} decode workers", args.batch_size,
-                       args.batch_size, timing, 0.0, unit="images",
-                       extra={"pre_shape": list(shapes[-1][0]), "post_shape": list(shapes[-1][1])})
+    return Measurement("ours", f"stage probe.image_features, decode {cfg.decode}, {cfg.workers} decode workers",
+                       args.batch_size, args.batch_size, timing, 0.0, unit="images",
+                       extra={"pre_shape": list(shapes[-1][0]), "post_shape": list(shapes[-1][1]),
+                              "device_decoded_images": batches.device_images})
 
 
 def _baseline(args, paths) -> Measurement:

@@ -45,6 +45,14 @@ def image_backend_opt():
                "levels of 255 apart)", choices=("torchvision", "pil"))
 
 
+def decode_opt():
+    """The `decode` field of the stages that feed images to a model (eval-clip, eval-llava, probe)."""
+    return opt("cpu", help="cpu = PIL and the model's image transform in the DataLoader workers (the released code's "
+               "preprocessing); device = JPEGs decoded in batches on the model's device (nvJPEG on a GPU) and padded, "
+               "resized, cropped and normalised there as tensors (the CPU result within rounding); other files still "
+               "go through PIL", choices=("cpu", "device"))
+
+
 def tensorboard_opt():
     """The `tensorboard` field of every stage that logs metrics (docs/observability.md)."""
     return opt(True, help="write TensorBoard event files into the output (`tensorboard --logdir <run root>`)",
@@ -272,10 +280,7 @@ class EvalClipConfig:
                         "open_clip's template ensemble", choices=("paper", "openclip"))
     arch: str = opt("ViT-L-14-336", help="open_clip architecture name when the URI holds bare weights")
     split: str = opt("test", help="split evaluated", choices=("train", "test"))
-    decode: str = opt("cpu", help="cpu = PIL in the DataLoader workers (the released code's preprocessing); device = "
-                      "JPEGs decoded in batches on the model's device (nvJPEG on a GPU) and resized, cropped and "
-                      "normalised there as tensors (PIL's result within rounding); other files still go through "
-                      "PIL", choices=("cpu", "device"))
+    decode: str = decode_opt()
     precision: str = opt("fp32", help="image tower weights and activations: fp32 (the released code's) or bf16 (text "
                          "embeddings stay fp32)", choices=("fp32", "bf16"))
     fast_tower: bool = opt(True, help="the image tower as mysproj's own functions over the model's weights (same "
@@ -323,6 +328,7 @@ class EvalLlavaConfig:
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
     image_backend: str = image_backend_opt()
+    decode: str = decode_opt()
     precision: str = opt("auto", help="auto = fp16 on GPU (LLaVA's own inference), fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
     fp8: bool = opt(False, help="FP8 matmuls for the LLM's Linear layers on GPUs with FP8 tensor cores (compute "
@@ -375,6 +381,7 @@ class ProbeConfig:
     image_aspect_ratio: str = opt("pad", help="pad to square with the CLIP mean (LLaVA-1.5) or square crop",
                                   choices=("pad", "square"))
     image_backend: str = image_backend_opt()
+    decode: str = decode_opt()
     precision: str = opt("auto", help="feature extraction: auto = fp16 on GPU, fp32 on CPU",
                          choices=("auto", "bf16", "fp16", "fp32"))
     direct_load: bool = direct_load_opt()

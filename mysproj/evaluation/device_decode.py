@@ -1,13 +1,17 @@
-"""`decode=device` for CLIP zero-shot: DataLoader workers only read each image's bytes (sha256-verified, as
-`PreparedData.open_image`); the main process decodes a whole batch of JPEGs at once on the model's device
-(`torchvision.io.decode_jpeg`, nvJPEG on a GPU) and resizes, crops and normalises it there as tensors.
+"""`decode=device` for the stages that feed images to a model (CLIP zero-shot, LLaVA's evaluation and probe):
+DataLoader workers only read each image's bytes (sha256-verified, as `PreparedData.open_image`); the main process
+decodes a whole batch of JPEGs at once on the model's device (`torchvision.io.decode_jpeg`, nvJPEG on a GPU) and
+pads, resizes, crops and normalises it there as tensors, so a probe's 3,760 photos are no longer bound by the host.
 
-    batches = DeviceBatches(data, samples, clip.preprocess, batch_size=256, workers=8, device="cuda")
+    batches = DeviceBatches(data, samples, clip_pixels(clip.preprocess), batch_size=256, workers=8, device="cuda")
+    batches = DeviceBatches(data, samples, llava_pixels(processor, "pad"), ...)     # LLaVA's preprocessing
     for pixels, idx in batches: ...          # [n, 3, S, S] float32 on the device, sample indices
 
 The tensor preprocessing reproduces the model's PIL transform (open_clip's, or an HF CLIP processor's) to within
 rounding: PIL resamples in two separable passes, horizontal then vertical, rounding and clamping to uint8 after
-each; so do we. One 2-D float pass would differ by several levels where bicubic overshoots at edges.
+each; so do we. One 2-D float pass would differ by several levels where bicubic overshoots at edges. LLaVA's
+transformers processor with the torchvision backend (its default) is itself a tensor transform: it is run as is on
+the decoded images, after the `pad` step (`expand2square`) done on the uint8 tensor.
 
 Only complete 8-bit 3-component Huffman JPEGs go to the device decoder. Anything else (PNG, greyscale, CMYK,
 arithmetic-coded, 12-bit, a file without its end marker) is decoded by PIL in the worker exactly as `decode=cpu`
@@ -18,6 +22,7 @@ PIL in the main process.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections import defaultdict
@@ -34,6 +39,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from mysproj.data.images import ExifUpright, exif_orientation, open_rgb
 from mysproj.errors import BadInput, worker_errors
 from mysproj.evaluation.batches import decode_workers
+from mysproj.models.conversation import image_transform
 
 # Frame types nvJPEG and libjpeg decode as PIL does: baseline, extended sequential, progressive (Huffman coded).
 DEVICE_SOF_MARKERS = (0xC0, 0xC1, 0xC2)
@@ -168,6 +174,60 @@ def preprocess_decoded(images: list, spec: PixelSpec):
     return out
 
 
+@dataclass(frozen=True)
+class DevicePixels:
+    """One model's preprocessing in both forms. `on_device`: decoded [3, h, w] uint8 images (any sizes, one device)
+    -> [n, 3, *crop] float32; `host`: the per-image PIL transform (picklable: it runs in DataLoader workers) for the
+    files the device decoder does not take. `upright`: the model's loading turns a photo as its EXIF orientation
+    tag says (CLIP zero-shot's does, LLaVA's does not), so a rotated JPEG goes to `host`, which does the same."""
+    crop: tuple[int, int]
+    on_device: Callable
+    host: Callable
+    upright: bool
+
+
+def clip_pixels(preprocess: Callable) -> DevicePixels:
+    """A loaded CLIP's `preprocess` on the device (its `PixelSpec`); EXIF orientation applied, as its loading does."""
+    spec = pixel_spec(preprocess)
+    return DevicePixels(spec.crop, functools.partial(preprocess_decoded, spec=spec), ExifUpright(preprocess), True)
+
+
+def llava_pixels(processor, aspect: str) -> DevicePixels:
+    """LLaVA's `pixel_values` on the device: `pad` (a square filled with the CLIP mean, as `expand2square`) or
+    `square`, then the model's image processor: a torchvision-backend one as is on the tensors, a PIL-backend one
+    as its `PixelSpec` (PIL's resampling, within rounding)."""
+    if aspect not in ("pad", "square"):
+        raise ValueError(f"aspect must be 'pad' or 'square', not {aspect!r}")
+    crop = (int(processor.crop_size["height"]), int(processor.crop_size["width"]))
+    if getattr(processor, "backend", None) == "torchvision":
+        process = functools.partial(_processor_on_tensors, processor)
+    else:
+        process = functools.partial(preprocess_decoded, spec=_hf_spec(processor))
+    background = tuple(int(x * 255) for x in processor.image_mean) if aspect == "pad" else None
+    return DevicePixels(crop, functools.partial(_padded_then, process, background),
+                        image_transform(processor, aspect), False)
+
+
+def _processor_on_tensors(processor, images: list):
+    return processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+
+def _padded_then(process: Callable, background: tuple | None, images: list):
+    return process([pad_square(img, background) for img in images] if background else images)
+
+
+def pad_square(img, background: tuple):
+    """`expand2square` of a [3, h, w] uint8 tensor: the image centred on a square of `background`."""
+    _, h, w = img.shape
+    if h == w:
+        return img
+    side = max(h, w)
+    out = torch.tensor(background, dtype=img.dtype, device=img.device)[:, None, None].expand(3, side, side).clone()
+    top, left = ((side - h) // 2, 0) if w > h else (0, (side - w) // 2)
+    out[:, top:top + h, left:left + w] = img
+    return out
+
+
 def is_device_jpeg(raw: bytes) -> bool:
     """A complete 8-bit, 3-component (YCbCr), Huffman-coded JPEG: what the device decoder gets."""
     if len(raw) < 4 or raw[:2] != b"\xff\xd8" or not raw.endswith(b"\xff\xd9"):
@@ -228,8 +288,8 @@ class EncodedBatch:
 class EncodedImages:
     """Dataset of (sample index, local path, JPEG bytes or None, PIL-preprocessed pixels or None)."""
 
-    def __init__(self, data, samples, preprocess: Callable):
-        self.data, self.samples, self.preprocess = data, samples, preprocess
+    def __init__(self, data, samples, host: Callable, upright: bool):
+        self.data, self.samples, self.host, self.upright = data, samples, host, upright
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -238,10 +298,10 @@ class EncodedImages:
         path = self.data.local_image(self.samples[i])
         with open(path, "rb") as f:
             raw = f.read()
-        # a JPEG with an EXIF rotation goes through PIL, which turns it upright as the CPU path does
-        if is_device_jpeg(raw) and exif_orientation(raw) == 1:
+        # a JPEG with an EXIF rotation goes through PIL where the model's loading turns it upright
+        if is_device_jpeg(raw) and not (self.upright and exif_orientation(raw) != 1):
             return i, path, raw, None
-        return i, path, None, ExifUpright(self.preprocess)(open_rgb(path))
+        return i, path, None, self.host(open_rgb(path))
 
 
 def collate_encoded(items) -> EncodedBatch:
@@ -258,15 +318,15 @@ class DeviceBatches:
     """Iterable of (pixels [n, 3, *crop] float32 on `device`, sample indices), in sample order. Counts how
     many images each decoder took (`device_images`, `pil_images`)."""
 
-    def __init__(self, data, samples, preprocess: Callable, *, batch_size: int, workers: int, device: str):
-        self.data, self.samples, self.preprocess = data, samples, preprocess
-        self.spec = pixel_spec(preprocess)
+    def __init__(self, data, samples, pixels: DevicePixels, *, batch_size: int, workers: int, device: str):
+        self.data, self.samples, self.pixels = data, samples, pixels
         self.batch_size, self.workers, self.device = batch_size, decode_workers(workers), device
         self.device_images = self.pil_images = 0
 
     def __iter__(self) -> Iterator[tuple]:
         # No pin_memory: the JPEG bytes go to the decoder, which stages them in its own pinned buffers.
-        loader = DataLoader(EncodedImages(self.data, self.samples, self.preprocess), batch_size=self.batch_size,
+        images = EncodedImages(self.data, self.samples, self.pixels.host, self.pixels.upright)
+        loader = DataLoader(images, batch_size=self.batch_size,
                             shuffle=False, num_workers=self.workers, collate_fn=collate_encoded,
                             prefetch_factor=2 if self.workers else None, pin_memory=False)
         cuda = torch.device(self.device).type == "cuda"
@@ -283,7 +343,7 @@ class DeviceBatches:
             yield pixels, batch.indices
 
     def decode(self, batch: EncodedBatch):
-        out = torch.empty((len(batch.indices), 3, *self.spec.crop), device=self.device)
+        out = torch.empty((len(batch.indices), 3, *self.pixels.crop), device=self.device)
         rows = list(batch.pil_rows)
         if rows:
             out[rows] = batch.pil_pixels.to(self.device)
@@ -292,9 +352,9 @@ class DeviceBatches:
             decoded = decode_jpegs(blobs, self.device)
             ok = [k for k, img in enumerate(decoded) if img is not None]
             if ok:
-                out[[batch.jpeg_rows[k] for k in ok]] = preprocess_decoded([decoded[k] for k in ok], self.spec)
+                out[[batch.jpeg_rows[k] for k in ok]] = self.pixels.on_device([decoded[k] for k in ok])
             for k in set(range(len(decoded))) - set(ok):
-                out[batch.jpeg_rows[k]] = ExifUpright(self.preprocess)(open_rgb(batch.jpeg_paths[k])).to(self.device)
+                out[batch.jpeg_rows[k]] = self.pixels.host(open_rgb(batch.jpeg_paths[k])).to(self.device)
                 rows.append(batch.jpeg_rows[k])
         self.pil_images += len(rows)
         self.device_images += len(batch.indices) - len(rows)

@@ -18,7 +18,7 @@ import torch
 
 from mysproj.data.images import ExifUpright
 from mysproj.evaluation.batches import image_batches
-from mysproj.evaluation.device_decode import DeviceBatches
+from mysproj.evaluation.device_decode import DeviceBatches, clip_pixels
 from mysproj.models.clip_tower import ClipTower
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ def image_tower(clip, cfg) -> ImageTower:
 def pixel_batches(clip, data, samples, cfg, device: str):
     """Iterable of (pixels [n, 3, S, S], sample indices) by `cfg.decode`; `DeviceBatches` counts its decoders."""
     if cfg.decode == "device":
-        return DeviceBatches(data, samples, clip.preprocess, batch_size=cfg.batch_size, workers=cfg.workers,
-                             device=device)
+        return DeviceBatches(data, samples, clip_pixels(clip.preprocess), batch_size=cfg.batch_size,
+                             workers=cfg.workers, device=device)
     return _pil_batches(clip, data, samples, cfg)
 
 

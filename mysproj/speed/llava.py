@@ -13,6 +13,8 @@ Both:
 Evaluation:
 - `precision=auto`: fp16 on GPUs (LLaVA's own inference), fp32 on CPUs; `direct_load`: HF-layout weights read
   straight onto the GPU; the probe's `vision_only`: only the vision tower and projector are loaded.
+- `decode=device`: JPEG batches decoded, padded, resized and normalised on the model's device
+  (`mysproj.evaluation.device_decode`); `cpu`: PIL and the image processor in the DataLoader workers.
 - compiled layers in scoring mode only; `shared_prefix` (scoring): `SharedPrefixForward`; `static_decode`
   (generate): `GreedyDecoder`, with `cuda_graphs` and `compile_prefill` on GPUs.
 
@@ -30,9 +32,13 @@ from typing import Any
 
 import torch
 
+from mysproj.evaluation.batches import image_batches
+from mysproj.evaluation.device_decode import DeviceBatches, llava_pixels
 from mysproj.evaluation.greedy import GreedyDecoder, unsupported
+from mysproj.models.conversation import image_transform
 from mysproj.models.fp8 import convert_frozen_linears, fp8_capable
 from mysproj.models.loading import load_llava
+from mysproj.models.processors import with_backend
 from mysproj.models.shared_prefix import SharedPrefixForward
 from mysproj.models.vision_only import load_vision
 
@@ -188,3 +194,36 @@ def for_eval(cfg, model, tokenizer, dev: str) -> EvalPaths:
     """Apply eval-llava's paths to a loaded `model` in place (FP8, compiled layers) and build its forwards."""
     layers = apply(model, fp8=cfg.fp8, compile=eval_compiles(cfg, dev))
     return EvalPaths(layers, scoring_forward(cfg, model, dev), greedy_decoder(cfg, model, dev, tokenizer))
+
+
+def pixel_batches(cfg, processor, data, samples, dev: str, dtype):
+    """Iterable of (pixels [n, 3, S, S] on `dev` in `dtype`, sample indices) by `cfg.decode`, with the stage's
+    `image_backend` and `image_aspect_ratio` applied to the model's image `processor`."""
+    processor = with_backend(processor, cfg.image_backend)
+    if cfg.decode == "device":
+        batches = DeviceBatches(data, samples, llava_pixels(processor, cfg.image_aspect_ratio),
+                                batch_size=cfg.batch_size, workers=cfg.workers, device=dev)
+    else:
+        batches = _host_batches(data, samples, image_transform(processor, cfg.image_aspect_ratio), cfg)
+    return PixelBatches(batches, dev, dtype)
+
+
+def _host_batches(data, samples, transform, cfg):
+    for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
+        yield torch.stack(pixels), idx
+
+
+@dataclass
+class PixelBatches:
+    """`pixel_batches`' iterable; `device_images` counts the images the device decoded (the rest went through PIL)."""
+    batches: Any
+    device: str
+    dtype: Any
+
+    def __iter__(self):
+        for pixels, idx in self.batches:
+            yield pixels.to(self.device, self.dtype), idx
+
+    @property
+    def device_images(self) -> int:
+        return getattr(self.batches, "device_images", 0)

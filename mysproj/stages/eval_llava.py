@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from mysproj.data.prepared import PreparedData
 from mysproj.errors import BadInput
 from mysproj.evaluation import decoding, scoring
 from mysproj.evaluation.answers import AnswerParser
-from mysproj.evaluation.batches import image_batches
 from mysproj.evaluation.metrics import classification_metrics, short
 from mysproj.evaluation.predictions import write_predictions
 from mysproj.evaluation.throughput import Throughput
 from mysproj.models import compile_cache
-from mysproj.models.conversation import image_transform, llava_v1_prompt
-from mysproj.models.processors import with_backend
+from mysproj.models.conversation import llava_v1_prompt
 from mysproj.models.prompt_ids import prompt_ids
 from mysproj.progress import Progress
 from mysproj.speed import llava as speed
@@ -99,12 +95,11 @@ def _body(cfg, out) -> dict:
     check_context(model.config, len(prompt_ids(tok, llava_v1_prompt(humans[longest]), image_token, n_image)),
                   cfg.max_new_tokens if cfg.mode == "generate" else max(len(c) for c in conts), samples[longest])
 
-    transform = image_transform(with_backend(loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio)
     rows: list[dict] = []
     progress = Progress(f"eval-llava {cfg.mode}", len(samples), "images")
     rate = Throughput()
-    for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
-        pix = torch.stack(pixels).to(dev, model.dtype)
+    batches = speed.pixel_batches(cfg, loaded.image_processor, data, samples, dev, model.dtype)
+    for pix, idx in batches:
         prompts = [prompt_ids(tok, llava_v1_prompt(humans[i]), image_token, n_image) for i in idx]
         if cfg.mode == "generate":
             answers = generate_answers(model, tok, prompts, pix, cfg.max_new_tokens, pad_id, paths.decoder,
@@ -122,7 +117,8 @@ def _body(cfg, out) -> dict:
         rate.batch_done(len(idx))
     metrics = classification_metrics([r["label"] for r in rows], [r["prediction"] for r in rows], data.classes)
     metrics.update(mode=cfg.mode, model=cfg.model, split=cfg.split, random_weights=loaded.random_weights,
-                   precision=str(model.dtype).split(".")[-1], fp8=cfg.fp8)
+                   precision=str(model.dtype).split(".")[-1], fp8=cfg.fp8, decode=cfg.decode,
+                   device_decoded_images=batches.device_images)
     if cfg.mode == "generate":
         metrics.update(decoding=_decoding_text(cfg, stop_rule), temperature=cfg.temperature, top_p=cfg.top_p,
                        max_new_tokens=cfg.max_new_tokens, stop=stop_rule, seed=cfg.seed if sampled else None)
@@ -134,7 +130,8 @@ def _body(cfg, out) -> dict:
     rates = rate.summary()
     return {**tracked, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "unparsed": metrics["unparsed"], "n": metrics["n"], **rates,
-            "processed": processed(len(rows), "images", rates["images_per_s"]), "device": dev, **paths.summary()}
+            "processed": processed(len(rows), "images", rates["images_per_s"]), "device": dev,
+            "device_decoded_images": batches.device_images, **paths.summary()}
 
 
 def _decoding_text(cfg, stop_rule: str) -> str:

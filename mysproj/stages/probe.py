@@ -27,11 +27,8 @@ from safetensors.torch import save_file
 from mysproj.data.prepared import PreparedData
 from mysproj.errors import BadInput
 from mysproj.evaluation import probe_mlp
-from mysproj.evaluation.batches import image_batches
 from mysproj.evaluation.metrics import classification_metrics, short
 from mysproj.evaluation.predictions import write_predictions
-from mysproj.models.conversation import image_transform
-from mysproj.models.processors import with_backend
 from mysproj.progress import Progress
 from mysproj.speed import llava as speed
 from mysproj.speed.device import inference_device
@@ -80,19 +77,19 @@ FEATURE_KINDS = (*PRE_KINDS, "post")
 
 
 def extract(loaded, data, samples, cfg, dev):
-    """{'pre_cls', 'pre_mean': [N, Dv], 'post': [N, Dt]} float32 CPU tensors in sample order."""
+    """({'pre_cls', 'pre_mean': [N, Dv], 'post': [N, Dt]} float32 CPU tensors in sample order, how many images the
+    device decoded)."""
 
-    model = loaded.model
-    transform = image_transform(with_backend(loaded.image_processor, cfg.image_backend), cfg.image_aspect_ratio)
     rows: dict = {k: [None] * len(samples) for k in FEATURE_KINDS}
     progress = Progress("probe features", len(samples), "images")
-    for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
-        batch = image_feature_set(model, torch.stack(pixels).to(dev, model.dtype))
+    batches = speed.pixel_batches(cfg, loaded.image_processor, data, samples, dev, loaded.model.dtype)
+    for pixels, idx in batches:
+        batch = image_feature_set(loaded.model, pixels)
         for kind in FEATURE_KINDS:
             for j, i in enumerate(idx):
                 rows[kind][i] = batch[kind][j].cpu()
         progress.update(len(idx))
-    return {kind: torch.stack(v) for kind, v in rows.items()}
+    return {kind: torch.stack(v) for kind, v in rows.items()}, batches.device_images
 
 
 def _save_features(out, split: str, samples, feats: dict, pre_pooling: str) -> None:
@@ -118,15 +115,17 @@ def _body(cfg, out) -> dict:
     dev = inference_device()
     loaded = speed.load(cfg, dev, vision_only=cfg.vision_only)
     vision_only = speed.language_model_skipped(loaded)
-    feats = {}
+    feats, device_images = {}, 0
     for name, samples in splits.items():
-        feats[name] = extract(loaded, data, samples, cfg, dev)
+        feats[name], decoded = extract(loaded, data, samples, cfg, dev)
+        device_images += decoded
         _save_features(out, name, samples, feats[name], cfg.pre_pooling)
     del loaded
 
     y_train = [s.label_id for s in splits["train"]]
     test = splits["test"]
-    metrics: dict = {"protocol": cfg.protocol, "pre_pooling": cfg.pre_pooling, "seed": cfg.seed, "model": cfg.model}
+    metrics: dict = {"protocol": cfg.protocol, "pre_pooling": cfg.pre_pooling, "seed": cfg.seed, "model": cfg.model,
+                     "decode": cfg.decode, "device_decoded_images": device_images}
     preds: dict[str, list] = {}
     for kind in FEATURE_KINDS:
         x_train = feats["train"][kind].numpy()
@@ -153,5 +152,5 @@ def _body(cfg, out) -> dict:
     return {**tracked, "pre_macro_f1": metrics["pre"]["macro_f1"], "post_macro_f1": metrics["post"]["macro_f1"],
             "pre_accuracy": metrics["pre"]["accuracy"], "post_accuracy": metrics["post"]["accuracy"],
             "pre_cls_macro_f1": metrics["pre_cls"]["macro_f1"], "pre_mean_macro_f1": metrics["pre_mean"]["macro_f1"],
-            "pre_pooling": cfg.pre_pooling, "vision_only": vision_only,
+            "pre_pooling": cfg.pre_pooling, "vision_only": vision_only, "device_decoded_images": device_images,
             "processed": processed(sum(len(s) for s in splits.values()), "images")}
