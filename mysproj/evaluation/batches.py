@@ -15,7 +15,7 @@ from mysproj.errors import worker_errors
 class SampleImages:
     """Dataset of (transform(image), index) for `samples` of a PreparedData."""
 
-    def __init__(self, data, samples, transform: Callable | None = None):
+    def __init__(self, data, samples, transform: Callable):
         self.data, self.samples, self.transform = data, samples, transform
 
     def __len__(self) -> int:
@@ -23,11 +23,11 @@ class SampleImages:
 
     def __getitem__(self, i: int):
         img = self.data.open_image(self.samples[i])
-        return (self.transform(img) if self.transform else img), i
+        return self.transform(img), i
 
 
 def _collate(batch):
-    return [x for x, _ in batch], [i for _, i in batch]
+    return torch.stack([x for x, _ in batch]), [i for _, i in batch]
 
 
 AUTO_WORKERS_CAP = 16
@@ -41,8 +41,9 @@ def decode_workers(requested: int) -> int:
     return min(AUTO_WORKERS_CAP, cores) if requested < 0 else min(requested, cores)
 
 
-def image_batches(data, samples, transform: Callable | None, batch_size: int, workers: int):
-    """Yield (list of transformed images, list of sample indices) in sample order."""
+def image_batches(data, samples, transform: Callable, batch_size: int, workers: int):
+    """Yield (the transformed images stacked [n, ...], list of sample indices) in sample order; `transform` makes a
+    tensor of one shape from each image."""
 
     workers = decode_workers(workers)
     loader = DataLoader(SampleImages(data, samples, transform), batch_size=batch_size, shuffle=False,

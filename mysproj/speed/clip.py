@@ -87,12 +87,7 @@ def pixel_batches(clip, data, samples, cfg, device: str):
     if cfg.decode == "device":
         return DeviceBatches(data, samples, clip_pixels(clip.preprocess), batch_size=cfg.batch_size,
                              workers=cfg.workers, device=device)
-    return _pil_batches(clip, data, samples, cfg)
-
-
-def _pil_batches(clip, data, samples, cfg):
-    for images, idx in image_batches(data, samples, ExifUpright(clip.preprocess), cfg.batch_size, cfg.workers):
-        yield torch.stack(images), idx
+    return image_batches(data, samples, ExifUpright(clip.preprocess), cfg.batch_size, cfg.workers)
 
 
 def compile_cache_uri(cfg) -> str | None:

@@ -204,13 +204,9 @@ def pixel_batches(cfg, processor, data, samples, dev: str, dtype):
         batches = DeviceBatches(data, samples, llava_pixels(processor, cfg.image_aspect_ratio),
                                 batch_size=cfg.batch_size, workers=cfg.workers, device=dev)
     else:
-        batches = _host_batches(data, samples, image_transform(processor, cfg.image_aspect_ratio), cfg)
+        batches = image_batches(data, samples, image_transform(processor, cfg.image_aspect_ratio), cfg.batch_size,
+                                cfg.workers)
     return PixelBatches(batches, dev, dtype)
-
-
-def _host_batches(data, samples, transform, cfg):
-    for pixels, idx in image_batches(data, samples, transform, cfg.batch_size, cfg.workers):
-        yield torch.stack(pixels), idx
 
 
 @dataclass
