@@ -46,7 +46,8 @@ def test_two_slots_run_stages_side_by_side_and_a_failure_stops_its_dependents_on
     manifests = {n: json.load(open(root / n / "_SUCCESS.json")) for n in done}
     for n, m in manifests.items():
         assert set(m["summary"]["time"]) == {"wall_s", "gpu_s", "throughput", "unit", "transfer_in_s", "compute_s",
-                                             "transfer_out_s"}, n
+                                             "transfer_out_s",
+                    "gpu_memory_gib"}, n
     assert manifests["textures-mini/ft-full/seed0/eval-llava"]["summary"]["time"]["unit"] == "images/s"
     for blocked in ("dtd/ft-full/seed0/finetune", "dtd/ft-projector/seed0/merge", "report"):
         assert not (root / blocked).exists()
@@ -173,3 +174,38 @@ finally:
     if alive:
         os.kill(child, signal.SIGKILL)  # clean up where the runner failed to
     assert not alive
+
+
+def test_one_shared_device_runs_stages_side_by_side_where_their_recorded_memory_fits(tmp_path, capsys):
+    from mysproj.config.fields import load_config
+    from mysproj.pipeline import stage_times
+    from mysproj.pipeline.dag import PipelineConfig
+
+    # Peaks as a 26 GiB card recorded them: a fine-tuning leaves room only for a stage that held no GPU (merge);
+    # two evaluations fit together.
+    peaks = {"finetune:projector": (1, 20.0), "eval-llava:generate": (1, 8.0), "merge": (0, None)}
+    path = tmp_path / "times.json"
+    path.write_text(json.dumps({"stages": {k: {"wall_s": 1.0, "gpus": g, "gpu_memory_gib": m}
+                                           for k, (g, m) in peaks.items()}}))
+    times = stage_times.load([str(path)])
+    root = tmp_path / "run"
+    cfg = load_config(PipelineConfig, env={}, overrides={
+        "root": str(root), "seeds": [0, 1], "strategies": ["projector"], "zero_shot": False, "probe": False,
+        "overrides": OVERRIDES})
+    outcome = local.run(cfg, gpus=1, share=2, device_gib=26.0, memory=lambda n: stage_times.memory(n, times))
+    assert outcome.ok and local.exit_code(outcome) == 0
+    on_gpu = [e for e in outcome.events if e.state == "done" and e.slot == "gpu0"]
+    together = [{a.stage, b.stage} for i, a in enumerate(on_gpu) for b in on_gpu[i + 1:]
+                if a.start < b.end and b.start < a.end]
+    # the first merge ran in its own process beside the second fine-tuning, on the same device
+    assert {"finetune", "merge"} in together
+    assert {"finetune", "eval-llava"} not in together and {"finetune"} not in together
+    assert len(_logs(root / "logs")) == len(outcome.events)  # child processes, not this one
+
+    # the plan of the same run predicts the sharing, and says the rule it assumed
+    assert cli.main(["run", "--plan", "--root", str(root), "--seeds", "0,1", "--strategies", "projector",
+                     "--no-zero-shot", "--no-probe", "--gpus", "1", "--share-gpu", "2", "--device-gib", "26",
+                     "--stage-times", str(path)]) == 0
+    assert "up to 2 stages a device where their recorded memory fits 26 GiB" in capsys.readouterr().out
+    assert cli.main(["run", "--root", str(root), "--gpus", "1", "--share-gpu", "2", "--device-gib", "26"]) == 64
+    assert "--share-gpu 2 needs --stage-times" in capsys.readouterr().err

@@ -85,9 +85,10 @@ def test_plan_equals_the_walk_the_runner_takes():
     assert as_tuples == [(e.name, e.slot, e.start, e.end) for e in replay.events]
 
 
-def _record(root, name, stage, cfg, wall, count=None, rate=None, gpus=1, summary=None):
+def _record(root, name, stage, cfg, wall, count=None, rate=None, gpus=1, summary=None, gib=None):
     out = StageOutput(os.path.join(root, name), stage, cfg)
-    time = {"wall_s": wall, "gpu_s": wall * gpus, "throughput": rate, "unit": "samples/s" if rate else None}
+    time = {"wall_s": wall, "gpu_s": wall * gpus, "throughput": rate, "unit": "samples/s" if rate else None,
+            "gpu_memory_gib": gib}
     out.commit({**(summary or {}), "time": time,
                 **({"processed": {"count": count, "unit": "samples"}} if count else {})})
 
@@ -96,14 +97,18 @@ def test_stage_times_from_a_run_root_average_the_seeds(tmp_path):
     root = str(tmp_path / "run")
     _record(root, "dtd/prep", "prep", PrepConfig(dataset="dtd", source="/d", out="x"), 10, 3760, 376, gpus=0,
             summary={"train": 1880, "test": 1880})
-    for seed, wall in ((0, 100.0), (1, 120.0)):
+    for seed, wall, gib in ((0, 100.0, 61.5), (1, 120.0, 60.25)):
         ft = FinetuneConfig(model="/m", data="/d", out="x", strategy="full", seed=seed)
-        _record(root, f"dtd/ft-full/seed{seed}/finetune", "finetune", ft, wall, 1888, 10.0)
+        _record(root, f"dtd/ft-full/seed{seed}/finetune", "finetune", ft, wall, 1888, 10.0, gib=gib)
     times = stage_times.from_root(root)
     assert times.datasets == {"dtd": {"train": 1880, "test": 1880}}
     rec = times.records["finetune:full@dtd"]
     assert (rec.wall_s, rec.count, rec.throughput, rec.gpus) == (110.0, 1888, 10.0, 1.0)
-    assert times.records["prep@dtd"].gpus == 0.0
+    assert rec.gpu_memory_gib == 61.5  # the larger peak: what a stage beside it must leave room for
+    assert times.records["prep@dtd"].gpus == 0.0 and times.records["prep@dtd"].gpu_memory_gib is None
+    again = tmp_path / "times.json"  # the JSON form (bench pipeline's) keeps it
+    again.write_text(json.dumps(times.as_json()))
+    assert stage_times.load([str(again)]).records["finetune:full@dtd"].gpu_memory_gib == 61.5
 
 
 def test_bad_stage_times_file_is_bad_input(tmp_path, capsys):

@@ -138,3 +138,76 @@ def test_capacity_is_checked():
         schedule.Capacity(2, 0, finetune_devices=3)
     with pytest.raises(ValueError):
         schedule.Capacity(0)
+
+
+# Peak GiB per stage kind as a run on one 141 GB card records them (the shape of the DTD job's records).
+MEMORY = {"model-init": 14.0, "finetune": 60.0, "eval-clip": 3.0, "eval-llava": 30.0, "probe": 4.0}
+
+
+def _shared_walk(nodes, share, device_gib=140.0, memory=None, devices=1, cpu=1):
+    memory = memory if memory is not None else (lambda n: MEMORY.get(n.stage) if n.gpu else None)
+    executor = schedule.Simulated(lambda n: DURATION[n.stage])
+    cap = schedule.Capacity(devices, cpu, share=share, device_gib=device_gib)
+    return schedule.walk(nodes, cap, executor, memory=memory), executor
+
+
+def _overlaps(outcome):
+    """Pairs of one-device stages that ran at the same time on the same device."""
+    done = [e for e in outcome.events if e.state == "done" and e.slot.startswith("gpu")]
+    return [(a, b) for i, a in enumerate(done) for b in done[i + 1:]
+            if a.slot == b.slot and a.start < b.end and b.start < a.end]
+
+
+def _peak_on_device(outcome, memory):
+    """The most memory (with contexts) that stages side by side on gpu0 were counted as holding."""
+    starts = sorted({e.start for e in outcome.events if e.state == "done"})
+    together = [[e for e in _running_at(outcome, t) if e.slot == "gpu0"] for t in starts]
+    return max(sum(memory(e) + schedule.CONTEXT_GIB for e in now) for now in together if len(now) > 1)
+
+
+def test_a_shared_device_runs_stages_side_by_side_within_its_memory():
+    nodes = _nodes(seeds=[0], strategies=["projector", "full"])
+    alone, _ = _shared_walk(nodes, share=1)
+    shared, executor = _shared_walk(nodes, share=3)
+    assert alone.ok and shared.ok and not _overlaps(alone)
+    pairs = _overlaps(shared)
+    assert pairs and executor.peak >= 2
+    assert shared.wall_s < alone.wall_s
+    assert _peak_on_device(shared, lambda e: MEMORY.get(e.stage, 0.0)) <= 140.0 * schedule.FILL
+    for t in sorted({e.start for e in shared.events}):  # never more than `share` stages on the device
+        assert len([e for e in _running_at(shared, t) if e.slot == "gpu0"]) <= 3
+    ends = {e.name: e.end for e in shared.events}
+    starts = {e.name: e.start for e in shared.events}
+    assert all(starts[n.name] >= ends[d] for n in nodes for d in n.deps)  # dependencies still hold
+
+
+def test_stages_whose_memory_does_not_fit_or_is_unknown_do_not_share():
+    nodes = _nodes(seeds=[0], strategies=["projector", "full"])
+    # on a 64 GiB card the 60 GiB fine-tunings fit nothing beside them; the small stages still pair up
+    small, _ = _shared_walk(nodes, share=4, device_gib=64.0)
+    pairs = _overlaps(small)
+    assert pairs and small.ok
+    assert not [p for p in pairs if "finetune" in (p[0].stage, p[1].stage)]
+    assert _peak_on_device(small, lambda e: MEMORY.get(e.stage, 0.0)) <= 64.0 * schedule.FILL
+    unknown, _ = _shared_walk(nodes, share=4, memory=lambda n: None)  # no record: no stage shares
+    assert not _overlaps(unknown)
+    no_card, _ = _shared_walk(nodes, share=4, device_gib=0.0)
+    assert not _overlaps(no_card)
+
+
+def test_a_free_device_is_taken_before_a_busy_one_and_multi_device_finetuning_is_not_shared():
+    nodes = _nodes(seeds=[0, 1])
+    cap = schedule.Capacity(4, 2, finetune_devices=2, share=2, device_gib=140.0)
+    outcome = schedule.walk(nodes, cap, schedule.Simulated(lambda n: DURATION[n.stage]),
+                            memory=lambda n: MEMORY.get(n.stage) if n.gpu else None)
+    assert outcome.ok
+    multi = [e for e in outcome.events if "+" in e.slot]
+    assert multi and all(e.stage == "finetune" for e in multi)
+    for a, b in _overlaps(outcome):
+        assert "+" not in a.slot and "+" not in b.slot
+        t = max(a.start, b.start)  # when the second joined, every device was busy
+        busy = {e.slot for e in _running_at(outcome, t) if e.slot.startswith("gpu") and e not in (a, b)}
+        held = {d for s in busy for d in s.removeprefix("gpu").split("+")}
+        assert len(held | {a.slot.removeprefix("gpu")}) == 4
+    with pytest.raises(ValueError):
+        schedule.Capacity(1, share=0)

@@ -18,13 +18,13 @@ def _prep(out, **kw):
 
 def test_time_entry_uses_the_stages_own_rate_else_its_count_over_wall():
     own = T.time_entry({"processed": T.processed(100, "images", per_s=40.0)}, 5.0, 1)
-    moved = {"transfer_in_s": 0.0, "compute_s": 5.0, "transfer_out_s": 0.0}
+    moved = {"transfer_in_s": 0.0, "compute_s": 5.0, "transfer_out_s": 0.0, "gpu_memory_gib": None}
     assert own == {"wall_s": 5.0, "gpu_s": 5.0, "throughput": 40.0, "unit": "images/s", **moved}
     counted = T.time_entry({"processed": T.processed(30, "samples")}, 2.0, 0)
     assert counted["throughput"] == 15.0 and counted["unit"] == "samples/s" and counted["gpu_s"] == 0.0
-    split = T.time_entry({}, 3.0, 2, {"in": 0.5, "out": 1.0})
+    split = T.time_entry({}, 3.0, 2, {"in": 0.5, "out": 1.0}, 7.5)
     assert split == {"wall_s": 3.0, "gpu_s": 6.0, "throughput": None, "unit": None, "transfer_in_s": 0.5,
-                     "compute_s": 1.5, "transfer_out_s": 1.0}
+                     "compute_s": 1.5, "transfer_out_s": 1.0, "gpu_memory_gib": 7.5}
     with pytest.raises(ValueError):
         T.processed(3, "tokens")
 
@@ -33,7 +33,8 @@ def test_run_stage_writes_the_time_entry(tmp_path):
     m = M.run_stage("prep", _prep(tmp_path / "o"),
                     lambda out: {"processed": T.processed(12, "images")} if out.write_text("a", "x") else None)
     t = m["summary"]["time"]
-    assert set(t) == {"wall_s", "gpu_s", "throughput", "unit", "transfer_in_s", "compute_s", "transfer_out_s"}
+    assert set(t) == {"wall_s", "gpu_s", "throughput", "unit", "transfer_in_s", "compute_s", "transfer_out_s",
+                    "gpu_memory_gib"}
     assert t["transfer_in_s"] == t["transfer_out_s"] == 0.0  # a local output: nothing moved over the network
     assert t["gpu_s"] == 0.0  # no CUDA in this process
     assert t["unit"] == "images/s" and 12 / t["throughput"] == pytest.approx(t["wall_s"], abs=0.001)
@@ -44,6 +45,13 @@ def test_run_stage_writes_the_time_entry(tmp_path):
 class _FakeCuda:
     def __init__(self):
         self.allocations = 0
+        self.reserved = self.peak = 0
+
+    def reset_peak_memory_stats(self):
+        self.peak = self.reserved
+
+    def max_memory_reserved(self):
+        return self.peak
 
     def is_initialized(self):
         return self.allocations > 0
@@ -57,15 +65,22 @@ def test_gpu_seconds_count_the_processes_of_a_stage_that_allocated_cuda_memory(t
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
     monkeypatch.setenv("WORLD_SIZE", "4")
 
-    def on_gpu(out):
-        cuda.allocations += 10
-        out.write_text("a", "x")
-    m = M.run_stage("prep", _prep(tmp_path / "gpu"), on_gpu)
+    def on_gpu(gib):
+        def body(out):
+            cuda.allocations += 10
+            cuda.peak = max(cuda.peak, gib * 2**30)
+            cuda.reserved = 2**30  # what stays cached after the stage
+            out.write_text("a", "x")
+        return body
+    m = M.run_stage("prep", _prep(tmp_path / "gpu"), on_gpu(20))
     t = m["summary"]["time"]
-    assert t["gpu_s"] == pytest.approx(4 * t["wall_s"], abs=0.002)
+    assert t["gpu_s"] == pytest.approx(4 * t["wall_s"], abs=0.002) and t["gpu_memory_gib"] == 20.0
+    # the next GPU stage of the process: its own peak, not the earlier stage's
+    assert M.run_stage("prep", _prep(tmp_path / "gpu2"), on_gpu(3))["summary"]["time"]["gpu_memory_gib"] == 3.0
     # a later CPU stage in the same process (CUDA initialised, memory still held) holds no GPU
     m = M.run_stage("prep", _prep(tmp_path / "cpu"), lambda out: out.write_text("a", "x") and None)
     assert cuda.is_initialized() and m["summary"]["time"]["gpu_s"] == 0.0
+    assert m["summary"]["time"]["gpu_memory_gib"] is None
 
 
 def test_a_skipped_stage_keeps_the_time_of_the_run_that_wrote_it(tmp_path):

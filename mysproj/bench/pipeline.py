@@ -33,7 +33,8 @@ from mysproj.config.fields import load_config
 from mysproj.config.registry import summary_of
 from mysproj.data.shapes import SHAPES, write_dataset
 from mysproj.errors import BadInput
-from mysproj.pipeline import local, stage_times
+from mysproj.pipeline import local, plan, stage_times
+from mysproj.pipeline.command import add_share_arguments, share_options
 from mysproj.pipeline.dag import PipelineConfig
 from mysproj.storage import join, remove, write_text
 
@@ -54,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpus", type=int, default=None, help="device slots (default: every visible GPU, 1 on a CPU)")
     p.add_argument("--finetune-gpus", type=int, default=1, help="device slots one fine-tuning run takes")
+    add_share_arguments(p)
+    p.add_argument("--stage-times", action="append", default=None, metavar="SOURCE",
+                   help="recorded stage times (a run root or an earlier bench JSON of the same card): the runner's "
+                        "priorities and, with --share-gpu, each stage's memory; repeatable")
     p.add_argument("--work", default="./runs/bench-pipeline",
                    help="folder of the fixture (data/, kept) and the run (run/, emptied first unless --resume)")
     p.add_argument("--resume", action="store_true", help="keep the stages a previous run of the same job finished")
@@ -161,7 +166,7 @@ def rows(outcome, root: str) -> list[dict]:
 
 def table(result: dict) -> str:
     head = ["stage output", "slot", "start s", "wall s", "in stage s", "in s", "compute s", "out s", "GPU-s",
-            "throughput"]
+            "GPU GiB", "throughput"]
     body = []
     for r in result["rows"]:
         t = r["stage_time"] or {}
@@ -172,7 +177,8 @@ def table(result: dict) -> str:
                      f"{t['wall_s']:.1f}" if t else "-",
                      *(f"{t[k]:.1f}" if t.get(k) is not None else "-"
                        for k in ("transfer_in_s", "compute_s", "transfer_out_s")),
-                     f"{t['gpu_s']:.1f}" if t else "-", rate])
+                     f"{t['gpu_s']:.1f}" if t else "-",
+                     f"{t['gpu_memory_gib']:.1f}" if t.get("gpu_memory_gib") is not None else "-", rate])
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     total = result["total"]
     images = " / ".join(f"{n} {split}" for split, n in result["fixture"]["images"].items())
@@ -207,9 +213,13 @@ def _run(args, work: str, root: str, source: str, desc: dict) -> int:
     cfg = pipeline_config(args, root, source)
     gpus = args.gpus if args.gpus is not None else max(1, local.visible_gpus())
     events = EventLog(args.log or os.path.join(work, "bench.log"))
+    recorded = stage_times.load(args.stage_times) if args.stage_times else None
+    cap, memory = share_options(args, gpus, args.finetune_gpus, recorded)
     events.begin(dataset_shape=args.dataset_shape, fixture=desc, model_preset=args.model_preset, gpus=gpus,
-                 finetune_gpus=args.finetune_gpus, strategies=args.strategies, set=args.set)
-    outcome = local.run(cfg, gpus=gpus, finetune_gpus=args.finetune_gpus, on_event=events)
+                 finetune_gpus=args.finetune_gpus, share_gpu=cap.share, strategies=args.strategies, set=args.set)
+    cost = plan.stage_cost(cfg, cap, recorded) if recorded is not None else None
+    outcome = local.run(cfg, gpus=gpus, finetune_gpus=args.finetune_gpus, share=cap.share, device_gib=cap.device_gib,
+                        cost=cost, memory=memory, on_event=events)
 
     # Named only now: asking CUDA for it would keep a context on the first GPU beside the stage running there.
     card = card_name("cuda" if local.visible_gpus() else "cpu")
@@ -219,7 +229,8 @@ def _run(args, work: str, root: str, source: str, desc: dict) -> int:
                                     else None) for r in result_rows if r["state"] in ("done", "skipped")])
     result = {**times.as_json(), "bench": "pipeline", "dataset_shape": args.dataset_shape, "fixture": desc,
               "model_preset": args.model_preset, "card": card, "weights_in": args.weights_in,
-              "gpus": gpus, "finetune_gpus": args.finetune_gpus, "root": root, "rows": result_rows,
+              "gpus": gpus, "finetune_gpus": args.finetune_gpus, "share_gpu": cap.share, "device_gib": cap.device_gib,
+              "root": root, "rows": result_rows,
               "total": {"wall_s": outcome.wall_s, "stages": len(outcome.events),
                         "gpu_s": sum((r["stage_time"] or {}).get("gpu_s") or 0.0 for r in result_rows),
                         "failed": len(outcome.of("failed")), "blocked": len(outcome.of("blocked"))}}

@@ -14,8 +14,8 @@ from mysproj.pipeline.dag import PipelineConfig
 from mysproj.stages.registry import STAGES
 from mysproj.storage import join
 
-RUN_OPTIONS = ("command", "config", "values", "func", "only", "gpus", "finetune_gpus", "log_dir", "plan",
-               "stage_times")
+RUN_OPTIONS = ("command", "config", "values", "func", "only", "gpus", "finetune_gpus", "share_gpu", "device_gib",
+               "log_dir", "plan", "stage_times")
 
 
 def add_command(sub, parser_class) -> None:
@@ -28,6 +28,7 @@ def add_command(sub, parser_class) -> None:
                    help="device slots: independent GPU stages run side by side, one per slot, each in its own "
                         "process (default: every visible GPU; 1 = every stage in turn in this process)")
     p.add_argument("--finetune-gpus", type=int, default=1, help="device slots one fine-tuning run takes (torchrun)")
+    add_share_arguments(p)
     p.add_argument("--log-dir", default=None, help="each stage's log with --gpus > 1 (default: <root>/logs)")
     p.add_argument("--plan", action="store_true",
                    help="print the schedule and predicted wall time instead of running (needs stage times)")
@@ -40,6 +41,24 @@ def add_command(sub, parser_class) -> None:
 
 
 log = logging.getLogger(__name__)
+
+
+def add_share_arguments(p) -> None:
+    p.add_argument("--share-gpu", type=int, default=1, metavar="N",
+                   help="up to N one-device stages side by side on a device, where their recorded peak memory "
+                        "(--stage-times of the same card) fits; each in its own process (default 1: no sharing)")
+    p.add_argument("--device-gib", type=float, default=None,
+                   help="each device's memory for --share-gpu (default: the smallest GPU's, from nvidia-smi)")
+
+
+def share_options(ns, gpus: int, finetune_gpus: int, times: stage_times.StageTimes | None):
+    """(capacity, memory(node)) of the run's --gpus/--share-gpu/--device-gib and its stage times."""
+    gib = ns.device_gib if ns.device_gib is not None else (local.device_gib() if ns.share_gpu > 1 else 0.0)
+    cap = local.capacity(gpus, finetune_gpus, ns.share_gpu, gib)
+    if cap.share > 1 and times is None:
+        raise BadInput(f"--share-gpu {cap.share} needs --stage-times: the recorded peak memory of each stage kind "
+                       "(a run root or `mysproj bench pipeline` JSON of the same card)")
+    return cap, (lambda n: stage_times.memory(n, times)) if times is not None else None
 
 
 def warn_stage_env(env) -> list[str]:
@@ -74,14 +93,15 @@ def _run(ns) -> int:
     warn_stage_env(os.environ)
     only = ns.only.split(",") if ns.only else None
     gpus = ns.gpus if ns.gpus is not None else max(1, local.visible_gpus())
-    cap = local.capacity(gpus, ns.finetune_gpus)
     sources = ns.stage_times or ([] if not ns.plan else [cfg.root])
     times = stage_times.load(sources) if sources else None
+    cap, memory = share_options(ns, gpus, ns.finetune_gpus, times)
     if ns.plan:
         print(plan.render(plan.predict(cfg, cap, times, only), sources))
         return 0
     cost = plan.stage_cost(cfg, cap, times) if times is not None else None
-    outcome = local.run(cfg, only, gpus=gpus, finetune_gpus=ns.finetune_gpus, log_dir=ns.log_dir, cost=cost)
+    outcome = local.run(cfg, only, gpus=gpus, finetune_gpus=ns.finetune_gpus, share=cap.share,
+                        device_gib=cap.device_gib, log_dir=ns.log_dir, cost=cost, memory=memory)
     counts = {s: len(outcome.of(s)) for s in ("done", "skipped", "failed", "blocked")}
     print(f"pipeline: {len(outcome.events)} stages in {outcome.wall_s:.0f} s on {gpus} device slot(s): "
           + ", ".join(f"{n} {s}" for s, n in counts.items() if n))

@@ -37,13 +37,29 @@ def visible_gpus() -> int:
     return registry.visible_gpus()
 
 
-def capacity(gpus: int, finetune_gpus: int = 1) -> schedule.Capacity:
-    """One slot: everything in turn, in this process. More: as many CPU stages as device slots beside them."""
+def device_gib() -> float:
+    """The smallest memory of this machine's GPUs in GiB, from `nvidia-smi` (0.0 without one). Not CUDA's
+    device properties: asking CUDA would keep a context on a card the stages use."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],  # nosec B603 B607
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return min(float(x) for x in out.split()) / 1024  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0.0
+
+
+def capacity(gpus: int, finetune_gpus: int = 1, share: int = 1, device_gib: float = 0.0) -> schedule.Capacity:
+    """One slot, not shared: everything in turn, in this process. Else as many CPU stages as device slots beside
+    them; `share` one-device stages a device at most, where their recorded memory fits in `device_gib`."""
     if gpus < 1:
         raise BadInput(f"--gpus {gpus}: needs at least one device slot")
     if not 1 <= finetune_gpus <= gpus:
         raise BadInput(f"--finetune-gpus {finetune_gpus}: must be between 1 and --gpus ({gpus})")
-    return schedule.Capacity(gpus, 0 if gpus == 1 else gpus, finetune_gpus)
+    if share < 1:
+        raise BadInput(f"--share-gpu {share}: must be >= 1 (1: one stage a device)")
+    if share > 1 and device_gib <= 0:
+        raise BadInput(f"--share-gpu {share} needs each device's memory: no GPU is visible here; pass --device-gib")
+    return schedule.Capacity(gpus, 0 if gpus == 1 and share == 1 else gpus, finetune_gpus, share, device_gib)
 
 
 def select(nodes: list[dag.Node], only: list[str] | None) -> list[dag.Node]:
@@ -63,18 +79,21 @@ def default_log_dir(root: str) -> str:
 
 
 def run(cfg: dag.PipelineConfig, only: list[str] | None = None, *, gpus: int = 1, finetune_gpus: int = 1,
-        log_dir: str | None = None, cost: Callable[[dag.Node], float] | None = None,
+        share: int = 1, device_gib: float = 0.0, log_dir: str | None = None,
+        cost: Callable[[dag.Node], float] | None = None, memory: Callable[[dag.Node], float | None] | None = None,
         on_event: Callable[[schedule.Event], None] | None = None) -> schedule.Outcome:
+    """`memory(node)`: the GiB a stage is counted as holding where devices are shared (`share` > 1)."""
     nodes = dag.build(cfg)
     # Validate every stage's config before running any, so a typo fails in seconds, not after training.
     configs = registry.node_configs(nodes)
     nodes = select(nodes, only)
-    cap = capacity(gpus, finetune_gpus)
+    cap = capacity(gpus, finetune_gpus, share, device_gib)
     parent_run(cfg)
-    executor = InProcess(configs) if cap.devices == 1 else ChildProcesses(log_dir or default_log_dir(cfg.root), cap)
+    one_at_a_time = cap.devices == 1 and cap.share == 1
+    executor = InProcess(configs) if one_at_a_time else ChildProcesses(log_dir or default_log_dir(cfg.root), cap)
     progress = _Progress(len(nodes), on_event)
     try:
-        return schedule.walk(nodes, cap, executor, cost=cost, on_event=progress,
+        return schedule.walk(nodes, cap, executor, cost=cost, memory=memory or (lambda n: None), on_event=progress,
                              complete=lambda n: StageOutput(n.config["out"], n.stage, configs[n.name]).existing())
     finally:
         executor.close()

@@ -40,7 +40,7 @@ def predict(cfg: dag.PipelineConfig, cap: schedule.Capacity, times: stage_times.
     seconds = {k: v or 0.0 for k, v in predicted.items()}
     unknown = sorted({stage_times.kind(n.stage, n.config) for n in nodes if predicted[n.name] is None})
     outcome = schedule.walk(nodes, cap, schedule.Simulated(lambda n: seconds[n.name]),
-                            cost=lambda n: seconds[n.name])
+                            cost=lambda n: seconds[n.name], memory=lambda n: stage_times.memory(n, times))
     gpu_s = sum(seconds[n.name] * cap.demand(n)[0] for n in nodes if n.gpu)
     return Plan(cap, outcome, seconds, unknown, gpu_s)
 
@@ -48,6 +48,9 @@ def predict(cfg: dag.PipelineConfig, cap: schedule.Capacity, times: stage_times.
 def render(plan: Plan, sources: list[str]) -> str:
     cap = plan.capacity
     cpu = f" + {cap.cpu} CPU slots" if cap.cpu else " (CPU stages take it too)"
+    if cap.share > 1:
+        cpu += (f", up to {cap.share} stages a device where their recorded memory fits {cap.device_gib:.0f} GiB "
+                "(each timed as if alone)")
     lines = [f"plan: {len(plan.outcome.events)} stages on {cap.devices} device slot(s){cpu}, fine-tuning on "
              f"{cap.finetune_devices} device(s); stage times from {', '.join(sources) or 'nothing recorded'}",
              f"{'start s':>9} {'end s':>9}  {'slot':<8} stage output (stage)"]

@@ -4,6 +4,12 @@ Slots: `devices` device slots (the GPUs; on a machine without one, simulated slo
 slots for CPU stages beside them. A GPU stage takes one device slot (fine-tuning `finetune_devices`, under
 torchrun); a CPU stage takes a CPU slot, or a device slot where `cpu` is 0 (one queue for everything).
 
+Sharing a device (`share` > 1): a one-device stage that finds no free device may join a device on which fewer than
+`share` one-device stages run, where the recorded peak memory of each of them and of the newcomer
+(`memory(node)`, GiB; sharing needs a record for every one) plus `CONTEXT_GIB` a process fits in `FILL` of
+`device_gib`. A free device is always taken first. Stages side by side slow each other where both are bound by
+the GPU; what sharing wins is the time one leaves the GPU idle (compiling, loading, writing, decoding on the host).
+
 The rule: at the start and whenever a stage finishes, go through the stages whose dependencies are all complete,
 highest priority first (the most work still ahead on its longest downstream chain, then DAG order), and start each
 one that fits in the free slots now; one that does not fit yet lets the next one start. A stage whose output is
@@ -20,16 +26,24 @@ from typing import Protocol
 
 from mysproj.pipeline.dag import Node
 
+# Device memory a stage's process holds outside PyTorch's allocator (CUDA context, cuBLAS and nvJPEG workspaces),
+# and the share of the card that stages side by side may fill: the rest is left to fragmentation.
+CONTEXT_GIB = 1.5
+FILL = 0.92
+
 
 @dataclass(frozen=True)
 class Capacity:
     devices: int
     cpu: int = 0
     finetune_devices: int = 1
+    share: int = 1            # one-device stages a device may run at once, memory allowing
+    device_gib: float = 0.0   # each device's memory (sharing needs it)
 
     def __post_init__(self):
-        if self.devices < 1 or self.cpu < 0:
-            raise ValueError(f"capacity needs at least one device slot and no negative CPU slots: {self}")
+        if self.devices < 1 or self.cpu < 0 or self.share < 1:
+            raise ValueError(f"capacity needs at least one device slot, no negative CPU slots and a share of at "
+                             f"least 1: {self}")
         if not 1 <= self.finetune_devices <= self.devices:
             raise ValueError(f"fine-tuning on {self.finetune_devices} devices needs 1..{self.devices} (the slots)")
 
@@ -111,20 +125,48 @@ def priorities(nodes: list[Node], cost: Callable[[Node], float] | None = None) -
 
 
 class _Slots:
-    def __init__(self, capacity: Capacity):
-        self.capacity = capacity
+    def __init__(self, capacity: Capacity, memory: Callable[[Node], float | None]):
+        self.capacity, self.memory = capacity, memory
         self.free_devices = list(range(capacity.devices))
         self.free_cpu = capacity.cpu
+        self.on: dict[int, list[Node]] = {d: [] for d in range(capacity.devices)}  # one-device stages running there
 
     def take(self, node: Node) -> tuple[int, ...] | None:
         devices, cpu = self.capacity.demand(node)
-        if devices > len(self.free_devices) or cpu > self.free_cpu:
+        if cpu > self.free_cpu:
             return None
+        if devices > len(self.free_devices):
+            shared = self._beside(node) if devices == 1 else None
+            if shared is None:
+                return None
+            self.on[shared].append(node)
+            return (shared,)
         taken, self.free_devices = tuple(self.free_devices[:devices]), self.free_devices[devices:]
         self.free_cpu -= cpu
+        if devices == 1:
+            self.on[taken[0]].append(node)
         return taken
 
+    def _beside(self, node: Node) -> int | None:
+        """A busy device that `node` fits beside (the one with the most memory left), or None."""
+        cap, need = self.capacity, self.memory(node)
+        if cap.share < 2 or not cap.device_gib or need is None:
+            return None
+        best, best_left = None, 0.0
+        for d, running in self.on.items():
+            peaks = [self.memory(n) for n in running]
+            if not running or len(running) >= cap.share or any(p is None for p in peaks):
+                continue
+            left = cap.device_gib * FILL - sum(peaks) - need - CONTEXT_GIB * (len(running) + 1)
+            if left >= 0 and (best is None or left > best_left):
+                best, best_left = d, left
+        return best
+
     def give(self, node: Node, devices: tuple[int, ...]) -> None:
+        if len(devices) == 1:
+            self.on[devices[0]].remove(node)
+            if self.on[devices[0]]:
+                return  # still held by the stages beside it
         self.free_devices = sorted([*self.free_devices, *devices])
         self.free_cpu += self.capacity.demand(node)[1]
 
@@ -136,14 +178,16 @@ def slot_name(devices: tuple[int, ...]) -> str:
 def walk(nodes: list[Node], capacity: Capacity, executor: Executor, *,
          complete: Callable[[Node], dict | None] = lambda n: None,
          cost: Callable[[Node], float] | None = None,
+         memory: Callable[[Node], float | None] = lambda n: None,
          on_event: Callable[[Event], None] = lambda e: None) -> Outcome:
     """Run `nodes` (in dependency order) by the rule above; `complete(node)` gives the manifest of an output that
-    is already complete (checked when the node's dependencies are done), `on_event` sees every start and end."""
+    is already complete (checked when the node's dependencies are done), `memory(node)` its recorded peak device
+    memory in GiB (None: unknown, never shares), `on_event` sees every start and end."""
     prio = priorities(nodes, cost)
     order = {n.name: i for i, n in enumerate(nodes)}
     waiting = sorted(nodes, key=lambda n: (-prio[n.name], order[n.name]))
     state: dict[str, str] = {}
-    slots = _Slots(capacity)
+    slots = _Slots(capacity, memory)
     running: dict[str, tuple[Node, tuple[int, ...], Event]] = {}
     outcome = Outcome()
     checked: set[str] = set()

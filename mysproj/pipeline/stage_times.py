@@ -4,14 +4,16 @@ priority when it is given times).
 Sources, `--stage-times SOURCE` (repeatable; a later source's record of the same kind wins):
 - a run root (a path or any URI): the `time` entries in the manifests below it (`mysproj.storage.stage_time`);
 - a JSON file as `mysproj bench pipeline` writes it:
-      {"stages": {"<kind>[@<dataset>]": {"wall_s": s, "count": n, "throughput": r, "gpus": g}, ...},
+      {"stages": {"<kind>[@<dataset>]": {"wall_s": s, "count": n, "throughput": r, "gpus": g,
+                                         "gpu_memory_gib": m}, ...},
        "datasets": {"<dataset>": {"train": n, "test": n}, ...}}
 
 A stage's kind is its stage name, plus the strategy (finetune), the preset (model-init) or the mode (eval-llava).
 Prediction: the record of the same kind on the same dataset, else on any dataset (the largest measured). With an
 item count and a throughput, the record's fixed part (wall time minus count / throughput: loading, compiling,
 writing) plus this stage's items / throughput, the throughput scaled linearly where fine-tuning runs on more
-devices than the record did; without, the record's wall time.
+devices than the record did; without, the record's wall time. A record's `gpu_memory_gib` (the largest peak of
+its kind) is what the runner's device sharing (`--share-gpu`) counts a stage as holding: records of the same card.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ class Record:
     count: float | None = None
     throughput: float | None = None
     gpus: float = 0.0
+    gpu_memory_gib: float | None = None
 
     def as_dict(self) -> dict:
         return {"wall_s": round(self.wall_s, 3), "count": self.count, "throughput": self.throughput,
-                "gpus": self.gpus}
+                "gpus": self.gpus, "gpu_memory_gib": self.gpu_memory_gib}
 
 
 @dataclass
@@ -105,12 +108,14 @@ def summarise(outputs: list[tuple[str, dict, float | None]]) -> StageTimes:
         if not t:
             continue
         rec = Record(observed if observed is not None else t["wall_s"], (summary.processed or {}).get("count"),
-                     t.get("throughput"), t["gpu_s"] / t["wall_s"] if t["wall_s"] else 0.0)
+                     t.get("throughput"), t["gpu_s"] / t["wall_s"] if t["wall_s"] else 0.0, t.get("gpu_memory_gib"))
         k = kind(m.get("stage", ""), m.get("config") or {})
         groups.setdefault(f"{k}@{ds}" if ds else k, []).append(rec)
     for key, recs in groups.items():
+        peaks = [r.gpu_memory_gib for r in recs if r.gpu_memory_gib is not None]
         times.records[key] = Record(statistics.fmean(r.wall_s for r in recs), _mean([r.count for r in recs]),
-                                    _mean([r.throughput for r in recs]), statistics.fmean(r.gpus for r in recs))
+                                    _mean([r.throughput for r in recs]), statistics.fmean(r.gpus for r in recs),
+                                    max(peaks, default=None))
     return times
 
 
@@ -121,7 +126,8 @@ def from_root(root: str) -> StageTimes:
 def from_json(uri: str) -> StageTimes:
     try:
         doc = json.loads(read_text(uri))
-        records = {k: Record(float(v["wall_s"]), v.get("count"), v.get("throughput"), float(v.get("gpus") or 0))
+        records = {k: Record(float(v["wall_s"]), v.get("count"), v.get("throughput"), float(v.get("gpus") or 0),
+                             None if v.get("gpu_memory_gib") is None else float(v["gpu_memory_gib"]))
                    for k, v in doc.get("stages", {}).items()}
         return StageTimes(records, dict(doc.get("datasets", {})))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
@@ -157,6 +163,15 @@ def record_for(node: Node, times: StageTimes) -> Record | None:
         return times.records[k]
     candidates = [r for key, r in times.records.items() if key.split("@")[0] == k]
     return max(candidates, key=lambda r: (r.count or 0, r.wall_s), default=None)
+
+
+def memory(node: Node, times: StageTimes) -> float | None:
+    """GiB of device memory `node` is counted as holding: its kind's recorded peak; 0 where its record held no
+    GPU (a stage that may run on one but did not); None without a record."""
+    rec = record_for(node, times)
+    if rec is None or not node.gpu:
+        return None
+    return rec.gpu_memory_gib if rec.gpus else 0.0
 
 
 def predict(node: Node, times: StageTimes, sizes: dict[str, dict], devices: int = 1) -> float | None:

@@ -293,7 +293,7 @@ def run_stage(stage: str, cfg: Any, body: Callable[[StageOutput], dict | None], 
         wall_s = time.monotonic() - t0
         summary.setdefault("seconds", round(wall_s, 3))
         moved = {d: s - moved[d] for d, s in transfer_seconds().items()}
-        summary["time"] = time_entry(summary, wall_s, gpus.held(), moved)
+        summary["time"] = time_entry(summary, wall_s, gpus.held(), moved, gpus.peak_gib())
         held.check()
         manifest = out.commit(summary)
     log.info("%s: wrote %s (%d files)", stage, out.uri, len(out.files))

@@ -1,14 +1,16 @@
 """The `time` entry of every stage manifest's summary: where a run's time went, in the same keys everywhere.
 
     "time": {"wall_s": 129.4, "gpu_s": 129.4, "throughput": 17.1, "unit": "images/s",
-             "transfer_in_s": 3.1, "compute_s": 124.2, "transfer_out_s": 2.1}
+             "transfer_in_s": 3.1, "compute_s": 124.2, "transfer_out_s": 2.1, "gpu_memory_gib": 21.3}
 
 `run_stage` writes it for every stage, so in-process runs, the local runner's child processes and the Kubernetes
 Jobs record it alike. A stage states what it processed with `processed(...)` under the summary key `processed`
 (its own measured rate where it has one, e.g. the evaluation loop's images/s; else the count over the stage's wall
 time). `transfer_in_s` / `transfer_out_s` are the wall seconds during which the stage was reading from / writing to
 remote storage (`transfer(...)` spans of the storage layer, overlapping ones counted once), `compute_s` the rest of
-the wall time. No ML imports: whether the stage computed on a GPU is read from an already imported torch, if any.
+the wall time. `gpu_memory_gib` is the most device memory PyTorch's allocator held for the stage (reserved, rank 0's
+where several processes ran it; None for a CPU stage): what a stage sharing the card must leave room for. No ML
+imports: whether the stage computed on a GPU is read from an already imported torch, if any.
 """
 
 from __future__ import annotations
@@ -47,11 +49,20 @@ class GpuUse:
 
     def __init__(self):
         self._before = _cuda_allocations()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()  # an earlier stage of this process is not this one's peak
 
     def held(self) -> int:
         if _cuda_allocations() <= self._before:
             return 0
         return max(1, int(os.environ.get("WORLD_SIZE") or 1))
+
+    def peak_gib(self) -> float | None:
+        """GiB of device memory the allocator held at most since construction; None where nothing was allocated."""
+        if not self.held():
+            return None
+        return round(sys.modules["torch"].cuda.max_memory_reserved() / 2**30, 2)
 
 
 _SPANS = threading.Lock()
@@ -83,7 +94,8 @@ def transfer_seconds() -> dict[str, float]:
         return {d: _TOTAL[d] + (now - _SINCE[d] if _ACTIVE[d] else 0.0) for d in _TOTAL}
 
 
-def time_entry(summary: dict, wall_s: float, gpus: int, transfers: dict[str, float] | None = None) -> dict:
+def time_entry(summary: dict, wall_s: float, gpus: int, transfers: dict[str, float] | None = None,
+               gpu_memory_gib: float | None = None) -> dict:
     """`transfers`: {"in": s, "out": s} of the stage's own run (`transfer_seconds()` after minus before)."""
     work = summary.get("processed") or {}
     count, unit = work.get("count"), work.get("unit")
@@ -93,4 +105,4 @@ def time_entry(summary: dict, wall_s: float, gpus: int, transfers: dict[str, flo
     return {"wall_s": round(wall_s, 3), "gpu_s": round(round(wall_s, 3) * gpus, 3),
             "throughput": round(rate, 3) if rate else None, "unit": f"{unit}/s" if rate else None,
             "transfer_in_s": round(t_in, 3), "compute_s": round(max(0.0, wall_s - t_in - t_out), 3),
-            "transfer_out_s": round(t_out, 3)}
+            "transfer_out_s": round(t_out, 3), "gpu_memory_gib": gpu_memory_gib}
