@@ -4,6 +4,7 @@ isolation, resume, multi-device fine-tuning and the priority of long chains."""
 import pytest
 
 from mysproj.config.fields import load_config
+from mysproj.errors import BadInput
 from mysproj.pipeline import dag, local, schedule
 
 DURATION = {"model-init": 5.0, "prep": 2.0, "finetune": 30.0, "merge": 3.0, "eval-clip": 4.0, "eval-llava": 8.0,
@@ -211,3 +212,6 @@ def test_a_free_device_is_taken_before_a_busy_one_and_multi_device_finetuning_is
         assert len(held | {a.slot.removeprefix("gpu")}) == 4
     with pytest.raises(ValueError):
         schedule.Capacity(1, share=0)
+    with pytest.raises(BadInput, match="--device-gib"):  # sharing without the card's memory: one clear line
+        local.capacity(1, share=2)
+    assert local.capacity(1, share=2, device_gib=80.0).cpu == 1  # CPU stages then run beside, as with 2+ slots

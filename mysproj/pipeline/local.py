@@ -58,7 +58,8 @@ def capacity(gpus: int, finetune_gpus: int = 1, share: int = 1, device_gib: floa
     if share < 1:
         raise BadInput(f"--share-gpu {share}: must be >= 1 (1: one stage a device)")
     if share > 1 and device_gib <= 0:
-        raise BadInput(f"--share-gpu {share} needs each device's memory: no GPU is visible here; pass --device-gib")
+        raise BadInput(f"--share-gpu {share} needs each device's memory, and nvidia-smi gave none here: pass "
+                       "--device-gib GIB")
     return schedule.Capacity(gpus, 0 if gpus == 1 and share == 1 else gpus, finetune_gpus, share, device_gib)
 
 
