@@ -46,8 +46,7 @@ def test_two_slots_run_stages_side_by_side_and_a_failure_stops_its_dependents_on
     manifests = {n: json.load(open(root / n / "_SUCCESS.json")) for n in done}
     for n, m in manifests.items():
         assert set(m["summary"]["time"]) == {"wall_s", "gpu_s", "throughput", "unit", "transfer_in_s", "compute_s",
-                                             "transfer_out_s",
-                    "gpu_memory_gib"}, n
+                                             "transfer_out_s", "gpu_memory_gib"}, n
     assert manifests["textures-mini/ft-full/seed0/eval-llava"]["summary"]["time"]["unit"] == "images/s"
     for blocked in ("dtd/ft-full/seed0/finetune", "dtd/ft-projector/seed0/merge", "report"):
         assert not (root / blocked).exists()

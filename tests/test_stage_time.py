@@ -34,7 +34,7 @@ def test_run_stage_writes_the_time_entry(tmp_path):
                     lambda out: {"processed": T.processed(12, "images")} if out.write_text("a", "x") else None)
     t = m["summary"]["time"]
     assert set(t) == {"wall_s", "gpu_s", "throughput", "unit", "transfer_in_s", "compute_s", "transfer_out_s",
-                    "gpu_memory_gib"}
+                      "gpu_memory_gib"}
     assert t["transfer_in_s"] == t["transfer_out_s"] == 0.0  # a local output: nothing moved over the network
     assert t["gpu_s"] == 0.0  # no CUDA in this process
     assert t["unit"] == "images/s" and 12 / t["throughput"] == pytest.approx(t["wall_s"], abs=0.001)
