@@ -45,10 +45,13 @@ def test_run_stage_writes_the_time_entry(tmp_path):
 class _FakeCuda:
     def __init__(self):
         self.allocations = 0
-        self.reserved = self.peak = 0
+        self.reserved = self.peak = self.live = 0
 
     def reset_peak_memory_stats(self):
         self.peak = self.reserved
+
+    def empty_cache(self):
+        self.reserved = 0  # every tensor of the stage before was freed
 
     def max_memory_reserved(self):
         return self.peak
@@ -56,11 +59,14 @@ class _FakeCuda:
     def is_initialized(self):
         return self.allocations > 0
 
+    def memory_allocated(self):
+        return self.live
+
     def memory_stats(self):
         return {"allocation.all.allocated": self.allocations}
 
 
-def test_gpu_seconds_count_the_processes_of_a_stage_that_allocated_cuda_memory(tmp_path, monkeypatch):
+def test_gpu_seconds_count_the_processes_of_a_stage_that_allocated_cuda_memory(tmp_path, monkeypatch, caplog):
     cuda = _FakeCuda()
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -69,7 +75,7 @@ def test_gpu_seconds_count_the_processes_of_a_stage_that_allocated_cuda_memory(t
         def body(out):
             cuda.allocations += 10
             cuda.peak = max(cuda.peak, gib * 2**30)
-            cuda.reserved = 2**30  # what stays cached after the stage
+            cuda.reserved = cuda.peak  # the allocator keeps what it reserved
             out.write_text("a", "x")
         return body
     m = M.run_stage("prep", _prep(tmp_path / "gpu"), on_gpu(20))
@@ -77,10 +83,14 @@ def test_gpu_seconds_count_the_processes_of_a_stage_that_allocated_cuda_memory(t
     assert t["gpu_s"] == pytest.approx(4 * t["wall_s"], abs=0.002) and t["gpu_memory_gib"] == 20.0
     # the next GPU stage of the process: its own peak, not the earlier stage's
     assert M.run_stage("prep", _prep(tmp_path / "gpu2"), on_gpu(3))["summary"]["time"]["gpu_memory_gib"] == 3.0
-    # a later CPU stage in the same process (CUDA initialised, memory still held) holds no GPU
-    m = M.run_stage("prep", _prep(tmp_path / "cpu"), lambda out: out.write_text("a", "x") and None)
+    # a later CPU stage in the same process (CUDA initialised, memory still held) holds no GPU; tensors an
+    # earlier stage still references are named as it starts
+    cuda.live = 3 * 2**30
+    with caplog.at_level("WARNING", logger="mysproj.storage.stage_time"):
+        m = M.run_stage("prep", _prep(tmp_path / "cpu"), lambda out: out.write_text("a", "x") and None)
     assert cuda.is_initialized() and m["summary"]["time"]["gpu_s"] == 0.0
     assert m["summary"]["time"]["gpu_memory_gib"] is None
+    assert "3.0 GiB of GPU memory still allocated as this stage starts" in caplog.text
 
 
 def test_a_skipped_stage_keeps_the_time_of_the_run_that_wrote_it(tmp_path):

@@ -15,6 +15,8 @@ imports: whether the stage computed on a GPU is read from an already imported to
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import sys
 import threading
@@ -22,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+log = logging.getLogger(__name__)
 UNITS = ("images", "samples", "MB")
 
 
@@ -51,7 +54,14 @@ class GpuUse:
         self._before = _cuda_allocations()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_initialized():
-            torch.cuda.reset_peak_memory_stats()  # an earlier stage of this process is not this one's peak
+            # The allocator keeps what an earlier stage of this process reserved: released first, the peak below is
+            # what this stage holds, as it would in a process of its own (what --share-gpu plans with).
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            if (left := torch.cuda.memory_allocated()) > 2**29:  # an earlier stage's tensors still referenced
+                log.warning("%.1f GiB of GPU memory still allocated as this stage starts (an earlier stage of "
+                            "the process holds it)", left / 2**30)
 
     def held(self) -> int:
         if _cuda_allocations() <= self._before:
