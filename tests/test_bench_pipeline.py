@@ -114,6 +114,16 @@ def test_bench_pipeline_runs_the_whole_job_and_logs_each_stage(tmp_path, capsys)
     ft = json.loads((work / "run" / "dtd/ft-projector/seed0/finetune" / "_SUCCESS.json").read_text())
     assert resumed["stages"]["finetune:projector@dtd"]["wall_s"] == ft["summary"]["time"]["wall_s"]
 
+    # the other half on its own (as a machine with a time limit per command runs it): full fine-tuning and what
+    # reads it, without the zero-shot evaluations or CLIP; the base model and prep kept from the run before
+    assert cli.main([*argv[:argv.index("--strategies")], "--strategies", "full",
+                     *argv[argv.index("--gpus"):], "--no-zero-shot", "--resume"]) == 0
+    capsys.readouterr()
+    half = {r["name"]: r["state"] for r in json.loads((work / "bench.json").read_text())["rows"]}
+    assert half == {"models/tiny": "skipped", "dtd/prep": "skipped", "dtd/zero-shot/seed0/probe": "skipped",
+                    "dtd/ft-full/seed0/finetune": "done", "dtd/ft-full/seed0/eval-llava": "done",
+                    "dtd/ft-full/seed0/probe": "done", "report": "done"}
+
 
 def test_fixture_is_reused_when_complete(tmp_path):
     from argparse import Namespace

@@ -11,6 +11,7 @@ printed last and written as JSON, in the format `mysproj run --plan --stage-time
     mysproj bench pipeline --model-preset tiny --classes 3 --per-class 6 \\
         --set finetune.max_steps=2                                          # the same command, seconds on a CPU
     mysproj bench pipeline --dataset-shape dtd --gpus 1 --weights-in s3     # every stage output in a bucket
+    mysproj bench pipeline --dataset-shape dtd --strategies full --no-zero-shot   # a half, within a time limit
 
 `--weights-in s3` puts the run root (every stage output: the models, their fine-tunes and merges, and the rest)
 in a bucket, as a user's run on Kubernetes has it; the fixture's raw dataset stays on local disk. Without
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random-weight LLaVA preset (the CLIP preset follows: clip-vit-l-14-336 or clip-tiny)")
     p.add_argument("--strategies", default="projector,full", help="fine-tuning strategies, comma-separated")
     p.add_argument("--eval-mode", choices=("generate", "scoring"), default="generate")
+    p.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=True,
+                   help="the zero-shot evaluations (CLIP and LLaVA); --no-zero-shot times the fine-tuned half alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpus", type=int, default=None, help="device slots (default: every visible GPU, 1 on a CPU)")
     p.add_argument("--finetune-gpus", type=int, default=1, help="device slots one fine-tuning run takes")
@@ -125,6 +128,7 @@ def pipeline_config(args, root: str, source: str):
         "root": root, "datasets": [ds], "sources": {ds: source}, "seeds": [args.seed],
         "strategies": [s.strip() for s in args.strategies.split(",") if s.strip()],
         "model_preset": args.model_preset, "clip_preset": CLIP_FOR[args.model_preset], "eval_mode": args.eval_mode,
+        "zero_shot": args.zero_shot,
         "overrides": overrides(args.set, given)})
 
 
