@@ -135,13 +135,13 @@ class _Slots:
         devices, cpu = self.capacity.demand(node)
         if cpu > self.free_cpu:
             return None
-        if devices > len(self.free_devices):
+        if devices <= len(self.free_devices):
+            taken, self.free_devices = tuple(self.free_devices[:devices]), self.free_devices[devices:]
+        else:
             shared = self._beside(node) if devices == 1 else None
             if shared is None:
                 return None
-            self.on[shared].append(node)
-            return (shared,)
-        taken, self.free_devices = tuple(self.free_devices[:devices]), self.free_devices[devices:]
+            taken = (shared,)
         self.free_cpu -= cpu
         if devices == 1:
             self.on[taken[0]].append(node)
@@ -163,12 +163,12 @@ class _Slots:
         return best
 
     def give(self, node: Node, devices: tuple[int, ...]) -> None:
+        self.free_cpu += self.capacity.demand(node)[1]
         if len(devices) == 1:
             self.on[devices[0]].remove(node)
             if self.on[devices[0]]:
-                return  # still held by the stages beside it
+                return  # the device stays held by the stages beside it
         self.free_devices = sorted([*self.free_devices, *devices])
-        self.free_cpu += self.capacity.demand(node)[1]
 
 
 def slot_name(devices: tuple[int, ...]) -> str:
